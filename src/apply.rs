@@ -1,0 +1,42 @@
+//! Executes a [`Plan`] against a backend, in the plan's order (frees before
+//! claims). Each change is written on its own: a refusal or failure of one is
+//! recorded on that change and the others still go ahead. The backend decides
+//! every write again, atomically, so a plan that went stale is refused there
+//! rather than applied wrongly. Afterwards the plan's pools are the backend's.
+
+use crate::backend::{Backend, BackendError};
+use crate::domain::PoolView;
+use crate::plan::{Change, Outcome, Plan, refuse};
+
+/// Writes every planned change and records its outcome.
+pub async fn execute(plan: &mut Plan, backend: &dyn Backend) -> Result<(), BackendError> {
+    for change in &mut plan.changes {
+        apply_one(change, backend).await;
+    }
+    let after = backend.snapshot().await?;
+    plan.pools = after.pools.iter().map(PoolView::from).collect();
+    Ok(())
+}
+
+/// Writes one planned change; other outcomes are left as planned.
+pub async fn apply_one(change: &mut Change, backend: &dyn Backend) {
+    let Some(write) = change.write.take() else {
+        return;
+    };
+    match backend.write(&write).await {
+        Ok(written) => {
+            change.outcome = Outcome::Applied;
+            change.rehomed = written.effect.rehomed;
+            change.displaced = written.effect.displaced;
+            if written.replayed {
+                change.message.push_str(" (already applied; replayed)");
+            }
+        }
+        Err(BackendError::Refused(refusal)) => refuse(change, refusal),
+        Err(e) => {
+            change.outcome = Outcome::Failed;
+            change.reason = e.reason();
+            change.message = e.to_string();
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The license backend: one trait, two implementations.
+//!
+//! [`sqlite::SqliteBackend`] is the embedded store (the default); the HTTP
+//! client for a remote license platform implements the same trait. Every
+//! write is decided again by the backend, atomically, with the rules of
+//! [`crate::domain`]; a refusal leaves the backend exactly as it was.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Allocation, AllocationWrite, Effect, MAX_COUNT, MAX_TOTAL, PoolView, Reason, Refusal,
+    SeatChange, Snapshot,
+};
+
+/// Why a backend call did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The rules refused the change; nothing was written.
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The allocation changed since it was read (If-Match failed).
+    #[error(
+        "the allocation changed since it was read (version {actual}, expected {expected}); plan again"
+    )]
+    Stale { expected: i64, actual: i64 },
+    /// An idempotency key was reused for a different request.
+    #[error("idempotency key {0} was already used for a different request")]
+    KeyReused(String),
+    /// The credential is missing, unknown or for another account.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The backend is down, slow, or answered garbage.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BackendError {
+    /// The reason shown to users for this error, if it has one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            BackendError::Refused(r) => Some(r.reason),
+            BackendError::Unauthorized(_) => Some(Reason::Forbidden),
+            BackendError::Unavailable(_) => Some(Reason::BackendUnavailable),
+            BackendError::Stale { .. } | BackendError::KeyReused(_) => None,
+        }
+    }
+}
+
+impl From<Refusal> for BackendError {
+    fn from(r: Refusal) -> Self {
+        BackendError::Refused(r)
+    }
+}
+
+/// The answer to an accepted allocation write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Written {
+    pub effect: Effect,
+    /// The allocation afterwards; `None` once removed.
+    pub allocation: Option<Allocation>,
+    /// The product's pool afterwards.
+    pub pool: PoolView,
+    /// This answer replays an earlier one for the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// One audited change (R11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time: String,
+    pub actor: String,
+    /// create, increase, decrease, revoke, none (adoption), claim, release, total, seed.
+    pub action: String,
+    pub organization: Option<String>,
+    pub product: Option<String>,
+    pub from: i64,
+    pub to: i64,
+    pub rehomed: i64,
+    pub displaced: i64,
+    pub manager: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// An account fixture for `licensor backend seed` (DESIGN §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fixture {
+    pub account: String,
+    pub products: Vec<FixtureProduct>,
+    #[serde(default)]
+    pub organizations: Vec<FixtureOrganization>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FixtureProduct {
+    pub name: String,
+    pub total: i64,
+    #[serde(default)]
+    pub shared_in_use: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FixtureOrganization {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub allocations: Vec<FixtureAllocation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FixtureAllocation {
+    pub product: String,
+    pub dedicated: i64,
+    #[serde(default)]
+    pub in_use: i64,
+    #[serde(default)]
+    pub managed_by: Option<String>,
+}
+
+impl Fixture {
+    /// Checks a fixture before anything is written. An over-committed pool
+    /// is allowed (R9 describes it); impossible numbers are not.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        let invalid = |m: String| Err(Refusal::new(Reason::Invalid, m));
+        if self.account.trim().is_empty() {
+            return invalid("account must not be empty".into());
+        }
+        let mut products = std::collections::HashSet::new();
+        for p in &self.products {
+            if !products.insert(p.name.as_str()) {
+                return invalid(format!("product {} is listed twice", p.name));
+            }
+            if !(0..=MAX_TOTAL).contains(&p.total) || !(0..=MAX_TOTAL).contains(&p.shared_in_use) {
+                return invalid(format!(
+                    "product {}: total and sharedInUse must be within 0..={MAX_TOTAL}",
+                    p.name
+                ));
+            }
+        }
+        let mut orgs = std::collections::HashSet::new();
+        for o in &self.organizations {
+            if o.id.trim().is_empty() || !orgs.insert(o.id.as_str()) {
+                return invalid(format!(
+                    "organization id {:?} is empty or listed twice",
+                    o.id
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for a in &o.allocations {
+                if !products.contains(a.product.as_str()) {
+                    return invalid(format!(
+                        "organization {}: product {} is not among the account's products",
+                        o.id, a.product
+                    ));
+                }
+                if !seen.insert(a.product.as_str()) {
+                    return invalid(format!(
+                        "organization {}: product {} is listed twice",
+                        o.id, a.product
+                    ));
+                }
+                if !(0..=MAX_COUNT).contains(&a.dedicated) || !(0..=a.dedicated).contains(&a.in_use)
+                {
+                    return invalid(format!(
+                        "organization {} {}: need 0 <= inUse <= dedicated <= {MAX_COUNT}",
+                        o.id, a.product
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A license backend for one account.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Where this backend is, for messages (`sqlite:licensor.db`).
+    fn location(&self) -> String;
+
+    /// Pools, organizations and allocations of the account.
+    async fn snapshot(&self) -> Result<Snapshot, BackendError>;
+
+    /// Decides and applies one allocation change in one transaction.
+    async fn write(&self, write: &AllocationWrite) -> Result<Written, BackendError>;
+
+    /// Gives up management of an allocation, leaving its count (Orphan).
+    async fn release(
+        &self,
+        organization: &str,
+        product: &str,
+        manager: &str,
+    ) -> Result<(), BackendError>;
+
+    /// Sets a product's total (R9: may go below what is handed out).
+    async fn set_total(&self, product: &str, total: i64) -> Result<PoolView, BackendError>;
+
+    /// Changes seats in use (users signing in or out).
+    async fn seats(
+        &self,
+        organization: &str,
+        product: &str,
+        change: SeatChange,
+    ) -> Result<(), BackendError>;
+
+    /// Replaces the account with a fixture.
+    async fn seed(&self, fixture: &Fixture) -> Result<(), BackendError>;
+
+    /// The audit log, oldest first.
+    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError>;
+}

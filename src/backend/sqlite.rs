@@ -1,0 +1,881 @@
+//! The embedded license backend: one SQLite file.
+//!
+//! Contract: the schema is versioned (`PRAGMA user_version`) and migrated on
+//! open; the file runs in WAL mode; every check and write is one `BEGIN
+//! IMMEDIATE` transaction that decides with [`crate::domain`] on rows read
+//! inside it (R10), so concurrent writers, threads or processes, cannot
+//! over-commit a pool by their own increases. A refusal rolls back: the file
+//! keeps exactly the rows it had. Every change writes an audit row (R11);
+//! accepted writes with an idempotency key are remembered and replayed.
+//! `licensor serve` uses these same transaction functions.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+
+use super::{AuditEntry, Backend, BackendError, Fixture, Written};
+use crate::domain::{
+    Action, Allocation, AllocationWrite, Observed, Pool, PoolView, Reason, Refusal, Role,
+    SeatChange, SeatTarget, Snapshot, Target, decide, decide_seats, decide_total, require_admin,
+};
+
+/// Schema migrations, applied in order; `user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY
+);
+CREATE TABLE products (
+    account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    total INTEGER NOT NULL CHECK (total >= 0),
+    shared_in_use INTEGER NOT NULL DEFAULT 0 CHECK (shared_in_use >= 0),
+    -- sum(allocations.dedicated), kept in the same transactions so that a
+    -- write reads its pool in O(1) instead of summing every allocation.
+    dedicated INTEGER NOT NULL DEFAULT 0 CHECK (dedicated >= 0),
+    PRIMARY KEY (account, name)
+);
+CREATE TABLE organizations (
+    account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    name TEXT,
+    PRIMARY KEY (account, id)
+);
+CREATE TABLE allocations (
+    account TEXT NOT NULL,
+    organization TEXT NOT NULL,
+    product TEXT NOT NULL,
+    dedicated INTEGER NOT NULL CHECK (dedicated >= 0),
+    in_use INTEGER NOT NULL CHECK (in_use >= 0),
+    managed_by TEXT,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (account, organization, product),
+    FOREIGN KEY (account, organization) REFERENCES organizations(account, id) ON DELETE CASCADE,
+    FOREIGN KEY (account, product) REFERENCES products(account, name) ON DELETE CASCADE
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL,
+    time TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    organization TEXT,
+    product TEXT,
+    from_count INTEGER NOT NULL,
+    to_count INTEGER NOT NULL,
+    rehomed INTEGER NOT NULL DEFAULT 0,
+    displaced INTEGER NOT NULL DEFAULT 0,
+    manager TEXT,
+    idempotency_key TEXT
+);
+CREATE INDEX audit_account ON audit(account, id);
+CREATE TABLE idempotency (
+    account TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"#];
+
+/// Who is acting on the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Shown in the audit log; never the token.
+    pub actor: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// Whoever can open the file can change it anyway, so local access
+    /// without a token acts as the Account Admin.
+    pub fn local() -> Principal {
+        Principal {
+            actor: "local".into(),
+            role: Role::AccountAdmin,
+        }
+    }
+}
+
+/// The SQLite file and its transaction functions.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
+    move |e| BackendError::Unavailable(format!("{}: {e}", path.display()))
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn hash(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the file.
+    pub fn open(path: &Path) -> Result<Store, BackendError> {
+        let err = storage(path);
+        let mut conn = Connection::open(path).map_err(&err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(&err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(&err)?;
+        // WAL with NORMAL survives a crash of any process; only a power loss
+        // can lose the last commits, never corrupt the file.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(&err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(&err)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let version: usize = tx
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+            .map_err(&err)? as usize;
+        if version > MIGRATIONS.len() {
+            return Err(BackendError::Unavailable(format!(
+                "{}: schema version {version} is newer than this licensor ({}); upgrade licensor",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql).map_err(&err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+        f(&mut conn)
+    }
+
+    /// Runs `f` in one immediate transaction, committed only on success.
+    fn transaction<T>(
+        &self,
+        commit: bool,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let err = storage(&self.path);
+        self.with(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let out = f(&tx)?;
+            if commit {
+                tx.commit().map_err(&err)?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Account ids in the file.
+    pub fn accounts(&self) -> Result<Vec<String>, BackendError> {
+        let err = storage(&self.path);
+        self.with(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT id FROM accounts ORDER BY id")
+                .map_err(&err)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
+            rows.collect::<Result<_, _>>().map_err(&err)
+        })
+    }
+
+    /// The account to use: the one named, or the only one in the file.
+    pub fn resolve_account(&self, named: Option<&str>) -> Result<String, BackendError> {
+        let accounts = self.accounts()?;
+        match named {
+            Some(a) if accounts.iter().any(|x| x == a) => Ok(a.to_string()),
+            Some(a) => Err(BackendError::Unavailable(format!(
+                "{}: no account {a:?} (accounts: {}); seed it with `licensor backend seed`",
+                self.path.display(),
+                if accounts.is_empty() {
+                    "none".into()
+                } else {
+                    accounts.join(", ")
+                }
+            ))),
+            None => match accounts.as_slice() {
+                [one] => Ok(one.clone()),
+                [] => Err(BackendError::Unavailable(format!(
+                    "{}: holds no account yet; load one with `licensor backend seed -f FIXTURE`",
+                    self.path.display()
+                ))),
+                many => Err(BackendError::Unavailable(format!(
+                    "{}: holds several accounts ({}); choose one with --account",
+                    self.path.display(),
+                    many.join(", ")
+                ))),
+            },
+        }
+    }
+
+    /// Maps a bearer token to its principal; only the hash is stored.
+    pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
+        let err = storage(&self.path);
+        let found: Option<(String, String, String)> = self.with(|conn| {
+            conn.query_row(
+                "SELECT account, role, name FROM tokens WHERE hash = ?1",
+                [hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(&err)
+        })?;
+        match found {
+            Some((a, role, name)) if a == account => Ok(Principal {
+                actor: format!("token:{name}"),
+                role: Role::parse(&role).unwrap_or(Role::Viewer),
+            }),
+            _ => Err(BackendError::Unauthorized(
+                "the token is unknown or not for this account".into(),
+            )),
+        }
+    }
+
+    /// Creates a token and returns it; it is shown once and stored hashed.
+    pub fn create_token(
+        &self,
+        account: &str,
+        role: Role,
+        name: &str,
+    ) -> Result<String, BackendError> {
+        let mut bytes = [0u8; 24];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| BackendError::Unavailable(format!("no randomness: {e}")))?;
+        let token = format!("lsr_{}", hex::encode(bytes));
+        let err = storage(&self.path);
+        self.transaction(true, |tx| {
+            tx.execute(
+                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash(&token), account, role.as_str(), name, now()],
+            )
+            .map_err(&err)?;
+            Ok(())
+        })?;
+        Ok(token)
+    }
+
+    /// Pools, organizations and allocations of one account.
+    pub fn snapshot(&self, account: &str) -> Result<Snapshot, BackendError> {
+        let err = storage(&self.path);
+        self.with(|conn| {
+            let tx = conn.transaction().map_err(&err)?;
+            let pools = {
+                let mut s = tx
+                    .prepare_cached("SELECT name, total, dedicated, shared_in_use FROM products WHERE account = ?1 ORDER BY name")
+                    .map_err(&err)?;
+                s.query_map([account], |r| {
+                    Ok(Pool {
+                        product: r.get(0)?,
+                        total: r.get(1)?,
+                        dedicated: r.get(2)?,
+                        shared_in_use: r.get(3)?,
+                    })
+                })
+                .map_err(&err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(&err)?
+            };
+            let organizations = {
+                let mut s = tx
+                    .prepare_cached("SELECT id FROM organizations WHERE account = ?1 ORDER BY id")
+                    .map_err(&err)?;
+                s.query_map([account], |r| r.get(0))
+                    .map_err(&err)?
+                    .collect::<Result<Vec<String>, _>>()
+                    .map_err(&err)?
+            };
+            let allocations = {
+                let mut s = tx
+                    .prepare_cached("SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = ?1 ORDER BY organization, product")
+                    .map_err(&err)?;
+                s.query_map([account], allocation_row)
+                    .map_err(&err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(&err)?
+            };
+            Ok(Snapshot {
+                pools,
+                organizations,
+                allocations,
+            })
+        })
+    }
+
+    /// Decides and applies one allocation write; with `dry_run` it answers
+    /// without writing.
+    pub fn write(
+        &self,
+        account: &str,
+        who: &Principal,
+        w: &AllocationWrite,
+        dry_run: bool,
+    ) -> Result<Written, BackendError> {
+        let err = storage(&self.path);
+        self.transaction(!dry_run, |tx| {
+            let request_hash = hash(&serde_json::to_string(w).unwrap_or_default());
+            if let Some(key) = &w.idempotency_key {
+                let seen: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2",
+                        [account, key],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(&err)?;
+                if let Some((h, response)) = seen {
+                    if h != request_hash {
+                        return Err(BackendError::KeyReused(key.clone()));
+                    }
+                    let mut written: Written = serde_json::from_str(&response).map_err(|e| {
+                        BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}"))
+                    })?;
+                    written.replayed = true;
+                    return Ok(written);
+                }
+            }
+            let pool = read_pool(tx, account, &w.product).map_err(&err)?;
+            let org = organization_exists(tx, account, &w.organization).map_err(&err)?;
+            let current = read_allocation(tx, account, &w.organization, &w.product).map_err(&err)?;
+            let seen = Observed {
+                pool: pool.as_ref(),
+                organization_exists: org,
+                allocation: current.as_ref(),
+            };
+            let effect = decide(who.role, seen, &w.request())?;
+            if let Some(expected) = w.expected_version {
+                let actual = current.as_ref().map_or(0, |a| a.version);
+                if expected != actual {
+                    return Err(BackendError::Stale { expected, actual });
+                }
+            }
+            let mut pool = pool.ok_or_else(|| Refusal::new(Reason::UnknownProduct, "no pool"))?;
+            if effect.is_noop() {
+                return Ok(Written {
+                    effect,
+                    allocation: current,
+                    pool: PoolView::from(&pool),
+                    replayed: false,
+                });
+            }
+            pool.book(&effect);
+            tx.execute(
+                "UPDATE products SET dedicated = ?3, shared_in_use = ?4 WHERE account = ?1 AND name = ?2",
+                params![account, w.product, pool.dedicated, pool.shared_in_use],
+            )
+            .map_err(&err)?;
+            let version = current.as_ref().map_or(0, |a| a.version) + 1;
+            let allocation = match w.target {
+                Target::Remove => {
+                    tx.execute(
+                        "DELETE FROM allocations WHERE account = ?1 AND organization = ?2 AND product = ?3",
+                        params![account, w.organization, w.product],
+                    )
+                    .map_err(&err)?;
+                    None
+                }
+                Target::Count(to) => {
+                    let managed_by = w
+                        .managed_by
+                        .clone()
+                        .or_else(|| current.as_ref().and_then(|a| a.managed_by.clone()));
+                    tx.execute(
+                        "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (account, organization, product) DO UPDATE SET
+                           dedicated = excluded.dedicated, in_use = excluded.in_use,
+                           managed_by = excluded.managed_by, version = excluded.version",
+                        params![account, w.organization, w.product, to, effect.in_use, managed_by, version],
+                    )
+                    .map_err(&err)?;
+                    Some(Allocation {
+                        organization: w.organization.clone(),
+                        product: w.product.clone(),
+                        dedicated: to,
+                        in_use: effect.in_use,
+                        managed_by,
+                        version,
+                    })
+                }
+            };
+            audit(
+                tx,
+                account,
+                who,
+                effect.action.as_str(),
+                Some((&w.organization, &w.product)),
+                (effect.from, effect.to),
+                (effect.rehomed, effect.displaced),
+                w.managed_by.as_deref(),
+                w.idempotency_key.as_deref(),
+            )
+            .map_err(&err)?;
+            let written = Written {
+                effect,
+                allocation,
+                pool: PoolView::from(&pool),
+                replayed: false,
+            };
+            if let Some(key) = &w.idempotency_key {
+                let response = serde_json::to_string(&written).unwrap_or_default();
+                tx.execute(
+                    "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![account, key, request_hash, response, now()],
+                )
+                .map_err(&err)?;
+            }
+            Ok(written)
+        })
+    }
+
+    /// Releases ownership of an allocation (deletionPolicy Orphan).
+    pub fn release(
+        &self,
+        account: &str,
+        who: &Principal,
+        organization: &str,
+        product: &str,
+        manager: &str,
+    ) -> Result<(), BackendError> {
+        let err = storage(&self.path);
+        self.transaction(true, |tx| {
+            require_admin(who.role, "release allocations")?;
+            let Some(current) = read_allocation(tx, account, organization, product).map_err(&err)?
+            else {
+                return Ok(());
+            };
+            match current.managed_by.as_deref() {
+                Some(owner) if owner == manager => {}
+                None => return Ok(()),
+                Some(owner) => {
+                    return Err(Refusal::new(
+                        Reason::Conflict,
+                        format!("the allocation is managed by {owner}, not {manager}"),
+                    )
+                    .into());
+                }
+            }
+            tx.execute(
+                "UPDATE allocations SET managed_by = NULL, version = version + 1 WHERE account = ?1 AND organization = ?2 AND product = ?3",
+                params![account, organization, product],
+            )
+            .map_err(&err)?;
+            audit(
+                tx,
+                account,
+                who,
+                Action::Orphan.as_str(),
+                Some((organization, product)),
+                (current.dedicated, current.dedicated),
+                (0, 0),
+                Some(manager),
+                None,
+            )
+            .map_err(&err)?;
+            Ok(())
+        })
+    }
+
+    /// Sets a product's total (R1, R9).
+    pub fn set_total(
+        &self,
+        account: &str,
+        who: &Principal,
+        product: &str,
+        total: i64,
+    ) -> Result<PoolView, BackendError> {
+        let err = storage(&self.path);
+        self.transaction(true, |tx| {
+            decide_total(who.role, total)?;
+            let mut pool = read_pool(tx, account, product)
+                .map_err(&err)?
+                .ok_or_else(|| unknown_product(product))?;
+            let from = pool.total;
+            pool.total = total;
+            tx.execute(
+                "UPDATE products SET total = ?3 WHERE account = ?1 AND name = ?2",
+                params![account, product, total],
+            )
+            .map_err(&err)?;
+            audit(
+                tx,
+                account,
+                who,
+                "total",
+                Some(("", product)),
+                (from, total),
+                (0, 0),
+                None,
+                None,
+            )
+            .map_err(&err)?;
+            Ok(PoolView::from(&pool))
+        })
+    }
+
+    /// Claims or releases seats in use.
+    pub fn seats(
+        &self,
+        account: &str,
+        who: &Principal,
+        organization: &str,
+        product: &str,
+        change: SeatChange,
+    ) -> Result<(), BackendError> {
+        let err = storage(&self.path);
+        self.transaction(true, |tx| {
+            require_admin(who.role, "change seats in use")?;
+            let pool = read_pool(tx, account, product).map_err(&err)?;
+            let org = organization_exists(tx, account, organization).map_err(&err)?;
+            let current = read_allocation(tx, account, organization, product).map_err(&err)?;
+            let seen = Observed {
+                pool: pool.as_ref(),
+                organization_exists: org,
+                allocation: current.as_ref(),
+            };
+            let action = match change {
+                SeatChange::Claim(_) => "claim",
+                SeatChange::Release(_) => "release",
+            };
+            let (from, to) = match decide_seats(seen, organization, change)? {
+                SeatTarget::Dedicated { in_use } => {
+                    tx.execute(
+                        "UPDATE allocations SET in_use = ?4, version = version + 1 WHERE account = ?1 AND organization = ?2 AND product = ?3",
+                        params![account, organization, product, in_use],
+                    )
+                    .map_err(&err)?;
+                    (current.map_or(0, |a| a.in_use), in_use)
+                }
+                SeatTarget::Shared { shared_in_use } => {
+                    tx.execute(
+                        "UPDATE products SET shared_in_use = ?3 WHERE account = ?1 AND name = ?2",
+                        params![account, product, shared_in_use],
+                    )
+                    .map_err(&err)?;
+                    (pool.map_or(0, |p| p.shared_in_use), shared_in_use)
+                }
+            };
+            audit(tx, account, who, action, Some((organization, product)), (from, to), (0, 0), None, None)
+                .map_err(&err)?;
+            Ok(())
+        })
+    }
+
+    /// Replaces one account's contents with a fixture, in one transaction.
+    pub fn seed(&self, who: &Principal, fixture: &Fixture) -> Result<(), BackendError> {
+        let err = storage(&self.path);
+        fixture.validate()?;
+        self.transaction(true, |tx| {
+            require_admin(who.role, "seed the account")?;
+            let account = fixture.account.as_str();
+            for table in ["allocations", "organizations", "products"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE account = ?1"), [account])
+                    .map_err(&err)?;
+            }
+            tx.execute("INSERT OR IGNORE INTO accounts (id) VALUES (?1)", [account])
+                .map_err(&err)?;
+            for p in &fixture.products {
+                let dedicated: i64 = fixture
+                    .organizations
+                    .iter()
+                    .flat_map(|o| &o.allocations)
+                    .filter(|a| a.product == p.name)
+                    .map(|a| a.dedicated)
+                    .sum();
+                tx.execute(
+                    "INSERT INTO products (account, name, total, shared_in_use, dedicated) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![account, p.name, p.total, p.shared_in_use, dedicated],
+                )
+                .map_err(&err)?;
+            }
+            for o in &fixture.organizations {
+                tx.execute(
+                    "INSERT INTO organizations (account, id, name) VALUES (?1, ?2, ?3)",
+                    params![account, o.id, o.name],
+                )
+                .map_err(&err)?;
+                for a in &o.allocations {
+                    tx.execute(
+                        "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
+                        params![account, o.id, a.product, a.dedicated, a.in_use, a.managed_by],
+                    )
+                    .map_err(&err)?;
+                }
+            }
+            audit(tx, account, who, "seed", None, (0, 0), (0, 0), None, None).map_err(&err)?;
+            Ok(())
+        })
+    }
+
+    /// The audit log of one account, oldest first.
+    pub fn audit(&self, account: &str) -> Result<Vec<AuditEntry>, BackendError> {
+        let err = storage(&self.path);
+        self.with(|conn| {
+            let mut s = conn
+                .prepare(
+                    "SELECT id, time, actor, action, organization, product, from_count, to_count,
+                            rehomed, displaced, manager, idempotency_key
+                     FROM audit WHERE account = ?1 ORDER BY id",
+                )
+                .map_err(&err)?;
+            s.query_map([account], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    time: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    organization: r.get(4)?,
+                    product: r.get(5)?,
+                    from: r.get(6)?,
+                    to: r.get(7)?,
+                    rehomed: r.get(8)?,
+                    displaced: r.get(9)?,
+                    manager: r.get(10)?,
+                    idempotency_key: r.get(11)?,
+                })
+            })
+            .map_err(&err)?
+            .collect::<Result<_, _>>()
+            .map_err(&err)
+        })
+    }
+}
+
+fn unknown_product(product: &str) -> Refusal {
+    Refusal::new(
+        Reason::UnknownProduct,
+        format!("the account has no pool for product {product:?}"),
+    )
+}
+
+fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
+    Ok(Allocation {
+        organization: r.get(0)?,
+        product: r.get(1)?,
+        dedicated: r.get(2)?,
+        in_use: r.get(3)?,
+        managed_by: r.get(4)?,
+        version: r.get(5)?,
+    })
+}
+
+fn read_pool(tx: &Transaction<'_>, account: &str, product: &str) -> rusqlite::Result<Option<Pool>> {
+    tx.prepare_cached(
+        "SELECT name, total, dedicated, shared_in_use FROM products WHERE account = ?1 AND name = ?2",
+    )?
+    .query_row([account, product], |r| {
+        Ok(Pool {
+            product: r.get(0)?,
+            total: r.get(1)?,
+            dedicated: r.get(2)?,
+            shared_in_use: r.get(3)?,
+        })
+    })
+    .optional()
+}
+
+fn organization_exists(tx: &Transaction<'_>, account: &str, org: &str) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM organizations WHERE account = ?1 AND id = ?2")?
+        .exists([account, org])
+}
+
+fn read_allocation(
+    tx: &Transaction<'_>,
+    account: &str,
+    org: &str,
+    product: &str,
+) -> rusqlite::Result<Option<Allocation>> {
+    tx.prepare_cached(
+        "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
+         WHERE account = ?1 AND organization = ?2 AND product = ?3",
+    )?
+    .query_row([account, org, product], allocation_row)
+    .optional()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    tx: &Transaction<'_>,
+    account: &str,
+    who: &Principal,
+    action: &str,
+    subject: Option<(&str, &str)>,
+    (from, to): (i64, i64),
+    (rehomed, displaced): (i64, i64),
+    manager: Option<&str>,
+    key: Option<&str>,
+) -> rusqlite::Result<()> {
+    let (org, product) = match subject {
+        Some((o, p)) => (Some(o).filter(|o| !o.is_empty()), Some(p)),
+        None => (None, None),
+    };
+    tx.prepare_cached(
+        "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![account, now(), who.actor, action, org, product, from, to, rehomed, displaced, manager, key])?;
+    Ok(())
+}
+
+/// The embedded store as a [`Backend`] for one account.
+#[derive(Clone)]
+pub struct SqliteBackend {
+    store: Arc<Store>,
+    account: Option<String>,
+    principal: Principal,
+    token: Option<String>,
+}
+
+impl SqliteBackend {
+    /// Opens the file. Without `account`, the file's only account is used.
+    /// With a token, its role applies; without, local access is the admin.
+    pub fn open(
+        path: &Path,
+        account: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<SqliteBackend, BackendError> {
+        Ok(SqliteBackend {
+            store: Arc::new(Store::open(path)?),
+            account: account.map(str::to_string),
+            principal: Principal::local(),
+            token: token.map(str::to_string),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The account and the principal acting on it.
+    fn session(&self) -> Result<(String, Principal), BackendError> {
+        let account = self.store.resolve_account(self.account.as_deref())?;
+        let principal = match &self.token {
+            Some(t) => self.store.authenticate(&account, t)?,
+            None => self.principal.clone(),
+        };
+        Ok((account, principal))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, String, Principal) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (account, principal) = this.session()?;
+            f(&this.store, account, principal)
+        })
+        .await
+        .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn location(&self) -> String {
+        format!("sqlite:{}", self.store.path.display())
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, BackendError> {
+        self.blocking(|s, account, _| s.snapshot(&account)).await
+    }
+
+    async fn write(&self, write: &AllocationWrite) -> Result<Written, BackendError> {
+        let write = write.clone();
+        self.blocking(move |s, account, who| s.write(&account, &who, &write, false))
+            .await
+    }
+
+    async fn release(
+        &self,
+        organization: &str,
+        product: &str,
+        manager: &str,
+    ) -> Result<(), BackendError> {
+        let (o, p, m) = (
+            organization.to_string(),
+            product.to_string(),
+            manager.to_string(),
+        );
+        self.blocking(move |s, account, who| s.release(&account, &who, &o, &p, &m))
+            .await
+    }
+
+    async fn set_total(&self, product: &str, total: i64) -> Result<PoolView, BackendError> {
+        let product = product.to_string();
+        self.blocking(move |s, account, who| s.set_total(&account, &who, &product, total))
+            .await
+    }
+
+    async fn seats(
+        &self,
+        organization: &str,
+        product: &str,
+        change: SeatChange,
+    ) -> Result<(), BackendError> {
+        let (o, p) = (organization.to_string(), product.to_string());
+        self.blocking(move |s, account, who| s.seats(&account, &who, &o, &p, change))
+            .await
+    }
+
+    async fn seed(&self, fixture: &Fixture) -> Result<(), BackendError> {
+        if let Some(a) = &self.account {
+            if *a != fixture.account {
+                return Err(Refusal::new(
+                    Reason::Invalid,
+                    format!(
+                        "the fixture is for account {:?}, not {a:?}",
+                        fixture.account
+                    ),
+                )
+                .into());
+            }
+        }
+        let fixture = fixture.clone();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let who = match &this.token {
+                Some(t) => this.store.authenticate(&fixture.account, t)?,
+                None => this.principal.clone(),
+            };
+            this.store.seed(&who, &fixture)
+        })
+        .await
+        .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
+        self.blocking(|s, account, _| s.audit(&account)).await
+    }
+}

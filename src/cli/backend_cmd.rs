@@ -1,0 +1,132 @@
+//! `licensor backend ...`: seed an account, change seats in use or totals,
+//! read the audit log. These stand in for the license platform's own UI.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::{FAILED, Format, Global, OK, open_backend};
+use crate::backend::{BackendError, Fixture};
+use crate::domain::SeatChange;
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCommand {
+    /// Load an account fixture (products, organizations, allocations, seats in use).
+    Seed {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Claim seats in use (users signing in).
+    Claim(Seats),
+    /// Release seats in use (users signing out).
+    Release(Seats),
+    /// Set a product's total (a purchase or a contract shrink).
+    Total {
+        #[arg(long)]
+        product: String,
+        #[arg(long, allow_hyphen_values = true)]
+        total: i64,
+    },
+    /// Print the audit log.
+    Audit {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Format,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Seats {
+    #[arg(long)]
+    org: String,
+    #[arg(long)]
+    product: String,
+    #[arg(long, allow_hyphen_values = true)]
+    count: i64,
+}
+
+pub async fn run(g: &Global, command: BackendCommand) -> u8 {
+    match execute(g, command).await {
+        Ok(()) => OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            FAILED
+        }
+    }
+}
+
+async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
+    let backend = open_backend(g)?;
+    let err = |e: BackendError| e.to_string();
+    match command {
+        BackendCommand::Seed { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let fixture: Fixture =
+                serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            backend.seed(&fixture).await.map_err(err)?;
+            println!(
+                "seeded account {}: {} products, {} organizations",
+                fixture.account,
+                fixture.products.len(),
+                fixture.organizations.len()
+            );
+        }
+        BackendCommand::Claim(s) | BackendCommand::Release(s) if s.count <= 0 => {
+            return Err(format!("--count must be positive, not {}", s.count));
+        }
+        BackendCommand::Claim(s) => {
+            backend
+                .seats(&s.org, &s.product, SeatChange::Claim(s.count))
+                .await
+                .map_err(err)?;
+            println!("{} claimed {} {} seats", s.org, s.count, s.product);
+        }
+        BackendCommand::Release(s) => {
+            backend
+                .seats(&s.org, &s.product, SeatChange::Release(s.count))
+                .await
+                .map_err(err)?;
+            println!("{} released {} {} seats", s.org, s.count, s.product);
+        }
+        BackendCommand::Total { product, total } => {
+            let pool = backend.set_total(&product, total).await.map_err(err)?;
+            println!(
+                "{product}: total {}, dedicated {}, shared in use {}, free {}{}",
+                pool.total,
+                pool.dedicated,
+                pool.shared_in_use,
+                pool.free,
+                if pool.free < 0 {
+                    " (OverCommitted: increases are refused until seats are freed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        BackendCommand::Audit { output } => {
+            let entries = backend.audit().await.map_err(err)?;
+            if output == Format::Json {
+                let s = serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?;
+                println!("{s}");
+            } else {
+                for e in entries {
+                    println!(
+                        "{} {} {} {}/{} {} -> {} rehomed {} displaced {} manager {} key {}",
+                        e.time,
+                        e.actor,
+                        e.action,
+                        e.organization.as_deref().unwrap_or("-"),
+                        e.product.as_deref().unwrap_or("-"),
+                        e.from,
+                        e.to,
+                        e.rehomed,
+                        e.displaced,
+                        e.manager.as_deref().unwrap_or("-"),
+                        e.idempotency_key.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

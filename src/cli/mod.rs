@@ -1,0 +1,219 @@
+//! The command line: argument parsing, backend selection and exit codes.
+//! One file per command; [`render`] prints plans for people and machines.
+
+mod backend_cmd;
+mod crd;
+mod plan_cmd;
+pub mod render;
+mod status;
+mod token;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::backend::Backend;
+use crate::backend::sqlite::SqliteBackend;
+use crate::manifest::{self, Manifest};
+use crate::plan::Desired;
+use crate::resource::{ManagementPolicy, PAUSED_ANNOTATION, managed_by};
+
+/// Exit code for success, and for `plan` with nothing to change.
+pub const OK: u8 = 0;
+/// Exit code for invalid input, an error, or a refused change.
+pub const FAILED: u8 = 1;
+/// Exit code of `plan` when there are changes to apply.
+pub const CHANGES: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "licensor",
+    version,
+    about = "Dedicated licenses, declared in Git and reconciled into the license backend"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command understands.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// License backend: sqlite:PATH (the embedded store) or an http(s):// URL.
+    #[arg(
+        long,
+        global = true,
+        env = "LICENSOR_BACKEND",
+        default_value = "sqlite:licensor.db"
+    )]
+    pub backend: String,
+    /// Account id; defaults to the only account in the store.
+    #[arg(long, global = true, env = "LICENSOR_ACCOUNT")]
+    pub account: Option<String>,
+    /// File holding the bearer token (else LICENSOR_TOKEN).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Instance name in managedBy (<instance>/<namespace>/<name>).
+    #[arg(
+        long,
+        global = true,
+        env = "LICENSOR_INSTANCE",
+        default_value = "default"
+    )]
+    pub instance: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check manifests offline: schema and the rules that need no backend.
+    Validate(validate::ValidateArgs),
+    /// Show what apply would change (exit 0 no change, 2 changes, 1 error or refusal).
+    Plan(plan_cmd::PlanArgs),
+    /// Apply manifests; each resource independently, frees before claims.
+    Apply(plan_cmd::ApplyArgs),
+    /// Show pools and allocations.
+    Status(status::StatusArgs),
+    /// Work on the backend directly: seed, seats, totals, audit.
+    #[command(subcommand)]
+    Backend(backend_cmd::BackendCommand),
+    /// Manage API tokens of the embedded store.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Print the DedicatedLicense CustomResourceDefinition.
+    Crd,
+}
+
+/// Output formats.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+/// Where the manifests are.
+#[derive(Args, Debug)]
+pub struct Files {
+    /// Manifest files or directories (recursive, multi-document YAML).
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// Runs the CLI and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            FAILED
+        }
+    };
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> u8 {
+    let g = &cli.global;
+    match cli.command {
+        Command::Validate(a) => validate::run(&a),
+        Command::Plan(a) => plan_cmd::plan(g, &a).await,
+        Command::Apply(a) => plan_cmd::apply(g, &a).await,
+        Command::Status(a) => status::run(g, &a).await,
+        Command::Backend(c) => backend_cmd::run(g, c).await,
+        Command::Token(c) => token::run(g, c),
+        Command::Crd => crd::run(),
+    }
+}
+
+/// The token from `--token-file` or `LICENSOR_TOKEN`, if any.
+pub fn token(g: &Global) -> Result<Option<String>, String> {
+    if let Some(path) = &g.token_file {
+        return std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()));
+    }
+    Ok(std::env::var("LICENSOR_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty()))
+}
+
+/// The path of a `sqlite:PATH` backend.
+pub fn sqlite_path(g: &Global) -> Result<PathBuf, String> {
+    match g.backend.strip_prefix("sqlite:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!(
+            "this command needs the embedded store (--backend sqlite:PATH), not {}",
+            g.backend
+        )),
+    }
+}
+
+/// Opens the backend named by the global options.
+pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>, String> {
+    let token = token(g)?;
+    if g.backend.starts_with("sqlite:") {
+        let path = sqlite_path(g)?;
+        let backend = SqliteBackend::open(&path, g.account.as_deref(), token.as_deref())
+            .map_err(|e| e.to_string())?;
+        return Ok(Box::new(backend));
+    }
+    if g.backend.starts_with("http://") || g.backend.starts_with("https://") {
+        return Err(format!(
+            "backend {}: the HTTP license platform client is not part of this build; use --backend sqlite:PATH",
+            g.backend
+        ));
+    }
+    Err(format!(
+        "backend {:?} is neither sqlite:PATH nor an http(s):// URL",
+        g.backend
+    ))
+}
+
+/// Loads manifests, printing notes and errors; `None` when invalid.
+pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
+    let loaded = manifest::load(&files.paths);
+    for note in &loaded.notes {
+        eprintln!("note: {note}");
+    }
+    for e in &loaded.errors {
+        eprintln!("error: {e}");
+    }
+    if loaded.errors.is_empty() {
+        Some(loaded.manifests)
+    } else {
+        eprintln!(
+            "{} error{} in the manifests; nothing was changed",
+            loaded.errors.len(),
+            if loaded.errors.len() == 1 { "" } else { "s" }
+        );
+        None
+    }
+}
+
+/// What a manifest asks for, as the planner sees it.
+pub fn desired(m: &Manifest, instance: &str) -> Desired {
+    let paused = m
+        .annotations
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let hold = if paused {
+        Some(format!("paused by the {PAUSED_ANNOTATION} annotation"))
+    } else if m.spec.management_policy == ManagementPolicy::Observe {
+        Some("managementPolicy is Observe".to_string())
+    } else {
+        None
+    };
+    Desired {
+        resource: m.resource(),
+        organization: m.spec.organization.clone(),
+        product: m.spec.product.clone(),
+        count: m.spec.count,
+        allow_user_displacement: m.spec.allow_user_displacement,
+        managed_by: managed_by(instance, &m.namespace, &m.name),
+        hold,
+    }
+}

@@ -1,0 +1,98 @@
+//! `licensor plan` and `licensor apply`: manifests -> plan -> (apply) -> report.
+
+use clap::Args;
+
+use super::render::{self, Mode};
+use super::{CHANGES, FAILED, Files, Format, Global, OK, desired, load_manifests, open_backend};
+use crate::apply::execute;
+use crate::domain::Role;
+use crate::plan::{Options, Plan, plan as make_plan};
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub files: Files,
+    /// Also revoke allocations this instance manages that no manifest names.
+    #[arg(long)]
+    pub prune: bool,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub files: Files,
+    /// Also revoke allocations this instance manages that no manifest names.
+    #[arg(long)]
+    pub prune: bool,
+    /// Output format (text or json).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// Loads, observes and plans; prints the error and returns `None` on failure.
+async fn prepare(
+    g: &Global,
+    files: &Files,
+    prune: bool,
+) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
+    let manifests = load_manifests(files)?;
+    let backend = match open_backend(g) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return None;
+        }
+    };
+    let snapshot = match backend.snapshot().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return None;
+        }
+    };
+    let desired: Vec<_> = manifests.iter().map(|m| desired(m, &g.instance)).collect();
+    let opts = Options {
+        prune,
+        instance: g.instance.clone(),
+        // The backend enforces R1 on every write; the plan assumes the
+        // caller may write so that it shows the changes themselves.
+        role: Role::AccountAdmin,
+    };
+    Some((make_plan(&desired, &snapshot, &opts), backend))
+}
+
+pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
+    let Some((plan, backend)) = prepare(g, &args.files, args.prune).await else {
+        return FAILED;
+    };
+    render::print_plan(&plan, args.output, Mode::Plan, &backend.location());
+    if plan.has_errors() {
+        FAILED
+    } else if plan.has_changes() {
+        CHANGES
+    } else {
+        OK
+    }
+}
+
+pub async fn apply(g: &Global, args: &ApplyArgs) -> u8 {
+    if args.output == Format::Markdown {
+        eprintln!(
+            "error: apply prints text or json; use `licensor plan -o markdown` for a pull-request comment"
+        );
+        return FAILED;
+    }
+    let Some((mut plan, backend)) = prepare(g, &args.files, args.prune).await else {
+        return FAILED;
+    };
+    if let Err(e) = execute(&mut plan, backend.as_ref()).await {
+        eprintln!("error: reading the backend after apply: {e}");
+        render::print_plan(&plan, args.output, Mode::Apply, &backend.location());
+        return FAILED;
+    }
+    render::print_plan(&plan, args.output, Mode::Apply, &backend.location());
+    if plan.has_errors() { FAILED } else { OK }
+}

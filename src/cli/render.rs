@@ -1,0 +1,282 @@
+//! Plans and apply results for people (text, markdown) and machines (json).
+//! Rendering is pure: it returns strings; the commands print them.
+
+use std::fmt::Write;
+
+use super::Format;
+use crate::domain::{Action, PoolView, Snapshot};
+use crate::plan::{Change, Outcome, Plan};
+
+/// Whether the plan is a preview or the record of an apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Plan,
+    Apply,
+}
+
+pub fn print_plan(plan: &Plan, format: Format, mode: Mode, location: &str) {
+    let out = match format {
+        Format::Json => json(plan),
+        Format::Text => text(plan, mode, location),
+        Format::Markdown => markdown(plan, mode),
+    };
+    print!("{out}");
+}
+
+/// The JSON contract of DESIGN §4.
+pub fn json(plan: &Plan) -> String {
+    let mut s =
+        serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+struct Counts {
+    planned: usize,
+    applied: usize,
+    refused: usize,
+    failed: usize,
+    unchanged: usize,
+}
+
+fn counts(plan: &Plan) -> Counts {
+    let n = |o: Outcome| plan.changes.iter().filter(|c| c.outcome == o).count();
+    Counts {
+        planned: n(Outcome::Planned),
+        applied: n(Outcome::Applied),
+        refused: n(Outcome::Refused),
+        failed: n(Outcome::Failed),
+        unchanged: n(Outcome::Unchanged),
+    }
+}
+
+fn summary(plan: &Plan, mode: Mode) -> String {
+    let c = counts(plan);
+    let head = match mode {
+        Mode::Plan => format!("{} to change", c.planned),
+        Mode::Apply => format!("{} applied", c.applied),
+    };
+    let mut s = format!("{head}, {} refused", c.refused);
+    if c.failed > 0 {
+        let _ = write!(s, ", {} failed", c.failed);
+    }
+    let _ = write!(s, ", {} unchanged", c.unchanged);
+    s
+}
+
+fn symbol(c: &Change) -> char {
+    match (c.outcome, c.action) {
+        (Outcome::Refused | Outcome::Failed, _) => '!',
+        (Outcome::Unchanged, _) => '=',
+        (_, Action::Create) => '+',
+        (_, Action::Revoke | Action::Orphan) => '-',
+        _ => '~',
+    }
+}
+
+fn outcome_str(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Planned => "planned",
+        Outcome::Applied => "applied",
+        Outcome::Refused => "refused",
+        Outcome::Failed => "failed",
+        Outcome::Unchanged => "unchanged",
+    }
+}
+
+/// Changes worth showing one by one: everything but quiet in-sync ones.
+fn shown(plan: &Plan) -> impl Iterator<Item = &Change> {
+    plan.changes
+        .iter()
+        .filter(|c| c.outcome != Outcome::Unchanged || !c.diff.is_empty())
+}
+
+pub fn text(plan: &Plan, mode: Mode, location: &str) -> String {
+    let mut s = String::new();
+    let verb = match mode {
+        Mode::Plan => "Plan",
+        Mode::Apply => "Apply",
+    };
+    let _ = writeln!(s, "{verb} against {location}: {}", summary(plan, mode));
+    for c in shown(plan) {
+        let _ = writeln!(
+            s,
+            "\n{} {}  {} {}  {} -> {}  {}  {}{}",
+            symbol(c),
+            c.resource,
+            c.organization,
+            c.product,
+            c.from,
+            c.to,
+            c.action.as_str(),
+            outcome_str(c.outcome),
+            c.reason.map(|r| format!(" {r}")).unwrap_or_default()
+        );
+        let _ = writeln!(s, "    {}", c.message);
+        for line in c.diff.lines() {
+            let _ = writeln!(s, "    {line}");
+        }
+    }
+    if !plan.pools.is_empty() {
+        let _ = writeln!(s, "\nPools:");
+        for (before, after) in pool_pairs(plan) {
+            let _ = writeln!(
+                s,
+                "  {:<16} total {:>7}  dedicated {:>15}  shared in use {:>7}  free {:>15}{}",
+                after.product,
+                after.total,
+                moved(before.map(|b| b.dedicated), after.dedicated),
+                after.shared_in_use,
+                moved(before.map(|b| b.free), after.free),
+                if after.free < 0 {
+                    "  OverCommitted"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    s
+}
+
+fn pool_pairs(plan: &Plan) -> Vec<(Option<&PoolView>, &PoolView)> {
+    plan.pools
+        .iter()
+        .map(|after| {
+            let before = plan
+                .pools_before
+                .iter()
+                .find(|b| b.product == after.product);
+            (before, after)
+        })
+        .collect()
+}
+
+fn moved(before: Option<i64>, after: i64) -> String {
+    match before {
+        Some(b) if b != after => format!("{b} -> {after}"),
+        _ => after.to_string(),
+    }
+}
+
+/// A pull-request comment: a summary table, the diffs folded, the pools.
+pub fn markdown(plan: &Plan, mode: Mode) -> String {
+    let mut s = String::new();
+    let title = match mode {
+        Mode::Plan => "licensor plan",
+        Mode::Apply => "licensor apply",
+    };
+    let _ = writeln!(s, "### {title}: {}\n", summary(plan, mode));
+    let rows: Vec<&Change> = shown(plan).collect();
+    if rows.is_empty() {
+        let _ = writeln!(s, "No changes: the backend matches the manifests.\n");
+    } else {
+        let _ = writeln!(
+            s,
+            "| | Resource | Organization | Product | From | To | Action | Outcome | Reason | Message |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---:|---:|---|---|---|---|");
+        for c in &rows {
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+                match symbol(c) {
+                    '!' => "❌",
+                    '+' => "➕",
+                    '-' => "➖",
+                    '=' => "⏸️",
+                    _ => "✏️",
+                },
+                c.resource,
+                cell(&c.organization),
+                cell(&c.product),
+                c.from,
+                c.to,
+                c.action.as_str(),
+                outcome_str(c.outcome),
+                c.reason.map(|r| format!("`{r}`")).unwrap_or_default(),
+                cell(&c.message)
+            );
+        }
+        let _ = writeln!(s);
+        for c in rows.iter().filter(|c| !c.diff.is_empty()) {
+            let _ = writeln!(
+                s,
+                "<details><summary><code>{}</code>: {} {} → {} ({})</summary>\n\n```diff\n{}```\n</details>\n",
+                c.resource,
+                c.action.as_str(),
+                c.from,
+                c.to,
+                outcome_str(c.outcome),
+                c.diff
+            );
+        }
+    }
+    if !plan.pools.is_empty() {
+        let _ = writeln!(s, "#### Pools\n");
+        let _ = writeln!(s, "| Product | Total | Dedicated | Shared in use | Free |");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (before, after) in pool_pairs(plan) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {}{} |",
+                cell(&after.product),
+                after.total,
+                moved(before.map(|b| b.dedicated), after.dedicated).replace("->", "→"),
+                after.shared_in_use,
+                moved(before.map(|b| b.free), after.free).replace("->", "→"),
+                if after.free < 0 {
+                    " ⚠️ over-committed"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    s
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// `licensor status` as text.
+pub fn status_text(snapshot: &Snapshot, location: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Backend {location}\n");
+    let _ = writeln!(
+        s,
+        "{:<16} {:>9} {:>10} {:>14} {:>9}",
+        "PRODUCT", "TOTAL", "DEDICATED", "SHARED-IN-USE", "FREE"
+    );
+    for p in &snapshot.pools {
+        let v = PoolView::from(p);
+        let _ = writeln!(
+            s,
+            "{:<16} {:>9} {:>10} {:>14} {:>9}{}",
+            v.product,
+            v.total,
+            v.dedicated,
+            v.shared_in_use,
+            v.free,
+            if v.free < 0 { "  OverCommitted" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<24} {:<16} {:>9} {:>7}  MANAGED-BY",
+        "ORGANIZATION", "PRODUCT", "DEDICATED", "IN-USE"
+    );
+    for a in &snapshot.allocations {
+        let _ = writeln!(
+            s,
+            "{:<24} {:<16} {:>9} {:>7}  {}",
+            a.organization,
+            a.product,
+            a.dedicated,
+            a.in_use,
+            a.managed_by.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}

@@ -1,0 +1,59 @@
+//! `licensor status`: pools and allocations as the backend holds them.
+
+use clap::Args;
+
+use super::render::status_text;
+use super::{FAILED, Format, Global, OK, open_backend};
+use crate::domain::PoolView;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Output format (text or json).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
+    let backend = match open_backend(g) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return FAILED;
+        }
+    };
+    let snapshot = match backend.snapshot().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return FAILED;
+        }
+    };
+    match args.output {
+        Format::Json => {
+            let pools: Vec<PoolView> = snapshot.pools.iter().map(PoolView::from).collect();
+            let allocations: Vec<_> = snapshot
+                .allocations
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "organization": a.organization,
+                        "product": a.product,
+                        "dedicated": a.dedicated,
+                        "inUse": a.in_use,
+                        "managedBy": a.managed_by,
+                    })
+                })
+                .collect();
+            let doc = serde_json::json!({"pools": pools, "allocations": allocations});
+            match serde_json::to_string_pretty(&doc) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return FAILED;
+                }
+            }
+        }
+        _ => print!("{}", status_text(&snapshot, &backend.location())),
+    }
+    OK
+}

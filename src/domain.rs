@@ -1,0 +1,908 @@
+//! The license rules of DESIGN §1, pure: no I/O, no clock, no async.
+//!
+//! Everything that decides whether an allocation may change lives here and
+//! nowhere else. The planner simulates a whole manifest set with [`Ledger`];
+//! the SQLite store loads one pool and one allocation inside a transaction and
+//! calls [`decide`]; the HTTP server calls the store. A refusal is a
+//! [`Refusal`] whose [`Reason`] is spelled once and used everywhere: CLI JSON,
+//! HTTP problem types, status reasons, events and metric labels.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest dedicated count one allocation may hold.
+pub const MAX_COUNT: i64 = 1_000_000;
+/// Largest product total an account may hold.
+pub const MAX_TOTAL: i64 = 1_000_000_000;
+
+/// Why a change was refused, or (for `OverCommitted` and `BackendUnavailable`)
+/// why a resource is not healthy. The variant name is the reason string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Reason {
+    /// R1: only the Account Admin may change allocations or totals.
+    Forbidden,
+    /// R2: the product has no pool in this account.
+    UnknownProduct,
+    /// R3: the pool has fewer free seats than the increase needs.
+    InsufficientPool,
+    /// R4: the new count is below the seats in use.
+    BelowInUse,
+    /// R6: the revoke would leave users without a license.
+    WouldDisplaceUsers,
+    /// R7: the organization does not exist.
+    UnknownOrganization,
+    /// R8: another manager owns the allocation.
+    Conflict,
+    /// R9: the pool hands out more than its total (a condition, not a refusal).
+    OverCommitted,
+    /// The backend could not be reached or answered garbage.
+    BackendUnavailable,
+    /// The request itself is malformed (bad count, bad fixture).
+    Invalid,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::Forbidden,
+        Reason::UnknownProduct,
+        Reason::InsufficientPool,
+        Reason::BelowInUse,
+        Reason::WouldDisplaceUsers,
+        Reason::UnknownOrganization,
+        Reason::Conflict,
+        Reason::OverCommitted,
+        Reason::BackendUnavailable,
+        Reason::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Forbidden => "Forbidden",
+            Reason::UnknownProduct => "UnknownProduct",
+            Reason::InsufficientPool => "InsufficientPool",
+            Reason::BelowInUse => "BelowInUse",
+            Reason::WouldDisplaceUsers => "WouldDisplaceUsers",
+            Reason::UnknownOrganization => "UnknownOrganization",
+            Reason::Conflict => "Conflict",
+            Reason::OverCommitted => "OverCommitted",
+            Reason::BackendUnavailable => "BackendUnavailable",
+            Reason::Invalid => "Invalid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// A person must act before this can succeed (kstatus `Stalled`), as
+    /// opposed to a condition that retrying may clear.
+    pub fn needs_a_person(self) -> bool {
+        !matches!(self, Reason::BackendUnavailable)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The numbers behind a refusal, so a client can act without parsing prose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusalDetail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub displaced: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A refused change: the reason, a message for people that says what to do,
+/// and the numbers behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+    #[serde(default)]
+    pub detail: RefusalDetail,
+}
+
+impl Refusal {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            message: message.into(),
+            detail: RefusalDetail::default(),
+        }
+    }
+
+    fn with(mut self, detail: RefusalDetail) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+/// Who is asking (R1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    AccountAdmin,
+    Viewer,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "AccountAdmin" => Some(Role::AccountAdmin),
+            "Viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::AccountAdmin => "AccountAdmin",
+            Role::Viewer => "Viewer",
+        }
+    }
+}
+
+/// Refuses anything but the Account Admin (R1).
+pub fn require_admin(role: Role, what: &str) -> Result<(), Refusal> {
+    match role {
+        Role::AccountAdmin => Ok(()),
+        Role::Viewer => Err(Refusal::new(
+            Reason::Forbidden,
+            format!("only the AccountAdmin role may {what}; this credential is a Viewer"),
+        )),
+    }
+}
+
+/// One product's pool in an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pool {
+    pub product: String,
+    pub total: i64,
+    /// Sum of the organizations' dedicated counts.
+    pub dedicated: i64,
+    /// Seats claimed straight from the account pool.
+    pub shared_in_use: i64,
+}
+
+impl Pool {
+    /// `total - dedicated - sharedInUse`; negative when over-committed (R9).
+    pub fn free(&self) -> i64 {
+        self.total - self.dedicated - self.shared_in_use
+    }
+
+    pub fn over_committed(&self) -> bool {
+        self.free() < 0
+    }
+
+    /// Books an accepted effect into the pool.
+    pub fn book(&mut self, effect: &Effect) {
+        self.dedicated += effect.to - effect.from;
+        self.shared_in_use += effect.rehomed;
+    }
+}
+
+/// An organization's dedicated allocation of one product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    pub organization: String,
+    pub product: String,
+    pub dedicated: i64,
+    pub in_use: i64,
+    pub managed_by: Option<String>,
+    /// Bumped by every write; the ETag of the HTTP API.
+    #[serde(default)]
+    pub version: i64,
+}
+
+/// What the requester wants an allocation to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Target {
+    /// Hold exactly this many dedicated seats; 0 revokes them (R5) but keeps
+    /// the allocation and its manager.
+    Count(i64),
+    /// Revoke and remove the allocation, releasing its manager.
+    Remove,
+}
+
+impl Target {
+    pub fn count(self) -> i64 {
+        match self {
+            Target::Count(n) => n,
+            Target::Remove => 0,
+        }
+    }
+}
+
+/// A requested change to one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub organization: &'a str,
+    pub product: &'a str,
+    pub target: Target,
+    /// The manager making the change (R8); `None` writes as nobody in particular
+    /// and may only touch unmanaged allocations.
+    pub managed_by: Option<&'a str>,
+    /// R6 consent.
+    pub allow_user_displacement: bool,
+}
+
+/// The kind of change, as shown in plans and audit entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Increase,
+    Decrease,
+    Revoke,
+    None,
+    Orphan,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Increase => "increase",
+            Action::Decrease => "decrease",
+            Action::Revoke => "revoke",
+            Action::None => "none",
+            Action::Orphan => "orphan",
+        }
+    }
+
+    /// Frees seats (or moves none); these run before claims.
+    pub fn frees(self) -> bool {
+        matches!(self, Action::Decrease | Action::Revoke | Action::Orphan)
+    }
+
+    pub fn classify(existing: bool, from: i64, target: Target) -> Action {
+        let to = target.count();
+        match target {
+            Target::Remove if existing => Action::Revoke,
+            Target::Remove => Action::None,
+            Target::Count(_) if !existing && to > 0 => Action::Create,
+            Target::Count(_) if to > from => Action::Increase,
+            Target::Count(0) if from > 0 => Action::Revoke,
+            Target::Count(_) if to < from => Action::Decrease,
+            Target::Count(_) => Action::None,
+        }
+    }
+}
+
+/// The arithmetic outcome of an accepted change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Effect {
+    pub action: Action,
+    pub from: i64,
+    pub to: i64,
+    /// In-use seats after the change.
+    pub in_use: i64,
+    /// In-use seats moved to the account pool by a revoke (R5).
+    pub rehomed: i64,
+    /// In-use seats left without a license by a revoke (R5, R6).
+    pub displaced: i64,
+    /// The allocation was unmanaged and now has a manager (R8).
+    pub adopted: bool,
+}
+
+impl Effect {
+    /// Nothing changes in the backend.
+    pub fn is_noop(&self) -> bool {
+        self.action == Action::None && !self.adopted
+    }
+}
+
+/// What the store observed for one request, inside its transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub pool: Option<&'a Pool>,
+    pub organization_exists: bool,
+    pub allocation: Option<&'a Allocation>,
+}
+
+/// Checks counts a request may carry at all.
+pub fn check_count(count: i64) -> Result<(), Refusal> {
+    if (0..=MAX_COUNT).contains(&count) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            Reason::Invalid,
+            format!("count {count} is outside 0..={MAX_COUNT}"),
+        ))
+    }
+}
+
+/// Decides one change against what was observed: R1-R8 in one place.
+pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effect, Refusal> {
+    require_admin(role, "change allocations")?;
+    check_count(req.target.count())?;
+    let pool = seen.pool.ok_or_else(|| {
+        Refusal::new(
+            Reason::UnknownProduct,
+            format!(
+                "the account has no pool for product {:?}; pools are per product and never mix",
+                req.product
+            ),
+        )
+    })?;
+    if !seen.organization_exists {
+        return Err(Refusal::new(
+            Reason::UnknownOrganization,
+            format!(
+                "organization {:?} does not exist in the account; create it on the license platform first (licensor never creates organizations)",
+                req.organization
+            ),
+        ));
+    }
+    let (from, in_use, owner) = match seen.allocation {
+        Some(a) => (a.dedicated, a.in_use, a.managed_by.as_deref()),
+        None => (0, 0, None),
+    };
+    let adopted = match (owner, req.managed_by) {
+        (Some(owner), Some(me)) if owner != me => return Err(conflict(owner)),
+        (Some(owner), None) => return Err(conflict(owner)),
+        (None, Some(_)) => !matches!(req.target, Target::Remove),
+        _ => false,
+    };
+    let action = Action::classify(seen.allocation.is_some(), from, req.target);
+    let to = req.target.count();
+    let free = pool.free();
+    let mut effect = Effect {
+        action,
+        from,
+        to,
+        in_use,
+        rehomed: 0,
+        displaced: 0,
+        adopted: adopted && seen.allocation.is_some(),
+    };
+    if to > from {
+        let requested = to - from;
+        if requested > free {
+            return Err(insufficient(&req.product, requested, free));
+        }
+    } else if to > 0 && to < in_use {
+        return Err(Refusal::new(
+            Reason::BelowInUse,
+            format!(
+                "cannot lower {}/{} to {to}: {in_use} seats are in use; release seats first, lower to at least {in_use}, or set 0 to revoke all",
+                req.organization, req.product
+            ),
+        )
+        .with(RefusalDetail {
+            requested: Some(to),
+            in_use: Some(in_use),
+            ..Default::default()
+        }));
+    } else if to == 0 {
+        let rehomed = in_use.min((free + from).max(0));
+        let displaced = in_use - rehomed;
+        if displaced > 0 && !req.allow_user_displacement {
+            return Err(Refusal::new(
+                Reason::WouldDisplaceUsers,
+                format!(
+                    "revoking {}/{} would leave {displaced} of its {in_use} users without a license: the {} pool is over-committed ({free} free); set allowUserDisplacement: true to confirm, or raise the total first",
+                    req.organization, req.product, req.product
+                ),
+            )
+            .with(RefusalDetail {
+                in_use: Some(in_use),
+                displaced: Some(displaced),
+                free: Some(free),
+                ..Default::default()
+            }));
+        }
+        effect.rehomed = rehomed;
+        effect.displaced = displaced;
+        effect.in_use = 0;
+    }
+    Ok(effect)
+}
+
+fn conflict(owner: &str) -> Refusal {
+    Refusal::new(
+        Reason::Conflict,
+        format!(
+            "the allocation is managed by {owner}; remove it there (or orphan it) before another manager can take it over"
+        ),
+    )
+    .with(RefusalDetail {
+        owner: Some(owner.to_string()),
+        ..Default::default()
+    })
+}
+
+/// The R3 refusal, also used for seat claims that find no room.
+pub fn insufficient(product: &str, requested: i64, free: i64) -> Refusal {
+    let hint = if free < 0 {
+        format!(
+            "the {product} pool is over-committed by {} (its total was lowered below what is handed out); free seats elsewhere or raise the total",
+            -free
+        )
+    } else {
+        format!(
+            "free {} seats elsewhere or raise the total",
+            requested - free
+        )
+    };
+    Refusal::new(
+        Reason::InsufficientPool,
+        format!("requested {requested} more {product} seats but only {free} are free; {hint}"),
+    )
+    .with(RefusalDetail {
+        requested: Some(requested),
+        free: Some(free),
+        ..Default::default()
+    })
+}
+
+/// A change of seats in use (users signing in or out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SeatChange {
+    Claim(i64),
+    Release(i64),
+}
+
+/// Where a seat change lands: the organization's allocation or the shared pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeatTarget {
+    Dedicated { in_use: i64 },
+    Shared { shared_in_use: i64 },
+}
+
+/// Decides a seat claim or release. Claims use the organization's dedicated
+/// seats when it has an allocation, the shared pool otherwise.
+pub fn decide_seats(
+    seen: Observed<'_>,
+    organization: &str,
+    change: SeatChange,
+) -> Result<SeatTarget, Refusal> {
+    let pool = seen.pool.ok_or_else(|| {
+        Refusal::new(
+            Reason::UnknownProduct,
+            "the account has no pool for this product",
+        )
+    })?;
+    if !seen.organization_exists {
+        return Err(Refusal::new(
+            Reason::UnknownOrganization,
+            format!("organization {organization:?} does not exist in the account"),
+        ));
+    }
+    let n = match change {
+        SeatChange::Claim(n) | SeatChange::Release(n) => n,
+    };
+    if !(1..=MAX_COUNT).contains(&n) {
+        return Err(Refusal::new(
+            Reason::Invalid,
+            format!("seat count {n} is outside 1..={MAX_COUNT}"),
+        ));
+    }
+    match (seen.allocation.filter(|a| a.dedicated > 0), change) {
+        (Some(a), SeatChange::Claim(n)) => {
+            if a.in_use + n > a.dedicated {
+                Err(Refusal::new(
+                    Reason::InsufficientPool,
+                    format!(
+                        "{organization} has {} dedicated {} seats with {} in use; {n} more do not fit",
+                        a.dedicated, a.product, a.in_use
+                    ),
+                )
+                .with(RefusalDetail {
+                    requested: Some(n),
+                    free: Some(a.dedicated - a.in_use),
+                    ..Default::default()
+                }))
+            } else {
+                Ok(SeatTarget::Dedicated {
+                    in_use: a.in_use + n,
+                })
+            }
+        }
+        (Some(a), SeatChange::Release(n)) => {
+            if n > a.in_use {
+                Err(Refusal::new(
+                    Reason::Invalid,
+                    format!("{organization} has only {} seats in use", a.in_use),
+                ))
+            } else {
+                Ok(SeatTarget::Dedicated {
+                    in_use: a.in_use - n,
+                })
+            }
+        }
+        (None, SeatChange::Claim(n)) => {
+            if n > pool.free() {
+                Err(insufficient(&pool.product, n, pool.free()))
+            } else {
+                Ok(SeatTarget::Shared {
+                    shared_in_use: pool.shared_in_use + n,
+                })
+            }
+        }
+        (None, SeatChange::Release(n)) => {
+            if n > pool.shared_in_use {
+                Err(Refusal::new(
+                    Reason::Invalid,
+                    format!("only {} shared seats are in use", pool.shared_in_use),
+                ))
+            } else {
+                Ok(SeatTarget::Shared {
+                    shared_in_use: pool.shared_in_use - n,
+                })
+            }
+        }
+    }
+}
+
+/// Decides a change of a product's total (R1, R9: lowering below what is
+/// handed out is allowed and leaves the pool over-committed).
+pub fn decide_total(role: Role, total: i64) -> Result<(), Refusal> {
+    require_admin(role, "change product totals")?;
+    if !(0..=MAX_TOTAL).contains(&total) {
+        return Err(Refusal::new(
+            Reason::Invalid,
+            format!("total {total} is outside 0..={MAX_TOTAL}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything a backend holds for one account, as read at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub pools: Vec<Pool>,
+    pub organizations: Vec<String>,
+    pub allocations: Vec<Allocation>,
+}
+
+/// A pool as shown to people and in JSON, with `free` spelled out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolView {
+    pub product: String,
+    pub total: i64,
+    pub dedicated: i64,
+    pub shared_in_use: i64,
+    pub free: i64,
+}
+
+impl From<&Pool> for PoolView {
+    fn from(p: &Pool) -> Self {
+        PoolView {
+            product: p.product.clone(),
+            total: p.total,
+            dedicated: p.dedicated,
+            shared_in_use: p.shared_in_use,
+            free: p.free(),
+        }
+    }
+}
+
+/// One write a driver asks a backend to make; the backend decides it again,
+/// atomically, with [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocationWrite {
+    pub organization: String,
+    pub product: String,
+    pub target: Target,
+    pub managed_by: Option<String>,
+    pub allow_user_displacement: bool,
+    /// Refuse the write if the allocation's version moved (0: must not exist).
+    pub expected_version: Option<i64>,
+    /// Same key and same write replays the first answer instead of writing again.
+    pub idempotency_key: Option<String>,
+}
+
+impl AllocationWrite {
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            organization: &self.organization,
+            product: &self.product,
+            target: self.target,
+            managed_by: self.managed_by.as_deref(),
+            allow_user_displacement: self.allow_user_displacement,
+        }
+    }
+
+    /// A key that names this intended change from this observed version, so
+    /// a retry (even from a restarted process) repeats rather than re-applies.
+    pub fn intent_key(&self, observed_version: i64) -> String {
+        use sha2::{Digest, Sha256};
+        let target = match self.target {
+            Target::Count(n) => n.to_string(),
+            Target::Remove => "remove".into(),
+        };
+        let text = format!(
+            "{}\n{}\n{}\n{}\n{}\n{}",
+            self.managed_by.as_deref().unwrap_or(""),
+            self.organization,
+            self.product,
+            observed_version,
+            target,
+            self.allow_user_displacement
+        );
+        hex::encode(&Sha256::digest(text.as_bytes())[..16])
+    }
+}
+
+impl From<Snapshot> for Ledger {
+    fn from(s: Snapshot) -> Self {
+        Ledger::new(s.pools, s.organizations, s.allocations)
+    }
+}
+
+/// An in-memory account: the planner's simulation and the property tests'
+/// model. Every change goes through [`decide`], so it obeys the same rules as
+/// the stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    pub pools: BTreeMap<String, Pool>,
+    pub organizations: BTreeSet<String>,
+    pub allocations: BTreeMap<(String, String), Allocation>,
+}
+
+impl Ledger {
+    pub fn new(
+        pools: impl IntoIterator<Item = Pool>,
+        organizations: impl IntoIterator<Item = String>,
+        allocations: impl IntoIterator<Item = Allocation>,
+    ) -> Self {
+        Ledger {
+            pools: pools.into_iter().map(|p| (p.product.clone(), p)).collect(),
+            organizations: organizations.into_iter().collect(),
+            allocations: allocations
+                .into_iter()
+                .map(|a| ((a.organization.clone(), a.product.clone()), a))
+                .collect(),
+        }
+    }
+
+    pub fn allocation(&self, organization: &str, product: &str) -> Option<&Allocation> {
+        self.allocations
+            .get(&(organization.to_string(), product.to_string()))
+    }
+
+    pub fn observe<'a>(&'a self, organization: &str, product: &str) -> Observed<'a> {
+        Observed {
+            pool: self.pools.get(product),
+            organization_exists: self.organizations.contains(organization),
+            allocation: self.allocation(organization, product),
+        }
+    }
+
+    /// Decides and, when accepted, books a change. A refusal changes nothing.
+    pub fn apply(&mut self, role: Role, req: &Request<'_>) -> Result<Effect, Refusal> {
+        let effect = decide(role, self.observe(req.organization, req.product), req)?;
+        if let Some(pool) = self.pools.get_mut(req.product) {
+            pool.book(&effect);
+        }
+        let key = (req.organization.to_string(), req.product.to_string());
+        match req.target {
+            Target::Remove => {
+                self.allocations.remove(&key);
+            }
+            Target::Count(0) if !self.allocations.contains_key(&key) => {}
+            Target::Count(to) => {
+                let entry = self.allocations.entry(key).or_insert_with(|| Allocation {
+                    organization: req.organization.to_string(),
+                    product: req.product.to_string(),
+                    dedicated: 0,
+                    in_use: 0,
+                    managed_by: None,
+                    version: 0,
+                });
+                entry.dedicated = to;
+                entry.in_use = effect.in_use;
+                if req.managed_by.is_some() {
+                    entry.managed_by = req.managed_by.map(str::to_string);
+                }
+                if !effect.is_noop() {
+                    entry.version += 1;
+                }
+            }
+        }
+        Ok(effect)
+    }
+
+    /// Lowers or raises a total (R9).
+    pub fn set_total(&mut self, role: Role, product: &str, total: i64) -> Result<(), Refusal> {
+        decide_total(role, total)?;
+        let pool = self.pools.get_mut(product).ok_or_else(|| {
+            Refusal::new(Reason::UnknownProduct, format!("no pool for {product:?}"))
+        })?;
+        pool.total = total;
+        Ok(())
+    }
+
+    /// Claims or releases seats in use.
+    pub fn seats(
+        &mut self,
+        organization: &str,
+        product: &str,
+        change: SeatChange,
+    ) -> Result<(), Refusal> {
+        match decide_seats(self.observe(organization, product), organization, change)? {
+            SeatTarget::Dedicated { in_use } => {
+                if let Some(a) = self
+                    .allocations
+                    .get_mut(&(organization.to_string(), product.to_string()))
+                {
+                    a.in_use = in_use;
+                }
+            }
+            SeatTarget::Shared { shared_in_use } => {
+                if let Some(p) = self.pools.get_mut(product) {
+                    p.shared_in_use = shared_in_use;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.
+    fn documented() -> Ledger {
+        Ledger::new(
+            [Pool {
+                product: "TestOps".into(),
+                total: 200,
+                dedicated: 5,
+                shared_in_use: 0,
+            }],
+            ["qa-team".to_string(), "dev-team".to_string()],
+            [Allocation {
+                organization: "qa-team".into(),
+                product: "TestOps".into(),
+                dedicated: 5,
+                in_use: 4,
+                managed_by: None,
+                version: 1,
+            }],
+        )
+    }
+
+    fn set(org: &str, n: i64) -> Request<'_> {
+        Request {
+            organization: org,
+            product: "TestOps",
+            target: Target::Count(n),
+            managed_by: Some("default/ns/x"),
+            allow_user_displacement: false,
+        }
+    }
+
+    #[test]
+    fn raise_takes_from_the_remaining_pool() {
+        let mut l = documented();
+        assert_eq!(l.pools["TestOps"].free(), 195);
+        let e = l.apply(Role::AccountAdmin, &set("qa-team", 10)).unwrap();
+        assert_eq!(
+            (e.action, e.from, e.to, e.adopted),
+            (Action::Increase, 5, 10, true)
+        );
+        assert_eq!(l.pools["TestOps"].free(), 190);
+    }
+
+    #[test]
+    fn decrease_below_in_use_is_refused() {
+        let mut l = documented();
+        let before = l.clone();
+        let r = l.apply(Role::AccountAdmin, &set("qa-team", 3)).unwrap_err();
+        assert_eq!(r.reason, Reason::BelowInUse);
+        assert_eq!(r.detail.in_use, Some(4));
+        assert_eq!(l, before);
+    }
+
+    #[test]
+    fn lowering_to_in_use_frees_the_rest() {
+        let mut l = documented();
+        let e = l.apply(Role::AccountAdmin, &set("qa-team", 4)).unwrap();
+        assert_eq!(e.action, Action::Decrease);
+        assert_eq!(l.pools["TestOps"].free(), 196);
+    }
+
+    #[test]
+    fn zero_revokes_and_rehomes_in_use_seats() {
+        let mut l = documented();
+        let e = l.apply(Role::AccountAdmin, &set("qa-team", 0)).unwrap();
+        assert_eq!((e.action, e.rehomed, e.displaced), (Action::Revoke, 4, 0));
+        let p = &l.pools["TestOps"];
+        assert_eq!((p.dedicated, p.shared_in_use, p.free()), (0, 4, 196));
+    }
+
+    #[test]
+    fn over_committed_pool_refuses_increase_allows_decrease() {
+        let mut l = documented();
+        l.set_total(Role::AccountAdmin, "TestOps", 3).unwrap();
+        assert!(l.pools["TestOps"].over_committed());
+        let r = l.apply(Role::AccountAdmin, &set("qa-team", 6)).unwrap_err();
+        assert_eq!(
+            (r.reason, r.detail.free),
+            (Reason::InsufficientPool, Some(-2))
+        );
+        l.apply(Role::AccountAdmin, &set("qa-team", 4)).unwrap();
+    }
+
+    #[test]
+    fn displacing_revoke_needs_consent() {
+        let mut l = documented();
+        l.set_total(Role::AccountAdmin, "TestOps", 2).unwrap();
+        // free = 2 - 5 = -3; rehomed = min(4, max(0, -3 + 5)) = 2, displaced 2.
+        let r = l.apply(Role::AccountAdmin, &set("qa-team", 0)).unwrap_err();
+        assert_eq!(
+            (r.reason, r.detail.displaced),
+            (Reason::WouldDisplaceUsers, Some(2))
+        );
+        let mut req = set("qa-team", 0);
+        req.allow_user_displacement = true;
+        let e = l.apply(Role::AccountAdmin, &req).unwrap();
+        assert_eq!((e.rehomed, e.displaced), (2, 2));
+    }
+
+    #[test]
+    fn viewer_is_forbidden() {
+        let mut l = documented();
+        let r = l.apply(Role::Viewer, &set("qa-team", 6)).unwrap_err();
+        assert_eq!(r.reason, Reason::Forbidden);
+    }
+
+    #[test]
+    fn unknown_product_and_organization_are_refused() {
+        let mut l = documented();
+        let mut req = set("qa-team", 1);
+        req.product = "Studio";
+        assert_eq!(
+            l.apply(Role::AccountAdmin, &req).unwrap_err().reason,
+            Reason::UnknownProduct
+        );
+        assert_eq!(
+            l.apply(Role::AccountAdmin, &set("nobody", 1))
+                .unwrap_err()
+                .reason,
+            Reason::UnknownOrganization
+        );
+    }
+
+    #[test]
+    fn another_manager_is_a_conflict_naming_the_owner() {
+        let mut l = documented();
+        l.apply(Role::AccountAdmin, &set("qa-team", 5)).unwrap();
+        let mut req = set("qa-team", 6);
+        req.managed_by = Some("default/ns/other");
+        let r = l.apply(Role::AccountAdmin, &req).unwrap_err();
+        assert_eq!(r.reason, Reason::Conflict);
+        assert_eq!(r.detail.owner.as_deref(), Some("default/ns/x"));
+    }
+
+    #[test]
+    fn reasons_round_trip_through_their_names() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! licensor: dedicated licenses, declared in Git and reconciled.
+//!
+//! ```text
+//!     manifests (YAML, Git)        DedicatedLicense objects (Kubernetes)
+//!              \                          /
+//!               v                        v
+//!         desired state  +  observed backend snapshot
+//!                        |
+//!                  plan (pure: no I/O)   -> changes, refusals, unified diff, pool impact
+//!                        |
+//!                  apply (backend write, ordered: frees before claims)
+//!                        |
+//!                  report (CLI output)  /  status + events (operator)
+//! ```
+//!
+//! Read top to bottom: [`manifest`] loads YAML, [`plan`] decides with the
+//! rules of [`domain`], [`apply`] writes through a [`backend::Backend`],
+//! [`cli`] reports. [`resource`] is the Kubernetes custom resource.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod backend;
+pub mod cli;
+pub mod domain;
+pub mod manifest;
+pub mod plan;
+pub mod resource;

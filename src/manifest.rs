@@ -1,0 +1,454 @@
+//! Loading `DedicatedLicense` manifests from files and directories.
+//!
+//! Contract: every path is read (directories recursively, `.yaml`/`.yml`,
+//! in sorted order), every document of every file is looked at, and every
+//! problem is reported with its file and line, not just the first. Documents
+//! of other kinds are skipped with a note. Unknown fields, wrong types,
+//! counts outside 0..=1000000 and two manifests for one organization+product
+//! are errors. Loading is pure apart from reading the files.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::MAX_COUNT;
+use crate::resource::{API_VERSION, DedicatedLicenseSpec, GROUP, KIND};
+
+/// Where a document starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One `DedicatedLicense` document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub source: Source,
+    pub name: String,
+    pub namespace: String,
+    pub annotations: BTreeMap<String, String>,
+    pub spec: DedicatedLicenseSpec,
+}
+
+impl Manifest {
+    /// `namespace/name`, the resource id used in plans.
+    pub fn resource(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A problem with the manifests, pointing at the file and line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{at}: {message}")]
+    Invalid { at: Source, message: String },
+    #[error("{at}: {key} is declared twice; the first is at {first}")]
+    Duplicate {
+        at: Source,
+        first: Source,
+        key: String,
+    },
+    #[error("no DedicatedLicense manifests found in {paths}")]
+    Empty { paths: String },
+}
+
+/// What loading found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub manifests: Vec<Manifest>,
+    /// Documents skipped on purpose, for the user to see.
+    pub notes: Vec<String>,
+    pub errors: Vec<ManifestError>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Document {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    spec: DedicatedLicenseSpec,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde::de::IgnoredAny>,
+}
+
+// Lenient on purpose: `kubectl get -o yaml` output carries uid, generation
+// and the like, which are not the user's declaration.
+#[derive(Deserialize)]
+struct Metadata {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Loads every path; see the module contract.
+pub fn load(paths: &[PathBuf]) -> Loaded {
+    let mut loaded = Loaded::default();
+    for path in paths {
+        let files = match files_under(path) {
+            Ok(files) => files,
+            Err(e) => {
+                loaded.errors.push(e);
+                continue;
+            }
+        };
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => parse_file(&file, &text, &mut loaded),
+                Err(e) => loaded.errors.push(ManifestError::Read {
+                    path: file.display().to_string(),
+                    message: e.to_string(),
+                }),
+            }
+        }
+    }
+    check_duplicates(&mut loaded);
+    if loaded.manifests.is_empty() && loaded.errors.is_empty() {
+        loaded.errors.push(ManifestError::Empty {
+            paths: paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    loaded
+}
+
+fn files_under(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let read_err = |message: String| ManifestError::Read {
+        path: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
+        let entry = entry.map_err(|e| read_err(e.to_string()))?;
+        let is_yaml = entry
+            .path()
+            .extension()
+            .is_some_and(|x| x == "yaml" || x == "yml");
+        if entry.file_type().is_file() && is_yaml {
+            files.push(entry.into_path());
+        }
+    }
+    if files.is_empty() {
+        return Err(read_err("directory holds no .yaml or .yml files".into()));
+    }
+    Ok(files)
+}
+
+/// A document's text and the file line it starts on. Markers are blanked
+/// rather than cut, so columns stay true.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let marker = ["---", "..."].iter().find(|m| {
+            line.strip_prefix(**m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        });
+        match marker {
+            Some(m) => {
+                docs.push((start, std::mem::take(&mut current)));
+                start = i + 1;
+                let rest = &line[m.len()..];
+                if *m == "---" && !rest.trim().is_empty() {
+                    current.push_str(&" ".repeat(m.len()));
+                    current.push_str(rest);
+                }
+                current.push('\n');
+            }
+            None => {
+                current.push_str(line);
+                current.push('\n');
+            }
+        }
+    }
+    docs.push((start, current));
+    docs.retain(|(_, d)| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
+    for (start, doc) in split_documents(text) {
+        let at = |line: usize| Source {
+            file: file.to_path_buf(),
+            line: start + line.saturating_sub(1),
+        };
+        let first_line = doc
+            .lines()
+            .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .map_or(1, |p| p + 1);
+        let yaml_error = |e: serde_yaml::Error| {
+            let line = e.location().map_or(first_line, |l| l.line());
+            // serde_yaml appends "at line N column M" relative to the document.
+            let message = e.to_string();
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_string();
+            ManifestError::Invalid {
+                at: at(line),
+                message,
+            }
+        };
+        let value: serde_yaml::Value = match serde_yaml::from_str(&doc) {
+            Ok(v) => v,
+            Err(e) => {
+                loaded.errors.push(yaml_error(e));
+                continue;
+            }
+        };
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let (api_version, kind) = (field("apiVersion"), field("kind"));
+        if !value.is_mapping() {
+            loaded.errors.push(ManifestError::Invalid {
+                at: at(first_line),
+                message: "expected a Kubernetes object (a mapping with apiVersion and kind)".into(),
+            });
+            continue;
+        }
+        let group = api_version.split('/').next().unwrap_or("");
+        if kind != KIND || group != GROUP {
+            let shown = if kind.is_empty() { "no kind" } else { kind };
+            loaded.notes.push(format!(
+                "{}: skipped {shown} ({}), not a {API_VERSION} {KIND}",
+                at(first_line),
+                if api_version.is_empty() {
+                    "no apiVersion"
+                } else {
+                    api_version
+                }
+            ));
+            continue;
+        }
+        if api_version != API_VERSION {
+            loaded.errors.push(ManifestError::Invalid {
+                at: at(line_of(&doc, "apiVersion").unwrap_or(first_line)),
+                message: format!("apiVersion {api_version} is not served; use {API_VERSION}"),
+            });
+            continue;
+        }
+        let document: Document = match serde_yaml::from_str(&doc) {
+            Ok(d) => d,
+            Err(e) => {
+                loaded.errors.push(yaml_error(e));
+                continue;
+            }
+        };
+        let mut problems = Vec::new();
+        let name = document.metadata.name.unwrap_or_default();
+        if !is_dns_label(&name, 253) {
+            problems.push((
+                line_of(&doc, "metadata").unwrap_or(first_line),
+                format!("metadata.name {name:?} must be a lowercase DNS name (a-z, 0-9, '-', '.'), at most 253 characters"),
+            ));
+        }
+        let namespace = document
+            .metadata
+            .namespace
+            .unwrap_or_else(|| "default".into());
+        if !is_dns_label(&namespace, 63) || namespace.contains('.') {
+            problems.push((
+                line_of(&doc, "namespace").unwrap_or(first_line),
+                format!("metadata.namespace {namespace:?} must be a DNS label"),
+            ));
+        }
+        let spec = document.spec;
+        if !(0..=MAX_COUNT).contains(&spec.count) {
+            problems.push((
+                line_of(&doc, "count").unwrap_or(first_line),
+                format!("spec.count {} is outside 0..={MAX_COUNT}", spec.count),
+            ));
+        }
+        for (field, value) in [
+            ("organization", &spec.organization),
+            ("product", &spec.product),
+        ] {
+            if value.trim().is_empty() || value.len() > 253 {
+                problems.push((
+                    line_of(&doc, field).unwrap_or(first_line),
+                    format!("spec.{field} must be 1 to 253 characters"),
+                ));
+            }
+        }
+        if problems.is_empty() {
+            loaded.manifests.push(Manifest {
+                source: at(first_line),
+                name,
+                namespace,
+                annotations: document.metadata.annotations,
+                spec,
+            });
+        }
+        for (line, message) in problems {
+            loaded.errors.push(ManifestError::Invalid {
+                at: at(line),
+                message,
+            });
+        }
+    }
+}
+
+/// The document line (1-based) of the first `key:`.
+fn line_of(doc: &str, key: &str) -> Option<usize> {
+    doc.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|p| p + 1)
+}
+
+fn is_dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn check_duplicates(loaded: &mut Loaded) {
+    let mut by_target: HashMap<(String, String), Source> = HashMap::new();
+    let mut by_name: HashMap<String, Source> = HashMap::new();
+    let mut keep = Vec::with_capacity(loaded.manifests.len());
+    for m in std::mem::take(&mut loaded.manifests) {
+        let target = (m.spec.organization.clone(), m.spec.product.clone());
+        if let Some(first) = by_target.get(&target) {
+            loaded.errors.push(ManifestError::Duplicate {
+                at: m.source.clone(),
+                first: first.clone(),
+                key: format!("organization {} product {}", target.0, target.1),
+            });
+            continue;
+        }
+        if let Some(first) = by_name.get(&m.resource()) {
+            loaded.errors.push(ManifestError::Duplicate {
+                at: m.source.clone(),
+                first: first.clone(),
+                key: format!("DedicatedLicense {}", m.resource()),
+            });
+            continue;
+        }
+        by_target.insert(target, m.source.clone());
+        by_name.insert(m.resource(), m.source.clone());
+        keep.push(m);
+    }
+    loaded.manifests = keep;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Loaded {
+        let mut loaded = Loaded::default();
+        parse_file(Path::new("m.yaml"), text, &mut loaded);
+        check_duplicates(&mut loaded);
+        loaded
+    }
+
+    fn errors(l: &Loaded) -> Vec<String> {
+        l.errors.iter().map(ToString::to_string).collect()
+    }
+
+    const GOOD: &str = "apiVersion: licensor.dev/v1alpha1
+kind: DedicatedLicense
+metadata: {name: qa, namespace: licenses}
+spec:
+  organization: qa-team
+  product: TestOps
+  count: 5
+";
+
+    #[test]
+    fn multi_document_files_keep_their_line_numbers() {
+        let text = format!(
+            "# leading comment\n---\n{GOOD}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\n---\n{}",
+            GOOD.replace("qa-team", "dev-team")
+                .replace("name: qa", "name: dev")
+        );
+        let l = parse(&text);
+        assert!(l.errors.is_empty(), "{:?}", errors(&l));
+        assert_eq!(l.manifests.len(), 2);
+        assert_eq!(l.manifests[0].source.line, 3);
+        assert_eq!(l.manifests[1].source.line, 15);
+        assert_eq!(
+            l.notes,
+            vec!["m.yaml:11: skipped ConfigMap (v1), not a licensor.dev/v1alpha1 DedicatedLicense"]
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let l = parse(&GOOD.replace("  count: 5\n", "  count: 5\n  colour: red\n"));
+        let e = errors(&l);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("m.yaml:8: "), "{e:?}");
+        assert!(e[0].contains("unknown field `colour`"), "{e:?}");
+    }
+
+    #[test]
+    fn negative_string_and_huge_counts_are_errors_on_the_count_line() {
+        for (count, expect) in [
+            ("-1", "outside 0..=1000000"),
+            ("\"5\"", "invalid type: string \"5\""),
+            ("10000000", "outside 0..=1000000"),
+        ] {
+            let l = parse(&GOOD.replace("count: 5", &format!("count: {count}")));
+            let e = errors(&l);
+            assert_eq!(e.len(), 1, "{count}: {e:?}");
+            assert!(e[0].starts_with("m.yaml:7: "), "{count}: {e:?}");
+            assert!(e[0].contains(expect), "{count}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_yaml_points_at_the_line() {
+        let l = parse(&GOOD.replace("  product: TestOps", "  product: [TestOps"));
+        let e = errors(&l);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("m.yaml:"), "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_organization_and_product_is_an_error() {
+        let l = parse(&format!(
+            "{GOOD}---\n{}",
+            GOOD.replace("name: qa", "name: qa2")
+        ));
+        let e = errors(&l);
+        assert_eq!(
+            e,
+            vec![
+                "m.yaml:9: organization qa-team product TestOps is declared twice; the first is at m.yaml:1"
+            ]
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! Desired state + observed backend snapshot -> [`Plan`], pure.
+//!
+//! The whole desired set is validated together on a [`Ledger`] copy of the
+//! snapshot, in the order apply will write: decreases, then revokes and
+//! prunes, then creates and increases. So freed seats are counted before
+//! claims, and moving seats between organizations in a full pool plans (and
+//! applies) cleanly. Every change carries its action, outcome, refusal reason,
+//! rehomed/displaced seats and a unified diff (backend -> desired); the plan
+//! carries the projected pools. The CLI prints it; the operator builds status
+//! from it; neither decides anything on its own.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use similar::TextDiff;
+
+use crate::domain::{
+    Action, Allocation, AllocationWrite, Effect, Ledger, PoolView, Reason, Refusal, Role, Snapshot,
+    Target,
+};
+
+/// What one resource asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// `namespace/name`.
+    pub resource: String,
+    pub organization: String,
+    pub product: String,
+    pub count: i64,
+    pub allow_user_displacement: bool,
+    /// `<instance>/<namespace>/<name>`.
+    pub managed_by: String,
+    /// Why this resource must not be written (Observe, paused), if so.
+    pub hold: Option<String>,
+}
+
+/// How a change ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Planned,
+    Applied,
+    Refused,
+    Failed,
+    Unchanged,
+}
+
+/// One resource's change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    pub resource: String,
+    pub organization: String,
+    pub product: String,
+    pub from: i64,
+    pub to: i64,
+    pub action: Action,
+    pub outcome: Outcome,
+    pub reason: Option<Reason>,
+    pub message: String,
+    pub rehomed: i64,
+    pub displaced: i64,
+    pub diff: String,
+    /// The write apply sends, for planned changes.
+    #[serde(skip)]
+    pub write: Option<AllocationWrite>,
+}
+
+/// What to plan.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Revoke allocations this instance manages that no desired names.
+    pub prune: bool,
+    /// Instance part of `managedBy`, selecting what prune may touch.
+    pub instance: String,
+    pub role: Role,
+}
+
+/// The planned changes, in apply order, and the pools before and after.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// Projected pools after the plan (after apply: as observed).
+    pub pools: Vec<PoolView>,
+    #[serde(skip)]
+    pub pools_before: Vec<PoolView>,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        self.changes.iter().any(|c| c.outcome == Outcome::Planned)
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.changes
+            .iter()
+            .any(|c| matches!(c.outcome, Outcome::Refused | Outcome::Failed))
+    }
+}
+
+/// Plans `desired` against `snapshot`. See the module contract.
+pub fn plan(desired: &[Desired], snapshot: &Snapshot, opts: &Options) -> Plan {
+    let mut ledger = Ledger::from(snapshot.clone());
+    let pools_before: Vec<PoolView> = ledger.pools.values().map(PoolView::from).collect();
+
+    let mut steps: Vec<Step> = desired
+        .iter()
+        .map(|d| Step::from_desired(d, &ledger))
+        .collect();
+    if opts.prune {
+        let named: HashSet<(&str, &str)> = desired
+            .iter()
+            .map(|d| (d.organization.as_str(), d.product.as_str()))
+            .collect();
+        let prefix = format!("{}/", opts.instance);
+        for a in ledger.allocations.values() {
+            let Some(owner) = a.managed_by.as_deref() else {
+                continue;
+            };
+            if owner.starts_with(&prefix)
+                && !named.contains(&(a.organization.as_str(), a.product.as_str()))
+            {
+                steps.push(Step::prune(a, &owner[prefix.len()..]));
+            }
+        }
+    }
+    steps.sort_by(|a, b| {
+        (a.phase(), &a.resource, &a.write.organization).cmp(&(
+            b.phase(),
+            &b.resource,
+            &b.write.organization,
+        ))
+    });
+
+    let changes = steps
+        .into_iter()
+        .map(|step| step.decide(&mut ledger, opts.role))
+        .collect();
+    Plan {
+        changes,
+        pools: ledger.pools.values().map(PoolView::from).collect(),
+        pools_before,
+    }
+}
+
+/// One resource on its way through the planner.
+struct Step {
+    resource: String,
+    write: AllocationWrite,
+    current: Option<Allocation>,
+    action: Action,
+    hold: Option<String>,
+}
+
+impl Step {
+    fn from_desired(d: &Desired, ledger: &Ledger) -> Step {
+        let current = ledger.allocation(&d.organization, &d.product).cloned();
+        let write = AllocationWrite {
+            organization: d.organization.clone(),
+            product: d.product.clone(),
+            target: Target::Count(d.count),
+            managed_by: Some(d.managed_by.clone()),
+            allow_user_displacement: d.allow_user_displacement,
+            expected_version: Some(current.as_ref().map_or(0, |a| a.version)),
+            idempotency_key: None,
+        };
+        Step::new(d.resource.clone(), write, current, d.hold.clone())
+    }
+
+    fn prune(a: &Allocation, resource: &str) -> Step {
+        let write = AllocationWrite {
+            organization: a.organization.clone(),
+            product: a.product.clone(),
+            target: Target::Remove,
+            managed_by: a.managed_by.clone(),
+            allow_user_displacement: false,
+            expected_version: Some(a.version),
+            idempotency_key: None,
+        };
+        Step::new(resource.to_string(), write, Some(a.clone()), None)
+    }
+
+    fn new(
+        resource: String,
+        mut write: AllocationWrite,
+        current: Option<Allocation>,
+        hold: Option<String>,
+    ) -> Step {
+        let from = current.as_ref().map_or(0, |a| a.dedicated);
+        let action = Action::classify(current.is_some(), from, write.target);
+        write.idempotency_key = Some(write.intent_key(write.expected_version.unwrap_or(0)));
+        Step {
+            resource,
+            write,
+            current,
+            action,
+            hold,
+        }
+    }
+
+    /// Frees first (decreases, then revokes, whose rehoming needs room),
+    /// then claims, then what needs nothing.
+    fn phase(&self) -> u8 {
+        match self.action {
+            Action::Decrease => 0,
+            Action::Revoke | Action::Orphan => 1,
+            Action::Create | Action::Increase => 2,
+            Action::None => 3,
+        }
+    }
+
+    fn decide(self, ledger: &mut Ledger, role: Role) -> Change {
+        let from = self.current.as_ref().map_or(0, |a| a.dedicated);
+        let mut change = Change {
+            resource: self.resource.clone(),
+            organization: self.write.organization.clone(),
+            product: self.write.product.clone(),
+            from,
+            to: self.write.target.count(),
+            action: self.action,
+            outcome: Outcome::Unchanged,
+            reason: None,
+            message: String::new(),
+            rehomed: 0,
+            displaced: 0,
+            diff: String::new(),
+            write: None,
+        };
+        if let Some(hold) = &self.hold {
+            change.message = format!("not written: {hold}");
+            change.diff = self.diff(None);
+            return change;
+        }
+        match ledger.apply(role, &self.write.request()) {
+            Ok(effect) if effect.is_noop() => {
+                change.message = "in sync".into();
+            }
+            Ok(effect) => {
+                let free_before = ledger
+                    .pools
+                    .get(&self.write.product)
+                    .map_or(0, |p| p.free() - (effect.from - effect.to) + effect.rehomed);
+                change.outcome = Outcome::Planned;
+                change.message = describe(&effect, &self.write.product, free_before);
+                change.rehomed = effect.rehomed;
+                change.displaced = effect.displaced;
+                change.diff = self.diff(Some(&effect));
+                change.write = Some(self.write);
+            }
+            Err(refusal) => {
+                change.outcome = Outcome::Refused;
+                change.diff = self.diff(None);
+                refuse(&mut change, refusal);
+            }
+        }
+        change
+    }
+
+    /// Unified diff from the backend's allocation to the desired one.
+    fn diff(&self, effect: Option<&Effect>) -> String {
+        let before = self.current.as_ref().map(|a| {
+            render(
+                &a.organization,
+                &a.product,
+                a.dedicated,
+                a.in_use,
+                a.managed_by.as_deref(),
+            )
+        });
+        let after = match self.write.target {
+            Target::Remove => None,
+            Target::Count(to) => {
+                let in_use = effect.map_or_else(
+                    || self.current.as_ref().map_or(0, |a| a.in_use),
+                    |e| e.in_use,
+                );
+                Some(render(
+                    &self.write.organization,
+                    &self.write.product,
+                    to,
+                    in_use,
+                    self.write.managed_by.as_deref(),
+                ))
+            }
+        };
+        unified_diff(
+            before.as_deref().unwrap_or(""),
+            after.as_deref().unwrap_or(""),
+            &format!("backend/{}/{}", self.write.organization, self.write.product),
+            &format!("desired/{}", self.resource),
+        )
+    }
+}
+
+/// Records a refusal on a change.
+pub fn refuse(change: &mut Change, refusal: Refusal) {
+    change.outcome = Outcome::Refused;
+    change.reason = Some(refusal.reason);
+    change.message = refusal.message;
+}
+
+fn render(org: &str, product: &str, dedicated: i64, in_use: i64, owner: Option<&str>) -> String {
+    format!(
+        "organization: {org}\nproduct: {product}\ndedicated: {dedicated}\ninUse: {in_use}\nmanagedBy: {}\n",
+        owner.unwrap_or("(unmanaged)")
+    )
+}
+
+/// A unified diff with the given headers; empty when the texts are equal.
+pub fn unified_diff(before: &str, after: &str, from: &str, to: &str) -> String {
+    if before == after {
+        return String::new();
+    }
+    TextDiff::from_lines(before, after)
+        .unified_diff()
+        .context_radius(10)
+        .header(from, to)
+        .to_string()
+}
+
+/// What an accepted change does, in words.
+pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
+    let seats = |n: i64| if n == 1 { "seat" } else { "seats" };
+    let adopt = if e.adopted {
+        "; adopts the unmanaged allocation"
+    } else {
+        ""
+    };
+    let body = match e.action {
+        Action::Create | Action::Increase => format!(
+            "{} {} -> {}: takes {} of {free_before} free {product} {}",
+            e.action.as_str(),
+            e.from,
+            e.to,
+            e.to - e.from,
+            seats(free_before)
+        ),
+        Action::Decrease => format!(
+            "decrease {} -> {}: frees {} {product} {}",
+            e.from,
+            e.to,
+            e.from - e.to,
+            seats(e.from - e.to)
+        ),
+        Action::Revoke => {
+            let mut s = format!(
+                "revoke {}: frees {} {product} {}",
+                e.from,
+                e.from,
+                seats(e.from)
+            );
+            if e.rehomed > 0 {
+                s.push_str(&format!(
+                    "; {} in-use {} move to the account pool",
+                    e.rehomed,
+                    seats(e.rehomed)
+                ));
+            }
+            if e.displaced > 0 {
+                s.push_str(&format!(
+                    "; {} {} displaced (allowed by allowUserDisplacement)",
+                    e.displaced,
+                    if e.displaced == 1 {
+                        "user is"
+                    } else {
+                        "users are"
+                    }
+                ));
+            }
+            s
+        }
+        Action::Orphan => "releases ownership; the allocation stays".to_string(),
+        Action::None => "no count change".to_string(),
+    };
+    format!("{body}{adopt}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Pool;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn want(name: &str, org: &str, count: i64) -> Desired {
+        Desired {
+            resource: format!("licenses/{name}"),
+            organization: org.into(),
+            product: "TestOps".into(),
+            count,
+            allow_user_displacement: false,
+            managed_by: format!("default/licenses/{name}"),
+            hold: None,
+        }
+    }
+
+    fn opts() -> Options {
+        Options {
+            prune: false,
+            instance: "default".into(),
+            role: Role::AccountAdmin,
+        }
+    }
+
+    const FULL_POOL: &str = "
+pools: [{product: TestOps, total: 20, dedicated: 20, sharedInUse: 0}]
+organizations: [a, b]
+allocations:
+  - {organization: a, product: TestOps, dedicated: 15, inUse: 0, managedBy: default/licenses/a, version: 1}
+  - {organization: b, product: TestOps, dedicated: 5, inUse: 0, managedBy: default/licenses/b, version: 1}
+";
+
+    #[test]
+    fn moving_seats_in_a_full_pool_frees_before_it_claims() {
+        let p = plan(
+            &[want("b", "b", 15), want("a", "a", 5)],
+            &snapshot(FULL_POOL),
+            &opts(),
+        );
+        let order: Vec<_> = p.changes.iter().map(|c| (c.action, c.outcome)).collect();
+        assert_eq!(
+            order,
+            vec![
+                (Action::Decrease, Outcome::Planned),
+                (Action::Increase, Outcome::Planned)
+            ]
+        );
+        assert_eq!(p.pools[0].free, 0);
+    }
+
+    #[test]
+    fn claim_beyond_the_pool_is_refused_with_the_numbers() {
+        let p = plan(&[want("b", "b", 6)], &snapshot(FULL_POOL), &opts());
+        let c = &p.changes[0];
+        assert_eq!(
+            (c.outcome, c.reason),
+            (Outcome::Refused, Some(Reason::InsufficientPool))
+        );
+        assert!(
+            c.message
+                .contains("requested 1 more TestOps seats but only 0 are free")
+        );
+        assert!(
+            c.diff.contains("-dedicated: 5\n+dedicated: 6"),
+            "{}",
+            c.diff
+        );
+    }
+
+    #[test]
+    fn prune_revokes_only_what_this_instance_manages() {
+        let mut s = snapshot(FULL_POOL);
+        s.allocations[1].managed_by = Some("other/licenses/b".into());
+        let p = plan(
+            &[],
+            &s,
+            &Options {
+                prune: true,
+                ..opts()
+            },
+        );
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].resource, "licenses/a");
+        assert_eq!(p.changes[0].action, Action::Revoke);
+        assert_eq!(p.pools[0].free, 15);
+    }
+
+    #[test]
+    fn held_resources_are_reported_not_written() {
+        let mut d = want("a", "a", 3);
+        d.hold = Some("managementPolicy is Observe".into());
+        let p = plan(&[d], &snapshot(FULL_POOL), &opts());
+        assert_eq!(p.changes[0].outcome, Outcome::Unchanged);
+        assert!(p.changes[0].write.is_none());
+        assert!(!p.has_changes());
+        assert_eq!(p.pools, p.pools_before);
+    }
+
+    #[test]
+    fn in_sync_resource_is_unchanged_with_no_diff() {
+        let p = plan(&[want("a", "a", 15)], &snapshot(FULL_POOL), &opts());
+        assert_eq!(p.changes[0].outcome, Outcome::Unchanged);
+        assert!(p.changes[0].diff.is_empty());
+    }
+
+    #[test]
+    fn pool_view_spells_out_free() {
+        let v = PoolView::from(&Pool {
+            product: "X".into(),
+            total: 10,
+            dedicated: 12,
+            shared_in_use: 1,
+        });
+        assert_eq!(v.free, -3);
+    }
+}

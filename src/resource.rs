@@ -1,0 +1,203 @@
+//! The `DedicatedLicense` custom resource (DESIGN §3).
+//!
+//! The Rust type is the source of truth: `licensor crd` prints the CRD
+//! generated from it, and a test fails when `crds/` is stale. Doc comments on
+//! fields become the schema's descriptions that `kubectl explain` shows.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::MAX_COUNT;
+
+/// API group of every licensor resource.
+pub const GROUP: &str = "licensor.dev";
+/// `apiVersion` of the resource.
+pub const API_VERSION: &str = "licensor.dev/v1alpha1";
+/// Kind of the resource.
+pub const KIND: &str = "DedicatedLicense";
+/// Annotation that stops writes while set to "true".
+pub const PAUSED_ANNOTATION: &str = "licensor.dev/paused";
+/// Finalizer that guarantees a revoke is never lost.
+pub const FINALIZER: &str = "licensor.dev/cleanup";
+/// Instance name used in `managedBy` when none is configured.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+/// A fixed number of licenses of one product dedicated to one organization.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "licensor.dev",
+    version = "v1alpha1",
+    kind = "DedicatedLicense",
+    namespaced,
+    status = "DedicatedLicenseStatus",
+    shortname = "dl",
+    category = "licensor",
+    doc = "A fixed number of licenses of one product, dedicated to one organization of the license account.",
+    printcolumn(name = "Org", type_ = "string", json_path = ".spec.organization"),
+    printcolumn(name = "Product", type_ = "string", json_path = ".spec.product"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.count"),
+    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated"),
+    printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DedicatedLicenseSpec {
+    /// Organization id in the license account that receives the licenses.
+    /// Must already exist in the account. Immutable: to move licenses to
+    /// another organization, create another DedicatedLicense.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("organization is immutable; create another DedicatedLicense for another organization"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub organization: String,
+
+    /// Product whose pool the licenses come from, for example TestOps.
+    /// Pools are per product and never mix. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("product is immutable; create another DedicatedLicense for another product"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub product: String,
+
+    /// Desired number of dedicated licenses, 0 to 1000000. Raising takes
+    /// seats from the account pool's free seats; lowering may not go below
+    /// the seats in use; 0 revokes all of them, in-use seats included.
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub count: i64,
+
+    /// Consent to a revoke that would leave users without a license, which
+    /// only happens when the account pool is over-committed.
+    #[serde(default)]
+    pub allow_user_displacement: bool,
+
+    /// What deleting this object does to the allocation: Revoke (the
+    /// default) gives the licenses back to the pool; Orphan leaves them
+    /// with the organization and releases ownership.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Manage (the default) writes the allocation; Observe only reports on it
+    /// and never writes or adopts.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
+}
+
+/// What deleting a DedicatedLicense does to its allocation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Revoke,
+    Orphan,
+}
+
+/// Whether licensor writes the allocation or only reports on it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ManagementPolicy {
+    #[default]
+    Manage,
+    Observe,
+}
+
+/// What the operator observed and did, last time it looked.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DedicatedLicenseStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, Reconciling and Stalled, following kstatus.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+
+    /// Dedicated licenses the backend holds for this organization now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<i64>,
+
+    /// Seats of this allocation that users have claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<i64>,
+
+    /// The product's pool as of this object's last change or refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStatus>,
+
+    /// Unified diff from the backend to the desired state, when they differ
+    /// or for the last change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+
+    /// The last change applied to the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<LastChange>,
+
+    /// Recent failures, newest first, at most 5.
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+}
+
+/// A product's pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Licenses purchased.
+    pub total: i64,
+    /// Sum of all organizations' dedicated licenses.
+    pub dedicated: i64,
+    /// Seats claimed straight from the account pool.
+    pub shared_in_use: i64,
+    /// total - dedicated - sharedInUse; negative when over-committed.
+    pub free: i64,
+}
+
+/// One change applied to the backend.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastChange {
+    /// When it was applied (RFC 3339).
+    pub time: String,
+    /// Dedicated licenses before.
+    pub from: i64,
+    /// Dedicated licenses after.
+    pub to: i64,
+    /// In-use seats moved to the account pool by a revoke.
+    pub rehomed: i64,
+    /// In-use seats left without a license by a revoke.
+    pub displaced: i64,
+}
+
+/// A failure to reach the desired state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    /// When this failure was first seen (RFC 3339).
+    pub since: String,
+    /// CamelCase reason, for example InsufficientPool.
+    pub reason: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// The CRD as the YAML committed in `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&DedicatedLicense::crd())
+}
+
+/// `managedBy` of a resource: `<instance>/<namespace>/<name>`.
+pub fn managed_by(instance: &str, namespace: &str, name: &str) -> String {
+    format!("{instance}/{namespace}/{name}")
+}
+
+const _: () = assert!(MAX_COUNT == 1_000_000, "keep the schema bound in step");
