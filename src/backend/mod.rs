@@ -76,7 +76,7 @@ pub struct AuditEntry {
     pub id: i64,
     pub time: String,
     pub actor: String,
-    /// create, increase, decrease, revoke, none (adoption), claim, release, total, seed.
+    /// create, increase, decrease, revoke, adopt, orphan, claim, release, total, seed.
     pub action: String,
     pub organization: Option<String>,
     pub product: Option<String>,

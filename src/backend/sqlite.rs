@@ -429,11 +429,15 @@ impl Store {
                     })
                 }
             };
+            let action = match effect.action {
+                Action::None if effect.adopted => "adopt",
+                other => other.as_str(),
+            };
             audit(
                 tx,
                 account,
                 who,
-                effect.action.as_str(),
+                action,
                 Some((&w.organization, &w.product)),
                 (effect.from, effect.to),
                 (effect.rehomed, effect.displaced),

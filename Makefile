@@ -1,0 +1,31 @@
+# licensor: the two commands of the README, and the checks CI runs.
+CARGO ?= cargo
+BIN := target/release/licensor
+
+.PHONY: demo test check bench crd
+
+## Seed the example account into the embedded store (licensor.db) and apply
+## the example manifests, printing the plan, the outcome and the pools.
+demo:
+	$(CARGO) build --release --quiet
+	$(BIN) backend seed -f examples/account.yaml
+	$(BIN) plan -f examples/licenses; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 2 ]
+	$(BIN) apply -f examples/licenses
+	$(BIN) status
+
+## Every test: unit, property and end-to-end.
+test:
+	$(CARGO) test --locked
+
+## Formatting, lints, and the committed CRD.
+check:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## Regenerate crds/ from the Rust type.
+crd:
+	$(CARGO) run --quiet -- crd > crds/dedicatedlicenses.licensor.dev.yaml
+
+## The scale benchmark (10,000 manifests, 10,000 allocations).
+bench:
+	$(CARGO) bench --locked --bench scale

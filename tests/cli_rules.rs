@@ -1,0 +1,399 @@
+//! Every rule of DESIGN §1 through the CLI on the embedded store, with the
+//! documented numbers, asserting exit codes, JSON output and backend state.
+
+mod common;
+
+use common::{Account, DOCUMENTED, change, only_change};
+
+#[test]
+fn documented_scenario_raise_lower_and_revoke() {
+    let acct = Account::seeded(DOCUMENTED);
+    assert_eq!(acct.pool("TestOps"), (200, 5, 0, 195));
+
+    // Raise 5 -> 10 takes 5 of the remaining 195.
+    let m = acct.license("qa", "qa-team", "TestOps", 10, "");
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 0, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!(
+        (c["action"].as_str(), c["outcome"].as_str()),
+        (Some("increase"), Some("applied"))
+    );
+    assert_eq!((c["from"].as_i64(), c["to"].as_i64()), (Some(5), Some(10)));
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((10, 4)));
+    assert_eq!(acct.pool("TestOps"), (200, 10, 0, 190));
+
+    // Lower 10 -> 3 with 4 in use is refused, and nothing changes.
+    let before = acct.rows();
+    let m = acct.license("qa", "qa-team", "TestOps", 3, "");
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 1, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["outcome"], "refused");
+    assert_eq!(c["reason"], "BelowInUse");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("4 seats are in use"),
+        "{c}"
+    );
+    assert_eq!(acct.rows(), before);
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((10, 4)));
+
+    // Lower to 4 (= in use) works and frees 6.
+    let m = acct.license("qa", "qa-team", "TestOps", 4, "");
+    assert_eq!(acct.apply(&m).code, 0);
+    assert_eq!(acct.pool("TestOps"), (200, 4, 0, 196));
+
+    // 0 revokes everything and rehomes the 4 in-use seats to the pool.
+    let m = acct.license("qa", "qa-team", "TestOps", 0, "");
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 0, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["action"], "revoke");
+    assert_eq!(
+        (c["rehomed"].as_i64(), c["displaced"].as_i64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((0, 0)));
+    assert_eq!(acct.pool("TestOps"), (200, 0, 4, 196));
+
+    // R11: each change is in the audit log with its numbers and manager.
+    let audit = acct.audit();
+    let revoke = audit.last().unwrap();
+    assert_eq!(revoke["action"], "revoke");
+    assert_eq!(
+        (revoke["from"].as_i64(), revoke["to"].as_i64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(revoke["rehomed"], 4);
+    assert_eq!(revoke["displaced"], 0);
+    assert_eq!(revoke["organization"], "qa-team");
+    assert_eq!(revoke["product"], "TestOps");
+    assert_eq!(revoke["manager"], "default/licenses/qa");
+    assert_eq!(revoke["actor"], "local");
+    assert!(
+        revoke["idempotencyKey"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty())
+    );
+    assert!(revoke["time"].as_str().is_some_and(|t| t.starts_with("20")));
+    let actions: Vec<_> = audit
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["seed", "increase", "decrease", "revoke"]);
+}
+
+#[test]
+fn over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 5, "");
+    assert_eq!(acct.apply(&m).code, 0);
+
+    // A contract shrink below what is handed out (R9).
+    let run = acct.run(&["backend", "total", "--product", "TestOps", "--total", "3"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("OverCommitted"), "{}", run.stdout);
+    assert_eq!(acct.pool("TestOps"), (3, 5, 0, -2));
+    let plan = acct.run(&["plan", "-f", m.to_str().unwrap()]);
+    assert!(plan.stdout.contains("OverCommitted"), "{}", plan.stdout);
+
+    let before = acct.rows();
+    let m = acct.license("qa", "qa-team", "TestOps", 6, "");
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 1);
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["reason"], "InsufficientPool");
+    assert!(
+        c["message"].as_str().unwrap().contains("only -2 are free"),
+        "{c}"
+    );
+    assert_eq!(acct.rows(), before);
+
+    let m = acct.license("qa", "qa-team", "TestOps", 4, "");
+    assert_eq!(acct.apply(&m).code, 0);
+    assert_eq!(acct.pool("TestOps"), (3, 4, 0, -1));
+
+    // free -1 + dedicated 4 = room for 3 of the 4 users: 1 would be displaced.
+    let before = acct.rows();
+    let m = acct.license("qa", "qa-team", "TestOps", 0, "");
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 1);
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["reason"], "WouldDisplaceUsers");
+    assert!(
+        c["message"].as_str().unwrap().contains("1 of its 4 users"),
+        "{c}"
+    );
+    assert_eq!(acct.rows(), before);
+
+    let m = acct.license(
+        "qa",
+        "qa-team",
+        "TestOps",
+        0,
+        "  allowUserDisplacement: true\n",
+    );
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 0, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!(
+        (c["rehomed"].as_i64(), c["displaced"].as_i64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(acct.pool("TestOps"), (3, 0, 3, 0));
+}
+
+#[test]
+fn only_the_account_admin_may_write() {
+    let mut acct = Account::seeded(DOCUMENTED);
+    let viewer = acct.run(&["token", "create", "--role", "Viewer", "--name", "auditor"]);
+    assert_eq!(viewer.code, 0, "{viewer:?}");
+    let viewer = viewer.stdout.trim().to_string();
+    let admin = acct.run(&["token", "create", "--role", "AccountAdmin", "--name", "ci"]);
+    let admin = admin.stdout.trim().to_string();
+    let m = acct.license("qa", "qa-team", "TestOps", 10, "");
+
+    acct.env = vec![("LICENSOR_TOKEN".into(), viewer.clone())];
+    let before = acct.rows();
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 1);
+    assert_eq!(only_change(&run.json())["reason"], "Forbidden");
+    assert!(!run.stdout.contains(&viewer) && !run.stderr.contains(&viewer));
+    assert_eq!(acct.rows(), before);
+    // Reading is allowed.
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
+
+    acct.env = vec![("LICENSOR_TOKEN".into(), "lsr_not-a-token".into())];
+    let run = acct.apply(&m);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("unauthorized") || run.stdout.contains("Forbidden"),
+        "{run:?}"
+    );
+    assert_eq!(acct.rows(), before);
+
+    acct.env = vec![("LICENSOR_TOKEN".into(), admin.clone())];
+    assert_eq!(acct.apply(&m).code, 0);
+    let last = acct.audit().last().unwrap().clone();
+    assert_eq!(last["actor"], "token:ci");
+    assert!(!acct.rows().contains(&admin), "tokens are stored hashed");
+}
+
+#[test]
+fn unknown_product_and_unknown_organization_are_refused() {
+    let acct = Account::seeded(DOCUMENTED);
+    let before = acct.rows();
+    for (org, product, reason) in [
+        ("qa-team", "Studio", "UnknownProduct"),
+        ("ghost-team", "TestOps", "UnknownOrganization"),
+    ] {
+        let m = acct.license("x", org, product, 1, "");
+        let plan = acct.plan(&m);
+        assert_eq!(plan.code, 1, "{plan:?}");
+        assert_eq!(only_change(&plan.json())["reason"], reason);
+        let run = acct.apply(&m);
+        assert_eq!(run.code, 1);
+        assert_eq!(only_change(&run.json())["reason"], reason);
+    }
+    assert_eq!(acct.rows(), before);
+}
+
+#[test]
+fn a_second_manager_is_a_conflict_naming_the_owner() {
+    let acct = Account::seeded(DOCUMENTED);
+    let first = acct.license("qa", "qa-team", "TestOps", 6, "");
+    assert_eq!(acct.apply(&first).code, 0);
+    std::fs::remove_file(&first).unwrap();
+
+    let before = acct.rows();
+    let second = acct.license("qa-again", "qa-team", "TestOps", 7, "");
+    let run = acct.apply(&second);
+    assert_eq!(run.code, 1);
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["reason"], "Conflict");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("default/licenses/qa"),
+        "{c}"
+    );
+
+    // The same manifest from another instance is another manager too.
+    let first = acct.license("qa", "qa-team", "TestOps", 7, "");
+    let run = acct.run(&[
+        "--instance",
+        "staging",
+        "apply",
+        "-f",
+        first.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(run.code, 1);
+    assert_eq!(only_change(&run.json())["reason"], "Conflict");
+    assert_eq!(acct.rows(), before);
+}
+
+#[test]
+fn concurrent_applies_never_over_commit_the_pool() {
+    let orgs: String = (0..10).map(|i| format!("  - id: org-{i}\n")).collect();
+    let acct = Account::seeded(&format!(
+        "account: acme\nproducts:\n  - {{name: TestOps, total: 35}}\norganizations:\n{orgs}"
+    ));
+    let files: Vec<_> = (0..10)
+        .map(|i| acct.license(&format!("l{i}"), &format!("org-{i}"), "TestOps", 10, ""))
+        .collect();
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = files.iter().map(|f| s.spawn(|| acct.apply(f))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = runs.iter().filter(|r| r.code == 0).count();
+    assert_eq!(ok, 3, "exactly 3 x 10 seats fit in 35");
+    for r in runs.iter().filter(|r| r.code != 0) {
+        assert_eq!(
+            only_change(&r.json())["reason"],
+            "InsufficientPool",
+            "{r:?}"
+        );
+    }
+    assert_eq!(acct.pool("TestOps"), (35, 30, 0, 5));
+}
+
+#[test]
+fn moving_seats_between_organizations_in_a_full_pool_applies_cleanly() {
+    let acct = Account::seeded(
+        "account: acme
+products: [{name: TestOps, total: 20}]
+organizations:
+  - {id: a, allocations: [{product: TestOps, dedicated: 15, inUse: 2}]}
+  - {id: b, allocations: [{product: TestOps, dedicated: 5}]}
+",
+    );
+    acct.license("b", "b", "TestOps", 15, "");
+    acct.license("a", "a", "TestOps", 5, "");
+    let dir = acct.path("manifests");
+    let plan = acct.plan(&dir);
+    assert_eq!(plan.code, 2, "{plan:?}");
+    let run = acct.apply(&dir);
+    assert_eq!(run.code, 0, "{run:?}");
+    let order: Vec<_> = run.json()["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["decrease", "increase"]);
+    assert_eq!(acct.allocation("a", "TestOps"), Some((5, 2)));
+    assert_eq!(acct.allocation("b", "TestOps"), Some((15, 0)));
+    assert_eq!(acct.pool("TestOps"), (20, 20, 0, 0));
+}
+
+#[test]
+fn one_refusal_does_not_stop_the_other_resources() {
+    let acct = Account::seeded(DOCUMENTED);
+    acct.license("qa", "qa-team", "TestOps", 2, "");
+    acct.license("dev", "dev-team", "TestOps", 50, "");
+    let run = acct.apply(&acct.path("manifests"));
+    assert_eq!(run.code, 1);
+    let doc = run.json();
+    let outcomes: Vec<_> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["resource"].as_str().unwrap().to_string(),
+                c["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        outcomes.contains(&("licenses/qa".into(), "refused".into())),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&("licenses/dev".into(), "applied".into())),
+        "{outcomes:?}"
+    );
+    assert_eq!(acct.allocation("dev-team", "TestOps"), Some((50, 0)));
+}
+
+#[test]
+fn prune_revokes_allocations_no_manifest_names_any_more() {
+    let acct = Account::seeded(DOCUMENTED);
+    let qa = acct.license("qa", "qa-team", "TestOps", 5, "");
+    acct.license("dev", "dev-team", "TestOps", 7, "");
+    assert_eq!(acct.apply(&acct.path("manifests")).code, 0);
+    std::fs::remove_file(acct.path("manifests/dev.yaml")).unwrap();
+
+    // Without --prune, an allocation that lost its manifest stays.
+    assert_eq!(acct.plan(&qa).code, 0);
+    let run = acct.run(&["plan", "--prune", "-f", qa.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    let doc = run.json();
+    assert_eq!(change(&doc, "licenses/dev")["action"], "revoke");
+    assert_eq!(change(&doc, "licenses/qa")["outcome"], "unchanged");
+    let run = acct.run(&["apply", "--prune", "-f", qa.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.allocation("dev-team", "TestOps"), None);
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
+}
+
+#[test]
+fn seats_claims_respect_the_dedicated_count() {
+    let acct = Account::seeded(DOCUMENTED);
+    let run = acct.run(&[
+        "backend",
+        "claim",
+        "--org",
+        "qa-team",
+        "--product",
+        "TestOps",
+        "--count",
+        "1",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let before = acct.rows();
+    let run = acct.run(&[
+        "backend",
+        "claim",
+        "--org",
+        "qa-team",
+        "--product",
+        "TestOps",
+        "--count",
+        "1",
+    ]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("InsufficientPool"), "{run:?}");
+    assert_eq!(acct.rows(), before);
+    let run = acct.run(&[
+        "backend",
+        "release",
+        "--org",
+        "qa-team",
+        "--product",
+        "TestOps",
+        "--count",
+        "5",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 0)));
+    // An organization without an allocation claims from the shared pool.
+    let run = acct.run(&[
+        "backend",
+        "claim",
+        "--org",
+        "dev-team",
+        "--product",
+        "TestOps",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.pool("TestOps"), (200, 5, 3, 192));
+}

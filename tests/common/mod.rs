@@ -1,0 +1,225 @@
+//! A license account in a temporary directory, driven through the real
+//! `licensor` binary, as a user would.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.
+pub const DOCUMENTED: &str = "
+account: acme
+products:
+  - {name: TestOps, total: 200}
+organizations:
+  - id: qa-team
+    allocations:
+      - {product: TestOps, dedicated: 5, inUse: 4}
+  - id: dev-team
+";
+
+/// What one run of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!("stdout is not JSON ({e}): {}\n{}", self.stdout, self.stderr)
+        })
+    }
+}
+
+pub struct Account {
+    pub dir: tempfile::TempDir,
+    pub backend: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Account {
+    /// A new embedded store seeded with `fixture`.
+    pub fn seeded(fixture: &str) -> Account {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = format!("sqlite:{}", dir.path().join("licensor.db").display());
+        let account = Account {
+            dir,
+            backend,
+            env: Vec::new(),
+        };
+        let path = account.write("account.yaml", fixture);
+        let run = account.run(&["backend", "seed", "-f", path.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "seed failed: {run:?}");
+        account
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        PathBuf::from(self.backend.strip_prefix("sqlite:").unwrap())
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Writes one DedicatedLicense manifest to `<name>.yaml`.
+    pub fn license(
+        &self,
+        name: &str,
+        org: &str,
+        product: &str,
+        count: i64,
+        extra: &str,
+    ) -> PathBuf {
+        self.write(
+            &format!("manifests/{name}.yaml"),
+            &license_yaml(name, org, product, count, extra),
+        )
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(["--backend", &self.backend])
+            .args(args)
+            .env_remove("LICENSOR_TOKEN")
+            .env_remove("LICENSOR_ACCOUNT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run licensor");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn apply(&self, file: &Path) -> Run {
+        self.run(&["apply", "-f", file.to_str().unwrap(), "-o", "json"])
+    }
+
+    pub fn plan(&self, file: &Path) -> Run {
+        self.run(&["plan", "-f", file.to_str().unwrap(), "-o", "json"])
+    }
+
+    pub fn status(&self) -> Value {
+        let run = self.run(&["status", "-o", "json"]);
+        assert_eq!(run.code, 0, "status failed: {run:?}");
+        run.json()
+    }
+
+    /// `(dedicated, inUse)` of one allocation, if it exists.
+    pub fn allocation(&self, org: &str, product: &str) -> Option<(i64, i64)> {
+        let status = self.status();
+        status["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|a| {
+                (a["organization"] == org && a["product"] == product).then(|| {
+                    (
+                        a["dedicated"].as_i64().unwrap(),
+                        a["inUse"].as_i64().unwrap(),
+                    )
+                })
+            })
+    }
+
+    /// `(total, dedicated, sharedInUse, free)` of one pool.
+    pub fn pool(&self, product: &str) -> (i64, i64, i64, i64) {
+        let status = self.status();
+        let p = status["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["product"] == product)
+            .unwrap_or_else(|| panic!("no pool {product}"))
+            .clone();
+        let n = |k: &str| p[k].as_i64().unwrap();
+        (n("total"), n("dedicated"), n("sharedInUse"), n("free"))
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        let run = self.run(&["backend", "audit", "-o", "json"]);
+        assert_eq!(run.code, 0, "audit failed: {run:?}");
+        run.json().as_array().unwrap().clone()
+    }
+
+    /// Every row of every table, for "nothing changed" assertions.
+    pub fn rows(&self) -> String {
+        let conn = rusqlite::Connection::open(self.db()).unwrap();
+        let mut tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        tables.sort();
+        let mut out = String::new();
+        for t in tables {
+            let mut stmt = conn
+                .prepare(&format!("SELECT * FROM {t} ORDER BY rowid"))
+                .unwrap();
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            r.get::<_, rusqlite::types::Value>(i)
+                                .map(|v| format!("{v:?}"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .unwrap();
+            for row in rows {
+                out.push_str(&format!("{t}: {}\n", row.unwrap().join(" | ")));
+            }
+        }
+        out
+    }
+}
+
+pub fn license_yaml(name: &str, org: &str, product: &str, count: i64, extra: &str) -> String {
+    format!(
+        "apiVersion: licensor.dev/v1alpha1
+kind: DedicatedLicense
+metadata:
+  name: {name}
+  namespace: licenses
+spec:
+  organization: {org}
+  product: {product}
+  count: {count}
+{extra}"
+    )
+}
+
+/// The only change of a plan/apply JSON document.
+pub fn only_change(doc: &Value) -> &Value {
+    let changes = doc["changes"].as_array().expect("changes");
+    assert_eq!(changes.len(), 1, "{doc:#}");
+    &changes[0]
+}
+
+/// The change for one resource (`namespace/name`) of a plan/apply JSON document.
+pub fn change<'a>(doc: &'a Value, resource: &str) -> &'a Value {
+    doc["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .find(|c| c["resource"] == resource)
+        .unwrap_or_else(|| panic!("no change for {resource}: {doc:#}"))
+}
