@@ -1,0 +1,316 @@
+//! What `plan`, `validate` and friends print and exit with, and how bad
+//! input is refused: a clear error with file and line, exit 1, nothing written.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Account, DOCUMENTED, license_yaml, only_change};
+
+#[test]
+fn plan_exit_codes_are_0_unchanged_2_changes_1_refused() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 8, "");
+    let run = acct.plan(&m);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(
+        acct.allocation("qa-team", "TestOps"),
+        Some((5, 4)),
+        "plan writes nothing"
+    );
+
+    assert_eq!(acct.apply(&m).code, 0);
+    let run = acct.plan(&m);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(only_change(&run.json())["outcome"], "unchanged");
+
+    let m = acct.license("qa", "qa-team", "TestOps", 1, "");
+    assert_eq!(acct.plan(&m).code, 1);
+}
+
+#[test]
+fn plan_json_has_the_documented_shape() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 10, "");
+    let doc = acct.plan(&m).json();
+    let keys = |v: &serde_json::Value| -> BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(keys(&doc), ["changes", "pools"].map(String::from).into());
+    let c = only_change(&doc);
+    assert_eq!(
+        keys(c),
+        [
+            "resource",
+            "organization",
+            "product",
+            "from",
+            "to",
+            "action",
+            "outcome",
+            "reason",
+            "message",
+            "rehomed",
+            "displaced",
+            "diff"
+        ]
+        .map(String::from)
+        .into()
+    );
+    assert_eq!(c["resource"], "licenses/qa");
+    assert_eq!(c["outcome"], "planned");
+    assert!(c["reason"].is_null());
+    assert!(
+        c["diff"]
+            .as_str()
+            .unwrap()
+            .contains("-dedicated: 5\n+dedicated: 10\n"),
+        "{c}"
+    );
+    let pool = &doc["pools"][0];
+    assert_eq!(
+        keys(pool),
+        ["product", "total", "dedicated", "sharedInUse", "free"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(
+        (pool["dedicated"].as_i64(), pool["free"].as_i64()),
+        (Some(10), Some(190))
+    );
+}
+
+#[test]
+fn markdown_plan_is_a_pull_request_comment_with_a_table_and_diffs() {
+    let acct = Account::seeded(DOCUMENTED);
+    acct.license("qa", "qa-team", "TestOps", 10, "");
+    acct.license("dev", "dev-team", "TestOps", 500, "");
+    let run = acct.run(&[
+        "plan",
+        "-f",
+        acct.path("manifests").to_str().unwrap(),
+        "-o",
+        "markdown",
+    ]);
+    assert_eq!(run.code, 1, "one change is refused: {run:?}");
+    let md = run.stdout;
+    assert!(
+        md.starts_with("### licensor plan: 1 to change, 1 refused"),
+        "{md}"
+    );
+    assert!(md.contains("| | Resource | Organization | Product | From | To | Action | Outcome | Reason | Message |"), "{md}");
+    assert!(md.contains("| `licenses/dev` | dev-team | TestOps | 0 | 500 | create | refused | `InsufficientPool` |"), "{md}");
+    assert!(
+        md.contains("```diff\n--- backend/qa-team/TestOps\n+++ desired/licenses/qa\n"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| TestOps | 200 | 5 → 10 | 0 | 195 → 190 |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn text_plan_shows_the_diff_and_pool_impact() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 10, "");
+    let run = acct.run(&["plan", "-f", m.to_str().unwrap()]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stdout
+            .contains("increase 5 -> 10: takes 5 of 195 free TestOps seats"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("    -dedicated: 5\n    +dedicated: 10\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("free      195 -> 190"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Bad manifests: each gives exit 1 from validate, plan and apply, an error
+/// naming the file and line, and leaves the store as it was.
+#[test]
+fn bad_manifests_are_errors_with_file_and_line_and_write_nothing() {
+    let acct = Account::seeded(DOCUMENTED);
+    let good = license_yaml("qa", "qa-team", "TestOps", 10, "");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "malformed",
+            good.replace("  product: TestOps", "  product: [TestOps"),
+            "bad.yaml:9: did not find expected ',' or ']'",
+        ),
+        (
+            "unknown field",
+            format!("{good}  colour: red\n"),
+            "bad.yaml:10: spec: unknown field `colour`",
+        ),
+        (
+            "negative count",
+            good.replace("count: 10", "count: -1"),
+            "bad.yaml:9: spec.count -1 is outside 0..=1000000",
+        ),
+        (
+            "string count",
+            good.replace("count: 10", "count: \"5\""),
+            "bad.yaml:9: spec.count: invalid type: string \"5\"",
+        ),
+        (
+            "huge count",
+            good.replace("count: 10", "count: 10000000"),
+            "bad.yaml:9: spec.count 10000000 is outside 0..=1000000",
+        ),
+        (
+            "missing organization",
+            good.replace("  organization: qa-team\n", ""),
+            "bad.yaml:7: spec: missing field `organization`",
+        ),
+        (
+            "duplicate",
+            format!("{good}---\n{}", good.replace("name: qa", "name: qa2")),
+            "bad.yaml:11: organization qa-team product TestOps is declared twice; the first is at",
+        ),
+        (
+            "wrong apiVersion",
+            good.replace("v1alpha1", "v9"),
+            "bad.yaml:1: apiVersion licensor.dev/v9 is not served",
+        ),
+    ];
+    let before = acct.rows();
+    for (what, text, expected) in cases {
+        let file = acct.write("bad.yaml", &text);
+        let file = file.to_str().unwrap();
+        for cmd in [
+            vec!["validate", "-f", file],
+            vec!["plan", "-f", file],
+            vec!["apply", "-f", file],
+        ] {
+            let run = acct.run(&cmd);
+            assert_eq!(run.code, 1, "{what} {cmd:?}: {run:?}");
+            assert!(
+                run.stderr.contains(expected),
+                "{what} {cmd:?}: expected {expected:?} in\n{}",
+                run.stderr
+            );
+            assert!(
+                run.stderr.contains("nothing was changed"),
+                "{what}: {}",
+                run.stderr
+            );
+        }
+    }
+    assert_eq!(acct.rows(), before);
+}
+
+#[test]
+fn an_empty_directory_is_an_error() {
+    let acct = Account::seeded(DOCUMENTED);
+    std::fs::create_dir_all(acct.path("empty")).unwrap();
+    let before = acct.rows();
+    let run = acct.run(&["apply", "-f", acct.path("empty").to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("directory holds no .yaml or .yml files"),
+        "{run:?}"
+    );
+    let only_other_kinds = acct.write(
+        "other/ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+    );
+    let run = acct.run(&["plan", "-f", only_other_kinds.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("note: "), "{run:?}");
+    assert!(
+        run.stderr.contains("no DedicatedLicense manifests found"),
+        "{run:?}"
+    );
+    assert_eq!(acct.rows(), before);
+}
+
+#[test]
+fn validate_reads_directories_recursively_and_skips_other_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("team/qa")).unwrap();
+    std::fs::write(
+        dir.path().join("team/qa/l.yaml"),
+        license_yaml("qa", "qa-team", "TestOps", 1, ""),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("team/more.yml"),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\n---\n{}",
+            license_yaml("b", "b", "TestOps", 1, "")
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("README.md"), "not yaml").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args(["validate", "-f"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2 DedicatedLicense manifests valid\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more.yml:1: skipped ConfigMap"));
+}
+
+#[test]
+fn a_bad_fixture_or_unreachable_store_is_an_error_and_writes_nothing() {
+    let acct = Account::seeded(DOCUMENTED);
+    let before = acct.rows();
+    let bad = acct.write(
+        "bad-account.yaml",
+        "account: acme\nproducts: [{name: TestOps, total: 10}]\norganizations:\n  - {id: a, allocations: [{product: TestOps, dedicated: 2, inUse: 3}]}\n",
+    );
+    let run = acct.run(&["backend", "seed", "-f", bad.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("need 0 <= inUse <= dedicated"),
+        "{run:?}"
+    );
+    assert_eq!(acct.rows(), before);
+
+    let m = acct.license("qa", "qa-team", "TestOps", 10, "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args([
+            "--backend",
+            "sqlite:/nonexistent/dir/licensor.db",
+            "apply",
+            "-f",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir/licensor.db"));
+}
+
+#[test]
+fn the_committed_crd_is_current() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/dedicatedlicenses.licensor.dev.yaml"
+    ))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "crds/ is stale: run `make crd` and commit the result"
+    );
+}

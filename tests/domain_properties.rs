@@ -1,0 +1,202 @@
+//! Property tests of the rules: random sequences of operations on the
+//! in-memory ledger, and the same sequences on a real SQLite file.
+
+use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::{BackendError, Fixture};
+use licensor::domain::{
+    AllocationWrite, Ledger, Pool, Request, Role, SeatChange, Snapshot, Target,
+};
+use proptest::prelude::*;
+
+const ORGS: [&str; 4] = ["a", "b", "c", "d"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set {
+        org: usize,
+        count: i64,
+        allow: bool,
+        manager: usize,
+        role: Role,
+    },
+    Remove {
+        org: usize,
+        manager: usize,
+    },
+    Total(i64),
+    Claim {
+        org: usize,
+        n: i64,
+    },
+    Release {
+        org: usize,
+        n: i64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let role = prop_oneof![9 => Just(Role::AccountAdmin), 1 => Just(Role::Viewer)];
+    prop_oneof![
+        6 => (0..4usize, 0..40i64, any::<bool>(), 0..2usize, role)
+            .prop_map(|(org, count, allow, manager, role)| Op::Set { org, count, allow, manager, role }),
+        1 => (0..4usize, 0..2usize).prop_map(|(org, manager)| Op::Remove { org, manager }),
+        1 => (0..80i64).prop_map(Op::Total),
+        2 => (0..4usize, 1..10i64).prop_map(|(org, n)| Op::Claim { org, n }),
+        1 => (0..4usize, 1..10i64).prop_map(|(org, n)| Op::Release { org, n }),
+    ]
+}
+
+fn managers(i: usize) -> &'static str {
+    ["default/licenses/x", "default/licenses/y"][i]
+}
+
+fn start() -> Ledger {
+    Ledger::new(
+        [Pool {
+            product: "TestOps".into(),
+            total: 50,
+            dedicated: 0,
+            shared_in_use: 0,
+        }],
+        ORGS.iter().map(|o| o.to_string()),
+        [],
+    )
+}
+
+/// Applies an op to the ledger; `Ok(grew)` says whether it claimed seats.
+fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
+    let pool = |l: &Ledger| l.pools["TestOps"].clone();
+    let before = pool(ledger);
+    let r = match op {
+        Op::Set {
+            org,
+            count,
+            allow,
+            manager,
+            role,
+        } => ledger
+            .apply(
+                *role,
+                &Request {
+                    organization: ORGS[*org],
+                    product: "TestOps",
+                    target: Target::Count(*count),
+                    managed_by: Some(managers(*manager)),
+                    allow_user_displacement: *allow,
+                },
+            )
+            .map(|_| ()),
+        Op::Remove { org, manager } => ledger
+            .apply(
+                Role::AccountAdmin,
+                &Request {
+                    organization: ORGS[*org],
+                    product: "TestOps",
+                    target: Target::Remove,
+                    managed_by: Some(managers(*manager)),
+                    allow_user_displacement: true,
+                },
+            )
+            .map(|_| ()),
+        Op::Total(t) => ledger.set_total(Role::AccountAdmin, "TestOps", *t),
+        Op::Claim { org, n } => ledger.seats(ORGS[*org], "TestOps", SeatChange::Claim(*n)),
+        Op::Release { org, n } => ledger.seats(ORGS[*org], "TestOps", SeatChange::Release(*n)),
+    };
+    let after = pool(ledger);
+    r.map(|()| after.dedicated > before.dedicated || after.shared_in_use > before.shared_in_use)
+        .map_err(|_| ())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_accepted_claim_over_commits_and_refusals_change_nothing(ops in prop::collection::vec(op(), 1..60)) {
+        let mut ledger = start();
+        for op in &ops {
+            let before = ledger.clone();
+            match apply(&mut ledger, op) {
+                Err(()) => prop_assert_eq!(&ledger, &before, "a refused {:?} changed the ledger", op),
+                Ok(grew) => {
+                    let p = &ledger.pools["TestOps"];
+                    if grew {
+                        prop_assert!(p.dedicated + p.shared_in_use <= p.total,
+                            "{:?} over-committed the pool: {:?}", op, p);
+                    }
+                }
+            }
+            let p = &ledger.pools["TestOps"];
+            let sum: i64 = ledger.allocations.values().map(|a| a.dedicated).sum();
+            prop_assert_eq!(p.dedicated, sum);
+            prop_assert!(p.shared_in_use >= 0);
+            for a in ledger.allocations.values() {
+                prop_assert!(0 <= a.in_use && a.in_use <= a.dedicated, "{:?}", a);
+            }
+        }
+    }
+}
+
+fn store_snapshot(store: &Store) -> Snapshot {
+    store.snapshot("acme").unwrap()
+}
+
+fn ledger_snapshot(l: &Ledger) -> Snapshot {
+    Snapshot {
+        pools: l.pools.values().cloned().collect(),
+        organizations: l.organizations.iter().cloned().collect(),
+        allocations: l.allocations.values().cloned().collect(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The SQLite store decides exactly as the planner's ledger: the rules
+    /// are written once.
+    #[test]
+    fn the_sqlite_store_agrees_with_the_ledger(ops in prop::collection::vec(op(), 1..30)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("l.db")).unwrap();
+        let admin = Principal::local();
+        let fixture: Fixture = serde_yaml::from_str(
+            "account: acme\nproducts: [{name: TestOps, total: 50}]\norganizations: [{id: a}, {id: b}, {id: c}, {id: d}]\n",
+        ).unwrap();
+        store.seed(&admin, &fixture).unwrap();
+        let mut ledger = start();
+        for op in &ops {
+            let expected = apply(&mut ledger, op).is_ok();
+            let got = match op {
+                Op::Set { org, count, allow, manager, role } => store.write("acme", &Principal { actor: "t".into(), role: *role }, &AllocationWrite {
+                    organization: ORGS[*org].into(),
+                    product: "TestOps".into(),
+                    target: Target::Count(*count),
+                    managed_by: Some(managers(*manager).into()),
+                    allow_user_displacement: *allow,
+                    expected_version: None,
+                    idempotency_key: None,
+                }, false).map(|_| ()),
+                Op::Remove { org, manager } => store.write("acme", &admin, &AllocationWrite {
+                    organization: ORGS[*org].into(),
+                    product: "TestOps".into(),
+                    target: Target::Remove,
+                    managed_by: Some(managers(*manager).into()),
+                    allow_user_displacement: true,
+                    expected_version: None,
+                    idempotency_key: None,
+                }, false).map(|_| ()),
+                Op::Total(t) => store.set_total("acme", &admin, "TestOps", *t).map(|_| ()),
+                Op::Claim { org, n } => store.seats("acme", &admin, ORGS[*org], "TestOps", SeatChange::Claim(*n)),
+                Op::Release { org, n } => store.seats("acme", &admin, ORGS[*org], "TestOps", SeatChange::Release(*n)),
+            };
+            prop_assert!(!matches!(got, Err(BackendError::Unavailable(_))), "{:?}", got);
+            prop_assert_eq!(got.is_ok(), expected, "{:?}: store {:?}", op, got);
+            let mut s = store_snapshot(&store);
+            let mut l = ledger_snapshot(&ledger);
+            // Versions count writes differently (seat claims bump the store's).
+            for a in s.allocations.iter_mut().chain(l.allocations.iter_mut()) {
+                a.version = 0;
+            }
+            prop_assert_eq!(s, l);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The embedded store's own guarantees: migrations, idempotency keys,
+//! optimistic concurrency and dry runs, on a real SQLite file.
+
+use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::{BackendError, Fixture};
+use licensor::domain::{AllocationWrite, Target};
+
+fn seeded() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("l.db")).unwrap();
+    let fixture: Fixture = serde_yaml::from_str(
+        "account: acme\nproducts: [{name: TestOps, total: 200}]\norganizations:\n  - {id: qa-team, allocations: [{product: TestOps, dedicated: 5, inUse: 4}]}\n",
+    )
+    .unwrap();
+    store.seed(&Principal::local(), &fixture).unwrap();
+    (dir, store)
+}
+
+fn raise(to: i64, key: Option<&str>) -> AllocationWrite {
+    AllocationWrite {
+        organization: "qa-team".into(),
+        product: "TestOps".into(),
+        target: Target::Count(to),
+        managed_by: Some("default/licenses/qa".into()),
+        allow_user_displacement: false,
+        expected_version: None,
+        idempotency_key: key.map(String::from),
+    }
+}
+
+#[test]
+fn same_key_and_body_replays_without_writing_twice() {
+    let (_d, store) = seeded();
+    let who = Principal::local();
+    let first = store
+        .write("acme", &who, &raise(10, Some("k1")), false)
+        .unwrap();
+    assert!(!first.replayed);
+    let audit_len = store.audit("acme").unwrap().len();
+    let again = store
+        .write("acme", &who, &raise(10, Some("k1")), false)
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.effect, first.effect);
+    assert_eq!(store.audit("acme").unwrap().len(), audit_len);
+    let err = store
+        .write("acme", &who, &raise(11, Some("k1")), false)
+        .unwrap_err();
+    assert_eq!(err, BackendError::KeyReused("k1".into()));
+    assert_eq!(store.snapshot("acme").unwrap().allocations[0].dedicated, 10);
+}
+
+#[test]
+fn a_stale_expected_version_is_refused_and_writes_nothing() {
+    let (_d, store) = seeded();
+    let who = Principal::local();
+    let mut w = raise(10, None);
+    w.expected_version = Some(7);
+    let err = store.write("acme", &who, &w, false).unwrap_err();
+    assert_eq!(
+        err,
+        BackendError::Stale {
+            expected: 7,
+            actual: 1
+        }
+    );
+    w.expected_version = Some(1);
+    let ok = store.write("acme", &who, &w, false).unwrap();
+    assert_eq!(ok.allocation.unwrap().version, 2);
+}
+
+#[test]
+fn a_dry_run_answers_without_writing() {
+    let (_d, store) = seeded();
+    let before = (
+        store.snapshot("acme").unwrap(),
+        store.audit("acme").unwrap(),
+    );
+    let answer = store
+        .write("acme", &Principal::local(), &raise(10, Some("k")), true)
+        .unwrap();
+    assert_eq!(
+        (answer.effect.from, answer.effect.to, answer.pool.free),
+        (5, 10, 190)
+    );
+    assert_eq!(
+        (
+            store.snapshot("acme").unwrap(),
+            store.audit("acme").unwrap()
+        ),
+        before
+    );
+}
+
+#[test]
+fn reopening_a_migrated_file_keeps_its_data() {
+    let (dir, store) = seeded();
+    store
+        .write("acme", &Principal::local(), &raise(9, None), false)
+        .unwrap();
+    drop(store);
+    let store = Store::open(&dir.path().join("l.db")).unwrap();
+    assert_eq!(store.snapshot("acme").unwrap().allocations[0].dedicated, 9);
+}
