@@ -376,7 +376,7 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
     if to > from {
         let requested = to - from;
         if requested > free {
-            return Err(insufficient(&req.product, requested, free));
+            return Err(insufficient(req.product, requested, free));
         }
     } else if to > 0 && to < in_use {
         return Err(Refusal::new(

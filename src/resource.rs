@@ -35,26 +35,14 @@ pub const DEFAULT_INSTANCE: &str = "default";
     shortname = "dl",
     category = "licensor",
     doc = "A fixed number of licenses of one product, dedicated to one organization of the license account.",
-    printcolumn(name = "Org", type_ = "string", json_path = ".spec.organization"),
-    printcolumn(name = "Product", type_ = "string", json_path = ".spec.product"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.count"),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated"),
-    printcolumn(name = "In-Use", type_ = "integer", json_path = ".status.inUse"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Org", "type": "string", "jsonPath": ".spec.organization"}"#,
+    printcolumn = r#"{"name": "Product", "type": "string", "jsonPath": ".spec.product"}"#,
+    printcolumn = r#"{"name": "Desired", "type": "integer", "jsonPath": ".spec.count"}"#,
+    printcolumn = r#"{"name": "Allocated", "type": "integer", "jsonPath": ".status.allocated"}"#,
+    printcolumn = r#"{"name": "In-Use", "type": "integer", "jsonPath": ".status.inUse"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DedicatedLicenseSpec {

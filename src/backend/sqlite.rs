@@ -854,17 +854,17 @@ impl Backend for SqliteBackend {
     }
 
     async fn seed(&self, fixture: &Fixture) -> Result<(), BackendError> {
-        if let Some(a) = &self.account {
-            if *a != fixture.account {
-                return Err(Refusal::new(
-                    Reason::Invalid,
-                    format!(
-                        "the fixture is for account {:?}, not {a:?}",
-                        fixture.account
-                    ),
-                )
-                .into());
-            }
+        if let Some(a) = &self.account
+            && *a != fixture.account
+        {
+            return Err(Refusal::new(
+                Reason::Invalid,
+                format!(
+                    "the fixture is for account {:?}, not {a:?}",
+                    fixture.account
+                ),
+            )
+            .into());
         }
         let fixture = fixture.clone();
         let this = self.clone();
