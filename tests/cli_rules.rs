@@ -24,21 +24,8 @@ fn documented_scenario_raise_lower_and_revoke() {
     assert_eq!(acct.pool("TestOps"), (200, 10, 0, 190));
 
     // Lower 10 -> 3 with 4 in use is refused, and nothing changes.
-    let before = acct.rows();
     let m = acct.license("qa", "qa-team", "TestOps", 3, "");
-    let run = acct.apply(&m);
-    assert_eq!(run.code, 1, "{run:?}");
-    let c = only_change(&run.json()).clone();
-    assert_eq!(c["outcome"], "refused");
-    assert_eq!(c["reason"], "BelowInUse");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("4 seats are in use"),
-        "{c}"
-    );
-    assert_eq!(acct.rows(), before);
+    acct.assert_refused(&m, "BelowInUse", "4 seats are in use");
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((10, 4)));
 
     // Lower to 4 (= in use) works and frees 6.
@@ -100,34 +87,16 @@ fn over_committed_pool_refuses_increases_allows_decreases_and_guards_displacemen
     let plan = acct.run(&["plan", "-f", m.to_str().unwrap()]);
     assert!(plan.stdout.contains("OverCommitted"), "{}", plan.stdout);
 
-    let before = acct.rows();
     let m = acct.license("qa", "qa-team", "TestOps", 6, "");
-    let run = acct.apply(&m);
-    assert_eq!(run.code, 1);
-    let c = only_change(&run.json()).clone();
-    assert_eq!(c["reason"], "InsufficientPool");
-    assert!(
-        c["message"].as_str().unwrap().contains("only -2 are free"),
-        "{c}"
-    );
-    assert_eq!(acct.rows(), before);
+    acct.assert_refused(&m, "InsufficientPool", "only -2 are free");
 
     let m = acct.license("qa", "qa-team", "TestOps", 4, "");
     assert_eq!(acct.apply(&m).code, 0);
     assert_eq!(acct.pool("TestOps"), (3, 4, 0, -1));
 
     // free -1 + dedicated 4 = room for 3 of the 4 users: 1 would be displaced.
-    let before = acct.rows();
     let m = acct.license("qa", "qa-team", "TestOps", 0, "");
-    let run = acct.apply(&m);
-    assert_eq!(run.code, 1);
-    let c = only_change(&run.json()).clone();
-    assert_eq!(c["reason"], "WouldDisplaceUsers");
-    assert!(
-        c["message"].as_str().unwrap().contains("1 of its 4 users"),
-        "{c}"
-    );
-    assert_eq!(acct.rows(), before);
+    acct.assert_refused(&m, "WouldDisplaceUsers", "1 of its 4 users");
 
     let m = acct.license(
         "qa",
@@ -208,20 +177,10 @@ fn a_second_manager_is_a_conflict_naming_the_owner() {
     assert_eq!(acct.apply(&first).code, 0);
     std::fs::remove_file(&first).unwrap();
 
-    let before = acct.rows();
     let second = acct.license("qa-again", "qa-team", "TestOps", 7, "");
-    let run = acct.apply(&second);
-    assert_eq!(run.code, 1);
-    let c = only_change(&run.json()).clone();
-    assert_eq!(c["reason"], "Conflict");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("default/licenses/qa"),
-        "{c}"
-    );
+    acct.assert_refused(&second, "Conflict", "managed by default/licenses/qa");
 
+    let before = acct.rows();
     // The same manifest from another instance is another manager too.
     let first = acct.license("qa", "qa-team", "TestOps", 7, "");
     let run = acct.run(&[

@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
 use crate::backend::sqlite::SqliteBackend;
+use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
 use crate::resource::{ManagementPolicy, PAUSED_ANNOTATION, managed_by};
@@ -74,7 +75,7 @@ pub enum Command {
     /// Show what apply would change (exit 0 no change, 2 changes, 1 error or refusal).
     Plan(plan_cmd::PlanArgs),
     /// Apply manifests; each resource independently, frees before claims.
-    Apply(plan_cmd::ApplyArgs),
+    Apply(plan_cmd::PlanArgs),
     /// Show pools and allocations.
     Status(status::StatusArgs),
     /// Work on the backend directly: seed, seats, totals, audit.
@@ -171,6 +172,13 @@ pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>, String> {
         "backend {:?} is neither sqlite:PATH nor an http(s):// URL",
         g.backend
     ))
+}
+
+/// Opens the backend and reads its snapshot.
+pub async fn observe(g: &Global) -> Result<(Box<dyn Backend>, Snapshot), String> {
+    let backend = open_backend(g)?;
+    let snapshot = backend.snapshot().await.map_err(|e| e.to_string())?;
+    Ok((backend, snapshot))
 }
 
 /// Loads manifests, printing notes and errors; `None` when invalid.

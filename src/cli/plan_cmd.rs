@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::render::{self, Mode};
-use super::{CHANGES, FAILED, Files, Format, Global, OK, desired, load_manifests, open_backend};
+use super::{CHANGES, FAILED, Files, Format, Global, OK, desired, load_manifests, observe};
 use crate::apply::execute;
 use crate::domain::Role;
 use crate::plan::{Options, Plan, plan as make_plan};
@@ -15,19 +15,7 @@ pub struct PlanArgs {
     /// Also revoke allocations this instance manages that no manifest names.
     #[arg(long)]
     pub prune: bool,
-    /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
-    pub output: Format,
-}
-
-#[derive(Args, Debug)]
-pub struct ApplyArgs {
-    #[command(flatten)]
-    pub files: Files,
-    /// Also revoke allocations this instance manages that no manifest names.
-    #[arg(long)]
-    pub prune: bool,
-    /// Output format (text or json).
+    /// Output format (apply: text or json).
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: Format,
 }
@@ -39,20 +27,7 @@ async fn prepare(
     prune: bool,
 ) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
     let manifests = load_manifests(files)?;
-    let backend = match open_backend(g) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return None;
-        }
-    };
-    let snapshot = match backend.snapshot().await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return None;
-        }
-    };
+    let (backend, snapshot) = observe(g).await.map_err(|e| eprintln!("error: {e}")).ok()?;
     let desired: Vec<_> = manifests.iter().map(|m| desired(m, &g.instance)).collect();
     let opts = Options {
         prune,
@@ -78,7 +53,7 @@ pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
     }
 }
 
-pub async fn apply(g: &Global, args: &ApplyArgs) -> u8 {
+pub async fn apply(g: &Global, args: &PlanArgs) -> u8 {
     if args.output == Format::Markdown {
         eprintln!(
             "error: apply prints text or json; use `licensor plan -o markdown` for a pull-request comment"

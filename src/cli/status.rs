@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::render::status_text;
-use super::{FAILED, Format, Global, OK, open_backend};
+use super::{FAILED, Format, Global, OK, observe};
 use crate::domain::PoolView;
 
 #[derive(Args, Debug)]
@@ -14,15 +14,8 @@ pub struct StatusArgs {
 }
 
 pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
-    let backend = match open_backend(g) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return FAILED;
-        }
-    };
-    let snapshot = match backend.snapshot().await {
-        Ok(s) => s,
+    let (backend, snapshot) = match observe(g).await {
+        Ok(observed) => observed,
         Err(e) => {
             eprintln!("error: {e}");
             return FAILED;

@@ -110,6 +110,24 @@ impl Account {
         self.run(&["apply", "-f", file.to_str().unwrap(), "-o", "json"])
     }
 
+    /// Applies `file` and asserts that its one change is refused for
+    /// `reason` with `fragment` in the message, and that no row changed.
+    pub fn assert_refused(&self, file: &Path, reason: &str, fragment: &str) {
+        let before = self.rows();
+        let run = self.apply(file);
+        assert_eq!(run.code, 1, "{run:?}");
+        let doc = run.json();
+        let c = only_change(&doc);
+        assert_eq!(c["outcome"], "refused", "{c}");
+        assert_eq!(c["reason"], reason, "{c}");
+        let message = c["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(fragment),
+            "expected {fragment:?} in {message:?}"
+        );
+        assert_eq!(self.rows(), before, "a refused change wrote something");
+    }
+
     pub fn plan(&self, file: &Path) -> Run {
         self.run(&["plan", "-f", file.to_str().unwrap(), "-o", "json"])
     }
