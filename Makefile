@@ -13,9 +13,10 @@ demo:
 	$(BIN) apply -f examples/licenses
 	$(BIN) status
 
-## Every test: unit, property and end-to-end.
+## Every test: unit, property and end-to-end, including a real kube-apiserver
+## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS).
 test:
-	$(CARGO) test --locked
+	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) test --locked
 
 ## Formatting, lints, and the committed CRD.
 check:

@@ -1,0 +1,206 @@
+//! A real Kubernetes control plane for tests: etcd and kube-apiserver on free
+//! loopback ports, RBAC authorization, a bearer-token admin, a kubeconfig, and
+//! the CRDs of `crds/` installed. Binaries come from `KUBEBUILDER_ASSETS` or
+//! from `tests/controlplane/build.sh`, which builds them from pinned Go
+//! modules once. Everything is torn down on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub bin: PathBuf,
+    children: Vec<Child>,
+}
+
+/// What one kubectl run did.
+#[derive(Debug)]
+pub struct Kubectl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn assets() -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/controlplane/build.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run tests/controlplane/build.sh");
+    assert!(out.status.success(), "tests/controlplane/build.sh failed");
+    let dir = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        dir.lines()
+            .last()
+            .expect("build.sh prints the directory")
+            .trim(),
+    )
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("log file");
+    Command::new(bin)
+        .args(args)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()))
+}
+
+impl ControlPlane {
+    pub fn start() -> ControlPlane {
+        let bin = assets();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let key = rcgen::KeyPair::generate().expect("service account key");
+        std::fs::write(d.join("sa.key"), key.serialize_pem()).expect("write key");
+        std::fs::write(d.join("sa.pub"), key.public_key_pem()).expect("write public key");
+        std::fs::write(
+            d.join("tokens.csv"),
+            "licensor-admin-token,admin,admin,system:masters\n",
+        )
+        .expect("write tokens");
+
+        let (client, peer, secure) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client}");
+        let etcd = spawn(
+            &bin.join("etcd"),
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
+                "--unsafe-no-fsync=true".into(),
+            ],
+            &d.join("etcd.log"),
+        );
+        let sa = d.join("sa.key").display().to_string();
+        let apiserver = spawn(
+            &bin.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={secure}"),
+                format!("--cert-dir={}", d.join("certs").display()),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", d.join("sa.pub").display()),
+                format!("--service-account-signing-key-file={sa}"),
+                format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                "--authorization-mode=RBAC".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--disable-admission-plugins=ServiceAccount".into(),
+            ],
+            &d.join("apiserver.log"),
+        );
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1
+kind: Config
+clusters: [{{name: test, cluster: {{server: \"https://127.0.0.1:{secure}\", insecure-skip-tls-verify: true}}}}]
+users: [{{name: admin, user: {{token: licensor-admin-token}}}}]
+contexts: [{{name: test, context: {{cluster: test, user: admin, namespace: default}}}}]
+current-context: test
+"
+            ),
+        )
+        .expect("write kubeconfig");
+        let cp = ControlPlane {
+            dir,
+            kubeconfig,
+            bin,
+            children: vec![etcd, apiserver],
+        };
+        cp.wait_ready();
+        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
+        cp.ok(&["apply", "-f", crds]);
+        cp.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/dedicatedlicenses.licensor.dev",
+        ]);
+        cp
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let r = self.kubectl(&["get", "--raw", "/readyz"]);
+            if r.code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready in 90 s: {r:?}\n{}",
+                std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Kubectl {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// Runs kubectl with `stdin` piped in (for `apply -f -`).
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("kubectl output");
+        Kubectl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs kubectl and asserts success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.kubectl(args);
+        assert_eq!(r.code, 0, "kubectl {args:?}: {r:?}");
+        r.stdout
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The generated CRD on a real kube-apiserver: it installs, its schema bounds
+//! and CEL immutability rules are enforced with readable messages, and
+//! `kubectl get dl` shows the printer columns.
+
+mod common;
+mod controlplane;
+
+use common::license_yaml;
+use controlplane::ControlPlane;
+
+#[test]
+fn the_crd_is_enforced_by_a_real_api_server() {
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/licenses");
+    cp.ok(&["apply", "-f", examples]);
+
+    let table = cp.ok(&["get", "dl", "-n", "licenses"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "ORG",
+            "PRODUCT",
+            "DESIRED",
+            "ALLOCATED",
+            "IN-USE",
+            "READY",
+            "REASON",
+            "AGE"
+        ]
+    );
+    assert!(table.contains("qa-team-testops"), "{table}");
+    let names = cp.ok(&["get", "licensor", "-n", "licenses", "-o", "name"]);
+    assert_eq!(
+        names.lines().count(),
+        4,
+        "category licensor lists them: {names}"
+    );
+
+    let patch = |p: &str| {
+        cp.kubectl(&[
+            "patch",
+            "dl",
+            "qa-team-testops",
+            "-n",
+            "licenses",
+            "--type",
+            "merge",
+            "-p",
+            p,
+        ])
+    };
+    let r = patch(r#"{"spec":{"organization":"other-team"}}"#);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("organization is immutable; create another DedicatedLicense"),
+        "{r:?}"
+    );
+    let r = patch(r#"{"spec":{"product":"Studio"}}"#);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("product is immutable"), "{r:?}");
+    let r = patch(r#"{"spec":{"count":-1}}"#);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("spec.count in body should be greater than or equal to 0"),
+        "{r:?}"
+    );
+    let r = patch(r#"{"spec":{"count":10000000}}"#);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("should be less than or equal to 1000000"),
+        "{r:?}"
+    );
+    cp.ok(&[
+        "patch",
+        "dl",
+        "qa-team-testops",
+        "-n",
+        "licenses",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"count":12}}"#,
+    ]);
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "dl",
+            "qa-team-testops",
+            "-n",
+            "licenses",
+            "-o",
+            "jsonpath={.spec.count}"
+        ]),
+        "12"
+    );
+
+    let unknown = format!(
+        "{}  colour: red\n",
+        license_yaml("x", "qa-team", "TestOps", 1, "")
+    );
+    let r = cp.kubectl_stdin(&["apply", "--validate=strict", "-f", "-"], Some(&unknown));
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("unknown field \"spec.colour\""), "{r:?}");
+
+    let explain = cp.ok(&["explain", "dl.spec.count"]);
+    assert!(
+        explain.contains("Desired number of dedicated licenses, 0 to 1000000"),
+        "{explain}"
+    );
+}
