@@ -305,54 +305,30 @@ fn prune_revokes_allocations_no_manifest_names_any_more() {
 #[test]
 fn seats_claims_respect_the_dedicated_count() {
     let acct = Account::seeded(DOCUMENTED);
-    let run = acct.run(&[
-        "backend",
-        "claim",
-        "--org",
-        "qa-team",
-        "--product",
-        "TestOps",
-        "--count",
-        "1",
-    ]);
+    let seats = |verb: &str, org: &str, n: &str| {
+        acct.run(&[
+            "backend",
+            verb,
+            "--org",
+            org,
+            "--product",
+            "TestOps",
+            "--count",
+            n,
+        ])
+    };
+    let run = seats("claim", "qa-team", "1");
     assert_eq!(run.code, 0, "{run:?}");
     let before = acct.rows();
-    let run = acct.run(&[
-        "backend",
-        "claim",
-        "--org",
-        "qa-team",
-        "--product",
-        "TestOps",
-        "--count",
-        "1",
-    ]);
+    let run = seats("claim", "qa-team", "1");
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("InsufficientPool"), "{run:?}");
     assert_eq!(acct.rows(), before);
-    let run = acct.run(&[
-        "backend",
-        "release",
-        "--org",
-        "qa-team",
-        "--product",
-        "TestOps",
-        "--count",
-        "5",
-    ]);
+    let run = seats("release", "qa-team", "5");
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 0)));
     // An organization without an allocation claims from the shared pool.
-    let run = acct.run(&[
-        "backend",
-        "claim",
-        "--org",
-        "dev-team",
-        "--product",
-        "TestOps",
-        "--count",
-        "3",
-    ]);
+    let run = seats("claim", "dev-team", "3");
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(acct.pool("TestOps"), (200, 5, 3, 192));
 }
