@@ -75,12 +75,6 @@ impl Reason {
     pub fn parse(s: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.as_str() == s)
     }
-
-    /// A person must act before this can succeed (kstatus `Stalled`), as
-    /// opposed to a condition that retrying may clear.
-    pub fn needs_a_person(self) -> bool {
-        !matches!(self, Reason::BackendUnavailable)
-    }
 }
 
 impl fmt::Display for Reason {
@@ -264,11 +258,6 @@ impl Action {
             Action::None => "none",
             Action::Orphan => "orphan",
         }
-    }
-
-    /// Frees seats (or moves none); these run before claims.
-    pub fn frees(self) -> bool {
-        matches!(self, Action::Decrease | Action::Revoke | Action::Orphan)
     }
 
     pub fn classify(existing: bool, from: i64, target: Target) -> Action {
