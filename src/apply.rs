@@ -4,7 +4,7 @@
 //! every write again, atomically, so a plan that went stale is refused there
 //! rather than applied wrongly. Afterwards the plan's pools are the backend's.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Written};
 use crate::domain::PoolView;
 use crate::plan::{Change, Outcome, Plan, refuse};
 
@@ -18,11 +18,10 @@ pub async fn execute(plan: &mut Plan, backend: &dyn Backend) -> Result<(), Backe
     Ok(())
 }
 
-/// Writes one planned change; other outcomes are left as planned.
-pub async fn apply_one(change: &mut Change, backend: &dyn Backend) {
-    let Some(write) = change.write.take() else {
-        return;
-    };
+/// Writes one planned change; other outcomes are left as planned. Returns
+/// the backend's answer when the write was accepted.
+pub async fn apply_one(change: &mut Change, backend: &dyn Backend) -> Option<Written> {
+    let write = change.write.take()?;
     match backend.write(&write).await {
         Ok(written) => {
             change.outcome = Outcome::Applied;
@@ -31,12 +30,17 @@ pub async fn apply_one(change: &mut Change, backend: &dyn Backend) {
             if written.replayed {
                 change.message.push_str(" (already applied; replayed)");
             }
+            Some(written)
         }
-        Err(BackendError::Refused(refusal)) => refuse(change, refusal),
+        Err(BackendError::Refused(refusal)) => {
+            refuse(change, refusal);
+            None
+        }
         Err(e) => {
             change.outcome = Outcome::Failed;
             change.reason = e.reason();
             change.message = e.to_string();
+            None
         }
     }
 }

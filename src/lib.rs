@@ -15,7 +15,8 @@
 //!
 //! Read top to bottom: [`manifest`] loads YAML, [`plan`] decides with the
 //! rules of [`domain`], [`apply`] writes through a [`backend::Backend`],
-//! [`cli`] reports. [`resource`] is the Kubernetes custom resource.
+//! [`cli`] reports. [`resource`] is the Kubernetes custom resource and
+//! [`operator`] the controller that reconciles it with the same planner.
 #![forbid(unsafe_code)]
 
 pub mod apply;
@@ -23,5 +24,6 @@ pub mod backend;
 pub mod cli;
 pub mod domain;
 pub mod manifest;
+pub mod operator;
 pub mod plan;
 pub mod resource;

@@ -105,7 +105,7 @@ pub fn plan(desired: &[Desired], snapshot: &Snapshot, opts: &Options) -> Plan {
 
     let mut steps: Vec<Step> = desired
         .iter()
-        .map(|d| Step::from_desired(d, &ledger))
+        .map(|d| Step::from_desired(d, Target::Count(d.count), &ledger))
         .collect();
     if opts.prune {
         let named: HashSet<(&str, &str)> = desired
@@ -143,6 +143,15 @@ pub fn plan(desired: &[Desired], snapshot: &Snapshot, opts: &Options) -> Plan {
     }
 }
 
+/// Plans removing a resource's allocation when the resource is deleted with
+/// `deletionPolicy: Revoke`. Only the resource's own allocation is touched:
+/// one managed by someone else is refused as a `Conflict`, a missing one is
+/// unchanged. R6's consent comes from the resource, as for any revoke.
+pub fn plan_removal(d: &Desired, snapshot: &Snapshot, role: Role) -> Change {
+    let mut ledger = Ledger::from(snapshot.clone());
+    Step::from_desired(d, Target::Remove, &ledger).decide(&mut ledger, role)
+}
+
 /// One resource on its way through the planner.
 struct Step {
     resource: String,
@@ -153,12 +162,12 @@ struct Step {
 }
 
 impl Step {
-    fn from_desired(d: &Desired, ledger: &Ledger) -> Step {
+    fn from_desired(d: &Desired, target: Target, ledger: &Ledger) -> Step {
         let current = ledger.allocation(&d.organization, &d.product).cloned();
         let write = AllocationWrite {
             organization: d.organization.clone(),
             product: d.product.clone(),
-            target: Target::Count(d.count),
+            target,
             managed_by: Some(d.managed_by.clone()),
             allow_user_displacement: d.allow_user_displacement,
             expected_version: Some(current.as_ref().map_or(0, |a| a.version)),

@@ -192,6 +192,18 @@ pub trait Backend: Send + Sync {
     /// Pools, organizations and allocations of the account.
     async fn snapshot(&self) -> Result<Snapshot, BackendError>;
 
+    /// The part of the snapshot one allocation is decided on: its product's
+    /// pool, its organization if it exists, and the allocation if any. The
+    /// operator reconciles one object at a time and reads only this.
+    async fn observe(&self, organization: &str, product: &str) -> Result<Snapshot, BackendError> {
+        let mut s = self.snapshot().await?;
+        s.pools.retain(|p| p.product == product);
+        s.organizations.retain(|o| o == organization);
+        s.allocations
+            .retain(|a| a.organization == organization && a.product == product);
+        Ok(s)
+    }
+
     /// Decides and applies one allocation change in one transaction.
     async fn write(&self, write: &AllocationWrite) -> Result<Written, BackendError>;
 

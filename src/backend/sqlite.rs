@@ -333,6 +333,30 @@ impl Store {
         })
     }
 
+    /// The part of the account one allocation is decided on: its product's
+    /// pool, whether its organization exists, and the allocation itself.
+    pub fn observe(
+        &self,
+        account: &str,
+        organization: &str,
+        product: &str,
+    ) -> Result<Snapshot, BackendError> {
+        let err = storage(&self.path);
+        self.with(|conn| {
+            let tx = conn.transaction().map_err(&err)?;
+            let pools = read_pool(&tx, account, product).map_err(&err)?;
+            let organizations = organization_exists(&tx, account, organization)
+                .map_err(&err)?
+                .then(|| organization.to_string());
+            let allocations = read_allocation(&tx, account, organization, product).map_err(&err)?;
+            Ok(Snapshot {
+                pools: pools.into_iter().collect(),
+                organizations: organizations.into_iter().collect(),
+                allocations: allocations.into_iter().collect(),
+            })
+        })
+    }
+
     /// Decides and applies one allocation write; with `dry_run` it answers
     /// without writing.
     pub fn write(
@@ -813,6 +837,12 @@ impl Backend for SqliteBackend {
 
     async fn snapshot(&self) -> Result<Snapshot, BackendError> {
         self.blocking(|s, account, _| s.snapshot(&account)).await
+    }
+
+    async fn observe(&self, organization: &str, product: &str) -> Result<Snapshot, BackendError> {
+        let (o, p) = (organization.to_string(), product.to_string());
+        self.blocking(move |s, account, _| s.observe(&account, &o, &p))
+            .await
     }
 
     async fn write(&self, write: &AllocationWrite) -> Result<Written, BackendError> {

@@ -3,6 +3,7 @@
 
 mod backend_cmd;
 mod crd;
+mod operator;
 mod plan_cmd;
 pub mod render;
 mod status;
@@ -84,6 +85,8 @@ pub enum Command {
     /// Manage API tokens of the embedded store.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
+    Operator(operator::OperatorArgs),
     /// Print the DedicatedLicense CustomResourceDefinition.
     Crd,
 }
@@ -126,6 +129,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Status(a) => status::run(g, &a).await,
         Command::Backend(c) => backend_cmd::run(g, c).await,
         Command::Token(c) => token::run(g, c),
+        Command::Operator(a) => operator::run(g, &a).await,
         Command::Crd => crd::run(),
     }
 }

@@ -204,3 +204,114 @@ impl Drop for ControlPlane {
         }
     }
 }
+
+impl ControlPlane {
+    /// `kubectl get ... -o json`, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}: {out}"))
+    }
+
+    /// `kubectl apply -f -` of `yaml`, asserting success.
+    pub fn apply(&self, yaml: &str) {
+        let r = self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+        assert_eq!(r.code, 0, "kubectl apply: {r:?}\n{yaml}");
+    }
+}
+
+/// Polls `probe` every 100 ms until it answers `Some`, or fails after
+/// `timeout` with `what` and the last answer's context from `context`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `licensor operator` process against a control plane.
+pub struct Operator {
+    child: Child,
+    pub log: PathBuf,
+    pub port: u16,
+}
+
+impl Operator {
+    /// Starts the operator with `backend` and extra flags; it logs to a file
+    /// in the control plane's directory named after `name`.
+    pub fn start(cp: &ControlPlane, name: &str, backend: &str, flags: &[&str]) -> Operator {
+        let port = free_port();
+        let log = cp.dir.path().join(format!("operator-{name}.log"));
+        let file = std::fs::File::create(&log).expect("operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(["--backend", backend, "operator"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(flags)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("RUST_LOG", "info,licensor=debug")
+            .env_remove("LICENSOR_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start licensor operator");
+        let op = Operator { child, log, port };
+        wait_for("the operator's /healthz", Duration::from_secs(30), || {
+            op.get("/healthz").filter(|b| b.contains("ok"))
+        });
+        op
+    }
+
+    /// The body of an HTTP GET on the operator's endpoint, if it answers.
+    pub fn get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (head, body) = out.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.0 200")
+            .then_some(())
+            .or_else(|| head.starts_with("HTTP/1.1 200").then_some(()))?;
+        Some(body.to_string())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,129 @@
+//! `licensor operator`: flags -> [`crate::operator::Config`], logging, run.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::{FAILED, Global, OK, open_backend};
+use crate::operator::reconcile::Settings;
+use crate::operator::{self, Config, Election};
+
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "LICENSOR_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How often every object is compared with the backend again, which
+    /// corrects (or, with Observe, reports) out-of-band changes.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub resync: Duration,
+    /// First retry delay after the backend failed; doubles up to --max-backoff.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backoff: Duration,
+    /// Longest retry delay after repeated backend failures.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+    /// Objects reconciled at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "LICENSOR_LISTEN")]
+    pub listen: SocketAddr,
+    /// Elect a leader on a Lease so that several replicas are safe.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, default_value = "licensor-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// How long a lease holds without renewal; a standby takes over after it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// Identity in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "LICENSOR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
+    init_logging(args.log_format);
+    if args.lease_duration < Duration::from_secs(2) {
+        eprintln!("error: --lease-duration must be at least 2s");
+        return FAILED;
+    }
+    let backend = match open_backend(g) {
+        Ok(b) => Arc::from(b),
+        Err(e) => {
+            tracing::error!("{e}");
+            return FAILED;
+        }
+    };
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let lease_secs = args.lease_duration.as_secs();
+    let config = Config {
+        namespace: args.namespace.clone(),
+        settings: Settings {
+            instance: g.instance.clone(),
+            resync: args.resync,
+            backoff_base: args.backoff,
+            backoff_cap: args.max_backoff.max(args.backoff),
+        },
+        concurrency: args.concurrency,
+        listen: args.listen,
+        election: args.leader_elect.then(|| Election {
+            lease_name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity,
+            duration: args.lease_duration,
+            // Renew when a third of the lease is left.
+            renew_before: Duration::from_secs((lease_secs / 3).max(1)),
+        }),
+    };
+    tracing::info!(
+        backend = %g.backend,
+        instance = %g.instance,
+        namespace = config.namespace.as_deref().unwrap_or("(all)"),
+        resync = ?args.resync,
+        "starting the operator"
+    );
+    match operator::run(config, backend).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            OK
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            FAILED
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "licensor".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

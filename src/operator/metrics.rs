@@ -1,0 +1,261 @@
+//! Prometheus metrics of the operator and the HTTP endpoints that serve them
+//! with the health checks: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Labels use the refusal reasons' own spelling ([`Reason::as_str`]), so a
+//! reason reads the same in status, events and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::domain::{Allocation, PoolView, Reason};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// ok, refused, retrying, error.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProductLabels {
+    pub product: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+    pub organization: String,
+    pub product: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub errors: Family<ReasonLabels, Counter>,
+    pub duration: Histogram,
+    pub pool_total: Family<ProductLabels, Gauge>,
+    pub pool_dedicated: Family<ProductLabels, Gauge>,
+    pub pool_shared_in_use: Family<ProductLabels, Gauge>,
+    pub pool_free: Family<ProductLabels, Gauge>,
+    pub desired: Family<ObjectLabels, Gauge>,
+    pub allocated: Family<ObjectLabels, Gauge>,
+    pub in_use: Family<ObjectLabels, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("licensor");
+        let m = Metrics {
+            registry: Registry::default(),
+            reconciles: Family::default(),
+            errors: Family::default(),
+            duration: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            pool_total: Family::default(),
+            pool_dedicated: Family::default(),
+            pool_shared_in_use: Family::default(),
+            pool_free: Family::default(),
+            desired: Family::default(),
+            allocated: Family::default(),
+            in_use: Family::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "reconciles",
+            "Reconcile passes by result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Passes that did not reach the desired state, by reason",
+            m.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile pass",
+            m.duration.clone(),
+        );
+        registry.register(
+            "pool_total",
+            "Licenses purchased, per product",
+            m.pool_total.clone(),
+        );
+        registry.register(
+            "pool_dedicated",
+            "Licenses dedicated to organizations, per product",
+            m.pool_dedicated.clone(),
+        );
+        registry.register(
+            "pool_shared_in_use",
+            "Seats claimed straight from the account pool, per product",
+            m.pool_shared_in_use.clone(),
+        );
+        registry.register(
+            "pool_free",
+            "Free licenses per product (negative when over-committed)",
+            m.pool_free.clone(),
+        );
+        registry.register(
+            "allocation_desired",
+            "Licenses a DedicatedLicense asks for",
+            m.desired.clone(),
+        );
+        registry.register(
+            "allocation_dedicated",
+            "Licenses the backend holds for a DedicatedLicense",
+            m.allocated.clone(),
+        );
+        registry.register(
+            "allocation_in_use",
+            "Seats in use of a DedicatedLicense's allocation",
+            m.in_use.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the leader lease",
+            m.leader.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn result(&self, result: &str) {
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn error(&self, reason: Reason) {
+        self.errors
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    pub fn pool(&self, p: &PoolView) {
+        let l = ProductLabels {
+            product: p.product.clone(),
+        };
+        self.pool_total.get_or_create(&l).set(p.total);
+        self.pool_dedicated.get_or_create(&l).set(p.dedicated);
+        self.pool_shared_in_use
+            .get_or_create(&l)
+            .set(p.shared_in_use);
+        self.pool_free.get_or_create(&l).set(p.free);
+    }
+
+    pub fn allocation(&self, labels: &ObjectLabels, desired: i64, seen: Option<&Allocation>) {
+        self.desired.get_or_create(labels).set(desired);
+        self.allocated
+            .get_or_create(labels)
+            .set(seen.map_or(0, |a| a.dedicated));
+        self.in_use
+            .get_or_create(labels)
+            .set(seen.map_or(0, |a| a.in_use));
+    }
+
+    pub fn forget(&self, labels: &ObjectLabels) {
+        self.desired.remove(labels);
+        self.allocated.remove(labels);
+        self.in_use.remove(labels);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What `/readyz` answers.
+#[derive(Default)]
+pub struct Readiness(AtomicU8);
+
+impl Readiness {
+    const STANDBY: u8 = 1;
+    const LEADING: u8 = 2;
+
+    pub fn standby(&self) {
+        self.0.store(Self::STANDBY, Ordering::Relaxed);
+    }
+
+    pub fn leading(&self) {
+        self.0.store(Self::LEADING, Ordering::Relaxed);
+    }
+
+    fn answer(&self) -> (StatusCode, &'static str) {
+        match self.0.load(Ordering::Relaxed) {
+            Self::LEADING => (StatusCode::OK, "ready: leading\n"),
+            Self::STANDBY => (StatusCode::OK, "ready: standby, waiting for the lease\n"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+/// Serves the endpoints on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Shared { metrics, readiness });
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    s.readiness.answer()
+}

@@ -1,0 +1,244 @@
+//! `licensor operator`: the Kubernetes controller for `DedicatedLicense`.
+//!
+//! Wiring only: [`reconcile`] holds the pass (observe -> plan -> apply ->
+//! status -> events), [`status`] and [`events`] decide what to report
+//! (pure), [`metrics`] serves `/metrics`, `/healthz` and `/readyz`. This
+//! module starts them: the health server first, then leader election on a
+//! `coordination.k8s.io` Lease, then the controller once this process leads.
+//! SIGTERM (or SIGINT) stops the controller gracefully and hands the lease
+//! back; losing the lease stops the process with an error, so a supervisor
+//! restarts it as a standby.
+
+pub mod events;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use kube_lease_manager::{LeaseManagerBuilder, LeaseParams};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::Backend;
+use crate::resource::{DedicatedLicense, PAUSED_ANNOTATION};
+use metrics::{Metrics, Readiness};
+use reconcile::{Context, Settings};
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Kubernetes(#[from] kube::Error),
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader lease; stopping so that a standby takes over")]
+    LostLease,
+    #[error("cannot serve /metrics and the health checks: {0}")]
+    Endpoint(#[from] std::io::Error),
+}
+
+/// Leader election settings.
+#[derive(Debug, Clone)]
+pub struct Election {
+    pub lease_name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
+    pub renew_before: Duration,
+}
+
+/// Everything the operator needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Watch one namespace, or all of them.
+    pub namespace: Option<String>,
+    pub settings: Settings,
+    /// Passes that may run at once.
+    pub concurrency: u16,
+    pub listen: SocketAddr,
+    /// `None` runs without leader election (one replica only).
+    pub election: Option<Election>,
+}
+
+/// Runs the operator until SIGTERM or an unrecoverable error.
+pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let endpoints = tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+        readiness.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(signals(stop_tx.clone()));
+
+    let result = lead_and_run(&config, client, backend, metrics, readiness, stop_rx).await;
+    let _ = stop_tx.send(true);
+    if let Ok(Err(e)) = endpoints.await {
+        return Err(e.into());
+    }
+    result
+}
+
+async fn lead_and_run(
+    config: &Config,
+    client: Client,
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let Some(election) = &config.election else {
+        readiness.leading();
+        metrics.leader.set(1);
+        return control(config, client, backend, metrics, stopped(stop)).await;
+    };
+    let params = LeaseParams::new(
+        election.identity.clone(),
+        election.duration.as_secs().max(2),
+        election
+            .renew_before
+            .as_secs()
+            .clamp(1, election.duration.as_secs().max(2) - 1),
+    );
+    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
+        .with_namespace(&election.namespace)
+        .with_parameters(params)
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    readiness.standby();
+    tracing::info!(identity = %election.identity, lease = %election.lease_name, "waiting for the leader lease");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() { return Err(Error::LostLease) },
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+    tracing::info!(identity = %election.identity, "leading");
+    readiness.leading();
+    metrics.leader.set(1);
+
+    let mut lost = leading.clone();
+    let end = {
+        let mut stop = stop.clone();
+        async move {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = async { while lost.changed().await.is_ok() && *lost.borrow() {} } => {}
+            }
+        }
+    };
+    control(config, client, backend, metrics.clone(), end).await?;
+    metrics.leader.set(0);
+    if *stop.borrow() {
+        // Hand the lease back so a standby takes over at once.
+        drop(leading);
+        let _ = lease_task.await;
+        Ok(())
+    } else {
+        Err(Error::LostLease)
+    }
+}
+
+/// The controller itself, until `end` resolves.
+async fn control(
+    config: &Config,
+    client: Client,
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    end: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    let api: Api<DedicatedLicense> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let reporter = Reporter {
+        controller: reconcile::MANAGER.into(),
+        instance: config.election.as_ref().map(|e| e.identity.clone()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<DedicatedLicense>>();
+    let ctx = Arc::new(Context::new(
+        client,
+        backend,
+        recorder,
+        metrics,
+        config.settings.clone(),
+        wake_tx,
+    ));
+
+    // Our own status writes do not bump the generation; skip them, but not
+    // what a person changes without one (pause, deletion).
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(worth_a_pass, Default::default());
+    let wakes =
+        futures::stream::unfold(
+            wake_rx,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        );
+
+    Controller::for_stream(objects, reader)
+        .with_config(controller::Config::default().concurrency(config.concurrency))
+        .reconcile_on(wakes)
+        .graceful_shutdown_on(end)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// What of an object is worth a pass when it changes.
+fn worth_a_pass(dl: &DedicatedLicense) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    predicates::generation(dl).hash(&mut h);
+    dl.annotations().get(PAUSED_ANNOTATION).hash(&mut h);
+    dl.meta().deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn signals(stop: watch::Sender<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stopping: finishing passes in flight");
+    let _ = stop.send(true);
+}

@@ -1,0 +1,621 @@
+//! One reconcile pass of one `DedicatedLicense`, in named steps:
+//! observe the backend (only this object's pool, organization and
+//! allocation) -> plan with the CLI's planner -> apply when managed and not
+//! paused -> build status (pure) -> write status only when it changed ->
+//! events. Deletion runs the same steps with the deletion policy's target and
+//! removes the finalizer only once the backend agrees, so a revoke is never
+//! lost.
+//!
+//! Requeue policy: a pass that ends in sync, held or refused comes back at the
+//! resync period (refusals do not loop); a pass the backend could not serve
+//! comes back with per-object exponential backoff, reset on success. An
+//! `InsufficientPool` refusal also registers the object under its product, and
+//! a pass that frees seats of that product wakes those objects at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::events::{self, Note};
+use super::metrics::{Metrics, ObjectLabels};
+use super::status::{self, Applied, Hold, Pass, Seen, Verdict};
+use crate::apply::apply_one;
+use crate::backend::{Backend, BackendError};
+use crate::domain::{Action, PoolView, Reason, Role, Snapshot};
+use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
+use crate::resource::{
+    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, ManagementPolicy,
+    PAUSED_ANNOTATION, managed_by,
+};
+
+/// Field manager of the operator's writes.
+pub const MANAGER: &str = "licensor-operator";
+
+/// Why a pass failed in a way the controller should retry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Talking to the Kubernetes API failed (status, finalizer).
+    #[error("kubernetes API: {0}")]
+    Kubernetes(#[from] kube::Error),
+}
+
+/// Settings of the reconciler.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub instance: String,
+    pub resync: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+/// What every pass shares.
+pub struct Context {
+    pub client: Client,
+    pub backend: Arc<dyn Backend>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Consecutive backend failures per object (`namespace/name`).
+    failures: Mutex<HashMap<String, u32>>,
+    /// Objects stalled on `InsufficientPool`, per product.
+    waiting: Mutex<HashMap<String, HashSet<ObjectRef<DedicatedLicense>>>>,
+    wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        backend: Arc<dyn Backend>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
+    ) -> Context {
+        Context {
+            client,
+            backend,
+            recorder,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+            waiting: Mutex::default(),
+            wake,
+        }
+    }
+
+    /// The delay before retrying `key` after its next failure.
+    fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        let delay = self
+            .settings
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(*n))
+            .min(self.settings.backoff_cap);
+        *n = n.saturating_add(1);
+        delay
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Remembers (or forgets) that `dl` waits for free seats of its product.
+    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: bool) {
+        let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let set = map.entry(dl.spec.product.clone()).or_default();
+        let r = ObjectRef::from_obj(dl);
+        if waiting {
+            set.insert(r);
+        } else {
+            set.remove(&r);
+        }
+    }
+
+    /// Seats of `product` were freed: re-queue everything waiting for them.
+    fn seats_freed(&self, product: &str) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(product)
+            .unwrap_or_default();
+        for r in waiting {
+            // The receiver lives as long as the controller.
+            let _ = self.wake.send(r);
+        }
+    }
+}
+
+/// The controller's entry point for one object.
+pub async fn reconcile(dl: Arc<DedicatedLicense>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    let result = if dl.meta().deletion_timestamp.is_some() {
+        finalize(&dl, &ctx).await
+    } else {
+        ensure(&dl, &ctx).await
+    };
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        ctx.metrics.result("error");
+    }
+    result
+}
+
+/// Requeue after a failed pass (the Kubernetes API refused a write).
+pub fn error_policy(dl: Arc<DedicatedLicense>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let key = key(&dl);
+    let delay = ctx.backoff(&key);
+    tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+fn key(dl: &DedicatedLicense) -> String {
+    format!("{}/{}", dl.namespace().unwrap_or_default(), dl.name_any())
+}
+
+fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
+    Api::namespaced(ctx.client.clone(), &dl.namespace().unwrap_or_default())
+}
+
+fn hold(dl: &DedicatedLicense) -> Option<Hold> {
+    if dl
+        .annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        Some(Hold::Paused)
+    } else if dl.spec.management_policy == ManagementPolicy::Observe {
+        Some(Hold::Observe)
+    } else {
+        None
+    }
+}
+
+/// What the object asks for, as the planner sees it.
+fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
+    let namespace = dl.namespace().unwrap_or_default();
+    let name = dl.name_any();
+    Desired {
+        resource: format!("{namespace}/{name}"),
+        organization: dl.spec.organization.clone(),
+        product: dl.spec.product.clone(),
+        count: dl.spec.count,
+        allow_user_displacement: dl.spec.allow_user_displacement,
+        managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
+        hold: hold(dl).map(|h| match h {
+            Hold::Paused => format!("paused by the {PAUSED_ANNOTATION} annotation"),
+            Hold::Observe => "managementPolicy is Observe".to_string(),
+        }),
+    }
+}
+
+fn labels(dl: &DedicatedLicense) -> ObjectLabels {
+    ObjectLabels {
+        namespace: dl.namespace().unwrap_or_default(),
+        name: dl.name_any(),
+        organization: dl.spec.organization.clone(),
+        product: dl.spec.product.clone(),
+    }
+}
+
+/// Brings the backend to the spec (or reports why not).
+async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
+    if dl.spec.management_policy == ManagementPolicy::Manage
+        && !dl.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        add_finalizer(dl, ctx).await?;
+    }
+    let wanted = desired(dl, ctx);
+    let snapshot = match ctx
+        .backend
+        .observe(&wanted.organization, &wanted.product)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return unavailable(dl, ctx, e, false).await,
+    };
+    let previous = dl.status.as_ref();
+    let seen_before = seen(&snapshot, &wanted);
+    let drift = match &seen_before {
+        Seen::Allocation(a) => status::drifted(previous, dl.meta().generation, a.dedicated),
+        _ => false,
+    };
+    let opts = Options {
+        prune: false,
+        instance: ctx.settings.instance.clone(),
+        role: Role::AccountAdmin,
+    };
+    let mut planned = plan(std::slice::from_ref(&wanted), &snapshot, &opts);
+    let Some(mut change) = planned.changes.pop() else {
+        return Ok(Requeue::requeue(ctx.settings.resync));
+    };
+    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    let pool_seen = pool_of(&snapshot, &wanted.product);
+
+    let (verdict, seen, pool) = match change.outcome {
+        Outcome::Applied => {
+            let written = written.as_ref();
+            let seen = match written.and_then(|w| w.allocation.clone()) {
+                Some(a) => Seen::Allocation(a),
+                None => Seen::Absent,
+            };
+            let verdict = Verdict::Applied(Applied {
+                action: change.action,
+                from: change.from,
+                to: change.to,
+                rehomed: change.rehomed,
+                displaced: change.displaced,
+                adopted: written.is_some_and(|w| w.effect.adopted),
+                drift,
+                message: change.message.clone(),
+            });
+            (verdict, seen, written.map(|w| w.pool.clone()).or(pool_seen))
+        }
+        Outcome::Refused => {
+            let reason = change.reason.unwrap_or(Reason::Invalid);
+            let message = change.message.clone();
+            (Verdict::Refused { reason, message }, seen_before, pool_seen)
+        }
+        Outcome::Failed => {
+            return failed(dl, ctx, &change, false).await;
+        }
+        Outcome::Unchanged | Outcome::Planned => {
+            let verdict = match hold(dl) {
+                Some(hold) => Verdict::Held {
+                    hold,
+                    in_sync: in_sync(&seen_before, wanted.count),
+                },
+                None => Verdict::InSync,
+            };
+            (verdict, seen_before, pool_seen)
+        }
+    };
+    let pass = Pass {
+        generation: dl.meta().generation,
+        organization: wanted.organization.clone(),
+        product: wanted.product.clone(),
+        count: wanted.count,
+        deleting: false,
+        diff: change.diff.clone(),
+        verdict,
+        seen,
+        pool,
+    };
+    report(dl, ctx, &pass).await?;
+
+    let key = key(dl);
+    ctx.succeeded(&key);
+    ctx.wait_for_seats(
+        dl,
+        matches!(
+            pass.verdict,
+            Verdict::Refused {
+                reason: Reason::InsufficientPool,
+                ..
+            }
+        ),
+    );
+    if let Verdict::Applied(a) = &pass.verdict
+        && frees(a)
+    {
+        ctx.seats_freed(&wanted.product);
+    }
+    if let Some(p) = &pass.pool {
+        ctx.metrics.pool(p);
+    }
+    let allocation = match &pass.seen {
+        Seen::Allocation(a) => Some(a),
+        _ => None,
+    };
+    ctx.metrics
+        .allocation(&labels(dl), wanted.count, allocation);
+    ctx.metrics.result(match pass.verdict {
+        Verdict::Refused { reason, .. } => {
+            ctx.metrics.error(reason);
+            "refused"
+        }
+        _ => "ok",
+    });
+    tracing::debug!(object = %key, verdict = ?pass.verdict, "reconciled");
+    Ok(Requeue::requeue(ctx.settings.resync))
+}
+
+/// Runs the deletion policy; the finalizer goes only when it is done.
+async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
+    if !dl.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Requeue::await_change());
+    }
+    let wanted = desired(dl, ctx);
+    ctx.wait_for_seats(dl, false);
+    match hold(dl) {
+        Some(Hold::Observe) => return remove_finalizer(dl, ctx).await,
+        Some(Hold::Paused) => {
+            let pass = Pass {
+                generation: dl.meta().generation,
+                organization: wanted.organization.clone(),
+                product: wanted.product.clone(),
+                count: wanted.count,
+                deleting: true,
+                verdict: Verdict::Held {
+                    hold: Hold::Paused,
+                    in_sync: false,
+                },
+                seen: Seen::Unknown,
+                pool: None,
+                diff: String::new(),
+            };
+            report(dl, ctx, &pass).await?;
+            return Ok(Requeue::requeue(ctx.settings.resync));
+        }
+        None => {}
+    }
+    if dl.spec.deletion_policy == DeletionPolicy::Orphan {
+        return match ctx
+            .backend
+            .release(&wanted.organization, &wanted.product, &wanted.managed_by)
+            .await
+        {
+            Ok(()) => {
+                let note = Note {
+                    warning: false,
+                    reason: "Orphaned".into(),
+                    message: format!(
+                        "released ownership; {} keeps its {} licenses",
+                        wanted.organization, wanted.product
+                    ),
+                };
+                events::publish(&ctx.recorder, dl, &[note]).await;
+                remove_finalizer(dl, ctx).await
+            }
+            // Someone else manages it: there is nothing of ours to leave.
+            Err(BackendError::Refused(r)) if r.reason == Reason::Conflict => {
+                remove_finalizer(dl, ctx).await
+            }
+            Err(e) => unavailable(dl, ctx, e, true).await,
+        };
+    }
+
+    let snapshot = match ctx
+        .backend
+        .observe(&wanted.organization, &wanted.product)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return unavailable(dl, ctx, e, true).await,
+    };
+    let mut change = plan_removal(&wanted, &snapshot, Role::AccountAdmin);
+    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    match change.outcome {
+        Outcome::Applied => {
+            let pass = Pass {
+                generation: dl.meta().generation,
+                organization: wanted.organization.clone(),
+                product: wanted.product.clone(),
+                count: 0,
+                deleting: true,
+                verdict: Verdict::Applied(Applied {
+                    action: change.action,
+                    from: change.from,
+                    to: 0,
+                    rehomed: change.rehomed,
+                    displaced: change.displaced,
+                    adopted: false,
+                    drift: false,
+                    message: change.message.clone(),
+                }),
+                seen: Seen::Absent,
+                pool: written.map(|w| w.pool),
+                diff: change.diff.clone(),
+            };
+            let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
+            events::publish(&ctx.recorder, dl, &notes).await;
+            ctx.seats_freed(&wanted.product);
+            if let Some(p) = &pass.pool {
+                ctx.metrics.pool(p);
+            }
+            remove_finalizer(dl, ctx).await
+        }
+        // Nothing to revoke, or the allocation is someone else's.
+        Outcome::Unchanged => remove_finalizer(dl, ctx).await,
+        Outcome::Refused if change.reason == Some(Reason::Conflict) => {
+            remove_finalizer(dl, ctx).await
+        }
+        Outcome::Refused => {
+            let pass = Pass {
+                generation: dl.meta().generation,
+                organization: wanted.organization.clone(),
+                product: wanted.product.clone(),
+                count: wanted.count,
+                deleting: true,
+                verdict: Verdict::Refused {
+                    reason: change.reason.unwrap_or(Reason::Invalid),
+                    message: format!(
+                        "{}; set allowUserDisplacement: true to revoke anyway, or remove the finalizer's work with deletionPolicy: Orphan",
+                        change.message
+                    ),
+                },
+                seen: seen(&snapshot, &wanted),
+                pool: pool_of(&snapshot, &wanted.product),
+                diff: change.diff.clone(),
+            };
+            report(dl, ctx, &pass).await?;
+            Ok(Requeue::requeue(ctx.settings.resync))
+        }
+        Outcome::Failed | Outcome::Planned => failed(dl, ctx, &change, true).await,
+    }
+}
+
+/// A write that the backend did not decide (unavailable, stale).
+async fn failed(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    change: &Change,
+    deleting: bool,
+) -> Result<Requeue, Error> {
+    if change.reason == Some(Reason::BackendUnavailable) {
+        let e = BackendError::Unavailable(change.message.clone());
+        return unavailable(dl, ctx, e, deleting).await;
+    }
+    // Someone wrote the allocation between our read and our write: plan again.
+    let delay = ctx.backoff(&key(dl));
+    tracing::info!(object = %key(dl), reason = %change.message, retry_in = ?delay, "write went stale");
+    ctx.metrics.result("retrying");
+    Ok(Requeue::requeue(delay))
+}
+
+/// The backend could not serve the pass: say so and back off.
+async fn unavailable(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    e: BackendError,
+    deleting: bool,
+) -> Result<Requeue, Error> {
+    let wanted = desired(dl, ctx);
+    let verdict = match e {
+        BackendError::Refused(r) => Verdict::Refused {
+            reason: r.reason,
+            message: r.message,
+        },
+        BackendError::Unauthorized(m) => Verdict::Refused {
+            reason: Reason::Forbidden,
+            message: format!(
+                "the backend refused the operator's credentials: {m}; check the token"
+            ),
+        },
+        other => Verdict::Retrying {
+            reason: Reason::BackendUnavailable,
+            message: format!("backend {}: {other}", ctx.backend.location()),
+        },
+    };
+    let retry = matches!(verdict, Verdict::Retrying { .. });
+    let pass = Pass {
+        generation: dl.meta().generation,
+        organization: wanted.organization,
+        product: wanted.product,
+        count: wanted.count,
+        deleting,
+        verdict,
+        seen: Seen::Unknown,
+        pool: None,
+        diff: String::new(),
+    };
+    report(dl, ctx, &pass).await?;
+    if let Verdict::Refused { reason, .. } | Verdict::Retrying { reason, .. } = pass.verdict {
+        ctx.metrics.error(reason);
+    }
+    if retry {
+        ctx.metrics.result("retrying");
+        Ok(Requeue::requeue(ctx.backoff(&key(dl))))
+    } else {
+        ctx.metrics.result("refused");
+        Ok(Requeue::requeue(ctx.settings.resync))
+    }
+}
+
+/// Builds the status, writes it if it changed, and publishes the events.
+async fn report(dl: &DedicatedLicense, ctx: &Context, pass: &Pass) -> Result<(), Error> {
+    let previous = dl.status.as_ref();
+    let next = status::build(previous, pass, Timestamp::now());
+    let notes = events::for_pass(previous, &next, pass);
+    if previous != Some(&next) {
+        let body = json!({"apiVersion": API_VERSION, "kind": KIND, "status": next});
+        api(dl, ctx)
+            .patch_status(
+                &dl.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+    }
+    events::publish(&ctx.recorder, dl, &notes).await;
+    Ok(())
+}
+
+async fn add_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<(), Error> {
+    let ops = if dl.finalizers().is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+        ])
+    } else {
+        json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
+    };
+    patch_finalizers(dl, ctx, ops).await
+}
+
+async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
+    if let Some(i) = dl.finalizers().iter().position(|f| f == FINALIZER) {
+        let path = format!("/metadata/finalizers/{i}");
+        let ops = json!([
+            {"op": "test", "path": path, "value": FINALIZER},
+            {"op": "remove", "path": path}
+        ]);
+        patch_finalizers(dl, ctx, ops).await?;
+    }
+    ctx.metrics.forget(&labels(dl));
+    ctx.succeeded(&key(dl));
+    ctx.metrics.result("ok");
+    Ok(Requeue::await_change())
+}
+
+/// A JSON patch of the finalizer list; its `test` makes it fail rather than
+/// clobber a list someone else changed meanwhile.
+async fn patch_finalizers(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    ops: serde_json::Value,
+) -> Result<(), Error> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Kubernetes(kube::Error::SerdeError(e)))?;
+    api(dl, ctx)
+        .patch(
+            &dl.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+    Ok(())
+}
+
+fn seen(snapshot: &Snapshot, wanted: &Desired) -> Seen {
+    snapshot
+        .allocations
+        .iter()
+        .find(|a| a.organization == wanted.organization && a.product == wanted.product)
+        .map_or(Seen::Absent, |a| Seen::Allocation(a.clone()))
+}
+
+fn pool_of(snapshot: &Snapshot, product: &str) -> Option<PoolView> {
+    snapshot
+        .pools
+        .iter()
+        .find(|p| p.product == product)
+        .map(PoolView::from)
+}
+
+fn in_sync(seen: &Seen, count: i64) -> bool {
+    match seen {
+        Seen::Allocation(a) => a.dedicated == count,
+        Seen::Absent => count == 0,
+        Seen::Unknown => false,
+    }
+}
+
+fn frees(a: &Applied) -> bool {
+    matches!(a.action, Action::Decrease | Action::Revoke)
+}
