@@ -321,3 +321,345 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
             .is_some_and(|b| b.contains("leading"))
     );
 }
+
+/// Runs SQL on the account's file, as the license platform's own UI would
+/// change it behind licensor's back.
+fn out_of_band(account: &Account, sql: &str) {
+    let conn = rusqlite::Connection::open(account.db()).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn deletion_revokes_or_orphans_and_waits_out_an_unavailable_backend() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations: [{id: a}, {id: b}, {id: c}]
+";
+    let c = Cluster::start(
+        fixture,
+        &[
+            "--leader-elect=false",
+            "--backoff=500ms",
+            "--max-backoff=2s",
+        ],
+    );
+    c.license("kept", "a", "TestOps", 3, "  deletionPolicy: Orphan\n");
+    c.license("gone", "b", "TestOps", 4, "");
+    c.license("late", "c", "TestOps", 5, "");
+    for name in ["kept", "gone", "late"] {
+        let o = c.wait(name, "True", "Reconciled");
+        assert_eq!(o["metadata"]["finalizers"][0], "licensor.dev/cleanup");
+    }
+    assert_eq!(c.account.pool("TestOps"), (20, 12, 0, 8));
+
+    // Orphan leaves the licenses with the organization, unmanaged.
+    c.cp.ok(&["delete", "dl", "kept", "-n", "licenses", "--timeout=30s"]);
+    assert_eq!(c.account.allocation("a", "TestOps"), Some((3, 0)));
+    let owner = &c.account.status()["allocations"][0]["managedBy"];
+    assert!(owner.is_null(), "ownership released: {owner}");
+    c.wait_event("kept", "Normal", "Orphaned");
+
+    // Revoke gives them back to the pool.
+    c.cp.ok(&["delete", "dl", "gone", "-n", "licenses", "--timeout=30s"]);
+    assert_eq!(c.account.allocation("b", "TestOps"), None);
+    assert_eq!(c.account.pool("TestOps"), (20, 8, 0, 12));
+    c.wait_event("gone", "Normal", "Revoked");
+
+    // The store is locked by someone else: the revoke cannot be written, the
+    // object stays with a status that says why, and nothing is lost.
+    let lock = rusqlite::Connection::open(c.account.db()).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    c.cp.ok(&["delete", "dl", "late", "-n", "licenses", "--wait=false"]);
+    let o = c.wait("late", "False", "BackendUnavailable");
+    let reconciling = condition(&o, "Reconciling").expect("Reconciling while retrying");
+    assert_eq!(reconciling["status"], "True");
+    assert!(condition(&o, "Stalled").is_none());
+    assert!(
+        message(&o).contains("deletion waits") || message(&o).contains("locked"),
+        "{}",
+        message(&o)
+    );
+    assert!(o["metadata"]["deletionTimestamp"].is_string());
+    c.wait_event("late", "Warning", "BackendUnavailable");
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    wait_for("the late revoke", SOON, || {
+        let r = c.cp.kubectl(&["get", "dl", "late", "-n", "licenses"]);
+        (r.code != 0 && r.stderr.contains("NotFound")).then_some(())
+    });
+    assert_eq!(c.account.allocation("c", "TestOps"), None);
+    assert_eq!(c.account.pool("TestOps"), (20, 3, 0, 17));
+    let revokes = c
+        .account
+        .audit()
+        .iter()
+        .filter(|e| e["organization"] == "c" && e["action"] == "revoke")
+        .count();
+    assert_eq!(revokes, 1);
+}
+
+#[test]
+fn pause_observe_and_drift_correction() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 50}]
+organizations:
+  - {id: a}
+  - id: b
+    allocations: [{product: TestOps, dedicated: 7, inUse: 2}]
+  - {id: c}
+";
+    let c = Cluster::start(fixture, &["--leader-elect=false", "--resync=2s"]);
+
+    // Paused: nothing is written until the annotation goes.
+    c.license("p", "a", "TestOps", 3, "");
+    c.wait("p", "True", "Reconciled");
+    c.cp.ok(&[
+        "annotate",
+        "dl",
+        "p",
+        "-n",
+        "licenses",
+        "licensor.dev/paused=true",
+    ]);
+    c.license("p", "a", "TestOps", 5, "");
+    let o = c.wait("p", "False", "Paused");
+    assert!(
+        message(&o).contains("the spec asks for 5"),
+        "{}",
+        message(&o)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.account.allocation("a", "TestOps"), Some((3, 0)));
+    c.cp.ok(&[
+        "annotate",
+        "dl",
+        "p",
+        "-n",
+        "licenses",
+        "licensor.dev/paused-",
+    ]);
+    c.wait("p", "True", "Reconciled");
+    assert_eq!(c.account.allocation("a", "TestOps"), Some((5, 0)));
+
+    // Observe reports and never writes or adopts.
+    let audit_before = c.account.audit().len();
+    c.license("w", "b", "TestOps", 7, "  managementPolicy: Observe\n");
+    let o = c.wait("w", "True", "Observed");
+    assert_eq!(o["status"]["inUse"], 2);
+    assert!(
+        o["metadata"]["finalizers"].is_null(),
+        "Observe needs no finalizer"
+    );
+    c.license("w", "b", "TestOps", 9, "  managementPolicy: Observe\n");
+    let o = c.wait("w", "False", "OutOfSync");
+    assert!(
+        o["status"]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+dedicated: 9")
+    );
+    assert_eq!(c.account.allocation("b", "TestOps"), Some((7, 2)));
+    assert!(
+        c.account.status()["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["organization"] == "b" && a["managedBy"].is_null())
+    );
+    c.cp.ok(&["delete", "dl", "w", "-n", "licenses", "--timeout=30s"]);
+    assert_eq!(c.account.allocation("b", "TestOps"), Some((7, 2)));
+
+    // Someone changes the allocation in the platform: the next resync puts
+    // it back and says so.
+    c.license("d", "c", "TestOps", 4, "");
+    c.wait("d", "True", "Reconciled");
+    out_of_band(
+        &c.account,
+        "UPDATE allocations SET dedicated = 9, version = version + 1 WHERE organization = 'c';
+         UPDATE products SET dedicated = dedicated + 5 WHERE name = 'TestOps';",
+    );
+    c.wait_event("d", "Normal", "DriftCorrected");
+    assert_eq!(c.account.allocation("c", "TestOps"), Some((4, 0)));
+    let written: Vec<(String, String)> = c.account.audit()[audit_before..]
+        .iter()
+        .map(|e| {
+            (
+                e["organization"].as_str().unwrap().into(),
+                e["action"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            ("c".into(), "create".into()),
+            ("c".into(), "decrease".into())
+        ],
+        "Observe wrote nothing; the drift was undone once"
+    );
+
+    // Idle objects are looked at every resync, but not written.
+    c.wait("d", "True", "Reconciled");
+    let passes = |op: &Operator| -> f64 {
+        let m = op.get("/metrics").unwrap_or_default();
+        m.lines()
+            .find(|l| l.starts_with("licensor_reconciles_total{result=\"ok\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let versions = || -> Vec<String> {
+        ["p", "d"]
+            .iter()
+            .map(|n| {
+                c.object(n)["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let (before, passes_before) = (versions(), passes(&c.operator));
+    let status_before = c.object("d")["status"].clone();
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        versions(),
+        before,
+        "an idle object was written: {status_before:#} -> {:#}",
+        c.object("d")["status"]
+    );
+    assert!(
+        passes(&c.operator) >= passes_before + 4.0,
+        "two resync periods should have run at least 4 passes"
+    );
+}
+
+#[test]
+fn a_sigkilled_operator_converges_on_restart_without_applying_twice() {
+    let mut fixture =
+        String::from("account: acme\nproducts: [{name: TestOps, total: 10000}]\norganizations:\n");
+    let mut manifests = String::new();
+    for i in 0..100 {
+        fixture.push_str(&format!("  - {{id: org-{i:03}}}\n"));
+        manifests.push_str(&license_yaml(
+            &format!("l-{i:03}"),
+            &format!("org-{i:03}"),
+            "TestOps",
+            1 + i % 7,
+            "",
+        ));
+        manifests.push_str("---\n");
+    }
+    let mut c = Cluster::start(&fixture, &["--leader-elect=false", "--concurrency=1"]);
+    c.cp.apply(&manifests);
+    let creates = |a: &Account| a.audit().iter().filter(|e| e["action"] == "create").count();
+    let at_kill = wait_for("some creates", SOON, || {
+        let n = creates(&c.account);
+        (n >= 20).then_some(n)
+    });
+    c.operator.kill();
+    assert!(
+        at_kill < 100,
+        "the kill came after everything was done ({at_kill})"
+    );
+    let after_kill = creates(&c.account);
+
+    c.operator = Operator::start(
+        &c.cp,
+        "restarted",
+        &c.account.backend,
+        &["--leader-elect=false"],
+    );
+    wait_for("all 100 Ready", Duration::from_secs(60), || {
+        let list = c.cp.json(&["get", "dl", "-n", "licenses"]);
+        let ready = list["items"]
+            .as_array()?
+            .iter()
+            .filter(|o| condition(o, "Ready").is_some_and(|r| r["status"] == "True"))
+            .count();
+        (ready == 100).then_some(())
+    });
+    let audit = c.account.audit();
+    let mut orgs: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "create")
+        .map(|e| e["organization"].as_str().unwrap())
+        .collect();
+    orgs.sort();
+    let before = orgs.len();
+    orgs.dedup();
+    assert_eq!((before, orgs.len()), (100, 100), "each create exactly once");
+    assert!(
+        audit
+            .iter()
+            .all(|e| e["action"] == "create" || e["action"] == "seed"),
+        "nothing but creates: {audit:#?}"
+    );
+    for i in [0, 42, 99] {
+        assert_eq!(
+            c.account.allocation(&format!("org-{i:03}"), "TestOps"),
+            Some((1 + i % 7, 0))
+        );
+    }
+    eprintln!("killed with {at_kill} (then {after_kill}) of 100 creates written");
+}
+
+#[test]
+fn a_standby_takes_over_within_the_lease_duration() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations: [{id: a}, {id: b}]
+";
+    let lease = [
+        "--leader-elect=true",
+        "--lease-duration=4s",
+        "--lease-namespace=default",
+    ];
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let account = Account::seeded(fixture);
+    let with = |id: &'static str| [&lease[..], &["--identity", id]].concat();
+    let mut first = Operator::start(&cp, "first", &account.backend, &with("first"));
+    wait_for("first leads", SOON, || {
+        first.get("/readyz").filter(|b| b.contains("leading"))
+    });
+    let mut second = Operator::start(&cp, "second", &account.backend, &with("second"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(second.get("/readyz").is_some_and(|b| b.contains("standby")));
+    let holder = |cp: &ControlPlane| {
+        cp.json(&["get", "lease", "licensor-operator", "-n", "default"])["spec"]["holderIdentity"]
+            .clone()
+    };
+    assert_eq!(holder(&cp), "first");
+
+    cp.apply(&license_yaml("one", "a", "TestOps", 2, ""));
+    wait_for("one allocated by the leader", SOON, || {
+        (account.allocation("a", "TestOps") == Some((2, 0))).then_some(())
+    });
+    assert!(first.logs().contains("licenses/one"));
+    assert!(
+        !second.logs().contains("licenses/one"),
+        "the standby reconciled"
+    );
+
+    first.kill();
+    let killed = Instant::now();
+    wait_for("second leads", Duration::from_secs(15), || {
+        second.get("/readyz").filter(|b| b.contains("leading"))
+    });
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(4 + 3), "takeover took {took:?}");
+    assert_eq!(holder(&cp), "second");
+    cp.apply(&license_yaml("two", "b", "TestOps", 3, ""));
+    wait_for("two allocated by the new leader", SOON, || {
+        (account.allocation("b", "TestOps") == Some((3, 0))).then_some(())
+    });
+    eprintln!("takeover after {took:?}");
+
+    // SIGTERM: a clean stop hands the lease back.
+    assert_eq!(second.terminate(), Some(0), "{}", tail(&second.logs()));
+    let h = holder(&cp);
+    assert!(h.is_null() || h == "", "lease released: {h}");
+}

@@ -200,12 +200,9 @@ fn conditions(
     let ready =
         |status, reason: &str, message: String| (READY, status, reason.to_string(), message);
     match &pass.verdict {
-        Verdict::InSync => vec![ready("True", "Reconciled", holding)],
-        Verdict::Applied(a) => vec![ready(
-            "True",
-            "Reconciled",
-            format!("{holding}; {}", a.message),
-        )],
+        // What was done is in lastChange and the event; the condition says
+        // where things stand, so the next idle pass builds the same one.
+        Verdict::InSync | Verdict::Applied(_) => vec![ready("True", "Reconciled", holding)],
         Verdict::Held { hold, in_sync } => {
             let (reason, why) = match hold {
                 Hold::Paused => (
@@ -359,6 +356,17 @@ mod tests {
 
     fn ready_message(c: &[Condition]) -> String {
         c.iter().find(|c| c.type_ == READY).unwrap().message.clone()
+    }
+
+    #[test]
+    fn the_pass_after_a_change_builds_the_same_status() {
+        let changed = build(None, &pass(increase(), allocation(10, 4)), at(0));
+        let idle = build(
+            Some(&changed),
+            &pass(Verdict::InSync, allocation(10, 4)),
+            at(300),
+        );
+        assert_eq!(idle, changed);
     }
 
     #[test]
