@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/licensor
 
-.PHONY: demo test check bench crd
+.PHONY: demo test check bench bench-operator crd
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome and the pools.
@@ -30,3 +30,8 @@ crd:
 ## The scale benchmark (10,000 manifests, 10,000 allocations).
 bench:
 	$(CARGO) bench --locked --bench scale
+
+## The operator benchmark on a real control plane (1,000 objects to Ready
+## against a plain-client floor; peak memory with 1,000 and 10,000 objects).
+bench-operator:
+	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) bench --locked --bench operator

@@ -110,7 +110,13 @@ pub struct Files {
 /// Runs the CLI and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let code = match tokio::runtime::Runtime::new() {
+    // The embedded store serializes on one connection, so more blocking
+    // threads only wait, and each would keep a malloc arena of its own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build();
+    let code = match runtime {
         Ok(rt) => rt.block_on(run(cli)),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

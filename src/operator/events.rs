@@ -1,5 +1,5 @@
-//! Kubernetes events for a pass, chosen purely, published through the one
-//! shared [`Recorder`].
+//! Kubernetes events for a pass, chosen purely, sent through the one shared
+//! [`Recorder`] by a [`Publisher`] off the reconcile path.
 //!
 //! Normal events name what was written (`Allocated`, `Increased`,
 //! `Decreased`, `Revoked`, `DriftCorrected`, `Adopted`, `Orphaned`). Warnings
@@ -7,8 +7,11 @@
 //! when the object's Ready condition changes, so a stuck object does not
 //! repeat itself at every resync.
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
+use tokio::sync::mpsc;
 
 use super::status::{Pass, Verdict, ready};
 use crate::domain::Action;
@@ -69,24 +72,60 @@ pub fn for_pass(
     }
 }
 
-/// Publishes notes about an object; a failure to publish is logged, never
-/// fatal: the status carries the same facts.
-pub async fn publish(recorder: &Recorder, dl: &DedicatedLicense, notes: &[Note]) {
-    let reference = dl.object_ref(&());
-    for n in notes {
-        let event = Event {
-            type_: if n.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: n.reason.clone(),
-            note: Some(truncate(&n.message, 1000)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(object = %dl.name_any(), error = %e, "cannot publish event {}", n.reason);
+/// Publishes events off the reconcile path, as client-go's broadcaster
+/// does: a pass queues its notes and goes on; one task sends them one at a time. When the queue is full (an event storm) notes are dropped and
+/// logged: the status carries the same facts.
+#[derive(Clone)]
+pub struct Publisher {
+    queue: mpsc::Sender<(ObjectReference, Event)>,
+}
+
+/// Notes queued and not yet sent, at most.
+const QUEUE: usize = 4096;
+/// Events sent at once: one, so that in a burst they trail the status
+/// writes instead of competing with them.
+const IN_FLIGHT: usize = 1;
+
+impl Publisher {
+    /// Starts the sending task; it ends when every `Publisher` is dropped.
+    pub fn start(recorder: Recorder) -> Publisher {
+        let (queue, rx) = mpsc::channel::<(ObjectReference, Event)>(QUEUE);
+        let pending =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        tokio::spawn(
+            pending
+                .map(move |(reference, event)| {
+                    let recorder = recorder.clone();
+                    async move {
+                        if let Err(e) = recorder.publish(&event, &reference).await {
+                            tracing::warn!(object = ?reference.name, error = %e, "cannot publish event {}", event.reason);
+                        }
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .for_each(|()| async {}),
+        );
+        Publisher { queue }
+    }
+
+    /// Queues notes about an object.
+    pub fn publish(&self, dl: &DedicatedLicense, notes: &[Note]) {
+        let reference = dl.object_ref(&());
+        for n in notes {
+            let event = Event {
+                type_: if n.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: n.reason.clone(),
+                note: Some(truncate(&n.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if self.queue.try_send((reference.clone(), event)).is_err() {
+                tracing::debug!(object = %dl.name_any(), "event queue full; dropped {}", n.reason);
+            }
         }
     }
 }

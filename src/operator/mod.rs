@@ -168,12 +168,12 @@ async fn control(
         controller: reconcile::MANAGER.into(),
         instance: config.election.as_ref().map(|e| e.identity.clone()),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let events = events::Publisher::start(Recorder::new(client.clone(), reporter));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<DedicatedLicense>>();
     let ctx = Arc::new(Context::new(
         client,
         backend,
-        recorder,
+        events,
         metrics,
         config.settings.clone(),
         wake_tx,
@@ -182,8 +182,10 @@ async fn control(
     // Our own status writes do not bump the generation; skip them, but not
     // what a person changes without one (pause, deletion).
     let (reader, writer) = reflector::store();
+    // managedFields are the bulk of a stored object and never read here.
     let objects = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(|dl| dl.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(worth_a_pass, Default::default());

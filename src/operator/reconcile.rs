@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::events::{self, Note};
+use super::events::{self, Note, Publisher};
 use super::metrics::{Metrics, ObjectLabels};
 use super::status::{self, Applied, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
@@ -61,7 +60,7 @@ pub struct Settings {
 pub struct Context {
     pub client: Client,
     pub backend: Arc<dyn Backend>,
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     /// Consecutive backend failures per object (`namespace/name`).
@@ -75,7 +74,7 @@ impl Context {
     pub fn new(
         client: Client,
         backend: Arc<dyn Backend>,
-        recorder: Recorder,
+        events: Publisher,
         metrics: Arc<Metrics>,
         settings: Settings,
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
@@ -83,7 +82,7 @@ impl Context {
         Context {
             client,
             backend,
-            recorder,
+            events,
             metrics,
             settings,
             failures: Mutex::default(),
@@ -379,7 +378,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                         wanted.organization, wanted.product
                     ),
                 };
-                events::publish(&ctx.recorder, dl, &[note]).await;
+                ctx.events.publish(dl, &[note]);
                 remove_finalizer(dl, ctx).await
             }
             // Someone else manages it: there is nothing of ours to leave.
@@ -423,7 +422,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                 diff: change.diff.clone(),
             };
             let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
-            events::publish(&ctx.recorder, dl, &notes).await;
+            ctx.events.publish(dl, &notes);
             ctx.seats_freed(&wanted.product);
             if let Some(p) = &pass.pool {
                 ctx.metrics.pool(p);
@@ -542,7 +541,7 @@ async fn report(dl: &DedicatedLicense, ctx: &Context, pass: &Pass) -> Result<(),
             )
             .await?;
     }
-    events::publish(&ctx.recorder, dl, &notes).await;
+    ctx.events.publish(dl, &notes);
     Ok(())
 }
 

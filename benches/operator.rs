@@ -1,0 +1,288 @@
+//! Operator benchmark on a real kube-apiserver and etcd.
+//!
+//! 1. Floor: N status patches (server-side apply, the operator's own status
+//!    shape) sent by a plain kube client with the operator's concurrency.
+//! 2. The operator: N DedicatedLicense objects exist (each for its own
+//!    organization); the `licensor operator` process starts, and the clock
+//!    runs until every object is Ready. That includes its start, the initial
+//!    list, a finalizer patch, a backend read and write, a status patch and
+//!    an event per object.
+//!    The ratio to the floor is printed, and beside it the ratio to the floor
+//!    plus N finalizer patches: a managed object needs its finalizer before
+//!    the backend is written, so those two writes are the least it can cost.
+//! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects.
+//!
+//! Run with `make bench-operator` (or `cargo bench --bench operator`).
+//! `N`, `BIG` and `CONCURRENCY` change the sizes.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/controlplane/mod.rs"]
+mod controlplane;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use licensor::resource::{DedicatedLicense, DedicatedLicenseSpec};
+use serde_json::json;
+
+use common::Account;
+use controlplane::{ControlPlane, Operator};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn client(cp: &ControlPlane) -> Client {
+    let kubeconfig = Kubeconfig::read_from(&cp.kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("client config");
+    Client::try_from(config).expect("client")
+}
+
+fn license(i: usize) -> DedicatedLicense {
+    let mut dl = DedicatedLicense::new(
+        &format!("l-{i:05}"),
+        DedicatedLicenseSpec {
+            organization: format!("org-{i:05}"),
+            product: "TestOps".into(),
+            count: 3,
+            allow_user_displacement: false,
+            deletion_policy: Default::default(),
+            management_policy: Default::default(),
+        },
+    );
+    dl.metadata.namespace = None;
+    dl
+}
+
+/// Creates objects `range` in `api`, `concurrency` at a time.
+async fn create(api: &Api<DedicatedLicense>, range: std::ops::Range<usize>, concurrency: usize) {
+    stream::iter(range)
+        .map(|i| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &license(i)).await }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("create objects");
+}
+
+/// Watches `api` (no polling, which would load the API server the operator
+/// is measured on) and resolves when `n` objects are Ready=True.
+async fn wait_ready(api: Api<DedicatedLicense>, n: usize) -> Instant {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let mut ready = std::collections::HashSet::new();
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+    while let Some(dl) = events.try_next().await.expect("watch") {
+        let is_ready = dl.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if is_ready {
+            ready.insert(dl.metadata.name.clone().unwrap_or_default());
+            if ready.len() >= n {
+                return Instant::now();
+            }
+        }
+    }
+    panic!("the watch ended");
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// User + system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15; after ")" they are 12 and 13.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn fixture(n: usize) -> String {
+    let mut s = format!(
+        "account: acme\nproducts: [{{name: TestOps, total: {}}}]\norganizations:\n",
+        n * 3
+    );
+    for i in 0..n {
+        s.push_str(&format!("  - {{id: org-{i:05}}}\n"));
+    }
+    s
+}
+
+#[tokio::main]
+async fn main() {
+    let n = env("N", 1000);
+    let big = env("BIG", 10_000).max(n);
+    let concurrency = env("CONCURRENCY", 16);
+    let cp = ControlPlane::start();
+    for ns in ["floor", "bench"] {
+        cp.ok(&["create", "namespace", ns]);
+    }
+    let client = client(&cp).await;
+    let account = Account::seeded(&fixture(big));
+
+    // The floor: a plain client writing the same number of statuses.
+    let floor_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "floor");
+    create(&floor_api, 0..n, concurrency).await;
+    let status = json!({
+        "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
+        "status": {
+            "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled",
+                "message": "org holds 3 TestOps licenses (0 in use)",
+                "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+            "allocated": 3, "inUse": 0,
+            "pool": {"total": 30000, "dedicated": 3, "sharedInUse": 0, "free": 29997},
+            "failures": []
+        }
+    });
+    let status = Arc::new(status);
+    // Both phases end the same way: a watcher sees the last object Ready.
+    let watch = tokio::spawn(wait_ready(floor_api.clone(), n));
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let (api, status) = (floor_api.clone(), status.clone());
+            async move {
+                api.patch_status(
+                    &format!("l-{i:05}"),
+                    &PatchParams::apply("floor").force(),
+                    &Patch::Apply(&*status),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("floor patches");
+    let floor = watch.await.expect("watch task") - started;
+    // And the finalizer patch every managed object needs before its first
+    // backend write, for scale.
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let api = floor_api.clone();
+            async move {
+                let patch: json_patch::Patch = serde_json::from_value(json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}
+                ]))
+                .expect("patch");
+                api.patch(
+                    &format!("l-{i:05}"),
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("finalizer patches");
+    let finalizers = started.elapsed();
+
+    // The operator, from process start to every object Ready.
+    let api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "bench");
+    create(&api, 0..n, concurrency).await;
+    let concurrency_flag = format!("--concurrency={concurrency}");
+    let flags = [
+        "--leader-elect=false",
+        "--namespace=bench",
+        concurrency_flag.as_str(),
+    ];
+    let watch = tokio::spawn(wait_ready(api.clone(), n));
+    let started = Instant::now();
+    let operator = Operator::start(&cp, "bench", &account.backend, &flags);
+    let took = watch.await.expect("watch task") - started;
+    let rss_n = peak_rss_mib(operator.pid());
+    let cpu_n = cpu_seconds(operator.pid());
+    let metrics = operator.get("/metrics").unwrap_or_default();
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let passes = metric("licensor_reconcile_duration_seconds_count");
+    let mean_pass = metric("licensor_reconcile_duration_seconds_sum") / passes;
+    let creates = account
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "create")
+        .count();
+    assert_eq!(creates, n, "every object allocated exactly once");
+
+    // Memory with BIG objects.
+    let watch = tokio::spawn(wait_ready(api.clone(), big));
+    let started = Instant::now();
+    create(&api, n..big, concurrency).await;
+    let took_big = watch.await.expect("watch task") - started;
+    let rss_big = peak_rss_mib(operator.pid());
+
+    println!(
+        "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency})"
+    );
+    println!(
+        "  floor: {n} status patches by a plain client   {:>8.2} s  ({:.0}/s)",
+        floor.as_secs_f64(),
+        n as f64 / floor.as_secs_f64()
+    );
+    let both = floor + finalizers;
+    println!(
+        "  floor + {n} finalizer patches (the writes a new managed object needs) {:>6.2} s",
+        both.as_secs_f64()
+    );
+    println!(
+        "  operator: {n} objects to Ready                {:>8.2} s  ({:.0}/s)",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    println!(
+        "  ratio operator / floor                        {:>8.2}    (target <= 1.5)",
+        took.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "  ratio operator / (floor + finalizers)         {:>8.2}",
+        took.as_secs_f64() / both.as_secs_f64()
+    );
+    println!(
+        "  operator passes: {passes:.0}, mean pass {:.1} ms, operator CPU {cpu_n:.2} s",
+        mean_pass * 1000.0
+    );
+    println!(
+        "  operator: {} more created and Ready         {:>8.2} s",
+        big - n,
+        took_big.as_secs_f64()
+    );
+    println!("  peak RSS with {n:>6} objects                  {rss_n:>8.1} MiB");
+    println!("  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (target < 100)");
+}
