@@ -131,7 +131,8 @@ pub struct DedicatedLicenseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_change: Option<LastChange>,
 
-    /// Recent failures, newest first, at most 5.
+    /// Failures since the object was last in sync, newest first, at most 5;
+    /// a failure that repeats keeps the time it was first seen.
     #[serde(default)]
     pub failures: Vec<Failure>,
 }

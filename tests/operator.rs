@@ -342,6 +342,7 @@ organizations: [{id: a}, {id: b}, {id: c}]
             "--leader-elect=false",
             "--backoff=500ms",
             "--max-backoff=2s",
+            "--log-format=json",
         ],
     );
     c.license("kept", "a", "TestOps", 3, "  deletionPolicy: Orphan\n");
@@ -397,6 +398,14 @@ organizations: [{id: a}, {id: b}, {id: c}]
         .filter(|e| e["organization"] == "c" && e["action"] == "revoke")
         .count();
     assert_eq!(revokes, 1);
+
+    // --log-format=json: every line is a JSON object.
+    let logs = c.operator.logs();
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(logs.contains("BackendUnavailable"), "the retry is logged");
 }
 
 #[test]
@@ -500,17 +509,19 @@ organizations:
         "Observe wrote nothing; the drift was undone once"
     );
 
-    // Idle objects are looked at every resync, but not written.
+    // Idle and stuck objects are looked at every resync, but not written.
     c.wait("d", "True", "Reconciled");
+    c.license("stuck", "c", "TestOps", 1000, "");
+    c.wait("stuck", "False", "Conflict");
     let passes = |op: &Operator| -> f64 {
         let m = op.get("/metrics").unwrap_or_default();
         m.lines()
-            .find(|l| l.starts_with("licensor_reconciles_total{result=\"ok\"}"))
+            .find(|l| l.starts_with("licensor_reconcile_duration_seconds_count"))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     };
     let versions = || -> Vec<String> {
-        ["p", "d"]
+        ["p", "d", "stuck"]
             .iter()
             .map(|n| {
                 c.object(n)["metadata"]["resourceVersion"]
@@ -530,8 +541,8 @@ organizations:
         c.object("d")["status"]
     );
     assert!(
-        passes(&c.operator) >= passes_before + 4.0,
-        "two resync periods should have run at least 4 passes"
+        passes(&c.operator) >= passes_before + 6.0,
+        "two resync periods should have run at least 6 passes"
     );
 }
 

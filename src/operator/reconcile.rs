@@ -95,11 +95,7 @@ impl Context {
     fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
-        let delay = self
-            .settings
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(*n))
-            .min(self.settings.backoff_cap);
+        let delay = backoff(&self.settings, *n);
         *n = n.saturating_add(1);
         delay
     }
@@ -136,6 +132,14 @@ impl Context {
             let _ = self.wake.send(r);
         }
     }
+}
+
+/// Base delay doubled per earlier failure, capped.
+pub fn backoff(settings: &Settings, failures: u32) -> Duration {
+    settings
+        .backoff_base
+        .saturating_mul(2u32.saturating_pow(failures.min(31)))
+        .min(settings.backoff_cap)
 }
 
 /// The controller's entry point for one object.
@@ -502,6 +506,9 @@ async fn unavailable(
         },
     };
     let retry = matches!(verdict, Verdict::Retrying { .. });
+    if let Verdict::Refused { reason, message } | Verdict::Retrying { reason, message } = &verdict {
+        tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
+    }
     let pass = Pass {
         generation: dl.meta().generation,
         organization: wanted.organization,
@@ -540,6 +547,13 @@ async fn report(dl: &DedicatedLicense, ctx: &Context, pass: &Pass) -> Result<(),
                 &Patch::Apply(&body),
             )
             .await?;
+    }
+    for n in &notes {
+        if n.warning {
+            tracing::warn!(object = %key(dl), reason = %n.reason, "{}", n.message);
+        } else {
+            tracing::info!(object = %key(dl), reason = %n.reason, "{}", n.message);
+        }
     }
     ctx.events.publish(dl, &notes);
     Ok(())
@@ -617,4 +631,22 @@ fn in_sync(seen: &Seen, count: i64) -> bool {
 
 fn frees(a: &Applied) -> bool {
     matches!(a.action, Action::Decrease | Action::Revoke)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let settings = Settings {
+            instance: "default".into(),
+            resync: Duration::from_secs(300),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+        };
+        let delays: Vec<u64> = (0..9).map(|n| backoff(&settings, n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(&settings, u32::MAX), Duration::from_secs(60));
+    }
 }
