@@ -27,3 +27,4 @@ pub mod manifest;
 pub mod operator;
 pub mod plan;
 pub mod resource;
+pub mod server;

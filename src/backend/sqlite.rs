@@ -286,6 +286,51 @@ impl Store {
         Ok(token)
     }
 
+    /// Adds an organization to an account (R1: Account Admin only).
+    pub fn create_organization(
+        &self,
+        account: &str,
+        who: &Principal,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<(), BackendError> {
+        let err = storage(&self.path);
+        self.transaction(true, |tx| {
+            require_admin(who.role, "create organizations")?;
+            if id.trim().is_empty() || id.len() > 253 {
+                return Err(Refusal::new(
+                    Reason::Invalid,
+                    "an organization id is 1 to 253 characters",
+                )
+                .into());
+            }
+            if organization_exists(tx, account, id).map_err(&err)? {
+                return Err(Refusal::new(
+                    Reason::Invalid,
+                    format!("organization {id} already exists"),
+                )
+                .into());
+            }
+            tx.execute(
+                "INSERT INTO organizations (account, id, name) VALUES (?1, ?2, ?3)",
+                params![account, id, name],
+            )
+            .map_err(&err)?;
+            Ok(())
+        })
+    }
+
+    /// Forgets idempotency keys older than `age`; they are kept at least that long.
+    pub fn expire_idempotency_keys(&self, age: chrono::Duration) -> Result<usize, BackendError> {
+        let err = storage(&self.path);
+        let cutoff =
+            (chrono::Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self.transaction(true, |tx| {
+            tx.execute("DELETE FROM idempotency WHERE created_at < ?1", [cutoff])
+                .map_err(&err)
+        })
+    }
+
     /// Pools, organizations and allocations of one account.
     pub fn snapshot(&self, account: &str) -> Result<Snapshot, BackendError> {
         let err = storage(&self.path);

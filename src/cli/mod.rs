@@ -6,6 +6,7 @@ mod crd;
 mod operator;
 mod plan_cmd;
 pub mod render;
+mod serve;
 mod status;
 mod token;
 mod validate;
@@ -85,6 +86,8 @@ pub enum Command {
     /// Manage API tokens of the embedded store.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Serve the license platform HTTP API over the embedded store.
+    Serve(serve::ServeArgs),
     /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
     Operator(operator::OperatorArgs),
     /// Print the DedicatedLicense CustomResourceDefinition.
@@ -135,6 +138,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Status(a) => status::run(g, &a).await,
         Command::Backend(c) => backend_cmd::run(g, c).await,
         Command::Token(c) => token::run(g, c),
+        Command::Serve(a) => serve::run(g, &a).await,
         Command::Operator(a) => operator::run(g, &a).await,
         Command::Crd => crd::run(),
     }

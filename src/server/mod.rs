@@ -1,0 +1,342 @@
+//! `licensor serve`: the license platform HTTP API (DESIGN §5) over the
+//! embedded store.
+//!
+//! [`routes`] maps each route onto one of the store's transaction functions
+//! (the same ones the embedded backend calls, so a rule is decided in one
+//! place); [`problem`] spells every error as RFC 9457 problem details. This
+//! module wires access (bearer tokens stored hashed, roles per account, a
+//! rate limit answering 429 with `Retry-After`), limits (body size, request
+//! timeout), `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, and a clean
+//! shutdown on SIGTERM. Tokens are never logged, echoed or stored in clear.
+
+pub mod problem;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+use utoipa::OpenApi;
+
+use crate::backend::BackendError;
+use crate::backend::sqlite::{Principal, Store};
+use problem::{Problem, RATE_LIMITED, UNAUTHORIZED};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Requests per second over all clients; `None` for no limit.
+    pub rate_limit: Option<NonZeroU32>,
+    /// Largest request body in bytes.
+    pub max_body: usize,
+    /// Longest a request may take.
+    pub timeout: Duration,
+}
+
+/// How long an authenticated token is remembered before it is checked again.
+const TOKEN_CACHE: Duration = Duration::from_secs(10);
+/// How long idempotency keys are kept.
+const IDEMPOTENCY_KEYS: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+}
+
+/// What every request shares.
+#[derive(Clone)]
+pub struct Shared {
+    store: Arc<Store>,
+    tokens: Arc<Mutex<HashMap<String, (String, Principal, Instant)>>>,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The caller of a request for `account`, from its bearer token.
+pub async fn authorize(
+    s: &Shared,
+    headers: &HeaderMap,
+    account: &str,
+) -> Result<Principal, Problem> {
+    let unauthorized = |m: &str| Problem::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, m);
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
+    let key = hex::encode(Sha256::digest(token.as_bytes()));
+    if let Some((a, who, at)) = s.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+        && a == account
+        && at.elapsed() < TOKEN_CACHE
+    {
+        return Ok(who.clone());
+    }
+    let (store, token, acc) = (s.store.clone(), token.to_string(), account.to_string());
+    let who = tokio::task::spawn_blocking(move || store.authenticate(&acc, &token))
+        .await
+        .map_err(|e| Problem::from(BackendError::Unavailable(e.to_string())))?
+        .map_err(|e| match e {
+            BackendError::Unauthorized(_) => {
+                unauthorized("the token is unknown or not for this account")
+            }
+            other => Problem::from(other),
+        })?;
+    s.tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, (account.to_string(), who.clone(), Instant::now()));
+    Ok(who)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "licensor license platform API",
+        description = "Dedicated licenses of a license account (DESIGN §5). Errors are RFC 9457 problem details."
+    ),
+    paths(
+        routes::list_products,
+        routes::put_product,
+        routes::list_organizations,
+        routes::create_organization,
+        routes::list_allocations,
+        routes::get_allocation,
+        routes::put_allocation,
+        routes::delete_allocation,
+        routes::release_allocation,
+        routes::seats,
+        routes::audit
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document, generated from the routes and types.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// The application: every route, the limits and the middleware.
+pub fn app(store: Arc<Store>, config: &Config) -> Router {
+    let mut registry = Registry::with_prefix("licensor_http");
+    let metrics = Metrics {
+        registry: Registry::default(),
+        requests: Family::default(),
+        duration: Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]),
+    };
+    registry.register(
+        "requests",
+        "Requests by method, route and status",
+        metrics.requests.clone(),
+    );
+    registry.register(
+        "request_duration_seconds",
+        "Time to answer a request",
+        metrics.duration.clone(),
+    );
+    let shared = Shared {
+        store,
+        tokens: Arc::default(),
+        limiter: config
+            .rate_limit
+            .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n)))),
+        metrics: Arc::new(Metrics {
+            registry,
+            ..metrics
+        }),
+    };
+    let base = "/v1/accounts/{account}";
+    let api = Router::new()
+        .route(&format!("{base}/products"), get(routes::list_products))
+        .route(
+            &format!("{base}/products/{{product}}"),
+            put(routes::put_product),
+        )
+        .route(
+            &format!("{base}/organizations"),
+            get(routes::list_organizations).post(routes::create_organization),
+        )
+        .route(
+            &format!("{base}/allocations"),
+            get(routes::list_allocations),
+        )
+        .route(
+            &format!("{base}/organizations/{{organization}}/allocations/{{product}}"),
+            get(routes::get_allocation)
+                .put(routes::put_allocation)
+                .delete(routes::delete_allocation),
+        )
+        .route(
+            &format!("{base}/organizations/{{organization}}/allocations/{{product}}/release"),
+            post(routes::release_allocation),
+        )
+        .route(
+            &format!("{base}/organizations/{{organization}}/seats/{{product}}"),
+            post(routes::seats),
+        )
+        .route(&format!("{base}/audit"), get(routes::audit))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
+        .route_layer(middleware::from_fn_with_state(shared.clone(), observe))
+        .fallback(|| async {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                problem::NOT_FOUND,
+                "no such route; see /openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.max_body))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.timeout,
+        ))
+        .with_state(shared)
+}
+
+/// Serves until SIGTERM or ctrl-c, then finishes requests in flight.
+pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, store = %store.path().display(), "serving the license platform API");
+    let expiry = store.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            let s = expiry.clone();
+            match tokio::task::spawn_blocking(move || s.expire_idempotency_keys(IDEMPOTENCY_KEYS))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(expired = n, "forgot idempotency keys older than 24 hours")
+                }
+                Ok(Err(e)) => tracing::warn!("expiring idempotency keys: {e}"),
+                _ => {}
+            }
+        }
+    });
+    axum::serve(listener, app(store, &config))
+        .with_graceful_shutdown(shutdown())
+        .await
+}
+
+async fn shutdown() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stopping: finishing requests in flight");
+}
+
+async fn rate_limit(State(s): State<Shared>, request: Request, next: Next) -> Response {
+    if let Some(limiter) = &s.limiter
+        && let Err(not_until) = limiter.check()
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Problem {
+            retry_after: Some(wait.as_secs().max(1)),
+            ..Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                RATE_LIMITED,
+                "too many requests; retry after the time in Retry-After",
+            )
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Counts and times every request; logs it at debug (never its headers).
+async fn observe(State(s): State<Shared>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(unmatched)".to_string(), |m| m.as_str().to_string());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    s.metrics.duration.observe(started.elapsed().as_secs_f64());
+    s.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    tracing::debug!(%method, %route, status, took = ?started.elapsed(), "request");
+    response
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.accounts()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store cannot be read\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(s): State<Shared>) -> Response {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
