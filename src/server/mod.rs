@@ -67,11 +67,14 @@ struct Metrics {
     duration: Histogram,
 }
 
+type Authenticated = (String, Principal, Instant);
+
 /// What every request shares.
 #[derive(Clone)]
 pub struct Shared {
     store: Arc<Store>,
-    tokens: Arc<Mutex<HashMap<String, (String, Principal, Instant)>>>,
+    /// sha256(token) -> (account, caller, when checked).
+    tokens: Arc<Mutex<HashMap<String, Authenticated>>>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<Metrics>,
 }

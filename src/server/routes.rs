@@ -154,7 +154,7 @@ fn with_etag<T: Serialize>(body: T, version: Option<i64>) -> Response {
 }
 
 /// `If-Match: "7"` -> 7; `If-None-Match: *` -> 0 (must not exist yet).
-fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, String> {
     if let Some(v) = headers.get(header::IF_MATCH) {
         let text = v.to_str().unwrap_or_default().trim();
         let version = text
@@ -176,7 +176,11 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
     Ok(None)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+fn malformed(message: String) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, MALFORMED, message)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => match v.to_str() {
@@ -304,8 +308,8 @@ pub async fn put_allocation(
         target: Target::Count(body.dedicated),
         managed_by: body.managed_by,
         allow_user_displacement: body.allow_user_displacement,
-        expected_version: expected_version(&headers)?,
-        idempotency_key: idempotency_key(&headers)?,
+        expected_version: expected_version(&headers).map_err(malformed)?,
+        idempotency_key: idempotency_key(&headers).map_err(malformed)?,
     };
     written(&s, account, who, write, params.dry_run).await
 }
@@ -324,8 +328,8 @@ pub async fn delete_allocation(
         target: Target::Remove,
         managed_by: params.managed_by,
         allow_user_displacement: params.allow_user_displacement,
-        expected_version: expected_version(&headers)?,
-        idempotency_key: idempotency_key(&headers)?,
+        expected_version: expected_version(&headers).map_err(malformed)?,
+        idempotency_key: idempotency_key(&headers).map_err(malformed)?,
     };
     written(&s, account, who, write, params.dry_run).await
 }
