@@ -161,13 +161,7 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, String> {
             .trim_start_matches("W/")
             .trim_matches('"')
             .parse::<i64>()
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    MALFORMED,
-                    format!("If-Match {text:?} is not an ETag of this API"),
-                )
-            })?;
+            .map_err(|_| format!("If-Match {text:?} is not an ETag of this API"))?;
         return Ok(Some(version));
     }
     if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v == "*") {
@@ -185,11 +179,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok(k) if !k.is_empty() && k.len() <= 255 => Ok(Some(k.to_string())),
-            _ => Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                MALFORMED,
-                "Idempotency-Key must be 1 to 255 visible characters",
-            )),
+            _ => Err("Idempotency-Key must be 1 to 255 visible characters".into()),
         },
     }
 }
