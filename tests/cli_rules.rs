@@ -1,13 +1,14 @@
-//! Every rule of DESIGN §1 through the CLI on the embedded store, with the
-//! documented numbers, asserting exit codes, JSON output and backend state.
+//! Every rule of DESIGN §1 through the CLI, with the documented numbers,
+//! asserting exit codes, JSON output and backend state. One table of cases,
+//! two backends: each case runs on the embedded store and again through
+//! `licensor serve` over HTTP on loopback, with the same expectations.
 
 mod common;
 
-use common::{Account, DOCUMENTED, change, only_change};
+use common::{Account, DOCUMENTED, Kind, change, only_change};
 
-#[test]
-fn documented_scenario_raise_lower_and_revoke() {
-    let acct = Account::seeded(DOCUMENTED);
+fn documented_scenario_raise_lower_and_revoke(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     assert_eq!(acct.pool("TestOps"), (200, 5, 0, 195));
 
     // Raise 5 -> 10 takes 5 of the remaining 195.
@@ -59,7 +60,12 @@ fn documented_scenario_raise_lower_and_revoke() {
     assert_eq!(revoke["organization"], "qa-team");
     assert_eq!(revoke["product"], "TestOps");
     assert_eq!(revoke["manager"], "default/licenses/qa");
-    assert_eq!(revoke["actor"], "local");
+    // Over HTTP the actor is the token's name, never the token.
+    let actor = match kind {
+        Kind::Embedded => "local",
+        Kind::Http => "token:ci",
+    };
+    assert_eq!(revoke["actor"], actor);
     assert!(
         revoke["idempotencyKey"]
             .as_str()
@@ -73,9 +79,8 @@ fn documented_scenario_raise_lower_and_revoke() {
     assert_eq!(actions, ["seed", "increase", "decrease", "revoke"]);
 }
 
-#[test]
-fn over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement() {
-    let acct = Account::seeded(DOCUMENTED);
+fn over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     let m = acct.license("qa", "qa-team", "TestOps", 5, "");
     assert_eq!(acct.apply(&m).code, 0);
 
@@ -115,17 +120,13 @@ fn over_committed_pool_refuses_increases_allows_decreases_and_guards_displacemen
     assert_eq!(acct.pool("TestOps"), (3, 0, 3, 0));
 }
 
-#[test]
-fn only_the_account_admin_may_write() {
-    let mut acct = Account::seeded(DOCUMENTED);
-    let viewer = acct.run(&["token", "create", "--role", "Viewer", "--name", "auditor"]);
-    assert_eq!(viewer.code, 0, "{viewer:?}");
-    let viewer = viewer.stdout.trim().to_string();
-    let admin = acct.run(&["token", "create", "--role", "AccountAdmin", "--name", "ci"]);
-    let admin = admin.stdout.trim().to_string();
+fn only_the_account_admin_may_write(kind: Kind) {
+    let mut acct = Account::seeded_on(kind, DOCUMENTED);
+    let viewer = acct.token("Viewer", "auditor");
+    let admin = acct.token("AccountAdmin", "ci-admin");
     let m = acct.license("qa", "qa-team", "TestOps", 10, "");
 
-    acct.env = vec![("LICENSOR_TOKEN".into(), viewer.clone())];
+    acct.set_token(&viewer);
     let before = acct.rows();
     let run = acct.apply(&m);
     assert_eq!(run.code, 1);
@@ -135,7 +136,7 @@ fn only_the_account_admin_may_write() {
     // Reading is allowed.
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
 
-    acct.env = vec![("LICENSOR_TOKEN".into(), "lsr_not-a-token".into())];
+    acct.set_token("lsr_not-a-token");
     let run = acct.apply(&m);
     assert_eq!(run.code, 1);
     assert!(
@@ -144,16 +145,15 @@ fn only_the_account_admin_may_write() {
     );
     assert_eq!(acct.rows(), before);
 
-    acct.env = vec![("LICENSOR_TOKEN".into(), admin.clone())];
+    acct.set_token(&admin);
     assert_eq!(acct.apply(&m).code, 0);
     let last = acct.audit().last().unwrap().clone();
-    assert_eq!(last["actor"], "token:ci");
+    assert_eq!(last["actor"], "token:ci-admin");
     assert!(!acct.rows().contains(&admin), "tokens are stored hashed");
 }
 
-#[test]
-fn unknown_product_and_unknown_organization_are_refused() {
-    let acct = Account::seeded(DOCUMENTED);
+fn unknown_product_and_unknown_organization_are_refused(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     let before = acct.rows();
     for (org, product, reason) in [
         ("qa-team", "Studio", "UnknownProduct"),
@@ -170,9 +170,8 @@ fn unknown_product_and_unknown_organization_are_refused() {
     assert_eq!(acct.rows(), before);
 }
 
-#[test]
-fn a_second_manager_is_a_conflict_naming_the_owner() {
-    let acct = Account::seeded(DOCUMENTED);
+fn a_second_manager_is_a_conflict_naming_the_owner(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     let first = acct.license("qa", "qa-team", "TestOps", 6, "");
     assert_eq!(acct.apply(&first).code, 0);
     std::fs::remove_file(&first).unwrap();
@@ -197,12 +196,14 @@ fn a_second_manager_is_a_conflict_naming_the_owner() {
     assert_eq!(acct.rows(), before);
 }
 
-#[test]
-fn concurrent_applies_never_over_commit_the_pool() {
+fn concurrent_applies_never_over_commit_the_pool(kind: Kind) {
     let orgs: String = (0..10).map(|i| format!("  - id: org-{i}\n")).collect();
-    let acct = Account::seeded(&format!(
-        "account: acme\nproducts:\n  - {{name: TestOps, total: 35}}\norganizations:\n{orgs}"
-    ));
+    let acct = Account::seeded_on(
+        kind,
+        &format!(
+            "account: acme\nproducts:\n  - {{name: TestOps, total: 35}}\norganizations:\n{orgs}"
+        ),
+    );
     let files: Vec<_> = (0..10)
         .map(|i| acct.license(&format!("l{i}"), &format!("org-{i}"), "TestOps", 10, ""))
         .collect();
@@ -222,9 +223,9 @@ fn concurrent_applies_never_over_commit_the_pool() {
     assert_eq!(acct.pool("TestOps"), (35, 30, 0, 5));
 }
 
-#[test]
-fn moving_seats_between_organizations_in_a_full_pool_applies_cleanly() {
-    let acct = Account::seeded(
+fn moving_seats_between_organizations_in_a_full_pool_applies_cleanly(kind: Kind) {
+    let acct = Account::seeded_on(
+        kind,
         "account: acme
 products: [{name: TestOps, total: 20}]
 organizations:
@@ -251,9 +252,8 @@ organizations:
     assert_eq!(acct.pool("TestOps"), (20, 20, 0, 0));
 }
 
-#[test]
-fn one_refusal_does_not_stop_the_other_resources() {
-    let acct = Account::seeded(DOCUMENTED);
+fn one_refusal_does_not_stop_the_other_resources(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     acct.license("qa", "qa-team", "TestOps", 2, "");
     acct.license("dev", "dev-team", "TestOps", 50, "");
     let run = acct.apply(&acct.path("manifests"));
@@ -281,9 +281,8 @@ fn one_refusal_does_not_stop_the_other_resources() {
     assert_eq!(acct.allocation("dev-team", "TestOps"), Some((50, 0)));
 }
 
-#[test]
-fn prune_revokes_allocations_no_manifest_names_any_more() {
-    let acct = Account::seeded(DOCUMENTED);
+fn prune_revokes_allocations_no_manifest_names_any_more(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     let qa = acct.license("qa", "qa-team", "TestOps", 5, "");
     acct.license("dev", "dev-team", "TestOps", 7, "");
     assert_eq!(acct.apply(&acct.path("manifests")).code, 0);
@@ -302,9 +301,8 @@ fn prune_revokes_allocations_no_manifest_names_any_more() {
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
 }
 
-#[test]
-fn seats_claims_respect_the_dedicated_count() {
-    let acct = Account::seeded(DOCUMENTED);
+fn seats_claims_respect_the_dedicated_count(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
     let seats = |verb: &str, org: &str, n: &str| {
         acct.run(&[
             "backend",
@@ -332,3 +330,28 @@ fn seats_claims_respect_the_dedicated_count() {
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(acct.pool("TestOps"), (200, 5, 3, 192));
 }
+
+/// Runs each case on both backends, as `embedded::<case>` and `http::<case>`.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(#[test] fn $case() { super::$case(super::Kind::Embedded) })*
+        }
+        mod http {
+            $(#[test] fn $case() { super::$case(super::Kind::Http) })*
+        }
+    };
+}
+
+on_both_backends!(
+    documented_scenario_raise_lower_and_revoke,
+    over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement,
+    only_the_account_admin_may_write,
+    unknown_product_and_unknown_organization_are_refused,
+    a_second_manager_is_a_conflict_naming_the_owner,
+    concurrent_applies_never_over_commit_the_pool,
+    moving_seats_between_organizations_in_a_full_pool_applies_cleanly,
+    one_refusal_does_not_stop_the_other_resources,
+    prune_revokes_allocations_no_manifest_names_any_more,
+    seats_claims_respect_the_dedicated_count,
+);

@@ -5,6 +5,7 @@
 //! write is decided again by the backend, atomically, with the rules of
 //! [`crate::domain`]; a refusal leaves the backend exactly as it was.
 
+pub mod http;
 pub mod sqlite;
 
 use async_trait::async_trait;

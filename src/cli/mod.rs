@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
+use crate::backend::http::{HttpBackend, Retry};
 use crate::backend::sqlite::SqliteBackend;
 use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
@@ -60,6 +61,15 @@ pub struct Global {
     /// File holding the bearer token (else LICENSOR_TOKEN).
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
+    /// Longest wait for one answer of an http(s) backend; calls are retried.
+    #[arg(
+        long,
+        global = true,
+        env = "LICENSOR_BACKEND_TIMEOUT",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
+    pub backend_timeout: std::time::Duration,
     /// Instance name in managedBy (<instance>/<namespace>/<name>).
     #[arg(
         long,
@@ -177,10 +187,21 @@ pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>, String> {
         return Ok(Box::new(backend));
     }
     if g.backend.starts_with("http://") || g.backend.starts_with("https://") {
-        return Err(format!(
-            "backend {}: the HTTP license platform client is not part of this build; use --backend sqlite:PATH",
-            g.backend
-        ));
+        let account = g.account.as_deref().ok_or_else(|| {
+            format!(
+                "backend {}: name the account with --account (or LICENSOR_ACCOUNT)",
+                g.backend
+            )
+        })?;
+        let backend = HttpBackend::new(
+            &g.backend,
+            account,
+            token.as_deref(),
+            g.backend_timeout,
+            Retry::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        return Ok(Box::new(backend));
     }
     Err(format!(
         "backend {:?} is neither sqlite:PATH nor an http(s):// URL",

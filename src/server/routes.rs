@@ -16,7 +16,7 @@ use super::problem::{MALFORMED, MEDIA, NOT_FOUND, Problem, TOO_LARGE};
 use super::{Shared, authorize};
 use crate::backend::sqlite::Principal;
 use crate::backend::{AuditEntry, BackendError, Written};
-use crate::domain::{Allocation, AllocationWrite, PoolView, SeatChange, Target};
+use crate::domain::{Allocation, AllocationWrite, PoolView, Reason, Refusal, SeatChange, Target};
 
 /// A JSON body whose rejections are problem details.
 pub struct Body<T>(pub T);
@@ -270,6 +270,20 @@ pub async fn get_allocation(
     caller(&s, &headers, &account).await?;
     let (o, p) = (org.clone(), product.clone());
     let seen = store(&s, move |st| st.observe(&account, &o, &p)).await?;
+    if seen.pools.is_empty() {
+        let r = Refusal::new(
+            Reason::UnknownProduct,
+            format!("the account has no {product} pool"),
+        );
+        return Err(Problem::refusal(&r));
+    }
+    if seen.organizations.is_empty() {
+        let r = Refusal::new(
+            Reason::UnknownOrganization,
+            format!("organization {org} does not exist in the account"),
+        );
+        return Err(Problem::refusal(&r));
+    }
     match seen.allocations.into_iter().next() {
         Some(a) => {
             let v = a.version;

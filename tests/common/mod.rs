@@ -35,26 +35,121 @@ impl Run {
     }
 }
 
+/// Which backend the CLI talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The embedded store, `sqlite:PATH`.
+    Embedded,
+    /// `licensor serve` over that same file, on a loopback port.
+    Http,
+}
+
 pub struct Account {
     pub dir: tempfile::TempDir,
+    /// What `--backend` says.
     pub backend: String,
+    /// Environment of every run (the account and token, over HTTP).
     pub env: Vec<(String, String)>,
+    db: PathBuf,
+    server: Option<std::process::Child>,
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
 }
 
 impl Account {
     /// A new embedded store seeded with `fixture`.
     pub fn seeded(fixture: &str) -> Account {
+        Account::seeded_on(Kind::Embedded, fixture)
+    }
+
+    /// A store seeded with `fixture`, reached through `kind`. Over HTTP the
+    /// CLI acts with an Account Admin token named `ci`.
+    pub fn seeded_on(kind: Kind, fixture: &str) -> Account {
         let dir = tempfile::tempdir().expect("tempdir");
-        let backend = format!("sqlite:{}", dir.path().join("licensor.db").display());
-        let account = Account {
+        let db = dir.path().join("licensor.db");
+        let mut account = Account {
+            backend: format!("sqlite:{}", db.display()),
             dir,
-            backend,
             env: Vec::new(),
+            db,
+            server: None,
         };
         let path = account.write("account.yaml", fixture);
         let run = account.run(&["backend", "seed", "-f", path.to_str().unwrap()]);
         assert_eq!(run.code, 0, "seed failed: {run:?}");
+        if kind == Kind::Http {
+            let name: serde_yaml::Value = serde_yaml::from_str(fixture).unwrap();
+            let token = account.token("AccountAdmin", "ci");
+            account.serve(&[]);
+            account.env = vec![
+                (
+                    "LICENSOR_ACCOUNT".into(),
+                    name["account"].as_str().unwrap().into(),
+                ),
+                ("LICENSOR_TOKEN".into(), token),
+            ];
+        }
         account
+    }
+
+    /// Starts `licensor serve` on the store with extra flags; the CLI then
+    /// talks to it.
+    pub fn serve(&mut self, flags: &[&str]) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let log = std::fs::File::create(self.path("serve.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args([
+                "--backend",
+                &format!("sqlite:{}", self.db.display()),
+                "serve",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(flags)
+            .stderr(log)
+            .spawn()
+            .expect("start licensor serve");
+        if let Some(mut old) = self.server.replace(child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "licensor serve did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.backend = format!("http://127.0.0.1:{port}");
+        port
+    }
+
+    /// The server process, when there is one.
+    pub fn server(&mut self) -> Option<&mut std::process::Child> {
+        self.server.as_mut()
+    }
+
+    /// Creates a token on the store itself and returns it.
+    pub fn token(&self, role: &str, name: &str) -> String {
+        let run = self.run_local(&["token", "create", "--role", role, "--name", name]);
+        assert_eq!(run.code, 0, "{run:?}");
+        run.stdout.trim().to_string()
+    }
+
+    /// Acts with `token` from now on.
+    pub fn set_token(&mut self, token: &str) {
+        self.env.retain(|(k, _)| k != "LICENSOR_TOKEN");
+        self.env.push(("LICENSOR_TOKEN".into(), token.into()));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -62,7 +157,7 @@ impl Account {
     }
 
     pub fn db(&self) -> PathBuf {
-        PathBuf::from(self.backend.strip_prefix("sqlite:").unwrap())
+        self.db.clone()
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -90,8 +185,17 @@ impl Account {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
+        self.run_on(&self.backend, args)
+    }
+
+    /// Runs the CLI on the store file itself, whatever the backend.
+    pub fn run_local(&self, args: &[&str]) -> Run {
+        self.run_on(&format!("sqlite:{}", self.db.display()), args)
+    }
+
+    fn run_on(&self, backend: &str, args: &[&str]) -> Run {
         let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
-            .args(["--backend", &self.backend])
+            .args(["--backend", backend])
             .args(args)
             .env_remove("LICENSOR_TOKEN")
             .env_remove("LICENSOR_ACCOUNT")

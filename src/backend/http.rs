@@ -1,0 +1,456 @@
+//! The remote backend: a client of the license platform API (DESIGN §5),
+//! such as `licensor serve`.
+//!
+//! Every call has a timeout. Reads, and writes that are safe to repeat (an
+//! allocation write carries its idempotency key, which names the intended
+//! change and so stays the same across retries and process restarts; totals
+//! and releases are idempotent by nature) are retried on connection errors,
+//! timeouts, 5xx and 429, with exponential backoff and full jitter, honouring
+//! `Retry-After`. A seat change is only retried when the request never left.
+//! Problem details map back to the same refusal reasons exactly; anything
+//! else the server says (garbage, an unknown status) is `BackendUnavailable`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{AuditEntry, Backend, BackendError, Fixture, Written};
+use crate::domain::{
+    Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, SeatChange, Snapshot, Target,
+};
+use crate::server::problem::{NOT_FOUND, Problem};
+
+/// How calls are retried.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+    /// The longest `Retry-After` that is waited for; a longer one ends the call.
+    pub longest_wait: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 5,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            longest_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// When a call may be repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Idempotent: retry on any transient failure.
+    Safe,
+    /// Only when the request never reached the server.
+    NotSent,
+}
+
+/// A license platform account over HTTP.
+pub struct HttpBackend {
+    base: Url,
+    account: String,
+    client: reqwest::Client,
+    retry: Retry,
+}
+
+impl HttpBackend {
+    /// A client for `account` at `url` (`http(s)://host:port`), authenticated
+    /// with `token`, each try limited to `timeout`.
+    pub fn new(
+        url: &str,
+        account: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        retry: Retry,
+    ) -> Result<HttpBackend, BackendError> {
+        let base = Url::parse(url)
+            .map_err(|e| BackendError::Unavailable(format!("backend URL {url:?}: {e}")))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(BackendError::Unavailable(format!(
+                "backend URL {url:?} is not an http(s) URL"
+            )));
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(t) = token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                BackendError::Unauthorized("the token has characters a header cannot carry".into())
+            })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .user_agent(concat!("licensor/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| BackendError::Unavailable(format!("HTTP client: {e}")))?;
+        Ok(HttpBackend {
+            base,
+            account: account.to_string(),
+            client,
+            retry,
+        })
+    }
+
+    /// `/v1/accounts/<account>/<segments...>`, each segment escaped.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty()
+                .extend(["v1", "accounts", &self.account])
+                .extend(segments);
+        }
+        url
+    }
+
+    /// Sends a request, retrying as the module contract says, and decodes
+    /// the answer. `None` for 404 `not-found` when `absent_ok`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&(impl Serialize + Sync)>,
+        headers: HeaderMap,
+        repeat: Repeat,
+    ) -> Result<Option<T>, BackendError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(b) = body {
+                request = request.json(b);
+            }
+            let last = attempt >= self.retry.attempts;
+            let wait = match request.send().await {
+                Err(e) => {
+                    let transient = e.is_connect()
+                        || (repeat == Repeat::Safe && (e.is_timeout() || e.is_request()));
+                    if last || !transient {
+                        return Err(unavailable(&method, &url, &e.to_string(), attempt));
+                    }
+                    None
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = response
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let is_json = response
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("json"));
+                    let bytes = match response.bytes().await {
+                        Ok(b) => b,
+                        Err(e) if !last && repeat == Repeat::Safe => {
+                            tracing::debug!("reading the answer of {method} {url}: {e}");
+                            self.pause(attempt, None).await;
+                            continue;
+                        }
+                        Err(e) => return Err(unavailable(&method, &url, &e.to_string(), attempt)),
+                    };
+                    if status.is_success() {
+                        if status == StatusCode::NO_CONTENT {
+                            return serde_json::from_value(serde_json::Value::Null)
+                                .map(Some)
+                                .map_err(|e| garbage(&method, &url, e));
+                        }
+                        return serde_json::from_slice(&bytes)
+                            .map(Some)
+                            .map_err(|e| garbage(&method, &url, e));
+                    }
+                    let problem: Option<Problem> = is_json
+                        .then(|| serde_json::from_slice(&bytes).ok())
+                        .flatten();
+                    let transient =
+                        status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+                    if !transient || last || repeat == Repeat::NotSent {
+                        return match problem {
+                            Some(p)
+                                if p.kind() == Some(NOT_FOUND)
+                                    && status == StatusCode::NOT_FOUND =>
+                            {
+                                Ok(None)
+                            }
+                            Some(p) if !transient => Err(p.into_error()),
+                            Some(p) => Err(unavailable(
+                                &method,
+                                &url,
+                                &format!("{status}: {}", p.detail),
+                                attempt,
+                            )),
+                            None => Err(unavailable(
+                                &method,
+                                &url,
+                                &format!("answered {status} without problem details"),
+                                attempt,
+                            )),
+                        };
+                    }
+                    if let Some(w) = retry_after
+                        && w > self.retry.longest_wait
+                    {
+                        return Err(unavailable(
+                            &method,
+                            &url,
+                            &format!("{status}; Retry-After {}s is too long to wait", w.as_secs()),
+                            attempt,
+                        ));
+                    }
+                    retry_after
+                }
+            };
+            self.pause(attempt, wait).await;
+        }
+    }
+
+    /// Waits before try `attempt + 1`: `Retry-After` if the server said,
+    /// otherwise a random time up to the exponential delay (full jitter).
+    async fn pause(&self, attempt: u32, retry_after: Option<Duration>) {
+        let delay = retry_after.unwrap_or_else(|| {
+            let ceiling = self
+                .retry
+                .base
+                .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
+                .min(self.retry.cap);
+            ceiling.mul_f64(rand::random::<f64>())
+        });
+        tracing::debug!(attempt, ?delay, "retrying the backend");
+        tokio::time::sleep(delay).await;
+    }
+
+    async fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<Option<T>, BackendError> {
+        self.call(
+            Method::GET,
+            self.url(segments),
+            None::<&()>,
+            HeaderMap::new(),
+            Repeat::Safe,
+        )
+        .await
+    }
+
+    async fn must<T: DeserializeOwned>(
+        &self,
+        answer: Option<T>,
+        what: &str,
+    ) -> Result<T, BackendError> {
+        answer.ok_or_else(|| BackendError::Unavailable(format!("the server has no {what}")))
+    }
+}
+
+fn unavailable(method: &Method, url: &Url, why: &str, attempts: u32) -> BackendError {
+    BackendError::Unavailable(format!(
+        "{method} {}: {why} (after {attempts} {})",
+        url.path(),
+        if attempts == 1 { "try" } else { "tries" }
+    ))
+}
+
+fn garbage(method: &Method, url: &Url, e: serde_json::Error) -> BackendError {
+    BackendError::Unavailable(format!(
+        "{method} {}: the server answered garbage: {e}",
+        url.path()
+    ))
+}
+
+#[async_trait]
+impl Backend for HttpBackend {
+    fn location(&self) -> String {
+        format!(
+            "{} (account {})",
+            self.base.as_str().trim_end_matches('/'),
+            self.account
+        )
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, BackendError> {
+        let pools: Vec<PoolView> = self.get(&["products"]).await?.unwrap_or_default();
+        let orgs: Vec<serde_json::Value> = self.get(&["organizations"]).await?.unwrap_or_default();
+        let allocations: Vec<Allocation> = self.get(&["allocations"]).await?.unwrap_or_default();
+        Ok(Snapshot {
+            pools: pools.into_iter().map(pool).collect(),
+            organizations: orgs
+                .iter()
+                .filter_map(|o| o["id"].as_str().map(str::to_string))
+                .collect(),
+            allocations,
+        })
+    }
+
+    async fn observe(&self, organization: &str, product: &str) -> Result<Snapshot, BackendError> {
+        let pools: Vec<PoolView> = self.get(&["products"]).await?.unwrap_or_default();
+        let pools: Vec<Pool> = pools
+            .into_iter()
+            .filter(|p| p.product == product)
+            .map(pool)
+            .collect();
+        let found: Result<Option<Allocation>, BackendError> = self
+            .get(&["organizations", organization, "allocations", product])
+            .await;
+        let (organizations, allocations) = match found {
+            Ok(Some(a)) => (vec![organization.to_string()], vec![a]),
+            Ok(None) => (vec![organization.to_string()], vec![]),
+            Err(BackendError::Refused(r)) if r.reason == Reason::UnknownOrganization => {
+                (vec![], vec![])
+            }
+            Err(BackendError::Refused(r)) if r.reason == Reason::UnknownProduct => {
+                (vec![organization.to_string()], vec![])
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Snapshot {
+            pools,
+            organizations,
+            allocations,
+        })
+    }
+
+    async fn write(&self, w: &AllocationWrite) -> Result<Written, BackendError> {
+        let mut headers = HeaderMap::new();
+        match w.expected_version {
+            Some(0) => {
+                headers.insert("if-none-match", HeaderValue::from_static("*"));
+            }
+            Some(v) => {
+                headers.insert("if-match", header(&format!("\"{v}\""))?);
+            }
+            None => {}
+        }
+        if let Some(k) = &w.idempotency_key {
+            headers.insert("idempotency-key", header(k)?);
+        }
+        let segments = ["organizations", &w.organization, "allocations", &w.product];
+        let mut url = self.url(&segments);
+        let answer = match w.target {
+            Target::Count(n) => {
+                let body = json!({
+                    "dedicated": n,
+                    "managedBy": w.managed_by,
+                    "allowUserDisplacement": w.allow_user_displacement,
+                });
+                self.call(Method::PUT, url, Some(&body), headers, Repeat::Safe)
+                    .await?
+            }
+            Target::Remove => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(m) = &w.managed_by {
+                        q.append_pair("managedBy", m);
+                    }
+                    q.append_pair(
+                        "allowUserDisplacement",
+                        &w.allow_user_displacement.to_string(),
+                    );
+                }
+                self.call(Method::DELETE, url, None::<&()>, headers, Repeat::Safe)
+                    .await?
+            }
+        };
+        self.must(answer, "answer to the write").await
+    }
+
+    async fn release(
+        &self,
+        organization: &str,
+        product: &str,
+        manager: &str,
+    ) -> Result<(), BackendError> {
+        let url = self.url(&[
+            "organizations",
+            organization,
+            "allocations",
+            product,
+            "release",
+        ]);
+        let body = json!({ "managedBy": manager });
+        self.call::<()>(
+            Method::POST,
+            url,
+            Some(&body),
+            HeaderMap::new(),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn set_total(&self, product: &str, total: i64) -> Result<PoolView, BackendError> {
+        let body = json!({ "total": total });
+        let answer = self
+            .call(
+                Method::PUT,
+                self.url(&["products", product]),
+                Some(&body),
+                HeaderMap::new(),
+                Repeat::Safe,
+            )
+            .await?;
+        self.must(answer, "answer to the total").await
+    }
+
+    async fn seats(
+        &self,
+        organization: &str,
+        product: &str,
+        change: SeatChange,
+    ) -> Result<(), BackendError> {
+        let body = match change {
+            SeatChange::Claim(n) => json!({ "claim": n }),
+            SeatChange::Release(n) => json!({ "release": n }),
+        };
+        let url = self.url(&["organizations", organization, "seats", product]);
+        self.call::<()>(
+            Method::POST,
+            url,
+            Some(&body),
+            HeaderMap::new(),
+            Repeat::NotSent,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn seed(&self, _fixture: &Fixture) -> Result<(), BackendError> {
+        Err(Refusal::new(
+            Reason::Invalid,
+            "the platform API does not replace accounts; seed the server's store with `licensor --backend sqlite:PATH backend seed`",
+        )
+        .into())
+    }
+
+    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
+        Ok(self.get(&["audit"]).await?.unwrap_or_default())
+    }
+}
+
+fn pool(p: PoolView) -> Pool {
+    Pool {
+        product: p.product,
+        total: p.total,
+        dedicated: p.dedicated,
+        shared_in_use: p.shared_in_use,
+    }
+}
+
+fn header(v: &str) -> Result<HeaderValue, BackendError> {
+    HeaderValue::from_str(v)
+        .map_err(|_| BackendError::Unavailable(format!("{v:?} cannot be sent as a header")))
+}
