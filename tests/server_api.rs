@@ -1,0 +1,726 @@
+//! `licensor serve` over real HTTP on loopback: access, problem details,
+//! ETag/If-Match, idempotency, dry runs, racing clients, bad input, a
+//! SIGKILL in the middle of a burst; and the HTTP backend against servers
+//! that are down, slow, or answering 429 and 500.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Account, DOCUMENTED, Kind};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+
+struct Api {
+    acct: Account,
+    base: String,
+    admin: String,
+    http: Client,
+}
+
+impl Api {
+    fn start(fixture: &str) -> Api {
+        let acct = Account::seeded_on(Kind::Http, fixture);
+        let admin = acct
+            .env
+            .iter()
+            .find(|(k, _)| k == "LICENSOR_TOKEN")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        Api {
+            base: format!("{}/v1/accounts/acme", acct.backend),
+            acct,
+            admin,
+            http: Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request; returns status, headers and the JSON body (or Null).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let response = r.send().await.expect("request");
+        let (status, headers) = (response.status(), response.headers().clone());
+        let text = response.text().await.unwrap();
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (s, _, v) = self.send(method, path, Some(&self.admin), body, &[]).await;
+        (s, v)
+    }
+}
+
+const QA: &str = "/organizations/qa-team/allocations/TestOps";
+
+fn is_problem(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get("content-type")
+        .is_some_and(|v| v == "application/problem+json")
+}
+
+#[tokio::test]
+async fn the_access_matrix() {
+    let api = Api::start(DOCUMENTED);
+    let viewer = api.acct.token("Viewer", "auditor");
+    let put = json!({"dedicated": 6, "managedBy": "test"});
+    let cases = [
+        (None, StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+        (
+            Some("lsr_bad"),
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+        ),
+        (Some(viewer.as_str()), StatusCode::OK, StatusCode::FORBIDDEN),
+        (Some(api.admin.as_str()), StatusCode::OK, StatusCode::OK),
+    ];
+    for (token, read, write) in cases {
+        let before = api.acct.rows();
+        let (s, h, body) = api.send(Method::GET, "/products", token, None, &[]).await;
+        assert_eq!(s, read, "read with {token:?}: {body}");
+        if s != StatusCode::OK {
+            assert!(is_problem(&h));
+        }
+        let (s, h, body) = api
+            .send(Method::PUT, QA, token, Some(put.clone()), &[])
+            .await;
+        assert_eq!(s, write, "write with {token:?}: {body}");
+        if s == StatusCode::UNAUTHORIZED {
+            assert_eq!(h["www-authenticate"], "Bearer");
+            assert!(body["type"].as_str().unwrap().ends_with("/unauthorized"));
+        }
+        if s == StatusCode::FORBIDDEN {
+            assert_eq!(body["reason"], "Forbidden");
+        }
+        if s != StatusCode::OK {
+            assert_eq!(api.acct.rows(), before, "a refused write changed the store");
+        }
+        if let Some(t) = token {
+            assert!(!body.to_string().contains(t), "the token was echoed");
+        }
+    }
+    let audit = api.admin(Method::GET, "/audit", None).await.1;
+    assert_eq!(
+        audit.as_array().unwrap().last().unwrap()["actor"],
+        "token:ci"
+    );
+    let log = std::fs::read_to_string(api.acct.path("serve.log")).unwrap();
+    let rows = api.acct.rows();
+    for t in [&viewer, &api.admin] {
+        assert!(!log.contains(t.as_str()) && !rows.contains(t.as_str()));
+        assert!(!audit.to_string().contains(t.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn every_refusal_is_a_problem_with_its_numbers() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}, {name: Studio, total: 5}]
+organizations:
+  - id: qa-team
+    allocations: [{product: TestOps, dedicated: 10, inUse: 4, managedBy: owner/a/b}]
+  - id: dev-team
+    allocations: [{product: Studio, dedicated: 5, inUse: 3}]
+  - id: web-team
+";
+    let api = Api::start(fixture);
+    let put = |dedicated: i64, manager: &str, allow: bool| json!({"dedicated": dedicated, "managedBy": manager, "allowUserDisplacement": allow});
+    let o = "owner/a/b";
+    let cases: Vec<(&str, Value, u16, &str, Value)> = vec![
+        (
+            QA,
+            put(25, o, false),
+            409,
+            "insufficient-pool",
+            json!({"requested": 15, "free": 10}),
+        ),
+        (
+            QA,
+            put(2, o, false),
+            409,
+            "below-in-use",
+            json!({"inUse": 4}),
+        ),
+        (
+            QA,
+            put(3, "someone/else", false),
+            409,
+            "conflict",
+            json!({"owner": o}),
+        ),
+        (
+            "/organizations/ghost/allocations/TestOps",
+            put(1, o, false),
+            404,
+            "unknown-organization",
+            json!({}),
+        ),
+        (
+            "/organizations/qa-team/allocations/Nope",
+            put(1, o, false),
+            404,
+            "unknown-product",
+            json!({}),
+        ),
+        (QA, put(10_000_000, o, false), 422, "invalid", json!({})),
+        (QA, put(-1, o, false), 422, "invalid", json!({})),
+    ];
+    for (path, body, status, kind, numbers) in cases {
+        let before = api.acct.rows();
+        let (s, h, p) = api
+            .send(Method::PUT, path, Some(&api.admin), Some(body), &[])
+            .await;
+        assert_eq!(s.as_u16(), status, "{kind}: {p}");
+        assert!(is_problem(&h), "{kind}");
+        assert_eq!(p["type"], format!("https://licensor.dev/problems/{kind}"));
+        assert_eq!(p["status"], status);
+        assert!(p["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        for (k, v) in numbers.as_object().unwrap() {
+            assert_eq!(&p[k], v, "{kind}: {k} in {p}");
+        }
+        assert_eq!(api.acct.rows(), before, "{kind} changed the store");
+    }
+    // Over-committed: a revoke that would displace users needs consent.
+    api.admin(Method::PUT, "/products/Studio", Some(json!({"total": 1})))
+        .await;
+    let (s, p) = api
+        .admin(
+            Method::DELETE,
+            "/organizations/dev-team/allocations/Studio",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), &p["reason"], &p["displaced"]),
+        (409, &json!("WouldDisplaceUsers"), &json!(2)),
+        "{p}"
+    );
+    let (s, p) = api
+        .admin(
+            Method::DELETE,
+            "/organizations/dev-team/allocations/Studio?allowUserDisplacement=true",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(
+        (&p["effect"]["rehomed"], &p["effect"]["displaced"]),
+        (&json!(1), &json!(2))
+    );
+    let viewer = api.acct.token("Viewer", "v");
+    let (s, _, p) = api
+        .send(
+            Method::PUT,
+            "/products/TestOps",
+            Some(&viewer),
+            Some(json!({"total": 1})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), &p["type"]),
+        (403, &json!("https://licensor.dev/problems/forbidden"))
+    );
+}
+
+#[tokio::test]
+async fn etags_idempotency_keys_and_dry_runs() {
+    let api = Api::start(DOCUMENTED);
+    let (s, h, a) = api.send(Method::GET, QA, Some(&api.admin), None, &[]).await;
+    assert_eq!(
+        (s, &h["etag"], &a["dedicated"]),
+        (StatusCode::OK, &"\"1\"".parse().unwrap(), &json!(5))
+    );
+
+    let body = json!({"dedicated": 6, "managedBy": "m"});
+    let (s, h, _) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(body.clone()),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!((s, &h["etag"]), (StatusCode::OK, &"\"2\"".parse().unwrap()));
+    let before = api.acct.rows();
+    let (s, h, p) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(json!({"dedicated": 7, "managedBy": "m"})),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{p}");
+    assert!(is_problem(&h));
+    assert_eq!(
+        (&p["expectedVersion"], &p["actualVersion"]),
+        (&json!(1), &json!(2))
+    );
+    assert_eq!(api.acct.rows(), before);
+    let (s, _, _) = api
+        .send(
+            Method::PUT,
+            "/organizations/dev-team/allocations/TestOps",
+            Some(&api.admin),
+            Some(json!({"dedicated": 1, "managedBy": "m"})),
+            &[("if-none-match", "*")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "If-None-Match: * creates");
+
+    // The same key and body replays the first answer; nothing is written twice.
+    let key = [("idempotency-key", "raise-qa-to-8")];
+    let raise = json!({"dedicated": 8, "managedBy": "m"});
+    let (s1, _, first) = api
+        .send(Method::PUT, QA, Some(&api.admin), Some(raise.clone()), &key)
+        .await;
+    let audit_len = api
+        .admin(Method::GET, "/audit", None)
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .len();
+    let (s2, _, again) = api
+        .send(Method::PUT, QA, Some(&api.admin), Some(raise), &key)
+        .await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(
+        (&first["effect"], &again["effect"]),
+        (&again["effect"], &first["effect"])
+    );
+    assert_eq!(again["replayed"], true);
+    assert_eq!(
+        api.admin(Method::GET, "/audit", None)
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        audit_len
+    );
+    let (s, _, p) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(json!({"dedicated": 9, "managedBy": "m"})),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), &p["type"]),
+        (
+            422,
+            &json!("https://licensor.dev/problems/idempotency-key-reused")
+        )
+    );
+
+    // A dry run answers and writes nothing, audit included.
+    let before = api.acct.rows();
+    let (s, _, p) = api
+        .send(
+            Method::PUT,
+            &format!("{QA}?dryRun=true"),
+            Some(&api.admin),
+            Some(json!({"dedicated": 4, "managedBy": "m"})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (s, &p["effect"]["action"], &p["effect"]["to"]),
+        (StatusCode::OK, &json!("decrease"), &json!(4))
+    );
+    let (s, _, p) = api
+        .send(
+            Method::PUT,
+            &format!("{QA}?dryRun=true"),
+            Some(&api.admin),
+            Some(json!({"dedicated": 1, "managedBy": "m"})),
+            &[],
+        )
+        .await;
+    assert_eq!((s.as_u16(), &p["reason"]), (409, &json!("BelowInUse")));
+    assert_eq!(api.acct.rows(), before);
+}
+
+#[tokio::test]
+async fn racing_clients_never_hand_out_more_than_the_pool() {
+    let orgs: String = (0..32).map(|i| format!("  - id: org-{i}\n")).collect();
+    let api = Arc::new(Api::start(&format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 105}}]\norganizations:\n{orgs}"
+    )));
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let path = format!("/organizations/org-{i}/allocations/TestOps");
+                let body = json!({"dedicated": 10, "managedBy": format!("client-{i}")});
+                let (s, _, p) = api
+                    .send(Method::PUT, &path, Some(&api.admin), Some(body), &[])
+                    .await;
+                (s, p)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let (s, p) = t.await.unwrap();
+        match s {
+            StatusCode::OK => ok += 1,
+            _ => assert_eq!(p["reason"], "InsufficientPool", "{p}"),
+        }
+    }
+    assert_eq!(ok, 10, "exactly ten 10-seat allocations fit in 105");
+    let pools = api.admin(Method::GET, "/products", None).await.1;
+    assert_eq!(
+        (&pools[0]["dedicated"], &pools[0]["free"]),
+        (&json!(100), &json!(5))
+    );
+}
+
+#[tokio::test]
+async fn garbage_in_gets_a_problem_and_writes_nothing() {
+    let api = Api::start(DOCUMENTED);
+    let before = api.acct.rows();
+    let huge = format!(
+        "{{\"dedicated\": 5, \"managedBy\": \"{}\"}}",
+        "x".repeat(100_000)
+    );
+    let cases: Vec<(&str, &str, String, u16)> = vec![
+        ("application/json", "not json", "{not json".into(), 400),
+        (
+            "application/json",
+            "truncated",
+            "{\"dedicated\": 5".into(),
+            400,
+        ),
+        ("application/json", "empty", String::new(), 400),
+        (
+            "text/plain",
+            "wrong content type",
+            "{\"dedicated\": 5}".into(),
+            415,
+        ),
+        (
+            "application/json",
+            "string count",
+            "{\"dedicated\": \"5\"}".into(),
+            400,
+        ),
+        (
+            "application/json",
+            "absurd count",
+            "{\"dedicated\": 1e30}".into(),
+            400,
+        ),
+        (
+            "application/json",
+            "count past i64",
+            "{\"dedicated\": 99999999999999999999}".into(),
+            400,
+        ),
+        (
+            "application/json",
+            "unknown field",
+            "{\"dedicated\": 5, \"owner\": \"me\"}".into(),
+            400,
+        ),
+        ("application/json", "oversized", huge, 413),
+    ];
+    for (content_type, what, body, status) in cases {
+        let r = api
+            .http
+            .put(api.url(QA))
+            .bearer_auth(&api.admin)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        assert!(is_problem(r.headers()), "{what}");
+        let p: Value = r.json().await.unwrap();
+        assert!(p["detail"].as_str().is_some(), "{what}: {p}");
+    }
+    let seats = "/organizations/qa-team/seats/TestOps";
+    let (s, _) = api
+        .admin(Method::POST, seats, Some(json!({"claim": 1, "release": 1})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, _) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(json!({"dedicated": 5})),
+            &[("if-match", "yesterday")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = api.admin(Method::GET, "/no/such/route", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(api.acct.rows(), before, "garbage changed the store");
+    let (s, _) = api.admin(Method::GET, "/products", None).await;
+    assert_eq!(s, StatusCode::OK, "the server keeps serving");
+}
+
+#[tokio::test]
+async fn a_sigkill_mid_burst_loses_no_acknowledged_write() {
+    let orgs: String = (0..400).map(|i| format!("  - id: org-{i}\n")).collect();
+    let mut api = Api::start(&format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 100000}}]\norganizations:\n{orgs}"
+    ));
+    let shared = Arc::new((api.http.clone(), api.base.clone(), api.admin.clone()));
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (shared, acknowledged) = (shared.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                let (http, base, token) = &*shared;
+                for i in (w..400).step_by(4) {
+                    let r = http
+                        .put(format!("{base}/organizations/org-{i}/allocations/TestOps"))
+                        .bearer_auth(token)
+                        .json(&json!({"dedicated": 1 + i % 9, "managedBy": "burst"}))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == StatusCode::OK => {
+                            acknowledged.lock().unwrap().push(i)
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    api.acct.server().unwrap().kill().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(
+        !acked.is_empty() && acked.len() < 400,
+        "the kill should land mid-burst: {}",
+        acked.len()
+    );
+
+    api.acct.serve(&[]);
+    let status = api.acct.status();
+    let held: std::collections::HashMap<String, i64> = status["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["organization"].as_str().unwrap().to_string(),
+                a["dedicated"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for i in &acked {
+        assert_eq!(
+            held.get(&format!("org-{i}")),
+            Some(&(1 + *i as i64 % 9)),
+            "acknowledged write {i} lost"
+        );
+    }
+    let audit = api.acct.audit();
+    let creates: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "create")
+        .map(|e| e["organization"].as_str().unwrap())
+        .collect();
+    assert_eq!(creates.len(), held.len(), "audit and allocations agree");
+    let total: i64 = held.values().sum();
+    assert_eq!(
+        api.acct.pool("TestOps").1,
+        total,
+        "the pool's sum matches its allocations"
+    );
+    eprintln!(
+        "{} acknowledged, {} committed before the kill",
+        acked.len(),
+        held.len()
+    );
+}
+
+/// A misbehaving platform on loopback: answers every request with `answer`
+/// after `delay`, counting requests.
+async fn fake_platform(
+    delay: Duration,
+    answer: impl Fn(usize) -> (u16, Option<u64>) + Send + Sync + 'static,
+) -> (String, Arc<AtomicUsize>) {
+    use axum::http::HeaderValue;
+    use axum::response::IntoResponse;
+    let count = Arc::new(AtomicUsize::new(0));
+    let (seen, answer) = (count.clone(), Arc::new(answer));
+    let app = axum::Router::new().fallback(move || {
+        let (seen, answer) = (seen.clone(), answer.clone());
+        async move {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            let (status, retry_after) = answer(n);
+            let body = if status == 200 {
+                "[]".to_string()
+            } else {
+                json!({"type": "about:blank", "title": "x", "status": status, "detail": "busy"})
+                    .to_string()
+            };
+            let mut r = (axum::http::StatusCode::from_u16(status).unwrap(), body).into_response();
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            if let Some(s) = retry_after {
+                r.headers_mut().insert("retry-after", HeaderValue::from(s));
+            }
+            r
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, count)
+}
+
+/// `licensor status` against `url`, with a short timeout.
+async fn status_against(url: &str) -> (i32, String, Duration) {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args([
+                "--backend",
+                &url,
+                "--account",
+                "acme",
+                "--backend-timeout",
+                "300ms",
+                "status",
+            ])
+            .env("LICENSOR_TOKEN", "lsr_whatever")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            started.elapsed(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_client_retries_then_reports_the_backend_unavailable() {
+    // Down: nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, err, _) = status_against(&format!("http://127.0.0.1:{port}")).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("backend unavailable") && err.contains("after 5 tries"),
+        "{err}"
+    );
+
+    // 500 every time: five tries, then unavailable.
+    let (url, count) = fake_platform(Duration::ZERO, |_| (500, None)).await;
+    let (code, err, _) = status_against(&url).await;
+    assert_eq!((code, count.load(Ordering::SeqCst)), (1, 5), "{err}");
+    assert!(
+        err.contains("backend unavailable") && err.contains("500"),
+        "{err}"
+    );
+
+    // Slow past the timeout: each try times out, five tries.
+    let (url, count) = fake_platform(Duration::from_secs(2), |_| (200, None)).await;
+    let (code, err, took) = status_against(&url).await;
+    assert_eq!((code, count.load(Ordering::SeqCst)), (1, 5), "{err}");
+    assert!(
+        took < Duration::from_secs(6),
+        "timeouts were not applied: {took:?}"
+    );
+
+    // 429 twice with Retry-After: 1, then fine: the client waits and succeeds.
+    let (url, count) = fake_platform(Duration::ZERO, |n| {
+        if n < 2 { (429, Some(1)) } else { (200, None) }
+    })
+    .await;
+    let (code, err, took) = status_against(&url).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "Retry-After was not honoured: {took:?}"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2 + 3,
+        "two refused, then the three reads of status"
+    );
+
+    // Garbage with 200.
+    let app = axum::Router::new()
+        .fallback(|| async { ([("content-type", "application/json")], "{\"pools\": ") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (code, err, _) = status_against(&url).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("garbage"), "{err}");
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_with_retry_after() {
+    let mut api = Api::start(DOCUMENTED);
+    api.acct.serve(&["--rate-limit", "5"]);
+    api.base = format!("{}/v1/accounts/acme", api.acct.backend);
+    let mut limited = None;
+    for _ in 0..50 {
+        let (s, h, p) = api
+            .send(Method::GET, "/products", Some(&api.admin), None, &[])
+            .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some((h, p));
+            break;
+        }
+    }
+    let (h, p) = limited.expect("no 429 in 50 requests at 5/s");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(p["type"], "https://licensor.dev/problems/rate-limited");
+    // The CLI's client waits it out.
+    let run = api.acct.run(&["status", "-o", "json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
