@@ -8,7 +8,7 @@ mod controlplane;
 
 use std::time::{Duration, Instant};
 
-use common::{Account, license_yaml};
+use common::{Account, Kind, license_yaml};
 use controlplane::{ControlPlane, Operator, wait_for};
 use serde_json::Value;
 
@@ -673,4 +673,63 @@ organizations: [{id: a}, {id: b}]
     assert_eq!(second.terminate(), Some(0), "{}", tail(&second.logs()));
     let h = holder(&cp);
     assert!(h.is_null() || h == "", "lease released: {h}");
+}
+
+#[test]
+fn a_remote_platform_that_is_down_shows_in_status_until_it_is_back() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations: [{id: a}]
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let mut account = Account::seeded_on(Kind::Http, fixture);
+    let port: u16 = account.backend.rsplit(':').next().unwrap().parse().unwrap();
+    let token = account.path("token");
+    let admin = account
+        .env
+        .iter()
+        .find(|(k, _)| k == "LICENSOR_TOKEN")
+        .unwrap()
+        .1
+        .clone();
+    std::fs::write(&token, admin).unwrap();
+    account.server().unwrap().kill().unwrap();
+
+    let token_flag = format!("--token-file={}", token.display());
+    let operator = Operator::start(
+        &cp,
+        "remote",
+        &account.backend,
+        &[
+            "--leader-elect=false",
+            "--account=acme",
+            &token_flag,
+            "--backend-timeout=300ms",
+            "--backoff=500ms",
+            "--max-backoff=2s",
+        ],
+    );
+    let c = Cluster {
+        cp,
+        account,
+        operator,
+    };
+    c.license("remote", "a", "TestOps", 4, "");
+    let o = c.wait("remote", "False", "BackendUnavailable");
+    assert_eq!(condition(&o, "Reconciling").unwrap()["status"], "True");
+    assert!(
+        message(&o).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        message(&o)
+    );
+    c.wait_event("remote", "Warning", "BackendUnavailable");
+
+    let mut c = c;
+    c.account.serve_on(port, &[]);
+    c.wait("remote", "True", "Reconciled");
+    assert_eq!(c.account.allocation("a", "TestOps"), Some((4, 0)));
+    let audit = c.account.audit();
+    assert_eq!(audit.last().unwrap()["actor"], "token:ci");
 }

@@ -106,6 +106,12 @@ impl Account {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        self.serve_on(port, flags);
+        port
+    }
+
+    /// Starts (or restarts) `licensor serve` on `port`.
+    pub fn serve_on(&mut self, port: u16, flags: &[&str]) {
         let log = std::fs::File::create(self.path("serve.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
             .args([
@@ -131,7 +137,6 @@ impl Account {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         self.backend = format!("http://127.0.0.1:{port}");
-        port
     }
 
     /// The server process, when there is one.
