@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/licensor
 
-.PHONY: demo test check bench bench-operator crd
+.PHONY: demo test check bench bench-operator bench-platform crd
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome and the pools.
@@ -35,3 +35,7 @@ bench:
 ## against a plain-client floor; peak memory with 1,000 and 10,000 objects).
 bench-operator:
 	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) bench --locked --bench operator
+
+## The platform API load benchmark (writes and reads per second, p50/p99).
+bench-platform:
+	$(CARGO) bench --locked --bench platform

@@ -1,0 +1,117 @@
+//! Load benchmark of `licensor serve` on loopback: allocation writes and
+//! reads per second with p50 and p99 latency, from a client with a pool of
+//! keep-alive connections in this process (which shares the two cores with
+//! the server).
+//!
+//! Run with `make bench-platform` (or `cargo bench --bench platform`);
+//! `WRITES`, `READS` and `CLIENTS` change the sizes.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use serde_json::json;
+
+use common::{Account, Kind};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const ORGS: usize = 2000;
+
+fn fixture() -> String {
+    let mut s = String::from(
+        "account: acme\nproducts: [{name: TestOps, total: 100000000}]\norganizations:\n",
+    );
+    for i in 0..ORGS {
+        s.push_str(&format!("  - {{id: org-{i}}}\n"));
+    }
+    s
+}
+
+/// Runs `n` requests built by `request`, `clients` at a time; returns the
+/// wall time and the sorted latencies, and checks every answer was 200.
+async fn load(
+    n: usize,
+    clients: usize,
+    request: impl Fn(usize) -> reqwest::RequestBuilder,
+) -> (Duration, Vec<Duration>) {
+    let started = Instant::now();
+    let mut latencies: Vec<Duration> = stream::iter(0..n)
+        .map(|i| {
+            let r = request(i);
+            async move {
+                let t = Instant::now();
+                let response = r.send().await.expect("request");
+                let status = response.status();
+                let _ = response.bytes().await;
+                assert!(status.is_success(), "answer {status}");
+                t.elapsed()
+            }
+        })
+        .buffer_unordered(clients)
+        .collect()
+        .await;
+    let wall = started.elapsed();
+    latencies.sort();
+    (wall, latencies)
+}
+
+fn report(what: &str, n: usize, (wall, lat): &(Duration, Vec<Duration>), target: &str) {
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "  {what:<7} {n:>7} in {:>6.2} s  {:>8.0}/s (target {target})   p50 {:>6.2} ms   p99 {:>6.2} ms (target < 20)",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64(),
+        pct(0.50).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let writes = env("WRITES", 20_000);
+    let reads = env("READS", 100_000);
+    let clients = env("CLIENTS", 32);
+    let account = Account::seeded_on(Kind::Http, &fixture());
+    let token = account
+        .env
+        .iter()
+        .find(|(k, _)| k == "LICENSOR_TOKEN")
+        .unwrap()
+        .1
+        .clone();
+    let base = Arc::new(format!(
+        "{}/v1/accounts/acme/organizations",
+        account.backend
+    ));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
+
+    // Each write is a real change: org i % ORGS moves between 1 and 9 seats.
+    let written = load(writes, clients, |i| {
+        http.put(format!("{base}/org-{}/allocations/TestOps", i % ORGS))
+            .bearer_auth(&token)
+            .json(&json!({"dedicated": 1 + (i / ORGS) % 9, "managedBy": "bench"}))
+    })
+    .await;
+    let read = load(reads, clients, |i| {
+        http.get(format!("{base}/org-{}/allocations/TestOps", i % ORGS))
+            .bearer_auth(&token)
+    })
+    .await;
+    println!("licensor serve on loopback, {clients} concurrent clients, embedded store");
+    report("writes", writes, &written, ">= 2,000/s");
+    report("reads", reads, &read, ">= 20,000/s");
+    let audit = account.audit().len();
+    println!("  audit entries after the run: {audit}");
+}
