@@ -724,3 +724,89 @@ async fn the_rate_limit_answers_429_with_retry_after() {
     let run = api.acct.run(&["status", "-o", "json"]);
     assert_eq!(run.code, 0, "{run:?}");
 }
+
+#[tokio::test]
+async fn a_retried_write_after_a_lost_answer_is_applied_once() {
+    use licensor::backend::Backend;
+    use licensor::backend::http::{HttpBackend, Retry};
+    use licensor::domain::{AllocationWrite, Target};
+    let api = Api::start(DOCUMENTED);
+    let client = || {
+        HttpBackend::new(
+            &api.acct.backend,
+            "acme",
+            Some(&api.admin),
+            Duration::from_secs(5),
+            Retry::default(),
+        )
+        .unwrap()
+    };
+    let mut write = AllocationWrite {
+        organization: "qa-team".into(),
+        product: "TestOps".into(),
+        target: Target::Count(9),
+        managed_by: Some("default/licenses/qa".into()),
+        allow_user_displacement: false,
+        expected_version: Some(1),
+        idempotency_key: None,
+    };
+    write.idempotency_key = Some(write.intent_key(1));
+    // The server commits; the client "crashes" before it reads the answer,
+    // and a new process sends the same intended change again.
+    let first = client().write(&write).await.unwrap();
+    let again = client().write(&write).await.unwrap();
+    assert!(!first.replayed && again.replayed);
+    assert_eq!(first.effect, again.effect);
+    let increases = api
+        .acct
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "increase")
+        .count();
+    assert_eq!(increases, 1, "applied once");
+    assert_eq!(api.acct.allocation("qa-team", "TestOps"), Some((9, 4)));
+}
+
+#[tokio::test]
+async fn health_metrics_openapi_and_a_clean_stop() {
+    let mut api = Api::start(DOCUMENTED);
+    let root = api.acct.backend.clone();
+    let get = |path: &str| {
+        let (http, url) = (api.http.clone(), format!("{root}{path}"));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(get("/readyz").await.0, StatusCode::OK);
+    api.admin(Method::GET, "/products", None).await;
+    let (s, metrics) = get("/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        metrics.contains(r#"licensor_http_requests_total{method="GET",route="/v1/accounts/{account}/products",status="200"} 1"#),
+        "{metrics}"
+    );
+    let (s, doc) = get("/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v1/accounts/{account}/products",
+        "/v1/accounts/{account}/organizations/{organization}/allocations/{product}",
+        "/v1/accounts/{account}/organizations/{organization}/seats/{product}",
+        "/v1/accounts/{account}/audit",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+
+    let server = api.acct.server().unwrap();
+    let pid = nix::unistd::Pid::from_raw(server.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = server.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM stops cleanly");
+}

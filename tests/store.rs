@@ -102,3 +102,46 @@ fn reopening_a_migrated_file_keeps_its_data() {
     let store = Store::open(&dir.path().join("l.db")).unwrap();
     assert_eq!(store.snapshot("acme").unwrap().allocations[0].dedicated, 9);
 }
+
+#[test]
+fn idempotency_keys_are_kept_a_day_then_forgotten() {
+    use licensor::backend::sqlite::{Principal, Store};
+    use licensor::domain::{AllocationWrite, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).unwrap();
+    let fixture: licensor::backend::Fixture = serde_yaml::from_str(
+        "{account: acme, products: [{name: TestOps, total: 10}], organizations: [{id: a}]}",
+    )
+    .unwrap();
+    store.seed(&Principal::local(), &fixture).unwrap();
+    let write = AllocationWrite {
+        organization: "a".into(),
+        product: "TestOps".into(),
+        target: Target::Count(2),
+        managed_by: None,
+        allow_user_displacement: false,
+        expected_version: None,
+        idempotency_key: Some("k".into()),
+    };
+    store
+        .write("acme", &Principal::local(), &write, false)
+        .unwrap();
+    assert_eq!(
+        store
+            .expire_idempotency_keys(chrono::TimeDelta::hours(24))
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .write("acme", &Principal::local(), &write, false)
+            .unwrap()
+            .replayed
+    );
+    assert_eq!(
+        store
+            .expire_idempotency_keys(chrono::TimeDelta::zero())
+            .unwrap(),
+        1
+    );
+}
