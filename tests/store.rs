@@ -138,6 +138,7 @@ fn idempotency_keys_are_kept_a_day_then_forgotten() {
             .unwrap()
             .replayed
     );
+    std::thread::sleep(std::time::Duration::from_millis(5));
     assert_eq!(
         store
             .expire_idempotency_keys(chrono::TimeDelta::zero())
