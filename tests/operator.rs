@@ -136,6 +136,10 @@ fn message(o: &Value) -> String {
     })
 }
 
+fn diff(o: &Value) -> &str {
+    o["status"]["diff"].as_str().unwrap_or_default()
+}
+
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
@@ -211,12 +215,7 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
         message(&o)
     );
     assert_eq!(o["status"]["failures"][0]["reason"], "BelowInUse");
-    assert!(
-        o["status"]["diff"]
-            .as_str()
-            .unwrap()
-            .contains("+dedicated: 3")
-    );
+    assert!(diff(&o).contains("+dedicated: 3"), "{}", diff(&o));
     assert_eq!(c.account.allocation("qa-team", "TestOps"), Some((10, 4)));
     c.wait_event("qa", "Warning", "BelowInUse");
 
@@ -463,12 +462,7 @@ organizations:
     );
     c.license("w", "b", "TestOps", 9, "  managementPolicy: Observe\n");
     let o = c.wait("w", "False", "OutOfSync");
-    assert!(
-        o["status"]["diff"]
-            .as_str()
-            .unwrap()
-            .contains("+dedicated: 9")
-    );
+    assert!(diff(&o).contains("+dedicated: 9"), "{}", diff(&o));
     assert_eq!(c.account.allocation("b", "TestOps"), Some((7, 2)));
     assert!(
         c.account.status()["allocations"]

@@ -28,7 +28,7 @@ use super::events::{self, Note, Publisher};
 use super::metrics::{Metrics, ObjectLabels};
 use super::status::{self, Applied, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Action, PoolView, Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
@@ -257,16 +257,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
                 Some(a) => Seen::Allocation(a),
                 None => Seen::Absent,
             };
-            let verdict = Verdict::Applied(Applied {
-                action: change.action,
-                from: change.from,
-                to: change.to,
-                rehomed: change.rehomed,
-                displaced: change.displaced,
-                adopted: written.is_some_and(|w| w.effect.adopted),
-                drift,
-                message: change.message.clone(),
-            });
+            let verdict = Verdict::Applied(applied(&change, written, drift));
             (verdict, seen, written.map(|w| w.pool.clone()).or(pool_seen))
         }
         Outcome::Refused => {
@@ -289,15 +280,10 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         }
     };
     let pass = Pass {
-        generation: dl.meta().generation,
-        organization: wanted.organization.clone(),
-        product: wanted.product.clone(),
-        count: wanted.count,
-        deleting: false,
-        diff: change.diff.clone(),
-        verdict,
         seen,
         pool,
+        diff: change.diff.clone(),
+        ..pass(dl, &wanted, false, verdict)
     };
     report(dl, ctx, &pass).await?;
 
@@ -348,20 +334,11 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     match hold(dl) {
         Some(Hold::Observe) => return remove_finalizer(dl, ctx).await,
         Some(Hold::Paused) => {
-            let pass = Pass {
-                generation: dl.meta().generation,
-                organization: wanted.organization.clone(),
-                product: wanted.product.clone(),
-                count: wanted.count,
-                deleting: true,
-                verdict: Verdict::Held {
-                    hold: Hold::Paused,
-                    in_sync: false,
-                },
-                seen: Seen::Unknown,
-                pool: None,
-                diff: String::new(),
+            let held = Verdict::Held {
+                hold: Hold::Paused,
+                in_sync: false,
             };
+            let pass = pass(dl, &wanted, true, held);
             report(dl, ctx, &pass).await?;
             return Ok(Requeue::requeue(ctx.settings.resync));
         }
@@ -406,24 +383,15 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     match change.outcome {
         Outcome::Applied => {
             let pass = Pass {
-                generation: dl.meta().generation,
-                organization: wanted.organization.clone(),
-                product: wanted.product.clone(),
-                count: 0,
-                deleting: true,
-                verdict: Verdict::Applied(Applied {
-                    action: change.action,
-                    from: change.from,
-                    to: 0,
-                    rehomed: change.rehomed,
-                    displaced: change.displaced,
-                    adopted: false,
-                    drift: false,
-                    message: change.message.clone(),
-                }),
                 seen: Seen::Absent,
                 pool: written.map(|w| w.pool),
                 diff: change.diff.clone(),
+                ..pass(
+                    dl,
+                    &wanted,
+                    true,
+                    Verdict::Applied(applied(&change, None, false)),
+                )
             };
             let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
             ctx.events.publish(dl, &notes);
@@ -439,22 +407,18 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
             remove_finalizer(dl, ctx).await
         }
         Outcome::Refused => {
+            let refused = Verdict::Refused {
+                reason: change.reason.unwrap_or(Reason::Invalid),
+                message: format!(
+                    "{}; set allowUserDisplacement: true to revoke anyway, or deletionPolicy: Orphan to leave the licenses with the organization",
+                    change.message
+                ),
+            };
             let pass = Pass {
-                generation: dl.meta().generation,
-                organization: wanted.organization.clone(),
-                product: wanted.product.clone(),
-                count: wanted.count,
-                deleting: true,
-                verdict: Verdict::Refused {
-                    reason: change.reason.unwrap_or(Reason::Invalid),
-                    message: format!(
-                        "{}; set allowUserDisplacement: true to revoke anyway, or remove the finalizer's work with deletionPolicy: Orphan",
-                        change.message
-                    ),
-                },
                 seen: seen(&snapshot, &wanted),
                 pool: pool_of(&snapshot, &wanted.product),
                 diff: change.diff.clone(),
+                ..pass(dl, &wanted, true, refused)
             };
             report(dl, ctx, &pass).await?;
             Ok(Requeue::requeue(ctx.settings.resync))
@@ -509,17 +473,7 @@ async fn unavailable(
     if let Verdict::Refused { reason, message } | Verdict::Retrying { reason, message } = &verdict {
         tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
     }
-    let pass = Pass {
-        generation: dl.meta().generation,
-        organization: wanted.organization,
-        product: wanted.product,
-        count: wanted.count,
-        deleting,
-        verdict,
-        seen: Seen::Unknown,
-        pool: None,
-        diff: String::new(),
-    };
+    let pass = pass(dl, &wanted, deleting, verdict);
     report(dl, ctx, &pass).await?;
     if let Verdict::Refused { reason, .. } | Verdict::Retrying { reason, .. } = pass.verdict {
         ctx.metrics.error(reason);
@@ -603,6 +557,35 @@ async fn patch_finalizers(
         )
         .await?;
     Ok(())
+}
+
+/// A pass over `dl` that has not seen the backend (yet).
+fn pass(dl: &DedicatedLicense, wanted: &Desired, deleting: bool, verdict: Verdict) -> Pass {
+    Pass {
+        generation: dl.meta().generation,
+        organization: wanted.organization.clone(),
+        product: wanted.product.clone(),
+        count: wanted.count,
+        deleting,
+        verdict,
+        seen: Seen::Unknown,
+        pool: None,
+        diff: String::new(),
+    }
+}
+
+/// What an applied change did, for status and events.
+fn applied(change: &Change, written: Option<&Written>, drift: bool) -> Applied {
+    Applied {
+        action: change.action,
+        from: change.from,
+        to: change.to,
+        rehomed: change.rehomed,
+        displaced: change.displaced,
+        adopted: written.is_some_and(|w| w.effect.adopted),
+        drift,
+        message: change.message.clone(),
+    }
 }
 
 fn seen(snapshot: &Snapshot, wanted: &Desired) -> Seen {
