@@ -23,9 +23,10 @@ check:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-## Regenerate crds/ from the Rust type.
+## Regenerate crds/ (and the chart's copy) from the Rust type.
 crd:
 	$(CARGO) run --quiet -- crd > crds/dedicatedlicenses.licensor.dev.yaml
+	cp crds/dedicatedlicenses.licensor.dev.yaml charts/licensor/crds/
 
 ## The scale benchmark (10,000 manifests, 10,000 allocations).
 bench:

@@ -32,6 +32,34 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The helm binary, built by `tests/controlplane/build-helm.sh` (once).
+pub fn helm() -> PathBuf {
+    static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELM.get_or_init(|| {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/controlplane/build-helm.sh"
+        );
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/controlplane/build-helm.sh");
+        assert!(
+            out.status.success(),
+            "tests/controlplane/build-helm.sh failed"
+        );
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .expect("a path")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
 fn assets() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/controlplane/build.sh");
     let out = Command::new("bash")
@@ -61,6 +89,20 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
 
 impl ControlPlane {
     pub fn start() -> ControlPlane {
+        let cp = ControlPlane::start_without_crds();
+        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
+        cp.ok(&["apply", "-f", crds]);
+        cp.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/dedicatedlicenses.licensor.dev",
+        ]);
+        cp
+    }
+
+    /// A control plane with no CRD installed (for `helm install`).
+    pub fn start_without_crds() -> ControlPlane {
         let bin = assets();
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -128,14 +170,6 @@ current-context: test
             children: vec![etcd, apiserver],
         };
         cp.wait_ready();
-        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
-        cp.ok(&["apply", "-f", crds]);
-        cp.ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/dedicatedlicenses.licensor.dev",
-        ]);
         cp
     }
 
@@ -181,6 +215,24 @@ current-context: test
         }
         drop(child.stdin.take());
         let out = child.wait_with_output().expect("kubectl output");
+        Kubectl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs helm (built beside kubectl) against this control plane.
+    pub fn helm(&self, args: &[&str]) -> Kubectl {
+        let out = Command::new(helm())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
+            .output()
+            .expect("run helm");
         Kubectl {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -248,6 +300,17 @@ impl Operator {
     /// Starts the operator with `backend` and extra flags; it logs to a file
     /// in the control plane's directory named after `name`.
     pub fn start(cp: &ControlPlane, name: &str, backend: &str, flags: &[&str]) -> Operator {
+        Operator::start_as(cp, &cp.kubeconfig, name, backend, flags)
+    }
+
+    /// Starts the operator with the credentials of `kubeconfig`.
+    pub fn start_as(
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        name: &str,
+        backend: &str,
+        flags: &[&str],
+    ) -> Operator {
         let port = free_port();
         let log = cp.dir.path().join(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log");
@@ -255,7 +318,7 @@ impl Operator {
             .args(["--backend", backend, "operator"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(flags)
-            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,licensor=debug")
             .env_remove("LICENSOR_TOKEN")
             .stdout(Stdio::null())

@@ -1,0 +1,48 @@
+{{/* Full name of the release's objects. */}}
+{{- define "licensor.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "licensor.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "licensor.labels" -}}
+{{ include "licensor.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "licensor.serviceAccountName" -}}
+{{- default (include "licensor.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Refuses value combinations the schema cannot express. */}}
+{{- define "licensor.validate" -}}
+{{- if and (eq .Values.backend.kind "embedded") (gt (int .Values.replicaCount) 1) -}}
+{{- fail "replicaCount > 1 needs backend.kind: remote: the embedded store is one SQLite file on one volume" -}}
+{{- end -}}
+{{- if eq .Values.backend.kind "remote" -}}
+{{- if not .Values.backend.remote.url -}}
+{{- fail "backend.kind remote needs backend.remote.url (the license platform API, http:// or https://)" -}}
+{{- end -}}
+{{- if not .Values.backend.remote.account -}}
+{{- fail "backend.kind remote needs backend.remote.account" -}}
+{{- end -}}
+{{- if not .Values.backend.remote.tokenSecret.name -}}
+{{- fail "backend.kind remote needs backend.remote.tokenSecret.name: a Secret holding the API token" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (empty .Values.networkPolicy.egressCIDRs) -}}
+{{- fail "networkPolicy.enabled needs networkPolicy.egressCIDRs: the API server's (and a remote backend's) addresses, or the operator cannot reach them" -}}
+{{- end -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail "replicaCount > 1 needs leaderElection.enabled: true" -}}
+{{- end -}}
+{{- end -}}
