@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/licensor
 
-.PHONY: demo test check bench bench-operator bench-platform crd
+.PHONY: demo test test-static check bench bench-operator bench-platform crd
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome and the pools.
@@ -15,8 +15,17 @@ demo:
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS).
-test:
+test: test-static
 	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) test --locked
+
+## The static (musl) binary the Dockerfile ships builds and works; needs the
+## musl target and musl-gcc (Debian: musl-tools).
+MUSL := x86_64-unknown-linux-musl
+test-static:
+	@command -v musl-gcc >/dev/null || { echo "test-static needs musl-gcc (Debian package musl-tools)" >&2; exit 1; }
+	rustup target add $(MUSL) >/dev/null 2>&1 || rustup target list --installed | grep -q $(MUSL)
+	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
+	tests/static-binary.sh target/$(MUSL)/release/licensor
 
 ## Formatting, lints, and the committed CRD.
 check:
