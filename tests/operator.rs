@@ -136,6 +136,16 @@ fn message(o: &Value) -> String {
     })
 }
 
+/// Asserts that the Ready message contains `fragment`.
+fn says(o: &Value, fragment: impl AsRef<str>) {
+    let m = message(o);
+    assert!(
+        m.contains(fragment.as_ref()),
+        "{:?} not in {m:?}",
+        fragment.as_ref()
+    );
+}
+
 fn diff(o: &Value) -> &str {
     o["status"]["diff"].as_str().unwrap_or_default()
 }
@@ -171,11 +181,7 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
     assert_eq!(o["status"]["allocated"], 10);
     assert_eq!(o["status"]["inUse"], 4);
     assert_eq!(o["status"]["pool"]["free"], 190);
-    assert!(
-        message(&o).contains("qa-team holds 10 TestOps licenses (4 in use)"),
-        "{}",
-        message(&o)
-    );
+    says(&o, "qa-team holds 10 TestOps licenses (4 in use)");
     assert_eq!(c.account.allocation("qa-team", "TestOps"), Some((10, 4)));
     c.wait_event("qa", "Normal", "Adopted");
     c.wait_event("qa", "Normal", "Increased");
@@ -253,7 +259,7 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
     c.wait("dev", "True", "Reconciled");
     c.license("web", "web-team", "Studio", 5, "");
     let o = c.wait("web", "False", "InsufficientPool");
-    assert!(message(&o).contains("only 2 are free"), "{}", message(&o));
+    says(&o, "only 2 are free");
     c.wait_event("web", "Warning", "InsufficientPool");
     c.license("dev", "dev-team", "Studio", 3, "");
     c.wait("dev", "True", "Reconciled");
@@ -278,7 +284,7 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
     );
     c.license("ops", "ops-team", "Runtime", 0, "");
     let o = c.wait("ops", "False", "WouldDisplaceUsers");
-    assert!(message(&o).contains('2'), "{}", message(&o));
+    says(&o, "would leave 2 of its 5 users without a license");
     assert_eq!(c.account.allocation("ops-team", "Runtime"), Some((6, 5)));
     c.license(
         "ops",
@@ -294,16 +300,12 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
     // Two objects for one organization and product: the second names the first.
     c.license("qa-again", "qa-team", "TestOps", 2, "");
     let o = c.wait("qa-again", "False", "Conflict");
-    assert!(
-        message(&o).contains("default/licenses/qa"),
-        "{}",
-        message(&o)
-    );
+    says(&o, "default/licenses/qa");
 
     // An organization the account does not have.
     c.license("ghost", "ghost-team", "TestOps", 1, "");
     let o = c.wait("ghost", "False", "UnknownOrganization");
-    assert!(message(&o).contains("ghost-team"), "{}", message(&o));
+    says(&o, "ghost-team");
     assert_eq!(c.account.allocation("ghost-team", "TestOps"), None);
 
     let metrics = c.operator.get("/metrics").expect("/metrics");
@@ -375,11 +377,7 @@ organizations: [{id: a}, {id: b}, {id: c}]
     let reconciling = condition(&o, "Reconciling").expect("Reconciling while retrying");
     assert_eq!(reconciling["status"], "True");
     assert!(condition(&o, "Stalled").is_none());
-    assert!(
-        message(&o).contains("deletion waits") || message(&o).contains("locked"),
-        "{}",
-        message(&o)
-    );
+    says(&o, "database is locked");
     assert!(o["metadata"]["deletionTimestamp"].is_string());
     c.wait_event("late", "Warning", "BackendUnavailable");
     lock.execute_batch("ROLLBACK").unwrap();
@@ -433,11 +431,7 @@ organizations:
     ]);
     c.license("p", "a", "TestOps", 5, "");
     let o = c.wait("p", "False", "Paused");
-    assert!(
-        message(&o).contains("the spec asks for 5"),
-        "{}",
-        message(&o)
-    );
+    says(&o, "the spec asks for 5");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.account.allocation("a", "TestOps"), Some((3, 0)));
     c.cp.ok(&[
@@ -713,11 +707,7 @@ organizations: [{id: a}]
     c.license("remote", "a", "TestOps", 4, "");
     let o = c.wait("remote", "False", "BackendUnavailable");
     assert_eq!(condition(&o, "Reconciling").unwrap()["status"], "True");
-    assert!(
-        message(&o).contains(&format!("127.0.0.1:{port}")),
-        "{}",
-        message(&o)
-    );
+    says(&o, &format!("127.0.0.1:{port}"));
     c.wait_event("remote", "Warning", "BackendUnavailable");
 
     let mut c = c;
