@@ -10,6 +10,9 @@
 //!    The ratio to the floor is printed, and beside it the ratio to the floor
 //!    plus N finalizer patches: a managed object needs its finalizer before
 //!    the backend is written, so those two writes are the least it can cost.
+//!    A second pair starts the clock at creation: the plain client creates N
+//!    more objects and patches each one's status; with the operator running,
+//!    N more objects are created and the clock runs until all are Ready.
 //! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects.
 //!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
@@ -138,7 +141,7 @@ fn fixture(n: usize) -> String {
 #[tokio::main]
 async fn main() {
     let n = env("N", 1000);
-    let big = env("BIG", 10_000).max(n);
+    let big = env("BIG", 10_000).max(2 * n);
     let concurrency = env("CONCURRENCY", 16);
     let cp = ControlPlane::start();
     for ns in ["floor", "bench"] {
@@ -146,6 +149,7 @@ async fn main() {
     }
     let client = client(&cp).await;
     let account = Account::seeded(&fixture(big));
+    assert!(big >= 2 * n, "BIG must be at least 2 N");
 
     // The floor: a plain client writing the same number of statuses.
     let floor_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "floor");
@@ -208,6 +212,28 @@ async fn main() {
         .await
         .expect("finalizer patches");
     let finalizers = started.elapsed();
+    // A second floor that starts the clock at creation: N more objects, each
+    // created and then given its status by the plain client.
+    let watch = tokio::spawn(wait_ready(floor_api.clone(), 2 * n));
+    let started = Instant::now();
+    stream::iter(n..2 * n)
+        .map(|i| {
+            let (api, status) = (floor_api.clone(), status.clone());
+            async move {
+                api.create(&PostParams::default(), &license(i)).await?;
+                api.patch_status(
+                    &format!("l-{i:05}"),
+                    &PatchParams::apply("floor").force(),
+                    &Patch::Apply(&*status),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("floor creates and patches");
+    let created_floor = watch.await.expect("watch task") - started;
 
     // The operator, from process start to every object Ready.
     let api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "bench");
@@ -241,10 +267,17 @@ async fn main() {
         .count();
     assert_eq!(creates, n, "every object allocated exactly once");
 
+    // With the operator running: N more objects, from the first create to
+    // the last Ready (the second floor's clock).
+    let watch = tokio::spawn(wait_ready(api.clone(), 2 * n));
+    let started = Instant::now();
+    create(&api, n..2 * n, concurrency).await;
+    let created_operator = watch.await.expect("watch task") - started;
+
     // Memory with BIG objects.
     let watch = tokio::spawn(wait_ready(api.clone(), big));
     let started = Instant::now();
-    create(&api, n..big, concurrency).await;
+    create(&api, 2 * n..big, concurrency).await;
     let took_big = watch.await.expect("watch task") - started;
     let rss_big = peak_rss_mib(operator.pid());
 
@@ -275,12 +308,24 @@ async fn main() {
         took.as_secs_f64() / both.as_secs_f64()
     );
     println!(
+        "  floor: {n} objects created, then patched      {:>8.2} s",
+        created_floor.as_secs_f64()
+    );
+    println!(
+        "  operator: {n} objects created, to Ready       {:>8.2} s",
+        created_operator.as_secs_f64()
+    );
+    println!(
+        "  ratio, clock from creation                    {:>8.2}",
+        created_operator.as_secs_f64() / created_floor.as_secs_f64()
+    );
+    println!(
         "  operator passes: {passes:.0}, mean pass {:.1} ms, operator CPU {cpu_n:.2} s",
         mean_pass * 1000.0
     );
     println!(
         "  operator: {} more created and Ready         {:>8.2} s",
-        big - n,
+        big - 2 * n,
         took_big.as_secs_f64()
     );
     println!("  peak RSS with {n:>6} objects                  {rss_n:>8.1} MiB");
