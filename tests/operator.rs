@@ -707,7 +707,7 @@ organizations: [{id: a}]
     c.license("remote", "a", "TestOps", 4, "");
     let o = c.wait("remote", "False", "BackendUnavailable");
     assert_eq!(condition(&o, "Reconciling").unwrap()["status"], "True");
-    says(&o, &format!("127.0.0.1:{port}"));
+    says(&o, format!("127.0.0.1:{port}"));
     c.wait_event("remote", "Warning", "BackendUnavailable");
 
     let mut c = c;
