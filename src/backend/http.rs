@@ -247,11 +247,7 @@ impl HttpBackend {
         .await
     }
 
-    async fn must<T: DeserializeOwned>(
-        &self,
-        answer: Option<T>,
-        what: &str,
-    ) -> Result<T, BackendError> {
+    fn must<T>(answer: Option<T>, what: &str) -> Result<T, BackendError> {
         answer.ok_or_else(|| BackendError::Unavailable(format!("the server has no {what}")))
     }
 }
@@ -364,7 +360,7 @@ impl Backend for HttpBackend {
                     .await?
             }
         };
-        self.must(answer, "answer to the write").await
+        Self::must(answer, "answer to the write")
     }
 
     async fn release(
@@ -403,7 +399,7 @@ impl Backend for HttpBackend {
                 Repeat::Safe,
             )
             .await?;
-        self.must(answer, "answer to the total").await
+        Self::must(answer, "answer to the total")
     }
 
     async fn seats(

@@ -61,11 +61,6 @@ async fn store<T: Send + 'static>(
         .map_err(Problem::from)
 }
 
-/// The caller, authenticated for `account`.
-async fn caller(s: &Shared, headers: &HeaderMap, account: &str) -> Result<Principal, Problem> {
-    authorize(s, headers, account).await
-}
-
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TotalBody {
@@ -190,7 +185,7 @@ pub async fn list_products(
     Path(account): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    caller(&s, &headers, &account).await?;
+    authorize(&s, &headers, &account).await?;
     let pools = store(&s, move |st| st.snapshot(&account)).await?.pools;
     Ok(Json(pools.iter().map(PoolView::from).collect::<Vec<_>>()).into_response())
 }
@@ -202,7 +197,7 @@ pub async fn put_product(
     headers: HeaderMap,
     Body(body): Body<TotalBody>,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     let pool = store(&s, move |st| {
         st.set_total(&account, &who, &product, body.total)
     })
@@ -216,7 +211,7 @@ pub async fn list_organizations(
     Path(account): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    caller(&s, &headers, &account).await?;
+    authorize(&s, &headers, &account).await?;
     let orgs = store(&s, move |st| st.snapshot(&account))
         .await?
         .organizations;
@@ -235,7 +230,7 @@ pub async fn create_organization(
     headers: HeaderMap,
     Body(body): Body<NewOrganization>,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     let id = body.id.clone();
     store(&s, move |st| {
         st.create_organization(&account, &who, &body.id, body.name.as_deref())
@@ -251,7 +246,7 @@ pub async fn list_allocations(
     Query(filter): Query<ProductFilter>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    caller(&s, &headers, &account).await?;
+    authorize(&s, &headers, &account).await?;
     let mut allocations = store(&s, move |st| st.snapshot(&account))
         .await?
         .allocations;
@@ -267,7 +262,7 @@ pub async fn get_allocation(
     Path((account, org, product)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    caller(&s, &headers, &account).await?;
+    authorize(&s, &headers, &account).await?;
     let (o, p) = (org.clone(), product.clone());
     let seen = store(&s, move |st| st.observe(&account, &o, &p)).await?;
     if seen.pools.is_empty() {
@@ -305,7 +300,7 @@ pub async fn put_allocation(
     headers: HeaderMap,
     Body(body): Body<PutAllocation>,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     let write = AllocationWrite {
         organization: org,
         product,
@@ -325,7 +320,7 @@ pub async fn delete_allocation(
     Query(params): Query<DeleteParams>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     let write = AllocationWrite {
         organization: org,
         product,
@@ -357,7 +352,7 @@ pub async fn release_allocation(
     headers: HeaderMap,
     Body(body): Body<Release>,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     store(&s, move |st| {
         st.release(&account, &who, &org, &product, &body.managed_by)
     })
@@ -372,7 +367,7 @@ pub async fn seats(
     headers: HeaderMap,
     Body(body): Body<Seats>,
 ) -> Result<Response, Problem> {
-    let who = caller(&s, &headers, &account).await?;
+    let who = authorize(&s, &headers, &account).await?;
     let change = match (body.claim, body.release) {
         (Some(n), None) => SeatChange::Claim(n),
         (None, Some(n)) => SeatChange::Release(n),
@@ -397,7 +392,7 @@ pub async fn audit(
     Path(account): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    caller(&s, &headers, &account).await?;
+    authorize(&s, &headers, &account).await?;
     let entries = store(&s, move |st| st.audit(&account)).await?;
     Ok(Json(entries).into_response())
 }
