@@ -810,3 +810,52 @@ async fn health_metrics_openapi_and_a_clean_stop() {
     let status = server.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM stops cleanly");
 }
+
+#[tokio::test]
+async fn a_slow_store_times_out_and_the_retry_applies_once() {
+    let mut api = Api::start(DOCUMENTED);
+    api.acct.serve(&["--timeout", "500ms"]);
+    api.base = format!("{}/v1/accounts/acme", api.acct.backend);
+    // Someone holds the store's write lock: the write waits behind it.
+    let lock = rusqlite::Connection::open(api.acct.db()).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let key = [("idempotency-key", "raise-qa-to-7")];
+    let body = json!({"dedicated": 7, "managedBy": "m"});
+    let started = Instant::now();
+    let (s, h, p) = api
+        .send(Method::PUT, QA, Some(&api.admin), Some(body.clone()), &key)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{p}");
+    assert!(is_problem(&h) && h.contains_key("retry-after"));
+    assert_eq!(p["type"], "https://licensor.dev/problems/timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    // The write handed to the store still commits; the retry with the same
+    // key gets its answer instead of applying it again.
+    let (s, _, p) = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let answer = api
+                .send(Method::PUT, QA, Some(&api.admin), Some(body.clone()), &key)
+                .await;
+            if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(s, StatusCode::OK, "{p}");
+    let increases = api
+        .acct
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "increase")
+        .count();
+    assert_eq!(increases, 1);
+    assert_eq!(api.acct.allocation("qa-team", "TestOps"), Some((7, 4)));
+}

@@ -225,10 +225,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(config.max_body))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            config.timeout,
-        ))
+        .layer(middleware::from_fn_with_state(config.timeout, deadline))
         .with_state(shared)
 }
 
@@ -274,6 +271,26 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("stopping: finishing requests in flight");
+}
+
+/// Answers 503 when a request takes longer than the configured timeout. A
+/// write that was already handed to the store may still commit, so the
+/// answer says to retry with the same Idempotency-Key.
+async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem {
+            retry_after: Some(1),
+            ..Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem::TIMEOUT,
+                format!(
+                    "the request took longer than {limit:?}; a write may still complete, so retry it with the same Idempotency-Key"
+                ),
+            )
+        }
+        .into_response(),
+    }
 }
 
 async fn rate_limit(State(s): State<Shared>, request: Request, next: Next) -> Response {

@@ -25,6 +25,7 @@ pub const NOT_FOUND: &str = "not-found";
 pub const MALFORMED: &str = "malformed-request";
 pub const TOO_LARGE: &str = "body-too-large";
 pub const MEDIA: &str = "unsupported-media-type";
+pub const TIMEOUT: &str = "timeout";
 
 /// A problem details body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
