@@ -140,3 +140,98 @@ fn truncate(s: &str, max: usize) -> String {
     }
     format!("{}...", &s[..end])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Reason;
+    use crate::operator::status::{Applied, Seen, build};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn pass(verdict: Verdict) -> Pass {
+        Pass {
+            generation: Some(1),
+            organization: "qa-team".into(),
+            product: "TestOps".into(),
+            count: 10,
+            deleting: false,
+            verdict,
+            seen: Seen::Absent,
+            pool: None,
+            diff: String::new(),
+        }
+    }
+
+    fn applied(action: Action, adopted: bool, drift: bool) -> Verdict {
+        Verdict::Applied(Applied {
+            action,
+            from: 5,
+            to: 10,
+            rehomed: 0,
+            displaced: 0,
+            adopted,
+            drift,
+            message: "what happened".into(),
+        })
+    }
+
+    fn reasons(notes: &[Note]) -> Vec<(bool, &str)> {
+        notes
+            .iter()
+            .map(|n| (n.warning, n.reason.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn writes_are_named_by_what_they_did() {
+        let none = DedicatedLicenseStatus::default();
+        let cases = [
+            (
+                applied(Action::Increase, true, false),
+                vec![(false, "Adopted"), (false, "Increased")],
+            ),
+            (
+                applied(Action::Create, false, false),
+                vec![(false, "Allocated")],
+            ),
+            (
+                applied(Action::Decrease, false, true),
+                vec![(false, "DriftCorrected")],
+            ),
+            (
+                applied(Action::Revoke, false, false),
+                vec![(false, "Revoked")],
+            ),
+            (Verdict::InSync, vec![]),
+        ];
+        for (verdict, want) in cases {
+            assert_eq!(reasons(&for_pass(None, &none, &pass(verdict))), want);
+        }
+    }
+
+    #[test]
+    fn a_warning_is_published_once_per_new_refusal() {
+        let refused = |m: &str| Verdict::Refused {
+            reason: Reason::InsufficientPool,
+            message: m.into(),
+        };
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let p = pass(refused("only 2 free"));
+        let first = build(None, &p, now);
+        assert_eq!(
+            reasons(&for_pass(None, &first, &p)),
+            vec![(true, "InsufficientPool")]
+        );
+        let again = build(Some(&first), &p, now);
+        assert!(
+            for_pass(Some(&first), &again, &p).is_empty(),
+            "a repeat is silent"
+        );
+        let changed = pass(refused("only 1 free"));
+        let next = build(Some(&again), &changed, now);
+        assert_eq!(
+            reasons(&for_pass(Some(&again), &next, &changed)),
+            vec![(true, "InsufficientPool")]
+        );
+    }
+}

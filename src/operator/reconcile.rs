@@ -47,6 +47,14 @@ pub enum Error {
     Kubernetes(#[from] kube::Error),
 }
 
+/// Objects stalled on `InsufficientPool` for one product, and how many
+/// times its seats were freed.
+#[derive(Default)]
+struct Waiting {
+    objects: HashSet<ObjectRef<DedicatedLicense>>,
+    frees: u64,
+}
+
 /// Settings of the reconciler.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -66,7 +74,7 @@ pub struct Context {
     /// Consecutive backend failures per object (`namespace/name`).
     failures: Mutex<HashMap<String, u32>>,
     /// Objects stalled on `InsufficientPool`, per product.
-    waiting: Mutex<HashMap<String, HashSet<ObjectRef<DedicatedLicense>>>>,
+    waiting: Mutex<HashMap<String, Waiting>>,
     wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
 }
 
@@ -108,27 +116,40 @@ impl Context {
     }
 
     /// Remembers (or forgets) that `dl` waits for free seats of its product.
-    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: bool) {
+    /// How many times seats of `product` were freed so far; read before a
+    /// pass observes the backend.
+    fn frees_so_far(&self, product: &str) -> u64 {
+        let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(product).map_or(0, |w| w.frees)
+    }
+
+    /// Remembers (or forgets) that `dl` waits for free seats of its product.
+    /// If seats were freed since the pass observed (`frees` is what
+    /// [`Self::frees_so_far`] said then), it is woken at once instead.
+    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: Option<u64>) {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let set = map.entry(dl.spec.product.clone()).or_default();
+        let w = map.entry(dl.spec.product.clone()).or_default();
         let r = ObjectRef::from_obj(dl);
-        if waiting {
-            set.insert(r);
-        } else {
-            set.remove(&r);
+        match waiting {
+            Some(frees) if frees != w.frees => {
+                // The receiver lives as long as the controller.
+                let _ = self.wake.send(r);
+            }
+            Some(_) => {
+                w.objects.insert(r);
+            }
+            None => {
+                w.objects.remove(&r);
+            }
         }
     }
 
     /// Seats of `product` were freed: re-queue everything waiting for them.
     fn seats_freed(&self, product: &str) {
-        let waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(product)
-            .unwrap_or_default();
-        for r in waiting {
-            // The receiver lives as long as the controller.
+        let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let w = map.entry(product.to_string()).or_default();
+        w.frees += 1;
+        for r in std::mem::take(&mut w.objects) {
             let _ = self.wake.send(r);
         }
     }
@@ -224,6 +245,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         add_finalizer(dl, ctx).await?;
     }
     let wanted = desired(dl, ctx);
+    let frees_before = ctx.frees_so_far(&wanted.product);
     let snapshot = match ctx
         .backend
         .observe(&wanted.organization, &wanted.product)
@@ -289,16 +311,14 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
 
     let key = key(dl);
     ctx.succeeded(&key);
-    ctx.wait_for_seats(
-        dl,
-        matches!(
-            pass.verdict,
-            Verdict::Refused {
-                reason: Reason::InsufficientPool,
-                ..
-            }
-        ),
+    let short = matches!(
+        pass.verdict,
+        Verdict::Refused {
+            reason: Reason::InsufficientPool,
+            ..
+        }
     );
+    ctx.wait_for_seats(dl, short.then_some(frees_before));
     if let Verdict::Applied(a) = &pass.verdict
         && frees(a)
     {
@@ -330,7 +350,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         return Ok(Requeue::await_change());
     }
     let wanted = desired(dl, ctx);
-    ctx.wait_for_seats(dl, false);
+    ctx.wait_for_seats(dl, None);
     match hold(dl) {
         Some(Hold::Observe) => return remove_finalizer(dl, ctx).await,
         Some(Hold::Paused) => {
