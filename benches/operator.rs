@@ -67,6 +67,20 @@ fn license(i: usize) -> DedicatedLicense {
     dl
 }
 
+/// What the plain client does for object `i`: one server-side apply of its status.
+async fn write_status(
+    api: Api<DedicatedLicense>,
+    i: usize,
+    status: Arc<serde_json::Value>,
+) -> Result<DedicatedLicense, kube::Error> {
+    api.patch_status(
+        &format!("l-{i:05}"),
+        &PatchParams::apply("floor").force(),
+        &Patch::Apply(&*status),
+    )
+    .await
+}
+
 /// Creates objects `range` in `api`, `concurrency` at a time.
 async fn create(api: &Api<DedicatedLicense>, range: std::ops::Range<usize>, concurrency: usize) {
     stream::iter(range)
@@ -171,17 +185,7 @@ async fn main() {
     let watch = tokio::spawn(wait_ready(floor_api.clone(), n));
     let started = Instant::now();
     stream::iter(0..n)
-        .map(|i| {
-            let (api, status) = (floor_api.clone(), status.clone());
-            async move {
-                api.patch_status(
-                    &format!("l-{i:05}"),
-                    &PatchParams::apply("floor").force(),
-                    &Patch::Apply(&*status),
-                )
-                .await
-            }
-        })
+        .map(|i| write_status(floor_api.clone(), i, status.clone()))
         .buffer_unordered(concurrency)
         .try_for_each(|_| async { Ok(()) })
         .await
@@ -221,12 +225,7 @@ async fn main() {
             let (api, status) = (floor_api.clone(), status.clone());
             async move {
                 api.create(&PostParams::default(), &license(i)).await?;
-                api.patch_status(
-                    &format!("l-{i:05}"),
-                    &PatchParams::apply("floor").force(),
-                    &Patch::Apply(&*status),
-                )
-                .await
+                write_status(api, i, status).await
             }
         })
         .buffer_unordered(concurrency)
