@@ -146,3 +146,49 @@ fn idempotency_keys_are_kept_a_day_then_forgotten() {
         1
     );
 }
+
+#[test]
+fn observing_one_allocation_reads_its_pool_organization_and_row() {
+    use licensor::backend::sqlite::{Principal, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).unwrap();
+    let fixture: licensor::backend::Fixture = serde_yaml::from_str(
+        "{account: acme, products: [{name: TestOps, total: 10, sharedInUse: 1}],
+          organizations: [{id: a, allocations: [{product: TestOps, dedicated: 3, inUse: 2}]}, {id: b}]}",
+    )
+    .unwrap();
+    store.seed(&Principal::local(), &fixture).unwrap();
+    let seen = store.observe("acme", "a", "TestOps").unwrap();
+    assert_eq!(seen.pools.len(), 1);
+    assert_eq!(
+        (
+            seen.pools[0].total,
+            seen.pools[0].dedicated,
+            seen.pools[0].shared_in_use
+        ),
+        (10, 3, 1)
+    );
+    assert_eq!(seen.organizations, ["a"]);
+    assert_eq!(
+        (
+            seen.allocations[0].dedicated,
+            seen.allocations[0].in_use,
+            seen.allocations[0].version
+        ),
+        (3, 2, 1)
+    );
+    let none = store.observe("acme", "b", "TestOps").unwrap();
+    assert_eq!((none.organizations.len(), none.allocations.len()), (1, 0));
+    let ghost = store.observe("acme", "ghost", "Nope").unwrap();
+    assert!(
+        ghost.pools.is_empty() && ghost.organizations.is_empty() && ghost.allocations.is_empty()
+    );
+    // Another account's rows are not seen.
+    assert!(
+        store
+            .observe("other", "a", "TestOps")
+            .unwrap()
+            .pools
+            .is_empty()
+    );
+}

@@ -387,18 +387,51 @@ impl Store {
         product: &str,
     ) -> Result<Snapshot, BackendError> {
         let err = storage(&self.path);
+        // One statement, so one consistent read without a transaction: this
+        // is the hot path of the operator and of `GET .../allocations/{product}`.
         self.with(|conn| {
-            let tx = conn.transaction().map_err(&err)?;
-            let pools = read_pool(&tx, account, product).map_err(&err)?;
-            let organizations = organization_exists(&tx, account, organization)
-                .map_err(&err)?
-                .then(|| organization.to_string());
-            let allocations = read_allocation(&tx, account, organization, product).map_err(&err)?;
-            Ok(Snapshot {
-                pools: pools.into_iter().collect(),
-                organizations: organizations.into_iter().collect(),
-                allocations: allocations.into_iter().collect(),
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT p.name, p.total, p.dedicated, p.shared_in_use,
+                            EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
+                            a.dedicated, a.in_use, a.managed_by, a.version
+                     FROM (SELECT 1)
+                     LEFT JOIN products p ON p.account = ?1 AND p.name = ?3
+                     LEFT JOIN allocations a ON a.account = ?1 AND a.organization = ?2 AND a.product = ?3",
+                )
+                .map_err(&err)?;
+            s.query_row(params![account, organization, product], |r| {
+                let pool = match r.get::<_, Option<String>>(0)? {
+                    Some(name) => Some(Pool {
+                        product: name,
+                        total: r.get(1)?,
+                        dedicated: r.get(2)?,
+                        shared_in_use: r.get(3)?,
+                    }),
+                    None => None,
+                };
+                let allocation = match r.get::<_, Option<i64>>(5)? {
+                    Some(dedicated) => Some(Allocation {
+                        organization: organization.to_string(),
+                        product: product.to_string(),
+                        dedicated,
+                        in_use: r.get(6)?,
+                        managed_by: r.get(7)?,
+                        version: r.get(8)?,
+                    }),
+                    None => None,
+                };
+                Ok(Snapshot {
+                    pools: pool.into_iter().collect(),
+                    organizations: r
+                        .get::<_, bool>(4)?
+                        .then(|| organization.to_string())
+                        .into_iter()
+                        .collect(),
+                    allocations: allocation.into_iter().collect(),
+                })
             })
+            .map_err(&err)
         })
     }
 

@@ -225,7 +225,11 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(config.max_body))
-        .layer(middleware::from_fn_with_state(config.timeout, deadline))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(timed_out))
+                .timeout(config.timeout),
+        )
         .with_state(shared)
 }
 
@@ -273,23 +277,18 @@ async fn shutdown() {
     tracing::info!("stopping: finishing requests in flight");
 }
 
-/// Answers 503 when a request takes longer than the configured timeout. A
-/// write that was already handed to the store may still commit, so the
-/// answer says to retry with the same Idempotency-Key.
-async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => Problem {
-            retry_after: Some(1),
-            ..Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                problem::TIMEOUT,
-                format!(
-                    "the request took longer than {limit:?}; a write may still complete, so retry it with the same Idempotency-Key"
-                ),
-            )
-        }
-        .into_response(),
+/// The answer to a request that took longer than the configured timeout. A
+/// write that was already handed to the store may still commit, so it says to
+/// retry with the same Idempotency-Key.
+async fn timed_out(error: tower::BoxError) -> Problem {
+    let detail = if error.is::<tower::timeout::error::Elapsed>() {
+        "the request took too long; a write may still complete, so retry it with the same Idempotency-Key".to_string()
+    } else {
+        format!("the request failed: {error}")
+    };
+    Problem {
+        retry_after: Some(1),
+        ..Problem::new(StatusCode::SERVICE_UNAVAILABLE, problem::TIMEOUT, detail)
     }
 }
 
