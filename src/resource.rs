@@ -179,6 +179,43 @@ pub struct Failure {
     pub message: String,
 }
 
+/// Why licensor must not write a resource's allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The `licensor.dev/paused` annotation is "true".
+    Paused,
+    /// `managementPolicy: Observe`.
+    Observe,
+}
+
+impl Hold {
+    /// The hold of a resource with these annotations and spec, if any; the
+    /// CLI and the operator both ask here.
+    pub fn of(
+        annotations: &std::collections::BTreeMap<String, String>,
+        spec: &DedicatedLicenseSpec,
+    ) -> Option<Hold> {
+        if annotations
+            .get(PAUSED_ANNOTATION)
+            .is_some_and(|v| v == "true")
+        {
+            Some(Hold::Paused)
+        } else if spec.management_policy == ManagementPolicy::Observe {
+            Some(Hold::Observe)
+        } else {
+            None
+        }
+    }
+
+    /// Why nothing is written, in words.
+    pub fn describe(self) -> String {
+        match self {
+            Hold::Paused => format!("paused by the {PAUSED_ANNOTATION} annotation"),
+            Hold::Observe => "managementPolicy is Observe".to_string(),
+        }
+    }
+}
+
 /// The CRD as the YAML committed in `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&DedicatedLicense::crd())

@@ -22,7 +22,7 @@ use crate::backend::sqlite::SqliteBackend;
 use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
-use crate::resource::{ManagementPolicy, PAUSED_ANNOTATION, managed_by};
+use crate::resource::{Hold, managed_by};
 
 /// Exit code for success, and for `plan` with nothing to change.
 pub const OK: u8 = 0;
@@ -239,17 +239,6 @@ pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
 
 /// What a manifest asks for, as the planner sees it.
 pub fn desired(m: &Manifest, instance: &str) -> Desired {
-    let paused = m
-        .annotations
-        .get(PAUSED_ANNOTATION)
-        .is_some_and(|v| v == "true");
-    let hold = if paused {
-        Some(format!("paused by the {PAUSED_ANNOTATION} annotation"))
-    } else if m.spec.management_policy == ManagementPolicy::Observe {
-        Some("managementPolicy is Observe".to_string())
-    } else {
-        None
-    };
     Desired {
         resource: m.resource(),
         organization: m.spec.organization.clone(),
@@ -257,6 +246,6 @@ pub fn desired(m: &Manifest, instance: &str) -> Desired {
         count: m.spec.count,
         allow_user_displacement: m.spec.allow_user_displacement,
         managed_by: managed_by(instance, &m.namespace, &m.name),
-        hold,
+        hold: Hold::of(&m.annotations, &m.spec).map(Hold::describe),
     }
 }

@@ -32,8 +32,7 @@ use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Action, PoolView, Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
-    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, ManagementPolicy,
-    PAUSED_ANNOTATION, managed_by,
+    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, ManagementPolicy, managed_by,
 };
 
 /// Field manager of the operator's writes.
@@ -197,17 +196,7 @@ fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
 }
 
 fn hold(dl: &DedicatedLicense) -> Option<Hold> {
-    if dl
-        .annotations()
-        .get(PAUSED_ANNOTATION)
-        .is_some_and(|v| v == "true")
-    {
-        Some(Hold::Paused)
-    } else if dl.spec.management_policy == ManagementPolicy::Observe {
-        Some(Hold::Observe)
-    } else {
-        None
-    }
+    Hold::of(dl.annotations(), &dl.spec)
 }
 
 /// What the object asks for, as the planner sees it.
@@ -221,10 +210,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         count: dl.spec.count,
         allow_user_displacement: dl.spec.allow_user_displacement,
         managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
-        hold: hold(dl).map(|h| match h {
-            Hold::Paused => format!("paused by the {PAUSED_ANNOTATION} annotation"),
-            Hold::Observe => "managementPolicy is Observe".to_string(),
-        }),
+        hold: hold(dl).map(Hold::describe),
     }
 }
 

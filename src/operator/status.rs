@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::domain::{Action, Allocation, PoolView, Reason};
+pub use crate::resource::Hold;
 use crate::resource::{DedicatedLicenseStatus, Failure, LastChange, PoolStatus};
 
 /// kstatus condition types.
@@ -22,15 +23,6 @@ pub const STALLED: &str = "Stalled";
 
 /// Most failures kept in status.
 pub const MAX_FAILURES: usize = 5;
-
-/// Why writes are held back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hold {
-    /// The `licensor.dev/paused` annotation is "true".
-    Paused,
-    /// `managementPolicy: Observe`.
-    Observe,
-}
 
 /// What one pass concluded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,13 +197,10 @@ fn conditions(
         Verdict::InSync | Verdict::Applied(_) => vec![ready("True", "Reconciled", holding)],
         Verdict::Held { hold, in_sync } => {
             let (reason, why) = match hold {
-                Hold::Paused => (
-                    "Paused",
-                    "paused by the licensor.dev/paused annotation; remove it to resume writes",
-                ),
+                Hold::Paused => ("Paused", "remove the annotation to resume writes"),
                 Hold::Observe => (
                     if *in_sync { "Observed" } else { "OutOfSync" },
-                    "managementPolicy is Observe: licensor reports and never writes",
+                    "licensor reports and never writes",
                 ),
             };
             let state = if pass.deleting {
@@ -226,7 +215,11 @@ fn conditions(
             } else {
                 "False"
             };
-            vec![ready(status, reason, format!("{state}; {why}"))]
+            vec![ready(
+                status,
+                reason,
+                format!("{state}; {}: {why}", hold.describe()),
+            )]
         }
         Verdict::Refused { reason, message } => {
             let message = if pass.deleting {
