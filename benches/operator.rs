@@ -64,6 +64,9 @@ fn license(i: usize) -> DedicatedLicense {
         },
     );
     dl.metadata.namespace = None;
+    if std::env::var("PREFIN").is_ok() {
+        dl.metadata.finalizers = Some(vec!["licensor.dev/cleanup".into()]);
+    }
     dl
 }
 
@@ -194,27 +197,33 @@ async fn main() {
     // And the finalizer patch every managed object needs before its first
     // backend write, for scale.
     let started = Instant::now();
-    stream::iter(0..n)
-        .map(|i| {
-            let api = floor_api.clone();
-            async move {
-                let patch: json_patch::Patch = serde_json::from_value(json!([
-                    {"op": "test", "path": "/metadata/finalizers", "value": null},
-                    {"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}
-                ]))
-                .expect("patch");
-                api.patch(
-                    &format!("l-{i:05}"),
-                    &PatchParams::default(),
-                    &Patch::Json::<()>(patch),
-                )
-                .await
-            }
-        })
-        .buffer_unordered(concurrency)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .expect("finalizer patches");
+    stream::iter(
+        0..if std::env::var("PREFIN").is_ok() {
+            0
+        } else {
+            n
+        },
+    )
+    .map(|i| {
+        let api = floor_api.clone();
+        async move {
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}
+            ]))
+            .expect("patch");
+            api.patch(
+                &format!("l-{i:05}"),
+                &PatchParams::default(),
+                &Patch::Json::<()>(patch),
+            )
+            .await
+        }
+    })
+    .buffer_unordered(concurrency)
+    .try_for_each(|_| async { Ok(()) })
+    .await
+    .expect("finalizer patches");
     let finalizers = started.elapsed();
     // A second floor that starts the clock at creation: N more objects, each
     // created and then given its status by the plain client.

@@ -9,7 +9,7 @@ mod controlplane;
 use std::time::{Duration, Instant};
 
 use common::{Account, Kind, license_yaml};
-use controlplane::{ControlPlane, Operator, wait_for};
+use controlplane::{ControlPlane, Operator, free_port, wait_for, webhook_certificate};
 use serde_json::Value;
 
 const ACCOUNT: &str = "
@@ -716,4 +716,153 @@ organizations: [{id: a}]
     assert_eq!(c.account.allocation("a", "TestOps"), Some((4, 0)));
     let audit = c.account.audit();
     assert_eq!(audit.last().unwrap()["actor"], "token:ci");
+}
+
+/// Who wrote the finalizer list, by the object's managedFields: the field
+/// managers whose entry owns `metadata.finalizers`.
+fn finalizer_owners(o: &Value) -> Vec<String> {
+    o["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| !m["fieldsV1"]["f:metadata"]["f:finalizers"].is_null())
+        .map(|m| m["manager"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn the_webhook_adds_the_finalizer_at_creation_and_the_operator_does_without_it() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 50}]
+organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let account = Account::seeded(fixture);
+    let certs = cp.dir.path().join("webhook-certs");
+    let ca = webhook_certificate(&certs);
+    let port = free_port();
+    let listen = format!("--webhook-listen=127.0.0.1:{port}");
+    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
+    let flags = ["--leader-elect=false", listen.as_str(), cert_dir.as_str()];
+    let mut operator = Operator::start(&cp, "webhook", &account.backend, &flags);
+    cp.register_webhook(port, &ca);
+    let create = |yaml: &str| -> Value {
+        let r = cp.kubectl_stdin(&["create", "-f", "-", "-o", "json"], Some(yaml));
+        assert_eq!(r.code, 0, "kubectl create: {r:?}");
+        serde_json::from_str(&r.stdout).expect("created object")
+    };
+    // The API server picks the configuration up from its own watch.
+    wait_for("the webhook in the admission chain", SOON, || {
+        let r = cp.kubectl_stdin(
+            &["create", "--dry-run=server", "-f", "-", "-o", "json"],
+            Some(&license_yaml("probe", "a", "TestOps", 1, "")),
+        );
+        r.stdout.contains("licensor.dev/cleanup").then_some(())
+    });
+
+    // The create's own answer carries the finalizer: admission added it, no
+    // later write did (the operator owns no part of the list).
+    let a = create(&license_yaml("a", "a", "TestOps", 3, ""));
+    assert_eq!(
+        a["metadata"]["finalizers"],
+        serde_json::json!(["licensor.dev/cleanup"])
+    );
+    let paused = license_yaml("c", "c", "TestOps", 2, "").replace(
+        "  namespace: licenses\n",
+        "  namespace: licenses\n  annotations: {licensor.dev/paused: \"true\"}\n",
+    );
+    for o in [
+        create(&license_yaml(
+            "b",
+            "b",
+            "TestOps",
+            2,
+            "  managementPolicy: Observe\n",
+        )),
+        create(&paused),
+    ] {
+        assert!(
+            o["metadata"]["finalizers"].is_null(),
+            "held: {:#}",
+            o["metadata"]
+        );
+    }
+    // The schema still speaks for a bad object.
+    let r = cp.kubectl_stdin(
+        &["create", "-f", "-"],
+        Some(&license_yaml("bad", "d", "TestOps", -1, "")),
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("spec.count"), "{}", r.stderr);
+
+    let wait_ready = |name: &str| -> Value {
+        wait_for(&format!("{name} Ready"), SOON, || {
+            let o = cp.json(&["get", "dl", name, "-n", "licenses", "--show-managed-fields"]);
+            let ready = condition(&o, "Ready").is_some_and(|c| c["status"] == "True");
+            let current = o["status"]["observedGeneration"] == o["metadata"]["generation"];
+            (ready && current).then_some(o)
+        })
+    };
+    let a = wait_ready("a");
+    assert_eq!(
+        finalizer_owners(&a),
+        Vec::<String>::new(),
+        "{:#}",
+        a["metadata"]
+    );
+    assert_eq!(account.allocation("a", "TestOps"), Some((3, 0)));
+
+    // A GitOps tool applying with server-side apply, twice (the second with a
+    // new count and still no finalizer in its manifest), keeps the finalizer.
+    let ssa = |count: i64| {
+        let r = cp.kubectl_stdin(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=gitops",
+                "-f",
+                "-",
+            ],
+            Some(&license_yaml("d", "d", "TestOps", count, "")),
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+    };
+    ssa(4);
+    wait_ready("d");
+    ssa(6);
+    wait_for("d at 6", SOON, || {
+        (account.allocation("d", "TestOps") == Some((6, 0))).then_some(())
+    });
+    let d = wait_ready("d");
+    assert_eq!(
+        d["metadata"]["finalizers"],
+        serde_json::json!(["licensor.dev/cleanup"])
+    );
+
+    // The finalizer does its job: deletion revokes.
+    cp.ok(&["delete", "dl", "a", "d", "-n", "licenses", "--timeout=30s"]);
+    assert_eq!(account.allocation("a", "TestOps"), None);
+    assert_eq!(account.allocation("d", "TestOps"), None);
+
+    // The webhook is down (failurePolicy Ignore): creation still works, and
+    // the operator, once back, writes the finalizer itself before the backend.
+    operator.kill();
+    let started = Instant::now();
+    let e = create(&license_yaml("e", "e", "TestOps", 5, ""));
+    assert!(e["metadata"]["finalizers"].is_null());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let _operator = Operator::start(&cp, "webhook-again", &account.backend, &flags);
+    let e = wait_ready("e");
+    assert_eq!(
+        e["metadata"]["finalizers"],
+        serde_json::json!(["licensor.dev/cleanup"])
+    );
+    assert_eq!(finalizer_owners(&e), vec!["licensor-operator".to_string()]);
+    assert_eq!(account.allocation("e", "TestOps"), Some((5, 0)));
 }

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::{FAILED, Global, OK, open_backend};
 use crate::operator::reconcile::Settings;
+use crate::operator::webhook::Webhook;
 use crate::operator::{self, Config, Election};
 
 #[derive(Args, Debug)]
@@ -46,6 +47,15 @@ pub struct OperatorArgs {
     /// Identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Serve the admission webhook (HTTPS) here; it adds the cleanup
+    /// finalizer to new objects as they are created, which saves the
+    /// operator a write per object. Needs --webhook-cert-dir.
+    #[arg(long, env = "LICENSOR_WEBHOOK_LISTEN", requires = "webhook_cert_dir")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// Directory holding the webhook's tls.crt and tls.key (PEM), such as a
+    /// mounted kubernetes.io/tls Secret; a renewed pair is picked up.
+    #[arg(long, env = "LICENSOR_WEBHOOK_CERT_DIR", requires = "webhook_listen")]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "LICENSOR_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -90,6 +100,10 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
             // Renew when a third of the lease is left.
             renew_before: Duration::from_secs((lease_secs / 3).max(1)),
         }),
+        webhook: args
+            .webhook_listen
+            .zip(args.webhook_cert_dir.clone())
+            .map(|(listen, cert_dir)| Webhook { listen, cert_dir }),
     };
     tracing::info!(
         backend = %g.backend,

@@ -7,12 +7,14 @@
 //! `coordination.k8s.io` Lease, then the controller once this process leads.
 //! SIGTERM (or SIGINT) stops the controller gracefully and hands the lease
 //! back; losing the lease stops the process with an error, so a supervisor
-//! restarts it as a standby.
+//! restarts it as a standby. [`webhook`], when configured, adds the cleanup
+//! finalizer to new objects at admission, on every replica.
 
 pub mod events;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub enum Error {
     LostLease,
     #[error("cannot serve /metrics and the health checks: {0}")]
     Endpoint(#[from] std::io::Error),
+    #[error(transparent)]
+    Webhook(#[from] webhook::Error),
 }
 
 /// Leader election settings.
@@ -66,6 +70,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `None` runs without leader election (one replica only).
     pub election: Option<Election>,
+    /// The admission webhook, served by every replica (leader or not).
+    pub webhook: Option<webhook::Webhook>,
 }
 
 /// Runs the operator until SIGTERM or an unrecoverable error.
@@ -74,6 +80,10 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admission = match &config.webhook {
+        Some(w) => Some(webhook::serve(w, stopped(stop_rx.clone())).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let endpoints = tokio::spawn(metrics::serve(
         listener,
@@ -87,6 +97,11 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     let _ = stop_tx.send(true);
     if let Ok(Err(e)) = endpoints.await {
         return Err(e.into());
+    }
+    if let Some(admission) = admission
+        && let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), admission).await
+    {
+        return Err(Error::Endpoint(e));
     }
     result
 }

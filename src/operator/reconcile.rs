@@ -558,7 +558,10 @@ async fn patch_finalizers(
     api(dl, ctx)
         .patch(
             &dl.name_any(),
-            &PatchParams::default(),
+            &PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..PatchParams::default()
+            },
             &Patch::Json::<()>(patch),
         )
         .await?;

@@ -25,7 +25,7 @@ pub struct Kubectl {
     pub stderr: String,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -286,6 +286,59 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
             "timed out after {timeout:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A CA and a serving certificate for 127.0.0.1, written to `dir` as
+/// `tls.crt` and `tls.key` (a kubernetes.io/tls Secret's layout). Returns the
+/// CA certificate (PEM), the webhook configuration's caBundle.
+pub fn webhook_certificate(dir: &Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key")).expect("CA");
+    let key = KeyPair::generate().expect("serving key");
+    let serving = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("serving params")
+        .signed_by(&key, &ca)
+        .expect("serving certificate");
+    std::fs::create_dir_all(dir).expect("certificate directory");
+    std::fs::write(dir.join("tls.crt"), serving.pem()).expect("write tls.crt");
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write tls.key");
+    ca.pem()
+}
+
+impl ControlPlane {
+    /// Registers the operator's admission webhook, served on 127.0.0.1:`port`
+    /// with a certificate from `ca_pem`, as the chart registers it
+    /// (CREATE only, failurePolicy Ignore).
+    pub fn register_webhook(&self, port: u16, ca_pem: &str) {
+        use base64::Engine;
+        let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        self.apply(&format!(
+            "apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: licensor
+webhooks:
+  - name: finalizer.licensor.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Ignore
+    timeoutSeconds: 3
+    matchPolicy: Equivalent
+    reinvocationPolicy: Never
+    clientConfig:
+      url: https://127.0.0.1:{port}/mutate
+      caBundle: {bundle}
+    rules:
+      - apiGroups: [licensor.dev]
+        apiVersions: ['*']
+        resources: [dedicatedlicenses]
+        operations: [CREATE]
+        scope: Namespaced
+"
+        ));
     }
 }
 
