@@ -1,22 +1,26 @@
 //! Operator benchmark on a real kube-apiserver and etcd.
 //!
-//! 1. Floor: N status patches (server-side apply, the operator's own status
-//!    shape) sent by a plain kube client with the operator's concurrency.
+//! 1. Floor: N status patches (server-side apply of the status the operator
+//!    wrote for a sample object) sent by a plain kube client with the
+//!    operator's concurrency.
 //! 2. The operator: N DedicatedLicense objects exist (each for its own
-//!    organization); the `licensor operator` process starts, and the clock
-//!    runs until every object is Ready. That includes its start, the initial
-//!    list, a finalizer patch, a backend read and write, a status patch and
-//!    an event per object.
+//!    organization), created while the admission webhook ran, as in a
+//!    cluster where licensor is installed (WEBHOOK=0: without it). The
+//!    `licensor operator` process starts, and the clock runs until every
+//!    object is Ready. That includes its start, the initial list, a backend
+//!    read and write, a status patch and an event per object (and, without
+//!    the webhook, a finalizer patch).
 //!    The ratio to the floor is printed, and beside it the ratio to the floor
-//!    plus N finalizer patches: a managed object needs its finalizer before
-//!    the backend is written, so those two writes are the least it can cost.
+//!    plus N finalizer patches, the least a new object costs when the
+//!    operator must write its finalizer itself.
 //!    A second pair starts the clock at creation: the plain client creates N
 //!    more objects and patches each one's status; with the operator running,
-//!    N more objects are created and the clock runs until all are Ready.
+//!    N more objects are created (through the webhook) and the clock runs
+//!    until all are Ready.
 //! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects.
 //!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
-//! `N`, `BIG` and `CONCURRENCY` change the sizes.
+//! `N`, `BIG`, `CONCURRENCY` and `WEBHOOK` change the run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -29,12 +33,12 @@ use std::time::Instant;
 use futures::{StreamExt, TryStreamExt, stream};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::{Client, Config, ResourceExt};
 use licensor::resource::{DedicatedLicense, DedicatedLicenseSpec};
 use serde_json::json;
 
 use common::Account;
-use controlplane::{ControlPlane, Operator};
+use controlplane::{ControlPlane, Operator, free_port, webhook_certificate};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -64,9 +68,6 @@ fn license(i: usize) -> DedicatedLicense {
         },
     );
     dl.metadata.namespace = None;
-    if std::env::var("PREFIN").is_ok() {
-        dl.metadata.finalizers = Some(vec!["licensor.dev/cleanup".into()]);
-    }
     dl
 }
 
@@ -146,8 +147,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn fixture(n: usize) -> String {
     let mut s = format!(
-        "account: acme\nproducts: [{{name: TestOps, total: {}}}]\norganizations:\n",
-        n * 3
+        "account: acme\nproducts: [{{name: TestOps, total: {}}}]\norganizations:\n  - {{id: sample}}\n",
+        (n + 1) * 3
     );
     for i in 0..n {
         s.push_str(&format!("  - {{id: org-{i:05}}}\n"));
@@ -160,28 +161,52 @@ async fn main() {
     let n = env("N", 1000);
     let big = env("BIG", 10_000).max(2 * n);
     let concurrency = env("CONCURRENCY", 16);
+    let webhook = env("WEBHOOK", 1) != 0;
     let cp = ControlPlane::start();
-    for ns in ["floor", "bench"] {
+    for ns in ["floor", "bench", "elsewhere"] {
         cp.ok(&["create", "namespace", ns]);
     }
     let client = client(&cp).await;
     let account = Account::seeded(&fixture(big));
     assert!(big >= 2 * n, "BIG must be at least 2 N");
 
+    // The status the floor writes is one the operator wrote: an operator
+    // watching another namespace (it serves the admission webhook later)
+    // reconciles one object there first.
+    let certs = cp.dir.path().join("webhook-certs");
+    let webhook_port = free_port();
+    let listen = format!("--webhook-listen=127.0.0.1:{webhook_port}");
+    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
+    let ca = webhook_certificate(&certs);
+    let mut elsewhere = Operator::start(
+        &cp,
+        "elsewhere",
+        &account.backend,
+        &[
+            listen.as_str(),
+            cert_dir.as_str(),
+            "--leader-elect=false",
+            "--namespace=elsewhere",
+        ],
+    );
+    let sample_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "elsewhere");
+    let mut sample = license(0);
+    sample.metadata.name = Some("sample".into());
+    sample.spec.organization = "sample".into();
+    let sample_ready = tokio::spawn(wait_ready(sample_api.clone(), 1));
+    sample_api
+        .create(&PostParams::default(), &sample)
+        .await
+        .expect("create the sample");
+    sample_ready.await.expect("sample Ready");
+    let sample = sample_api.get("sample").await.expect("the sample");
+
     // The floor: a plain client writing the same number of statuses.
     let floor_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "floor");
     create(&floor_api, 0..n, concurrency).await;
     let status = json!({
         "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
-        "status": {
-            "observedGeneration": 1,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled",
-                "message": "org holds 3 TestOps licenses (0 in use)",
-                "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
-            "allocated": 3, "inUse": 0,
-            "pool": {"total": 30000, "dedicated": 3, "sharedInUse": 0, "free": 29997},
-            "failures": []
-        }
+        "status": sample.status,
     });
     let status = Arc::new(status);
     // Both phases end the same way: a watcher sees the last object Ready.
@@ -243,15 +268,45 @@ async fn main() {
         .expect("floor creates and patches");
     let created_floor = watch.await.expect("watch task") - started;
 
-    // The operator, from process start to every object Ready.
+    // The operator, from process start to every object Ready. The objects
+    // were created while the admission webhook ran (an operator watching
+    // another namespace served it), as they are in a cluster where licensor
+    // is installed; WEBHOOK=0 measures without it.
     let api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "bench");
-    create(&api, 0..n, concurrency).await;
     let concurrency_flag = format!("--concurrency={concurrency}");
-    let flags = [
+    let mut flags = vec![
         "--leader-elect=false",
         "--namespace=bench",
         concurrency_flag.as_str(),
     ];
+    if webhook {
+        flags.extend([listen.as_str(), cert_dir.as_str()]);
+        cp.register_webhook(webhook_port, &ca);
+        // The API server picks the configuration up from its own watch.
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while api
+            .create(&dry_run, &license(0))
+            .await
+            .map_or(true, |o| o.finalizers().is_empty())
+        {
+            assert!(Instant::now() < deadline, "the webhook never answered");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    create(&api, 0..n, concurrency).await;
+    elsewhere.terminate();
+    let with_finalizer = api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter(|o| !o.finalizers().is_empty())
+        .count();
     let watch = tokio::spawn(wait_ready(api.clone(), n));
     let started = Instant::now();
     let operator = Operator::start(&cp, "bench", &account.backend, &flags);
@@ -273,7 +328,7 @@ async fn main() {
         .iter()
         .filter(|e| e["action"] == "create")
         .count();
-    assert_eq!(creates, n, "every object allocated exactly once");
+    assert_eq!(creates, n + 1, "every object allocated exactly once");
 
     // With the operator running: N more objects, from the first create to
     // the last Ready (the second floor's clock).
@@ -290,7 +345,13 @@ async fn main() {
     let rss_big = peak_rss_mib(operator.pid());
 
     println!(
-        "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency})"
+        "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency}, webhook {})",
+        if webhook { "on" } else { "off" }
+    );
+    println!("  objects created with the finalizer by admission: {with_finalizer} of {n}");
+    println!(
+        "  the floor writes the status the operator wrote for a new object ({} bytes of JSON)",
+        status["status"].to_string().len()
     );
     println!(
         "  floor: {n} status patches by a plain client   {:>8.2} s  ({:.0}/s)",

@@ -1,6 +1,7 @@
 //! The Helm chart: lint, golden templates for three value sets, bad values,
 //! and `helm install` / `upgrade` / `uninstall` on the real control plane with
-//! the operator running as the chart's ServiceAccount.
+//! the operator running as the chart's ServiceAccount and serving its
+//! admission webhook with the chart's certificate.
 //!
 //! `LICENSOR_UPDATE_GOLDEN=1 cargo test --test chart` rewrites the golden files.
 
@@ -12,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Account, license_yaml};
-use controlplane::{ControlPlane, Operator, helm, wait_for};
+use controlplane::{ControlPlane, Operator, free_port, helm, wait_for};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -47,6 +48,23 @@ const VALUE_SETS: [(&str, Option<&str>); 3] = [
     ("namespaced", Some("tests/chart/namespaced.yaml")),
 ];
 
+/// The rendering with the webhook's generated certificates and keys (new at
+/// every offline render) replaced by a placeholder.
+fn without_generated_keys(rendered: &str) -> String {
+    let mut out = String::new();
+    for line in rendered.lines() {
+        let key = line.trim_start().split(':').next().unwrap_or_default();
+        if ["ca.crt", "tls.crt", "tls.key", "caBundle"].contains(&key) {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indent}{key}: (generated)\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[test]
 fn the_chart_lints_clean_and_renders_the_golden_files() {
     let update = std::env::var("LICENSOR_UPDATE_GOLDEN").is_ok_and(|v| v == "1");
@@ -80,6 +98,7 @@ fn the_chart_lints_clean_and_renders_the_golden_files() {
         .concat();
         let (code, rendered, err) = helm_offline(&template);
         assert_eq!(code, 0, "helm template ({name}): {err}");
+        let rendered = without_generated_keys(&rendered);
         let golden = here(&format!("tests/chart/golden/{name}.yaml"));
         if update {
             std::fs::write(&golden, &rendered).unwrap();
@@ -140,10 +159,15 @@ fn every_deployment_is_locked_down() {
         );
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-        assert!(
-            docs.iter().all(|d| d["kind"] != "Secret"),
-            "{name}: the chart never holds a token"
-        );
+        // The only Secret is the webhook's serving certificate; a token is
+        // never in the chart.
+        for secret in docs.iter().filter(|d| d["kind"] == "Secret") {
+            assert_eq!(secret["type"], "kubernetes.io/tls", "{name}");
+            assert_eq!(
+                secret["metadata"]["name"], "licensor-webhook-tls",
+                "{name}: the chart never holds a token"
+            );
+        }
         for d in docs
             .iter()
             .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
@@ -162,7 +186,15 @@ fn every_deployment_is_locked_down() {
 
 #[test]
 fn bad_values_fail_with_a_readable_message() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--set", "webhook.certificate.source=secret"],
+            "webhook.certificate.source secret needs webhook.certificate.secretName",
+        ),
+        (
+            &["--set", "webhook.timeoutSeconds=60"],
+            "at '/webhook/timeoutSeconds': maximum: got 60, want 30",
+        ),
         (
             &["--set", "networkPolicy.enabled=true"],
             "needs networkPolicy.egressCIDRs",
@@ -215,6 +247,55 @@ fn the_charts_crd_is_the_generated_one() {
     );
 }
 
+/// A base64 string field, decoded.
+fn decoded(field: &Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(field.as_str().expect("a base64 string"))
+        .expect("base64")
+}
+
+/// POSTs a CREATE AdmissionReview to the webhook on 127.0.0.1:`port` as the
+/// API server would call the Service `host`: over TLS, verifying the name
+/// against a certificate signed by `ca` (PEM), and nothing else trusted.
+fn admission_review(host: &str, port: u16, ca: &[u8]) -> Value {
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "1b1d8a55-3c0e-4a43-9d4b-5d3f7e0f2a11",
+            "kind": {"group": "licensor.dev", "version": "v1alpha1", "kind": "DedicatedLicense"},
+            "resource": {"group": "licensor.dev", "version": "v1alpha1", "resource": "dedicatedlicenses"},
+            "name": "probe", "namespace": "licenses", "operation": "CREATE",
+            "userInfo": {"username": "admin"},
+            "object": serde_json::from_str::<Value>(&serde_json::to_string(
+                &serde_yaml::from_str::<Value>(&license_yaml("probe", "qa-team", "TestOps", 1, "")).unwrap()
+            ).unwrap()).unwrap(),
+            "dryRun": false
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca).expect("caBundle PEM"))
+            .resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .build()
+            .unwrap();
+        client
+            .post(format!("https://{host}:{port}/mutate"))
+            .json(&review)
+            .send()
+            .await
+            .expect("the webhook answers over TLS with the chart's certificate")
+            .json()
+            .await
+            .expect("an AdmissionReview")
+    })
+}
+
 /// A kubeconfig whose user is the chart's ServiceAccount, with a token from
 /// the TokenRequest API.
 fn service_account_kubeconfig(cp: &ControlPlane, namespace: &str, name: &str) -> PathBuf {
@@ -260,6 +341,33 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         cp.ok(&["get", object, "-n", "licensor-system"]);
     }
     cp.ok(&["get", "clusterrole/licensor", "clusterrolebinding/licensor"]);
+    let webhook = cp.json(&[
+        "get",
+        "mutatingwebhookconfiguration/licensor-licensor-system",
+    ]);
+    let secret = cp.json(&[
+        "get",
+        "secret/licensor-webhook-tls",
+        "-n",
+        "licensor-system",
+    ]);
+    cp.ok(&["get", "service/licensor-webhook", "-n", "licensor-system"]);
+    assert_eq!(
+        webhook["webhooks"][0]["clientConfig"]["caBundle"], secret["data"]["ca.crt"],
+        "the webhook trusts the CA that signed the Secret's certificate"
+    );
+    assert_eq!(webhook["webhooks"][0]["failurePolicy"], "Ignore");
+    // Here the API server cannot call a Service (no kube-proxy, and a
+    // ClusterIP would leave loopback), so this test points the webhook at no
+    // namespace and calls the operator's webhook itself, below, as the API
+    // server would: by the Service's name, trusting only the caBundle.
+    cp.ok(&[
+        "patch",
+        "mutatingwebhookconfiguration/licensor-licensor-system",
+        "--type=json",
+        "-p",
+        r#"[{"op": "add", "path": "/webhooks/0/namespaceSelector", "value": {"matchLabels": {"test.licensor.dev/none": "none"}}}]"#,
+    ]);
     cp.ok(&[
         "wait",
         "--for=condition=Established",
@@ -328,6 +436,15 @@ organizations:
 ",
     );
     let kubeconfig = service_account_kubeconfig(&cp, "licensor-system", "licensor");
+    // The webhook's certificate, as the Secret volume would hold it.
+    let certs = cp.dir.path().join("webhook-certificate");
+    std::fs::create_dir_all(&certs).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        std::fs::write(certs.join(file), decoded(&secret["data"][file])).unwrap();
+    }
+    let port = free_port();
+    let listen = format!("--webhook-listen=127.0.0.1:{port}");
+    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
     let operator = Operator::start_as(
         &cp,
         &kubeconfig,
@@ -337,7 +454,24 @@ organizations:
             "--lease-namespace=licensor-system",
             "--lease-name=licensor",
             "--lease-duration=4s",
+            listen.as_str(),
+            cert_dir.as_str(),
         ],
+    );
+    let answer = admission_review(
+        "licensor-webhook.licensor-system.svc",
+        port,
+        &decoded(&webhook["webhooks"][0]["clientConfig"]["caBundle"]),
+    );
+    assert_eq!(answer["response"]["allowed"], true, "{answer:#}");
+    assert_eq!(answer["response"]["patchType"], "JSONPatch", "{answer:#}");
+    // kube-rs sends the patch bytes as a JSON array of numbers, which the
+    // API server's decoder reads as []byte like a base64 string.
+    let patch: Vec<u8> = serde_json::from_value(answer["response"]["patch"].clone()).unwrap();
+    let patch: Value = serde_json::from_slice(&patch).unwrap();
+    assert_eq!(
+        patch,
+        serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}])
     );
     let ready = |name: &str, reason: &str| {
         wait_for(&format!("{name} {reason}"), Duration::from_secs(30), || {
@@ -373,7 +507,7 @@ organizations:
     );
     drop(operator);
 
-    // Upgrade with changed values.
+    // Upgrade with changed values; the webhook keeps its certificate.
     let r = cp.helm(&[
         "upgrade",
         "licensor",
@@ -392,6 +526,16 @@ organizations:
         args.contains("--concurrency=4") && args.contains("--resync=1m"),
         "{args}"
     );
+    let after = cp.json(&[
+        "get",
+        "secret/licensor-webhook-tls",
+        "-n",
+        "licensor-system",
+    ]);
+    assert_eq!(
+        after["data"], secret["data"],
+        "the upgrade regenerated the certificate"
+    );
 
     // Uninstall: the operator goes; the CRD, the licenses and the store's claim stay.
     let r = cp.helm(&["uninstall", "licensor", "-n", "licensor-system"]);
@@ -399,6 +543,14 @@ organizations:
     assert_ne!(
         cp.kubectl(&["get", "deployment/licensor", "-n", "licensor-system"])
             .code,
+        0
+    );
+    assert_ne!(
+        cp.kubectl(&[
+            "get",
+            "mutatingwebhookconfiguration/licensor-licensor-system"
+        ])
+        .code,
         0
     );
     cp.ok(&["get", "crd/dedicatedlicenses.licensor.dev"]);

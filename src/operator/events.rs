@@ -7,7 +7,10 @@
 //! when the object's Ready condition changes, so a stuck object does not
 //! repeat itself at every resync.
 
-use futures::StreamExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
@@ -73,39 +76,86 @@ pub fn for_pass(
 }
 
 /// Publishes events off the reconcile path, as client-go's broadcaster
-/// does: a pass queues its notes and goes on; one task sends them one at a time. When the queue is full (an event storm) notes are dropped and
-/// logged: the status carries the same facts.
+/// does: a pass queues its notes and goes on; one task sends them one at a
+/// time. Status comes first: while passes are running, an event waits for a
+/// quiet moment, but never more than [`MAX_DELAY`] after it was queued, so
+/// a burst of new objects turns Ready without its events competing for the
+/// API server, and the events follow. When the queue is full (an event
+/// storm) notes are dropped and logged: the status carries the same facts.
 #[derive(Clone)]
 pub struct Publisher {
-    queue: mpsc::Sender<(ObjectReference, Event)>,
+    queue: mpsc::Sender<(Instant, ObjectReference, Event)>,
+    activity: Arc<Activity>,
 }
 
 /// Notes queued and not yet sent, at most.
 const QUEUE: usize = 4096;
-/// Events sent at once: one, so that in a burst they trail the status
-/// writes instead of competing with them.
-const IN_FLIGHT: usize = 1;
+/// The longest an event waits for the passes to quiet down.
+pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// How long no pass must have run for the operator to count as quiet.
+const QUIET: Duration = Duration::from_millis(100);
+
+/// Passes running now, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    running: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+/// Held for the length of a pass.
+pub struct Running(Arc<Activity>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut last) = self.0.last.lock() {
+            *last = Instant::now();
+        }
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            running: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn is_quiet(&self) -> bool {
+        self.running.load(Ordering::Acquire) == 0
+            && self.last.lock().map_or(true, |l| l.elapsed() >= QUIET)
+    }
+
+    /// Resolves once no pass has run for a moment, or at `deadline`.
+    async fn quiet_or(&self, deadline: Instant) {
+        while !self.is_quiet() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
 
 impl Publisher {
     /// Starts the sending task; it ends when every `Publisher` is dropped.
     pub fn start(recorder: Recorder) -> Publisher {
-        let (queue, rx) = mpsc::channel::<(ObjectReference, Event)>(QUEUE);
-        let pending =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
-        tokio::spawn(
-            pending
-                .map(move |(reference, event)| {
-                    let recorder = recorder.clone();
-                    async move {
-                        if let Err(e) = recorder.publish(&event, &reference).await {
-                            tracing::warn!(object = ?reference.name, error = %e, "cannot publish event {}", event.reason);
-                        }
-                    }
-                })
-                .buffer_unordered(IN_FLIGHT)
-                .for_each(|()| async {}),
-        );
-        Publisher { queue }
+        let (queue, mut rx) = mpsc::channel::<(Instant, ObjectReference, Event)>(QUEUE);
+        let activity = Activity::new();
+        let quiet = activity.clone();
+        tokio::spawn(async move {
+            while let Some((queued, reference, event)) = rx.recv().await {
+                quiet.quiet_or(queued + MAX_DELAY).await;
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(object = ?reference.name, error = %e, "cannot publish event {}", event.reason);
+                }
+            }
+        });
+        Publisher { queue, activity }
+    }
+
+    /// Marks a pass as running until the guard is dropped.
+    pub fn running(&self) -> Running {
+        self.activity.running.fetch_add(1, Ordering::AcqRel);
+        Running(self.activity.clone())
     }
 
     /// Queues notes about an object.
@@ -123,7 +173,11 @@ impl Publisher {
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            if self.queue.try_send((reference.clone(), event)).is_err() {
+            if self
+                .queue
+                .try_send((Instant::now(), reference.clone(), event))
+                .is_err()
+            {
                 tracing::debug!(object = %dl.name_any(), "event queue full; dropped {}", n.reason);
             }
         }
@@ -180,6 +234,41 @@ mod tests {
             .iter()
             .map(|n| (n.warning, n.reason.as_str()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn events_wait_for_quiet_passes_but_not_longer_than_the_deadline() {
+        let activity = Activity::new();
+        tokio::time::sleep(QUIET).await;
+        let started = Instant::now();
+        activity.quiet_or(started + Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "idle: at once"
+        );
+
+        let pass = {
+            activity.running.fetch_add(1, Ordering::AcqRel);
+            Running(activity.clone())
+        };
+        let started = Instant::now();
+        activity
+            .quiet_or(started + Duration::from_millis(300))
+            .await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300),
+            "busy: until the deadline, {waited:?}"
+        );
+
+        drop(pass);
+        let started = Instant::now();
+        activity.quiet_or(started + Duration::from_secs(5)).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= QUIET - Duration::from_millis(30) && waited < Duration::from_secs(1),
+            "just ended: a quiet moment later, {waited:?}"
+        );
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub fn backoff(settings: &Settings, failures: u32) -> Duration {
 /// The controller's entry point for one object.
 pub async fn reconcile(dl: Arc<DedicatedLicense>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
+    let _running = ctx.events.running();
     let result = if dl.meta().deletion_timestamp.is_some() {
         finalize(&dl, &ctx).await
     } else {

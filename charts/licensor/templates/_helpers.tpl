@@ -23,6 +23,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (include "licensor.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
+{{/* The Secret holding the webhook's serving certificate. */}}
+{{- define "licensor.webhookSecretName" -}}
+{{- if eq .Values.webhook.certificate.source "secret" -}}
+{{- .Values.webhook.certificate.secretName -}}
+{{- else -}}
+{{- printf "%s-webhook-tls" (include "licensor.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Refuses value combinations the schema cannot express. */}}
 {{- define "licensor.validate" -}}
 {{- if and (eq .Values.backend.kind "embedded") (gt (int .Values.replicaCount) 1) -}}
@@ -41,6 +50,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- if and .Values.networkPolicy.enabled (empty .Values.networkPolicy.egressCIDRs) -}}
 {{- fail "networkPolicy.enabled needs networkPolicy.egressCIDRs: the API server's (and a remote backend's) addresses, or the operator cannot reach them" -}}
+{{- end -}}
+{{- if and .Values.webhook.enabled (eq .Values.webhook.certificate.source "secret") (not .Values.webhook.certificate.secretName) -}}
+{{- fail "webhook.certificate.source secret needs webhook.certificate.secretName: a kubernetes.io/tls Secret (tls.crt, tls.key) for the webhook Service's name" -}}
 {{- end -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: true" -}}
