@@ -129,6 +129,21 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+/// CPU seconds the kube-apiserver process has used so far.
+fn apiserver_cpu() -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "kube-apiserver")
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
 /// User + system CPU seconds a process has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -212,6 +227,7 @@ async fn main() {
     // Both phases end the same way: a watcher sees the last object Ready.
     let watch = tokio::spawn(wait_ready(floor_api.clone(), n));
     let started = Instant::now();
+    let api_cpu = apiserver_cpu();
     stream::iter(0..n)
         .map(|i| write_status(floor_api.clone(), i, status.clone()))
         .buffer_unordered(concurrency)
@@ -219,6 +235,7 @@ async fn main() {
         .await
         .expect("floor patches");
     let floor = watch.await.expect("watch task") - started;
+    let floor_api_cpu = apiserver_cpu() - api_cpu;
     // And the finalizer patch every managed object needs before its first
     // backend write, for scale.
     let started = Instant::now();
@@ -309,8 +326,10 @@ async fn main() {
         .count();
     let watch = tokio::spawn(wait_ready(api.clone(), n));
     let started = Instant::now();
+    let api_cpu = apiserver_cpu();
     let operator = Operator::start(&cp, "bench", &account.backend, &flags);
     let took = watch.await.expect("watch task") - started;
+    let operator_api_cpu = apiserver_cpu() - api_cpu;
     let rss_n = peak_rss_mib(operator.pid());
     let cpu_n = cpu_seconds(operator.pid());
     let metrics = operator.get("/metrics").unwrap_or_default();
@@ -387,6 +406,9 @@ async fn main() {
     println!(
         "  ratio, clock from creation                    {:>8.2}",
         created_operator.as_secs_f64() / created_floor.as_secs_f64()
+    );
+    println!(
+        "  API server CPU: floor {floor_api_cpu:.2} s, operator {operator_api_cpu:.2} s (up to all Ready)"
     );
     println!(
         "  operator passes: {passes:.0}, mean pass {:.1} ms, operator CPU {cpu_n:.2} s",
