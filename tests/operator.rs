@@ -857,7 +857,7 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         "{:?}",
         started.elapsed()
     );
-    let _operator = Operator::start(&cp, "webhook-again", &account.backend, &flags);
+    let mut operator = Operator::start(&cp, "webhook-again", &account.backend, &flags);
     let e = wait_ready("e");
     assert_eq!(
         e["metadata"]["finalizers"],
@@ -865,4 +865,39 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
     );
     assert_eq!(finalizer_owners(&e), vec!["licensor-operator".to_string()]);
     assert_eq!(account.allocation("e", "TestOps"), Some((5, 0)));
+
+    // A renewed certificate from a new CA, trusted by the API server from
+    // now on, is served without a restart.
+    let ca = webhook_certificate(&certs);
+    cp.register_webhook(port, &ca);
+    let dry_run = || {
+        let r = cp.kubectl_stdin(
+            &["create", "--dry-run=server", "-f", "-", "-o", "json"],
+            Some(&license_yaml("probe", "a", "TestOps", 1, "")),
+        );
+        r.stdout.contains("licensor.dev/cleanup")
+    };
+    let deadline = Instant::now() + SOON;
+    while !(dry_run() && operator.logs().contains("webhook certificate reloaded")) {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate is not served:\n{}",
+            tail(&operator.logs())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(dry_run(), "{}", tail(&operator.logs()));
+    }
+
+    // The API server keeps its connection to the webhook open; SIGTERM still
+    // stops the operator promptly and cleanly.
+    let started = Instant::now();
+    assert_eq!(operator.terminate(), Some(0), "{}", tail(&operator.logs()));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

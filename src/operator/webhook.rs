@@ -186,6 +186,13 @@ fn read(dir: &Path) -> Result<(Option<SystemTime>, Arc<CertifiedKey>), String> {
 
 impl ResolvesServerCert for CertificateFiles {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl CertificateFiles {
+    /// The pair to present now: the files' if they changed and read well.
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
         let mut current = self.current.lock().ok()?;
         let now = modified(&self.dir);
         if now.is_some() && now != current.0 {
@@ -287,6 +294,39 @@ mod tests {
         let mut doc = serde_json::to_value(o).expect("json");
         json_patch::patch(&mut doc, patch).expect("patch applies");
         serde_json::from_value(doc["metadata"]["finalizers"].clone()).expect("list")
+    }
+
+    fn write_pair(dir: &Path) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("tls.crt");
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("tls.key");
+        cert.der().to_vec()
+    }
+
+    #[test]
+    fn a_renewed_pair_is_presented_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let first = write_pair(dir.path());
+        let files = CertificateFiles::load(dir.path()).expect("load");
+        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), first);
+
+        std::thread::sleep(Duration::from_millis(20));
+        let second = write_pair(dir.path());
+        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), second);
+
+        // A key that does not belong to the certificate: keep the last pair.
+        std::thread::sleep(Duration::from_millis(20));
+        let key = rcgen::KeyPair::generate().expect("key");
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("tls.key");
+        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), second);
+
+        let empty = tempfile::tempdir().expect("dir");
+        let e = CertificateFiles::load(empty.path()).expect_err("no files");
+        assert!(e.to_string().contains("tls.crt"), "{e}");
     }
 
     #[test]
