@@ -753,13 +753,17 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         assert_eq!(r.code, 0, "kubectl create: {r:?}");
         serde_json::from_str(&r.stdout).expect("created object")
     };
-    // The API server picks the configuration up from its own watch.
-    wait_for("the webhook in the admission chain", SOON, || {
+    // Whether admission adds the finalizer now, asked with a dry run.
+    let dry_run = || {
         let r = cp.kubectl_stdin(
             &["create", "--dry-run=server", "-f", "-", "-o", "json"],
             Some(&license_yaml("probe", "a", "TestOps", 1, "")),
         );
-        r.stdout.contains("licensor.dev/cleanup").then_some(())
+        r.stdout.contains("licensor.dev/cleanup")
+    };
+    // The API server picks the configuration up from its own watch.
+    wait_for("the webhook in the admission chain", SOON, || {
+        dry_run().then_some(())
     });
 
     // The create's own answer carries the finalizer: admission added it, no
@@ -870,13 +874,6 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
     // now on, is served without a restart.
     let ca = webhook_certificate(&certs);
     cp.register_webhook(port, &ca);
-    let dry_run = || {
-        let r = cp.kubectl_stdin(
-            &["create", "--dry-run=server", "-f", "-", "-o", "json"],
-            Some(&license_yaml("probe", "a", "TestOps", 1, "")),
-        );
-        r.stdout.contains("licensor.dev/cleanup")
-    };
     let deadline = Instant::now() + SOON;
     while !(dry_run() && operator.logs().contains("webhook certificate reloaded")) {
         assert!(
