@@ -777,22 +777,15 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         "  namespace: licenses\n",
         "  namespace: licenses\n  annotations: {licensor.dev/paused: \"true\"}\n",
     );
-    for o in [
-        create(&license_yaml(
-            "b",
-            "b",
-            "TestOps",
-            2,
-            "  managementPolicy: Observe\n",
-        )),
-        create(&paused),
-    ] {
-        assert!(
-            o["metadata"]["finalizers"].is_null(),
-            "held: {:#}",
-            o["metadata"]
-        );
-    }
+    // Paused: its deletion waits for the release, as with the operator's.
+    let c = create(&paused);
+    assert_eq!(
+        c["metadata"]["finalizers"],
+        serde_json::json!(["licensor.dev/cleanup"])
+    );
+    let observe = "  managementPolicy: Observe\n";
+    let b = create(&license_yaml("b", "b", "TestOps", 2, observe));
+    assert!(b["metadata"]["finalizers"].is_null(), "{:#}", b["metadata"]);
     // The schema still speaks for a bad object.
     let r = cp.kubectl_stdin(
         &["create", "-f", "-"],
@@ -844,11 +837,26 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         d["metadata"]["finalizers"],
         serde_json::json!(["licensor.dev/cleanup"])
     );
+    eprintln!(
+        "DEBUG d owners {:?} {:#}",
+        finalizer_owners(&d),
+        d["metadata"]["managedFields"]
+    );
 
     // The finalizer does its job: deletion revokes.
     cp.ok(&["delete", "dl", "a", "d", "-n", "licenses", "--timeout=30s"]);
     assert_eq!(account.allocation("a", "TestOps"), None);
     assert_eq!(account.allocation("d", "TestOps"), None);
+
+    // Who added the finalizers, for whoever runs the operator: the webhook
+    // (a, c, d and the refused one; dry runs are not counted), never the
+    // operator.
+    let metrics = operator.get("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("licensor_finalizers_added_total{by=\"webhook\"} 4\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("by=\"operator\""), "{metrics}");
 
     // The webhook is down (failurePolicy Ignore): creation still works, and
     // the operator, once back, writes the finalizer itself before the backend.
@@ -869,6 +877,11 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
     );
     assert_eq!(finalizer_owners(&e), vec!["licensor-operator".to_string()]);
     assert_eq!(account.allocation("e", "TestOps"), Some((5, 0)));
+    let metrics = operator.get("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("licensor_finalizers_added_total{by=\"operator\"} 1\n"),
+        "{metrics}"
+    );
 
     // A renewed certificate from a new CA, trusted by the API server from
     // now on, is served without a restart.

@@ -33,6 +33,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByLabels {
+    /// webhook (at creation) or operator (a patch, one more API write).
+    pub by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProductLabels {
     pub product: String,
 }
@@ -59,6 +65,7 @@ pub struct Metrics {
     pub allocated: Family<ObjectLabels, Gauge>,
     pub in_use: Family<ObjectLabels, Gauge>,
     pub leader: Gauge,
+    pub finalizers: Family<ByLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +75,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a cleanup finalizer added by `by` (webhook or operator).
+    pub fn finalizer_added(&self, by: &str) {
+        self.finalizers
+            .get_or_create(&ByLabels { by: by.to_string() })
+            .inc();
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("licensor");
         let m = Metrics {
@@ -85,7 +99,13 @@ impl Metrics {
             allocated: Family::default(),
             in_use: Family::default(),
             leader: Gauge::default(),
+            finalizers: Family::default(),
         };
+        registry.register(
+            "finalizers_added",
+            "Cleanup finalizers added: by the admission webhook to objects being created (also when the create then fails validation), or by the operator with a patch",
+            m.finalizers.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconcile passes by result",

@@ -81,7 +81,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let admission = match &config.webhook {
-        Some(w) => Some(webhook::serve(w, stopped(stop_rx.clone())).await?),
+        Some(w) => Some(webhook::serve(w, metrics.clone(), stopped(stop_rx.clone())).await?),
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

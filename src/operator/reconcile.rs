@@ -230,6 +230,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         && !dl.finalizers().iter().any(|f| f == FINALIZER)
     {
         add_finalizer(dl, ctx).await?;
+        ctx.metrics.finalizer_added("operator");
     }
     let wanted = desired(dl, ctx);
     let frees_before = ctx.frees_so_far(&wanted.product);

@@ -32,7 +32,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::resource::{DedicatedLicenseSpec, FINALIZER, Hold};
+use super::metrics::Metrics;
+use crate::resource::{DedicatedLicenseSpec, FINALIZER, ManagementPolicy};
 
 /// The path the webhook configuration names.
 pub const PATH: &str = "/mutate";
@@ -57,9 +58,9 @@ pub enum Error {
 }
 
 /// What admission adds to an object, as a JSON patch; `None` admits it as
-/// it is. Only creation adds the finalizer, and only to an object the
-/// operator will write for: `Manage`, not paused (a held object gets its
-/// finalizer from the operator once it is released, as before).
+/// it is. Only creation adds the finalizer, and only where the operator
+/// would add it on its first pass: `managementPolicy: Manage`, paused or not
+/// (a paused object's deletion waits for it to be released).
 pub fn patch_for(
     operation: &Operation,
     object: Option<&DynamicObject>,
@@ -75,8 +76,7 @@ pub fn patch_for(
     // An object the schema will refuse is left to the schema's message.
     let spec: DedicatedLicenseSpec =
         serde_json::from_value(object.data.get("spec")?.clone()).ok()?;
-    let annotations = object.metadata.annotations.clone().unwrap_or_default();
-    if Hold::of(&annotations, &spec).is_some() {
+    if spec.management_policy != ManagementPolicy::Manage {
         return None;
     }
     let ops = match finalizers {
@@ -91,7 +91,10 @@ pub fn patch_for(
 /// Answers one AdmissionReview. It never denies: validation is the schema's
 /// and CEL's job, and a webhook that refused would block users whenever it
 /// misjudged.
-pub fn review(review: AdmissionReview<DynamicObject>) -> AdmissionReview<DynamicObject> {
+pub fn review(
+    review: AdmissionReview<DynamicObject>,
+    metrics: &Metrics,
+) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(e).into_review(),
@@ -106,7 +109,12 @@ pub fn review(review: AdmissionReview<DynamicObject>) -> AdmissionReview<Dynamic
         "admission: adding the {FINALIZER} finalizer"
     );
     match response.clone().with_patch(patch) {
-        Ok(r) => r.into_review(),
+        Ok(r) => {
+            if !request.dry_run {
+                metrics.finalizer_added("webhook");
+            }
+            r.into_review()
+        }
         Err(_) => response.into_review(),
     }
 }
@@ -114,6 +122,7 @@ pub fn review(review: AdmissionReview<DynamicObject>) -> AdmissionReview<Dynamic
 /// Serves the webhook until `stop` resolves.
 pub async fn serve(
     webhook: &Webhook,
+    metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
     let certificate = Arc::new(CertificateFiles::load(&webhook.cert_dir)?);
@@ -129,7 +138,11 @@ pub async fn serve(
     let listener = TlsListener::start(tcp, TlsAcceptor::from(Arc::new(config)));
     let app = Router::new().route(
         PATH,
-        post(|Json(body): Json<AdmissionReview<DynamicObject>>| async move { Json(review(body)) }),
+        post(
+            move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
+                Json(review(body, &metrics))
+            },
+        ),
     );
     tracing::info!(listen = %webhook.listen, "serving the admission webhook");
     Ok(tokio::spawn(async move {
@@ -335,6 +348,12 @@ mod tests {
         let patch = patch_for(&Operation::Create, Some(&o)).expect("a patch");
         assert_eq!(applied(&patch, &o), vec![FINALIZER]);
 
+        // Paused: its deletion waits for the release, as the operator's does.
+        let paused = json!({"name": "qa", "annotations": {"licensor.dev/paused": "true"}});
+        let o = object(manage(), paused);
+        let patch = patch_for(&Operation::Create, Some(&o)).expect("a patch");
+        assert_eq!(applied(&patch, &o), vec![FINALIZER]);
+
         let o = object(
             manage(),
             json!({"name": "qa", "finalizers": ["example.com/other"]}),
@@ -344,13 +363,11 @@ mod tests {
     }
 
     #[test]
-    fn held_present_updated_or_malformed_objects_are_left_alone() {
+    fn observed_present_updated_or_malformed_objects_are_left_alone() {
         let observe = json!({"organization": "qa", "product": "TestOps", "count": 5,
             "managementPolicy": "Observe"});
-        let paused = json!({"name": "qa", "annotations": {"licensor.dev/paused": "true"}});
         let cases = [
             (Operation::Create, object(observe, json!({"name": "qa"}))),
-            (Operation::Create, object(manage(), paused)),
             (
                 Operation::Create,
                 object(manage(), json!({"name": "qa", "finalizers": [FINALIZER]})),
@@ -389,7 +406,8 @@ mod tests {
             }
         }))
         .expect("review");
-        let answer = serde_json::to_value(review(body)).expect("json");
+        let metrics = Metrics::new();
+        let answer = serde_json::to_value(review(body, &metrics)).expect("json");
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(
             answer["response"]["uid"],
