@@ -21,6 +21,14 @@ pub const KIND: &str = "DedicatedLicense";
 pub const PAUSED_ANNOTATION: &str = "licensor.dev/paused";
 /// Finalizer that guarantees a revoke is never lost.
 pub const FINALIZER: &str = "licensor.dev/cleanup";
+/// Whether an object with this spec and these finalizers still needs the
+/// cleanup finalizer: every `Manage` object carries it before its first
+/// backend write (paused or not); `Observe` never writes, so never needs it.
+/// The operator and the admission webhook both ask here.
+pub fn needs_finalizer(spec: &DedicatedLicenseSpec, finalizers: &[String]) -> bool {
+    spec.management_policy == ManagementPolicy::Manage && !finalizers.iter().any(|f| f == FINALIZER)
+}
+
 /// Instance name used in `managedBy` when none is configured.
 pub const DEFAULT_INSTANCE: &str = "default";
 

@@ -91,13 +91,13 @@ pub struct Publisher {
 /// Notes queued and not yet sent, at most.
 const QUEUE: usize = 4096;
 /// The longest an event waits for the passes to quiet down.
-pub const MAX_DELAY: Duration = Duration::from_secs(5);
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// How long no pass must have run for the operator to count as quiet.
 const QUIET: Duration = Duration::from_millis(100);
 
 /// Passes running now, and when the last one ended.
 #[derive(Debug)]
-pub struct Activity {
+struct Activity {
     running: AtomicUsize,
     last: Mutex<Instant>,
 }
@@ -120,6 +120,12 @@ impl Activity {
             running: AtomicUsize::new(0),
             last: Mutex::new(Instant::now()),
         })
+    }
+
+    /// Counts a pass as running until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        Running(self.clone())
     }
 
     fn is_quiet(&self) -> bool {
@@ -154,8 +160,7 @@ impl Publisher {
 
     /// Marks a pass as running until the guard is dropped.
     pub fn running(&self) -> Running {
-        self.activity.running.fetch_add(1, Ordering::AcqRel);
-        Running(self.activity.clone())
+        self.activity.enter()
     }
 
     /// Queues notes about an object.
@@ -247,10 +252,7 @@ mod tests {
             "idle: at once"
         );
 
-        let pass = {
-            activity.running.fetch_add(1, Ordering::AcqRel);
-            Running(activity.clone())
-        };
+        let pass = activity.enter();
         let started = Instant::now();
         activity
             .quiet_or(started + Duration::from_millis(300))

@@ -101,7 +101,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     if let Some(admission) = admission
         && let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), admission).await
     {
-        return Err(Error::Endpoint(e));
+        return Err(webhook::Error::Serve(e).into());
     }
     result
 }

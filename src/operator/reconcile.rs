@@ -32,7 +32,7 @@ use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Action, PoolView, Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
-    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, ManagementPolicy, managed_by,
+    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, managed_by, needs_finalizer,
 };
 
 /// Field manager of the operator's writes.
@@ -226,9 +226,7 @@ fn labels(dl: &DedicatedLicense) -> ObjectLabels {
 
 /// Brings the backend to the spec (or reports why not).
 async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
-    if dl.spec.management_policy == ManagementPolicy::Manage
-        && !dl.finalizers().iter().any(|f| f == FINALIZER)
-    {
+    if needs_finalizer(&dl.spec, dl.finalizers()) {
         add_finalizer(dl, ctx).await?;
         ctx.metrics.finalizer_added("operator");
     }

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::metrics::Metrics;
-use crate::resource::{DedicatedLicenseSpec, FINALIZER, ManagementPolicy};
+use crate::resource::{DedicatedLicenseSpec, FINALIZER, needs_finalizer};
 
 /// The path the webhook configuration names.
 pub const PATH: &str = "/mutate";
@@ -55,6 +55,8 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     #[error("cannot listen for the webhook on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("the webhook server stopped: {0}")]
+    Serve(std::io::Error),
 }
 
 /// What admission adds to an object, as a JSON patch; `None` admits it as
@@ -69,18 +71,15 @@ pub fn patch_for(
         return None;
     }
     let object = object?;
-    let finalizers = &object.metadata.finalizers;
-    if finalizers.iter().flatten().any(|f| f == FINALIZER) {
-        return None;
-    }
     // An object the schema will refuse is left to the schema's message.
     let spec: DedicatedLicenseSpec =
         serde_json::from_value(object.data.get("spec")?.clone()).ok()?;
-    if spec.management_policy != ManagementPolicy::Manage {
+    let finalizers = object.metadata.finalizers.as_deref().unwrap_or_default();
+    if !needs_finalizer(&spec, finalizers) {
         return None;
     }
     let ops = match finalizers {
-        Some(list) if !list.is_empty() => {
+        list if !list.is_empty() => {
             json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
         }
         _ => json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
