@@ -170,6 +170,12 @@ pub struct Pool {
     pub dedicated: i64,
     /// Seats claimed straight from the account pool.
     pub shared_in_use: i64,
+    /// Moves with every change in this pool (an allocation written or
+    /// removed, seats, the total) and never repeats in the account. A write
+    /// to an allocation that does not exist is keyed on it: an absence has
+    /// no version of its own (DESIGN §6).
+    #[serde(default)]
+    pub revision: i64,
 }
 
 impl Pool {
@@ -334,23 +340,9 @@ pub fn check_count(count: i64) -> Result<(), Refusal> {
 pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effect, Refusal> {
     require_admin(role, "change allocations")?;
     check_count(req.target.count())?;
-    let pool = seen.pool.ok_or_else(|| {
-        Refusal::new(
-            Reason::UnknownProduct,
-            format!(
-                "the account has no pool for product {:?}; pools are per product and never mix",
-                req.product
-            ),
-        )
-    })?;
+    let pool = seen.pool.ok_or_else(|| unknown_product(req.product))?;
     if !seen.organization_exists {
-        return Err(Refusal::new(
-            Reason::UnknownOrganization,
-            format!(
-                "organization {:?} does not exist in the account; create it on the license platform first (licensor never creates organizations)",
-                req.organization
-            ),
-        ));
+        return Err(unknown_organization(req.organization));
     }
     let (from, in_use, owner) = match seen.allocation {
         Some(a) => (a.dedicated, a.in_use, a.managed_by.as_deref()),
@@ -417,6 +409,41 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
     Ok(effect)
 }
 
+/// R2: the product has no pool in the account.
+pub fn unknown_product(product: &str) -> Refusal {
+    Refusal::new(
+        Reason::UnknownProduct,
+        format!("the account has no pool for product {product:?}; pools are per product and never mix"),
+    )
+}
+
+/// R7: the organization does not exist.
+pub fn unknown_organization(organization: &str) -> Refusal {
+    Refusal::new(
+        Reason::UnknownOrganization,
+        format!(
+            "organization {organization:?} does not exist in the account; create it on the license platform first (licensor never creates organizations)"
+        ),
+    )
+}
+
+/// Decides giving up the management of an allocation (deletionPolicy
+/// Orphan), which leaves its count. Only its manager may release it (R8);
+/// `Ok(false)` when there is nothing to release (no allocation, or it is
+/// unmanaged).
+pub fn decide_release(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<bool, Refusal> {
+    require_admin(role, "release allocations")?;
+    seen.pool.ok_or_else(|| unknown_product(req.product))?;
+    if !seen.organization_exists {
+        return Err(unknown_organization(req.organization));
+    }
+    match seen.allocation.and_then(|a| a.managed_by.as_deref()) {
+        None => Ok(false),
+        Some(owner) if Some(owner) == req.managed_by => Ok(true),
+        Some(owner) => Err(conflict(owner)),
+    }
+}
+
 fn conflict(owner: &str) -> Refusal {
     Refusal::new(
         Reason::Conflict,
@@ -474,19 +501,12 @@ pub enum SeatTarget {
 pub fn decide_seats(
     seen: Observed<'_>,
     organization: &str,
+    product: &str,
     change: SeatChange,
 ) -> Result<SeatTarget, Refusal> {
-    let pool = seen.pool.ok_or_else(|| {
-        Refusal::new(
-            Reason::UnknownProduct,
-            "the account has no pool for this product",
-        )
-    })?;
+    let pool = seen.pool.ok_or_else(|| unknown_product(product))?;
     if !seen.organization_exists {
-        return Err(Refusal::new(
-            Reason::UnknownOrganization,
-            format!("organization {organization:?} does not exist in the account"),
-        ));
+        return Err(unknown_organization(organization));
     }
     let n = match change {
         SeatChange::Claim(n) | SeatChange::Release(n) => n,
@@ -626,25 +646,40 @@ impl AllocationWrite {
         }
     }
 
-    /// A key that names this intended change from this observed version, so
-    /// a retry (even from a restarted process) repeats rather than re-applies.
-    pub fn intent_key(&self, observed_version: i64) -> String {
+    /// A key that names this intended change, planned against `basis`, so a
+    /// retry (even from a restarted process) repeats rather than re-applies,
+    /// and a new intent (after a delete and re-create, a prune, a re-seed)
+    /// gets a new key because the basis never repeats. `scope` is what else
+    /// makes the requester's intent unique over time (the operator passes an
+    /// object's UID and generation; empty for manifests).
+    pub fn intent_key(&self, scope: &str, basis: Basis) -> String {
         use sha2::{Digest, Sha256};
         let target = match self.target {
             Target::Count(n) => n.to_string(),
             Target::Remove => "remove".into(),
         };
+        let basis = match basis {
+            Basis::Allocation(version) => format!("version {version}"),
+            Basis::Absent { pool_revision } => format!("absent in pool revision {pool_revision}"),
+        };
         let text = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}",
+            "{scope}\n{}\n{}\n{}\n{basis}\n{target}\n{}",
             self.managed_by.as_deref().unwrap_or(""),
             self.organization,
             self.product,
-            observed_version,
-            target,
             self.allow_user_displacement
         );
         hex::encode(&Sha256::digest(text.as_bytes())[..16])
     }
+}
+
+/// What a write was planned against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// The allocation at this version.
+    Allocation(i64),
+    /// No allocation, in the pool at this revision.
+    Absent { pool_revision: i64 },
 }
 
 impl From<Snapshot> for Ledger {
@@ -743,7 +778,12 @@ impl Ledger {
         product: &str,
         change: SeatChange,
     ) -> Result<(), Refusal> {
-        match decide_seats(self.observe(organization, product), organization, change)? {
+        match decide_seats(
+            self.observe(organization, product),
+            organization,
+            product,
+            change,
+        )? {
             SeatTarget::Dedicated { in_use } => {
                 if let Some(a) = self
                     .allocations
@@ -774,6 +814,7 @@ mod tests {
                 total: 200,
                 dedicated: 5,
                 shared_in_use: 0,
+                revision: 1,
             }],
             ["qa-team".to_string(), "dev-team".to_string()],
             [Allocation {

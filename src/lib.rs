@@ -19,6 +19,7 @@
 //! [`operator`] the controller that reconciles it with the same planner.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod apply;
 pub mod backend;
 pub mod cli;

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use similar::TextDiff;
 
 use crate::domain::{
-    Action, Allocation, AllocationWrite, Effect, Ledger, PoolView, Reason, Refusal, Role, Snapshot,
-    Target,
+    Action, Allocation, AllocationWrite, Basis, Effect, Ledger, PoolView, Reason, Refusal, Role,
+    Snapshot, Target,
 };
 
 /// What one resource asks for.
@@ -32,6 +32,10 @@ pub struct Desired {
     pub managed_by: String,
     /// Why this resource must not be written (Observe, paused), if so.
     pub hold: Option<String>,
+    /// What makes this resource's intent unique over time besides its spec
+    /// (the operator: the object's UID and generation; empty for manifests).
+    /// Part of every idempotency key the plan derives.
+    pub scope: String,
 }
 
 /// How a change ended up.
@@ -164,7 +168,13 @@ struct Step {
 impl Step {
     fn from_desired(d: &Desired, target: Target, ledger: &Ledger) -> Step {
         let current = ledger.allocation(&d.organization, &d.product).cloned();
-        let write = AllocationWrite {
+        let basis = match &current {
+            Some(a) => Basis::Allocation(a.version),
+            None => Basis::Absent {
+                pool_revision: ledger.pools.get(&d.product).map_or(0, |p| p.revision),
+            },
+        };
+        let mut write = AllocationWrite {
             organization: d.organization.clone(),
             product: d.product.clone(),
             target,
@@ -173,11 +183,12 @@ impl Step {
             expected_version: Some(current.as_ref().map_or(0, |a| a.version)),
             idempotency_key: None,
         };
+        write.idempotency_key = Some(write.intent_key(&d.scope, basis));
         Step::new(d.resource.clone(), write, current, d.hold.clone())
     }
 
     fn prune(a: &Allocation, resource: &str) -> Step {
-        let write = AllocationWrite {
+        let mut write = AllocationWrite {
             organization: a.organization.clone(),
             product: a.product.clone(),
             target: Target::Remove,
@@ -186,18 +197,18 @@ impl Step {
             expected_version: Some(a.version),
             idempotency_key: None,
         };
+        write.idempotency_key = Some(write.intent_key("", Basis::Allocation(a.version)));
         Step::new(resource.to_string(), write, Some(a.clone()), None)
     }
 
     fn new(
         resource: String,
-        mut write: AllocationWrite,
+        write: AllocationWrite,
         current: Option<Allocation>,
         hold: Option<String>,
     ) -> Step {
         let from = current.as_ref().map_or(0, |a| a.dedicated);
         let action = Action::classify(current.is_some(), from, write.target);
-        write.idempotency_key = Some(write.intent_key(write.expected_version.unwrap_or(0)));
         Step {
             resource,
             write,
@@ -402,6 +413,7 @@ mod tests {
             allow_user_displacement: false,
             managed_by: format!("default/licenses/{name}"),
             hold: None,
+            scope: String::new(),
         }
     }
 
@@ -501,6 +513,7 @@ allocations:
             total: 10,
             dedicated: 12,
             shared_in_use: 1,
+            revision: 0,
         });
         assert_eq!(v.free, -3);
     }

@@ -57,6 +57,7 @@ fn start() -> Ledger {
             total: 50,
             dedicated: 0,
             shared_in_use: 0,
+            revision: 0,
         }],
         ORGS.iter().map(|o| o.to_string()),
         [],
@@ -195,6 +196,9 @@ proptest! {
             // Versions count writes differently (seat claims bump the store's).
             for a in s.allocations.iter_mut().chain(l.allocations.iter_mut()) {
                 a.version = 0;
+            }
+            for p in s.pools.iter_mut().chain(l.pools.iter_mut()) {
+                p.revision = 0;
             }
             prop_assert_eq!(s, l);
         }

@@ -17,13 +17,14 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
+use crate::api::{
+    Organization, Problem, ProblemType, Product, PutAllocation, Release, Seats, TotalBody,
+};
 use crate::domain::{
     Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, SeatChange, Snapshot, Target,
 };
-use crate::server::problem::{NOT_FOUND, Problem};
 
 /// How calls are retried.
 #[derive(Debug, Clone)]
@@ -184,7 +185,7 @@ impl HttpBackend {
                     if !transient || last || repeat == Repeat::NotSent {
                         return match problem {
                             Some(p)
-                                if p.kind() == Some(NOT_FOUND)
+                                if p.kind() == Some(ProblemType::NotFound)
                                     && status == StatusCode::NOT_FOUND =>
                             {
                                 Ok(None)
@@ -278,25 +279,22 @@ impl Backend for HttpBackend {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BackendError> {
-        let pools: Vec<PoolView> = self.get(&["products"]).await?.unwrap_or_default();
-        let orgs: Vec<serde_json::Value> = self.get(&["organizations"]).await?.unwrap_or_default();
+        let pools: Vec<Product> = self.get(&["products"]).await?.unwrap_or_default();
+        let orgs: Vec<Organization> = self.get(&["organizations"]).await?.unwrap_or_default();
         let allocations: Vec<Allocation> = self.get(&["allocations"]).await?.unwrap_or_default();
         Ok(Snapshot {
-            pools: pools.into_iter().map(pool).collect(),
-            organizations: orgs
-                .iter()
-                .filter_map(|o| o["id"].as_str().map(str::to_string))
-                .collect(),
+            pools: pools.into_iter().map(Pool::from).collect(),
+            organizations: orgs.into_iter().map(|o| o.id).collect(),
             allocations,
         })
     }
 
     async fn observe(&self, organization: &str, product: &str) -> Result<Snapshot, BackendError> {
-        let pools: Vec<PoolView> = self.get(&["products"]).await?.unwrap_or_default();
+        let pools: Vec<Product> = self.get(&["products"]).await?.unwrap_or_default();
         let pools: Vec<Pool> = pools
             .into_iter()
             .filter(|p| p.product == product)
-            .map(pool)
+            .map(Pool::from)
             .collect();
         let found: Result<Option<Allocation>, BackendError> = self
             .get(&["organizations", organization, "allocations", product])
@@ -337,11 +335,11 @@ impl Backend for HttpBackend {
         let mut url = self.url(&segments);
         let answer = match w.target {
             Target::Count(n) => {
-                let body = json!({
-                    "dedicated": n,
-                    "managedBy": w.managed_by,
-                    "allowUserDisplacement": w.allow_user_displacement,
-                });
+                let body = PutAllocation {
+                    dedicated: n,
+                    managed_by: w.managed_by.clone(),
+                    allow_user_displacement: w.allow_user_displacement,
+                };
                 self.call(Method::PUT, url, Some(&body), headers, Repeat::Safe)
                     .await?
             }
@@ -376,7 +374,9 @@ impl Backend for HttpBackend {
             product,
             "release",
         ]);
-        let body = json!({ "managedBy": manager });
+        let body = Release {
+            managed_by: manager.to_string(),
+        };
         self.call::<()>(
             Method::POST,
             url,
@@ -389,8 +389,8 @@ impl Backend for HttpBackend {
     }
 
     async fn set_total(&self, product: &str, total: i64) -> Result<PoolView, BackendError> {
-        let body = json!({ "total": total });
-        let answer = self
+        let body = TotalBody { total };
+        let answer: Option<Product> = self
             .call(
                 Method::PUT,
                 self.url(&["products", product]),
@@ -399,7 +399,7 @@ impl Backend for HttpBackend {
                 Repeat::Safe,
             )
             .await?;
-        Self::must(answer, "answer to the total")
+        Self::must(answer, "answer to the total").map(|p| PoolView::from(&Pool::from(p)))
     }
 
     async fn seats(
@@ -408,10 +408,7 @@ impl Backend for HttpBackend {
         product: &str,
         change: SeatChange,
     ) -> Result<(), BackendError> {
-        let body = match change {
-            SeatChange::Claim(n) => json!({ "claim": n }),
-            SeatChange::Release(n) => json!({ "release": n }),
-        };
+        let body = Seats::from(change);
         let url = self.url(&["organizations", organization, "seats", product]);
         self.call::<()>(
             Method::POST,
@@ -434,15 +431,6 @@ impl Backend for HttpBackend {
 
     async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
         Ok(self.get(&["audit"]).await?.unwrap_or_default())
-    }
-}
-
-fn pool(p: PoolView) -> Pool {
-    Pool {
-        product: p.product,
-        total: p.total,
-        dedicated: p.dedicated,
-        shared_in_use: p.shared_in_use,
     }
 }
 

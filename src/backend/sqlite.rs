@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::domain::{
-    Action, Allocation, AllocationWrite, Observed, Pool, PoolView, Reason, Refusal, Role,
-    SeatChange, SeatTarget, Snapshot, Target, decide, decide_seats, decide_total, require_admin,
+    Action, Allocation, AllocationWrite, Observed, Pool, PoolView, Reason, Refusal, Request, Role,
+    SeatChange, SeatTarget, Snapshot, Target, decide, decide_release, decide_seats, decide_total,
+    require_admin, unknown_product,
 };
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
@@ -86,6 +87,17 @@ CREATE TABLE tokens (
     name TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+"#,
+// Versions come from one sequence per account, so an allocation's version
+// (its ETag) never repeats: not after a delete and re-create, not after a
+// re-seed. A product's revision moves with every change in its pool.
+r#"
+ALTER TABLE accounts ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE products ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+UPDATE accounts SET revision =
+    (SELECT COALESCE(MAX(version), 0) FROM allocations WHERE allocations.account = accounts.id) + 1;
+UPDATE products SET revision =
+    (SELECT revision FROM accounts WHERE accounts.id = products.account);
 "#];
 
 /// Who is acting on the store.
@@ -338,16 +350,9 @@ impl Store {
             let tx = conn.transaction().map_err(&err)?;
             let pools = {
                 let mut s = tx
-                    .prepare_cached("SELECT name, total, dedicated, shared_in_use FROM products WHERE account = ?1 ORDER BY name")
+                    .prepare_cached("SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 ORDER BY name")
                     .map_err(&err)?;
-                s.query_map([account], |r| {
-                    Ok(Pool {
-                        product: r.get(0)?,
-                        total: r.get(1)?,
-                        dedicated: r.get(2)?,
-                        shared_in_use: r.get(3)?,
-                    })
-                })
+                s.query_map([account], pool_row)
                 .map_err(&err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(&err)?
@@ -392,7 +397,7 @@ impl Store {
         self.with(|conn| {
             let mut s = conn
                 .prepare_cached(
-                    "SELECT p.name, p.total, p.dedicated, p.shared_in_use,
+                    "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
                             EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
                             a.dedicated, a.in_use, a.managed_by, a.version
                      FROM (SELECT 1)
@@ -402,29 +407,24 @@ impl Store {
                 .map_err(&err)?;
             s.query_row(params![account, organization, product], |r| {
                 let pool = match r.get::<_, Option<String>>(0)? {
-                    Some(name) => Some(Pool {
-                        product: name,
-                        total: r.get(1)?,
-                        dedicated: r.get(2)?,
-                        shared_in_use: r.get(3)?,
-                    }),
+                    Some(_) => Some(pool_row(r)?),
                     None => None,
                 };
-                let allocation = match r.get::<_, Option<i64>>(5)? {
+                let allocation = match r.get::<_, Option<i64>>(6)? {
                     Some(dedicated) => Some(Allocation {
                         organization: organization.to_string(),
                         product: product.to_string(),
                         dedicated,
-                        in_use: r.get(6)?,
-                        managed_by: r.get(7)?,
-                        version: r.get(8)?,
+                        in_use: r.get(7)?,
+                        managed_by: r.get(8)?,
+                        version: r.get(9)?,
                     }),
                     None => None,
                 };
                 Ok(Snapshot {
                     pools: pool.into_iter().collect(),
                     organizations: r
-                        .get::<_, bool>(4)?
+                        .get::<_, bool>(5)?
                         .then(|| organization.to_string())
                         .into_iter()
                         .collect(),
@@ -436,7 +436,14 @@ impl Store {
     }
 
     /// Decides and applies one allocation write; with `dry_run` it answers
-    /// without writing.
+    /// without writing. Steps: role (R1, before anything else, so a Viewer
+    /// never receives an answer stored for an admin) -> replay of the key's
+    /// first answer -> observe -> decide -> version check -> write -> audit
+    /// -> remember the answer under the key. Every answer is remembered, a
+    /// no-op included, so a retry gets what the first try got even if
+    /// another writer moved the allocation since. Refusals are not
+    /// remembered: they change nothing, so a retry is decided afresh and
+    /// any version check still applies.
     pub fn write(
         &self,
         account: &str,
@@ -446,126 +453,28 @@ impl Store {
     ) -> Result<Written, BackendError> {
         let err = storage(&self.path);
         self.transaction(!dry_run, |tx| {
+            require_admin(who.role, "change allocations")?;
             let request_hash = hash(&serde_json::to_string(w).unwrap_or_default());
-            if let Some(key) = &w.idempotency_key {
-                let seen: Option<(String, String)> = tx
-                    .query_row(
-                        "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2",
-                        [account, key],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()
-                    .map_err(&err)?;
-                if let Some((h, response)) = seen {
-                    if h != request_hash {
-                        return Err(BackendError::KeyReused(key.clone()));
-                    }
-                    let mut written: Written = serde_json::from_str(&response).map_err(|e| {
-                        BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}"))
-                    })?;
-                    written.replayed = true;
-                    return Ok(written);
-                }
+            if let Some(key) = &w.idempotency_key
+                && let Some(answer) = replay(tx, account, key, &request_hash)?
+            {
+                return Ok(answer);
             }
-            let pool = read_pool(tx, account, &w.product).map_err(&err)?;
-            let org = organization_exists(tx, account, &w.organization).map_err(&err)?;
-            let current = read_allocation(tx, account, &w.organization, &w.product).map_err(&err)?;
-            let seen = Observed {
-                pool: pool.as_ref(),
-                organization_exists: org,
-                allocation: current.as_ref(),
-            };
-            let effect = decide(who.role, seen, &w.request())?;
-            if let Some(expected) = w.expected_version {
-                let actual = current.as_ref().map_or(0, |a| a.version);
-                if expected != actual {
-                    return Err(BackendError::Stale { expected, actual });
-                }
-            }
-            let mut pool = pool.ok_or_else(|| Refusal::new(Reason::UnknownProduct, "no pool"))?;
-            if effect.is_noop() {
-                return Ok(Written {
-                    effect,
-                    allocation: current,
-                    pool: PoolView::from(&pool),
-                    replayed: false,
-                });
-            }
-            pool.book(&effect);
-            tx.execute(
-                "UPDATE products SET dedicated = ?3, shared_in_use = ?4 WHERE account = ?1 AND name = ?2",
-                params![account, w.product, pool.dedicated, pool.shared_in_use],
-            )
-            .map_err(&err)?;
-            let version = current.as_ref().map_or(0, |a| a.version) + 1;
-            let allocation = match w.target {
-                Target::Remove => {
-                    tx.execute(
-                        "DELETE FROM allocations WHERE account = ?1 AND organization = ?2 AND product = ?3",
-                        params![account, w.organization, w.product],
-                    )
-                    .map_err(&err)?;
-                    None
-                }
-                Target::Count(to) => {
-                    let managed_by = w
-                        .managed_by
-                        .clone()
-                        .or_else(|| current.as_ref().and_then(|a| a.managed_by.clone()));
-                    tx.execute(
-                        "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                         ON CONFLICT (account, organization, product) DO UPDATE SET
-                           dedicated = excluded.dedicated, in_use = excluded.in_use,
-                           managed_by = excluded.managed_by, version = excluded.version",
-                        params![account, w.organization, w.product, to, effect.in_use, managed_by, version],
-                    )
-                    .map_err(&err)?;
-                    Some(Allocation {
-                        organization: w.organization.clone(),
-                        product: w.product.clone(),
-                        dedicated: to,
-                        in_use: effect.in_use,
-                        managed_by,
-                        version,
-                    })
-                }
-            };
-            let action = match effect.action {
-                Action::None if effect.adopted => "adopt",
-                other => other.as_str(),
-            };
-            audit(
-                tx,
-                account,
-                who,
-                action,
-                Some((&w.organization, &w.product)),
-                (effect.from, effect.to),
-                (effect.rehomed, effect.displaced),
-                w.managed_by.as_deref(),
-                w.idempotency_key.as_deref(),
-            )
-            .map_err(&err)?;
-            let written = Written {
-                effect,
-                allocation,
-                pool: PoolView::from(&pool),
-                replayed: false,
-            };
+            let written = decide_and_write(tx, account, who, w)?;
             if let Some(key) = &w.idempotency_key {
                 let response = serde_json::to_string(&written).unwrap_or_default();
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![account, key, request_hash, response, now()],
                 )
+                .and_then(|mut st| st.execute(params![account, key, request_hash, response, now()]))
                 .map_err(&err)?;
             }
             Ok(written)
         })
     }
 
-    /// Releases ownership of an allocation (deletionPolicy Orphan).
+    /// Releases ownership of an allocation (deletionPolicy Orphan), decided
+    /// by [`decide_release`].
     pub fn release(
         &self,
         account: &str,
@@ -576,34 +485,39 @@ impl Store {
     ) -> Result<(), BackendError> {
         let err = storage(&self.path);
         self.transaction(true, |tx| {
-            require_admin(who.role, "release allocations")?;
-            let Some(current) = read_allocation(tx, account, organization, product).map_err(&err)?
-            else {
-                return Ok(());
+            let pool = read_pool(tx, account, product).map_err(&err)?;
+            let org = organization_exists(tx, account, organization).map_err(&err)?;
+            let current = read_allocation(tx, account, organization, product).map_err(&err)?;
+            let seen = Observed {
+                pool: pool.as_ref(),
+                organization_exists: org,
+                allocation: current.as_ref(),
             };
-            match current.managed_by.as_deref() {
-                Some(owner) if owner == manager => {}
-                None => return Ok(()),
-                Some(owner) => {
-                    return Err(Refusal::new(
-                        Reason::Conflict,
-                        format!("the allocation is managed by {owner}, not {manager}"),
-                    )
-                    .into());
-                }
+            let request = Request {
+                organization,
+                product,
+                target: Target::Count(current.as_ref().map_or(0, |a| a.dedicated)),
+                managed_by: Some(manager),
+                allow_user_displacement: false,
+            };
+            if !decide_release(who.role, seen, &request)? {
+                return Ok(());
             }
+            let dedicated = current.map_or(0, |a| a.dedicated);
+            let revision = next_revision(tx, account).map_err(&err)?;
             tx.execute(
-                "UPDATE allocations SET managed_by = NULL, version = version + 1 WHERE account = ?1 AND organization = ?2 AND product = ?3",
-                params![account, organization, product],
+                "UPDATE allocations SET managed_by = NULL, version = ?4 WHERE account = ?1 AND organization = ?2 AND product = ?3",
+                params![account, organization, product, revision],
             )
             .map_err(&err)?;
+            touch_pool(tx, account, product, revision).map_err(&err)?;
             audit(
                 tx,
                 account,
                 who,
                 Action::Orphan.as_str(),
                 Some((organization, product)),
-                (current.dedicated, current.dedicated),
+                (dedicated, dedicated),
                 (0, 0),
                 Some(manager),
                 None,
@@ -620,7 +534,7 @@ impl Store {
         who: &Principal,
         product: &str,
         total: i64,
-    ) -> Result<PoolView, BackendError> {
+    ) -> Result<Pool, BackendError> {
         let err = storage(&self.path);
         self.transaction(true, |tx| {
             decide_total(who.role, total)?;
@@ -629,9 +543,10 @@ impl Store {
                 .ok_or_else(|| unknown_product(product))?;
             let from = pool.total;
             pool.total = total;
+            pool.revision = next_revision(tx, account).map_err(&err)?;
             tx.execute(
-                "UPDATE products SET total = ?3 WHERE account = ?1 AND name = ?2",
-                params![account, product, total],
+                "UPDATE products SET total = ?3, revision = ?4 WHERE account = ?1 AND name = ?2",
+                params![account, product, total, pool.revision],
             )
             .map_err(&err)?;
             audit(
@@ -646,7 +561,7 @@ impl Store {
                 None,
             )
             .map_err(&err)?;
-            Ok(PoolView::from(&pool))
+            Ok(pool)
         })
     }
 
@@ -674,11 +589,14 @@ impl Store {
                 SeatChange::Claim(_) => "claim",
                 SeatChange::Release(_) => "release",
             };
-            let (from, to) = match decide_seats(seen, organization, change)? {
+            let target = decide_seats(seen, organization, product, change)?;
+            let revision = next_revision(tx, account).map_err(&err)?;
+            touch_pool(tx, account, product, revision).map_err(&err)?;
+            let (from, to) = match target {
                 SeatTarget::Dedicated { in_use } => {
                     tx.execute(
-                        "UPDATE allocations SET in_use = ?4, version = version + 1 WHERE account = ?1 AND organization = ?2 AND product = ?3",
-                        params![account, organization, product, in_use],
+                        "UPDATE allocations SET in_use = ?4, version = ?5 WHERE account = ?1 AND organization = ?2 AND product = ?3",
+                        params![account, organization, product, in_use, revision],
                     )
                     .map_err(&err)?;
                     (current.map_or(0, |a| a.in_use), in_use)
@@ -711,6 +629,8 @@ impl Store {
             }
             tx.execute("INSERT OR IGNORE INTO accounts (id) VALUES (?1)", [account])
                 .map_err(&err)?;
+            // The account's sequence goes on across a re-seed, so nothing
+            // seeded now has a version or revision that was handed out before.
             for p in &fixture.products {
                 let dedicated: i64 = fixture
                     .organizations
@@ -719,9 +639,10 @@ impl Store {
                     .filter(|a| a.product == p.name)
                     .map(|a| a.dedicated)
                     .sum();
+                let revision = next_revision(tx, account).map_err(&err)?;
                 tx.execute(
-                    "INSERT INTO products (account, name, total, shared_in_use, dedicated) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![account, p.name, p.total, p.shared_in_use, dedicated],
+                    "INSERT INTO products (account, name, total, shared_in_use, dedicated, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![account, p.name, p.total, p.shared_in_use, dedicated, revision],
                 )
                 .map_err(&err)?;
             }
@@ -732,9 +653,10 @@ impl Store {
                 )
                 .map_err(&err)?;
                 for a in &o.allocations {
+                    let version = next_revision(tx, account).map_err(&err)?;
                     tx.execute(
-                        "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
-                        params![account, o.id, a.product, a.dedicated, a.in_use, a.managed_by],
+                        "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![account, o.id, a.product, a.dedicated, a.in_use, a.managed_by, version],
                     )
                     .map_err(&err)?;
                 }
@@ -778,11 +700,138 @@ impl Store {
     }
 }
 
-fn unknown_product(product: &str) -> Refusal {
-    Refusal::new(
-        Reason::UnknownProduct,
-        format!("the account has no pool for product {product:?}"),
+/// The first answer to `key`, if it was used for this same request; a
+/// different request under the key is an error.
+fn replay(
+    tx: &Transaction<'_>,
+    account: &str,
+    key: &str,
+    request_hash: &str,
+) -> Result<Option<Written>, BackendError> {
+    let seen: Option<(String, String)> = tx
+        .prepare_cached("SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2")
+        .and_then(|mut st| st.query_row([account, key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(|e| BackendError::Unavailable(format!("reading idempotency keys: {e}")))?;
+    let Some((h, response)) = seen else {
+        return Ok(None);
+    };
+    if h != request_hash {
+        return Err(BackendError::KeyReused(key.to_string()));
+    }
+    let mut written: Written = serde_json::from_str(&response)
+        .map_err(|e| BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}")))?;
+    written.replayed = true;
+    Ok(Some(written))
+}
+
+/// Observes, decides with [`decide`], checks the version and writes one
+/// allocation change with its audit entry; a no-op writes nothing.
+fn decide_and_write(
+    tx: &Transaction<'_>,
+    account: &str,
+    who: &Principal,
+    w: &AllocationWrite,
+) -> Result<Written, BackendError> {
+    let err = |e: rusqlite::Error| BackendError::Unavailable(format!("writing an allocation: {e}"));
+    let pool = read_pool(tx, account, &w.product).map_err(err)?;
+    let org = organization_exists(tx, account, &w.organization).map_err(err)?;
+    let current = read_allocation(tx, account, &w.organization, &w.product).map_err(err)?;
+    let seen = Observed {
+        pool: pool.as_ref(),
+        organization_exists: org,
+        allocation: current.as_ref(),
+    };
+    let effect = decide(who.role, seen, &w.request())?;
+    if let Some(expected) = w.expected_version {
+        let actual = current.as_ref().map_or(0, |a| a.version);
+        if expected != actual {
+            return Err(BackendError::Stale { expected, actual });
+        }
+    }
+    let mut pool = pool.ok_or_else(|| unknown_product(&w.product))?;
+    if effect.is_noop() {
+        return Ok(Written {
+            effect,
+            allocation: current,
+            pool: PoolView::from(&pool),
+            replayed: false,
+        });
+    }
+    let revision = next_revision(tx, account).map_err(err)?;
+    pool.book(&effect);
+    pool.revision = revision;
+    tx.prepare_cached(
+        "UPDATE products SET dedicated = ?3, shared_in_use = ?4, revision = ?5 WHERE account = ?1 AND name = ?2",
     )
+    .and_then(|mut st| {
+        st.execute(params![account, w.product, pool.dedicated, pool.shared_in_use, revision])
+    })
+    .map_err(err)?;
+    let allocation = match w.target {
+        Target::Remove => {
+            tx.prepare_cached(
+                "DELETE FROM allocations WHERE account = ?1 AND organization = ?2 AND product = ?3",
+            )
+            .and_then(|mut st| st.execute(params![account, w.organization, w.product]))
+            .map_err(err)?;
+            None
+        }
+        Target::Count(to) => {
+            let allocation = Allocation {
+                organization: w.organization.clone(),
+                product: w.product.clone(),
+                dedicated: to,
+                in_use: effect.in_use,
+                managed_by: w
+                    .managed_by
+                    .clone()
+                    .or_else(|| current.as_ref().and_then(|a| a.managed_by.clone())),
+                version: revision,
+            };
+            tx.prepare_cached(
+                "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (account, organization, product) DO UPDATE SET
+                   dedicated = excluded.dedicated, in_use = excluded.in_use,
+                   managed_by = excluded.managed_by, version = excluded.version",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    account,
+                    allocation.organization,
+                    allocation.product,
+                    allocation.dedicated,
+                    allocation.in_use,
+                    allocation.managed_by,
+                    allocation.version
+                ])
+            })
+            .map_err(err)?;
+            Some(allocation)
+        }
+    };
+    let action = match effect.action {
+        Action::None if effect.adopted => "adopt",
+        other => other.as_str(),
+    };
+    audit(
+        tx,
+        account,
+        who,
+        action,
+        Some((&w.organization, &w.product)),
+        (effect.from, effect.to),
+        (effect.rehomed, effect.displaced),
+        w.managed_by.as_deref(),
+        w.idempotency_key.as_deref(),
+    )
+    .map_err(err)?;
+    Ok(Written {
+        effect,
+        allocation,
+        pool: PoolView::from(&pool),
+        replayed: false,
+    })
 }
 
 fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
@@ -796,19 +845,37 @@ fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
     })
 }
 
+/// A pool from the columns name, total, dedicated, shared_in_use, revision.
+fn pool_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pool> {
+    Ok(Pool {
+        product: r.get(0)?,
+        total: r.get(1)?,
+        dedicated: r.get(2)?,
+        shared_in_use: r.get(3)?,
+        revision: r.get(4)?,
+    })
+}
+
 fn read_pool(tx: &Transaction<'_>, account: &str, product: &str) -> rusqlite::Result<Option<Pool>> {
     tx.prepare_cached(
-        "SELECT name, total, dedicated, shared_in_use FROM products WHERE account = ?1 AND name = ?2",
+        "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 AND name = ?2",
     )?
-    .query_row([account, product], |r| {
-        Ok(Pool {
-            product: r.get(0)?,
-            total: r.get(1)?,
-            dedicated: r.get(2)?,
-            shared_in_use: r.get(3)?,
-        })
-    })
+    .query_row([account, product], pool_row)
     .optional()
+}
+
+/// The next value of the account's sequence: every version and pool
+/// revision is one, so none ever repeats in the account.
+fn next_revision(tx: &Transaction<'_>, account: &str) -> rusqlite::Result<i64> {
+    tx.prepare_cached("UPDATE accounts SET revision = revision + 1 WHERE id = ?1 RETURNING revision")?
+        .query_row([account], |r| r.get(0))
+}
+
+/// Marks a change in `product`'s pool at `revision`.
+fn touch_pool(tx: &Transaction<'_>, account: &str, product: &str, revision: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE products SET revision = ?3 WHERE account = ?1 AND name = ?2")?
+        .execute(params![account, product, revision])?;
+    Ok(())
 }
 
 fn organization_exists(tx: &Transaction<'_>, account: &str, org: &str) -> rusqlite::Result<bool> {
@@ -948,6 +1015,7 @@ impl Backend for SqliteBackend {
         let product = product.to_string();
         self.blocking(move |s, account, who| s.set_total(&account, &who, &product, total))
             .await
+            .map(|pool| PoolView::from(&pool))
     }
 
     async fn seats(

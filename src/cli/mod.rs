@@ -247,5 +247,6 @@ pub fn desired(m: &Manifest, instance: &str) -> Desired {
         allow_user_displacement: m.spec.allow_user_displacement,
         managed_by: managed_by(instance, &m.namespace, &m.name),
         hold: Hold::of(&m.annotations, &m.spec).map(Hold::describe),
+        scope: String::new(),
     }
 }

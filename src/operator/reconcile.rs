@@ -212,6 +212,12 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         allow_user_displacement: dl.spec.allow_user_displacement,
         managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
         hold: hold(dl).map(Hold::describe),
+        // A deleted and re-created object of the same name is a new intent.
+        scope: format!(
+            "{}/{}",
+            dl.meta().uid.as_deref().unwrap_or_default(),
+            dl.meta().generation.unwrap_or_default()
+        ),
     }
 }
 

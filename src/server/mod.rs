@@ -3,10 +3,14 @@
 //!
 //! [`routes`] maps each route onto one of the store's transaction functions
 //! (the same ones the embedded backend calls, so a rule is decided in one
-//! place); [`problem`] spells every error as RFC 9457 problem details. This
-//! module wires access (bearer tokens stored hashed, roles per account, a
-//! rate limit answering 429 with `Retry-After`), limits (body size, request
-//! timeout), `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, and a clean
+//! place), with the wire types of [`crate::api`]; [`problem`] makes every
+//! error answer RFC 9457 problem details. This module wires access, before
+//! anything else a request does: the bearer token is checked for the
+//! account (401), and a write needs the Account Admin role (403), before
+//! the body, its media type or its idempotency key is looked at. Then a
+//! rate limit answering 429 with `Retry-After`, limits (body size, request
+//! timeout), `/healthz`, `/readyz`, `/metrics` (label values from fixed
+//! sets, so no client can create series), `/openapi.json`, and a clean
 //! shutdown on SIGTERM. Tokens are never logged, echoed or stored in clear.
 
 pub mod problem;
@@ -19,8 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::RequestExt;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -33,9 +38,10 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use utoipa::OpenApi;
 
+use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
 use crate::backend::sqlite::{Principal, Store};
-use problem::{Problem, RATE_LIMITED, UNAUTHORIZED};
+use crate::domain::require_admin;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -56,9 +62,29 @@ const IDEMPOTENCY_KEYS: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    /// One of [`METHODS`], or `other`.
+    method: &'static str,
+    /// A route template, or `(unmatched)`.
     route: String,
     status: u16,
+}
+
+/// The methods counted by name; any other is counted as `other`.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+
+fn method_label(m: &Method) -> &'static str {
+    METHODS
+        .iter()
+        .find(|known| *known == m)
+        .map_or("other", Method::as_str)
 }
 
 struct Metrics {
@@ -79,19 +105,24 @@ pub struct Shared {
     metrics: Arc<Metrics>,
 }
 
+/// The bearer token of a request; the scheme name is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The caller of a request for `account`, from its bearer token.
 pub async fn authorize(
     s: &Shared,
     headers: &HeaderMap,
     account: &str,
 ) -> Result<Principal, Problem> {
-    let unauthorized = |m: &str| Problem::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, m);
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    let unauthorized =
+        |m: &str| Problem::new(StatusCode::UNAUTHORIZED, ProblemType::Unauthorized, m);
+    let token = bearer(headers)
         .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
     let key = hex::encode(Sha256::digest(token.as_bytes()));
     if let Some((a, who, at)) = s.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
@@ -115,6 +146,30 @@ pub async fn authorize(
         .unwrap_or_else(|p| p.into_inner())
         .insert(key, (account.to_string(), who.clone(), Instant::now()));
     Ok(who)
+}
+
+/// Checks the caller before anything else a route does: a valid token for
+/// the account in the path (401), and the Account Admin role for any
+/// method but GET and HEAD (403). The caller is handed to the route.
+async fn authenticate(State(s): State<Shared>, mut request: Request, next: Next) -> Response {
+    // A path that does not decode names no account a token is for: 401.
+    let account = request
+        .extract_parts::<Path<HashMap<String, String>>>()
+        .await
+        .ok()
+        .and_then(|Path(mut p)| p.remove("account"))
+        .unwrap_or_default();
+    let who = match authorize(&s, request.headers(), &account).await {
+        Ok(who) => who,
+        Err(problem) => return problem.into_response(),
+    };
+    if !matches!(*request.method(), Method::GET | Method::HEAD)
+        && let Err(refusal) = require_admin(who.role, "change the account")
+    {
+        return Problem::refusal(&refusal).into_response();
+    }
+    request.extensions_mut().insert(who);
+    next.run(request).await
 }
 
 #[derive(OpenApi)]
@@ -206,6 +261,10 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             post(routes::seats),
         )
         .route(&format!("{base}/audit"), get(routes::audit))
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            authenticate,
+        ))
         .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
     Router::new()
         .merge(api)
@@ -216,14 +275,15 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
-        .route_layer(middleware::from_fn_with_state(shared.clone(), observe))
         .fallback(|| async {
             Problem::new(
                 StatusCode::NOT_FOUND,
-                problem::NOT_FOUND,
+                ProblemType::NotFound,
                 "no such route; see /openapi.json",
             )
         })
+        .layer(middleware::from_fn(problem::errors_as_problems))
+        .layer(middleware::from_fn_with_state(shared.clone(), observe))
         .layer(DefaultBodyLimit::max(config.max_body))
         .layer(
             tower::ServiceBuilder::new()
@@ -288,7 +348,7 @@ async fn timed_out(error: tower::BoxError) -> Problem {
     };
     Problem {
         retry_after: Some(1),
-        ..Problem::new(StatusCode::SERVICE_UNAVAILABLE, problem::TIMEOUT, detail)
+        ..Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::Timeout, detail)
     }
 }
 
@@ -303,7 +363,7 @@ async fn rate_limit(State(s): State<Shared>, request: Request, next: Next) -> Re
             retry_after: Some(wait.as_secs().max(1)),
             ..Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                RATE_LIMITED,
+                ProblemType::RateLimited,
                 "too many requests; retry after the time in Retry-After",
             )
         }
@@ -315,7 +375,7 @@ async fn rate_limit(State(s): State<Shared>, request: Request, next: Next) -> Re
 /// Counts and times every request; logs it at debug (never its headers).
 async fn observe(State(s): State<Shared>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -326,7 +386,7 @@ async fn observe(State(s): State<Shared>, request: Request, next: Next) -> Respo
     s.metrics
         .requests
         .get_or_create(&RequestLabels {
-            method: method.clone(),
+            method,
             route: route.clone(),
             status,
         })

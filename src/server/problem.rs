@@ -1,158 +1,16 @@
-//! RFC 9457 problem details: one stable `type` per refusal reason and per
-//! protocol error, with the numbers a client needs. The HTTP client maps them
-//! back with [`Problem::into_error`], so a reason survives the round trip
-//! exactly.
+//! How the server answers with problem details: the status and headers of
+//! a [`Problem`], what a [`BackendError`] becomes on the wire (storage
+//! details stay in the log), and a last guard that turns any error answer
+//! not written by a route (a 405 from the router, say) into one.
 
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
+use crate::api::problem::{MEDIA_TYPE, Problem, ProblemType};
 use crate::backend::BackendError;
-use crate::domain::{Reason, Refusal, RefusalDetail};
-
-/// Where the problem types live.
-pub const TYPE_BASE: &str = "https://licensor.dev/problems/";
-/// Media type of problem bodies.
-pub const MEDIA_TYPE: &str = "application/problem+json";
-
-/// Problem types that are not refusal reasons.
-pub const UNAUTHORIZED: &str = "unauthorized";
-pub const STALE: &str = "stale";
-pub const KEY_REUSED: &str = "idempotency-key-reused";
-pub const RATE_LIMITED: &str = "rate-limited";
-pub const NOT_FOUND: &str = "not-found";
-pub const MALFORMED: &str = "malformed-request";
-pub const TOO_LARGE: &str = "body-too-large";
-pub const MEDIA: &str = "unsupported-media-type";
-pub const TIMEOUT: &str = "timeout";
-
-/// A problem details body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Problem {
-    #[serde(rename = "type")]
-    pub type_: String,
-    pub title: String,
-    pub status: u16,
-    pub detail: String,
-    /// The refusal reason, for refusals.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub free: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_use: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub displaced: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
-    /// For a stale write: the version the request expected, and the current one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_version: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actual_version: Option<i64>,
-    /// Seconds to wait, for 429 and 503.
-    #[serde(skip)]
-    pub retry_after: Option<u64>,
-}
-
-/// `InsufficientPool` -> `insufficient-pool`.
-pub fn slug(reason: Reason) -> String {
-    let mut out = String::new();
-    for (i, c) in reason.as_str().chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('-');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
-}
-
-fn status_of(reason: Reason) -> StatusCode {
-    match reason {
-        Reason::Forbidden => StatusCode::FORBIDDEN,
-        Reason::UnknownProduct | Reason::UnknownOrganization => StatusCode::NOT_FOUND,
-        Reason::InsufficientPool
-        | Reason::BelowInUse
-        | Reason::WouldDisplaceUsers
-        | Reason::Conflict
-        | Reason::OverCommitted => StatusCode::CONFLICT,
-        Reason::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-        Reason::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-impl Problem {
-    /// A problem of type `kind` (a slug under [`TYPE_BASE`]).
-    pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Problem {
-        Problem {
-            type_: format!("{TYPE_BASE}{kind}"),
-            title: status.canonical_reason().unwrap_or("Error").to_string(),
-            status: status.as_u16(),
-            detail: detail.into(),
-            reason: None,
-            requested: None,
-            free: None,
-            in_use: None,
-            displaced: None,
-            owner: None,
-            expected_version: None,
-            actual_version: None,
-            retry_after: None,
-        }
-    }
-
-    pub fn refusal(r: &Refusal) -> Problem {
-        let d = &r.detail;
-        Problem {
-            title: r.reason.as_str().to_string(),
-            reason: Some(r.reason.as_str().to_string()),
-            requested: d.requested,
-            free: d.free,
-            in_use: d.in_use,
-            displaced: d.displaced,
-            owner: d.owner.clone(),
-            ..Problem::new(status_of(r.reason), &slug(r.reason), r.message.clone())
-        }
-    }
-
-    /// The slug of this problem's type, if it is one of ours.
-    pub fn kind(&self) -> Option<&str> {
-        self.type_.strip_prefix(TYPE_BASE)
-    }
-
-    /// The backend error this problem stands for (the client's side).
-    pub fn into_error(self) -> BackendError {
-        let reason = self.reason.as_deref().and_then(Reason::parse);
-        match (self.kind(), reason) {
-            (_, Some(Reason::BackendUnavailable)) => BackendError::Unavailable(self.detail),
-            (_, Some(reason)) => BackendError::Refused(Refusal {
-                reason,
-                message: self.detail,
-                detail: RefusalDetail {
-                    requested: self.requested,
-                    free: self.free,
-                    in_use: self.in_use,
-                    displaced: self.displaced,
-                    owner: self.owner,
-                },
-            }),
-            (Some(UNAUTHORIZED), None) => BackendError::Unauthorized(self.detail),
-            (Some(STALE), None) => BackendError::Stale {
-                expected: self.expected_version.unwrap_or(-1),
-                actual: self.actual_version.unwrap_or(-1),
-            },
-            (Some(KEY_REUSED), None) => BackendError::KeyReused(self.detail),
-            _ => BackendError::Unavailable(format!(
-                "the server answered {} {}: {}",
-                self.status, self.title, self.detail
-            )),
-        }
-    }
-}
+use crate::domain::Reason;
 
 impl From<BackendError> for Problem {
     fn from(e: BackendError) -> Problem {
@@ -161,13 +19,19 @@ impl From<BackendError> for Problem {
             BackendError::Stale { expected, actual } => Problem {
                 expected_version: Some(expected),
                 actual_version: Some(actual),
-                ..Problem::new(StatusCode::PRECONDITION_FAILED, STALE, e.to_string())
+                ..Problem::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    ProblemType::Stale,
+                    e.to_string(),
+                )
             },
-            BackendError::KeyReused(_) => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, KEY_REUSED, e.to_string())
-            }
+            BackendError::KeyReused(_) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ProblemType::KeyReused,
+                e.to_string(),
+            ),
             BackendError::Unauthorized(m) => {
-                Problem::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED, m)
+                Problem::new(StatusCode::UNAUTHORIZED, ProblemType::Unauthorized, m)
             }
             BackendError::Unavailable(m) => {
                 // Storage details stay in the server's log, not in answers.
@@ -177,7 +41,7 @@ impl From<BackendError> for Problem {
                     retry_after: Some(1),
                     ..Problem::new(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &slug(Reason::BackendUnavailable),
+                        ProblemType::Refused(Reason::BackendUnavailable),
                         "the license store is unavailable; retry shortly",
                     )
                 }
@@ -203,31 +67,42 @@ impl IntoResponse for Problem {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_reason_survives_the_round_trip() {
-        for reason in Reason::ALL {
-            let refusal = Refusal {
-                reason,
-                message: "m".into(),
-                detail: RefusalDetail {
-                    requested: Some(5),
-                    free: Some(2),
-                    ..Default::default()
-                },
-            };
-            let wire = serde_json::to_string(&Problem::refusal(&refusal)).unwrap();
-            let back: Problem = serde_json::from_str(&wire).unwrap();
-            let expected = if reason == Reason::BackendUnavailable {
-                BackendError::Unavailable("m".into())
-            } else {
-                BackendError::Refused(refusal)
-            };
-            assert_eq!(back.into_error(), expected, "{wire}");
-        }
-        assert_eq!(slug(Reason::WouldDisplaceUsers), "would-displace-users");
+/// Every error answer is problem details: one the routes did not write
+/// (the router's 405, a rejection of a framework extractor) is rewritten,
+/// keeping its status and headers (`Allow` on a 405).
+pub async fn errors_as_problems(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(MEDIA_TYPE.as_bytes()));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
     }
+    let (kind, detail) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            ProblemType::MethodNotAllowed,
+            "this route does not answer that method; see the Allow header and /openapi.json",
+        ),
+        StatusCode::NOT_FOUND => (ProblemType::NotFound, "no such route; see /openapi.json"),
+        StatusCode::PAYLOAD_TOO_LARGE => (ProblemType::TooLarge, "the body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            ProblemType::UnsupportedMediaType,
+            "send the body as application/json",
+        ),
+        s if s.is_client_error() => (ProblemType::Malformed, "the request cannot be read"),
+        _ => (
+            ProblemType::Refused(Reason::BackendUnavailable),
+            "the server failed; retry shortly",
+        ),
+    };
+    let (mut parts, _) = response.into_parts();
+    let problem = Problem::new(status, kind, detail).into_response();
+    let (problem_parts, body) = problem.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &problem_parts.headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Response::from_parts(parts, body)
 }

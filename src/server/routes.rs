@@ -2,23 +2,33 @@
 //! the embedded store's transaction functions, which decide with the same
 //! rules as the planner. Reads carry an `ETag` (the allocation's version);
 //! writes honour `If-Match` / `If-None-Match: *`, `Idempotency-Key` and
-//! `?dryRun=true`.
+//! `?dryRun=true`. The caller was authenticated (and, for writes, found to
+//! be the Account Admin) before a route runs: see [`super::authenticate`].
 
 use axum::Json;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{Extension, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::IntoParams;
 
-use super::problem::{MALFORMED, MEDIA, NOT_FOUND, Problem, TOO_LARGE};
-use super::{Shared, authorize};
-use crate::backend::sqlite::Principal;
+use super::Shared;
+use crate::api::{
+    NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation, Release, Seats,
+    TotalBody,
+};
+use crate::backend::sqlite::{Principal, Store};
 use crate::backend::{AuditEntry, BackendError, Written};
-use crate::domain::{Allocation, AllocationWrite, PoolView, Reason, Refusal, SeatChange, Target};
+use crate::domain::{Allocation, AllocationWrite, Target, unknown_organization, unknown_product};
 
-/// A JSON body whose rejections are problem details.
+fn malformed(message: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, ProblemType::Malformed, message)
+}
+
+/// A JSON object body whose rejections are problem details. The body must
+/// be an object: serde would otherwise read `[6]` as `{"dedicated": 6}`.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
@@ -26,33 +36,65 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
         use axum::extract::rejection::JsonRejection as R;
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(R::MissingJsonContentType(_)) => Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                MEDIA,
-                "send the body as application/json",
-            )),
-            Err(R::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    TOO_LARGE,
-                    "the body is too large",
-                ))
+        let value = match Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(Json(v)) => v,
+            Err(R::MissingJsonContentType(_)) => {
+                return Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ProblemType::UnsupportedMediaType,
+                    "send the body as application/json",
+                ));
             }
-            Err(e) => Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                MALFORMED,
-                e.body_text(),
-            )),
+            Err(R::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ProblemType::TooLarge,
+                    "the body is too large",
+                ));
+            }
+            Err(e) => return Err(malformed(e.body_text())),
+        };
+        if !value.is_object() {
+            return Err(malformed("the body must be a JSON object"));
         }
+        serde_json::from_value(value)
+            .map(Body)
+            .map_err(|e| malformed(format!("the body does not fit: {e}")))
+    }
+}
+
+/// Query parameters whose rejections are problem details.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Params(v))
+            .map_err(|e| malformed(e.body_text()))
+    }
+}
+
+/// Path parameters whose rejections are problem details.
+pub struct Segments<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Segments<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| Segments(v))
+            .map_err(|e| malformed(e.body_text()))
     }
 }
 
 /// Runs a store call off the async threads.
 async fn store<T: Send + 'static>(
     s: &Shared,
-    f: impl FnOnce(&crate::backend::sqlite::Store) -> Result<T, BackendError> + Send + 'static,
+    f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, Problem> {
     let store = s.store.clone();
     tokio::task::spawn_blocking(move || f(&store))
@@ -61,86 +103,73 @@ async fn store<T: Send + 'static>(
         .map_err(Problem::from)
 }
 
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TotalBody {
-    /// Licenses purchased; may go below what is handed out (R9).
-    pub total: i64,
-}
-
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NewOrganization {
-    pub id: String,
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct Organization {
-    pub id: String,
-}
-
-/// The desired allocation.
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PutAllocation {
-    /// Dedicated licenses, 0..=1000000; 0 revokes all, in-use seats included.
-    pub dedicated: i64,
-    /// The manager of the allocation (R8), for example `default/licenses/qa`.
-    #[serde(default)]
-    pub managed_by: Option<String>,
-    /// R6 consent.
-    #[serde(default)]
-    pub allow_user_displacement: bool,
-}
-
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Release {
-    pub managed_by: String,
-}
-
-/// Exactly one of `claim` and `release`.
-#[derive(Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Seats {
-    #[serde(default)]
-    pub claim: Option<i64>,
-    #[serde(default)]
-    pub release: Option<i64>,
-}
-
 #[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ProductFilter {
+    /// Only this product's allocations.
     pub product: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WriteParams {
     /// Answer without writing.
     #[serde(default)]
-    pub dry_run: bool,
+    pub dry_run: Option<bool>,
 }
 
 #[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteParams {
+    /// Answer without writing.
     #[serde(default)]
-    pub dry_run: bool,
+    pub dry_run: Option<bool>,
+    /// The manager removing the allocation (R8).
     #[serde(default)]
     pub managed_by: Option<String>,
+    /// R6 consent.
     #[serde(default)]
-    pub allow_user_displacement: bool,
+    pub allow_user_displacement: Option<bool>,
+}
+
+/// The `{account}` path segment.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AccountPath {
+    /// The license account.
+    pub account: String,
+}
+
+/// The path of one product.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ProductPath {
+    /// The license account.
+    pub account: String,
+    /// The product's exact name.
+    pub product: String,
+}
+
+/// The path of one organization's allocation (or seats) of one product.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AllocationPath {
+    /// The license account.
+    pub account: String,
+    /// The organization's id.
+    pub organization: String,
+    /// The product's exact name.
+    pub product: String,
 }
 
 fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-fn with_etag<T: Serialize>(body: T, version: Option<i64>) -> Response {
+fn with_etag<T: serde::Serialize>(body: T, version: Option<i64>) -> Response {
     let mut r = Json(body).into_response();
     if let Some(v) = version {
         r.headers_mut().insert(header::ETAG, etag(v));
@@ -152,21 +181,27 @@ fn with_etag<T: Serialize>(body: T, version: Option<i64>) -> Response {
 fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, String> {
     if let Some(v) = headers.get(header::IF_MATCH) {
         let text = v.to_str().unwrap_or_default().trim();
+        // A weak validator never matches for a write (RFC 9110 §13.1.1).
         let version = text
-            .trim_start_matches("W/")
-            .trim_matches('"')
-            .parse::<i64>()
-            .map_err(|_| format!("If-Match {text:?} is not an ETag of this API"))?;
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| t.parse::<i64>().ok())
+            .filter(|v| *v > 0)
+            .ok_or_else(|| {
+                format!(
+                    "If-Match {text:?} is not an ETag of this API (a quoted version, as ETag sends it)"
+                )
+            })?;
         return Ok(Some(version));
     }
-    if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v == "*") {
-        return Ok(Some(0));
+    match headers.get(header::IF_NONE_MATCH) {
+        None => Ok(None),
+        Some(v) if v == "*" => Ok(Some(0)),
+        Some(v) => Err(format!(
+            "If-None-Match {:?}: writes take only *",
+            v.to_str().unwrap_or_default()
+        )),
     }
-    Ok(None)
-}
-
-fn malformed(message: String) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, MALFORMED, message)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
@@ -179,39 +214,38 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
     }
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/products", responses((status = 200, body = [PoolView])))]
+#[utoipa::path(get, path = "/v1/accounts/{account}/products", params(AccountPath),
+    responses((status = 200, description = "The account's pools", body = [Product])))]
 pub async fn list_products(
     State(s): State<Shared>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
+    Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    authorize(&s, &headers, &account).await?;
     let pools = store(&s, move |st| st.snapshot(&account)).await?.pools;
-    Ok(Json(pools.iter().map(PoolView::from).collect::<Vec<_>>()).into_response())
+    Ok(Json(pools.iter().map(Product::from).collect::<Vec<_>>()).into_response())
 }
 
-#[utoipa::path(put, path = "/v1/accounts/{account}/products/{product}", request_body = TotalBody, responses((status = 200, body = PoolView)))]
+#[utoipa::path(put, path = "/v1/accounts/{account}/products/{product}", params(ProductPath),
+    request_body = TotalBody,
+    responses((status = 200, description = "The pool afterwards", body = Product)))]
 pub async fn put_product(
     State(s): State<Shared>,
-    Path((account, product)): Path<(String, String)>,
-    headers: HeaderMap,
+    Segments(ProductPath { account, product }): Segments<ProductPath>,
+    Extension(who): Extension<Principal>,
     Body(body): Body<TotalBody>,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
     let pool = store(&s, move |st| {
         st.set_total(&account, &who, &product, body.total)
     })
     .await?;
-    Ok(Json(pool).into_response())
+    Ok(Json(Product::from(&pool)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/organizations", responses((status = 200, body = [Organization])))]
+#[utoipa::path(get, path = "/v1/accounts/{account}/organizations", params(AccountPath),
+    responses((status = 200, description = "The account's organizations", body = [Organization])))]
 pub async fn list_organizations(
     State(s): State<Shared>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
+    Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    authorize(&s, &headers, &account).await?;
     let orgs = store(&s, move |st| st.snapshot(&account))
         .await?
         .organizations;
@@ -223,14 +257,15 @@ pub async fn list_organizations(
     .into_response())
 }
 
-#[utoipa::path(post, path = "/v1/accounts/{account}/organizations", request_body = NewOrganization, responses((status = 201, body = Organization)))]
+#[utoipa::path(post, path = "/v1/accounts/{account}/organizations", params(AccountPath),
+    request_body = NewOrganization,
+    responses((status = 201, description = "Created", body = Organization)))]
 pub async fn create_organization(
     State(s): State<Shared>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
+    Segments(AccountPath { account }): Segments<AccountPath>,
+    Extension(who): Extension<Principal>,
     Body(body): Body<NewOrganization>,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
     let id = body.id.clone();
     store(&s, move |st| {
         st.create_organization(&account, &who, &body.id, body.name.as_deref())
@@ -239,14 +274,13 @@ pub async fn create_organization(
     Ok((StatusCode::CREATED, Json(Organization { id })).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/allocations", params(ProductFilter), responses((status = 200, body = [Allocation])))]
+#[utoipa::path(get, path = "/v1/accounts/{account}/allocations", params(AccountPath, ProductFilter),
+    responses((status = 200, description = "The account's allocations", body = [Allocation])))]
 pub async fn list_allocations(
     State(s): State<Shared>,
-    Path(account): Path<String>,
-    Query(filter): Query<ProductFilter>,
-    headers: HeaderMap,
+    Segments(AccountPath { account }): Segments<AccountPath>,
+    Params(filter): Params<ProductFilter>,
 ) -> Result<Response, Problem> {
-    authorize(&s, &headers, &account).await?;
     let mut allocations = store(&s, move |st| st.snapshot(&account))
         .await?
         .allocations;
@@ -256,28 +290,25 @@ pub async fn list_allocations(
     Ok(Json(allocations).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}", responses((status = 200, body = Allocation)))]
+#[utoipa::path(get, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}",
+    params(AllocationPath),
+    responses((status = 200, description = "The allocation; ETag is its version", body = Allocation,
+        headers(("ETag" = String, description = "The allocation's version, quoted")))))]
 pub async fn get_allocation(
     State(s): State<Shared>,
-    Path((account, org, product)): Path<(String, String, String)>,
-    headers: HeaderMap,
+    Segments(AllocationPath {
+        account,
+        organization,
+        product,
+    }): Segments<AllocationPath>,
 ) -> Result<Response, Problem> {
-    authorize(&s, &headers, &account).await?;
-    let (o, p) = (org.clone(), product.clone());
+    let (o, p) = (organization.clone(), product.clone());
     let seen = store(&s, move |st| st.observe(&account, &o, &p)).await?;
     if seen.pools.is_empty() {
-        let r = Refusal::new(
-            Reason::UnknownProduct,
-            format!("the account has no {product} pool"),
-        );
-        return Err(Problem::refusal(&r));
+        return Err(Problem::refusal(&unknown_product(&product)));
     }
     if seen.organizations.is_empty() {
-        let r = Refusal::new(
-            Reason::UnknownOrganization,
-            format!("organization {org} does not exist in the account"),
-        );
-        return Err(Problem::refusal(&r));
+        return Err(Problem::refusal(&unknown_organization(&organization)));
     }
     match seen.allocations.into_iter().next() {
         Some(a) => {
@@ -286,23 +317,30 @@ pub async fn get_allocation(
         }
         None => Err(Problem::new(
             StatusCode::NOT_FOUND,
-            NOT_FOUND,
-            format!("organization {org} has no {product} allocation"),
+            ProblemType::NotFound,
+            format!("organization {organization} has no {product} allocation"),
         )),
     }
 }
 
-#[utoipa::path(put, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}", params(WriteParams), request_body = PutAllocation, responses((status = 200, body = Written)))]
+#[utoipa::path(put, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}",
+    params(AllocationPath, WriteParams), request_body = PutAllocation,
+    responses((status = 200, description = "Decided (and, unless a dry run, written)", body = Written,
+        headers(("ETag" = String, description = "The allocation's version afterwards")))))]
 pub async fn put_allocation(
     State(s): State<Shared>,
-    Path((account, org, product)): Path<(String, String, String)>,
-    Query(params): Query<WriteParams>,
+    Segments(AllocationPath {
+        account,
+        organization,
+        product,
+    }): Segments<AllocationPath>,
+    Params(params): Params<WriteParams>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Body(body): Body<PutAllocation>,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
     let write = AllocationWrite {
-        organization: org,
+        organization,
         product,
         target: Target::Count(body.dedicated),
         managed_by: body.managed_by,
@@ -310,27 +348,33 @@ pub async fn put_allocation(
         expected_version: expected_version(&headers).map_err(malformed)?,
         idempotency_key: idempotency_key(&headers).map_err(malformed)?,
     };
-    written(&s, account, who, write, params.dry_run).await
+    written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }
 
-#[utoipa::path(delete, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}", params(DeleteParams), responses((status = 200, body = Written)))]
+#[utoipa::path(delete, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}",
+    params(AllocationPath, DeleteParams),
+    responses((status = 200, description = "Revoked and removed (or nothing to remove)", body = Written)))]
 pub async fn delete_allocation(
     State(s): State<Shared>,
-    Path((account, org, product)): Path<(String, String, String)>,
-    Query(params): Query<DeleteParams>,
+    Segments(AllocationPath {
+        account,
+        organization,
+        product,
+    }): Segments<AllocationPath>,
+    Params(params): Params<DeleteParams>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
     let write = AllocationWrite {
-        organization: org,
+        organization,
         product,
         target: Target::Remove,
         managed_by: params.managed_by,
-        allow_user_displacement: params.allow_user_displacement,
+        allow_user_displacement: params.allow_user_displacement.unwrap_or(false),
         expected_version: expected_version(&headers).map_err(malformed)?,
         idempotency_key: idempotency_key(&headers).map_err(malformed)?,
     };
-    written(&s, account, who, write, params.dry_run).await
+    written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }
 
 async fn written(
@@ -345,54 +389,52 @@ async fn written(
     Ok(with_etag(w, version))
 }
 
-#[utoipa::path(post, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}/release", request_body = Release, responses((status = 204)))]
+#[utoipa::path(post, path = "/v1/accounts/{account}/organizations/{organization}/allocations/{product}/release",
+    params(AllocationPath), request_body = Release,
+    responses((status = 204, description = "Released (or nothing was managed)")))]
 pub async fn release_allocation(
     State(s): State<Shared>,
-    Path((account, org, product)): Path<(String, String, String)>,
-    headers: HeaderMap,
+    Segments(AllocationPath {
+        account,
+        organization,
+        product,
+    }): Segments<AllocationPath>,
+    Extension(who): Extension<Principal>,
     Body(body): Body<Release>,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
     store(&s, move |st| {
-        st.release(&account, &who, &org, &product, &body.managed_by)
+        st.release(&account, &who, &organization, &product, &body.managed_by)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/v1/accounts/{account}/organizations/{organization}/seats/{product}", request_body = Seats, responses((status = 204)))]
+#[utoipa::path(post, path = "/v1/accounts/{account}/organizations/{organization}/seats/{product}",
+    params(AllocationPath), request_body = Seats,
+    responses((status = 204, description = "Seats claimed or released")))]
 pub async fn seats(
     State(s): State<Shared>,
-    Path((account, org, product)): Path<(String, String, String)>,
-    headers: HeaderMap,
+    Segments(AllocationPath {
+        account,
+        organization,
+        product,
+    }): Segments<AllocationPath>,
+    Extension(who): Extension<Principal>,
     Body(body): Body<Seats>,
 ) -> Result<Response, Problem> {
-    let who = authorize(&s, &headers, &account).await?;
-    let change = match (body.claim, body.release) {
-        (Some(n), None) => SeatChange::Claim(n),
-        (None, Some(n)) => SeatChange::Release(n),
-        _ => {
-            return Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                MALFORMED,
-                "send exactly one of claim and release",
-            ));
-        }
-    };
     store(&s, move |st| {
-        st.seats(&account, &who, &org, &product, change)
+        st.seats(&account, &who, &organization, &product, body.into())
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/audit", responses((status = 200, body = [AuditEntry])))]
+#[utoipa::path(get, path = "/v1/accounts/{account}/audit", params(AccountPath),
+    responses((status = 200, description = "The audit log, oldest first", body = [AuditEntry])))]
 pub async fn audit(
     State(s): State<Shared>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
+    Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    authorize(&s, &headers, &account).await?;
     let entries = store(&s, move |st| st.audit(&account)).await?;
     Ok(Json(entries).into_response())
 }

@@ -1,0 +1,177 @@
+//! The wire types of the license platform API (DESIGN §5): request and
+//! response bodies and the problem document. Both `licensor serve`
+//! ([`crate::server`]) and its client ([`crate::backend::http`]) use these,
+//! so the two cannot disagree on a field, and the OpenAPI document is
+//! generated from them.
+
+pub mod problem;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::{MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
+
+pub use problem::{Problem, ProblemType};
+
+/// A product's pool, as `GET /products` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    /// The product's exact name.
+    pub product: String,
+    /// Licenses purchased.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub total: i64,
+    /// Sum of the organizations' dedicated counts.
+    #[schema(minimum = 0)]
+    pub dedicated: i64,
+    /// Seats claimed straight from the account pool.
+    #[schema(minimum = 0)]
+    pub shared_in_use: i64,
+    /// `total - dedicated - sharedInUse`; negative when over-committed.
+    pub free: i64,
+    /// Moves with every change in this pool and never repeats in the
+    /// account; a write to an allocation that does not exist yet is keyed
+    /// on it.
+    #[schema(minimum = 0)]
+    pub revision: i64,
+}
+
+impl From<&Pool> for Product {
+    fn from(p: &Pool) -> Self {
+        let v = PoolView::from(p);
+        Product {
+            product: v.product,
+            total: v.total,
+            dedicated: v.dedicated,
+            shared_in_use: v.shared_in_use,
+            free: v.free,
+            revision: p.revision,
+        }
+    }
+}
+
+impl From<Product> for Pool {
+    fn from(p: Product) -> Self {
+        Pool {
+            product: p.product,
+            total: p.total,
+            dedicated: p.dedicated,
+            shared_in_use: p.shared_in_use,
+            revision: p.revision,
+        }
+    }
+}
+
+/// `PUT /products/{product}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TotalBody {
+    /// Licenses purchased; may go below what is handed out (R9).
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub total: i64,
+}
+
+/// `POST /organizations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewOrganization {
+    /// The organization's id (see the identifier rules).
+    #[schema(min_length = 1, max_length = 253)]
+    pub id: String,
+    /// A display name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// An organization of the account.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Organization {
+    pub id: String,
+}
+
+/// `PUT /organizations/{organization}/allocations/{product}`: the desired
+/// allocation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PutAllocation {
+    /// Dedicated licenses; 0 revokes all, in-use seats included.
+    #[schema(minimum = 0, maximum = 1_000_000)]
+    pub dedicated: i64,
+    /// The manager of the allocation (R8), for example `default/licenses/qa`.
+    #[serde(default)]
+    pub managed_by: Option<String>,
+    /// R6 consent.
+    #[serde(default)]
+    pub allow_user_displacement: bool,
+}
+
+/// `POST .../allocations/{product}/release`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Release {
+    /// The manager giving the allocation up; only its manager may.
+    pub managed_by: String,
+}
+
+/// `POST /organizations/{organization}/seats/{product}`: exactly one of
+/// `{"claim": N}` and `{"release": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Seats {
+    Claim(SeatClaim),
+    Release(SeatRelease),
+}
+
+/// Seats users claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeatClaim {
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub claim: i64,
+}
+
+/// Seats users give back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeatRelease {
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub release: i64,
+}
+
+impl From<Seats> for SeatChange {
+    fn from(s: Seats) -> Self {
+        match s {
+            Seats::Claim(SeatClaim { claim }) => SeatChange::Claim(claim),
+            Seats::Release(SeatRelease { release }) => SeatChange::Release(release),
+        }
+    }
+}
+
+impl From<SeatChange> for Seats {
+    fn from(s: SeatChange) -> Self {
+        match s {
+            SeatChange::Claim(claim) => Seats::Claim(SeatClaim { claim }),
+            SeatChange::Release(release) => Seats::Release(SeatRelease { release }),
+        }
+    }
+}
+
+const _: () = assert!(MAX_COUNT == 1_000_000 && MAX_TOTAL == 1_000_000_000);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seat_changes_are_one_of_claim_and_release() {
+        let claim: Seats = serde_json::from_str(r#"{"claim": 3}"#).unwrap();
+        assert_eq!(SeatChange::from(claim), SeatChange::Claim(3));
+        let release = Seats::from(SeatChange::Release(2));
+        assert_eq!(serde_json::to_string(&release).unwrap(), r#"{"release":2}"#);
+        // A JSON array is refused before this (routes::Body takes objects only).
+        for bad in [r#"{"claim": 1, "release": 1}"#, "{}", r#"{"grab": 1}"#] {
+            assert!(serde_json::from_str::<Seats>(bad).is_err(), "{bad}");
+        }
+    }
+}
