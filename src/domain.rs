@@ -413,7 +413,9 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
 pub fn unknown_product(product: &str) -> Refusal {
     Refusal::new(
         Reason::UnknownProduct,
-        format!("the account has no pool for product {product:?}; pools are per product and never mix"),
+        format!(
+            "the account has no pool for product {product:?}; pools are per product and never mix"
+        ),
     )
 }
 

@@ -331,6 +331,59 @@ fn seats_claims_respect_the_dedicated_count(kind: Kind) {
     assert_eq!(acct.pool("TestOps"), (200, 5, 3, 192));
 }
 
+/// Write identity (DESIGN §6): an allocation pruned and then declared again
+/// is a new intent, written again; so is one declared again after a
+/// re-seed. Neither is answered as a replay of the first create.
+fn a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
+    let dev = acct.license("dev", "dev-team", "TestOps", 3, "");
+    let qa_dir = acct.path("qa-only");
+    std::fs::create_dir_all(&qa_dir).unwrap();
+    std::fs::write(
+        qa_dir.join("qa.yaml"),
+        common::license_yaml("qa", "qa-team", "TestOps", 5, ""),
+    )
+    .unwrap();
+    let applied_once = |what: &str| {
+        let run = acct.apply(&dev);
+        assert_eq!(run.code, 0, "{what}: {run:?}");
+        let c = only_change(&run.json()).clone();
+        assert_eq!(
+            (c["action"].as_str(), c["outcome"].as_str()),
+            (Some("create"), Some("applied")),
+            "{what}: {c}"
+        );
+        assert!(
+            !c["message"].as_str().unwrap().contains("replayed"),
+            "{what}: a new intent was answered as a replay: {c}"
+        );
+        assert_eq!(
+            acct.allocation("dev-team", "TestOps"),
+            Some((3, 0)),
+            "{what}"
+        );
+        assert_eq!(acct.plan(&dev).code, 0, "{what}: nothing left to change");
+    };
+    applied_once("first create");
+
+    let run = acct.run(&["apply", "--prune", "-f", qa_dir.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.allocation("dev-team", "TestOps"), None);
+    applied_once("the same manifest after a prune");
+
+    let fixture = acct.path("account.yaml");
+    let run = acct.run_local(&["backend", "seed", "-f", fixture.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.allocation("dev-team", "TestOps"), None);
+    applied_once("the same manifest after a re-seed");
+    let creates = acct
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "create" && e["organization"] == "dev-team")
+        .count();
+    assert_eq!(creates, 3, "three intents, three creates");
+}
+
 /// Runs each case on both backends, as `embedded::<case>` and `http::<case>`.
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
@@ -354,4 +407,5 @@ on_both_backends!(
     one_refusal_does_not_stop_the_other_resources,
     prune_revokes_allocations_no_manifest_names_any_more,
     seats_claims_respect_the_dedicated_count,
+    a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed,
 );

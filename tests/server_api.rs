@@ -124,6 +124,81 @@ async fn the_access_matrix() {
             assert!(!body.to_string().contains(t), "the token was echoed");
         }
     }
+    // The caller is checked before anything else: without a valid token
+    // every route answers 401, and a Viewer's write 403, whatever the body,
+    // its media type, the query or the idempotency key.
+    let key = [("idempotency-key", "admins-key")];
+    let (s, _, _) = api
+        .send(Method::PUT, QA, Some(&api.admin), Some(put.clone()), &key)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let writes: [(Method, &str); 6] = [
+        (Method::PUT, QA),
+        (Method::DELETE, QA),
+        (Method::PUT, "/products/TestOps"),
+        (Method::POST, "/organizations"),
+        (Method::POST, "/organizations/qa-team/seats/TestOps"),
+        (
+            Method::POST,
+            "/organizations/qa-team/allocations/TestOps/release",
+        ),
+    ];
+    let reads = [
+        "/products",
+        "/organizations",
+        "/allocations?product=TestOps",
+        QA,
+        "/audit",
+    ];
+    for (token, status) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("lsr_bad"), StatusCode::UNAUTHORIZED),
+        (Some(viewer.as_str()), StatusCode::FORBIDDEN),
+    ] {
+        let before = api.acct.rows();
+        for (method, path) in &writes {
+            for (body, content_type) in [
+                ("[6]", "application/json"),
+                ("{not json", "text/plain"),
+                (
+                    r#"{"dedicated": 6, "managedBy": "test"}"#,
+                    "application/json",
+                ),
+            ] {
+                let mut r = api
+                    .http
+                    .request(method.clone(), api.url(&format!("{path}?dryRun=maybe")))
+                    .header("content-type", content_type)
+                    .header("idempotency-key", "admins-key")
+                    .body(body);
+                if let Some(t) = token {
+                    r = r.bearer_auth(t);
+                }
+                let r = r.send().await.unwrap();
+                assert_eq!(r.status(), status, "{method} {path} {body} with {token:?}");
+                assert!(is_problem(r.headers()), "{method} {path}");
+            }
+        }
+        if token.is_none() {
+            for path in reads {
+                let (s, _, _) = api.send(Method::GET, path, None, None, &[]).await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "GET {path}");
+            }
+        }
+        assert_eq!(api.acct.rows(), before, "{token:?} changed the store");
+    }
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = api
+            .http
+            .get(api.url("/products"))
+            .header("authorization", format!("{scheme} {}", api.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+
     let audit = api.admin(Method::GET, "/audit", None).await.1;
     assert_eq!(
         audit.as_array().unwrap().last().unwrap()["actor"],
@@ -380,6 +455,90 @@ async fn etags_idempotency_keys_and_dry_runs() {
     assert_eq!(api.acct.rows(), before);
 }
 
+/// DESIGN §6 over HTTP: an ETag never repeats (not after a delete and a
+/// re-create), so an If-Match from before a delete never matches; a key's
+/// first answer, a no-op included, is what its retry gets.
+#[tokio::test]
+async fn an_etag_from_before_a_delete_never_matches_and_noop_answers_are_kept() {
+    let api = Api::start(DOCUMENTED);
+    const DEV: &str = "/organizations/dev-team/allocations/TestOps";
+    let put = |n: i64| Some(json!({"dedicated": n, "managedBy": "m"}));
+    let (s, h, _) = api
+        .send(Method::PUT, DEV, Some(&api.admin), put(1), &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let first = h["etag"].to_str().unwrap().to_string();
+    let (s, _, _) = api
+        .send(
+            Method::DELETE,
+            &format!("{DEV}?managedBy=m"),
+            Some(&api.admin),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, h, _) = api
+        .send(Method::PUT, DEV, Some(&api.admin), put(1), &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let recreated = h["etag"].to_str().unwrap().to_string();
+    assert_ne!(recreated, first, "the re-created allocation has a new ETag");
+    let before = api.acct.rows();
+    let (s, h, p) = api
+        .send(
+            Method::PUT,
+            DEV,
+            Some(&api.admin),
+            put(2),
+            &[("if-match", &first)],
+        )
+        .await;
+    assert_eq!(
+        (s, is_problem(&h)),
+        (StatusCode::PRECONDITION_FAILED, true),
+        "{p}"
+    );
+    assert_eq!(api.acct.rows(), before, "a lost update");
+
+    // A no-op answer is remembered: the retry of a key whose first answer
+    // was "none" replays it, even after another writer moved the count.
+    let key = [("idempotency-key", "dev-stays-at-1")];
+    let (s, _, first) = api
+        .send(Method::PUT, DEV, Some(&api.admin), put(1), &key)
+        .await;
+    assert_eq!(
+        (s, &first["effect"]["action"]),
+        (StatusCode::OK, &json!("none"))
+    );
+    let (s, _, _) = api
+        .send(Method::PUT, DEV, Some(&api.admin), put(3), &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, again) = api
+        .send(Method::PUT, DEV, Some(&api.admin), put(1), &key)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(again["effect"], first["effect"]);
+    assert_eq!(
+        api.acct.allocation("dev-team", "TestOps"),
+        Some((3, 0)),
+        "the retry wrote"
+    );
+
+    // A Viewer never gets the answer stored for an admin's key.
+    let viewer = api.acct.token("Viewer", "auditor");
+    let (s, _, p) = api
+        .send(Method::PUT, DEV, Some(&viewer), put(1), &key)
+        .await;
+    assert_eq!(
+        (s, &p["reason"]),
+        (StatusCode::FORBIDDEN, &json!("Forbidden")),
+        "{p}"
+    );
+}
+
 #[tokio::test]
 async fn racing_clients_never_hand_out_more_than_the_pool() {
     let orgs: String = (0..32).map(|i| format!("  - id: org-{i}\n")).collect();
@@ -463,6 +622,13 @@ async fn garbage_in_gets_a_problem_and_writes_nothing() {
             400,
         ),
         ("application/json", "oversized", huge, 413),
+        (
+            "application/json",
+            "an array, not an object",
+            "[6]".into(),
+            400,
+        ),
+        ("application/json", "a bare number", "6".into(), 400),
     ];
     for (content_type, what, body, status) in cases {
         let r = api
@@ -494,8 +660,72 @@ async fn garbage_in_gets_a_problem_and_writes_nothing() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = api.admin(Method::GET, "/no/such/route", None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Every error is problem details: unknown routes, a method a route
+    // does not answer (with Allow), a query that does not parse.
+    let (s, h, p) = api
+        .send(Method::GET, "/no/such/route", Some(&api.admin), None, &[])
+        .await;
+    assert_eq!((s, is_problem(&h)), (StatusCode::NOT_FOUND, true), "{p}");
+    let (s, h, p) = api
+        .send(Method::PATCH, QA, Some(&api.admin), None, &[])
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{p}");
+    assert!(is_problem(&h), "{h:?}");
+    assert!(p["type"].as_str().unwrap().ends_with("/method-not-allowed"));
+    assert!(h["allow"].to_str().unwrap().contains("PUT"), "{h:?}");
+    for query in ["?dryRun=maybe", "?dryRun=true&dryRun=false", "?bogus=1"] {
+        let (s, h, p) = api
+            .send(
+                Method::PUT,
+                &format!("{QA}{query}"),
+                Some(&api.admin),
+                Some(json!({"dedicated": 5})),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            (s, is_problem(&h)),
+            (StatusCode::BAD_REQUEST, true),
+            "{query}: {p}"
+        );
+    }
+    let (s, h, p) = api
+        .send(
+            Method::GET,
+            "/allocations?product=TestOps&x=1",
+            Some(&api.admin),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!((s, is_problem(&h)), (StatusCode::BAD_REQUEST, true), "{p}");
+    // Releasing an unknown organization or product is a typed 404.
+    for (path, reason) in [
+        (
+            "/organizations/ghost/allocations/TestOps/release",
+            "UnknownOrganization",
+        ),
+        (
+            "/organizations/qa-team/allocations/Nope/release",
+            "UnknownProduct",
+        ),
+        ("/organizations/ghost/seats/TestOps", "UnknownOrganization"),
+    ] {
+        let body = if path.contains("seats") {
+            json!({"release": 1})
+        } else {
+            json!({"managedBy": "m"})
+        };
+        let (s, h, p) = api
+            .send(Method::POST, path, Some(&api.admin), Some(body), &[])
+            .await;
+        assert_eq!(
+            (s, is_problem(&h)),
+            (StatusCode::NOT_FOUND, true),
+            "{path}: {p}"
+        );
+        assert_eq!(p["reason"], reason, "{path}");
+    }
     assert_eq!(api.acct.rows(), before, "garbage changed the store");
     let (s, _) = api.admin(Method::GET, "/products", None).await;
     assert_eq!(s, StatusCode::OK, "the server keeps serving");
@@ -748,7 +978,12 @@ async fn a_retried_write_after_a_lost_answer_is_applied_once() {
         )
         .unwrap()
     };
-    let version = client().observe("qa-team", "TestOps").await.unwrap().allocations[0].version;
+    let version = client()
+        .observe("qa-team", "TestOps")
+        .await
+        .unwrap()
+        .allocations[0]
+        .version;
     let mut write = AllocationWrite {
         organization: "qa-team".into(),
         product: "TestOps".into(),
@@ -795,6 +1030,35 @@ async fn health_metrics_openapi_and_a_clean_stop() {
         metrics.contains(r#"licensor_http_requests_total{method="GET",route="/v1/accounts/{account}/products",status="200"} 1"#),
         "{metrics}"
     );
+    // No client can create series: invented methods and paths collapse
+    // into fixed label values.
+    let series = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("licensor_http_requests_total{"))
+            .count()
+    };
+    let before = series(&get("/metrics").await.1);
+    for i in 0..100 {
+        let method = Method::from_bytes(format!("INVENT{i}").as_bytes()).unwrap();
+        for path in [format!("{}{QA}", api.base), format!("{root}/nowhere/{i}")] {
+            let r = api.http.request(method.clone(), path).send().await.unwrap();
+            assert!(r.status().is_client_error());
+        }
+        api.http
+            .get(format!("{root}/made/up/{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (_, metrics) = get("/metrics").await;
+    assert!(
+        series(&metrics) <= before + 4,
+        "300 invented requests made {} new series:\n{metrics}",
+        series(&metrics) - before
+    );
+    assert!(metrics.contains(r#"method="other""#), "{metrics}");
+    assert!(metrics.contains(r#"route="(unmatched)""#), "{metrics}");
+
     let (s, doc) = get("/openapi.json").await;
     assert_eq!(s, StatusCode::OK);
     let doc: Value = serde_json::from_str(&doc).unwrap();

@@ -24,7 +24,8 @@ use crate::domain::{
 };
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY
 );
@@ -88,17 +89,18 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 "#,
-// Versions come from one sequence per account, so an allocation's version
-// (its ETag) never repeats: not after a delete and re-create, not after a
-// re-seed. A product's revision moves with every change in its pool.
-r#"
+    // Versions come from one sequence per account, so an allocation's version
+    // (its ETag) never repeats: not after a delete and re-create, not after a
+    // re-seed. A product's revision moves with every change in its pool.
+    r#"
 ALTER TABLE accounts ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE products ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
 UPDATE accounts SET revision =
     (SELECT COALESCE(MAX(version), 0) FROM allocations WHERE allocations.account = accounts.id) + 1;
 UPDATE products SET revision =
     (SELECT revision FROM accounts WHERE accounts.id = products.account);
-"#];
+"#,
+];
 
 /// Who is acting on the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,8 +711,13 @@ fn replay(
     request_hash: &str,
 ) -> Result<Option<Written>, BackendError> {
     let seen: Option<(String, String)> = tx
-        .prepare_cached("SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2")
-        .and_then(|mut st| st.query_row([account, key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .prepare_cached(
+            "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row([account, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(|e| BackendError::Unavailable(format!("reading idempotency keys: {e}")))?;
     let Some((h, response)) = seen else {
         return Ok(None);
@@ -718,8 +725,9 @@ fn replay(
     if h != request_hash {
         return Err(BackendError::KeyReused(key.to_string()));
     }
-    let mut written: Written = serde_json::from_str(&response)
-        .map_err(|e| BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}")))?;
+    let mut written: Written = serde_json::from_str(&response).map_err(|e| {
+        BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}"))
+    })?;
     written.replayed = true;
     Ok(Some(written))
 }
@@ -867,12 +875,19 @@ fn read_pool(tx: &Transaction<'_>, account: &str, product: &str) -> rusqlite::Re
 /// The next value of the account's sequence: every version and pool
 /// revision is one, so none ever repeats in the account.
 fn next_revision(tx: &Transaction<'_>, account: &str) -> rusqlite::Result<i64> {
-    tx.prepare_cached("UPDATE accounts SET revision = revision + 1 WHERE id = ?1 RETURNING revision")?
-        .query_row([account], |r| r.get(0))
+    tx.prepare_cached(
+        "UPDATE accounts SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+    )?
+    .query_row([account], |r| r.get(0))
 }
 
 /// Marks a change in `product`'s pool at `revision`.
-fn touch_pool(tx: &Transaction<'_>, account: &str, product: &str, revision: i64) -> rusqlite::Result<()> {
+fn touch_pool(
+    tx: &Transaction<'_>,
+    account: &str,
+    product: &str,
+    revision: i64,
+) -> rusqlite::Result<()> {
     tx.prepare_cached("UPDATE products SET revision = ?3 WHERE account = ?1 AND name = ?2")?
         .execute(params![account, product, revision])?;
     Ok(())

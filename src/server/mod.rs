@@ -22,8 +22,8 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::RequestExt;
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -261,10 +261,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             post(routes::seats),
         )
         .route(&format!("{base}/audit"), get(routes::audit))
-        .route_layer(middleware::from_fn_with_state(
-            shared.clone(),
-            authenticate,
-        ))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
     Router::new()
         .merge(api)
@@ -348,7 +345,11 @@ async fn timed_out(error: tower::BoxError) -> Problem {
     };
     Problem {
         retry_after: Some(1),
-        ..Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::Timeout, detail)
+        ..Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ProblemType::Timeout,
+            detail,
+        )
     }
 }
 
