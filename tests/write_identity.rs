@@ -1,0 +1,158 @@
+//! Property test of write identity (DESIGN §6) on a real SQLite file: any
+//! interleaving of creates, changes, deletes, re-creates and re-seeds, with
+//! retries of earlier requests (same key) and stale re-sends of them (a
+//! new key, the old `If-Match`), never answers a new intent with a replay,
+//! never writes a retry twice, and never accepts a version from before the
+//! allocation last changed.
+
+use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::{BackendError, Fixture, Written};
+use licensor::domain::{AllocationWrite, Role};
+use licensor::plan::{Desired, Options, Outcome, plan, plan_removal};
+use proptest::prelude::*;
+
+const ORGS: [&str; 3] = ["a", "b", "c"];
+const FIXTURE: &str = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations: [{id: a, allocations: [{product: TestOps, dedicated: 2, inUse: 1}]}, {id: b}, {id: c}]
+";
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Declare a count, planned as the CLI plans it.
+    Set { org: usize, count: i64 },
+    /// Delete the declaring object (deletionPolicy Revoke).
+    Delete { org: usize },
+    /// Replace the account with the fixture.
+    Reseed,
+    /// Send an earlier write again, exactly (a retry).
+    Retry { nth: usize },
+    /// Send an earlier write again under a new key: its If-Match is old.
+    Resend { nth: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0..3usize, 0..8i64).prop_map(|(org, count)| Op::Set { org, count }),
+        2 => (0..3usize).prop_map(|org| Op::Delete { org }),
+        1 => Just(Op::Reseed),
+        3 => any::<usize>().prop_map(|nth| Op::Retry { nth }),
+        2 => any::<usize>().prop_map(|nth| Op::Resend { nth }),
+    ]
+}
+
+fn desired(org: usize, count: i64) -> Desired {
+    Desired {
+        resource: format!("licenses/{}", ORGS[org]),
+        organization: ORGS[org].into(),
+        product: "TestOps".into(),
+        count,
+        allow_user_displacement: true,
+        managed_by: format!("default/licenses/{}", ORGS[org]),
+        hold: None,
+        scope: String::new(),
+    }
+}
+
+/// The allocation's version now; 0 when it does not exist.
+fn version(store: &Store, w: &AllocationWrite) -> i64 {
+    store
+        .observe("acme", &w.organization, &w.product)
+        .unwrap()
+        .allocations
+        .first()
+        .map_or(0, |a| a.version)
+}
+
+fn audit_len(store: &Store) -> usize {
+    store.audit("acme").unwrap().len()
+}
+
+/// The write the planner derives for `op` from the store as it is now.
+fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
+    let snapshot = store.snapshot("acme").unwrap();
+    let change = match op {
+        Op::Set { org, count } => {
+            let opts = Options {
+                prune: false,
+                instance: "default".into(),
+                role: Role::AccountAdmin,
+            };
+            plan(&[desired(*org, *count)], &snapshot, &opts)
+                .changes
+                .pop()?
+        }
+        Op::Delete { org } => plan_removal(&desired(*org, 0), &snapshot, Role::AccountAdmin),
+        _ => return None,
+    };
+    (change.outcome == Outcome::Planned).then_some(change.write?)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn keys_and_versions_never_match_what_they_did_not_come_from(
+        ops in prop::collection::vec(op(), 1..40)
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("l.db")).unwrap();
+        let admin = Principal::local();
+        let fixture: Fixture = serde_yaml::from_str(FIXTURE).unwrap();
+        store.seed(&admin, &fixture).unwrap();
+        // Every write sent, with the first answer it got.
+        let mut sent: Vec<(AllocationWrite, Result<Written, BackendError>)> = Vec::new();
+        for (step, op) in ops.iter().enumerate() {
+            let entries = audit_len(&store);
+            match op {
+                Op::Set { .. } | Op::Delete { .. } => {
+                    let Some(write) = planned(&store, op) else { continue };
+                    let answer = store.write("acme", &admin, &write, false);
+                    if let Ok(w) = &answer {
+                        prop_assert!(!w.replayed, "{:?}: a new intent was answered as a replay: {:?}", op, w);
+                        prop_assert_eq!(audit_len(&store), entries + 1, "{:?} wrote once", op);
+                    }
+                    sent.push((write, answer));
+                }
+                Op::Reseed => store.seed(&admin, &fixture).unwrap(),
+                Op::Retry { nth } if !sent.is_empty() => {
+                    let (write, first) = sent[nth % sent.len()].clone();
+                    let version_before = version(&store, &write);
+                    let again = store.write("acme", &admin, &write, false);
+                    match (&first, &again) {
+                        (Ok(first), Ok(again)) => {
+                            prop_assert!(again.replayed, "a retry of an accepted write was written again: {:?}", again);
+                            prop_assert_eq!(&first.effect, &again.effect);
+                            prop_assert_eq!(&first.allocation, &again.allocation);
+                            prop_assert_eq!(audit_len(&store), entries, "a replay wrote");
+                        }
+                        (Ok(_), Err(e)) => prop_assert!(false, "a retry of an accepted write failed: {:?}", e),
+                        // A refusal is not remembered: the retry is decided afresh
+                        // and still carries its If-Match.
+                        (Err(_), Ok(again)) => {
+                            prop_assert!(!again.replayed);
+                            prop_assert_eq!(
+                                write.expected_version,
+                                Some(version_before),
+                                "a retried refusal was applied against another version"
+                            );
+                        }
+                        (Err(_), Err(_)) => {}
+                    }
+                }
+                Op::Resend { nth } if !sent.is_empty() => {
+                    let (mut write, _) = sent[nth % sent.len()].clone();
+                    write.idempotency_key = Some(format!("resent-at-step-{step}"));
+                    let current = version(&store, &write);
+                    let answer = store.write("acme", &admin, &write, false);
+                    if write.expected_version != Some(current) {
+                        prop_assert!(answer.is_err(), "If-Match {:?} accepted at version {}: {:?}", write.expected_version, current, answer);
+                        prop_assert_eq!(audit_len(&store), entries);
+                    }
+                }
+                Op::Retry { .. } | Op::Resend { .. } => {}
+            }
+        }
+    }
+}
