@@ -149,11 +149,32 @@ pub fn plan(desired: &[Desired], snapshot: &Snapshot, opts: &Options) -> Plan {
 
 /// Plans removing a resource's allocation when the resource is deleted with
 /// `deletionPolicy: Revoke`. Only the resource's own allocation is touched:
-/// one managed by someone else is refused as a `Conflict`, a missing one is
-/// unchanged. R6's consent comes from the resource, as for any revoke.
+/// one that is missing, unmanaged or managed by someone else (or whose
+/// organization or product does not exist) is unchanged, with a message
+/// saying so, because there is nothing of the resource's to revoke. R6's
+/// consent comes from the resource, as for any revoke.
 pub fn plan_removal(d: &Desired, snapshot: &Snapshot, role: Role) -> Change {
     let mut ledger = Ledger::from(snapshot.clone());
-    Step::from_desired(d, Target::Remove, &ledger).decide(&mut ledger, role)
+    let step = Step::from_desired(d, Target::Remove, &ledger);
+    let owner = step.current.as_ref().map(|a| a.managed_by.as_deref());
+    let nothing = match owner {
+        Some(Some(owner)) if owner == d.managed_by => return step.decide(&mut ledger, role),
+        Some(Some(owner)) => format!("nothing to revoke: the allocation is managed by {owner}"),
+        Some(None) => {
+            "nothing to revoke: the allocation is unmanaged, never this resource's".into()
+        }
+        None if !ledger.pools.contains_key(&d.product) => {
+            format!("nothing to revoke: the account has no {} pool", d.product)
+        }
+        None if !ledger.organizations.contains(&d.organization) => format!(
+            "nothing to revoke: organization {} does not exist",
+            d.organization
+        ),
+        None => "nothing to revoke: the allocation does not exist".into(),
+    };
+    let mut change = step.decide_nothing();
+    change.message = nothing;
+    change
 }
 
 /// One resource on its way through the planner.
@@ -226,6 +247,26 @@ impl Step {
             Action::Revoke | Action::Orphan => 1,
             Action::Create | Action::Increase => 2,
             Action::None => 3,
+        }
+    }
+
+    /// The change as it stands before anything is decided: unchanged.
+    fn decide_nothing(&self) -> Change {
+        let from = self.current.as_ref().map_or(0, |a| a.dedicated);
+        Change {
+            resource: self.resource.clone(),
+            organization: self.write.organization.clone(),
+            product: self.write.product.clone(),
+            from,
+            to: from,
+            action: Action::None,
+            outcome: Outcome::Unchanged,
+            reason: None,
+            message: String::new(),
+            rehomed: 0,
+            displaced: 0,
+            diff: String::new(),
+            write: None,
         }
     }
 
@@ -504,6 +545,48 @@ allocations:
         let p = plan(&[want("a", "a", 15)], &snapshot(FULL_POOL), &opts());
         assert_eq!(p.changes[0].outcome, Outcome::Unchanged);
         assert!(p.changes[0].diff.is_empty());
+    }
+
+    #[test]
+    fn removal_touches_only_the_resources_own_allocation() {
+        let snap = snapshot(
+            "
+pools: [{product: TestOps, total: 20, dedicated: 9, sharedInUse: 0}]
+organizations: [a, b, c]
+allocations:
+  - {organization: a, product: TestOps, dedicated: 5, inUse: 0, managedBy: default/licenses/a, version: 3}
+  - {organization: b, product: TestOps, dedicated: 4, inUse: 0, version: 4}
+",
+        );
+        let ours = plan_removal(&want("a", "a", 5), &snap, Role::AccountAdmin);
+        assert_eq!(
+            (ours.action, ours.outcome),
+            (Action::Revoke, Outcome::Planned)
+        );
+        for (d, says) in [
+            (want("b", "b", 4), "unmanaged"),
+            (want("other", "a", 5), "managed by default/licenses/a"),
+            (want("c", "c", 1), "does not exist"),
+            (
+                want("ghost", "ghost", 1),
+                "organization ghost does not exist",
+            ),
+            (
+                Desired {
+                    product: "studio".into(),
+                    ..want("a", "a", 1)
+                },
+                "no studio pool",
+            ),
+        ] {
+            let c = plan_removal(&d, &snap, Role::AccountAdmin);
+            assert_eq!(
+                (c.outcome, c.write.is_none()),
+                (Outcome::Unchanged, true),
+                "{d:?}"
+            );
+            assert!(c.message.contains(says), "{says:?} not in {:?}", c.message);
+        }
     }
 
     #[test]

@@ -405,6 +405,65 @@ organizations: [{id: a}, {id: b}, {id: c}]
     assert!(logs.contains("BackendUnavailable"), "the retry is logged");
 }
 
+/// Write identity on the real control plane (DESIGN §6): an object deleted
+/// and created again under the same name is a new intent, and so is the
+/// same object after a prune elsewhere revoked its allocation; both are
+/// written, never "replayed". And nothing of nobody's wedges a deletion.
+#[test]
+fn a_recreated_object_is_a_new_intent_and_nothing_wedges_a_deletion() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}, {name: Studio, total: 5}]
+organizations:
+  - {id: ops}
+  - {id: spare, allocations: [{product: TestOps, dedicated: 4, inUse: 2}]}
+";
+    let c = Cluster::start(fixture, &["--leader-elect=false", "--resync=2s"]);
+    let delete = |name: &str| {
+        let started = Instant::now();
+        c.cp.ok(&["delete", "dl", name, "-n", "licenses", "--timeout=30s"]);
+        started.elapsed()
+    };
+    let converged = |count: i64, what: &str| {
+        let o = c.wait("x", "True", "Reconciled");
+        assert_eq!(
+            c.account.allocation("ops", "TestOps"),
+            Some((count, 0)),
+            "{what}"
+        );
+        assert_eq!(o["status"]["allocated"], count, "{what}");
+        says(&o, format!("ops holds {count} TestOps licenses"));
+    };
+
+    c.license("x", "ops", "TestOps", 3, "");
+    converged(3, "first create");
+    delete("x");
+    assert_eq!(c.account.allocation("ops", "TestOps"), None);
+    c.license("x", "ops", "TestOps", 3, "");
+    converged(3, "re-created with the same count");
+    delete("x");
+    c.license("x", "ops", "TestOps", 2, "");
+    converged(2, "re-created with another count");
+
+    // A typo in the product never wrote anything: deleting it is immediate.
+    c.license("typo", "ops", "studio", 1, "");
+    let o = c.wait("typo", "False", "UnknownProduct");
+    assert_eq!(condition(&o, "Stalled").unwrap()["status"], "True");
+    let rows = c.account.rows();
+    assert!(delete("typo") < Duration::from_secs(10));
+    // An object that never owned its allocation (stalled before adopting
+    // the unmanaged one) has nothing to revoke either.
+    c.license("greedy", "spare", "TestOps", 30, "");
+    c.wait("greedy", "False", "InsufficientPool");
+    assert!(delete("greedy") < Duration::from_secs(10));
+    assert_eq!(c.account.allocation("spare", "TestOps"), Some((4, 2)));
+    assert_eq!(
+        c.account.rows(),
+        rows,
+        "deleting what was never written wrote something"
+    );
+}
+
 #[test]
 fn pause_observe_and_drift_correction() {
     let fixture = "

@@ -374,8 +374,14 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                 ctx.events.publish(dl, &[note]);
                 remove_finalizer(dl, ctx).await
             }
-            // Someone else manages it: there is nothing of ours to leave.
-            Err(BackendError::Refused(r)) if r.reason == Reason::Conflict => {
+            // Someone else manages it, or it cannot exist (a typo in the
+            // organization or product): there is nothing of ours to leave.
+            Err(BackendError::Refused(r))
+                if matches!(
+                    r.reason,
+                    Reason::Conflict | Reason::UnknownOrganization | Reason::UnknownProduct
+                ) =>
+            {
                 remove_finalizer(dl, ctx).await
             }
             Err(e) => unavailable(dl, ctx, e, true).await,
@@ -413,17 +419,28 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
             }
             remove_finalizer(dl, ctx).await
         }
-        // Nothing to revoke, or the allocation is someone else's.
-        Outcome::Unchanged => remove_finalizer(dl, ctx).await,
-        Outcome::Refused if change.reason == Some(Reason::Conflict) => {
+        // Nothing of ours to revoke (missing, unmanaged, someone else's,
+        // or a typo that never wrote anything): the finalizer goes at once.
+        Outcome::Unchanged => {
+            tracing::info!(object = %key(dl), "{}", change.message);
             remove_finalizer(dl, ctx).await
         }
+        // A real revoke that cannot be written yet: say which and why. A
+        // spec change made while waiting (R6 consent, the policy) is picked
+        // up by the next pass.
         Outcome::Refused => {
+            let reason = change.reason.unwrap_or(Reason::Invalid);
+            let advice = match reason {
+                Reason::WouldDisplaceUsers => {
+                    "; set allowUserDisplacement: true to revoke anyway, or deletionPolicy: Orphan to leave the licenses with the organization"
+                }
+                _ => "; or set deletionPolicy: Orphan to leave the licenses with the organization",
+            };
             let refused = Verdict::Refused {
-                reason: change.reason.unwrap_or(Reason::Invalid),
+                reason,
                 message: format!(
-                    "{}; set allowUserDisplacement: true to revoke anyway, or deletionPolicy: Orphan to leave the licenses with the organization",
-                    change.message
+                    "deleting: the revoke of {} {} {} -> 0 waits: {}{advice}",
+                    change.organization, change.product, change.from, change.message
                 ),
             };
             let pass = Pass {
