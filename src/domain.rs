@@ -35,6 +35,8 @@ pub enum Reason {
     UnknownOrganization,
     /// R8: another manager owns the allocation.
     Conflict,
+    /// The account named (`--account`) is not in the backend.
+    UnknownAccount,
     /// R9: the pool hands out more than its total (a condition, not a refusal).
     OverCommitted,
     /// The backend could not be reached or answered garbage.
@@ -44,7 +46,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Forbidden,
         Reason::UnknownProduct,
         Reason::InsufficientPool,
@@ -52,6 +54,7 @@ impl Reason {
         Reason::WouldDisplaceUsers,
         Reason::UnknownOrganization,
         Reason::Conflict,
+        Reason::UnknownAccount,
         Reason::OverCommitted,
         Reason::BackendUnavailable,
         Reason::Invalid,
@@ -66,6 +69,7 @@ impl Reason {
             Reason::WouldDisplaceUsers => "WouldDisplaceUsers",
             Reason::UnknownOrganization => "UnknownOrganization",
             Reason::Conflict => "Conflict",
+            Reason::UnknownAccount => "UnknownAccount",
             Reason::OverCommitted => "OverCommitted",
             Reason::BackendUnavailable => "BackendUnavailable",
             Reason::Invalid => "Invalid",
@@ -407,6 +411,19 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
         effect.in_use = 0;
     }
     Ok(effect)
+}
+
+/// ` (did you mean "TestOps"?)` when one of `known` is close to `name`
+/// (the same but for case, or a typo or two away); empty otherwise.
+pub fn did_you_mean<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    let lower = name.to_lowercase();
+    let best = known
+        .into_iter()
+        .filter(|k| *k != name)
+        .map(|k| (strsim::levenshtein(&lower, &k.to_lowercase()), k))
+        .filter(|(d, k)| *d <= (k.chars().count() / 3).max(1))
+        .min();
+    best.map_or_else(String::new, |(_, k)| format!(" (did you mean {k:?}?)"))
 }
 
 /// R2: the product has no pool in the account.
@@ -941,6 +958,21 @@ mod tests {
         let r = l.apply(Role::AccountAdmin, &req).unwrap_err();
         assert_eq!(r.reason, Reason::Conflict);
         assert_eq!(r.detail.owner.as_deref(), Some("default/ns/x"));
+    }
+
+    #[test]
+    fn typos_get_the_closest_known_name() {
+        let known = ["TestOps", "Studio", "RuntimeEngine"];
+        assert_eq!(
+            did_you_mean("studio", known),
+            r#" (did you mean "Studio"?)"#
+        );
+        assert_eq!(
+            did_you_mean("TestOp", known),
+            r#" (did you mean "TestOps"?)"#
+        );
+        assert_eq!(did_you_mean("Jira", known), "");
+        assert_eq!(did_you_mean("TestOps", known), "");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use similar::TextDiff;
 
 use crate::domain::{
     Action, Allocation, AllocationWrite, Basis, Effect, Ledger, PoolView, Reason, Refusal, Role,
-    Snapshot, Target,
+    Snapshot, Target, did_you_mean,
 };
 
 /// What one resource asks for.
@@ -308,7 +308,17 @@ impl Step {
                 change.diff = self.diff(Some(&effect));
                 change.write = Some(self.write);
             }
-            Err(refusal) => {
+            Err(mut refusal) => {
+                refusal.message.push_str(&match refusal.reason {
+                    Reason::UnknownProduct => {
+                        did_you_mean(&self.write.product, ledger.pools.keys().map(String::as_str))
+                    }
+                    Reason::UnknownOrganization => did_you_mean(
+                        &self.write.organization,
+                        ledger.organizations.iter().map(String::as_str),
+                    ),
+                    _ => String::new(),
+                });
                 change.outcome = Outcome::Refused;
                 change.diff = self.diff(None);
                 refuse(&mut change, refusal);

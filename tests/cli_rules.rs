@@ -155,19 +155,59 @@ fn only_the_account_admin_may_write(kind: Kind) {
 fn unknown_product_and_unknown_organization_are_refused(kind: Kind) {
     let acct = Account::seeded_on(kind, DOCUMENTED);
     let before = acct.rows();
-    for (org, product, reason) in [
-        ("qa-team", "Studio", "UnknownProduct"),
-        ("ghost-team", "TestOps", "UnknownOrganization"),
+    for (org, product, reason, hint) in [
+        ("qa-team", "Studio", "UnknownProduct", ""),
+        (
+            "qa-team",
+            "testops",
+            "UnknownProduct",
+            r#"did you mean "TestOps"?"#,
+        ),
+        ("ghost-team", "TestOps", "UnknownOrganization", ""),
+        (
+            "qa-teem",
+            "TestOps",
+            "UnknownOrganization",
+            r#"did you mean "qa-team"?"#,
+        ),
     ] {
         let m = acct.license("x", org, product, 1, "");
         let plan = acct.plan(&m);
         assert_eq!(plan.code, 1, "{plan:?}");
-        assert_eq!(only_change(&plan.json())["reason"], reason);
+        let c = only_change(&plan.json()).clone();
+        assert_eq!(c["reason"], reason);
+        let message = c["message"].as_str().unwrap();
+        assert_eq!(
+            message.contains("did you mean"),
+            !hint.is_empty(),
+            "{message}"
+        );
+        assert!(message.contains(hint), "{hint:?} not in {message:?}");
         let run = acct.apply(&m);
         assert_eq!(run.code, 1);
         assert_eq!(only_change(&run.json())["reason"], reason);
     }
     assert_eq!(acct.rows(), before);
+    // A wrong account is a mistake to fix, named as such, not an outage.
+    if kind == Kind::Embedded {
+        let m = acct.license("x", "qa-team", "TestOps", 6, "");
+        for command in ["plan", "apply", "status"] {
+            let mut args = vec!["--account", "acmee", command];
+            if command != "status" {
+                args.extend(["-f", m.to_str().unwrap()]);
+            }
+            let run = acct.run(&args);
+            assert_eq!(run.code, 1, "{run:?}");
+            assert!(
+                run.stderr.contains("UnknownAccount")
+                    && run.stderr.contains(r#"did you mean "acme"?"#)
+                    && !run.stderr.contains("unavailable"),
+                "{command}: {}",
+                run.stderr
+            );
+        }
+        assert_eq!(acct.rows(), before);
+    }
 }
 
 fn a_second_manager_is_a_conflict_naming_the_owner(kind: Kind) {

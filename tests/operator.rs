@@ -449,6 +449,7 @@ organizations:
     c.license("typo", "ops", "studio", 1, "");
     let o = c.wait("typo", "False", "UnknownProduct");
     assert_eq!(condition(&o, "Stalled").unwrap()["status"], "True");
+    says(&o, r#"did you mean "Studio"?"#);
     let rows = c.account.rows();
     assert!(delete("typo") < Duration::from_secs(10));
     // An object that never owned its allocation (stalled before adopting

@@ -143,7 +143,9 @@ pub fn slug(reason: Reason) -> String {
 pub fn status_of(reason: Reason) -> StatusCode {
     match reason {
         Reason::Forbidden => StatusCode::FORBIDDEN,
-        Reason::UnknownProduct | Reason::UnknownOrganization => StatusCode::NOT_FOUND,
+        Reason::UnknownProduct | Reason::UnknownOrganization | Reason::UnknownAccount => {
+            StatusCode::NOT_FOUND
+        }
         Reason::InsufficientPool
         | Reason::BelowInUse
         | Reason::WouldDisplaceUsers

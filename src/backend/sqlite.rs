@@ -20,7 +20,7 @@ use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::domain::{
     Action, Allocation, AllocationWrite, Observed, Pool, PoolView, Reason, Refusal, Request, Role,
     SeatChange, SeatTarget, Snapshot, Target, decide, decide_release, decide_seats, decide_total,
-    require_admin, unknown_product,
+    did_you_mean, require_admin, unknown_product,
 };
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
@@ -230,15 +230,22 @@ impl Store {
         let accounts = self.accounts()?;
         match named {
             Some(a) if accounts.iter().any(|x| x == a) => Ok(a.to_string()),
-            Some(a) => Err(BackendError::Unavailable(format!(
-                "{}: no account {a:?} (accounts: {}); seed it with `licensor backend seed`",
-                self.path.display(),
-                if accounts.is_empty() {
-                    "none".into()
-                } else {
-                    accounts.join(", ")
-                }
+            // A store that holds no account yet is waiting to be seeded;
+            // one that holds others was given a wrong name: a person fixes it.
+            Some(a) if accounts.is_empty() => Err(BackendError::Unavailable(format!(
+                "{}: holds no account yet; load {a:?} with `licensor backend seed -f FIXTURE`",
+                self.path.display()
             ))),
+            Some(a) => Err(Refusal::new(
+                Reason::UnknownAccount,
+                format!(
+                    "{} has no account {a:?}{} (accounts: {}); check --account",
+                    self.path.display(),
+                    did_you_mean(a, accounts.iter().map(String::as_str)),
+                    accounts.join(", ")
+                ),
+            )
+            .into()),
             None => match accounts.as_slice() {
                 [one] => Ok(one.clone()),
                 [] => Err(BackendError::Unavailable(format!(

@@ -258,6 +258,21 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         role: Role::AccountAdmin,
     };
     let mut planned = plan(std::slice::from_ref(&wanted), &snapshot, &opts);
+    // A pass reads only its own pool; a name the account does not have is
+    // rare, so only then is the whole account read, for the closest names.
+    let unknown_name = |p: &crate::plan::Plan| {
+        p.changes.iter().any(|c| {
+            matches!(
+                c.reason,
+                Some(Reason::UnknownProduct | Reason::UnknownOrganization)
+            )
+        })
+    };
+    if unknown_name(&planned)
+        && let Ok(account) = ctx.backend.snapshot().await
+    {
+        planned = plan(std::slice::from_ref(&wanted), &account, &opts);
+    }
     let Some(mut change) = planned.changes.pop() else {
         return Ok(Requeue::requeue(ctx.settings.resync));
     };
