@@ -1,11 +1,16 @@
 //! Loading `DedicatedLicense` manifests from files and directories.
 //!
 //! Contract: every path is read (directories recursively, `.yaml`/`.yml`,
-//! in sorted order), every document of every file is looked at, and every
-//! problem is reported with its file and line, not just the first. Documents
-//! of other kinds are skipped with a note. Unknown fields, wrong types,
-//! counts outside 0..=1000000 and two manifests for one organization+product
-//! are errors. Loading is pure apart from reading the files.
+//! in sorted order, symlinks followed: a manifest that is a link is read,
+//! and a broken or looping link is an error naming it), every document of
+//! every file is looked at, and every problem is reported with its file and
+//! line, not just the first. A UTF-8 byte-order mark is allowed. Documents
+//! of other kinds are skipped with a note; a `DedicatedLicense` with a
+//! missing or wrong `apiVersion` is an error, never a skip (with `--prune`
+//! a skipped manifest would revoke its allocation). Unknown fields, wrong
+//! types, counts outside 0..=1000000 and two manifests for one
+//! organization+product are errors. Loading is pure apart from reading the
+//! files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -109,7 +114,7 @@ pub fn load(paths: &[PathBuf]) -> Loaded {
         };
         for file in files {
             match std::fs::read_to_string(&file) {
-                Ok(text) => parse_file(&file, &text, &mut loaded),
+                Ok(text) => parse_file(&file, text.trim_start_matches('\u{feff}'), &mut loaded),
                 Err(e) => loaded.errors.push(ManifestError::Read {
                     path: file.display().to_string(),
                     message: e.to_string(),
@@ -140,8 +145,21 @@ fn files_under(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
-        let entry = entry.map_err(|e| read_err(e.to_string()))?;
+    for entry in walkdir::WalkDir::new(path)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
+        let entry = entry.map_err(|e| {
+            let at = e.path().unwrap_or(path).display().to_string();
+            let message = match (e.loop_ancestor(), e.io_error()) {
+                (Some(ancestor), _) => format!("a link loops back to {}", ancestor.display()),
+                (None, Some(io)) if io.kind() == std::io::ErrorKind::NotFound => {
+                    "a broken link: its target does not exist".to_string()
+                }
+                _ => e.to_string(),
+            };
+            ManifestError::Read { path: at, message }
+        })?;
         let is_yaml = entry
             .path()
             .extension()
@@ -233,7 +251,7 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             continue;
         }
         let group = api_version.split('/').next().unwrap_or("");
-        if kind != KIND || group != GROUP {
+        if kind != KIND && group != GROUP {
             let shown = if kind.is_empty() { "no kind" } else { kind };
             loaded.notes.push(format!(
                 "{}: skipped {shown} ({}), not a {API_VERSION} {KIND}",
@@ -246,10 +264,23 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             ));
             continue;
         }
+        if kind != KIND {
+            loaded.notes.push(format!(
+                "{}: skipped {} ({api_version}), not a {API_VERSION} {KIND}",
+                at(first_line),
+                if kind.is_empty() { "no kind" } else { kind }
+            ));
+            continue;
+        }
         if api_version != API_VERSION {
+            let message = if api_version.is_empty() {
+                format!("a {KIND} needs apiVersion: {API_VERSION}")
+            } else {
+                format!("apiVersion {api_version} is not served; use {API_VERSION}")
+            };
             loaded.errors.push(ManifestError::Invalid {
                 at: at(line_of(&doc, "apiVersion").unwrap_or(first_line)),
-                message: format!("apiVersion {api_version} is not served; use {API_VERSION}"),
+                message,
             });
             continue;
         }

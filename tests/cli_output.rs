@@ -182,6 +182,18 @@ fn bad_manifests_are_errors_with_file_and_line_and_write_nothing() {
             good.replace("v1alpha1", "v9"),
             "bad.yaml:1: apiVersion licensor.dev/v9 is not served",
         ),
+        // A DedicatedLicense of another group, or with no apiVersion, is
+        // an error, never skipped: --prune would revoke its allocation.
+        (
+            "wrong group",
+            good.replace("licensor.dev/v1alpha1", "licenser.dev/v1alpha1"),
+            "bad.yaml:1: apiVersion licenser.dev/v1alpha1 is not served; use licensor.dev/v1alpha1",
+        ),
+        (
+            "missing apiVersion",
+            good.replace("apiVersion: licensor.dev/v1alpha1\n", ""),
+            "bad.yaml:1: a DedicatedLicense needs apiVersion: licensor.dev/v1alpha1",
+        ),
     ];
     let before = acct.rows();
     for (what, text, expected) in cases {
@@ -264,6 +276,62 @@ fn validate_reads_directories_recursively_and_skips_other_kinds() {
         "2 DedicatedLicense manifests valid\n"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("more.yml:1: skipped ConfigMap"));
+}
+
+/// A manifest that is a symlink is read (else `--prune` would revoke its
+/// allocation); a byte-order mark is fine; a broken or looping link is an
+/// error naming it.
+#[test]
+fn links_are_followed_and_broken_links_named() {
+    let acct = Account::seeded(DOCUMENTED);
+    let real = acct.write(
+        "real/qa.yaml",
+        &license_yaml("qa", "qa-team", "TestOps", 5, ""),
+    );
+    acct.write(
+        "repo/dev.yaml",
+        &format!(
+            "\u{feff}{}",
+            license_yaml("dev", "dev-team", "TestOps", 2, "")
+        ),
+    );
+    std::os::unix::fs::symlink(&real, acct.path("repo/qa.yaml")).unwrap();
+    let repo = acct.path("repo");
+    let run = acct.run(&["validate", "-f", repo.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "2 DedicatedLicense manifests valid\n");
+    // qa-team's unmanaged 5 is adopted, not revoked, by a pruning apply.
+    let run = acct.run(&[
+        "apply",
+        "--prune",
+        "-f",
+        repo.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
+    assert_eq!(acct.allocation("dev-team", "TestOps"), Some((2, 0)));
+
+    let before = acct.rows();
+    std::os::unix::fs::symlink(acct.path("gone.yaml"), acct.path("repo/broken.yaml")).unwrap();
+    let run = acct.run(&["apply", "--prune", "-f", repo.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("repo/broken.yaml: a broken link"),
+        "{}",
+        run.stderr
+    );
+    std::fs::remove_file(acct.path("repo/broken.yaml")).unwrap();
+    std::os::unix::fs::symlink(&repo, acct.path("repo/again")).unwrap();
+    let run = acct.run(&["plan", "--prune", "-f", repo.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("repo/again: a link loops back to"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(acct.rows(), before);
 }
 
 #[test]
