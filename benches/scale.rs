@@ -114,7 +114,7 @@ fn main() {
     // In process: the library phases.
     seed(&db, &fixture_path);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let backend = SqliteBackend::open(&db, None, None).unwrap();
+    let backend = SqliteBackend::open(&db, true, None, None).unwrap();
     let t = Instant::now();
     let loaded = manifest::load(std::slice::from_ref(&dir));
     let load = t.elapsed();

@@ -334,6 +334,102 @@ fn links_are_followed_and_broken_links_named() {
     assert_eq!(acct.rows(), before);
 }
 
+/// Commands that read never create or change a store; a file that is not a
+/// licensor store, or one from a newer licensor, is refused untouched.
+#[test]
+fn reading_never_creates_and_foreign_or_newer_files_stay_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("qa.yaml");
+    std::fs::write(&manifest, license_yaml("qa", "qa-team", "TestOps", 5, "")).unwrap();
+    let m = manifest.to_str().unwrap();
+    let run = |db: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .arg("--backend")
+            .arg(format!("sqlite:{}", db.display()))
+            .args(args)
+            .env_remove("LICENSOR_BACKEND")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let commands: [&[&str]; 6] = [
+        &["status"],
+        &["plan", "-f", m],
+        &["apply", "-f", m],
+        &["backend", "audit"],
+        &[
+            "backend",
+            "claim",
+            "--org",
+            "qa-team",
+            "--product",
+            "TestOps",
+            "--count",
+            "1",
+        ],
+        &["backend", "total", "--product", "TestOps", "--total", "9"],
+    ];
+    let missing = dir.path().join("missing.db");
+    for args in commands {
+        let (code, stderr) = run(&missing, args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("no store here"), "{args:?}: {stderr}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+
+    let files = |db: &std::path::Path| {
+        let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                name.starts_with(db.file_name()?.to_str()?)
+                    .then(|| (name, std::fs::read(&p).unwrap()))
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let foreign = dir.path().join("notes.db");
+    {
+        let c = rusqlite::Connection::open(&foreign).unwrap();
+        c.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('mine');")
+            .unwrap();
+    }
+    let newer = dir.path().join("newer.db");
+    let fixture = dir.path().join("account.yaml");
+    std::fs::write(&fixture, DOCUMENTED).unwrap();
+    let (code, stderr) = run(
+        &newer,
+        &["backend", "seed", "-f", fixture.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    {
+        let c = rusqlite::Connection::open(&newer).unwrap();
+        c.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    let seed: &[&str] = &["backend", "seed", "-f", fixture.to_str().unwrap()];
+    for (db, says) in [
+        (
+            &foreign,
+            "is not a licensor store (it holds the tables notes)",
+        ),
+        (&newer, "schema version 99 is newer than this licensor"),
+    ] {
+        let before = files(db);
+        for args in commands.iter().copied().chain([seed]) {
+            let (code, stderr) = run(db, args);
+            assert_eq!(code, Some(1), "{args:?}: {stderr}");
+            assert!(stderr.contains(says), "{args:?}: {stderr}");
+        }
+        assert_eq!(files(db), before, "{} was touched", db.display());
+    }
+}
+
 #[test]
 fn a_bad_fixture_or_unreachable_store_is_an_error_and_writes_nothing() {
     let acct = Account::seeded(DOCUMENTED);

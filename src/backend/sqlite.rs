@@ -140,12 +140,39 @@ fn hash(text: &str) -> String {
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the file.
+    /// Opens (creating if needed) and migrates the file: for the commands
+    /// that own a store (`backend seed`, `token create`, `serve`, `operator`).
     pub fn open(path: &Path) -> Result<Store, BackendError> {
+        Store::open_with(path, true)
+    }
+
+    /// Opens an existing store and migrates it; a missing file is an error
+    /// and is not created (commands that read, or that write into an account
+    /// that must already be there).
+    pub fn open_existing(path: &Path) -> Result<Store, BackendError> {
+        Store::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, create: bool) -> Result<Store, BackendError> {
         let err = storage(path);
-        let mut conn = Connection::open(path).map_err(&err)?;
+        if !create && !path.exists() {
+            return Err(BackendError::Unavailable(format!(
+                "{}: no store here; create one with `licensor backend seed -f FIXTURE`",
+                path.display()
+            )));
+        }
+        let mut flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let mut conn = Connection::open_with_flags(path, flags).map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(&err)?;
+        // Before anything is written (WAL mode included): is this a store
+        // of ours, and one this licensor understands?
+        check_schema(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(&err)?;
         // WAL with NORMAL survives a crash of any process; only a power loss
@@ -157,16 +184,10 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
+        // Read again inside the write lock: another process may have migrated.
         let version: usize = tx
             .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
             .map_err(&err)? as usize;
-        if version > MIGRATIONS.len() {
-            return Err(BackendError::Unavailable(format!(
-                "{}: schema version {version} is newer than this licensor ({}); upgrade licensor",
-                path.display(),
-                MIGRATIONS.len()
-            )));
-        }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.execute_batch(sql).map_err(&err)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
@@ -709,6 +730,38 @@ impl Store {
     }
 }
 
+/// Refuses, before anything is written, a file that is not a licensor store
+/// (another application's tables) or whose schema is newer than this
+/// licensor's.
+fn check_schema(conn: &Connection, path: &Path) -> Result<(), BackendError> {
+    let err = storage(path);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(&err)?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .map_err(&err)?;
+    let ours = ["accounts", "allocations", "products"]
+        .iter()
+        .all(|t| tables.iter().any(|x| x == t));
+    if (version == 0 && !tables.is_empty()) || (version > 0 && !ours) {
+        return Err(BackendError::Unavailable(format!(
+            "{} is not a licensor store (it holds the tables {}); licensor leaves it untouched: name another file",
+            path.display(),
+            tables.join(", ")
+        )));
+    }
+    if version as usize > MIGRATIONS.len() {
+        return Err(BackendError::Unavailable(format!(
+            "{}: schema version {version} is newer than this licensor ({}); upgrade licensor",
+            path.display(),
+            MIGRATIONS.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The first answer to `key`, if it was used for this same request; a
 /// different request under the key is an error.
 fn replay(
@@ -953,15 +1006,22 @@ pub struct SqliteBackend {
 }
 
 impl SqliteBackend {
-    /// Opens the file. Without `account`, the file's only account is used.
-    /// With a token, its role applies; without, local access is the admin.
+    /// Opens the file (creating it only with `create`). Without `account`,
+    /// the file's only account is used. With a token, its role applies;
+    /// without, local access is the admin.
     pub fn open(
         path: &Path,
+        create: bool,
         account: Option<&str>,
         token: Option<&str>,
     ) -> Result<SqliteBackend, BackendError> {
+        let store = if create {
+            Store::open(path)?
+        } else {
+            Store::open_existing(path)?
+        };
         Ok(SqliteBackend {
-            store: Arc::new(Store::open(path)?),
+            store: Arc::new(store),
             account: account.map(str::to_string),
             principal: Principal::local(),
             token: token.map(str::to_string),

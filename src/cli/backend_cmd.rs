@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, open_backend};
+use super::{FAILED, Format, Global, OK, Store, open_backend};
 use crate::backend::{BackendError, Fixture};
 use crate::domain::SeatChange;
 
@@ -55,7 +55,11 @@ pub async fn run(g: &Global, command: BackendCommand) -> u8 {
 }
 
 async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
-    let backend = open_backend(g)?;
+    let store = match command {
+        BackendCommand::Seed { .. } => Store::Create,
+        _ => Store::Existing,
+    };
+    let backend = open_backend(g, store)?;
     let err = |e: BackendError| e.to_string();
     match command {
         BackendCommand::Seed { file } => {

@@ -177,12 +177,22 @@ pub fn sqlite_path(g: &Global) -> Result<PathBuf, String> {
     }
 }
 
+/// Whether a command may create the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// It owns the store (`backend seed`, `operator`): create it if missing.
+    Create,
+    /// It reads, or writes into an account that must exist: never create.
+    Existing,
+}
+
 /// Opens the backend named by the global options.
-pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>, String> {
+pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String> {
     let token = token(g)?;
     if g.backend.starts_with("sqlite:") {
         let path = sqlite_path(g)?;
-        let backend = SqliteBackend::open(&path, g.account.as_deref(), token.as_deref())
+        let create = store == Store::Create;
+        let backend = SqliteBackend::open(&path, create, g.account.as_deref(), token.as_deref())
             .map_err(|e| e.to_string())?;
         return Ok(Box::new(backend));
     }
@@ -211,7 +221,7 @@ pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>, String> {
 
 /// Opens the backend and reads its snapshot.
 pub async fn observe(g: &Global) -> Result<(Box<dyn Backend>, Snapshot), String> {
-    let backend = open_backend(g)?;
+    let backend = open_backend(g, Store::Existing)?;
     let snapshot = backend.snapshot().await.map_err(|e| e.to_string())?;
     Ok((backend, snapshot))
 }
