@@ -430,6 +430,43 @@ fn reading_never_creates_and_foreign_or_newer_files_stay_untouched() {
     }
 }
 
+/// A backend URL with credentials is never printed with them, whether it
+/// is malformed, of another kind, or well-formed and unreachable.
+#[test]
+fn credentials_in_a_backend_url_are_never_printed() {
+    for backend in [
+        "http://admin:hunter2@[::1",
+        "postgres://admin:hunter2@db.example/licenses",
+        "mysql://hunter2@db",
+        "http://admin:hunter2@127.0.0.1:1",
+        "http://127.0.0.1:1/?token=hunter2",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args([
+                "--backend",
+                backend,
+                "--account",
+                "acme",
+                "--backend-timeout",
+                "1s",
+                "status",
+            ])
+            .env_remove("LICENSOR_TOKEN")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(!stderr.is_empty(), "{backend}: says nothing");
+        assert!(
+            !stderr.contains("hunter2") && !stdout.contains("hunter2"),
+            "{backend}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn a_bad_fixture_or_unreachable_store_is_an_error_and_writes_nothing() {
     let acct = Account::seeded(DOCUMENTED);

@@ -75,11 +75,12 @@ impl HttpBackend {
         timeout: Duration,
         retry: Retry,
     ) -> Result<HttpBackend, BackendError> {
+        let shown = super::redact(url);
         let base = Url::parse(url)
-            .map_err(|e| BackendError::Unavailable(format!("backend URL {url:?}: {e}")))?;
+            .map_err(|e| BackendError::Unavailable(format!("backend URL {shown:?}: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(BackendError::Unavailable(format!(
-                "backend URL {url:?} is not an http(s) URL"
+                "backend URL {shown:?} is not an http(s) URL"
             )));
         }
         let mut headers = HeaderMap::new();
@@ -142,7 +143,12 @@ impl HttpBackend {
                     let transient = e.is_connect()
                         || (repeat == Repeat::Safe && (e.is_timeout() || e.is_request()));
                     if last || !transient {
-                        return Err(unavailable(&method, &url, &e.to_string(), attempt));
+                        return Err(unavailable(
+                            &method,
+                            &url,
+                            &e.without_url().to_string(),
+                            attempt,
+                        ));
                     }
                     None
                 }
@@ -161,11 +167,22 @@ impl HttpBackend {
                     let bytes = match response.bytes().await {
                         Ok(b) => b,
                         Err(e) if !last && repeat == Repeat::Safe => {
-                            tracing::debug!("reading the answer of {method} {url}: {e}");
+                            tracing::debug!(
+                                "reading the answer of {method} {}: {}",
+                                url.path(),
+                                e.without_url()
+                            );
                             self.pause(attempt, None).await;
                             continue;
                         }
-                        Err(e) => return Err(unavailable(&method, &url, &e.to_string(), attempt)),
+                        Err(e) => {
+                            return Err(unavailable(
+                                &method,
+                                &url,
+                                &e.without_url().to_string(),
+                                attempt,
+                            ));
+                        }
                     };
                     if status.is_success() {
                         if status == StatusCode::NO_CONTENT {
@@ -273,7 +290,7 @@ impl Backend for HttpBackend {
     fn location(&self) -> String {
         format!(
             "{} (account {})",
-            self.base.as_str().trim_end_matches('/'),
+            super::redact(self.base.as_str().trim_end_matches('/')),
             self.account
         )
     }

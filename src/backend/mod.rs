@@ -16,6 +16,49 @@ use crate::domain::{
     SeatChange, Snapshot,
 };
 
+/// A backend location fit to print: credentials in it (the user and
+/// password of `scheme://user:password@host`, and query parameters that
+/// look like secrets, `?password=`, `?token=`) are masked, whether or not
+/// the rest parses. A `sqlite:PATH` is a path and is shown as it is.
+pub fn redact(location: &str) -> String {
+    let Some((scheme, rest)) = location.split_once("://") else {
+        return location.to_string();
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => before_query.split_at(i),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rfind('@') {
+        Some(i) => format!("***@{}", &authority[i + 1..]),
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(q) = query {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| {
+                let key = pair.split('=').next().unwrap_or_default();
+                let k = key.to_ascii_lowercase();
+                let secret = ["pass", "token", "secret", "key"]
+                    .iter()
+                    .any(|s| k.contains(s));
+                if secret && pair.contains('=') {
+                    format!("{key}=***")
+                } else {
+                    pair.to_string()
+                }
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
 /// Why a backend call did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
@@ -46,6 +89,33 @@ impl BackendError {
             BackendError::Unauthorized(_) => Some(Reason::Forbidden),
             BackendError::Unavailable(_) => Some(Reason::BackendUnavailable),
             BackendError::Stale { .. } | BackendError::KeyReused(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn credentials_in_a_location_are_never_shown() {
+        for (given, shown) in [
+            ("sqlite:licensor.db", "sqlite:licensor.db"),
+            (
+                "https://platform.example:8443/base",
+                "https://platform.example:8443/base",
+            ),
+            ("http://u:hunter2@host:1/x", "http://***@host:1/x"),
+            ("http://hunter2@[bad", "http://***@[bad"),
+            (
+                "postgres://u:hunter2@db/licenses?sslmode=require&password=hunter2",
+                "postgres://***@db/licenses?sslmode=require&password=***",
+            ),
+            ("http://h/?token=hunter2", "http://h/?token=***"),
+            ("http://a@b@hunter2@h/", "http://***@h/"),
+        ] {
+            assert_eq!(redact(given), shown);
+            assert!(!redact(given).contains("hunter2"));
         }
     }
 }

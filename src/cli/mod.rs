@@ -16,9 +16,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::Backend;
 use crate::backend::http::{HttpBackend, Retry};
 use crate::backend::sqlite::SqliteBackend;
+use crate::backend::{Backend, redact};
 use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
@@ -172,7 +172,7 @@ pub fn sqlite_path(g: &Global) -> Result<PathBuf, String> {
         Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
         _ => Err(format!(
             "this command needs the embedded store (--backend sqlite:PATH), not {}",
-            g.backend
+            redact(&g.backend)
         )),
     }
 }
@@ -200,7 +200,7 @@ pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String
         let account = g.account.as_deref().ok_or_else(|| {
             format!(
                 "backend {}: name the account with --account (or LICENSOR_ACCOUNT)",
-                g.backend
+                redact(&g.backend)
             )
         })?;
         let backend = HttpBackend::new(
@@ -215,7 +215,7 @@ pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String
     }
     Err(format!(
         "backend {:?} is neither sqlite:PATH nor an http(s):// URL",
-        g.backend
+        redact(&g.backend)
     ))
 }
 

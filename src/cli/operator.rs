@@ -106,7 +106,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
             .map(|(listen, cert_dir)| Webhook { listen, cert_dir }),
     };
     tracing::info!(
-        backend = %g.backend,
+        backend = %crate::backend::redact(&g.backend),
         instance = %g.instance,
         namespace = config.namespace.as_deref().unwrap_or("(all)"),
         resync = ?args.resync,
