@@ -16,6 +16,40 @@ use serde::{Deserialize, Serialize};
 pub const MAX_COUNT: i64 = 1_000_000;
 /// Largest product total an account may hold.
 pub const MAX_TOTAL: i64 = 1_000_000_000;
+/// Longest organization id or product name, in characters (not bytes).
+pub const MAX_IDENTIFIER: usize = 253;
+/// The one alphabet of organization ids and product names, as a regular
+/// expression that RE2 (the Kubernetes API server), ECMAScript and Python
+/// read alike: 1 to 253 characters, none of them a control character (C0,
+/// DEL, C1), no space at either end. [`check_identifier`] is the same rule.
+pub const IDENTIFIER_PATTERN: &str =
+    r"^[^\x00-\x20\x7F-\x9F]([^\x00-\x1F\x7F-\x9F]{0,251}[^\x00-\x20\x7F-\x9F])?$";
+
+/// Checks an organization id or product name against the one alphabet
+/// ([`IDENTIFIER_PATTERN`]); `what` names it in the message.
+pub fn check_identifier(what: &str, value: &str) -> Result<(), Refusal> {
+    let control = |c: char| matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}');
+    let length = value.chars().count();
+    let problem = if length == 0 {
+        "is empty"
+    } else if length > MAX_IDENTIFIER {
+        "is longer than 253 characters"
+    } else if value.chars().any(control) {
+        "holds a control character"
+    } else if value.starts_with(' ') || value.ends_with(' ') {
+        "starts or ends with a space"
+    } else {
+        return Ok(());
+    };
+    let shown: String = value.chars().take(40).collect();
+    let more = if length > 40 { "..." } else { "" };
+    Err(Refusal::new(
+        Reason::Invalid,
+        format!(
+            "{what} {shown:?}{more} {problem}: ids and names are 1 to {MAX_IDENTIFIER} characters, no control characters, no space at either end"
+        ),
+    ))
+}
 
 /// Why a change was refused, or (for `OverCommitted` and `BackendUnavailable`)
 /// why a resource is not healthy. The variant name is the reason string.
@@ -958,6 +992,34 @@ mod tests {
         let r = l.apply(Role::AccountAdmin, &req).unwrap_err();
         assert_eq!(r.reason, Reason::Conflict);
         assert_eq!(r.detail.owner.as_deref(), Some("default/ns/x"));
+    }
+
+    #[test]
+    fn identifiers_have_one_alphabet() {
+        for ok in [
+            "qa-team",
+            "TestOps",
+            "Katalon Studio",
+            "équipe-qa",
+            "組織",
+            &"x".repeat(253),
+        ] {
+            assert!(check_identifier("organization", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            " qa",
+            "qa ",
+            "q\ta",
+            "q\u{85}a",
+            "q\u{7f}",
+            &"é".repeat(254),
+        ] {
+            let r = check_identifier("organization", bad).unwrap_err();
+            assert_eq!(r.reason, Reason::Invalid, "{bad:?}");
+        }
+        // 253 characters, not bytes: 253 two-byte characters are fine.
+        assert!(check_identifier("product", &"é".repeat(253)).is_ok());
     }
 
     #[test]

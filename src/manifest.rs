@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::MAX_COUNT;
+use crate::domain::{MAX_COUNT, check_identifier};
 use crate::resource::{API_VERSION, DedicatedLicenseSpec, GROUP, KIND};
 
 /// Where a document starts.
@@ -320,11 +320,8 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             ("organization", &spec.organization),
             ("product", &spec.product),
         ] {
-            if value.trim().is_empty() || value.len() > 253 {
-                problems.push((
-                    line_of(&doc, field).unwrap_or(first_line),
-                    format!("spec.{field} must be 1 to 253 characters"),
-                ));
+            if let Err(r) = check_identifier(&format!("spec.{field}"), value) {
+                problems.push((line_of(&doc, field).unwrap_or(first_line), r.message));
             }
         }
         if problems.is_empty() {

@@ -54,17 +54,19 @@ pub const DEFAULT_INSTANCE: &str = "default";
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DedicatedLicenseSpec {
-    /// Organization id in the license account that receives the licenses.
+    /// Organization id in the license account that receives the licenses:
+    /// 1 to 253 characters, no control characters, no space at either end.
     /// Must already exist in the account. Immutable: to move licenses to
     /// another organization, create another DedicatedLicense.
     #[x_kube(validation = Rule::new("self == oldSelf").message("organization is immutable; create another DedicatedLicense for another organization"))]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), pattern(crate::domain::IDENTIFIER_PATTERN))]
     pub organization: String,
 
-    /// Product whose pool the licenses come from, for example TestOps.
-    /// Pools are per product and never mix. Immutable.
+    /// Product whose pool the licenses come from, for example TestOps (1 to
+    /// 253 characters, as organization ids). Pools are per product and never
+    /// mix. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("product is immutable; create another DedicatedLicense for another product"))]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), pattern(crate::domain::IDENTIFIER_PATTERN))]
     pub product: String,
 
     /// Desired number of dedicated licenses, 0 to 1000000. Raising takes

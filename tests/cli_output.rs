@@ -182,6 +182,16 @@ fn bad_manifests_are_errors_with_file_and_line_and_write_nothing() {
             good.replace("v1alpha1", "v9"),
             "bad.yaml:1: apiVersion licensor.dev/v9 is not served",
         ),
+        (
+            "a control character in the organization",
+            good.replace("organization: qa-team", "organization: \"qa\\tteam\""),
+            "holds a control character: ids and names are 1 to 253 characters",
+        ),
+        (
+            "254 characters of product",
+            good.replace("product: TestOps", &format!("product: {}", "é".repeat(254))),
+            "is longer than 253 characters",
+        ),
         // A DedicatedLicense of another group, or with no apiVersion, is
         // an error, never skipped: --prune would revoke its allocation.
         (

@@ -94,6 +94,31 @@ fn the_crd_is_enforced_by_a_real_api_server() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("unknown field \"spec.colour\""), "{r:?}");
 
+    // The identifier alphabet, as the API server (RE2) reads the pattern,
+    // in characters: the same rule as the CLI, the store and the API.
+    let create = |name: &str, org: &str| {
+        let doc = license_yaml(name, "placeholder", "TestOps", 1, "")
+            .replace("organization: placeholder", &format!("organization: {org}"));
+        cp.kubectl_stdin(&["create", "-f", "-"], Some(&doc))
+    };
+    for (name, org) in [
+        ("tab", "\"qa\\tteam\""),
+        ("c1", "\"qa\\u0085team\""),
+        ("spaced", "\" qa-team\""),
+        ("long", &"x".repeat(254)),
+    ] {
+        let r = create(name, org);
+        assert_ne!(r.code, 0, "{name} was accepted");
+        assert!(r.stderr.contains("spec.organization"), "{name}: {r:?}");
+    }
+    for (name, org) in [
+        ("unicode", "\"équipe qa\"".to_string()),
+        ("wide", "é".repeat(253)),
+    ] {
+        let r = create(name, &org);
+        assert_eq!(r.code, 0, "{name}: {r:?}");
+    }
+
     let explain = cp.ok(&["explain", "dl.spec.count"]);
     assert!(
         explain.contains("Desired number of dedicated licenses, 0 to 1000000"),

@@ -204,3 +204,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The identifier rule in code and the pattern published in the CRD and
+    /// the OpenAPI document are one rule.
+    #[test]
+    fn the_identifier_check_and_its_pattern_agree(
+        value in prop_oneof![
+            "[ -~]{0,8}",
+            "\\PC{0,6}",
+            "[\\x00-\\x20\\x7f-\\xa0a]{0,4}",
+            "[a-z]{250,256}",
+            "[é]{252,254}",
+        ]
+    ) {
+        static PATTERN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+            regex::Regex::new(licensor::domain::IDENTIFIER_PATTERN).unwrap()
+        });
+        prop_assert_eq!(
+            licensor::domain::check_identifier("x", &value).is_ok(),
+            PATTERN.is_match(&value),
+            "{:?}", value
+        );
+    }
+}

@@ -699,6 +699,20 @@ async fn garbage_in_gets_a_problem_and_writes_nothing() {
         )
         .await;
     assert_eq!((s, is_problem(&h)), (StatusCode::BAD_REQUEST, true), "{p}");
+    // Organization ids follow the one alphabet (as the CRD and manifests).
+    for id in ["qa\tteam", " padded", ""] {
+        let (s, h, p) = api
+            .send(
+                Method::POST,
+                "/organizations",
+                Some(&api.admin),
+                Some(json!({"id": id})),
+                &[],
+            )
+            .await;
+        assert_eq!((s.as_u16(), is_problem(&h)), (422, true), "{id:?}: {p}");
+        assert_eq!(p["reason"], "Invalid", "{p}");
+    }
     // Releasing an unknown organization or product is a typed 404.
     for (path, reason) in [
         (

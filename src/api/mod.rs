@@ -13,6 +13,23 @@ use crate::domain::{MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
 
 pub use problem::{Problem, ProblemType};
 
+/// A count in a request body: a JSON integer, which JSON Schema also
+/// spells `5.0`. Anything else (a fraction, a string, a number past i64)
+/// is refused.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(D::Error::custom(format!(
+            "{n} is not a whole number in range"
+        ))),
+    }
+}
+
 /// A product's pool, as `GET /products` answers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -69,6 +86,7 @@ impl From<Product> for Pool {
 pub struct TotalBody {
     /// Licenses purchased; may go below what is handed out (R9).
     #[schema(minimum = 0, maximum = 1_000_000_000)]
+    #[serde(deserialize_with = "whole_number")]
     pub total: i64,
 }
 
@@ -76,7 +94,9 @@ pub struct TotalBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewOrganization {
-    /// The organization's id (see the identifier rules).
+    /// The organization's id: 1 to 253 characters, no control characters,
+    /// no space at either end (the pattern is added to the document from
+    /// the domain's one definition).
     #[schema(min_length = 1, max_length = 253)]
     pub id: String,
     /// A display name.
@@ -97,6 +117,7 @@ pub struct Organization {
 pub struct PutAllocation {
     /// Dedicated licenses; 0 revokes all, in-use seats included.
     #[schema(minimum = 0, maximum = 1_000_000)]
+    #[serde(deserialize_with = "whole_number")]
     pub dedicated: i64,
     /// The manager of the allocation (R8), for example `default/licenses/qa`.
     #[serde(default)]
@@ -128,6 +149,7 @@ pub enum Seats {
 #[serde(deny_unknown_fields)]
 pub struct SeatClaim {
     #[schema(minimum = 1, maximum = 1_000_000)]
+    #[serde(deserialize_with = "whole_number")]
     pub claim: i64,
 }
 
@@ -136,6 +158,7 @@ pub struct SeatClaim {
 #[serde(deny_unknown_fields)]
 pub struct SeatRelease {
     #[schema(minimum = 1, maximum = 1_000_000)]
+    #[serde(deserialize_with = "whole_number")]
     pub release: i64,
 }
 
@@ -169,6 +192,15 @@ mod tests {
         assert_eq!(SeatChange::from(claim), SeatChange::Claim(3));
         let release = Seats::from(SeatChange::Release(2));
         assert_eq!(serde_json::to_string(&release).unwrap(), r#"{"release":2}"#);
+        let put: PutAllocation = serde_json::from_str(r#"{"dedicated": 5.0}"#).unwrap();
+        assert_eq!(put.dedicated, 5);
+        for bad in ["5.5", "\"5\"", "1e30", "99999999999999999999"] {
+            let body = format!(r#"{{"dedicated": {bad}}}"#);
+            assert!(
+                serde_json::from_str::<PutAllocation>(&body).is_err(),
+                "{bad}"
+            );
+        }
         // A JSON array is refused before this (routes::Body takes objects only).
         for bad in [r#"{"claim": 1, "release": 1}"#, "{}", r#"{"grab": 1}"#] {
             assert!(serde_json::from_str::<Seats>(bad).is_err(), "{bad}");

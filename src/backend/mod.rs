@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Allocation, AllocationWrite, Effect, MAX_COUNT, MAX_TOTAL, PoolView, Reason, Refusal,
-    SeatChange, Snapshot,
+    SeatChange, Snapshot, check_identifier,
 };
 
 /// A backend location fit to print: credentials in it (the user and
@@ -209,6 +209,7 @@ impl Fixture {
         }
         let mut products = std::collections::HashSet::new();
         for p in &self.products {
+            check_identifier("product", &p.name)?;
             if !products.insert(p.name.as_str()) {
                 return invalid(format!("product {} is listed twice", p.name));
             }
@@ -221,11 +222,9 @@ impl Fixture {
         }
         let mut orgs = std::collections::HashSet::new();
         for o in &self.organizations {
-            if o.id.trim().is_empty() || !orgs.insert(o.id.as_str()) {
-                return invalid(format!(
-                    "organization id {:?} is empty or listed twice",
-                    o.id
-                ));
+            check_identifier("organization", &o.id)?;
+            if !orgs.insert(o.id.as_str()) {
+                return invalid(format!("organization id {:?} is listed twice", o.id));
             }
             let mut seen = std::collections::HashSet::new();
             for a in &o.allocations {

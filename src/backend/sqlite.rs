@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::domain::{
     Action, Allocation, AllocationWrite, Observed, Pool, PoolView, Reason, Refusal, Request, Role,
-    SeatChange, SeatTarget, Snapshot, Target, decide, decide_release, decide_seats, decide_total,
-    did_you_mean, require_admin, unknown_product,
+    SeatChange, SeatTarget, Snapshot, Target, check_identifier, decide, decide_release,
+    decide_seats, decide_total, did_you_mean, require_admin, unknown_product,
 };
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
@@ -339,13 +339,7 @@ impl Store {
         let err = storage(&self.path);
         self.transaction(true, |tx| {
             require_admin(who.role, "create organizations")?;
-            if id.trim().is_empty() || id.len() > 253 {
-                return Err(Refusal::new(
-                    Reason::Invalid,
-                    "an organization id is 1 to 253 characters",
-                )
-                .into());
-            }
+            check_identifier("organization id", id)?;
             if organization_exists(tx, account, id).map_err(&err)? {
                 return Err(Refusal::new(
                     Reason::Invalid,

@@ -13,6 +13,7 @@
 //! sets, so no client can create series), `/openapi.json`, and a clean
 //! shutdown on SIGTERM. Tokens are never logged, echoed or stored in clear.
 
+pub mod openapi;
 pub mod problem;
 pub mod routes;
 
@@ -28,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, get, post, put};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -36,7 +37,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
-use utoipa::OpenApi;
 
 use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
@@ -172,34 +172,6 @@ async fn authenticate(State(s): State<Shared>, mut request: Request, next: Next)
     next.run(request).await
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "licensor license platform API",
-        description = "Dedicated licenses of a license account (DESIGN §5). Errors are RFC 9457 problem details."
-    ),
-    paths(
-        routes::list_products,
-        routes::put_product,
-        routes::list_organizations,
-        routes::create_organization,
-        routes::list_allocations,
-        routes::get_allocation,
-        routes::put_allocation,
-        routes::delete_allocation,
-        routes::release_allocation,
-        routes::seats,
-        routes::audit
-    ),
-    components(schemas(Problem))
-)]
-struct ApiDoc;
-
-/// The OpenAPI document, generated from the routes and types.
-pub fn openapi_json() -> String {
-    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
-}
-
 /// The application: every route, the limits and the middleware.
 pub fn app(store: Arc<Store>, config: &Config) -> Router {
     let mut registry = Registry::with_prefix("licensor_http");
@@ -232,36 +204,46 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         }),
     };
     let base = "/v1/accounts/{account}";
+    // The caller is checked on each route's own methods (route_layer), so a
+    // method a route does not have is a 405 with Allow, before any token:
+    // the methods are public in /openapi.json anyway.
+    let guard = |m: MethodRouter<Shared>| {
+        m.route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
+    };
     let api = Router::new()
-        .route(&format!("{base}/products"), get(routes::list_products))
+        .route(
+            &format!("{base}/products"),
+            guard(get(routes::list_products)),
+        )
         .route(
             &format!("{base}/products/{{product}}"),
-            put(routes::put_product),
+            guard(put(routes::put_product)),
         )
         .route(
             &format!("{base}/organizations"),
-            get(routes::list_organizations).post(routes::create_organization),
+            guard(get(routes::list_organizations).post(routes::create_organization)),
         )
         .route(
             &format!("{base}/allocations"),
-            get(routes::list_allocations),
+            guard(get(routes::list_allocations)),
         )
         .route(
             &format!("{base}/organizations/{{organization}}/allocations/{{product}}"),
-            get(routes::get_allocation)
-                .put(routes::put_allocation)
-                .delete(routes::delete_allocation),
+            guard(
+                get(routes::get_allocation)
+                    .put(routes::put_allocation)
+                    .delete(routes::delete_allocation),
+            ),
         )
         .route(
             &format!("{base}/organizations/{{organization}}/allocations/{{product}}/release"),
-            post(routes::release_allocation),
+            guard(post(routes::release_allocation)),
         )
         .route(
             &format!("{base}/organizations/{{organization}}/seats/{{product}}"),
-            post(routes::seats),
+            guard(post(routes::seats)),
         )
-        .route(&format!("{base}/audit"), get(routes::audit))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
+        .route(&format!("{base}/audit"), guard(get(routes::audit)))
         .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
     Router::new()
         .merge(api)
@@ -270,7 +252,12 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         .route("/metrics", get(metrics_text))
         .route(
             "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    openapi::document(),
+                )
+            }),
         )
         .fallback(|| async {
             Problem::new(

@@ -140,6 +140,7 @@ pub struct DeleteParams {
 #[into_params(parameter_in = Path)]
 pub struct AccountPath {
     /// The license account.
+    #[param(example = "acme")]
     pub account: String,
 }
 
@@ -148,8 +149,10 @@ pub struct AccountPath {
 #[into_params(parameter_in = Path)]
 pub struct ProductPath {
     /// The license account.
+    #[param(example = "acme")]
     pub account: String,
     /// The product's exact name.
+    #[param(example = "TestOps")]
     pub product: String,
 }
 
@@ -158,10 +161,13 @@ pub struct ProductPath {
 #[into_params(parameter_in = Path)]
 pub struct AllocationPath {
     /// The license account.
+    #[param(example = "acme")]
     pub account: String,
     /// The organization's id.
+    #[param(example = "qa-team")]
     pub organization: String,
     /// The product's exact name.
+    #[param(example = "TestOps")]
     pub product: String,
 }
 
