@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/release/licensor
 
-.PHONY: demo test test-static check bench bench-operator bench-platform crd
+.PHONY: demo test deps test-static check bench bench-operator bench-platform crd
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome and the pools.
@@ -14,21 +14,28 @@ demo:
 	$(BIN) status
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
-## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS).
-test: test-static
-	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) test --locked
+## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS)
+## and the contract tools in a pinned Python virtualenv. Installs what it
+## needs first (deps).
+test: deps test-static
+	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
+	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" $(CARGO) test --locked
 
-## The static (musl) binary the Dockerfile ships builds and works; needs the
-## musl target and musl-gcc (Debian: musl-tools).
+## What the checks and tests need beyond Rust, Go and Python: rustfmt and
+## clippy, the musl target and musl-gcc, the Python venv module (Debian
+## packages as root or with sudo).
+deps:
+	tests/setup.sh
+
+## The static (musl) binary the Dockerfile ships builds and works (deps
+## installs the musl target and musl-gcc).
 MUSL := x86_64-unknown-linux-musl
-test-static:
-	@command -v musl-gcc >/dev/null || { echo "test-static needs musl-gcc (Debian package musl-tools)" >&2; exit 1; }
-	rustup target add $(MUSL) >/dev/null 2>&1 || rustup target list --installed | grep -q $(MUSL)
+test-static: deps
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
 	tests/static-binary.sh target/$(MUSL)/release/licensor
 
-## Formatting, lints, and the committed CRD.
-check:
+## Formatting and lints (the committed CRD is checked by a test).
+check: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 

@@ -247,7 +247,7 @@ fn problem(status: u16, description: &str) -> Response {
 /// `If-Match`, `If-None-Match: *` and `Idempotency-Key`, and the 412 a
 /// stale `If-Match` answers.
 fn conditional_write(op: &mut Operation) {
-    let header = |name: &str, pattern: &str, description: &str| {
+    let header = |name: &str, pattern: &str, example: &str, description: &str| {
         ParameterBuilder::new()
             .name(name)
             .parameter_in(ParameterIn::Header)
@@ -258,22 +258,26 @@ fn conditional_write(op: &mut Operation) {
                     .schema_type(Type::String)
                     .pattern(Some(pattern)),
             ))
+            .example(Some(example.into()))
             .build()
     };
     let params = op.parameters.get_or_insert_with(Vec::new);
     params.push(header(
         "If-Match",
-        r#"^"[1-9][0-9]{0,17}"$"#,
-        "Write only if the allocation is at this version (its ETag, quoted); a stale one answers 412",
+        r#"^("[1-9][0-9]{0,17}")?$"#,
+        r#""7""#,
+        "Write only if the allocation is at this version (its ETag, quoted); a stale one answers 412, and so does an empty one, which names no version (RFC 9110 §13.1.1)",
     ));
     params.push(header(
         "If-None-Match",
-        r"^\*$",
-        "`*`: write only if the allocation does not exist yet",
+        r"^\*?$",
+        "*",
+        "`*`: write only if the allocation does not exist yet; empty: no condition",
     ));
     params.push(header(
         "Idempotency-Key",
         r"^[\x21-\x7e]{1,255}$",
+        "raise-qa-team-to-10",
         "Names one intent: the same key and request replays the first answer; the same key with another request is 422",
     ));
     op.responses

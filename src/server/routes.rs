@@ -21,7 +21,10 @@ use crate::api::{
 };
 use crate::backend::sqlite::{Principal, Store};
 use crate::backend::{AuditEntry, BackendError, Written};
-use crate::domain::{Allocation, AllocationWrite, Target, unknown_organization, unknown_product};
+use crate::domain::{
+    Allocation, AllocationWrite, Refusal, Target, check_count, check_identifier,
+    unknown_organization, unknown_product,
+};
 
 fn malformed(message: impl Into<String>) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, ProblemType::Malformed, message)
@@ -80,15 +83,48 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
 /// Path parameters whose rejections are problem details.
 pub struct Segments<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Segments<T> {
+impl<S: Send + Sync, T: DeserializeOwned + Names + Send> FromRequestParts<S> for Segments<T> {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
-        Path::<T>::from_request_parts(parts, state)
+        let Path(v) = Path::<T>::from_request_parts(parts, state)
             .await
-            .map(|Path(v)| Segments(v))
-            .map_err(|e| malformed(e.body_text()))
+            .map_err(|e| malformed(e.body_text()))?;
+        v.check().map_err(|r| Problem::refusal(&r))?;
+        Ok(Segments(v))
     }
+}
+
+/// A path whose organization id and product name, if any, are checked
+/// against the one alphabet before anything else: one that breaks it names
+/// nothing the account could have (404, with the rule in the message).
+pub trait Names {
+    fn check(&self) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
+
+impl Names for AccountPath {}
+
+impl Names for ProductPath {
+    fn check(&self) -> Result<(), Refusal> {
+        named(&self.product, unknown_product)
+    }
+}
+
+impl Names for AllocationPath {
+    fn check(&self) -> Result<(), Refusal> {
+        named(&self.organization, unknown_organization)?;
+        named(&self.product, unknown_product)
+    }
+}
+
+fn named(value: &str, unknown: fn(&str) -> Refusal) -> Result<(), Refusal> {
+    check_identifier("the name", value).map_err(|rule| {
+        let mut r = unknown(value);
+        r.message = rule.message;
+        r
+    })
 }
 
 /// Runs a store call off the async threads.
@@ -183,31 +219,68 @@ fn with_etag<T: serde::Serialize>(body: T, version: Option<i64>) -> Response {
     r
 }
 
-/// `If-Match: "7"` -> 7; `If-None-Match: *` -> 0 (must not exist yet).
-fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, String> {
-    if let Some(v) = headers.get(header::IF_MATCH) {
-        let text = v.to_str().unwrap_or_default().trim();
-        // A weak validator never matches for a write (RFC 9110 §13.1.1).
-        let version = text
+/// What a write is conditional on, read from `If-Match` and
+/// `If-None-Match` (RFC 9110 §13.1): a version, "must not exist yet", or
+/// "nothing can match" (an empty `If-Match` lists no version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Condition {
+    None,
+    Version(i64),
+    Absent,
+    NothingMatches,
+}
+
+/// Reads the conditional headers; anything unreadable is malformed (400),
+/// judged before any precondition is (412).
+fn condition(headers: &HeaderMap) -> Result<Condition, String> {
+    let text = |name| {
+        headers
+            .get(name)
+            .map(|v: &HeaderValue| v.to_str().unwrap_or("\u{fffd}").trim().to_string())
+    };
+    let none_match = match text(header::IF_NONE_MATCH).as_deref() {
+        None | Some("") => Condition::None,
+        Some("*") => Condition::Absent,
+        Some(other) => return Err(format!("If-None-Match {other:?}: writes take only *")),
+    };
+    match text(header::IF_MATCH) {
+        None => Ok(none_match),
+        Some(t) if t.is_empty() => Ok(Condition::NothingMatches),
+        Some(t) => t
             .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            .and_then(|t| t.parse::<i64>().ok())
+            .and_then(|v| v.strip_suffix('"'))
+            .and_then(|v| v.parse::<i64>().ok())
             .filter(|v| *v > 0)
+            .map(Condition::Version)
+            // A weak validator never matches for a write (RFC 9110 §13.1.1).
             .ok_or_else(|| {
                 format!(
-                    "If-Match {text:?} is not an ETag of this API (a quoted version, as ETag sends it)"
+                    "If-Match {t:?} is not an ETag of this API (a quoted version, as ETag sends it)"
                 )
-            })?;
-        return Ok(Some(version));
+            }),
     }
-    match headers.get(header::IF_NONE_MATCH) {
-        None => Ok(None),
-        Some(v) if v == "*" => Ok(Some(0)),
-        Some(v) => Err(format!(
-            "If-None-Match {:?}: writes take only *",
-            v.to_str().unwrap_or_default()
-        )),
+}
+
+impl Condition {
+    /// The version the store is to check (0: must not exist), judged once
+    /// the whole request is known to be well-formed; `None` when nothing can
+    /// match (412).
+    fn expected_version(self) -> Option<Option<i64>> {
+        match self {
+            Condition::None => Some(None),
+            Condition::Version(v) => Some(Some(v)),
+            Condition::Absent => Some(Some(0)),
+            Condition::NothingMatches => None,
+        }
     }
+}
+
+fn nothing_matches() -> Problem {
+    Problem::new(
+        StatusCode::PRECONDITION_FAILED,
+        ProblemType::Stale,
+        "If-Match names no version, so none matches; send the ETag you read",
+    )
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
@@ -345,14 +418,17 @@ pub async fn put_allocation(
     headers: HeaderMap,
     Body(body): Body<PutAllocation>,
 ) -> Result<Response, Problem> {
+    let idempotency_key = idempotency_key(&headers).map_err(malformed)?;
+    let condition = condition(&headers).map_err(malformed)?;
+    check_count(body.dedicated).map_err(|r| Problem::refusal(&r))?;
     let write = AllocationWrite {
         organization,
         product,
         target: Target::Count(body.dedicated),
         managed_by: body.managed_by,
         allow_user_displacement: body.allow_user_displacement,
-        expected_version: expected_version(&headers).map_err(malformed)?,
-        idempotency_key: idempotency_key(&headers).map_err(malformed)?,
+        expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
+        idempotency_key,
     };
     written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }
@@ -371,14 +447,16 @@ pub async fn delete_allocation(
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    let idempotency_key = idempotency_key(&headers).map_err(malformed)?;
+    let condition = condition(&headers).map_err(malformed)?;
     let write = AllocationWrite {
         organization,
         product,
         target: Target::Remove,
         managed_by: params.managed_by,
         allow_user_displacement: params.allow_user_displacement.unwrap_or(false),
-        expected_version: expected_version(&headers).map_err(malformed)?,
-        idempotency_key: idempotency_key(&headers).map_err(malformed)?,
+        expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
+        idempotency_key,
     };
     written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what `make check` and `make test` need beyond a Rust toolchain,
+# Go and Python 3, on a fresh Debian machine: rustfmt and clippy, the musl
+# target and musl-gcc for the static binary, and the Python virtualenv
+# module for the contract tools. Debian packages need root (or sudo); what
+# is already there is left alone, so a second run does nothing.
+set -euo pipefail
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else
+    echo "setup.sh: installing Debian packages needs root: $*" >&2
+    return 1
+  fi
+}
+
+packages=()
+command -v musl-gcc >/dev/null 2>&1 || packages+=(musl-tools)
+probe=$(mktemp -d)
+python3 -m venv "$probe/v" >/dev/null 2>&1 || packages+=(python3-venv)
+rm -rf "$probe"
+if ((${#packages[@]})); then
+  echo "setup.sh: installing ${packages[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  installed=$(rustup component list --installed 2>/dev/null || true)
+  for c in rustfmt clippy; do
+    grep -q "^$c" <<<"$installed" || rustup component add "$c" >&2
+  done
+  rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl >&2
+fi
