@@ -271,21 +271,10 @@ impl Step {
     }
 
     fn decide(self, ledger: &mut Ledger, role: Role) -> Change {
-        let from = self.current.as_ref().map_or(0, |a| a.dedicated);
         let mut change = Change {
-            resource: self.resource.clone(),
-            organization: self.write.organization.clone(),
-            product: self.write.product.clone(),
-            from,
             to: self.write.target.count(),
             action: self.action,
-            outcome: Outcome::Unchanged,
-            reason: None,
-            message: String::new(),
-            rehomed: 0,
-            displaced: 0,
-            diff: String::new(),
-            write: None,
+            ..self.decide_nothing()
         };
         if let Some(hold) = &self.hold {
             change.message = format!("not written: {hold}");

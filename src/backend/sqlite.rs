@@ -509,25 +509,18 @@ impl Store {
     ) -> Result<(), BackendError> {
         let err = storage(&self.path);
         self.transaction(true, |tx| {
-            let pool = read_pool(tx, account, product).map_err(&err)?;
-            let org = organization_exists(tx, account, organization).map_err(&err)?;
-            let current = read_allocation(tx, account, organization, product).map_err(&err)?;
-            let seen = Observed {
-                pool: pool.as_ref(),
-                organization_exists: org,
-                allocation: current.as_ref(),
-            };
+            let rows = Rows::read(tx, account, organization, product).map_err(&err)?;
+            let dedicated = rows.allocation.as_ref().map_or(0, |a| a.dedicated);
             let request = Request {
                 organization,
                 product,
-                target: Target::Count(current.as_ref().map_or(0, |a| a.dedicated)),
+                target: Target::Count(dedicated),
                 managed_by: Some(manager),
                 allow_user_displacement: false,
             };
-            if !decide_release(who.role, seen, &request)? {
+            if !decide_release(who.role, rows.seen(), &request)? {
                 return Ok(());
             }
-            let dedicated = current.map_or(0, |a| a.dedicated);
             let revision = next_revision(tx, account).map_err(&err)?;
             tx.execute(
                 "UPDATE allocations SET managed_by = NULL, version = ?4 WHERE account = ?1 AND organization = ?2 AND product = ?3",
@@ -601,19 +594,12 @@ impl Store {
         let err = storage(&self.path);
         self.transaction(true, |tx| {
             require_admin(who.role, "change seats in use")?;
-            let pool = read_pool(tx, account, product).map_err(&err)?;
-            let org = organization_exists(tx, account, organization).map_err(&err)?;
-            let current = read_allocation(tx, account, organization, product).map_err(&err)?;
-            let seen = Observed {
-                pool: pool.as_ref(),
-                organization_exists: org,
-                allocation: current.as_ref(),
-            };
+            let rows = Rows::read(tx, account, organization, product).map_err(&err)?;
             let action = match change {
                 SeatChange::Claim(_) => "claim",
                 SeatChange::Release(_) => "release",
             };
-            let target = decide_seats(seen, organization, product, change)?;
+            let target = decide_seats(rows.seen(), organization, product, change)?;
             let revision = next_revision(tx, account).map_err(&err)?;
             touch_pool(tx, account, product, revision).map_err(&err)?;
             let (from, to) = match target {
@@ -623,7 +609,7 @@ impl Store {
                         params![account, organization, product, in_use, revision],
                     )
                     .map_err(&err)?;
-                    (current.map_or(0, |a| a.in_use), in_use)
+                    (rows.allocation.map_or(0, |a| a.in_use), in_use)
                 }
                 SeatTarget::Shared { shared_in_use } => {
                     tx.execute(
@@ -631,7 +617,7 @@ impl Store {
                         params![account, product, shared_in_use],
                     )
                     .map_err(&err)?;
-                    (pool.map_or(0, |p| p.shared_in_use), shared_in_use)
+                    (rows.pool.map_or(0, |p| p.shared_in_use), shared_in_use)
                 }
             };
             audit(tx, account, who, action, Some((organization, product)), (from, to), (0, 0), None, None)
@@ -795,15 +781,13 @@ fn decide_and_write(
     w: &AllocationWrite,
 ) -> Result<Written, BackendError> {
     let err = |e: rusqlite::Error| BackendError::Unavailable(format!("writing an allocation: {e}"));
-    let pool = read_pool(tx, account, &w.product).map_err(err)?;
-    let org = organization_exists(tx, account, &w.organization).map_err(err)?;
-    let current = read_allocation(tx, account, &w.organization, &w.product).map_err(err)?;
-    let seen = Observed {
-        pool: pool.as_ref(),
-        organization_exists: org,
-        allocation: current.as_ref(),
-    };
-    let effect = decide(who.role, seen, &w.request())?;
+    let rows = Rows::read(tx, account, &w.organization, &w.product).map_err(err)?;
+    let effect = decide(who.role, rows.seen(), &w.request())?;
+    let Rows {
+        pool,
+        allocation: current,
+        ..
+    } = rows;
     if let Some(expected) = w.expected_version {
         let actual = current.as_ref().map_or(0, |a| a.version);
         if expected != actual {
@@ -950,6 +934,37 @@ fn touch_pool(
 fn organization_exists(tx: &Transaction<'_>, account: &str, org: &str) -> rusqlite::Result<bool> {
     tx.prepare_cached("SELECT 1 FROM organizations WHERE account = ?1 AND id = ?2")?
         .exists([account, org])
+}
+
+/// What one request is decided on, read inside its transaction: the
+/// product's pool, whether the organization exists, and the allocation.
+struct Rows {
+    pool: Option<Pool>,
+    organization_exists: bool,
+    allocation: Option<Allocation>,
+}
+
+impl Rows {
+    fn read(
+        tx: &Transaction<'_>,
+        account: &str,
+        org: &str,
+        product: &str,
+    ) -> rusqlite::Result<Rows> {
+        Ok(Rows {
+            pool: read_pool(tx, account, product)?,
+            organization_exists: organization_exists(tx, account, org)?,
+            allocation: read_allocation(tx, account, org, product)?,
+        })
+    }
+
+    fn seen(&self) -> Observed<'_> {
+        Observed {
+            pool: self.pool.as_ref(),
+            organization_exists: self.organization_exists,
+            allocation: self.allocation.as_ref(),
+        }
+    }
 }
 
 fn read_allocation(

@@ -283,6 +283,12 @@ fn nothing_matches() -> Problem {
     )
 }
 
+/// The headers of an allocation write, each readable or malformed (400),
+/// before anything is judged.
+fn write_headers(headers: &HeaderMap) -> Result<(Option<String>, Condition), String> {
+    Ok((idempotency_key(headers)?, condition(headers)?))
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
     match headers.get("idempotency-key") {
         None => Ok(None),
@@ -418,8 +424,7 @@ pub async fn put_allocation(
     headers: HeaderMap,
     Body(body): Body<PutAllocation>,
 ) -> Result<Response, Problem> {
-    let idempotency_key = idempotency_key(&headers).map_err(malformed)?;
-    let condition = condition(&headers).map_err(malformed)?;
+    let (idempotency_key, condition) = write_headers(&headers).map_err(malformed)?;
     check_count(body.dedicated).map_err(|r| Problem::refusal(&r))?;
     let write = AllocationWrite {
         organization,
@@ -447,8 +452,7 @@ pub async fn delete_allocation(
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let idempotency_key = idempotency_key(&headers).map_err(malformed)?;
-    let condition = condition(&headers).map_err(malformed)?;
+    let (idempotency_key, condition) = write_headers(&headers).map_err(malformed)?;
     let write = AllocationWrite {
         organization,
         product,
