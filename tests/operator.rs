@@ -463,6 +463,48 @@ organizations:
         rows,
         "deleting what was never written wrote something"
     );
+
+    // A prune elsewhere revokes x; the next resync writes it again. (The
+    // manifests elsewhere name only spare's allocation, which they adopt.)
+    let other = c.account.write(
+        "elsewhere/spare.yaml",
+        &license_yaml("spare", "spare", "TestOps", 4, ""),
+    );
+    let run = c.account.run(&[
+        "apply",
+        "--prune",
+        "-f",
+        other.parent().unwrap().to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(c.account.allocation("ops", "TestOps"), None, "pruned");
+    wait_for("the resync writes x again", SOON, || {
+        (c.account.allocation("ops", "TestOps") == Some((2, 0))).then_some(())
+    });
+    converged(2, "after a prune elsewhere");
+    let creates = c
+        .account
+        .audit()
+        .iter()
+        .filter(|e| e["organization"] == "ops" && e["action"] == "create")
+        .count();
+    assert_eq!(creates, 4, "every intent written once");
+
+    // A wrong --account is a mistake a person fixes (Stalled, naming the
+    // closest account), not an outage retried forever.
+    let mut c = c;
+    c.operator.kill();
+    c.operator = Operator::start(
+        &c.cp,
+        "typo",
+        &c.account.backend,
+        &["--leader-elect=false", "--account=acmee"],
+    );
+    c.license("wrong-account", "ops", "Studio", 1, "");
+    let o = c.wait("wrong-account", "False", "UnknownAccount");
+    assert_eq!(condition(&o, "Stalled").unwrap()["status"], "True");
+    assert!(condition(&o, "Reconciling").is_none());
+    says(&o, r#"did you mean "acme"?"#);
 }
 
 #[test]
