@@ -5,12 +5,14 @@ BIN := target/release/licensor
 .PHONY: demo test deps test-static check bench bench-operator bench-platform crd
 
 ## Seed the example account into the embedded store (licensor.db) and apply
-## the example manifests, printing the plan, the outcome and the pools.
+## the example manifests, printing the plan, the outcome, the plan afterwards
+## (0 to change) and the pools. tests/cli_output.rs runs the same steps twice.
 demo:
 	$(CARGO) build --release --quiet
 	$(BIN) backend seed -f examples/account.yaml
 	$(BIN) plan -f examples/licenses; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 2 ]
 	$(BIN) apply -f examples/licenses
+	$(BIN) plan -f examples/licenses
 	$(BIN) status
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver

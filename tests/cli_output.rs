@@ -288,6 +288,48 @@ fn validate_reads_directories_recursively_and_skips_other_kinds() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("more.yml:1: skipped ConfigMap"));
 }
 
+/// `make demo`'s steps, twice in a row on one store (the second run
+/// re-seeds): both runs apply everything and end with `0 to change`.
+#[test]
+fn the_demo_twice_ends_in_sync_both_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let step = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("LICENSOR_BACKEND")
+            .env_remove("LICENSOR_ACCOUNT")
+            .env_remove("LICENSOR_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let account = format!("{root}/examples/account.yaml");
+    let licenses = format!("{root}/examples/licenses");
+    for run in ["first", "second"] {
+        assert_eq!(
+            step(&["backend", "seed", "-f", &account]).0,
+            Some(0),
+            "{run}"
+        );
+        assert_eq!(step(&["plan", "-f", &licenses]).0, Some(2), "{run}");
+        let (code, out) = step(&["apply", "-f", &licenses]);
+        assert_eq!(code, Some(0), "{run}: {out}");
+        assert!(out.contains("4 applied, 0 refused"), "{run}: {out}");
+        assert!(!out.contains("replayed"), "{run}: {out}");
+        let (code, out) = step(&["plan", "-f", &licenses]);
+        assert_eq!(code, Some(0), "{run}: {out}");
+        assert!(
+            out.starts_with("Plan against sqlite:licensor.db: 0 to change"),
+            "{run}: {out}"
+        );
+    }
+}
+
 /// A manifest that is a symlink is read (else `--prune` would revoke its
 /// allocation); a byte-order mark is fine; a broken or looping link is an
 /// error naming it.
