@@ -9,7 +9,7 @@ pub mod problem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::{MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
+use crate::domain::{Allocation, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
 
 pub use problem::{Problem, ProblemType};
 
@@ -28,6 +28,39 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error>
             "{n} is not a whole number in range"
         ))),
     }
+}
+
+/// The answer to an accepted allocation write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Written {
+    pub effect: Effect,
+    /// The allocation afterwards; `None` once removed.
+    pub allocation: Option<Allocation>,
+    /// The product's pool afterwards.
+    pub pool: PoolView,
+    /// This answer replays an earlier one for the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// One audited change (R11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time: String,
+    pub actor: String,
+    /// create, increase, decrease, revoke, adopt, orphan, claim, release, total, seed.
+    pub action: String,
+    pub organization: Option<String>,
+    pub product: Option<String>,
+    pub from: i64,
+    pub to: i64,
+    pub rehomed: i64,
+    pub displaced: i64,
+    pub manager: Option<String>,
+    pub idempotency_key: Option<String>,
 }
 
 /// A product's pool, as `GET /products` answers it.

@@ -11,9 +11,11 @@ pub mod sqlite;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use crate::api::{AuditEntry, Written};
+
 use crate::domain::{
-    Allocation, AllocationWrite, Effect, MAX_COUNT, MAX_TOTAL, PoolView, Reason, Refusal,
-    SeatChange, Snapshot, check_identifier,
+    AllocationWrite, MAX_COUNT, MAX_TOTAL, PoolView, Reason, Refusal, SeatChange, Snapshot,
+    check_identifier,
 };
 
 /// A backend location fit to print: credentials in it (the user and
@@ -124,39 +126,6 @@ impl From<Refusal> for BackendError {
     fn from(r: Refusal) -> Self {
         BackendError::Refused(r)
     }
-}
-
-/// The answer to an accepted allocation write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Written {
-    pub effect: Effect,
-    /// The allocation afterwards; `None` once removed.
-    pub allocation: Option<Allocation>,
-    /// The product's pool afterwards.
-    pub pool: PoolView,
-    /// This answer replays an earlier one for the same idempotency key.
-    #[serde(default)]
-    pub replayed: bool,
-}
-
-/// One audited change (R11).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AuditEntry {
-    pub id: i64,
-    pub time: String,
-    pub actor: String,
-    /// create, increase, decrease, revoke, adopt, orphan, claim, release, total, seed.
-    pub action: String,
-    pub organization: Option<String>,
-    pub product: Option<String>,
-    pub from: i64,
-    pub to: i64,
-    pub rehomed: i64,
-    pub displaced: i64,
-    pub manager: Option<String>,
-    pub idempotency_key: Option<String>,
 }
 
 /// An account fixture for `licensor backend seed` (DESIGN §4).
