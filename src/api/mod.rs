@@ -9,7 +9,7 @@ pub mod problem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::{Allocation, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
+use crate::domain::{Action, Allocation, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
 
 pub use problem::{Problem, ProblemType};
 
@@ -51,8 +51,7 @@ pub struct AuditEntry {
     pub id: i64,
     pub time: String,
     pub actor: String,
-    /// create, increase, decrease, revoke, adopt, orphan, claim, release, total, seed.
-    pub action: String,
+    pub action: AuditAction,
     pub organization: Option<String>,
     pub product: Option<String>,
     pub from: i64,
@@ -61,6 +60,82 @@ pub struct AuditEntry {
     pub displaced: i64,
     pub manager: Option<String>,
     pub idempotency_key: Option<String>,
+}
+
+/// What an audited change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditAction {
+    Create,
+    Increase,
+    Decrease,
+    Revoke,
+    /// An unmanaged allocation got a manager, its count unchanged.
+    Adopt,
+    /// A manager gave an allocation up, its count unchanged.
+    Orphan,
+    /// Seats claimed.
+    Claim,
+    /// Seats released.
+    Release,
+    /// A product's total set.
+    Total,
+    /// The account replaced by a fixture.
+    Seed,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 10] = [
+        AuditAction::Create,
+        AuditAction::Increase,
+        AuditAction::Decrease,
+        AuditAction::Revoke,
+        AuditAction::Adopt,
+        AuditAction::Orphan,
+        AuditAction::Claim,
+        AuditAction::Release,
+        AuditAction::Total,
+        AuditAction::Seed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Create => "create",
+            AuditAction::Increase => "increase",
+            AuditAction::Decrease => "decrease",
+            AuditAction::Revoke => "revoke",
+            AuditAction::Adopt => "adopt",
+            AuditAction::Orphan => "orphan",
+            AuditAction::Claim => "claim",
+            AuditAction::Release => "release",
+            AuditAction::Total => "total",
+            AuditAction::Seed => "seed",
+        }
+    }
+
+    /// The action of an accepted allocation change; `None` for a no-op
+    /// (an adoption without a count change is `Adopt`).
+    pub fn of(action: Action, adopted: bool) -> Option<AuditAction> {
+        match action {
+            Action::Create => Some(AuditAction::Create),
+            Action::Increase => Some(AuditAction::Increase),
+            Action::Decrease => Some(AuditAction::Decrease),
+            Action::Revoke => Some(AuditAction::Revoke),
+            Action::Orphan => Some(AuditAction::Orphan),
+            Action::None if adopted => Some(AuditAction::Adopt),
+            Action::None => None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AuditAction> {
+        AuditAction::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A product's pool, as `GET /products` answers it.

@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod sqlite;
+pub mod store;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

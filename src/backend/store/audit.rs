@@ -1,0 +1,73 @@
+//! The audit log (R11): one record per change, written in the change's own
+//! transaction, so a change and its record stand or fall together. Actions
+//! are an enum, so a misspelt one cannot reach the log.
+
+pub use crate::api::AuditAction;
+
+/// One change to record: what, on which allocation or pool, the numbers,
+/// the manager and the idempotency key. The actor and the time are added
+/// when it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord<'a> {
+    pub action: AuditAction,
+    pub organization: Option<&'a str>,
+    pub product: Option<&'a str>,
+    pub from: i64,
+    pub to: i64,
+    pub rehomed: i64,
+    pub displaced: i64,
+    pub manager: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+}
+
+impl<'a> AuditRecord<'a> {
+    /// A record of `action` with no subject and no numbers yet.
+    pub fn new(action: AuditAction) -> Self {
+        AuditRecord {
+            action,
+            organization: None,
+            product: None,
+            from: 0,
+            to: 0,
+            rehomed: 0,
+            displaced: 0,
+            manager: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// A change of one organization's allocation, `from` -> `to`.
+    pub fn allocation(
+        action: AuditAction,
+        organization: &'a str,
+        product: &'a str,
+        (from, to): (i64, i64),
+    ) -> Self {
+        AuditRecord {
+            organization: Some(organization),
+            product: Some(product),
+            from,
+            to,
+            ..AuditRecord::new(action)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Action;
+
+    #[test]
+    fn actions_round_trip_through_their_names() {
+        for a in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(a.as_str()), Some(a));
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
+        assert_eq!(
+            AuditAction::of(Action::None, true),
+            Some(AuditAction::Adopt)
+        );
+        assert_eq!(AuditAction::of(Action::None, false), None);
+    }
+}

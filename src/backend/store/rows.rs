@@ -1,0 +1,285 @@
+//! The storage interface the write pipeline runs on: the rows it reads and
+//! writes inside one transaction, and nothing else. A store implements it
+//! with its own SQL; the rules and their order live in
+//! [`super::pipeline`]. Implemented here for SQLite (`rusqlite`), where a
+//! transaction is `BEGIN IMMEDIATE`, so writers are serialized.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::audit::AuditRecord;
+use crate::backend::BackendError;
+use crate::domain::{Allocation, Observed, Pool};
+
+/// The result of a storage call; its errors are `Unavailable`.
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// The rows of one account, inside one transaction.
+pub trait Storage {
+    fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>>;
+    fn organization_exists(&self, account: &str, organization: &str) -> Result<bool>;
+    fn allocation(
+        &self,
+        account: &str,
+        organization: &str,
+        product: &str,
+    ) -> Result<Option<Allocation>>;
+    /// The next value of the account's sequence: every version and pool
+    /// revision is one, so none ever repeats in the account.
+    fn next_revision(&self, account: &str) -> Result<i64>;
+    /// Writes a pool's total, dedicated, shared-in-use and revision.
+    fn save_pool(&self, account: &str, pool: &Pool) -> Result<()>;
+    /// Inserts or replaces an allocation.
+    fn save_allocation(&self, account: &str, allocation: &Allocation) -> Result<()>;
+    fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()>;
+    fn insert_organization(&self, account: &str, id: &str, name: Option<&str>) -> Result<()>;
+    fn insert_pool(&self, account: &str, pool: &Pool) -> Result<()>;
+    /// Empties an account (its pools, organizations, allocations), creating
+    /// it if new; its sequence, tokens, audit log and keys stay.
+    fn clear_account(&self, account: &str) -> Result<()>;
+    fn insert_audit(&self, account: &str, actor: &str, record: &AuditRecord<'_>) -> Result<()>;
+    /// The request hash and stored answer of an idempotency key.
+    fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>>;
+    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()>;
+}
+
+/// What one request is decided on, read inside its transaction: the
+/// product's pool, whether the organization exists, and the allocation.
+pub struct Observation {
+    pub pool: Option<Pool>,
+    pub organization_exists: bool,
+    pub allocation: Option<Allocation>,
+}
+
+impl Observation {
+    pub fn read<S: Storage + ?Sized>(
+        s: &S,
+        account: &str,
+        organization: &str,
+        product: &str,
+    ) -> Result<Observation> {
+        Ok(Observation {
+            // The pool first: a store that locks rows locks the pool here,
+            // which serializes the writers of one product.
+            pool: s.pool(account, product)?,
+            organization_exists: s.organization_exists(account, organization)?,
+            allocation: s.allocation(account, organization, product)?,
+        })
+    }
+
+    pub fn seen(&self) -> Observed<'_> {
+        Observed {
+            pool: self.pool.as_ref(),
+            organization_exists: self.organization_exists,
+            allocation: self.allocation.as_ref(),
+        }
+    }
+}
+
+fn failed(e: rusqlite::Error) -> BackendError {
+    BackendError::Unavailable(format!("the store: {e}"))
+}
+
+/// A pool from the columns name, total, dedicated, shared_in_use, revision.
+pub fn pool_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pool> {
+    Ok(Pool {
+        product: r.get(0)?,
+        total: r.get(1)?,
+        dedicated: r.get(2)?,
+        shared_in_use: r.get(3)?,
+        revision: r.get(4)?,
+    })
+}
+
+/// An allocation from the columns organization, product, dedicated,
+/// in_use, managed_by, version.
+pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
+    Ok(Allocation {
+        organization: r.get(0)?,
+        product: r.get(1)?,
+        dedicated: r.get(2)?,
+        in_use: r.get(3)?,
+        managed_by: r.get(4)?,
+        version: r.get(5)?,
+    })
+}
+
+/// Now, as stored in the audit log and the key table.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Storage for Transaction<'_> {
+    fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
+        self.prepare_cached(
+            "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 AND name = ?2",
+        )
+        .and_then(|mut s| s.query_row([account, product], pool_row).optional())
+        .map_err(failed)
+    }
+
+    fn organization_exists(&self, account: &str, organization: &str) -> Result<bool> {
+        self.prepare_cached("SELECT 1 FROM organizations WHERE account = ?1 AND id = ?2")
+            .and_then(|mut s| s.exists([account, organization]))
+            .map_err(failed)
+    }
+
+    fn allocation(
+        &self,
+        account: &str,
+        organization: &str,
+        product: &str,
+    ) -> Result<Option<Allocation>> {
+        self.prepare_cached(
+            "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
+             WHERE account = ?1 AND organization = ?2 AND product = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row([account, organization, product], allocation_row)
+                .optional()
+        })
+        .map_err(failed)
+    }
+
+    fn next_revision(&self, account: &str) -> Result<i64> {
+        self.prepare_cached(
+            "UPDATE accounts SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+        )
+        .and_then(|mut s| s.query_row([account], |r| r.get(0)))
+        .map_err(failed)
+    }
+
+    fn save_pool(&self, account: &str, p: &Pool) -> Result<()> {
+        self.prepare_cached(
+            "UPDATE products SET total = ?3, dedicated = ?4, shared_in_use = ?5, revision = ?6
+             WHERE account = ?1 AND name = ?2",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                account,
+                p.product,
+                p.total,
+                p.dedicated,
+                p.shared_in_use,
+                p.revision
+            ])
+        })
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
+        self.prepare_cached(
+            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (account, organization, product) DO UPDATE SET
+               dedicated = excluded.dedicated, in_use = excluded.in_use,
+               managed_by = excluded.managed_by, version = excluded.version",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                account,
+                a.organization,
+                a.product,
+                a.dedicated,
+                a.in_use,
+                a.managed_by,
+                a.version
+            ])
+        })
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()> {
+        self.prepare_cached(
+            "DELETE FROM allocations WHERE account = ?1 AND organization = ?2 AND product = ?3",
+        )
+        .and_then(|mut s| s.execute(params![account, organization, product]))
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn insert_organization(&self, account: &str, id: &str, name: Option<&str>) -> Result<()> {
+        self.prepare_cached("INSERT INTO organizations (account, id, name) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![account, id, name]))
+            .map(drop)
+            .map_err(failed)
+    }
+
+    fn insert_pool(&self, account: &str, p: &Pool) -> Result<()> {
+        self.prepare_cached(
+            "INSERT INTO products (account, name, total, shared_in_use, dedicated, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                account,
+                p.product,
+                p.total,
+                p.shared_in_use,
+                p.dedicated,
+                p.revision
+            ])
+        })
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn clear_account(&self, account: &str) -> Result<()> {
+        for table in ["allocations", "organizations", "products"] {
+            self.execute(
+                &format!("DELETE FROM {table} WHERE account = ?1"),
+                [account],
+            )
+            .map_err(failed)?;
+        }
+        self.execute("INSERT OR IGNORE INTO accounts (id) VALUES (?1)", [account])
+            .map(drop)
+            .map_err(failed)
+    }
+
+    fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
+        self.prepare_cached(
+            "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                account,
+                now(),
+                actor,
+                r.action.as_str(),
+                r.organization,
+                r.product,
+                r.from,
+                r.to,
+                r.rehomed,
+                r.displaced,
+                r.manager,
+                r.idempotency_key
+            ])
+        })
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>> {
+        self.prepare_cached(
+            "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row([account, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(failed)
+    }
+
+    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()> {
+        self.prepare_cached(
+            "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .and_then(|mut s| s.execute(params![account, key, request_hash, answer, now()]))
+        .map(drop)
+        .map_err(failed)
+    }
+}
