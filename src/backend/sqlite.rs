@@ -74,7 +74,7 @@ impl SqliteBackend {
 #[async_trait]
 impl Backend for SqliteBackend {
     fn location(&self) -> String {
-        format!("sqlite:{}", self.store.path().display())
+        format!("sqlite:{}", self.store.location())
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BackendError> {

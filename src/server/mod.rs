@@ -280,7 +280,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
 /// Serves until SIGTERM or ctrl-c, then finishes requests in flight.
 pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, store = %store.path().display(), "serving the license platform API");
+    tracing::info!(address = %listener.local_addr()?, store = %store.location(), "serving the license platform API");
     let expiry = store.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(3600));

@@ -17,17 +17,17 @@ pub mod pipeline;
 pub mod rows;
 pub mod schema;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::{AuditEntry, BackendError, Fixture, Written};
 use crate::domain::{
-    Allocation, AllocationWrite, Pool, Reason, Refusal, Role, SeatChange, Snapshot, did_you_mean,
+    AllocationWrite, Pool, Reason, Refusal, Role, SeatChange, Snapshot, did_you_mean,
 };
 use pipeline::hash;
-use rows::{allocation_row, now, pool_row};
+use rows::Storage;
 
 /// Who is acting on the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +48,16 @@ impl Principal {
     }
 }
 
-/// The SQLite file and its transaction functions.
+/// A license store and its transaction functions.
 pub struct Store {
-    conn: Mutex<Connection>,
-    path: PathBuf,
+    db: Db,
+    /// Where it is, for messages (a path; never credentials).
+    location: String,
+}
+
+/// The database behind a store.
+enum Db {
+    Sqlite(Mutex<Connection>),
 }
 
 fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
@@ -102,44 +108,57 @@ impl Store {
             .map_err(&err)?;
         schema::migrate(&mut conn, path)?;
         Ok(Store {
-            conn: Mutex::new(conn),
-            path: path.to_path_buf(),
+            db: Db::Sqlite(Mutex::new(conn)),
+            location: path.display().to_string(),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the store is, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
-    fn with<T>(
+    fn failed(&self) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
+        move |e| BackendError::Unavailable(format!("{}: {e}", self.location))
+    }
+
+    /// Runs `f` on the store outside a write transaction (reads).
+    fn read<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, BackendError>,
+        f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
-        f(&mut conn)
+        match &self.db {
+            Db::Sqlite(conn) => {
+                let conn = conn
+                    .lock()
+                    .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+                f(&*conn)
+            }
+        }
     }
 
-    /// Runs `f` in one immediate transaction, committed only on success
-    /// and when `commit` (a dry run is rolled back).
+    /// Runs `f` in one write transaction, committed only on success and
+    /// when `commit` (a dry run is rolled back).
     fn transaction<T>(
         &self,
         commit: bool,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, BackendError>,
+        f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let err = storage(&self.path);
-        self.with(|conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(&err)?;
-            let out = f(&tx)?;
-            if commit {
-                tx.commit().map_err(&err)?;
+        match &self.db {
+            Db::Sqlite(conn) => {
+                let mut conn = conn
+                    .lock()
+                    .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(self.failed())?;
+                let out = f(&*tx)?;
+                if commit {
+                    tx.commit().map_err(self.failed())?;
+                }
+                Ok(out)
             }
-            Ok(out)
-        })
+        }
     }
 
     /// Decides and applies one allocation write ([`pipeline::write`]); with
@@ -213,34 +232,26 @@ impl Store {
         })
     }
 
-    /// Account ids in the file.
+    /// Account ids in the store.
     pub fn accounts(&self) -> Result<Vec<String>, BackendError> {
-        let err = storage(&self.path);
-        self.with(|conn| {
-            let mut stmt = conn
-                .prepare("SELECT id FROM accounts ORDER BY id")
-                .map_err(&err)?;
-            let rows = stmt.query_map([], |r| r.get(0)).map_err(&err)?;
-            rows.collect::<Result<_, _>>().map_err(&err)
-        })
+        self.read(|s| s.accounts())
     }
 
-    /// The account to use: the one named, or the only one in the file.
+    /// The account to use: the one named, or the only one in the store.
     pub fn resolve_account(&self, named: Option<&str>) -> Result<String, BackendError> {
         let accounts = self.accounts()?;
+        let at = &self.location;
         match named {
             Some(a) if accounts.iter().any(|x| x == a) => Ok(a.to_string()),
             // A store that holds no account yet is waiting to be seeded;
             // one that holds others was given a wrong name: a person fixes it.
             Some(a) if accounts.is_empty() => Err(BackendError::Unavailable(format!(
-                "{}: holds no account yet; load {a:?} with `licensor backend seed -f FIXTURE`",
-                self.path.display()
+                "{at}: holds no account yet; load {a:?} with `licensor backend seed -f FIXTURE`"
             ))),
             Some(a) => Err(Refusal::new(
                 Reason::UnknownAccount,
                 format!(
-                    "{} has no account {a:?}{} (accounts: {}); check --account",
-                    self.path.display(),
+                    "{at} has no account {a:?}{} (accounts: {}); check --account",
                     did_you_mean(a, accounts.iter().map(String::as_str)),
                     accounts.join(", ")
                 ),
@@ -249,12 +260,10 @@ impl Store {
             None => match accounts.as_slice() {
                 [one] => Ok(one.clone()),
                 [] => Err(BackendError::Unavailable(format!(
-                    "{}: holds no account yet; load one with `licensor backend seed -f FIXTURE`",
-                    self.path.display()
+                    "{at}: holds no account yet; load one with `licensor backend seed -f FIXTURE`"
                 ))),
                 many => Err(BackendError::Unavailable(format!(
-                    "{}: holds several accounts ({}); choose one with --account",
-                    self.path.display(),
+                    "{at}: holds several accounts ({}); choose one with --account",
                     many.join(", ")
                 ))),
             },
@@ -263,17 +272,7 @@ impl Store {
 
     /// Maps a bearer token to its principal; only the hash is stored.
     pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
-        let err = storage(&self.path);
-        let found: Option<(String, String, String)> = self.with(|conn| {
-            conn.query_row(
-                "SELECT account, role, name FROM tokens WHERE hash = ?1",
-                [hash(token)],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(&err)
-        })?;
-        match found {
+        match self.read(|s| s.token(&hash(token)))? {
             Some((a, role, name)) if a == account => Ok(Principal {
                 actor: format!("token:{name}"),
                 role: Role::parse(&role).unwrap_or(Role::Viewer),
@@ -295,67 +294,22 @@ impl Store {
         getrandom::fill(&mut bytes)
             .map_err(|e| BackendError::Unavailable(format!("no randomness: {e}")))?;
         let token = format!("lsr_{}", hex::encode(bytes));
-        let err = storage(&self.path);
-        self.transaction(true, |tx| {
-            tx.execute(
-                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![hash(&token), account, role.as_str(), name, now()],
-            )
-            .map_err(&err)?;
-            Ok(())
+        self.transaction(true, |s| {
+            s.insert_token(&hash(&token), account, role.as_str(), name)
         })?;
         Ok(token)
     }
 
     /// Forgets idempotency keys older than `age`; they are kept at least that long.
     pub fn expire_idempotency_keys(&self, age: chrono::Duration) -> Result<usize, BackendError> {
-        let err = storage(&self.path);
         let cutoff =
             (chrono::Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        self.transaction(true, |tx| {
-            tx.execute("DELETE FROM idempotency WHERE created_at < ?1", [cutoff])
-                .map_err(&err)
-        })
+        self.transaction(true, |s| s.expire_keys(&cutoff))
     }
 
     /// Pools, organizations and allocations of one account.
     pub fn snapshot(&self, account: &str) -> Result<Snapshot, BackendError> {
-        let err = storage(&self.path);
-        self.with(|conn| {
-            let tx = conn.transaction().map_err(&err)?;
-            let pools = {
-                let mut s = tx
-                    .prepare_cached("SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 ORDER BY name")
-                    .map_err(&err)?;
-                s.query_map([account], pool_row)
-                .map_err(&err)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(&err)?
-            };
-            let organizations = {
-                let mut s = tx
-                    .prepare_cached("SELECT id FROM organizations WHERE account = ?1 ORDER BY id")
-                    .map_err(&err)?;
-                s.query_map([account], |r| r.get(0))
-                    .map_err(&err)?
-                    .collect::<Result<Vec<String>, _>>()
-                    .map_err(&err)?
-            };
-            let allocations = {
-                let mut s = tx
-                    .prepare_cached("SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = ?1 ORDER BY organization, product")
-                    .map_err(&err)?;
-                s.query_map([account], allocation_row)
-                    .map_err(&err)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(&err)?
-            };
-            Ok(Snapshot {
-                pools,
-                organizations,
-                allocations,
-            })
-        })
+        self.read(|s| s.snapshot(account))
     }
 
     /// The part of the account one allocation is decided on: its product's
@@ -366,89 +320,11 @@ impl Store {
         organization: &str,
         product: &str,
     ) -> Result<Snapshot, BackendError> {
-        let err = storage(&self.path);
-        // One statement, so one consistent read without a transaction: this
-        // is the hot path of the operator and of `GET .../allocations/{product}`.
-        self.with(|conn| {
-            let mut s = conn
-                .prepare_cached(
-                    "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
-                            EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
-                            a.dedicated, a.in_use, a.managed_by, a.version
-                     FROM (SELECT 1)
-                     LEFT JOIN products p ON p.account = ?1 AND p.name = ?3
-                     LEFT JOIN allocations a ON a.account = ?1 AND a.organization = ?2 AND a.product = ?3",
-                )
-                .map_err(&err)?;
-            s.query_row(params![account, organization, product], |r| {
-                let pool = match r.get::<_, Option<String>>(0)? {
-                    Some(_) => Some(pool_row(r)?),
-                    None => None,
-                };
-                let allocation = match r.get::<_, Option<i64>>(6)? {
-                    Some(dedicated) => Some(Allocation {
-                        organization: organization.to_string(),
-                        product: product.to_string(),
-                        dedicated,
-                        in_use: r.get(7)?,
-                        managed_by: r.get(8)?,
-                        version: r.get(9)?,
-                    }),
-                    None => None,
-                };
-                Ok(Snapshot {
-                    pools: pool.into_iter().collect(),
-                    organizations: r
-                        .get::<_, bool>(5)?
-                        .then(|| organization.to_string())
-                        .into_iter()
-                        .collect(),
-                    allocations: allocation.into_iter().collect(),
-                })
-            })
-            .map_err(&err)
-        })
+        self.read(|s| s.observe(account, organization, product))
     }
 
     /// The audit log of one account, oldest first.
     pub fn audit(&self, account: &str) -> Result<Vec<AuditEntry>, BackendError> {
-        let err = storage(&self.path);
-        self.with(|conn| {
-            let mut s = conn
-                .prepare(
-                    "SELECT id, time, actor, action, organization, product, from_count, to_count,
-                            rehomed, displaced, manager, idempotency_key
-                     FROM audit WHERE account = ?1 ORDER BY id",
-                )
-                .map_err(&err)?;
-            s.query_map([account], |r| {
-                Ok(AuditEntry {
-                    id: r.get(0)?,
-                    time: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: {
-                        let text: String = r.get(3)?;
-                        audit::AuditAction::parse(&text).ok_or_else(|| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                3,
-                                rusqlite::types::Type::Text,
-                                format!("unknown audit action {text:?}").into(),
-                            )
-                        })?
-                    },
-                    organization: r.get(4)?,
-                    product: r.get(5)?,
-                    from: r.get(6)?,
-                    to: r.get(7)?,
-                    rehomed: r.get(8)?,
-                    displaced: r.get(9)?,
-                    manager: r.get(10)?,
-                    idempotency_key: r.get(11)?,
-                })
-            })
-            .map_err(&err)?
-            .collect::<Result<_, _>>()
-            .map_err(&err)
-        })
+        self.read(|s| s.audit_entries(account))
     }
 }

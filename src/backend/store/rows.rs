@@ -4,11 +4,11 @@
 //! [`super::pipeline`]. Implemented here for SQLite (`rusqlite`), where a
 //! transaction is `BEGIN IMMEDIATE`, so writers are serialized.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use super::audit::AuditRecord;
-use crate::backend::BackendError;
-use crate::domain::{Allocation, Observed, Pool};
+use super::audit::{AuditAction, AuditRecord};
+use crate::backend::{AuditEntry, BackendError};
+use crate::domain::{Allocation, Observed, Pool, Snapshot};
 
 /// The result of a storage call; its errors are `Unavailable`.
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -40,6 +40,33 @@ pub trait Storage {
     /// The request hash and stored answer of an idempotency key.
     fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>>;
     fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()>;
+
+    // Reads and housekeeping.
+
+    /// Account ids, sorted.
+    fn accounts(&self) -> Result<Vec<String>>;
+    /// The account, role and name of a token, by its hash.
+    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>>;
+    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()>;
+    /// Forgets idempotency keys created before `cutoff` (RFC 3339).
+    fn expire_keys(&self, cutoff: &str) -> Result<usize>;
+    /// Pools, organizations and allocations of one account, sorted.
+    fn snapshot(&self, account: &str) -> Result<Snapshot>;
+    /// The part of the account one allocation is decided on.
+    fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
+        let seen = Observation::read(self, account, organization, product)?;
+        Ok(Snapshot {
+            pools: seen.pool.into_iter().collect(),
+            organizations: seen
+                .organization_exists
+                .then(|| organization.to_string())
+                .into_iter()
+                .collect(),
+            allocations: seen.allocation.into_iter().collect(),
+        })
+    }
+    /// The audit log of one account, oldest first.
+    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>>;
 }
 
 /// What one request is decided on, read inside its transaction: the
@@ -108,7 +135,9 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-impl Storage for Transaction<'_> {
+/// SQLite: a `Transaction` derefs to its `Connection`, so the write
+/// pipeline runs on this inside `BEGIN IMMEDIATE`, and reads outside one.
+impl Storage for Connection {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
         self.prepare_cached(
             "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 AND name = ?2",
@@ -280,6 +309,136 @@ impl Storage for Transaction<'_> {
         )
         .and_then(|mut s| s.execute(params![account, key, request_hash, answer, now()]))
         .map(drop)
+        .map_err(failed)
+    }
+
+    fn accounts(&self) -> Result<Vec<String>> {
+        self.prepare_cached("SELECT id FROM accounts ORDER BY id")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(failed)
+    }
+
+    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
+        self.prepare_cached("SELECT account, role, name FROM tokens WHERE hash = ?1")
+            .and_then(|mut s| {
+                s.query_row([hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(failed)
+    }
+
+    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()> {
+        self.execute(
+            "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, account, role, name, now()],
+        )
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn expire_keys(&self, cutoff: &str) -> Result<usize> {
+        self.execute("DELETE FROM idempotency WHERE created_at < ?1", [cutoff])
+            .map_err(failed)
+    }
+
+    fn snapshot(&self, account: &str) -> Result<Snapshot> {
+        let pools = self
+            .prepare_cached(
+                "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 ORDER BY name",
+            )
+            .and_then(|mut s| s.query_map([account], pool_row)?.collect())
+            .map_err(failed)?;
+        let organizations = self
+            .prepare_cached("SELECT id FROM organizations WHERE account = ?1 ORDER BY id")
+            .and_then(|mut s| s.query_map([account], |r| r.get(0))?.collect())
+            .map_err(failed)?;
+        let allocations = self
+            .prepare_cached(
+                "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = ?1 ORDER BY organization, product",
+            )
+            .and_then(|mut s| s.query_map([account], allocation_row)?.collect())
+            .map_err(failed)?;
+        Ok(Snapshot {
+            pools,
+            organizations,
+            allocations,
+        })
+    }
+
+    // One statement, so one consistent read without a transaction: this is
+    // the hot path of the operator and of `GET .../allocations/{product}`.
+    fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
+        self.prepare_cached(
+            "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
+                    EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
+                    a.dedicated, a.in_use, a.managed_by, a.version
+             FROM (SELECT 1)
+             LEFT JOIN products p ON p.account = ?1 AND p.name = ?3
+             LEFT JOIN allocations a ON a.account = ?1 AND a.organization = ?2 AND a.product = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![account, organization, product], |r| {
+                let pool = match r.get::<_, Option<String>>(0)? {
+                    Some(_) => Some(pool_row(r)?),
+                    None => None,
+                };
+                let allocation = match r.get::<_, Option<i64>>(6)? {
+                    Some(dedicated) => Some(Allocation {
+                        organization: organization.to_string(),
+                        product: product.to_string(),
+                        dedicated,
+                        in_use: r.get(7)?,
+                        managed_by: r.get(8)?,
+                        version: r.get(9)?,
+                    }),
+                    None => None,
+                };
+                Ok(Snapshot {
+                    pools: pool.into_iter().collect(),
+                    organizations: r
+                        .get::<_, bool>(5)?
+                        .then(|| organization.to_string())
+                        .into_iter()
+                        .collect(),
+                    allocations: allocation.into_iter().collect(),
+                })
+            })
+        })
+        .map_err(failed)
+    }
+
+    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>> {
+        self.prepare_cached(
+            "SELECT id, time, actor, action, organization, product, from_count, to_count,
+                    rehomed, displaced, manager, idempotency_key
+             FROM audit WHERE account = ?1 ORDER BY id",
+        )
+        .and_then(|mut s| {
+            s.query_map([account], |r| {
+                let action: String = r.get(3)?;
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    time: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: AuditAction::parse(&action).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            3,
+                            rusqlite::types::Type::Text,
+                            format!("unknown audit action {action:?}").into(),
+                        )
+                    })?,
+                    organization: r.get(4)?,
+                    product: r.get(5)?,
+                    from: r.get(6)?,
+                    to: r.get(7)?,
+                    rehomed: r.get(8)?,
+                    displaced: r.get(9)?,
+                    manager: r.get(10)?,
+                    idempotency_key: r.get(11)?,
+                })
+            })?
+            .collect()
+        })
         .map_err(failed)
     }
 }
