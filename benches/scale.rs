@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use licensor::apply::execute;
 use licensor::backend::Backend;
-use licensor::backend::sqlite::SqliteBackend;
+use licensor::backend::local::StoreBackend;
 use licensor::cli::desired;
 use licensor::domain::Role;
 use licensor::manifest;
@@ -114,7 +114,7 @@ fn main() {
     // In process: the library phases.
     seed(&db, &fixture_path);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let backend = SqliteBackend::open(&db, true, None, None).unwrap();
+    let backend = StoreBackend::open(&db, true, None, None).unwrap();
     let t = Instant::now();
     let loaded = manifest::load(std::slice::from_ref(&dir));
     let load = t.elapsed();

@@ -1,7 +1,7 @@
 //! Property tests of the rules: random sequences of operations on the
 //! in-memory ledger, and the same sequences on a real SQLite file.
 
-use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{
     AllocationWrite, Ledger, Pool, Request, Role, SeatChange, Snapshot, Target,

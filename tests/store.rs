@@ -1,7 +1,7 @@
 //! The embedded store's own guarantees: migrations, idempotency keys,
 //! optimistic concurrency and dry runs, on a real SQLite file.
 
-use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{AllocationWrite, Target};
 
@@ -107,7 +107,7 @@ fn reopening_a_migrated_file_keeps_its_data() {
 
 #[test]
 fn idempotency_keys_are_kept_a_day_then_forgotten() {
-    use licensor::backend::sqlite::{Principal, Store};
+    use licensor::backend::store::{Principal, Store};
     use licensor::domain::{AllocationWrite, Target};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.db")).unwrap();
@@ -151,7 +151,7 @@ fn idempotency_keys_are_kept_a_day_then_forgotten() {
 
 #[test]
 fn observing_one_allocation_reads_its_pool_organization_and_row() {
-    use licensor::backend::sqlite::{Principal, Store};
+    use licensor::backend::store::{Principal, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.db")).unwrap();
     let fixture: licensor::backend::Fixture = serde_yaml::from_str(

@@ -5,7 +5,7 @@
 //! never writes a retry twice, and never accepts a version from before the
 //! allocation last changed.
 
-use licensor::backend::sqlite::{Principal, Store};
+use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture, Written};
 use licensor::domain::{AllocationWrite, Role};
 use licensor::plan::{Desired, Options, Outcome, plan, plan_removal};

@@ -1,12 +1,12 @@
 //! The license backend: one trait, two implementations.
 //!
-//! [`sqlite::SqliteBackend`] is the embedded store (the default); the HTTP
+//! [`local::StoreBackend`] is the embedded store (the default); the HTTP
 //! client for a remote license platform implements the same trait. Every
 //! write is decided again by the backend, atomically, with the rules of
 //! [`crate::domain`]; a refusal leaves the backend exactly as it was.
 
 pub mod http;
-pub mod sqlite;
+pub mod local;
 pub mod store;
 
 use async_trait::async_trait;

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::http::{HttpBackend, Retry};
-use crate::backend::sqlite::SqliteBackend;
+use crate::backend::local::StoreBackend;
 use crate::backend::{Backend, redact};
 use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
@@ -192,9 +192,33 @@ pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String
     if g.backend.starts_with("sqlite:") {
         let path = sqlite_path(g)?;
         let create = store == Store::Create;
-        let backend = SqliteBackend::open(&path, create, g.account.as_deref(), token.as_deref())
+        let backend = StoreBackend::open(&path, create, g.account.as_deref(), token.as_deref())
             .map_err(|e| e.to_string())?;
         return Ok(Box::new(backend));
+    }
+    if g.backend.starts_with("postgres://")
+        || g.backend.starts_with("postgresql://")
+        || g.backend.starts_with("postgres:")
+    {
+        let url = g
+            .backend
+            .strip_prefix("postgres:")
+            .filter(|u| !u.starts_with("//"))
+            .unwrap_or(&g.backend);
+        let create = store == Store::Create;
+        // The PostgreSQL client blocks on a runtime of its own, so it
+        // connects off this one (its later calls run on blocking threads).
+        let store = std::thread::scope(|s| {
+            s.spawn(|| crate::backend::store::Store::connect(url, create))
+                .join()
+        })
+        .map_err(|_| "connecting to PostgreSQL failed".to_string())?
+        .map_err(|e| e.to_string())?;
+        return Ok(Box::new(StoreBackend::new(
+            store,
+            g.account.as_deref(),
+            token.as_deref(),
+        )));
     }
     if g.backend.starts_with("http://") || g.backend.starts_with("https://") {
         let account = g.account.as_deref().ok_or_else(|| {
@@ -214,7 +238,7 @@ pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String
         return Ok(Box::new(backend));
     }
     Err(format!(
-        "backend {:?} is neither sqlite:PATH nor an http(s):// URL",
+        "backend {:?} is none of sqlite:PATH, postgres://... (or postgres:key=value ...) and an http(s):// URL",
         redact(&g.backend)
     ))
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::operator::{LogFormat, init_logging};
 use super::{FAILED, Global, OK, sqlite_path};
-use crate::backend::sqlite::Store;
+use crate::backend::store::Store;
 use crate::server::{self, Config};
 
 #[derive(Args, Debug)]

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 
 use super::{FAILED, Global, OK, sqlite_path};
-use crate::backend::sqlite::Store;
+use crate::backend::store::Store;
 use crate::domain::Role;
 
 #[derive(Subcommand, Debug)]

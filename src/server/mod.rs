@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
-use crate::backend::sqlite::{Principal, Store};
+use crate::backend::store::{Principal, Store};
 use crate::domain::require_admin;
 
 /// How the server runs.

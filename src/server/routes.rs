@@ -19,7 +19,7 @@ use crate::api::{
     NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation, Release, Seats,
     TotalBody,
 };
-use crate::backend::sqlite::{Principal, Store};
+use crate::backend::store::{Principal, Store};
 use crate::backend::{AuditEntry, BackendError, Written};
 use crate::domain::{
     Allocation, AllocationWrite, Refusal, Target, check_count, check_identifier,

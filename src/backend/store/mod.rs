@@ -14,6 +14,7 @@
 
 pub mod audit;
 pub mod pipeline;
+pub mod postgres;
 pub mod rows;
 pub mod schema;
 
@@ -48,6 +49,10 @@ impl Principal {
     }
 }
 
+fn closed() -> BackendError {
+    BackendError::Unavailable("the PostgreSQL connection is closed".into())
+}
+
 /// A license store and its transaction functions.
 pub struct Store {
     db: Db,
@@ -58,6 +63,24 @@ pub struct Store {
 /// The database behind a store.
 enum Db {
     Sqlite(Mutex<Connection>),
+    /// One connection per process, made again when the server drops it;
+    /// `url` (credentials included) is kept for that and never shown.
+    Postgres {
+        client: Box<Mutex<Option<::postgres::Client>>>,
+        url: String,
+    },
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The PostgreSQL client closes its connection on a runtime of its
+        // own, which cannot run on an async thread: close it off this one.
+        if let Db::Postgres { client, .. } = &mut self.db
+            && let Some(c) = client.get_mut().ok().and_then(Option::take)
+        {
+            let _ = std::thread::spawn(move || drop(c)).join();
+        }
+    }
 }
 
 fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
@@ -113,9 +136,40 @@ impl Store {
         })
     }
 
-    /// Where the store is, for messages.
+    /// Connects to a PostgreSQL store (see [`postgres`]). With `create`,
+    /// its schema is created or migrated; without, a database that holds
+    /// no licensor store is an error and is left as it is.
+    pub fn connect(url: &str, create: bool) -> Result<Store, BackendError> {
+        let location = crate::backend::redact(url);
+        let mut client = postgres::connect(url)?;
+        if !create && !postgres::holds_a_store(&mut client, &location)? {
+            return Err(BackendError::Unavailable(format!(
+                "{location}: no store here; create one with `licensor backend seed -f FIXTURE`"
+            )));
+        }
+        postgres::migrate(&mut client, &location)?;
+        Ok(Store {
+            db: Db::Postgres {
+                client: Box::new(Mutex::new(Some(client))),
+                url: url.to_string(),
+            },
+            location,
+        })
+    }
+
+    /// Where the store is, for messages: a path, or a URL without its
+    /// password.
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// The store as `--backend` names it (`sqlite:PATH`, `postgres://...`),
+    /// without credentials.
+    pub fn describe(&self) -> String {
+        match self.db {
+            Db::Sqlite(_) => format!("sqlite:{}", self.location),
+            Db::Postgres { .. } => self.location.clone(),
+        }
     }
 
     fn failed(&self) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
@@ -133,6 +187,12 @@ impl Store {
                     .lock()
                     .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
                 f(&*conn)
+            }
+            Db::Postgres { client, url } => {
+                let mut guard = self.postgres(client, url)?;
+                let client = guard.as_mut().ok_or_else(closed)?;
+                let tx = client.transaction().map_err(|e| self.unavailable(e))?;
+                f(&postgres::Pg::reads(tx))
             }
         }
     }
@@ -158,7 +218,39 @@ impl Store {
                 }
                 Ok(out)
             }
+            Db::Postgres { client, url } => {
+                let mut guard = self.postgres(client, url)?;
+                let client = guard.as_mut().ok_or_else(closed)?;
+                let tx = client.transaction().map_err(|e| self.unavailable(e))?;
+                let pg = postgres::Pg::writes(tx);
+                let out = f(&pg)?;
+                let tx = pg.into_inner();
+                if commit {
+                    tx.commit().map_err(|e| self.unavailable(e))?;
+                }
+                Ok(out)
+            }
         }
+    }
+
+    /// The PostgreSQL connection, made again if the server closed it (a
+    /// restart): the call in progress when it went fails, the next works.
+    fn postgres<'a>(
+        &self,
+        client: &'a Mutex<Option<::postgres::Client>>,
+        url: &str,
+    ) -> Result<std::sync::MutexGuard<'a, Option<::postgres::Client>>, BackendError> {
+        let mut guard = client
+            .lock()
+            .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+        if guard.as_ref().is_none_or(::postgres::Client::is_closed) {
+            *guard = Some(postgres::connect(url)?);
+        }
+        Ok(guard)
+    }
+
+    fn unavailable(&self, e: ::postgres::Error) -> BackendError {
+        BackendError::Unavailable(format!("{}: {}", self.location, postgres::describe(&e)))
     }
 
     /// Decides and applies one allocation write ([`pipeline::write`]); with

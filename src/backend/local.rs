@@ -1,6 +1,7 @@
-//! The embedded store as a [`Backend`]: [`store::Store`](super::store::Store)
-//! for one account, with the caller's role (a token's, or local access as
-//! the Account Admin), its calls run off the async threads.
+//! A store this process opens itself (the embedded SQLite file, or a
+//! PostgreSQL database) as a [`Backend`]: [`Store`] for one account, with
+//! the caller's role (a token's, or local access as the Account Admin), its
+//! calls run off the async threads.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,16 +12,16 @@ pub use super::store::{Principal, Store};
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::domain::{AllocationWrite, PoolView, Reason, Refusal, SeatChange, Snapshot};
 
-/// The embedded store as a [`Backend`] for one account.
+/// A store as a [`Backend`] for one account.
 #[derive(Clone)]
-pub struct SqliteBackend {
+pub struct StoreBackend {
     store: Arc<Store>,
     account: Option<String>,
     principal: Principal,
     token: Option<String>,
 }
 
-impl SqliteBackend {
+impl StoreBackend {
     /// Opens the file (creating it only with `create`). Without `account`,
     /// the file's only account is used. With a token, its role applies;
     /// without, local access is the admin.
@@ -29,18 +30,23 @@ impl SqliteBackend {
         create: bool,
         account: Option<&str>,
         token: Option<&str>,
-    ) -> Result<SqliteBackend, BackendError> {
+    ) -> Result<StoreBackend, BackendError> {
         let store = if create {
             Store::open(path)?
         } else {
             Store::open_existing(path)?
         };
-        Ok(SqliteBackend {
+        Ok(StoreBackend::new(store, account, token))
+    }
+
+    /// A store already open (PostgreSQL: [`Store::connect`]).
+    pub fn new(store: Store, account: Option<&str>, token: Option<&str>) -> StoreBackend {
+        StoreBackend {
             store: Arc::new(store),
             account: account.map(str::to_string),
             principal: Principal::local(),
             token: token.map(str::to_string),
-        })
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -72,9 +78,9 @@ impl SqliteBackend {
 }
 
 #[async_trait]
-impl Backend for SqliteBackend {
+impl Backend for StoreBackend {
     fn location(&self) -> String {
-        format!("sqlite:{}", self.store.location())
+        self.store.describe()
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BackendError> {
