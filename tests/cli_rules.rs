@@ -1,7 +1,8 @@
 //! Every rule of DESIGN §1 through the CLI, with the documented numbers,
 //! asserting exit codes, JSON output and backend state. One table of cases,
-//! two backends: each case runs on the embedded store and again through
-//! `licensor serve` over HTTP on loopback, with the same expectations.
+//! every backend: each case runs on the embedded store, through `licensor
+//! serve` over HTTP on loopback, and on a real PostgreSQL server over TLS,
+//! with the same expectations.
 
 mod common;
 
@@ -62,7 +63,7 @@ fn documented_scenario_raise_lower_and_revoke(kind: Kind) {
     assert_eq!(revoke["manager"], "default/licenses/qa");
     // Over HTTP the actor is the token's name, never the token.
     let actor = match kind {
-        Kind::Embedded => "local",
+        Kind::Embedded | Kind::Postgres => "local",
         Kind::Http => "token:ci",
     };
     assert_eq!(revoke["actor"], actor);
@@ -424,8 +425,9 @@ fn a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed(kind: Kind) {
     assert_eq!(creates, 3, "three intents, three creates");
 }
 
-/// Runs each case on both backends, as `embedded::<case>` and `http::<case>`.
-macro_rules! on_both_backends {
+/// Runs each case on every backend, as `embedded::<case>`, `http::<case>`
+/// and `postgres::<case>`.
+macro_rules! on_every_backend {
     ($($case:ident),* $(,)?) => {
         mod embedded {
             $(#[test] fn $case() { super::$case(super::Kind::Embedded) })*
@@ -433,10 +435,13 @@ macro_rules! on_both_backends {
         mod http {
             $(#[test] fn $case() { super::$case(super::Kind::Http) })*
         }
+        mod postgres {
+            $(#[test] fn $case() { super::$case(super::Kind::Postgres) })*
+        }
     };
 }
 
-on_both_backends!(
+on_every_backend!(
     documented_scenario_raise_lower_and_revoke,
     over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement,
     only_the_account_admin_may_write,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make check` and `make test` need beyond a Rust toolchain,
 # Go and Python 3, on a fresh Debian machine: rustfmt and clippy, the musl
-# target and musl-gcc for the static binary, and the Python virtualenv
-# module for the contract tools. Debian packages need root (or sudo); what
+# target and musl-gcc for the static binary, the Python virtualenv module
+# for the contract tools, and Debian's PostgreSQL server. Debian packages need root (or sudo); what
 # is already there is left alone, so a second run does nothing.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ as_root() {
 
 packages=()
 command -v musl-gcc >/dev/null 2>&1 || packages+=(musl-tools)
+# The PostgreSQL server the store tests start (as an unprivileged user).
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || packages+=(postgresql)
 probe=$(mktemp -d)
 python3 -m venv "$probe/v" >/dev/null 2>&1 || packages+=(python3-venv)
 rm -rf "$probe"

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, Store, open_backend};
+use super::{FAILED, Format, Global, OK, Open, open_backend};
 use crate::backend::{BackendError, Fixture};
 use crate::domain::SeatChange;
 
@@ -56,8 +56,8 @@ pub async fn run(g: &Global, command: BackendCommand) -> u8 {
 
 async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
     let store = match command {
-        BackendCommand::Seed { .. } => Store::Create,
-        _ => Store::Existing,
+        BackendCommand::Seed { .. } => Open::Create,
+        _ => Open::Existing,
     };
     let backend = open_backend(g, store)?;
     let err = |e: BackendError| e.to_string();

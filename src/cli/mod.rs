@@ -171,49 +171,67 @@ pub fn sqlite_path(g: &Global) -> Result<PathBuf, String> {
     match g.backend.strip_prefix("sqlite:") {
         Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
         _ => Err(format!(
-            "this command needs the embedded store (--backend sqlite:PATH), not {}",
+            "this command needs a store (--backend sqlite:PATH or postgres://...), not {}",
             redact(&g.backend)
         )),
     }
 }
 
-/// Whether a command may create the embedded store.
+/// Whether a command may create the store it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
+pub enum Open {
     /// It owns the store (`backend seed`, `operator`): create it if missing.
     Create,
     /// It reads, or writes into an account that must exist: never create.
     Existing,
 }
 
-/// Opens the backend named by the global options.
-pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String> {
-    let token = token(g)?;
-    if g.backend.starts_with("sqlite:") {
-        let path = sqlite_path(g)?;
-        let create = store == Store::Create;
-        let backend = StoreBackend::open(&path, create, g.account.as_deref(), token.as_deref())
-            .map_err(|e| e.to_string())?;
-        return Ok(Box::new(backend));
-    }
-    if g.backend.starts_with("postgres://")
-        || g.backend.starts_with("postgresql://")
-        || g.backend.starts_with("postgres:")
-    {
+fn is_postgres(backend: &str) -> bool {
+    backend.starts_with("postgres://")
+        || backend.starts_with("postgresql://")
+        || backend.starts_with("postgres:")
+}
+
+/// Opens the store the global options name, for the commands that work on
+/// a store itself (`token create`, `serve`): the embedded file or a
+/// PostgreSQL database (`postgres://...`, or `postgres:` and libpq
+/// `key=value` parameters).
+pub fn open_store(g: &Global, open: Open) -> Result<crate::backend::store::Store, String> {
+    use crate::backend::store::Store as S;
+    let create = open == Open::Create;
+    if is_postgres(&g.backend) {
         let url = g
             .backend
             .strip_prefix("postgres:")
             .filter(|u| !u.starts_with("//"))
             .unwrap_or(&g.backend);
-        let create = store == Store::Create;
         // The PostgreSQL client blocks on a runtime of its own, so it
         // connects off this one (its later calls run on blocking threads).
-        let store = std::thread::scope(|s| {
-            s.spawn(|| crate::backend::store::Store::connect(url, create))
-                .join()
-        })
-        .map_err(|_| "connecting to PostgreSQL failed".to_string())?
-        .map_err(|e| e.to_string())?;
+        return std::thread::scope(|s| s.spawn(|| S::connect(url, create)).join())
+            .map_err(|_| "connecting to PostgreSQL failed".to_string())?
+            .map_err(|e| e.to_string());
+    }
+    let path = sqlite_path(g)?;
+    if create {
+        S::open(&path)
+    } else {
+        S::open_existing(&path)
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Opens the backend named by the global options.
+pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> {
+    let token = token(g)?;
+    if g.backend.starts_with("sqlite:") {
+        let path = sqlite_path(g)?;
+        let create = open == Open::Create;
+        let backend = StoreBackend::open(&path, create, g.account.as_deref(), token.as_deref())
+            .map_err(|e| e.to_string())?;
+        return Ok(Box::new(backend));
+    }
+    if is_postgres(&g.backend) {
+        let store = open_store(g, open)?;
         return Ok(Box::new(StoreBackend::new(
             store,
             g.account.as_deref(),
@@ -245,7 +263,7 @@ pub fn open_backend(g: &Global, store: Store) -> Result<Box<dyn Backend>, String
 
 /// Opens the backend and reads its snapshot.
 pub async fn observe(g: &Global) -> Result<(Box<dyn Backend>, Snapshot), String> {
-    let backend = open_backend(g, Store::Existing)?;
+    let backend = open_backend(g, Open::Existing)?;
     let snapshot = backend.snapshot().await.map_err(|e| e.to_string())?;
     Ok((backend, snapshot))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::{FAILED, Global, OK, Store, open_backend};
+use super::{FAILED, Global, OK, Open, open_backend};
 use crate::operator::reconcile::Settings;
 use crate::operator::webhook::Webhook;
 use crate::operator::{self, Config, Election};
@@ -73,7 +73,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
         eprintln!("error: --lease-duration must be at least 2s");
         return FAILED;
     }
-    let backend = match open_backend(g, Store::Create) {
+    let backend = match open_backend(g, Open::Create) {
         Ok(b) => Arc::from(b),
         Err(e) => {
             tracing::error!("{e}");

@@ -8,8 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::operator::{LogFormat, init_logging};
-use super::{FAILED, Global, OK, sqlite_path};
-use crate::backend::store::Store;
+use super::{FAILED, Global, OK, Open, open_store};
 use crate::server::{self, Config};
 
 #[derive(Args, Debug)]
@@ -33,7 +32,7 @@ pub struct ServeArgs {
 
 pub async fn run(g: &Global, args: &ServeArgs) -> u8 {
     init_logging(args.log_format);
-    let store = match sqlite_path(g).and_then(|p| Store::open(&p).map_err(|e| e.to_string())) {
+    let store = match open_store(g, Open::Create) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!("{e}");

@@ -1,9 +1,9 @@
-//! `licensor token create`: API tokens of the embedded store, stored hashed.
+//! `licensor token create`: API tokens of a store (the embedded file or
+//! PostgreSQL), stored hashed.
 
 use clap::Subcommand;
 
-use super::{FAILED, Global, OK, sqlite_path};
-use crate::backend::store::Store;
+use super::{FAILED, Global, OK, Open, open_store};
 use crate::domain::Role;
 
 #[derive(Subcommand, Debug)]
@@ -21,15 +21,20 @@ pub enum TokenCommand {
 
 pub fn run(g: &Global, command: TokenCommand) -> u8 {
     let TokenCommand::Create { role, name } = command;
-    let result = sqlite_path(g).and_then(|path| {
-        let store = Store::open(&path).map_err(|e| e.to_string())?;
-        let account = store
-            .resolve_account(g.account.as_deref())
-            .map_err(|e| e.to_string())?;
-        let role = Role::parse(&role).unwrap_or(Role::Viewer);
-        store
-            .create_token(&account, role, &name)
-            .map_err(|e| e.to_string())
+    // Store calls block (PostgreSQL's on a runtime of its own): off this one.
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let store = open_store(g, Open::Create)?;
+            let account = store
+                .resolve_account(g.account.as_deref())
+                .map_err(|e| e.to_string())?;
+            let role = Role::parse(&role).unwrap_or(Role::Viewer);
+            store
+                .create_token(&account, role, &name)
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the token could not be created".into()))
     });
     match result {
         Ok(token) => {

@@ -2,6 +2,8 @@
 //! `licensor` binary, as a user would.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -42,15 +44,21 @@ pub enum Kind {
     Embedded,
     /// `licensor serve` over that same file, on a loopback port.
     Http,
+    /// A database of its own on the shared PostgreSQL server, over TLS
+    /// verified against the test CA (`postgres://...?sslmode=verify-full`).
+    Postgres,
 }
 
 pub struct Account {
     pub dir: tempfile::TempDir,
     /// What `--backend` says.
     pub backend: String,
-    /// Environment of every run (the account and token, over HTTP).
+    /// Environment of every run (the account and token, over HTTP; the
+    /// password for PostgreSQL).
     pub env: Vec<(String, String)>,
     db: PathBuf,
+    /// The store itself, as `--backend` names it (the file, or the database).
+    store: String,
     server: Option<std::process::Child>,
 }
 
@@ -74,10 +82,21 @@ impl Account {
     pub fn seeded_on(kind: Kind, fixture: &str) -> Account {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("licensor.db");
+        let (store, env) = match kind {
+            Kind::Postgres => {
+                let pg = postgres::server();
+                (
+                    pg.url(&pg.database()),
+                    vec![("PGPASSWORD".to_string(), pg.password().to_string())],
+                )
+            }
+            Kind::Embedded | Kind::Http => (format!("sqlite:{}", db.display()), Vec::new()),
+        };
         let mut account = Account {
-            backend: format!("sqlite:{}", db.display()),
+            backend: store.clone(),
+            store,
             dir,
-            env: Vec::new(),
+            env,
             db,
             server: None,
         };
@@ -193,9 +212,14 @@ impl Account {
         self.run_on(&self.backend, args)
     }
 
-    /// Runs the CLI on the store file itself, whatever the backend.
+    /// Runs the CLI on the store itself, whatever the backend.
     pub fn run_local(&self, args: &[&str]) -> Run {
-        self.run_on(&format!("sqlite:{}", self.db.display()), args)
+        self.run_on(&self.store, args)
+    }
+
+    /// The store as `--backend` names it.
+    pub fn store(&self) -> &str {
+        &self.store
     }
 
     fn run_on(&self, backend: &str, args: &[&str]) -> Run {
@@ -286,6 +310,9 @@ impl Account {
 
     /// Every row of every table, for "nothing changed" assertions.
     pub fn rows(&self) -> String {
+        if self.store.starts_with("postgres") {
+            return self.postgres_rows();
+        }
         let conn = rusqlite::Connection::open(self.db()).unwrap();
         let mut tables: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -313,6 +340,23 @@ impl Account {
                 .unwrap();
             for row in rows {
                 out.push_str(&format!("{t}: {}\n", row.unwrap().join(" | ")));
+            }
+        }
+        out
+    }
+
+    fn postgres_rows(&self) -> String {
+        let pg = postgres::server();
+        let url = reqwest::Url::parse(&self.store).expect("a postgres URL");
+        let database = url.path().trim_start_matches('/').to_string();
+        let tables = pg.sql(
+            &database,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name",
+        );
+        let mut out = String::new();
+        for t in tables {
+            for row in pg.sql(&database, &format!("SELECT t::text FROM {t} t ORDER BY 1")) {
+                out.push_str(&format!("{t}: {row}\n"));
             }
         }
         out

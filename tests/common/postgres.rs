@@ -1,0 +1,344 @@
+//! A real PostgreSQL server for the tests: Debian's server binaries, run as
+//! an unprivileged user (the server refuses root) on a temporary data
+//! directory and a free loopback port, with TLS on (a CA and a server
+//! certificate made here), password authentication, and one fresh database
+//! per test. One server is shared by every test of a test binary, and it
+//! stops when that process ends. If `LICENSOR_TEST_POSTGRES` names a server
+//! (`postgres://user:password@host:port`), that one is used instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How to reach the shared server.
+pub struct Server {
+    /// `postgres://user@host:port`, without a database or password.
+    base: String,
+    password: String,
+    /// Query parameters for TLS (verify-full against our CA).
+    tls: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A connection URL for `database`, its password left to `PGPASSWORD`.
+    pub fn url(&self, database: &str) -> String {
+        format!("{}/{database}{}", self.base, self.tls)
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// A new, empty database.
+    pub fn database(&self) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        self.sql("postgres", &format!("CREATE DATABASE {name}"));
+        name
+    }
+
+    /// Runs SQL as the server's superuser (a blocking client on a thread
+    /// of its own, so it works from async tests too).
+    pub fn sql(&self, database: &str, sql: &str) -> Vec<String> {
+        let (url, password, sql) = (self.url(database), self.password.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            let mut config: postgres::Config = without_tls_params(&url).parse().unwrap();
+            config.password(password);
+            config.ssl_mode(postgres::config::SslMode::Prefer);
+            let mut client = config
+                .connect(postgres_rustls_any())
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let rows = client
+                .simple_query(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.iter()
+                .filter_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..r.len())
+                            .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                            .collect::<Vec<_>>()
+                            .join(" | "),
+                    ),
+                    _ => None,
+                })
+                .collect()
+        })
+        .join()
+        .expect("the SQL thread")
+    }
+}
+
+fn without_tls_params(url: &str) -> String {
+    url.split('?').next().unwrap_or(url).to_string()
+}
+
+/// A TLS connector for the harness's own admin connection (it trusts the
+/// server it started; the code under test verifies the chain and name).
+fn postgres_rustls_any() -> tokio_postgres_rustls::MakeRustlsConnect {
+    #[derive(Debug)]
+    struct Any(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(Any(provider)))
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// The server shared by this test process, started on first use.
+pub fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var("LICENSOR_TEST_POSTGRES") {
+        Ok(url) => external(&url),
+        Err(_) => start(),
+    })
+}
+
+fn external(url: &str) -> Server {
+    let parsed = reqwest::Url::parse(url).expect("LICENSOR_TEST_POSTGRES is a postgres:// URL");
+    let password = parsed.password().unwrap_or_default().to_string();
+    let mut base = parsed.clone();
+    let _ = base.set_password(None);
+    base.set_path("");
+    base.set_query(None);
+    Server {
+        base: base.to_string().trim_end_matches('/').to_string(),
+        password,
+        tls: "?sslmode=prefer".into(),
+        _dir: None,
+    }
+}
+
+/// Debian's newest installed server binaries.
+fn binaries() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries (Debian package postgresql; make test installs it)")
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|b| b.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("no PostgreSQL server under /usr/lib/postgresql (Debian package postgresql)")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command run as the unprivileged user when the tests run as root
+/// (`setpriv` execs the program itself, so signals reach it directly).
+fn as_server_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--reset-env",
+        ])
+        .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start() -> Server {
+    let bin = binaries();
+    let dir = tempfile::Builder::new()
+        .prefix("licensor-pg")
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    let data = d.join("data");
+    let password = format!("pw{}", std::process::id());
+    std::fs::write(d.join("pw"), &password).unwrap();
+
+    // A CA, and a server certificate it signs for 127.0.0.1 and localhost.
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_path = d.join("ca.crt");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "nobody:nogroup"])
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "chown {}", d.display());
+    }
+    let out = as_server_user(&bin.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "licensor", "--auth=scram-sha-256", "-E", "UTF8"])
+        .args(["--no-sync", "--no-instructions"])
+        .arg(format!("--pwfile={}", d.join("pw").display()))
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(data.join("server.crt"), leaf.pem()).unwrap();
+    std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["nobody:nogroup"])
+            .arg(data.join("server.crt"))
+            .arg(data.join("server.key"))
+            .status()
+            .unwrap();
+    }
+    Command::new("chmod")
+        .arg("600")
+        .arg(data.join("server.key"))
+        .status()
+        .unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let server_cmd = {
+        let c = as_server_user(&bin.join("postgres"));
+        let mut words: Vec<String> = vec![c.get_program().to_string_lossy().into_owned()];
+        words.extend(c.get_args().map(|a| a.to_string_lossy().into_owned()));
+        words.extend(
+            [
+                "-D".into(),
+                data.display().to_string(),
+                "-p".into(),
+                port.to_string(),
+                "-k".into(),
+                d.display().to_string(),
+                "-c".into(),
+                "listen_addresses=127.0.0.1".into(),
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                "fsync=off".into(),
+                "-c".into(),
+                "synchronous_commit=off".into(),
+                "-c".into(),
+                "full_page_writes=off".into(),
+                "-c".into(),
+                "max_connections=300".into(),
+            ],
+        );
+        words
+    };
+    // The server goes when this test process does: a watchdog shell stops
+    // it (fast shutdown) once our process id is gone.
+    let watchdog = format!(
+        "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg",
+        me = std::process::id()
+    );
+    let log = std::fs::File::create(d.join("server.log")).unwrap();
+    // Not waited for: it outlives every test of this process, and ends
+    // with it (above).
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh")
+        .arg("-c")
+        .arg(watchdog)
+        .arg("sh")
+        .args(&server_cmd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start postgres");
+    let server = Server {
+        base: format!("postgres://licensor@127.0.0.1:{port}"),
+        password,
+        tls: format!("?sslmode=verify-full&sslrootcert={}", ca_path.display()),
+        _dir: Some(dir),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "postgres did not start: {}",
+            std::fs::read_to_string(d_log(&server)).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Accepting connections is not yet accepting logins.
+    loop {
+        let ok = std::panic::catch_unwind(|| server.sql("postgres", "SELECT 1")).is_ok();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "postgres does not accept logins");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+fn d_log(s: &Server) -> PathBuf {
+    s._dir
+        .as_ref()
+        .map(|d| d.path().join("server.log"))
+        .unwrap_or_default()
+}
