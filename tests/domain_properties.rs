@@ -1,6 +1,8 @@
 //! Property tests of the rules: random sequences of operations on the
 //! in-memory ledger, and the same sequences on a real SQLite file.
 
+mod common;
+
 use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{
@@ -149,59 +151,109 @@ fn ledger_snapshot(l: &Ledger) -> Snapshot {
     }
 }
 
+/// The store decides exactly as the planner's ledger: the rules are
+/// written once.
+fn store_agrees_with_the_ledger(
+    store: &Store,
+    ops: &[Op],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let admin = Principal::local();
+    let fixture: Fixture = serde_yaml::from_str(
+        "account: acme\nproducts: [{name: TestOps, total: 50}]\norganizations: [{id: a}, {id: b}, {id: c}, {id: d}]\n",
+    ).unwrap();
+    store.seed(&admin, &fixture).unwrap();
+    let mut ledger = start();
+    for op in ops {
+        let expected = apply(&mut ledger, op).is_ok();
+        let got = match op {
+            Op::Set {
+                org,
+                count,
+                allow,
+                manager,
+                role,
+            } => store
+                .write(
+                    "acme",
+                    &Principal {
+                        actor: "t".into(),
+                        role: *role,
+                    },
+                    &AllocationWrite {
+                        organization: ORGS[*org].into(),
+                        product: "TestOps".into(),
+                        target: Target::Count(*count),
+                        managed_by: Some(managers(*manager).into()),
+                        allow_user_displacement: *allow,
+                        expected_version: None,
+                        idempotency_key: None,
+                    },
+                    false,
+                )
+                .map(|_| ()),
+            Op::Remove { org, manager } => store
+                .write(
+                    "acme",
+                    &admin,
+                    &AllocationWrite {
+                        organization: ORGS[*org].into(),
+                        product: "TestOps".into(),
+                        target: Target::Remove,
+                        managed_by: Some(managers(*manager).into()),
+                        allow_user_displacement: true,
+                        expected_version: None,
+                        idempotency_key: None,
+                    },
+                    false,
+                )
+                .map(|_| ()),
+            Op::Total(t) => store.set_total("acme", &admin, "TestOps", *t).map(|_| ()),
+            Op::Claim { org, n } => {
+                store.seats("acme", &admin, ORGS[*org], "TestOps", SeatChange::Claim(*n))
+            }
+            Op::Release { org, n } => store.seats(
+                "acme",
+                &admin,
+                ORGS[*org],
+                "TestOps",
+                SeatChange::Release(*n),
+            ),
+        };
+        prop_assert!(
+            !matches!(got, Err(BackendError::Unavailable(_))),
+            "{:?}",
+            got
+        );
+        prop_assert_eq!(got.is_ok(), expected, "{:?}: store {:?}", op, got);
+        let mut s = store_snapshot(&store);
+        let mut l = ledger_snapshot(&ledger);
+        // Versions count writes differently (seat claims bump the store's).
+        for a in s.allocations.iter_mut().chain(l.allocations.iter_mut()) {
+            a.version = 0;
+        }
+        for p in s.pools.iter_mut().chain(l.pools.iter_mut()) {
+            p.revision = 0;
+        }
+        prop_assert_eq!(s, l);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
-    /// The SQLite store decides exactly as the planner's ledger: the rules
-    /// are written once.
     #[test]
     fn the_sqlite_store_agrees_with_the_ledger(ops in prop::collection::vec(op(), 1..30)) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("l.db")).unwrap();
-        let admin = Principal::local();
-        let fixture: Fixture = serde_yaml::from_str(
-            "account: acme\nproducts: [{name: TestOps, total: 50}]\norganizations: [{id: a}, {id: b}, {id: c}, {id: d}]\n",
-        ).unwrap();
-        store.seed(&admin, &fixture).unwrap();
-        let mut ledger = start();
-        for op in &ops {
-            let expected = apply(&mut ledger, op).is_ok();
-            let got = match op {
-                Op::Set { org, count, allow, manager, role } => store.write("acme", &Principal { actor: "t".into(), role: *role }, &AllocationWrite {
-                    organization: ORGS[*org].into(),
-                    product: "TestOps".into(),
-                    target: Target::Count(*count),
-                    managed_by: Some(managers(*manager).into()),
-                    allow_user_displacement: *allow,
-                    expected_version: None,
-                    idempotency_key: None,
-                }, false).map(|_| ()),
-                Op::Remove { org, manager } => store.write("acme", &admin, &AllocationWrite {
-                    organization: ORGS[*org].into(),
-                    product: "TestOps".into(),
-                    target: Target::Remove,
-                    managed_by: Some(managers(*manager).into()),
-                    allow_user_displacement: true,
-                    expected_version: None,
-                    idempotency_key: None,
-                }, false).map(|_| ()),
-                Op::Total(t) => store.set_total("acme", &admin, "TestOps", *t).map(|_| ()),
-                Op::Claim { org, n } => store.seats("acme", &admin, ORGS[*org], "TestOps", SeatChange::Claim(*n)),
-                Op::Release { org, n } => store.seats("acme", &admin, ORGS[*org], "TestOps", SeatChange::Release(*n)),
-            };
-            prop_assert!(!matches!(got, Err(BackendError::Unavailable(_))), "{:?}", got);
-            prop_assert_eq!(got.is_ok(), expected, "{:?}: store {:?}", op, got);
-            let mut s = store_snapshot(&store);
-            let mut l = ledger_snapshot(&ledger);
-            // Versions count writes differently (seat claims bump the store's).
-            for a in s.allocations.iter_mut().chain(l.allocations.iter_mut()) {
-                a.version = 0;
-            }
-            for p in s.pools.iter_mut().chain(l.pools.iter_mut()) {
-                p.revision = 0;
-            }
-            prop_assert_eq!(s, l);
-        }
+        store_agrees_with_the_ledger(&store, &ops)?;
+    }
+
+    #[test]
+    fn the_postgres_store_agrees_with_the_ledger(ops in prop::collection::vec(op(), 1..30)) {
+        let pg = common::postgres::server();
+        let store = Store::connect(&pg.url_with_password(&pg.database()), true).unwrap();
+        store_agrees_with_the_ledger(&store, &ops)?;
     }
 }
 

@@ -5,6 +5,8 @@
 //! never writes a retry twice, and never accepts a version from before the
 //! allocation last changed.
 
+mod common;
+
 use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture, Written};
 use licensor::domain::{AllocationWrite, Role};
@@ -89,70 +91,123 @@ fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
     (change.outcome == Outcome::Planned).then_some(change.write?)
 }
 
+/// The property, on one store: see the module contract.
+fn never_matches_what_it_did_not_come_from(
+    store: &Store,
+    ops: &[Op],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let admin = Principal::local();
+    let fixture: Fixture = serde_yaml::from_str(FIXTURE).unwrap();
+    store.seed(&admin, &fixture).unwrap();
+    // Every write sent, with the first answer it got.
+    let mut sent: Vec<(AllocationWrite, Result<Written, BackendError>)> = Vec::new();
+    for op in ops {
+        let entries = audit_len(&store);
+        match op {
+            Op::Set { .. } | Op::Delete { .. } => {
+                let Some(write) = planned(&store, op) else {
+                    continue;
+                };
+                let answer = store.write("acme", &admin, &write, false);
+                if let Ok(w) = &answer {
+                    prop_assert!(
+                        !w.replayed,
+                        "{:?}: a new intent was answered as a replay: {:?}",
+                        op,
+                        w
+                    );
+                    prop_assert_eq!(audit_len(&store), entries + 1, "{:?} wrote once", op);
+                }
+                sent.push((write, answer));
+            }
+            Op::Reseed => store.seed(&admin, &fixture).unwrap(),
+            Op::Retry { nth } if !sent.is_empty() => {
+                let (write, first) = sent[nth % sent.len()].clone();
+                let version_before = version(&store, &write);
+                let again = store.write("acme", &admin, &write, false);
+                match (&first, &again) {
+                    (Ok(first), Ok(again)) => {
+                        prop_assert!(
+                            again.replayed,
+                            "a retry of an accepted write was written again: {:?}",
+                            again
+                        );
+                        prop_assert_eq!(&first.effect, &again.effect);
+                        prop_assert_eq!(&first.allocation, &again.allocation);
+                        prop_assert_eq!(audit_len(&store), entries, "a replay wrote");
+                    }
+                    (Ok(_), Err(e)) => {
+                        prop_assert!(false, "a retry of an accepted write failed: {:?}", e)
+                    }
+                    // A refusal is not remembered: the retry is decided afresh
+                    // and still carries its If-Match.
+                    (Err(_), Ok(again)) => {
+                        prop_assert!(!again.replayed);
+                        prop_assert_eq!(
+                            write.expected_version,
+                            Some(version_before),
+                            "a retried refusal was applied against another version"
+                        );
+                    }
+                    (Err(_), Err(_)) => {}
+                }
+            }
+            Op::Resend { nth } if !sent.is_empty() => {
+                let (mut write, _) = sent[nth % sent.len()].clone();
+                // A key never used before, in this store (one database serves many cases).
+                static RESENT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let n = RESENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                write.idempotency_key = Some(format!("resent-{}-{n}", std::process::id()));
+                let current = version(&store, &write);
+                let answer = store.write("acme", &admin, &write, false);
+                if write.expected_version != Some(current) {
+                    prop_assert!(
+                        answer.is_err(),
+                        "If-Match {:?} accepted at version {}: {:?}",
+                        write.expected_version,
+                        current,
+                        answer
+                    );
+                    prop_assert_eq!(audit_len(&store), entries);
+                }
+            }
+            Op::Retry { .. } | Op::Resend { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// One database for every case of the PostgreSQL run; each case re-seeds
+/// the account (the sequence goes on, as it does for a real re-seed).
+fn postgres_store() -> Store {
+    static DATABASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let pg = common::postgres::server();
+    let database = DATABASE.get_or_init(|| pg.database());
+    Store::connect(&pg.url_with_password(database), true).unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn keys_and_versions_never_match_what_they_did_not_come_from(
+    fn on_sqlite_keys_and_versions_never_match_what_they_did_not_come_from(
         ops in prop::collection::vec(op(), 1..40)
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("l.db")).unwrap();
-        let admin = Principal::local();
-        let fixture: Fixture = serde_yaml::from_str(FIXTURE).unwrap();
-        store.seed(&admin, &fixture).unwrap();
-        // Every write sent, with the first answer it got.
-        let mut sent: Vec<(AllocationWrite, Result<Written, BackendError>)> = Vec::new();
-        for (step, op) in ops.iter().enumerate() {
-            let entries = audit_len(&store);
-            match op {
-                Op::Set { .. } | Op::Delete { .. } => {
-                    let Some(write) = planned(&store, op) else { continue };
-                    let answer = store.write("acme", &admin, &write, false);
-                    if let Ok(w) = &answer {
-                        prop_assert!(!w.replayed, "{:?}: a new intent was answered as a replay: {:?}", op, w);
-                        prop_assert_eq!(audit_len(&store), entries + 1, "{:?} wrote once", op);
-                    }
-                    sent.push((write, answer));
-                }
-                Op::Reseed => store.seed(&admin, &fixture).unwrap(),
-                Op::Retry { nth } if !sent.is_empty() => {
-                    let (write, first) = sent[nth % sent.len()].clone();
-                    let version_before = version(&store, &write);
-                    let again = store.write("acme", &admin, &write, false);
-                    match (&first, &again) {
-                        (Ok(first), Ok(again)) => {
-                            prop_assert!(again.replayed, "a retry of an accepted write was written again: {:?}", again);
-                            prop_assert_eq!(&first.effect, &again.effect);
-                            prop_assert_eq!(&first.allocation, &again.allocation);
-                            prop_assert_eq!(audit_len(&store), entries, "a replay wrote");
-                        }
-                        (Ok(_), Err(e)) => prop_assert!(false, "a retry of an accepted write failed: {:?}", e),
-                        // A refusal is not remembered: the retry is decided afresh
-                        // and still carries its If-Match.
-                        (Err(_), Ok(again)) => {
-                            prop_assert!(!again.replayed);
-                            prop_assert_eq!(
-                                write.expected_version,
-                                Some(version_before),
-                                "a retried refusal was applied against another version"
-                            );
-                        }
-                        (Err(_), Err(_)) => {}
-                    }
-                }
-                Op::Resend { nth } if !sent.is_empty() => {
-                    let (mut write, _) = sent[nth % sent.len()].clone();
-                    write.idempotency_key = Some(format!("resent-at-step-{step}"));
-                    let current = version(&store, &write);
-                    let answer = store.write("acme", &admin, &write, false);
-                    if write.expected_version != Some(current) {
-                        prop_assert!(answer.is_err(), "If-Match {:?} accepted at version {}: {:?}", write.expected_version, current, answer);
-                        prop_assert_eq!(audit_len(&store), entries);
-                    }
-                }
-                Op::Retry { .. } | Op::Resend { .. } => {}
-            }
-        }
+        never_matches_what_it_did_not_come_from(&store, &ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn on_postgres_keys_and_versions_never_match_what_they_did_not_come_from(
+        ops in prop::collection::vec(op(), 1..40)
+    ) {
+        let store = postgres_store();
+        never_matches_what_it_did_not_come_from(&store, &ops)?;
     }
 }

@@ -28,6 +28,13 @@ impl Server {
         format!("{}/{database}{}", self.base, self.tls)
     }
 
+    /// The same, with the password in it (for a store opened in-process).
+    pub fn url_with_password(&self, database: &str) -> String {
+        let mut url = reqwest::Url::parse(&self.url(database)).expect("a postgres URL");
+        let _ = url.set_password(Some(&self.password));
+        url.to_string()
+    }
+
     pub fn password(&self) -> &str {
         &self.password
     }
@@ -265,28 +272,26 @@ fn start() -> Server {
         let c = as_server_user(&bin.join("postgres"));
         let mut words: Vec<String> = vec![c.get_program().to_string_lossy().into_owned()];
         words.extend(c.get_args().map(|a| a.to_string_lossy().into_owned()));
-        words.extend(
-            [
-                "-D".into(),
-                data.display().to_string(),
-                "-p".into(),
-                port.to_string(),
-                "-k".into(),
-                d.display().to_string(),
-                "-c".into(),
-                "listen_addresses=127.0.0.1".into(),
-                "-c".into(),
-                "ssl=on".into(),
-                "-c".into(),
-                "fsync=off".into(),
-                "-c".into(),
-                "synchronous_commit=off".into(),
-                "-c".into(),
-                "full_page_writes=off".into(),
-                "-c".into(),
-                "max_connections=300".into(),
-            ],
-        );
+        words.extend([
+            "-D".into(),
+            data.display().to_string(),
+            "-p".into(),
+            port.to_string(),
+            "-k".into(),
+            d.display().to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            "fsync=off".into(),
+            "-c".into(),
+            "synchronous_commit=off".into(),
+            "-c".into(),
+            "full_page_writes=off".into(),
+            "-c".into(),
+            "max_connections=300".into(),
+        ]);
         words
     };
     // The server goes when this test process does: a watchdog shell stops
