@@ -225,7 +225,7 @@ fn store_agrees_with_the_ledger(
             got
         );
         prop_assert_eq!(got.is_ok(), expected, "{:?}: store {:?}", op, got);
-        let mut s = store_snapshot(&store);
+        let mut s = store_snapshot(store);
         let mut l = ledger_snapshot(&ledger);
         // Versions count writes differently (seat claims bump the store's).
         for a in s.allocations.iter_mut().chain(l.allocations.iter_mut()) {
