@@ -102,10 +102,10 @@ fn never_matches_what_it_did_not_come_from(
     // Every write sent, with the first answer it got.
     let mut sent: Vec<(AllocationWrite, Result<Written, BackendError>)> = Vec::new();
     for op in ops {
-        let entries = audit_len(&store);
+        let entries = audit_len(store);
         match op {
             Op::Set { .. } | Op::Delete { .. } => {
-                let Some(write) = planned(&store, op) else {
+                let Some(write) = planned(store, op) else {
                     continue;
                 };
                 let answer = store.write("acme", &admin, &write, false);
@@ -116,14 +116,14 @@ fn never_matches_what_it_did_not_come_from(
                         op,
                         w
                     );
-                    prop_assert_eq!(audit_len(&store), entries + 1, "{:?} wrote once", op);
+                    prop_assert_eq!(audit_len(store), entries + 1, "{:?} wrote once", op);
                 }
                 sent.push((write, answer));
             }
             Op::Reseed => store.seed(&admin, &fixture).unwrap(),
             Op::Retry { nth } if !sent.is_empty() => {
                 let (write, first) = sent[nth % sent.len()].clone();
-                let version_before = version(&store, &write);
+                let version_before = version(store, &write);
                 let again = store.write("acme", &admin, &write, false);
                 match (&first, &again) {
                     (Ok(first), Ok(again)) => {
@@ -134,7 +134,7 @@ fn never_matches_what_it_did_not_come_from(
                         );
                         prop_assert_eq!(&first.effect, &again.effect);
                         prop_assert_eq!(&first.allocation, &again.allocation);
-                        prop_assert_eq!(audit_len(&store), entries, "a replay wrote");
+                        prop_assert_eq!(audit_len(store), entries, "a replay wrote");
                     }
                     (Ok(_), Err(e)) => {
                         prop_assert!(false, "a retry of an accepted write failed: {:?}", e)
@@ -159,7 +159,7 @@ fn never_matches_what_it_did_not_come_from(
                     std::sync::atomic::AtomicUsize::new(0);
                 let n = RESENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 write.idempotency_key = Some(format!("resent-{}-{n}", std::process::id()));
-                let current = version(&store, &write);
+                let current = version(store, &write);
                 let answer = store.write("acme", &admin, &write, false);
                 if write.expected_version != Some(current) {
                     prop_assert!(
@@ -169,7 +169,7 @@ fn never_matches_what_it_did_not_come_from(
                         current,
                         answer
                     );
-                    prop_assert_eq!(audit_len(&store), entries);
+                    prop_assert_eq!(audit_len(store), entries);
                 }
             }
             Op::Retry { .. } | Op::Resend { .. } => {}
@@ -196,7 +196,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("l.db")).unwrap();
-        never_matches_what_it_did_not_come_from(&store, &ops)?;
+        never_matches_what_it_did_not_come_from(store, &ops)?;
     }
 }
 
@@ -208,6 +208,6 @@ proptest! {
         ops in prop::collection::vec(op(), 1..40)
     ) {
         let store = postgres_store();
-        never_matches_what_it_did_not_come_from(&store, &ops)?;
+        never_matches_what_it_did_not_come_from(store, &ops)?;
     }
 }
