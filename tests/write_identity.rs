@@ -196,7 +196,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("l.db")).unwrap();
-        never_matches_what_it_did_not_come_from(store, &ops)?;
+        never_matches_what_it_did_not_come_from(&store, &ops)?;
     }
 }
 
@@ -208,6 +208,6 @@ proptest! {
         ops in prop::collection::vec(op(), 1..40)
     ) {
         let store = postgres_store();
-        never_matches_what_it_did_not_come_from(store, &ops)?;
+        never_matches_what_it_did_not_come_from(&store, &ops)?;
     }
 }
