@@ -133,13 +133,17 @@ impl Account {
     pub fn serve_on(&mut self, port: u16, flags: &[&str]) {
         let log = std::fs::File::create(self.path("serve.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
-            .args([
-                "--backend",
-                &format!("sqlite:{}", self.db.display()),
-                "serve",
-            ])
+            .args(["--backend", &self.store, "serve"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(flags)
+            .env_remove("LICENSOR_TOKEN")
+            .env_remove("LICENSOR_ACCOUNT")
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(k, _)| k == "PGPASSWORD")
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stderr(log)
             .spawn()
             .expect("start licensor serve");

@@ -602,17 +602,22 @@ impl<C: GenericClient> Storage for Pg<C> {
     }
 
     fn clear_account(&self, account: &str) -> Result<()> {
+        // The account row, locked first, serializes seeds of one account.
+        self.execute(
+            "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&account],
+        )?;
+        self.query(
+            "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&account],
+        )?;
         for table in ["allocations", "organizations", "products"] {
             self.execute(
                 &format!("DELETE FROM {table} WHERE account = $1"),
                 &[&account],
             )?;
         }
-        self.execute(
-            "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&account],
-        )
-        .map(drop)
+        Ok(())
     }
 
     fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {

@@ -1,0 +1,225 @@
+//! The PostgreSQL store's own guarantees, on a real server over TLS:
+//! migrations raced by several processes apply once; and `licensor serve`
+//! scaled out to three replicas on one database answers as one (no replica
+//! keeps state that changes an answer).
+
+mod common;
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+use common::{Account, Kind};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Replica(Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `licensor serve` on the account's database; returns its base URL.
+fn replica(acct: &Account, password: &str) -> (Replica, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(acct.path(&format!("serve-{port}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args(["--backend", acct.store(), "serve"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("PGPASSWORD", password)
+        .env_remove("LICENSOR_TOKEN")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a replica did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (
+        Replica(child),
+        format!("http://127.0.0.1:{port}/v1/accounts/acme"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_database_answer_as_one() {
+    let orgs: String = (0..64).map(|i| format!("  - id: org-{i}\n")).collect();
+    let fixture = format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 105}}]\norganizations:\n  - {{id: qa, allocations: [{{product: TestOps, dedicated: 0}}]}}\n{orgs}"
+    );
+    let acct = tokio::task::spawn_blocking(move || Account::seeded_on(Kind::Postgres, &fixture))
+        .await
+        .unwrap();
+    let password = common::postgres::server().password().to_string();
+    let admin = acct.token("AccountAdmin", "ci");
+    let replicas: Vec<(Replica, String)> = (0..3).map(|_| replica(&acct, &password)).collect();
+    let urls: Arc<Vec<String>> = Arc::new(replicas.iter().map(|(_, u)| u.clone()).collect());
+    let http = reqwest::Client::new();
+
+    // 64 clients over three replicas raise 64 organizations to 10 each in a
+    // pool of 105: exactly ten fit.
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let (http, urls, admin) = (http.clone(), urls.clone(), admin.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .put(format!(
+                        "{}/organizations/org-{i}/allocations/TestOps",
+                        urls[i % 3]
+                    ))
+                    .bearer_auth(&admin)
+                    .json(&json!({"dedicated": 10, "managedBy": format!("client-{i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                (status, r.json::<Value>().await.unwrap_or_default())
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, body) = t.await.unwrap();
+        match status {
+            StatusCode::OK => winners.push(i),
+            _ => assert_eq!(body["reason"], "InsufficientPool", "{status} {body}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        10,
+        "exactly ten 10-seat allocations fit in 105"
+    );
+    for url in urls.iter() {
+        let pools: Value = http
+            .get(format!("{url}/products"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (&pools[0]["dedicated"], &pools[0]["free"]),
+            (&json!(100), &json!(5)),
+            "{url}"
+        );
+    }
+
+    // 32 writers with the same If-Match, over three replicas: one wins.
+    let qa = "/organizations/qa/allocations/TestOps";
+    let etag = http
+        .get(format!("{}{qa}", urls[0]))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let (http, urls, admin, etag) =
+                (http.clone(), urls.clone(), admin.clone(), etag.clone());
+            tokio::spawn(async move {
+                http.put(format!("{}{qa}", urls[i % 3]))
+                    .bearer_auth(&admin)
+                    .header("if-match", etag)
+                    .json(&json!({"dedicated": i % 5, "managedBy": "racer"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let won = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let stale = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::PRECONDITION_FAILED)
+        .count();
+    assert_eq!((won, stale), (1, 31), "{statuses:?}");
+
+    // An idempotency key used on one replica replays on another (a
+    // decrease of an organization that got its 10, so it always fits).
+    let w = winners[0];
+    let raise = json!({"dedicated": 5, "managedBy": format!("client-{w}")});
+    let send = |url: String| {
+        let (http, admin, raise) = (http.clone(), admin.clone(), raise.clone());
+        async move {
+            http.put(format!("{url}/organizations/org-{w}/allocations/TestOps"))
+                .bearer_auth(&admin)
+                .header("idempotency-key", "lower-a-winner")
+                .json(&raise)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let first = send(urls[0].clone()).await;
+    let again = send(urls[2].clone()).await;
+    assert_eq!(
+        (&first["replayed"], &again["replayed"]),
+        (&json!(false), &json!(true))
+    );
+    assert_eq!(first["effect"], again["effect"]);
+}
+
+/// Four processes opening a new database at once: the schema is created
+/// exactly once, and all four go on to work.
+#[test]
+fn migrations_raced_by_four_processes_apply_once() {
+    let pg = common::postgres::server();
+    let database = pg.database();
+    let url = pg.url(&database);
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("account.yaml");
+    std::fs::write(&fixture, common::DOCUMENTED).unwrap();
+    let children: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_licensor"))
+                .args(["--backend", &url, "backend", "seed", "-f"])
+                .arg(&fixture)
+                .env("PGPASSWORD", pg.password())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        pg.sql(&database, "SELECT version FROM licensor_schema"),
+        ["1"]
+    );
+    let seeds = pg.sql(
+        &database,
+        "SELECT count(*) FROM audit WHERE action = 'seed'",
+    );
+    assert_eq!(seeds, ["4"]);
+}
