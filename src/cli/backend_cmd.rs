@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, Open, open_backend};
+use super::{FAILED, Format, Global, OK, Open, open_backend, open_store_at};
 use crate::backend::{BackendError, Fixture};
 use crate::domain::SeatChange;
 
@@ -31,6 +31,21 @@ pub enum BackendCommand {
     Audit {
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Format,
+    },
+    /// Copy accounts whole from one store to another (sqlite:PATH <->
+    /// postgres://...): pools, organizations, allocations with their
+    /// versions and owners, seats in use, tokens (hashed), the audit log and
+    /// live idempotency keys; then check the copy reads back the same.
+    Copy {
+        /// The store to copy from.
+        #[arg(long)]
+        from: String,
+        /// The store to copy to (created if it is new).
+        #[arg(long)]
+        to: String,
+        /// Replace an account the target already holds (else refused).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -59,7 +74,10 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
         BackendCommand::Seed { .. } => Open::Create,
         _ => Open::Existing,
     };
-    let backend = open_backend(g, store)?;
+    let backend = match &command {
+        BackendCommand::Copy { from, to, replace } => return copy(g, from, to, *replace),
+        _ => open_backend(g, store)?,
+    };
     let err = |e: BackendError| e.to_string();
     match command {
         BackendCommand::Seed { file } => {
@@ -107,6 +125,8 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
                 }
             );
         }
+        // Copied above, between two stores rather than on one backend.
+        BackendCommand::Copy { .. } => {}
         BackendCommand::Audit { output } => {
             let entries = backend.audit().await.map_err(err)?;
             if output == Format::Json {
@@ -133,4 +153,32 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `backend copy`: every account of `from` (or the one `--account` names).
+/// Store calls block, so the copy runs on a thread of its own.
+fn copy(g: &Global, from: &str, to: &str, replace: bool) -> Result<(), String> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let source = open_store_at(from, Open::Existing)?;
+            let target = open_store_at(to, Open::Create)?;
+            let accounts = match &g.account {
+                Some(a) => vec![source.resolve_account(Some(a)).map_err(|e| e.to_string())?],
+                None => source.accounts().map_err(|e| e.to_string())?,
+            };
+            for account in &accounts {
+                source
+                    .copy_account(account, &target, replace)
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "copied account {account} from {} to {}",
+                    source.describe(),
+                    target.describe()
+                );
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the copy failed".into()))
+    })
 }

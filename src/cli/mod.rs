@@ -197,21 +197,34 @@ fn is_postgres(backend: &str) -> bool {
 /// PostgreSQL database (`postgres://...`, or `postgres:` and libpq
 /// `key=value` parameters).
 pub fn open_store(g: &Global, open: Open) -> Result<crate::backend::store::Store, String> {
+    open_store_at(&g.backend, open)
+}
+
+/// Opens the store `backend` names (`sqlite:PATH`, `postgres://...`).
+/// Call it off the async threads: a PostgreSQL client blocks.
+pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store::Store, String> {
     use crate::backend::store::Store as S;
     let create = open == Open::Create;
-    if is_postgres(&g.backend) {
-        let url = g
-            .backend
+    if is_postgres(backend) {
+        let url = backend
             .strip_prefix("postgres:")
             .filter(|u| !u.starts_with("//"))
-            .unwrap_or(&g.backend);
+            .unwrap_or(backend);
         // The PostgreSQL client blocks on a runtime of its own, so it
         // connects off this one (its later calls run on blocking threads).
         return std::thread::scope(|s| s.spawn(|| S::connect(url, create)).join())
             .map_err(|_| "connecting to PostgreSQL failed".to_string())?
             .map_err(|e| e.to_string());
     }
-    let path = sqlite_path(g)?;
+    let path = match backend.strip_prefix("sqlite:") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => {
+            return Err(format!(
+                "this command needs a store (sqlite:PATH or postgres://...), not {}",
+                redact(backend)
+            ));
+        }
+    };
     if create {
         S::open(&path)
     } else {

@@ -419,4 +419,41 @@ impl Store {
     pub fn audit(&self, account: &str) -> Result<Vec<AuditEntry>, BackendError> {
         self.read(|s| s.audit_entries(account))
     }
+
+    /// Copies one account whole into `to` (`backend copy`), in one
+    /// transaction there, and checks that `to` now holds exactly the same
+    /// rows. A target that holds the account already is refused unless
+    /// `replace`, which removes it there first.
+    pub fn copy_account(
+        &self,
+        account: &str,
+        to: &Store,
+        replace: bool,
+    ) -> Result<(), BackendError> {
+        let rows = self.read(|s| s.export(account))?;
+        to.transaction(true, |s| {
+            if s.accounts()?.iter().any(|a| a == account) {
+                if !replace {
+                    return Err(Refusal::new(
+                        Reason::Invalid,
+                        format!(
+                            "{} already holds account {account:?}; nothing was copied (--replace removes it there first)",
+                            to.location
+                        ),
+                    )
+                    .into());
+                }
+                s.drop_account(account)?;
+            }
+            s.import(&rows)
+        })?;
+        let copied = to.read(|s| s.export(account))?;
+        if copied != rows {
+            return Err(BackendError::Unavailable(format!(
+                "{}: the copy of account {account:?} does not read back as the original",
+                to.location
+            )));
+        }
+        Ok(())
+    }
 }

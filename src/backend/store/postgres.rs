@@ -32,7 +32,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::audit::{AuditAction, AuditRecord};
-use super::rows::{Result, Storage, now};
+use super::rows::{AccountRows, Result, Storage, now};
 use crate::backend::{AuditEntry, BackendError, redact};
 use crate::domain::{Allocation, Pool, Snapshot};
 
@@ -751,6 +751,118 @@ impl<C: GenericClient> Storage for Pg<C> {
             })
         })
         .collect()
+    }
+
+    fn export(&self, account: &str) -> Result<AccountRows> {
+        let revision = self
+            .query("SELECT revision FROM accounts WHERE id = $1", &[&account])?
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let snapshot = self.snapshot(account)?;
+        let organizations = self
+            .query(
+                "SELECT id, name FROM organizations WHERE account = $1 ORDER BY id",
+                &[&account],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let tokens = self
+            .query(
+                "SELECT hash, role, name, created_at FROM tokens WHERE account = $1 ORDER BY hash",
+                &[&account],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let keys = self
+            .query(
+                "SELECT key, request_hash, response, created_at FROM idempotency WHERE account = $1 ORDER BY key",
+                &[&account],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        Ok(AccountRows {
+            id: account.to_string(),
+            revision,
+            pools: snapshot.pools,
+            organizations,
+            allocations: snapshot.allocations,
+            audit: self.audit_entries(account)?,
+            tokens,
+            keys,
+        })
+    }
+
+    fn drop_account(&self, account: &str) -> Result<()> {
+        self.clear_account(account)?;
+        for table in ["idempotency", "tokens", "audit"] {
+            self.execute(
+                &format!("DELETE FROM {table} WHERE account = $1"),
+                &[&account],
+            )?;
+        }
+        self.execute("DELETE FROM accounts WHERE id = $1", &[&account])
+            .map(drop)
+    }
+
+    fn import(&self, a: &AccountRows) -> Result<()> {
+        let id = a.id.as_str();
+        self.execute(
+            "INSERT INTO accounts (id, revision) VALUES ($1, $2)",
+            &[&id, &a.revision],
+        )?;
+        for p in &a.pools {
+            self.insert_pool(id, p)?;
+        }
+        for (org, name) in &a.organizations {
+            self.insert_organization(id, org, name.as_deref())?;
+        }
+        for al in &a.allocations {
+            self.save_allocation(id, al)?;
+        }
+        for e in &a.audit {
+            self.execute(
+                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+                 OVERRIDING SYSTEM VALUE
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                &[
+                    &e.id,
+                    &id,
+                    &e.time,
+                    &e.actor,
+                    &e.action.as_str(),
+                    &e.organization,
+                    &e.product,
+                    &e.from,
+                    &e.to,
+                    &e.rehomed,
+                    &e.displaced,
+                    &e.manager,
+                    &e.idempotency_key,
+                ],
+            )?;
+        }
+        // Later audit rows are numbered after the copied ones.
+        self.query(
+            "SELECT setval(pg_get_serial_sequence('audit', 'id'), GREATEST((SELECT max(id) FROM audit), 1))",
+            &[],
+        )?;
+        for (hash, role, name, created) in &a.tokens {
+            self.execute(
+                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[hash, &id, role, name, created],
+            )?;
+        }
+        for (key, request_hash, answer, created) in &a.keys {
+            self.execute(
+                "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&id, key, request_hash, answer, created],
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,25 @@ use crate::domain::{Allocation, Observed, Pool, Snapshot};
 /// The result of a storage call; its errors are `Unavailable`.
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// Everything one account holds, row for row: what `backend copy` moves
+/// between stores (tokens stay hashed; audit ids, versions, revisions and
+/// the sequence are kept, so nothing handed out before can repeat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRows {
+    pub id: String,
+    /// The account's sequence.
+    pub revision: i64,
+    pub pools: Vec<Pool>,
+    /// Id and display name.
+    pub organizations: Vec<(String, Option<String>)>,
+    pub allocations: Vec<Allocation>,
+    pub audit: Vec<AuditEntry>,
+    /// Hash, role, name, created.
+    pub tokens: Vec<(String, String, String, String)>,
+    /// Key, request hash, answer, created.
+    pub keys: Vec<(String, String, String, String)>,
+}
+
 /// The rows of one account, inside one transaction.
 pub trait Storage {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>>;
@@ -67,6 +86,13 @@ pub trait Storage {
     }
     /// The audit log of one account, oldest first.
     fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>>;
+
+    /// Every row of one account.
+    fn export(&self, account: &str) -> Result<AccountRows>;
+    /// Writes an exported account into a store that does not hold it.
+    fn import(&self, rows: &AccountRows) -> Result<()>;
+    /// Removes an account and everything it holds.
+    fn drop_account(&self, account: &str) -> Result<()>;
 }
 
 /// What one request is decided on, read inside its transaction: the
@@ -440,5 +466,106 @@ impl Storage for Connection {
             .collect()
         })
         .map_err(failed)
+    }
+
+    fn export(&self, account: &str) -> Result<AccountRows> {
+        let revision = self
+            .query_row(
+                "SELECT revision FROM accounts WHERE id = ?1",
+                [account],
+                |r| r.get(0),
+            )
+            .map_err(failed)?;
+        let snapshot = self.snapshot(account)?;
+        let organizations = self
+            .prepare("SELECT id, name FROM organizations WHERE account = ?1 ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([account], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(failed)?;
+        let tokens = self
+            .prepare(
+                "SELECT hash, role, name, created_at FROM tokens WHERE account = ?1 ORDER BY hash",
+            )
+            .and_then(|mut s| {
+                s.query_map([account], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect()
+            })
+            .map_err(failed)?;
+        let keys = self
+            .prepare("SELECT key, request_hash, response, created_at FROM idempotency WHERE account = ?1 ORDER BY key")
+            .and_then(|mut s| {
+                s.query_map([account], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect()
+            })
+            .map_err(failed)?;
+        Ok(AccountRows {
+            id: account.to_string(),
+            revision,
+            pools: snapshot.pools,
+            organizations,
+            allocations: snapshot.allocations,
+            audit: self.audit_entries(account)?,
+            tokens,
+            keys,
+        })
+    }
+
+    fn import(&self, a: &AccountRows) -> Result<()> {
+        let id = a.id.as_str();
+        self.execute(
+            "INSERT INTO accounts (id, revision) VALUES (?1, ?2)",
+            params![id, a.revision],
+        )
+        .map_err(failed)?;
+        for p in &a.pools {
+            self.insert_pool(id, p)?;
+        }
+        for (org, name) in &a.organizations {
+            self.insert_organization(id, org, name.as_deref())?;
+        }
+        for al in &a.allocations {
+            self.save_allocation(id, al)?;
+        }
+        for e in &a.audit {
+            self.execute(
+                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![e.id, id, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key],
+            )
+            .map_err(failed)?;
+        }
+        for (hash, role, name, created) in &a.tokens {
+            self.execute(
+                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, id, role, name, created],
+            )
+            .map_err(failed)?;
+        }
+        for (key, request_hash, answer, created) in &a.keys {
+            self.execute(
+                "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, key, request_hash, answer, created],
+            )
+            .map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    fn drop_account(&self, account: &str) -> Result<()> {
+        self.clear_account(account)?;
+        for table in ["idempotency", "tokens", "audit"] {
+            self.execute(
+                &format!("DELETE FROM {table} WHERE account = ?1"),
+                [account],
+            )
+            .map_err(failed)?;
+        }
+        self.execute("DELETE FROM accounts WHERE id = ?1", [account])
+            .map(drop)
+            .map_err(failed)
     }
 }
