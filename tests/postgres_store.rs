@@ -8,47 +8,10 @@ mod common;
 use std::process::{Child, Command};
 use std::sync::Arc;
 
+use common::postgres::{Replica, replica};
 use common::{Account, Kind};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-struct Replica(Child);
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `licensor serve` on the account's database; returns its base URL.
-fn replica(acct: &Account, password: &str) -> (Replica, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let log = std::fs::File::create(acct.path(&format!("serve-{port}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
-        .args(["--backend", acct.store(), "serve"])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("PGPASSWORD", password)
-        .env_remove("LICENSOR_TOKEN")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a replica did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    (
-        Replica(child),
-        format!("http://127.0.0.1:{port}/v1/accounts/acme"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_one_database_answer_as_one() {

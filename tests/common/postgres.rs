@@ -19,7 +19,14 @@ pub struct Server {
     password: String,
     /// Query parameters for TLS (verify-full against our CA).
     tls: String,
-    _dir: Option<tempfile::TempDir>,
+    /// The server this harness started: how to start it again.
+    own: Option<Own>,
+}
+
+struct Own {
+    dir: tempfile::TempDir,
+    port: u16,
+    command: Vec<String>,
 }
 
 impl Server {
@@ -162,7 +169,7 @@ fn external(url: &str) -> Server {
         base: base.to_string().trim_end_matches('/').to_string(),
         password,
         tls: "?sslmode=prefer".into(),
-        _dir: None,
+        own: None,
     }
 }
 
@@ -268,7 +275,7 @@ fn start() -> Server {
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let server_cmd = {
+    let server_cmd: Vec<String> = {
         let c = as_server_user(&bin.join("postgres"));
         let mut words: Vec<String> = vec![c.get_program().to_string_lossy().into_owned()];
         words.extend(c.get_args().map(|a| a.to_string_lossy().into_owned()));
@@ -294,56 +301,124 @@ fn start() -> Server {
         ]);
         words
     };
-    // The server goes when this test process does: a watchdog shell stops
-    // it (fast shutdown) once our process id is gone.
-    let watchdog = format!(
-        "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg",
-        me = std::process::id()
-    );
-    let log = std::fs::File::create(d.join("server.log")).unwrap();
-    // Not waited for: it outlives every test of this process, and ends
-    // with it (above).
-    #[allow(clippy::zombie_processes)]
-    Command::new("sh")
-        .arg("-c")
-        .arg(watchdog)
-        .arg("sh")
-        .args(&server_cmd)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start postgres");
     let server = Server {
         base: format!("postgres://licensor@127.0.0.1:{port}"),
         password,
         tls: format!("?sslmode=verify-full&sslrootcert={}", ca_path.display()),
-        _dir: Some(dir),
+        own: Some(Own {
+            dir,
+            port,
+            command: server_cmd,
+        }),
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "postgres did not start: {}",
-            std::fs::read_to_string(d_log(&server)).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Accepting connections is not yet accepting logins.
-    loop {
-        let ok = std::panic::catch_unwind(|| server.sql("postgres", "SELECT 1")).is_ok();
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "postgres does not accept logins");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    server.launch();
     server
 }
 
-fn d_log(s: &Server) -> PathBuf {
-    s._dir
-        .as_ref()
-        .map(|d| d.path().join("server.log"))
-        .unwrap_or_default()
+impl Server {
+    /// Starts the harness's server and waits until it accepts logins.
+    fn launch(&self) {
+        let own = self.own.as_ref().expect("a server this harness started");
+        let d = own.dir.path();
+        // The server goes when this test process does: a watchdog shell
+        // stops it (fast shutdown) once our process id is gone.
+        let watchdog = format!(
+            "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg",
+            me = std::process::id()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("server.log"))
+            .unwrap();
+        // Not waited for: it outlives every test of this process, and ends
+        // with it (above).
+        #[allow(clippy::zombie_processes)]
+        Command::new("sh")
+            .arg("-c")
+            .arg(watchdog)
+            .arg("sh")
+            .args(&own.command)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", own.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start: {}",
+                std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Accepting connections is not yet accepting logins.
+        loop {
+            let ok = std::panic::catch_unwind(|| self.sql("postgres", "SELECT 1")).is_ok();
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "postgres does not accept logins");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server (fast shutdown: every connection is dropped), waits
+    /// `down`, and starts it again on the same port and data.
+    pub fn restart(&self, down: Duration) {
+        let own = self.own.as_ref().expect("a server this harness started");
+        let pid_file = own.dir.path().join("data/postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+            .expect("postmaster.pid");
+        Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", own.port)).is_ok() {
+            assert!(Instant::now() < deadline, "postgres did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(down);
+        self.launch();
+    }
+}
+
+/// A `licensor serve` process on an account's store, killed on drop.
+pub struct Replica(pub std::process::Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `licensor serve` on the account's database; returns its base URL.
+pub fn replica(acct: &super::Account, password: &str) -> (Replica, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(acct.path(&format!("serve-{port}.log"))).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args(["--backend", acct.store(), "serve"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("PGPASSWORD", password)
+        .env_remove("LICENSOR_TOKEN")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a replica did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (
+        Replica(child),
+        format!("http://127.0.0.1:{port}/v1/accounts/acme"),
+    )
 }
