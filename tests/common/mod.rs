@@ -226,6 +226,18 @@ impl Account {
         &self.store
     }
 
+    /// What a process of its own (an operator) is given as `--backend`:
+    /// the store, with its password when it is PostgreSQL.
+    pub fn backend_with_credentials(&self) -> String {
+        if self.store.starts_with("postgres") {
+            let url = reqwest::Url::parse(&self.store).expect("a postgres URL");
+            let database = url.path().trim_start_matches('/');
+            postgres::server().url_with_password(database)
+        } else {
+            self.backend.clone()
+        }
+    }
+
     fn run_on(&self, backend: &str, args: &[&str]) -> Run {
         let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
             .args(["--backend", backend])
