@@ -3,8 +3,13 @@
 //! keep-alive connections in this process (which shares the two cores with
 //! the server).
 //!
+//! Then the same writes on a PostgreSQL store (Debian's server, started as
+//! in the tests, TLS on), through one and through three `licensor serve`
+//! replicas, next to the floor measured in the same run on the same server:
+//! `pgbench`'s simple-update script at the same client count.
+//!
 //! Run with `make bench-platform` (or `cargo bench --bench platform`);
-//! `WRITES`, `READS` and `CLIENTS` change the sizes.
+//! `WRITES`, `READS`, `PG_WRITES` and `CLIENTS` change the sizes.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -114,4 +119,79 @@ async fn main() {
     report("reads", reads, &read, ">= 20,000/s");
     let audit = account.audit().len();
     println!("  audit entries after the run: {audit}");
+
+    postgres(env("PG_WRITES", 10_000), clients).await;
+}
+
+/// Writes through `licensor serve` replicas on one PostgreSQL database,
+/// against pgbench on the same server.
+async fn postgres(writes: usize, clients: usize) {
+    let account = tokio::task::spawn_blocking(|| Account::seeded_on(Kind::Postgres, &fixture()))
+        .await
+        .unwrap();
+    let pg = common::postgres::server();
+    let token = account.token("AccountAdmin", "bench");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
+    let floor = pgbench(pg, clients);
+    println!(
+        "PostgreSQL {} (TLS), {clients} concurrent clients",
+        pg.address().1
+    );
+    println!("  pgbench simple-update (the floor): {floor:.0} transactions/s");
+    for (round, n) in [1, 3].into_iter().enumerate() {
+        let replicas: Vec<_> = (0..n)
+            .map(|_| common::postgres::replica(&account, pg.password()))
+            .collect();
+        let urls: Vec<String> = replicas.iter().map(|(_, u)| format!("{u}/organizations")).collect();
+        let written = load(writes, clients, |i| {
+            http.put(format!("{}/org-{}/allocations/TestOps", urls[i % n], i % ORGS))
+                .bearer_auth(&token)
+                .json(&json!({"dedicated": 1 + (i + round) % 9, "managedBy": "bench"}))
+        })
+        .await;
+        report(&format!("{n} x serve"), writes, &written, ">= floor / 2");
+        println!(
+            "    ratio to pgbench: {:.2} (target >= 0.5)",
+            writes as f64 / written.0.as_secs_f64() / floor
+        );
+    }
+}
+
+/// pgbench's simple-update script for 10 s on a database of its own:
+/// transactions per second.
+fn pgbench(pg: &common::postgres::Server, clients: usize) -> f64 {
+    let database = pg.database();
+    let (host, port) = pg.address();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(pg.tools().join("pgbench"))
+            .args(["-h", &host, "-p", &port.to_string(), "-U", "licensor"])
+            .args(args)
+            .arg(&database)
+            .env("PGPASSWORD", pg.password())
+            .env("PGSSLMODE", "require")
+            .output()
+            .expect("run pgbench");
+        assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["-i", "-q", "-s", "1"]);
+    let out = run(&[
+        "-n",
+        "-b",
+        "simple-update",
+        "-c",
+        &clients.to_string(),
+        "-j",
+        "2",
+        "-T",
+        "10",
+    ]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{out}"))
 }

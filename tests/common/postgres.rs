@@ -46,6 +46,20 @@ impl Server {
         &self.password
     }
 
+    /// Host and port, for other clients (pgbench).
+    pub fn address(&self) -> (String, u16) {
+        let url = reqwest::Url::parse(&self.base).expect("a postgres URL");
+        (
+            url.host_str().unwrap_or("127.0.0.1").to_string(),
+            url.port().unwrap_or(5432),
+        )
+    }
+
+    /// The binary directory of the server's tools (pgbench).
+    pub fn tools(&self) -> PathBuf {
+        binaries()
+    }
+
     /// A new, empty database.
     pub fn database(&self) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
