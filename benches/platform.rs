@@ -145,11 +145,18 @@ async fn postgres(writes: usize, clients: usize) {
         let replicas: Vec<_> = (0..n)
             .map(|_| common::postgres::replica(&account, pg.password()))
             .collect();
-        let urls: Vec<String> = replicas.iter().map(|(_, u)| format!("{u}/organizations")).collect();
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|(_, u)| format!("{u}/organizations"))
+            .collect();
         let written = load(writes, clients, |i| {
-            http.put(format!("{}/org-{}/allocations/TestOps", urls[i % n], i % ORGS))
-                .bearer_auth(&token)
-                .json(&json!({"dedicated": 1 + (i + round) % 9, "managedBy": "bench"}))
+            http.put(format!(
+                "{}/org-{}/allocations/TestOps",
+                urls[i % n],
+                i % ORGS
+            ))
+            .bearer_auth(&token)
+            .json(&json!({"dedicated": 1 + (i + round) % 9, "managedBy": "bench"}))
         })
         .await;
         report(&format!("{n} x serve"), writes, &written, ">= floor / 2");
@@ -174,7 +181,11 @@ fn pgbench(pg: &common::postgres::Server, clients: usize) -> f64 {
             .env("PGSSLMODE", "require")
             .output()
             .expect("run pgbench");
-        assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["-i", "-q", "-s", "1"]);
