@@ -1,4 +1,4 @@
-//! The Helm chart: lint, golden templates for three value sets, bad values,
+//! The Helm chart: lint, golden templates for four value sets, bad values,
 //! and `helm install` / `upgrade` / `uninstall` on the real control plane with
 //! the operator running as the chart's ServiceAccount and serving its
 //! admission webhook with the chart's certificate.
@@ -42,9 +42,10 @@ fn helm_offline(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-const VALUE_SETS: [(&str, Option<&str>); 3] = [
+const VALUE_SETS: [(&str, Option<&str>); 4] = [
     ("default", None),
     ("remote-ha", Some("tests/chart/remote-ha.yaml")),
+    ("postgres-ha", Some("tests/chart/postgres-ha.yaml")),
     ("namespaced", Some("tests/chart/namespaced.yaml")),
 ];
 
@@ -186,7 +187,7 @@ fn every_deployment_is_locked_down() {
 
 #[test]
 fn bad_values_fail_with_a_readable_message() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--set", "webhook.certificate.source=secret"],
             "webhook.certificate.source secret needs webhook.certificate.secretName",
@@ -205,15 +206,19 @@ fn bad_values_fail_with_a_readable_message() {
         ),
         (
             &["--set", "backend.kind=ftp"],
-            "at '/backend/kind': value must be one of 'embedded', 'remote'",
+            "at '/backend/kind': value must be one of 'embedded', 'postgres', 'remote'",
         ),
         (
             &["--set", "replicaCount=2"],
-            "replicaCount > 1 needs backend.kind: remote",
+            "replicaCount > 1 needs backend.kind: postgres or remote",
         ),
         (
             &["--set", "backend.kind=remote"],
             "needs backend.remote.url",
+        ),
+        (
+            &["--set", "backend.kind=postgres"],
+            "backend.kind postgres needs backend.postgres.urlSecret.name",
         ),
         (&["--set", "replicas=2"], "replicas"),
         (&["--set", "resync=soon"], "resync"),

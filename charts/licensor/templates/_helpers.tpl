@@ -35,7 +35,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* Refuses value combinations the schema cannot express. */}}
 {{- define "licensor.validate" -}}
 {{- if and (eq .Values.backend.kind "embedded") (gt (int .Values.replicaCount) 1) -}}
-{{- fail "replicaCount > 1 needs backend.kind: remote: the embedded store is one SQLite file on one volume" -}}
+{{- fail "replicaCount > 1 needs backend.kind: postgres or remote: the embedded store is one SQLite file on one volume" -}}
 {{- end -}}
 {{- if eq .Values.backend.kind "remote" -}}
 {{- if not .Values.backend.remote.url -}}
@@ -53,6 +53,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- if and .Values.webhook.enabled (eq .Values.webhook.certificate.source "secret") (not .Values.webhook.certificate.secretName) -}}
 {{- fail "webhook.certificate.source secret needs webhook.certificate.secretName: a kubernetes.io/tls Secret (tls.crt, tls.key) for the webhook Service's name" -}}
+{{- end -}}
+{{- if and (eq .Values.backend.kind "postgres") (not .Values.backend.postgres.urlSecret.name) -}}
+{{- fail "backend.kind postgres needs backend.postgres.urlSecret.name: a Secret holding the connection URL (postgres://user:password@host:port/db?sslmode=verify-full&sslrootcert=...)" -}}
 {{- end -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: true" -}}
