@@ -315,3 +315,74 @@ fn backend_copy_round_trips_an_account_exactly() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(views(&sqlite_again), views(&postgres));
 }
+
+/// The password from a libpq password file; a database with no store is
+/// not created by a read; one with a newer schema is refused untouched.
+#[test]
+fn passwords_from_a_file_and_schemas_checked_before_anything_is_written() {
+    let pg = common::postgres::server();
+    let database = pg.database();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, port) = pg.address();
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!("{host}:{port}:*:licensor:{}\n", pg.password()),
+    )
+    .unwrap();
+    let cli = |backend: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(["--backend", backend])
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let url = format!("{}&passfile={}", pg.url(&database), passfile.display());
+
+    let (code, err) = cli(&url, &["status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no store here"), "{err}");
+    let tables = |db: &str| {
+        pg.sql(
+            db,
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+    };
+    assert_eq!(tables(&database), ["0"], "a read created tables");
+
+    let fixture = dir.path().join("account.yaml");
+    std::fs::write(&fixture, common::DOCUMENTED).unwrap();
+    let (code, err) = cli(&url, &["backend", "seed", "-f", fixture.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = cli(&pg.url(&database), &["status"]);
+    assert_eq!(code, Some(1), "no password anywhere");
+    assert!(err.contains("password"), "{err}");
+
+    pg.sql(&database, "UPDATE licensor_schema SET version = 99");
+    let before = pg.sql(&database, "SELECT t::text FROM allocations t ORDER BY 1");
+    for args in [
+        &["status"][..],
+        &["backend", "seed", "-f", fixture.to_str().unwrap()][..],
+    ] {
+        let (code, err) = cli(&url, args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(
+            err.contains("schema version 99 is newer than this licensor"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        pg.sql(&database, "SELECT version FROM licensor_schema"),
+        ["99"]
+    );
+    assert_eq!(
+        pg.sql(&database, "SELECT t::text FROM allocations t ORDER BY 1"),
+        before
+    );
+}

@@ -4,7 +4,8 @@
 //! Contract:
 //! - **Connection.** A `postgres://` or `postgresql://` URL, or libpq-style
 //!   `key=value` parameters. The password comes from the URL, or else from
-//!   `PGPASSWORD`. `sslmode` follows libpq: `disable`, `prefer` (the
+//!   `PGPASSWORD`, or else from a libpq password file (`passfile=`,
+//!   `PGPASSFILE`, `~/.pgpass`). `sslmode` follows libpq: `disable`, `prefer` (the
 //!   default), `require` (encrypted, not verified), `verify-ca` (the chain
 //!   must lead to `sslrootcert`), and `verify-full` (that, and the host name
 //!   too). TLS is rustls. A location is never shown with its password.
@@ -117,8 +118,8 @@ enum SslMode {
     VerifyFull,
 }
 
-/// A connection string split into what tokio-postgres reads and the TLS
-/// settings it does not (`sslmode=verify-*`, `sslrootcert`).
+/// A connection string split into what tokio-postgres reads and what it
+/// does not (`sslmode=verify-*`, `sslrootcert`, `passfile`).
 struct Parsed {
     config: postgres::Config,
     mode: SslMode,
@@ -144,8 +145,13 @@ fn invalid(location: &str, why: impl std::fmt::Display) -> BackendError {
 fn parse(location: &str) -> std::result::Result<Parsed, BackendError> {
     let mut mode = SslMode::Prefer;
     let mut root_cert = None;
+    let mut passfile = None;
     let mut take = |key: &str, value: &str| -> std::result::Result<bool, BackendError> {
         match key {
+            "passfile" => {
+                passfile = Some(value.to_string());
+                Ok(true)
+            }
             "sslmode" => {
                 mode = match value {
                     "disable" => SslMode::Disable,
@@ -195,16 +201,73 @@ fn parse(location: &str) -> std::result::Result<Parsed, BackendError> {
         kept.join(" ")
     };
     let mut config: postgres::Config = rest.parse().map_err(|e| invalid(location, e))?;
-    if config.get_password().is_none()
-        && let Ok(password) = std::env::var("PGPASSWORD")
-    {
-        config.password(password);
+    if config.get_password().is_none() {
+        let file = passfile
+            .or_else(|| std::env::var("PGPASSFILE").ok())
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                let home = std::path::PathBuf::from(std::env::var_os("HOME")?);
+                Some(home.join(".pgpass")).filter(|p| p.exists())
+            });
+        let password = std::env::var("PGPASSWORD").ok().or(match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid(location, format!("passfile {}: {e}", path.display())))?;
+                password_in(&text, &config)
+            }
+            None => None,
+        });
+        if let Some(password) = password {
+            config.password(password);
+        }
     }
     Ok(Parsed {
         config,
         mode,
         root_cert,
     })
+}
+
+/// The password a libpq password file (`.pgpass`: lines of
+/// `host:port:database:user:password`, `*` matching anything, `\:` and
+/// `\\` escaped) gives for this connection: the first line that matches.
+fn password_in(file: &str, config: &postgres::Config) -> Option<String> {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default().to_string();
+    let database = config
+        .get_dbname()
+        .map_or_else(|| user.clone(), str::to_string);
+    let wanted = [host, port, database, user];
+    file.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .find_map(|line| {
+            let mut fields = Vec::new();
+            let mut field = String::new();
+            let mut chars = line.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => field.extend(chars.next()),
+                    ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                    c => field.push(c),
+                }
+            }
+            fields.push(field);
+            let [h, p, d, u, password] = <[String; 5]>::try_from(fields).ok()?;
+            [h, p, d, u]
+                .iter()
+                .zip(&wanted)
+                .all(|(have, want)| have == "*" || have == want)
+                .then_some(password)
+        })
 }
 
 /// Connects as `location` says, TLS included.
@@ -886,5 +949,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_password_file_is_read_like_libpq() {
+        let file = "# comment\nother:5432:*:u:wrong\ndb.example:*:licenses:u:p\\:w\nx:1:2:3\n";
+        let config: postgres::Config = "postgres://u@db.example:5433/licenses".parse().unwrap();
+        assert_eq!(password_in(file, &config).as_deref(), Some("p:w"));
+        let other: postgres::Config = "postgres://u@db.example/elsewhere".parse().unwrap();
+        assert_eq!(password_in(file, &other), None);
     }
 }
