@@ -1,5 +1,5 @@
-//! The Helm chart: lint, golden templates for four value sets, bad values,
-//! and `helm install` / `upgrade` / `uninstall` on the real control plane with
+//! The Helm chart: lint, golden templates for four value sets, every
+//! Deployment locked down, bad values, and `helm install` / `upgrade` / `uninstall` on the real control plane with
 //! the operator running as the chart's ServiceAccount and serving its
 //! admission webhook with the chart's certificate.
 //!
@@ -135,31 +135,42 @@ fn every_deployment_is_locked_down() {
             .filter_map(|d| Value::deserialize(d).ok())
             .filter(|v| !v.is_null())
             .collect();
-        let deployment = docs
-            .iter()
-            .find(|d| d["kind"] == "Deployment")
-            .expect("a Deployment");
-        let pod = &deployment["spec"]["template"]["spec"];
-        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
-        assert_eq!(
-            pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-            "{name}"
-        );
-        let c = &pod["containers"][0];
-        assert_eq!(
-            c["securityContext"]["readOnlyRootFilesystem"], true,
-            "{name}"
-        );
-        assert_eq!(
-            c["securityContext"]["allowPrivilegeEscalation"], false,
-            "{name}"
-        );
-        assert_eq!(
-            c["securityContext"]["capabilities"]["drop"][0], "ALL",
-            "{name}"
-        );
-        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        let deployments: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Deployment").collect();
+        assert!(!deployments.is_empty(), "{name}: no Deployment");
+        for deployment in deployments {
+            let which = format!(
+                "{name} {}",
+                deployment["metadata"]["name"].as_str().unwrap_or("")
+            );
+            let pod = &deployment["spec"]["template"]["spec"];
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{which}");
+            assert_eq!(
+                pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+                "{which}"
+            );
+            let c = &pod["containers"][0];
+            assert_eq!(
+                c["securityContext"]["readOnlyRootFilesystem"], true,
+                "{which}"
+            );
+            assert_eq!(
+                c["securityContext"]["allowPrivilegeEscalation"], false,
+                "{which}"
+            );
+            assert_eq!(
+                c["securityContext"]["capabilities"]["drop"][0], "ALL",
+                "{which}"
+            );
+            assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{which}");
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{which}");
+            // The database URL reaches a process only from a Secret.
+            for a in c["args"].as_array().into_iter().flatten() {
+                assert!(
+                    !a.as_str().unwrap_or("").contains("postgres"),
+                    "{which}: {a:?}"
+                );
+            }
+        }
         // The only Secret is the webhook's serving certificate; a token is
         // never in the chart.
         for secret in docs.iter().filter(|d| d["kind"] == "Secret") {
@@ -187,7 +198,7 @@ fn every_deployment_is_locked_down() {
 
 #[test]
 fn bad_values_fail_with_a_readable_message() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["--set", "webhook.certificate.source=secret"],
             "webhook.certificate.source secret needs webhook.certificate.secretName",
@@ -219,6 +230,10 @@ fn bad_values_fail_with_a_readable_message() {
         (
             &["--set", "backend.kind=postgres"],
             "backend.kind postgres needs backend.postgres.urlSecret.name",
+        ),
+        (
+            &["--set", "platform.enabled=true"],
+            "platform.enabled needs backend.kind: postgres",
         ),
         (&["--set", "replicas=2"], "replicas"),
         (&["--set", "resync=soon"], "resync"),

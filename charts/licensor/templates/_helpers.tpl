@@ -12,6 +12,13 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The platform API's pods: a name of their own, so the operator's
+selectors never match them. */}}
+{{- define "licensor.platformSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-platform
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "licensor.labels" -}}
 {{ include "licensor.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -56,6 +63,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- if and (eq .Values.backend.kind "postgres") (not .Values.backend.postgres.urlSecret.name) -}}
 {{- fail "backend.kind postgres needs backend.postgres.urlSecret.name: a Secret holding the connection URL (postgres://user:password@host:port/db?sslmode=verify-full&sslrootcert=...)" -}}
+{{- end -}}
+{{- if and .Values.platform.enabled (ne .Values.backend.kind "postgres") -}}
+{{- fail "platform.enabled needs backend.kind: postgres: its replicas and the operator share the database" -}}
 {{- end -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: true" -}}
