@@ -66,7 +66,7 @@ enum Db {
     /// One connection per process, made again when the server drops it;
     /// `url` (credentials included) is kept for that and never shown.
     Postgres {
-        client: Box<Mutex<Option<::postgres::Client>>>,
+        client: Box<Mutex<Option<postgres::Conn>>>,
         url: String,
     },
 }
@@ -150,7 +150,7 @@ impl Store {
         postgres::migrate(&mut client, &location)?;
         Ok(Store {
             db: Db::Postgres {
-                client: Box::new(Mutex::new(Some(client))),
+                client: Box::new(Mutex::new(Some(postgres::Conn::new(client)))),
                 url: url.to_string(),
             },
             location,
@@ -190,9 +190,9 @@ impl Store {
             }
             Db::Postgres { client, url } => {
                 let mut guard = self.postgres(client, url)?;
-                let client = guard.as_mut().ok_or_else(closed)?;
-                let tx = client.transaction().map_err(|e| self.unavailable(e))?;
-                f(&postgres::Pg::reads(tx))
+                let conn = guard.as_mut().ok_or_else(closed)?;
+                let (tx, statements) = conn.begin().map_err(|e| self.unavailable(e))?;
+                f(&postgres::Pg::reads(tx, statements))
             }
         }
     }
@@ -220,9 +220,9 @@ impl Store {
             }
             Db::Postgres { client, url } => {
                 let mut guard = self.postgres(client, url)?;
-                let client = guard.as_mut().ok_or_else(closed)?;
-                let tx = client.transaction().map_err(|e| self.unavailable(e))?;
-                let pg = postgres::Pg::writes(tx);
+                let conn = guard.as_mut().ok_or_else(closed)?;
+                let (tx, statements) = conn.begin().map_err(|e| self.unavailable(e))?;
+                let pg = postgres::Pg::writes(tx, statements);
                 let out = f(&pg)?;
                 let tx = pg.into_inner();
                 if commit {
@@ -237,14 +237,14 @@ impl Store {
     /// restart): the call in progress when it went fails, the next works.
     fn postgres<'a>(
         &self,
-        client: &'a Mutex<Option<::postgres::Client>>,
+        client: &'a Mutex<Option<postgres::Conn>>,
         url: &str,
-    ) -> Result<std::sync::MutexGuard<'a, Option<::postgres::Client>>, BackendError> {
+    ) -> Result<std::sync::MutexGuard<'a, Option<postgres::Conn>>, BackendError> {
         let mut guard = client
             .lock()
             .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
-        if guard.as_ref().is_none_or(::postgres::Client::is_closed) {
-            *guard = Some(postgres::connect(url)?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(postgres::Conn::new(postgres::connect(url)?));
         }
         Ok(guard)
     }

@@ -24,9 +24,10 @@
 //!   licensor is refused before anything is written.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use postgres::{Client, GenericClient, NoTls, Row};
+use postgres::{Client, GenericClient, NoTls, Row, Statement};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -482,24 +483,54 @@ pub fn migrate(client: &mut Client, location: &str) -> std::result::Result<(), B
     tx.commit().map_err(failed)
 }
 
-/// The storage interface over a connection or a transaction. `locking`
-/// (write transactions) locks the pool row a request is decided on.
-pub struct Pg<C> {
+/// One connection and the statements prepared on it: a statement is
+/// parsed once per connection, not at every call (that would be a second
+/// round trip for each).
+pub struct Conn {
+    pub client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl Conn {
+    pub fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
+    /// A transaction, and the statement cache beside it.
+    pub fn begin(
+        &mut self,
+    ) -> std::result::Result<
+        (postgres::Transaction<'_>, &mut HashMap<String, Statement>),
+        postgres::Error,
+    > {
+        Ok((self.client.transaction()?, &mut self.statements))
+    }
+}
+
+/// The storage interface over a transaction. `locking` (write
+/// transactions) locks the pool row a request is decided on.
+pub struct Pg<'s, C> {
     client: RefCell<C>,
+    statements: RefCell<&'s mut HashMap<String, Statement>>,
     locking: bool,
 }
 
-impl<C: GenericClient> Pg<C> {
-    pub fn reads(client: C) -> Self {
+impl<'s, C: GenericClient> Pg<'s, C> {
+    pub fn reads(client: C, statements: &'s mut HashMap<String, Statement>) -> Self {
         Pg {
             client: RefCell::new(client),
+            statements: RefCell::new(statements),
             locking: false,
         }
     }
 
-    pub fn writes(client: C) -> Self {
+    pub fn writes(client: C, statements: &'s mut HashMap<String, Statement>) -> Self {
         Pg {
             client: RefCell::new(client),
+            statements: RefCell::new(statements),
             locking: true,
         }
     }
@@ -508,21 +539,38 @@ impl<C: GenericClient> Pg<C> {
         self.client.into_inner()
     }
 
+    /// The prepared statement for `sql`, prepared now if it is new.
+    fn statement(&self, sql: &str) -> Result<Statement> {
+        let mut cache = self.statements.borrow_mut();
+        if let Some(s) = cache.get(sql) {
+            return Ok(s.clone());
+        }
+        let prepared = self
+            .client
+            .borrow_mut()
+            .prepare(sql)
+            .map_err(|e| BackendError::Unavailable(format!("the store: {}", describe(&e))))?;
+        cache.insert(sql.to_string(), prepared.clone());
+        Ok(prepared)
+    }
+
     fn query(
         &self,
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
         self.client
             .borrow_mut()
-            .query(sql, params)
+            .query(&statement, params)
             .map_err(|e| BackendError::Unavailable(format!("the store: {}", describe(&e))))
     }
 
     fn execute(&self, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Result<u64> {
+        let statement = self.statement(sql)?;
         self.client
             .borrow_mut()
-            .execute(sql, params)
+            .execute(&statement, params)
             .map_err(|e| BackendError::Unavailable(format!("the store: {}", describe(&e))))
     }
 }
@@ -548,7 +596,7 @@ fn allocation_row(r: &Row) -> Allocation {
     }
 }
 
-impl<C: GenericClient> Storage for Pg<C> {
+impl<C: GenericClient> Storage for Pg<'_, C> {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
         let sql = if self.locking {
             "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE"
