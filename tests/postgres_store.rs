@@ -240,25 +240,19 @@ fn backend_copy_round_trips_an_account_exactly() {
         .query_row("SELECT max(version) FROM allocations", [], |r| r.get(0))
         .unwrap();
 
-    let (code, out, err) = cli(
-        acct.store(),
-        &["backend", "copy", "--from", acct.store(), "--to", &postgres],
-    );
+    let copy = |from: &str, to: &str, replace: bool| {
+        let mut args = vec!["backend", "copy", "--from", from, "--to", to];
+        if replace {
+            args.push("--replace");
+        }
+        cli(from, &args)
+    };
+    let (code, out, err) = copy(acct.store(), &postgres, false);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("copied account acme"), "{out}");
     assert!(!out.contains(pg.password()) && !err.contains(pg.password()));
     assert_eq!(views(&postgres), original, "SQLite -> PostgreSQL");
-    let (code, _, err) = cli(
-        &postgres,
-        &[
-            "backend",
-            "copy",
-            "--from",
-            &postgres,
-            "--to",
-            &sqlite_again,
-        ],
-    );
+    let (code, _, err) = copy(&postgres, &sqlite_again, false);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(views(&sqlite_again), original, "PostgreSQL -> SQLite");
 
@@ -286,32 +280,11 @@ fn backend_copy_round_trips_an_account_exactly() {
 
     // A target that holds the account is refused, untouched, unless --replace.
     let before = views(&sqlite_again);
-    let (code, _, err) = cli(
-        &postgres,
-        &[
-            "backend",
-            "copy",
-            "--from",
-            &postgres,
-            "--to",
-            &sqlite_again,
-        ],
-    );
+    let (code, _, err) = copy(&postgres, &sqlite_again, false);
     assert_eq!(code, Some(1));
     assert!(err.contains("already holds account \"acme\""), "{err}");
     assert_eq!(views(&sqlite_again), before);
-    let (code, _, err) = cli(
-        &postgres,
-        &[
-            "backend",
-            "copy",
-            "--from",
-            &postgres,
-            "--to",
-            &sqlite_again,
-            "--replace",
-        ],
-    );
+    let (code, _, err) = copy(&postgres, &sqlite_again, true);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(views(&sqlite_again), views(&postgres));
 }
