@@ -114,7 +114,11 @@ fn main() {
     // In process: the library phases.
     seed(&db, &fixture_path);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let backend = StoreBackend::open(&db, true, None, None).unwrap();
+    let backend = StoreBackend::new(
+        licensor::backend::store::Store::open(&db).unwrap(),
+        None,
+        None,
+    );
     let t = Instant::now();
     let loaded = manifest::load(std::slice::from_ref(&dir));
     let load = t.elapsed();

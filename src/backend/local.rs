@@ -3,7 +3,6 @@
 //! the caller's role (a token's, or local access as the Account Admin), its
 //! calls run off the async threads.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,24 +21,7 @@ pub struct StoreBackend {
 }
 
 impl StoreBackend {
-    /// Opens the file (creating it only with `create`). Without `account`,
-    /// the file's only account is used. With a token, its role applies;
-    /// without, local access is the admin.
-    pub fn open(
-        path: &Path,
-        create: bool,
-        account: Option<&str>,
-        token: Option<&str>,
-    ) -> Result<StoreBackend, BackendError> {
-        let store = if create {
-            Store::open(path)?
-        } else {
-            Store::open_existing(path)?
-        };
-        Ok(StoreBackend::new(store, account, token))
-    }
-
-    /// A store already open (PostgreSQL: [`Store::connect`]).
+    /// A store opened by the caller ([`Store::open`], [`Store::connect`]).
     pub fn new(store: Store, account: Option<&str>, token: Option<&str>) -> StoreBackend {
         StoreBackend {
             store: Arc::new(store),

@@ -1,6 +1,7 @@
 //! The license backend: one trait, two implementations.
 //!
-//! [`local::StoreBackend`] is the embedded store (the default); the HTTP
+//! [`local::StoreBackend`] serves a [`store::Store`] this process opens
+//! itself (the embedded SQLite file, the default, or PostgreSQL); the HTTP
 //! client for a remote license platform implements the same trait. Every
 //! write is decided again by the backend, atomically, with the rules of
 //! [`crate::domain`]; a refusal leaves the backend exactly as it was.

@@ -166,17 +166,6 @@ pub fn token(g: &Global) -> Result<Option<String>, String> {
         .filter(|t| !t.trim().is_empty()))
 }
 
-/// The path of a `sqlite:PATH` backend.
-pub fn sqlite_path(g: &Global) -> Result<PathBuf, String> {
-    match g.backend.strip_prefix("sqlite:") {
-        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ => Err(format!(
-            "this command needs a store (--backend sqlite:PATH or postgres://...), not {}",
-            redact(&g.backend)
-        )),
-    }
-}
-
 /// Whether a command may create the store it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Open {
@@ -236,14 +225,7 @@ pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store:
 /// Opens the backend named by the global options.
 pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> {
     let token = token(g)?;
-    if g.backend.starts_with("sqlite:") {
-        let path = sqlite_path(g)?;
-        let create = open == Open::Create;
-        let backend = StoreBackend::open(&path, create, g.account.as_deref(), token.as_deref())
-            .map_err(|e| e.to_string())?;
-        return Ok(Box::new(backend));
-    }
-    if is_postgres(&g.backend) {
+    if g.backend.starts_with("sqlite:") || is_postgres(&g.backend) {
         let store = open_store(g, open)?;
         return Ok(Box::new(StoreBackend::new(
             store,

@@ -72,17 +72,14 @@ impl Server {
         name
     }
 
-    /// Runs SQL as the server's superuser (a blocking client on a thread
-    /// of its own, so it works from async tests too).
+    /// Runs SQL as the server's superuser, connected the way licensor
+    /// connects (a blocking client, on a thread of its own so that it works
+    /// from async tests too).
     pub fn sql(&self, database: &str, sql: &str) -> Vec<String> {
-        let (url, password, sql) = (self.url(database), self.password.clone(), sql.to_string());
+        let (url, sql) = (self.url_with_password(database), sql.to_string());
         std::thread::spawn(move || {
-            let mut config: postgres::Config = without_tls_params(&url).parse().unwrap();
-            config.password(password);
-            config.ssl_mode(postgres::config::SslMode::Prefer);
-            let mut client = config
-                .connect(postgres_rustls_any())
-                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let mut client = licensor::backend::store::postgres::connect(&url)
+                .unwrap_or_else(|e| panic!("connect: {e}"));
             let rows = client
                 .simple_query(&sql)
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -101,66 +98,6 @@ impl Server {
         .join()
         .expect("the SQL thread")
     }
-}
-
-fn without_tls_params(url: &str) -> String {
-    url.split('?').next().unwrap_or(url).to_string()
-}
-
-/// A TLS connector for the harness's own admin connection (it trusts the
-/// server it started; the code under test verifies the chain and name).
-fn postgres_rustls_any() -> tokio_postgres_rustls::MakeRustlsConnect {
-    #[derive(Debug)]
-    struct Any(std::sync::Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for Any {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(Any(provider)))
-        .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
 }
 
 /// The server shared by this test process, started on first use.
