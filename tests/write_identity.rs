@@ -211,3 +211,92 @@ proptest! {
         never_matches_what_it_did_not_come_from(&store, &ops)?;
     }
 }
+
+/// Writes that arrive together in one process are written together (one
+/// transaction, one after the other): each is still decided on what the
+/// ones before it left, gets a version of its own, and a retry racing its
+/// first try is written once.
+fn racing_writers_are_decided_one_after_the_other(store: &Store) {
+    const RACERS: usize = 24;
+    const ROOM: i64 = 10;
+    let mut fixture =
+        format!("account: acme\nproducts: [{{name: TestOps, total: {ROOM}}}]\norganizations:\n");
+    for i in 0..RACERS {
+        fixture.push_str(&format!("  - {{id: org-{i}}}\n"));
+    }
+    let fixture: Fixture = serde_yaml::from_str(&fixture).unwrap();
+    store.seed(&Principal::local(), &fixture).unwrap();
+    let audit_before = store.audit("acme").unwrap().len();
+    let write = |i: usize| AllocationWrite {
+        organization: format!("org-{i}"),
+        product: "TestOps".into(),
+        target: licensor::domain::Target::Count(1),
+        managed_by: Some(format!("default/licenses/org-{i}")),
+        allow_user_displacement: false,
+        expected_version: None,
+        idempotency_key: Some(format!("key-{i}")),
+    };
+    // Every racer once, and racer 0's request a second time (a retry).
+    let start = std::sync::Barrier::new(RACERS + 1);
+    let answers: Vec<(usize, Result<Written, BackendError>)> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..RACERS)
+            .chain([0])
+            .map(|i| {
+                let (start, w) = (&start, write(i));
+                s.spawn(move || {
+                    start.wait();
+                    (i, store.write("acme", &Principal::local(), &w, false))
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let (written, refused): (Vec<_>, Vec<_>) = answers.iter().partition(|(_, a)| a.is_ok());
+    for (_, a) in &refused {
+        match a {
+            Err(BackendError::Refused(r)) => {
+                assert_eq!(r.reason, licensor::domain::Reason::InsufficientPool, "{r}")
+            }
+            other => panic!("a racer got {other:?}"),
+        }
+    }
+    let snapshot = store.snapshot("acme").unwrap();
+    assert_eq!(snapshot.pools[0].dedicated, ROOM, "{snapshot:?}");
+    assert_eq!(snapshot.allocations.len(), ROOM as usize);
+    let mut versions: Vec<i64> = snapshot.allocations.iter().map(|a| a.version).collect();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(
+        versions.len(),
+        ROOM as usize,
+        "versions repeat: {versions:?}"
+    );
+    // Racer 0 and its retry both failed or both succeeded, once.
+    let zero: Vec<_> = answers.iter().filter(|(i, _)| *i == 0).collect();
+    match (&zero[0].1, &zero[1].1) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a.allocation, b.allocation);
+            assert!(a.replayed != b.replayed, "written twice or replayed twice");
+            assert_eq!(written.len(), ROOM as usize + 1);
+        }
+        (Err(_), Err(_)) => assert_eq!(written.len(), ROOM as usize),
+        other => panic!("a retry answered differently from its first try: {other:?}"),
+    }
+    // One audit entry per allocation written, none for refusals or replays.
+    assert_eq!(
+        store.audit("acme").unwrap().len(),
+        audit_before + ROOM as usize
+    );
+}
+
+#[test]
+fn on_sqlite_racing_writers_are_decided_one_after_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("l.db")).unwrap();
+    racing_writers_are_decided_one_after_the_other(&store);
+}
+
+#[test]
+fn on_postgres_racing_writers_are_decided_one_after_the_other() {
+    racing_writers_are_decided_one_after_the_other(&postgres_store());
+}

@@ -85,7 +85,7 @@ impl Server {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
             rows.iter()
                 .filter_map(|m| match m {
-                    postgres::SimpleQueryMessage::Row(r) => Some(
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(
                         (0..r.len())
                             .map(|i| r.get(i).unwrap_or("NULL").to_string())
                             .collect::<Vec<_>>()

@@ -9,10 +9,13 @@
 //! threads or processes, cannot over-commit a pool by their own increases.
 //! A refusal rolls back: the file keeps exactly the rows it had. Every
 //! change writes an audit record ([`audit`], R11); answers to idempotency
-//! keys are remembered and replayed. `licensor serve` uses these same
-//! transaction functions.
+//! keys are remembered and replayed. Allocation writes to one product that
+//! arrive together share one transaction (`batch`). `licensor serve` uses
+//! these same transaction functions; [`postgres`] is the same store on a
+//! PostgreSQL server.
 
 pub mod audit;
+mod batch;
 pub mod pipeline;
 pub mod postgres;
 pub mod rows;
@@ -49,13 +52,11 @@ impl Principal {
     }
 }
 
-fn closed() -> BackendError {
-    BackendError::Unavailable("the PostgreSQL connection is closed".into())
-}
-
 /// A license store and its transaction functions.
 pub struct Store {
     db: Db,
+    /// Allocation writes waiting to be written together.
+    batches: batch::Batches,
     /// Where it is, for messages (a path; never credentials).
     location: String,
 }
@@ -63,22 +64,22 @@ pub struct Store {
 /// The database behind a store.
 enum Db {
     Sqlite(Mutex<Connection>),
-    /// One connection per process, made again when the server drops it;
-    /// `url` (credentials included) is kept for that and never shown.
-    Postgres {
-        client: Box<Mutex<Option<postgres::Conn>>>,
-        url: String,
-    },
+    /// A pool of connections (see [`postgres::conn`]).
+    Postgres(Box<postgres::Conns>),
 }
+
+/// Connections one process keeps open to PostgreSQL at most. Writers of one
+/// product wait for each other on its pool row in any case; this is enough
+/// to keep that row busy while other requests read.
+const POSTGRES_CONNECTIONS: usize = 8;
 
 impl Drop for Store {
     fn drop(&mut self) {
         // The PostgreSQL client closes its connection on a runtime of its
         // own, which cannot run on an async thread: close it off this one.
-        if let Db::Postgres { client, .. } = &mut self.db
-            && let Some(c) = client.get_mut().ok().and_then(Option::take)
-        {
-            let _ = std::thread::spawn(move || drop(c)).join();
+        if let Db::Postgres(conns) = &self.db {
+            let idle = conns.drain();
+            let _ = std::thread::spawn(move || drop(idle)).join();
         }
     }
 }
@@ -132,6 +133,7 @@ impl Store {
         schema::migrate(&mut conn, path)?;
         Ok(Store {
             db: Db::Sqlite(Mutex::new(conn)),
+            batches: Default::default(),
             location: path.display().to_string(),
         })
     }
@@ -141,18 +143,17 @@ impl Store {
     /// no licensor store is an error and is left as it is.
     pub fn connect(url: &str, create: bool) -> Result<Store, BackendError> {
         let location = crate::backend::redact(url);
-        let mut client = postgres::connect(url)?;
-        if !create && !postgres::holds_a_store(&mut client, &location)? {
+        let mut conn = postgres::connect(url)?;
+        if !create && !postgres::holds_a_store(&mut conn, &location)? {
             return Err(BackendError::Unavailable(format!(
                 "{location}: no store here; create one with `licensor backend seed -f FIXTURE`"
             )));
         }
-        postgres::migrate(&mut client, &location)?;
+        postgres::migrate(&mut conn, &location)?;
+        let conns = postgres::Conns::new(conn, url.to_string(), POSTGRES_CONNECTIONS);
         Ok(Store {
-            db: Db::Postgres {
-                client: Box::new(Mutex::new(Some(postgres::Conn::new(client)))),
-                url: url.to_string(),
-            },
+            db: Db::Postgres(Box::new(conns)),
+            batches: Default::default(),
             location,
         })
     }
@@ -168,7 +169,7 @@ impl Store {
     pub fn describe(&self) -> String {
         match self.db {
             Db::Sqlite(_) => format!("sqlite:{}", self.location),
-            Db::Postgres { .. } => self.location.clone(),
+            Db::Postgres(_) => self.location.clone(),
         }
     }
 
@@ -188,11 +189,11 @@ impl Store {
                     .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
                 f(&*conn)
             }
-            Db::Postgres { client, url } => {
-                let mut guard = self.postgres(client, url)?;
-                let conn = guard.as_mut().ok_or_else(closed)?;
-                let (tx, statements) = conn.begin().map_err(|e| self.unavailable(e))?;
-                f(&postgres::Pg::reads(tx, statements))
+            Db::Postgres(conns) => {
+                let mut conn = conns.take()?;
+                let out = f(&postgres::Pg::reads(&mut conn));
+                conns.give(conn, out.is_ok());
+                out
             }
         }
     }
@@ -204,6 +205,14 @@ impl Store {
         commit: bool,
         f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
+        self.transaction_then(|tx| Ok((f(tx)?, commit)))
+    }
+
+    /// Runs `f` in one write transaction; `f` says whether to commit it.
+    fn transaction_then<T>(
+        &self,
+        f: impl FnOnce(&dyn Storage) -> Result<(T, bool), BackendError>,
+    ) -> Result<T, BackendError> {
         match &self.db {
             Db::Sqlite(conn) => {
                 let mut conn = conn
@@ -212,44 +221,31 @@ impl Store {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(self.failed())?;
-                let out = f(&*tx)?;
+                let (out, commit) = f(&*tx)?;
                 if commit {
                     tx.commit().map_err(self.failed())?;
                 }
                 Ok(out)
             }
-            Db::Postgres { client, url } => {
-                let mut guard = self.postgres(client, url)?;
-                let conn = guard.as_mut().ok_or_else(closed)?;
-                let (tx, statements) = conn.begin().map_err(|e| self.unavailable(e))?;
-                let pg = postgres::Pg::writes(tx, statements);
-                let out = f(&pg)?;
-                let tx = pg.into_inner();
-                if commit {
-                    tx.commit().map_err(|e| self.unavailable(e))?;
+            Db::Postgres(conns) => {
+                let mut conn = conns.take()?;
+                let tx = postgres::Pg::writes(&mut conn);
+                let out = f(&tx);
+                // The queued writes go out with COMMIT; after a refusal or
+                // an error they are dropped and the transaction rolled back.
+                let end = tx.finish(matches!(out, Ok((_, true))));
+                let healthy = end.is_ok();
+                conns.give(conn, healthy);
+                match (out, end) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(self.unavailable(e)),
+                    (Ok((out, _)), Ok(())) => Ok(out),
                 }
-                Ok(out)
             }
         }
     }
 
-    /// The PostgreSQL connection, made again if the server closed it (a
-    /// restart): the call in progress when it went fails, the next works.
-    fn postgres<'a>(
-        &self,
-        client: &'a Mutex<Option<postgres::Conn>>,
-        url: &str,
-    ) -> Result<std::sync::MutexGuard<'a, Option<postgres::Conn>>, BackendError> {
-        let mut guard = client
-            .lock()
-            .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
-        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *guard = Some(postgres::Conn::new(postgres::connect(url)?));
-        }
-        Ok(guard)
-    }
-
-    fn unavailable(&self, e: ::postgres::Error) -> BackendError {
+    fn unavailable(&self, e: tokio_postgres::Error) -> BackendError {
         BackendError::Unavailable(format!("{}: {}", self.location, postgres::describe(&e)))
     }
 
@@ -262,7 +258,10 @@ impl Store {
         w: &AllocationWrite,
         dry_run: bool,
     ) -> Result<Written, BackendError> {
-        self.transaction(!dry_run, |tx| pipeline::write(tx, account, who, w))
+        if dry_run {
+            return self.transaction(false, |tx| pipeline::write(tx, account, who, w));
+        }
+        self.write_batched(account, who, w)
     }
 
     /// Releases ownership of an allocation (deletionPolicy Orphan).

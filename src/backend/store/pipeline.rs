@@ -80,7 +80,7 @@ fn decide_and_write<S: Storage + ?Sized>(
     who: &Principal,
     w: &AllocationWrite,
 ) -> Result<Written, BackendError> {
-    let seen = Observation::read(s, account, &w.organization, &w.product)?;
+    let seen = s.observation(account, &w.organization, &w.product)?;
     let effect = decide(who.role, seen.seen(), &w.request())?;
     let Observation {
         pool,
@@ -158,7 +158,7 @@ pub fn release<S: Storage + ?Sized>(
     product: &str,
     manager: &str,
 ) -> Result<(), BackendError> {
-    let seen = Observation::read(s, account, organization, product)?;
+    let seen = s.observation(account, organization, product)?;
     let dedicated = seen.allocation.as_ref().map_or(0, |a| a.dedicated);
     let request = Request {
         organization,
@@ -227,7 +227,7 @@ pub fn seats<S: Storage + ?Sized>(
     change: SeatChange,
 ) -> Result<(), BackendError> {
     require_admin(who.role, "change seats in use")?;
-    let seen = Observation::read(s, account, organization, product)?;
+    let seen = s.observation(account, organization, product)?;
     let target = decide_seats(seen.seen(), organization, product, change)?;
     let (Some(mut pool), current) = (seen.pool, seen.allocation) else {
         return Err(unknown_product(product).into());

@@ -71,9 +71,20 @@ pub trait Storage {
     fn expire_keys(&self, cutoff: &str) -> Result<usize>;
     /// Pools, organizations and allocations of one account, sorted.
     fn snapshot(&self, account: &str) -> Result<Snapshot>;
-    /// The part of the account one allocation is decided on.
+    /// What one allocation is decided on: its product's pool, whether its
+    /// organization exists, and the allocation. In a write transaction a
+    /// store that locks rows locks the pool row first, which serializes the
+    /// writers of one product.
+    fn observation(&self, account: &str, organization: &str, product: &str) -> Result<Observation> {
+        Ok(Observation {
+            pool: self.pool(account, product)?,
+            organization_exists: self.organization_exists(account, organization)?,
+            allocation: self.allocation(account, organization, product)?,
+        })
+    }
+    /// The part of the account one allocation is decided on, as a snapshot.
     fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
-        let seen = Observation::read(self, account, organization, product)?;
+        let seen = self.observation(account, organization, product)?;
         Ok(Snapshot {
             pools: seen.pool.into_iter().collect(),
             organizations: seen
@@ -104,21 +115,6 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn read<S: Storage + ?Sized>(
-        s: &S,
-        account: &str,
-        organization: &str,
-        product: &str,
-    ) -> Result<Observation> {
-        Ok(Observation {
-            // The pool first: a store that locks rows locks the pool here,
-            // which serializes the writers of one product.
-            pool: s.pool(account, product)?,
-            organization_exists: s.organization_exists(account, organization)?,
-            allocation: s.allocation(account, organization, product)?,
-        })
-    }
-
     pub fn seen(&self) -> Observed<'_> {
         Observed {
             pool: self.pool.as_ref(),
@@ -393,7 +389,8 @@ impl Storage for Connection {
 
     // One statement, so one consistent read without a transaction: this is
     // the hot path of the operator and of `GET .../allocations/{product}`.
-    fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
+    // (Writers are serialized by `BEGIN IMMEDIATE`; there is no row to lock.)
+    fn observation(&self, account: &str, organization: &str, product: &str) -> Result<Observation> {
         self.prepare_cached(
             "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
                     EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
@@ -419,14 +416,10 @@ impl Storage for Connection {
                     }),
                     None => None,
                 };
-                Ok(Snapshot {
-                    pools: pool.into_iter().collect(),
-                    organizations: r
-                        .get::<_, bool>(5)?
-                        .then(|| organization.to_string())
-                        .into_iter()
-                        .collect(),
-                    allocations: allocation.into_iter().collect(),
+                Ok(Observation {
+                    pool,
+                    organization_exists: r.get(5)?,
+                    allocation,
                 })
             })
         })

@@ -1,0 +1,314 @@
+//! Connections to the server, pipelined, and the pool each process keeps.
+//!
+//! A [`Conn`] is a tokio-postgres client on a runtime of its own, driven
+//! from a blocking thread (a store call runs on one). Statements that need
+//! no answer (the writes of a transaction, its `BEGIN`) are queued and go
+//! out in one round trip with the next statement that does: a write
+//! transaction is four round trips at most, however many rows it writes
+//! (`BEGIN` with the replay check, the observation, the next revision, the
+//! writes with `COMMIT`). Fewer round trips under the pool row's lock is
+//! what lets writers of one product follow each other quickly.
+//!
+//! Requests on one connection are answered in the order they were sent,
+//! so the queue keeps the transaction's order; the first error wins, and
+//! the server has then aborted the transaction, so nothing after it counts.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Condvar, Mutex};
+use std::task::Poll;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Error, Row, SimpleQueryMessage, Statement};
+
+use crate::backend::BackendError;
+
+/// A parameter a queued statement owns until it is sent.
+pub type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Turns a value into a [`Param`]: `params![account, pool.total]`.
+pub trait Own {
+    fn own(&self) -> Param;
+}
+
+impl Own for str {
+    fn own(&self) -> Param {
+        Box::new(self.to_string())
+    }
+}
+
+impl Own for String {
+    fn own(&self) -> Param {
+        Box::new(self.clone())
+    }
+}
+
+impl Own for i64 {
+    fn own(&self) -> Param {
+        Box::new(*self)
+    }
+}
+
+impl Own for i32 {
+    fn own(&self) -> Param {
+        Box::new(*self)
+    }
+}
+
+impl Own for Option<&str> {
+    fn own(&self) -> Param {
+        Box::new(self.map(str::to_string))
+    }
+}
+
+impl Own for Option<String> {
+    fn own(&self) -> Param {
+        Box::new(self.clone())
+    }
+}
+
+/// The owned parameters of a statement.
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {{
+        #[allow(unused_imports)]
+        use $crate::backend::store::postgres::conn::Own;
+        vec![$(($p).own()),*]
+    }};
+}
+pub(crate) use params;
+
+/// One request to the server.
+pub enum Request {
+    /// SQL text without parameters (`BEGIN`, `COMMIT`, migrations).
+    Simple(String),
+    /// A prepared statement whose rows are wanted.
+    Query(Statement, Vec<Param>),
+    /// A prepared statement whose count of rows is wanted.
+    Execute(Statement, Vec<Param>),
+}
+
+/// What the server answered to one [`Request`].
+pub enum Answer {
+    Done,
+    Rows(Vec<Row>),
+    Count(u64),
+}
+
+impl Answer {
+    pub fn rows(self) -> Vec<Row> {
+        match self {
+            Answer::Rows(rows) => rows,
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn count(self) -> u64 {
+        match self {
+            Answer::Count(n) => n,
+            _ => 0,
+        }
+    }
+}
+
+/// One connection: its client, the runtime that drives it, the statements
+/// prepared on it and the requests queued for its next round trip.
+pub struct Conn {
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+    statements: HashMap<String, Statement>,
+    queued: Vec<Request>,
+}
+
+impl Conn {
+    pub fn new(client: Client, runtime: tokio::runtime::Runtime) -> Conn {
+        Conn {
+            client,
+            runtime,
+            statements: HashMap::new(),
+            queued: Vec::new(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Runs SQL text (several statements allowed) now, after what is queued.
+    pub fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        self.flush()?;
+        self.runtime.block_on(self.client.simple_query(sql))
+    }
+
+    /// The prepared statement for `sql`, prepared now if it is new (the
+    /// queue goes out first).
+    pub fn statement(&mut self, sql: &str) -> Result<Statement, Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        self.flush()?;
+        let prepared = self.runtime.block_on(self.client.prepare(sql))?;
+        self.statements.insert(sql.to_string(), prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Queues a request for the next round trip.
+    pub fn later(&mut self, request: Request) {
+        self.queued.push(request);
+    }
+
+    /// Forgets what is queued (a transaction given up before it was sent).
+    pub fn discard(&mut self) {
+        self.queued.clear();
+    }
+
+    /// Sends what is queued.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        self.send(Vec::new()).map(drop)
+    }
+
+    /// Sends what is queued and then `requests`, in one round trip, and
+    /// returns the answers to `requests` in order.
+    pub fn send(&mut self, requests: Vec<Request>) -> Result<Vec<Answer>, Error> {
+        let mut all = std::mem::take(&mut self.queued);
+        let first = all.len();
+        all.extend(requests);
+        let client = &self.client;
+        let answers = self.runtime.block_on(in_order(
+            all.iter()
+                .map(|r| Box::pin(ask(client, r)) as Pin<Box<dyn Future<Output = _> + Send + '_>>)
+                .collect(),
+        ));
+        let mut wanted = Vec::with_capacity(answers.len() - first);
+        for (i, answer) in answers.into_iter().enumerate() {
+            let answer = answer?;
+            if i >= first {
+                wanted.push(answer);
+            }
+        }
+        Ok(wanted)
+    }
+}
+
+async fn ask(client: &Client, request: &Request) -> Result<Answer, Error> {
+    fn refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+        params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+    }
+    match request {
+        Request::Simple(sql) => client.batch_execute(sql).await.map(|()| Answer::Done),
+        Request::Query(s, params) => client.query(s, &refs(params)).await.map(Answer::Rows),
+        Request::Execute(s, params) => client.execute(s, &refs(params)).await.map(Answer::Count),
+    }
+}
+
+/// Polls every future in the order given, each time any of them is woken,
+/// until all are done. A tokio-postgres request is written to the
+/// connection when its future is first polled, so this sends them in order,
+/// before the first answer is awaited: one round trip for all.
+async fn in_order<'a, T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut done: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in futures.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *d = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
+}
+
+/// The connections of one process: at most `max` open, idle ones reused,
+/// closed ones (a server restart) replaced on the next call.
+pub struct Conns {
+    state: Mutex<Idle>,
+    freed: Condvar,
+    max: usize,
+    /// Where to connect (credentials included; never shown).
+    url: String,
+}
+
+struct Idle {
+    conns: Vec<Conn>,
+    open: usize,
+}
+
+impl Conns {
+    pub fn new(first: Conn, url: String, max: usize) -> Conns {
+        Conns {
+            state: Mutex::new(Idle {
+                conns: vec![first],
+                open: 1,
+            }),
+            freed: Condvar::new(),
+            max,
+            url,
+        }
+    }
+
+    /// An idle connection, or a new one while fewer than `max` are open;
+    /// else waits for one to be given back.
+    pub fn take(&self) -> Result<Conn, BackendError> {
+        let poisoned = |_| BackendError::Unavailable("store lock poisoned".into());
+        let mut state = self.state.lock().map_err(poisoned)?;
+        loop {
+            if let Some(conn) = state.conns.pop() {
+                if !conn.is_closed() {
+                    return Ok(conn);
+                }
+                state.open -= 1;
+                drop(conn);
+                continue;
+            }
+            if state.open < self.max {
+                state.open += 1;
+                drop(state);
+                return super::connect::connect(&self.url).inspect_err(|_| {
+                    if let Ok(mut s) = self.state.lock() {
+                        s.open -= 1;
+                    }
+                    self.freed.notify_one();
+                });
+            }
+            state = self.freed.wait(state).map_err(poisoned)?;
+        }
+    }
+
+    /// Gives a connection back: kept for the next call when `healthy`.
+    pub fn give(&self, mut conn: Conn, healthy: bool) {
+        let keep = healthy && !conn.is_closed();
+        if !keep {
+            conn.discard();
+        }
+        if let Ok(mut state) = self.state.lock() {
+            if keep {
+                state.conns.push(conn);
+            } else {
+                state.open -= 1;
+                drop(state);
+                drop(conn);
+            }
+        }
+        self.freed.notify_one();
+    }
+
+    /// Takes every idle connection (to close them off an async thread).
+    pub fn drain(&self) -> Vec<Conn> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.conns))
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,749 @@
+//! The store on PostgreSQL: the same pipeline and the same rules as the
+//! embedded file, over a server that several processes and machines share.
+//!
+//! Contract:
+//! - **Connection.** A `postgres://` or `postgresql://` URL, or libpq-style
+//!   `key=value` parameters. The password comes from the URL, or else from
+//!   `PGPASSWORD`, or else from a libpq password file (`passfile=`,
+//!   `PGPASSFILE`, `~/.pgpass`). `sslmode` follows libpq: `disable`, `prefer` (the
+//!   default), `require` (encrypted, not verified), `verify-ca` (the chain
+//!   must lead to `sslrootcert`), and `verify-full` (that, and the host name
+//!   too). TLS is rustls. A location is never shown with its password.
+//! - **Concurrency (R10).** Every write is one READ COMMITTED transaction
+//!   that locks its product's pool row (`SELECT ... FOR UPDATE`) before it
+//!   reads anything else, and then takes the next value of the account's
+//!   sequence, which locks the account row. Two writers of one pool
+//!   therefore run one after the other, each deciding on rows committed
+//!   before it, so their own increases can never over-commit the pool. A
+//!   row lock was chosen over SERIALIZABLE because a refusal must report
+//!   the real state of the pool; SERIALIZABLE would answer a conflict that
+//!   the client then has to retry. Every writer locks in the same order
+//!   (pool rows by name, then the account row), seeds included, so writers
+//!   cannot deadlock.
+//! - **Round trips.** Each process keeps a few connections ([`Conns`]) and
+//!   pipelines its statements ([`conn`]): the lock of a pool row is held
+//!   for two round trips per transaction (the observation, then the writes
+//!   with `COMMIT`), and writes that arrive together share a transaction
+//!   (see `store::batch`).
+//! - **Migrations.** Versioned in `licensor_schema` and applied under a
+//!   transaction-scoped advisory lock, so processes starting together apply
+//!   each migration exactly once. A database whose schema is newer than this
+//!   licensor is refused before anything is written.
+
+pub mod conn;
+pub mod connect;
+
+use std::cell::RefCell;
+
+use tokio_postgres::{Row, SimpleQueryMessage};
+
+use super::audit::{AuditAction, AuditRecord};
+use super::rows::{AccountRows, Observation, Result, Storage, now};
+use crate::backend::{AuditEntry, BackendError};
+use crate::domain::{Allocation, Pool, Snapshot};
+pub use conn::{Conn, Conns};
+use conn::{Param, Request, params};
+use connect::invalid;
+pub use connect::{connect, describe};
+
+/// Schema migrations, applied in order; `licensor_schema.version` counts
+/// those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    -- The sequence every version and pool revision is drawn from.
+    revision BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE products (
+    account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    total BIGINT NOT NULL CHECK (total >= 0),
+    shared_in_use BIGINT NOT NULL DEFAULT 0 CHECK (shared_in_use >= 0),
+    dedicated BIGINT NOT NULL DEFAULT 0 CHECK (dedicated >= 0),
+    revision BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, name)
+);
+CREATE TABLE organizations (
+    account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    name TEXT,
+    PRIMARY KEY (account, id)
+);
+CREATE TABLE allocations (
+    account TEXT NOT NULL,
+    organization TEXT NOT NULL,
+    product TEXT NOT NULL,
+    dedicated BIGINT NOT NULL CHECK (dedicated >= 0),
+    in_use BIGINT NOT NULL CHECK (in_use >= 0),
+    managed_by TEXT,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (account, organization, product),
+    FOREIGN KEY (account, organization) REFERENCES organizations(account, id) ON DELETE CASCADE,
+    FOREIGN KEY (account, product) REFERENCES products(account, name) ON DELETE CASCADE
+);
+CREATE TABLE audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account TEXT NOT NULL,
+    time TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    organization TEXT,
+    product TEXT,
+    from_count BIGINT NOT NULL,
+    to_count BIGINT NOT NULL,
+    rehomed BIGINT NOT NULL DEFAULT 0,
+    displaced BIGINT NOT NULL DEFAULT 0,
+    manager TEXT,
+    idempotency_key TEXT
+);
+CREATE INDEX audit_account ON audit(account, id);
+CREATE TABLE idempotency (
+    account TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (account, key)
+);
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"#];
+
+/// The advisory lock migrations run under (an arbitrary constant of ours).
+const MIGRATION_LOCK: i64 = 0x6c69_6365_6e73_6f72;
+
+/// Whether the database holds a licensor store (its schema table).
+pub fn holds_a_store(conn: &mut Conn, location: &str) -> std::result::Result<bool, BackendError> {
+    let answer = conn
+        .simple_query("SELECT to_regclass('licensor_schema') IS NOT NULL")
+        .map_err(|e| invalid(location, describe(&e)))?;
+    Ok(first_value(&answer).as_deref() == Some("t"))
+}
+
+/// The first column of the first row of a simple query's answer.
+fn first_value(answer: &[SimpleQueryMessage]) -> Option<String> {
+    answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+/// Applies the migrations the database lacks, under the advisory lock;
+/// refuses one whose schema is newer than this licensor.
+pub fn migrate(conn: &mut Conn, location: &str) -> std::result::Result<(), BackendError> {
+    let failed = |e: tokio_postgres::Error| invalid(location, describe(&e));
+    let applied = (|| {
+        let answer = conn
+            .simple_query(&format!(
+                "BEGIN;
+                 SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+                 CREATE TABLE IF NOT EXISTS licensor_schema (version INTEGER NOT NULL);
+                 SELECT version FROM licensor_schema;"
+            ))
+            .map_err(failed)?;
+        // The lock's row (an empty value) comes first, then the version.
+        let version: usize = answer
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .nth(1)
+            .map_or(Ok(0), str::parse)
+            .map_err(|e| invalid(location, format!("licensor_schema: {e}")))?;
+        if version > MIGRATIONS.len() {
+            return Err(invalid(
+                location,
+                format!(
+                    "schema version {version} is newer than this licensor ({}); upgrade licensor",
+                    MIGRATIONS.len()
+                ),
+            ));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            conn.simple_query(sql).map_err(failed)?;
+            conn.simple_query(&format!(
+                "DELETE FROM licensor_schema; INSERT INTO licensor_schema (version) VALUES ({})",
+                i + 1
+            ))
+            .map_err(failed)?;
+        }
+        conn.simple_query("COMMIT").map_err(failed).map(drop)
+    })();
+    if applied.is_err() {
+        let _ = conn.simple_query("ROLLBACK");
+    }
+    applied
+}
+
+/// How a [`Pg`] runs its statements.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Outside a transaction: each statement reads on its own, and the
+    /// reads that take several statements run in a read-only REPEATABLE
+    /// READ transaction of their own (one round trip all the same).
+    Reads,
+    /// Inside a write transaction (READ COMMITTED) that locks the pool row
+    /// a request is decided on.
+    Writes,
+}
+
+/// The storage interface over one connection.
+pub struct Pg<'c> {
+    conn: RefCell<&'c mut Conn>,
+    mode: Mode,
+    /// A value of the account's sequence taken with a write's observation
+    /// (one round trip fewer while the pool row is locked); the next
+    /// [`Storage::next_revision`] hands it out. A refusal rolls it back.
+    reserved: std::cell::Cell<Option<i64>>,
+}
+
+fn failed(e: tokio_postgres::Error) -> BackendError {
+    BackendError::Unavailable(format!("the store: {}", describe(&e)))
+}
+
+impl<'c> Pg<'c> {
+    /// Reads on `conn`, outside a transaction.
+    pub fn reads(conn: &'c mut Conn) -> Self {
+        Pg {
+            conn: RefCell::new(conn),
+            mode: Mode::Reads,
+            reserved: Default::default(),
+        }
+    }
+
+    /// A write transaction on `conn`: its `BEGIN` goes out with the first
+    /// statement; [`Pg::finish`] commits or rolls it back.
+    pub fn writes(conn: &'c mut Conn) -> Self {
+        conn.later(Request::Simple("BEGIN".into()));
+        Pg {
+            conn: RefCell::new(conn),
+            mode: Mode::Writes,
+            reserved: Default::default(),
+        }
+    }
+
+    /// Sends the queued writes with `COMMIT` in one round trip, or gives
+    /// them up with `ROLLBACK`.
+    pub fn finish(self, commit: bool) -> std::result::Result<(), tokio_postgres::Error> {
+        let conn = self.conn.into_inner();
+        if !commit {
+            conn.discard();
+        }
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        conn.send(vec![Request::Simple(end.into())]).map(drop)
+    }
+
+    fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        self.conn.borrow_mut().statement(sql).map_err(failed)
+    }
+
+    /// The rows of one statement, now.
+    fn rows(&self, sql: &str, params: Vec<Param>) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        let mut answers = self
+            .conn
+            .borrow_mut()
+            .send(vec![Request::Query(statement, params)])
+            .map_err(failed)?;
+        Ok(answers.pop().map(conn::Answer::rows).unwrap_or_default())
+    }
+
+    /// The rows of several statements that must agree with each other,
+    /// in one round trip.
+    fn consistent(&self, queries: Vec<(&str, Vec<Param>)>) -> Result<Vec<Vec<Row>>> {
+        let mut requests = Vec::with_capacity(queries.len() + 2);
+        if self.mode == Mode::Reads {
+            requests.push(Request::Simple(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".into(),
+            ));
+        }
+        for (sql, params) in queries {
+            requests.push(Request::Query(self.statement(sql)?, params));
+        }
+        if self.mode == Mode::Reads {
+            requests.push(Request::Simple("COMMIT".into()));
+        }
+        let answers = self.conn.borrow_mut().send(requests);
+        if answers.is_err() && self.mode == Mode::Reads {
+            let _ = self.conn.borrow_mut().simple_query("ROLLBACK");
+        }
+        Ok(answers
+            .map_err(failed)?
+            .into_iter()
+            .filter_map(|a| match a {
+                conn::Answer::Rows(rows) => Some(rows),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Queues a write for the next round trip (with `COMMIT` at the
+    /// latest); an error in it fails the transaction there.
+    fn later(&self, sql: &str, params: Vec<Param>) -> Result<()> {
+        let statement = self.statement(sql)?;
+        self.conn
+            .borrow_mut()
+            .later(Request::Execute(statement, params));
+        Ok(())
+    }
+
+    /// Runs a write now and returns how many rows it touched.
+    fn count(&self, sql: &str, params: Vec<Param>) -> Result<u64> {
+        let statement = self.statement(sql)?;
+        let mut answers = self
+            .conn
+            .borrow_mut()
+            .send(vec![Request::Execute(statement, params)])
+            .map_err(failed)?;
+        Ok(answers.pop().map(conn::Answer::count).unwrap_or_default())
+    }
+}
+
+fn pool_row(r: &Row) -> Pool {
+    Pool {
+        product: r.get(0),
+        total: r.get(1),
+        dedicated: r.get(2),
+        shared_in_use: r.get(3),
+        revision: r.get(4),
+    }
+}
+
+fn allocation_row(r: &Row) -> Allocation {
+    Allocation {
+        organization: r.get(0),
+        product: r.get(1),
+        dedicated: r.get(2),
+        in_use: r.get(3),
+        managed_by: r.get(4),
+        version: r.get(5),
+    }
+}
+
+const POOL: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2";
+const POOL_FOR_UPDATE: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE";
+const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $1 AND id = $2";
+const ALLOCATION: &str =
+    "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
+     WHERE account = $1 AND organization = $2 AND product = $3";
+const NEXT_REVISION: &str =
+    "UPDATE accounts SET revision = revision + 1 WHERE id = $1 RETURNING revision";
+const AUDIT: &str = "SELECT id, time, actor, action, organization, product, from_count, to_count,
+            rehomed, displaced, manager, idempotency_key
+     FROM audit WHERE account = $1 ORDER BY id";
+
+/// The pools, organization ids and allocations of an account, sorted.
+fn snapshot_queries(account: &str) -> Vec<(&'static str, Vec<Param>)> {
+    vec![
+        (
+            "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 ORDER BY name",
+            params![account],
+        ),
+        (
+            "SELECT id FROM organizations WHERE account = $1 ORDER BY id",
+            params![account],
+        ),
+        (
+            "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = $1 ORDER BY organization, product",
+            params![account],
+        ),
+    ]
+}
+
+fn snapshot_of(pools: &[Row], organizations: &[Row], allocations: &[Row]) -> Snapshot {
+    Snapshot {
+        pools: pools.iter().map(pool_row).collect(),
+        organizations: organizations.iter().map(|r| r.get(0)).collect(),
+        allocations: allocations.iter().map(allocation_row).collect(),
+    }
+}
+
+fn audit_row(r: &Row) -> Result<AuditEntry> {
+    let action: String = r.get(3);
+    Ok(AuditEntry {
+        id: r.get(0),
+        time: r.get(1),
+        actor: r.get(2),
+        action: AuditAction::parse(&action)
+            .ok_or_else(|| BackendError::Unavailable(format!("unknown audit action {action:?}")))?,
+        organization: r.get(4),
+        product: r.get(5),
+        from: r.get(6),
+        to: r.get(7),
+        rehomed: r.get(8),
+        displaced: r.get(9),
+        manager: r.get(10),
+        idempotency_key: r.get(11),
+    })
+}
+
+impl Storage for Pg<'_> {
+    fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
+        let sql = if self.mode == Mode::Writes {
+            POOL_FOR_UPDATE
+        } else {
+            POOL
+        };
+        Ok(self
+            .rows(sql, params![&account, &product])?
+            .first()
+            .map(pool_row))
+    }
+
+    fn organization_exists(&self, account: &str, organization: &str) -> Result<bool> {
+        Ok(!self
+            .rows(ORGANIZATION_EXISTS, params![account, organization])?
+            .is_empty())
+    }
+
+    fn allocation(
+        &self,
+        account: &str,
+        organization: &str,
+        product: &str,
+    ) -> Result<Option<Allocation>> {
+        Ok(self
+            .rows(ALLOCATION, params![account, organization, product])?
+            .first()
+            .map(allocation_row))
+    }
+
+    fn observation(&self, account: &str, organization: &str, product: &str) -> Result<Observation> {
+        // One round trip either way. Writing, the pool row is locked first,
+        // the other rows are read after the lock is held, and the account's
+        // next revision is taken (its row locked after the pool's, as every
+        // writer does). Reading, the three are one consistent set.
+        let writing = self.mode == Mode::Writes;
+        let mut queries = vec![
+            (
+                if writing { POOL_FOR_UPDATE } else { POOL },
+                params![account, product],
+            ),
+            (ORGANIZATION_EXISTS, params![account, organization]),
+            (ALLOCATION, params![account, organization, product]),
+        ];
+        if writing && self.reserved.get().is_none() {
+            queries.push((NEXT_REVISION, params![account]));
+        }
+        let mut answers = self.consistent(queries)?.into_iter();
+        let mut next = || answers.next().unwrap_or_default();
+        let (pool, organization_exists, allocation) = (next(), next(), next());
+        if let Some(r) = next().first() {
+            self.reserved.set(Some(r.get(0)));
+        }
+        Ok(Observation {
+            pool: pool.first().map(pool_row),
+            organization_exists: !organization_exists.is_empty(),
+            allocation: allocation.first().map(allocation_row),
+        })
+    }
+
+    fn next_revision(&self, account: &str) -> Result<i64> {
+        if let Some(reserved) = self.reserved.take() {
+            return Ok(reserved);
+        }
+        self.rows(NEXT_REVISION, params![account])?
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| {
+                BackendError::Unavailable(format!("the store has no account {account:?}"))
+            })
+    }
+
+    fn save_pool(&self, account: &str, p: &Pool) -> Result<()> {
+        self.later(
+            "UPDATE products SET total = $3, dedicated = $4, shared_in_use = $5, revision = $6
+             WHERE account = $1 AND name = $2",
+            params![
+                &account,
+                &p.product,
+                &p.total,
+                &p.dedicated,
+                &p.shared_in_use,
+                &p.revision
+            ],
+        )
+        .map(drop)
+    }
+
+    fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
+        self.later(
+            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (account, organization, product) DO UPDATE SET
+               dedicated = excluded.dedicated, in_use = excluded.in_use,
+               managed_by = excluded.managed_by, version = excluded.version",
+            params![&account,
+                &a.organization,
+                &a.product,
+                &a.dedicated,
+                &a.in_use,
+                &a.managed_by,
+                &a.version],
+        )
+        .map(drop)
+    }
+
+    fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()> {
+        self.later(
+            "DELETE FROM allocations WHERE account = $1 AND organization = $2 AND product = $3",
+            params![&account, &organization, &product],
+        )
+        .map(drop)
+    }
+
+    fn insert_organization(&self, account: &str, id: &str, name: Option<&str>) -> Result<()> {
+        self.later(
+            "INSERT INTO organizations (account, id, name) VALUES ($1, $2, $3)",
+            params![&account, &id, &name],
+        )
+        .map(drop)
+    }
+
+    fn insert_pool(&self, account: &str, p: &Pool) -> Result<()> {
+        self.later(
+            "INSERT INTO products (account, name, total, shared_in_use, dedicated, revision)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            params![
+                &account,
+                &p.product,
+                &p.total,
+                &p.shared_in_use,
+                &p.dedicated,
+                &p.revision
+            ],
+        )
+        .map(drop)
+    }
+
+    fn clear_account(&self, account: &str) -> Result<()> {
+        // Locked in the order every writer locks: the pool rows, then the
+        // account row (which also serializes seeds of one account).
+        self.later(
+            "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT DO NOTHING",
+            params![account],
+        )?;
+        self.consistent(vec![
+            (
+                "SELECT 1 FROM products WHERE account = $1 ORDER BY name FOR UPDATE",
+                params![account],
+            ),
+            (
+                "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                params![account],
+            ),
+        ])?;
+        for table in ["allocations", "organizations", "products"] {
+            self.later(
+                &format!("DELETE FROM {table} WHERE account = $1"),
+                params![&account],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
+        self.later(
+            "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            params![&account,
+                &now(),
+                &actor,
+                &r.action.as_str(),
+                &r.organization,
+                &r.product,
+                &r.from,
+                &r.to,
+                &r.rehomed,
+                &r.displaced,
+                &r.manager,
+                &r.idempotency_key],
+        )
+        .map(drop)
+    }
+
+    fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .rows(
+                "SELECT request_hash, response FROM idempotency WHERE account = $1 AND key = $2",
+                params![&account, &key],
+            )?
+            .first()
+            .map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()> {
+        self.later(
+            "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+            params![&account, &key, &request_hash, &answer, &now()],
+        )
+        .map(drop)
+    }
+
+    fn accounts(&self) -> Result<Vec<String>> {
+        Ok(self
+            .rows("SELECT id FROM accounts ORDER BY id", params![])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
+        Ok(self
+            .rows(
+                "SELECT account, role, name FROM tokens WHERE hash = $1",
+                params![&hash],
+            )?
+            .first()
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()> {
+        self.later(
+            "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+            params![&hash, &account, &role, &name, &now()],
+        )
+        .map(drop)
+    }
+
+    fn expire_keys(&self, cutoff: &str) -> Result<usize> {
+        self.count(
+            "DELETE FROM idempotency WHERE created_at < $1",
+            params![&cutoff],
+        )
+        .map(|n| n as usize)
+    }
+
+    fn snapshot(&self, account: &str) -> Result<Snapshot> {
+        let [pools, organizations, allocations] =
+            <[Vec<Row>; 3]>::try_from(self.consistent(snapshot_queries(account))?)
+                .map_err(|_| BackendError::Unavailable("the store: answers missing".into()))?;
+        Ok(snapshot_of(&pools, &organizations, &allocations))
+    }
+
+    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>> {
+        self.rows(AUDIT, params![account])?
+            .iter()
+            .map(audit_row)
+            .collect()
+    }
+
+    fn export(&self, account: &str) -> Result<AccountRows> {
+        let mut queries = snapshot_queries(account);
+        queries.extend([
+            (
+                "SELECT revision FROM accounts WHERE id = $1",
+                params![account],
+            ),
+            (
+                "SELECT id, name FROM organizations WHERE account = $1 ORDER BY id",
+                params![account],
+            ),
+            (
+                "SELECT hash, role, name, created_at FROM tokens WHERE account = $1 ORDER BY hash",
+                params![account],
+            ),
+            (
+                "SELECT key, request_hash, response, created_at FROM idempotency WHERE account = $1 ORDER BY key",
+                params![account],
+            ),
+            (AUDIT, params![account]),
+        ]);
+        let [
+            pools,
+            organization_ids,
+            allocations,
+            revision,
+            organizations,
+            tokens,
+            keys,
+            audit,
+        ] = <[Vec<Row>; 8]>::try_from(self.consistent(queries)?)
+            .map_err(|_| BackendError::Unavailable("the store: answers missing".into()))?;
+        let snapshot = snapshot_of(&pools, &organization_ids, &allocations);
+        let four = |r: &Row| (r.get(0), r.get(1), r.get(2), r.get(3));
+        Ok(AccountRows {
+            id: account.to_string(),
+            revision: revision.first().map_or(0, |r| r.get(0)),
+            pools: snapshot.pools,
+            organizations: organizations.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            allocations: snapshot.allocations,
+            audit: audit.iter().map(audit_row).collect::<Result<_>>()?,
+            tokens: tokens.iter().map(four).collect(),
+            keys: keys.iter().map(four).collect(),
+        })
+    }
+
+    fn drop_account(&self, account: &str) -> Result<()> {
+        self.clear_account(account)?;
+        for table in ["idempotency", "tokens", "audit"] {
+            self.later(
+                &format!("DELETE FROM {table} WHERE account = $1"),
+                params![&account],
+            )?;
+        }
+        self.later("DELETE FROM accounts WHERE id = $1", params![&account])
+            .map(drop)
+    }
+
+    fn import(&self, a: &AccountRows) -> Result<()> {
+        let id = a.id.as_str();
+        self.later(
+            "INSERT INTO accounts (id, revision) VALUES ($1, $2)",
+            params![&id, &a.revision],
+        )?;
+        for p in &a.pools {
+            self.insert_pool(id, p)?;
+        }
+        for (org, name) in &a.organizations {
+            self.insert_organization(id, org, name.as_deref())?;
+        }
+        for al in &a.allocations {
+            self.save_allocation(id, al)?;
+        }
+        for e in &a.audit {
+            self.later(
+                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+                 OVERRIDING SYSTEM VALUE
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                params![&e.id,
+                    &id,
+                    &e.time,
+                    &e.actor,
+                    &e.action.as_str(),
+                    &e.organization,
+                    &e.product,
+                    &e.from,
+                    &e.to,
+                    &e.rehomed,
+                    &e.displaced,
+                    &e.manager,
+                    &e.idempotency_key],
+            )?;
+        }
+        // Later audit rows are numbered after the copied ones.
+        self.rows(
+            "SELECT setval(pg_get_serial_sequence('audit', 'id'), GREATEST((SELECT max(id) FROM audit), 1))",
+            params![],
+        )?;
+        for (hash, role, name, created) in &a.tokens {
+            self.later(
+                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+                params![hash, &id, role, name, created],
+            )?;
+        }
+        for (key, request_hash, answer, created) in &a.keys {
+            self.later(
+                "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
+                params![&id, key, request_hash, answer, created],
+            )?;
+        }
+        Ok(())
+    }
+}
