@@ -298,5 +298,8 @@ fn on_sqlite_racing_writers_are_decided_one_after_the_other() {
 
 #[test]
 fn on_postgres_racing_writers_are_decided_one_after_the_other() {
-    racing_writers_are_decided_one_after_the_other(&postgres_store());
+    // A database of its own: the property test above re-seeds its account.
+    let pg = common::postgres::server();
+    let store = Store::connect(&pg.url_with_password(&pg.database()), true).unwrap();
+    racing_writers_are_decided_one_after_the_other(&store);
 }

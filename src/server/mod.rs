@@ -298,6 +298,11 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
             }
         }
     });
+    // Answers go out as soon as they are written (no Nagle delay behind a
+    // client's delayed acknowledgement).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app(store, &config))
         .with_graceful_shutdown(shutdown())
         .await

@@ -96,14 +96,9 @@ impl Store {
     /// Runs a batch through the pipeline in one transaction and answers
     /// each write.
     fn write_together(&self, account: &str, batch: Vec<Waiting>) {
+        let writes: Vec<_> = batch.iter().map(|w| (&w.who, &w.write)).collect();
         let outcome = self.transaction_then(|tx| {
-            let mut answers = Vec::with_capacity(batch.len());
-            for w in &batch {
-                match pipeline::write(tx, account, &w.who, &w.write) {
-                    Err(e @ BackendError::Unavailable(_)) => return Err(e),
-                    answer => answers.push(answer),
-                }
-            }
+            let answers = pipeline::write_all(tx, account, &writes)?;
             // A batch of refusals only is rolled back: it leaves the store
             // exactly as it was, to the account's sequence.
             let commit = answers.iter().any(Result::is_ok);

@@ -4,19 +4,26 @@
 //! before anything is written, and the caller rolls the transaction back:
 //! the store keeps exactly the rows it had.
 //!
-//! An allocation write goes: role (R1, first, so a Viewer never receives
-//! an answer stored for an admin) -> replay of the key's first answer ->
-//! observe -> decide -> version check -> write -> audit -> remember the
-//! answer under the key. Every answer is remembered, a no-op included, so a
-//! retry gets what the first try got even if another writer moved the
-//! allocation since. Refusals are not remembered: they change nothing, so a
-//! retry is decided afresh and any version check still applies.
+//! Allocation writes come in batches (one write alone is a batch of one;
+//! see `store::batch`). A batch reads what it is decided on first, in one
+//! go: the rows of its allocations and pools (a store that locks rows
+//! locks the pools here) and the answers stored under its keys. Then each
+//! write goes: role (R1, first, so a Viewer never receives an answer
+//! stored for an admin) -> replay of the key's first answer -> decide on
+//! the rows as the writes before it left them -> version check -> write ->
+//! audit -> remember the answer under the key. Every answer is remembered,
+//! a no-op included, so a retry gets what the first try got even if
+//! another writer moved the allocation since. Refusals are not remembered:
+//! they change nothing, so a retry is decided afresh and any version check
+//! still applies.
+
+use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
 use super::Principal;
 use super::audit::{AuditAction, AuditRecord};
-use super::rows::{Observation, Storage};
+use super::rows::{Observation, Observations, Storage};
 use crate::backend::{BackendError, Fixture, Written};
 use crate::domain::{
     Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, Request, SeatChange, SeatTarget,
@@ -36,51 +43,139 @@ pub fn write<S: Storage + ?Sized>(
     who: &Principal,
     w: &AllocationWrite,
 ) -> Result<Written, BackendError> {
+    write_all(s, account, &[(who, w)])?
+        .pop()
+        .unwrap_or_else(|| Err(BackendError::Unavailable("no answer".into())))
+}
+
+/// Decides and applies allocation writes in order, in one transaction:
+/// the rows they are decided on (and their keys' answers) are read
+/// together first, and each write is decided on those rows as the writes
+/// before it left them, exactly as if it had come alone a moment later.
+/// A store failure fails them all; otherwise each has its own answer.
+pub fn write_all<S: Storage + ?Sized>(
+    s: &S,
+    account: &str,
+    writes: &[(&Principal, &AllocationWrite)],
+) -> Result<Vec<Result<Written, BackendError>>, BackendError> {
+    let wanted: Vec<(&str, &str)> = writes
+        .iter()
+        .map(|(_, w)| (w.organization.as_str(), w.product.as_str()))
+        .collect();
+    let keys: Vec<&str> = writes
+        .iter()
+        .filter_map(|(_, w)| w.idempotency_key.as_deref())
+        .collect();
+    let Observations {
+        seen,
+        mut remembered,
+    } = s.observations(account, &wanted, &keys)?;
+    let mut rows = Rows::default();
+    for ((organization, product), seen) in wanted.iter().zip(seen) {
+        rows.pools.insert(product.to_string(), seen.pool);
+        rows.organizations
+            .insert(organization.to_string(), seen.organization_exists);
+        rows.allocations.insert(
+            (organization.to_string(), product.to_string()),
+            seen.allocation,
+        );
+    }
+    let mut answers = Vec::with_capacity(writes.len());
+    for (who, w) in writes {
+        match write_one(s, account, who, w, &mut rows, &mut remembered) {
+            Err(e @ BackendError::Unavailable(_)) => return Err(e),
+            answer => answers.push(answer),
+        }
+    }
+    Ok(answers)
+}
+
+/// The rows a batch of writes is decided on, as the writes so far left them.
+#[derive(Default)]
+struct Rows {
+    pools: HashMap<String, Option<Pool>>,
+    organizations: HashMap<String, bool>,
+    allocations: HashMap<(String, String), Option<Allocation>>,
+}
+
+impl Rows {
+    fn observation(&self, w: &AllocationWrite) -> Observation {
+        Observation {
+            pool: self.pools.get(&w.product).cloned().flatten(),
+            organization_exists: self
+                .organizations
+                .get(&w.organization)
+                .copied()
+                .unwrap_or(false),
+            allocation: self
+                .allocations
+                .get(&(w.organization.clone(), w.product.clone()))
+                .cloned()
+                .flatten(),
+        }
+    }
+}
+
+/// One write of a batch: role, replay, decide and write, remember.
+fn write_one<S: Storage + ?Sized>(
+    s: &S,
+    account: &str,
+    who: &Principal,
+    w: &AllocationWrite,
+    rows: &mut Rows,
+    remembered: &mut HashMap<String, (String, String)>,
+) -> Result<Written, BackendError> {
     require_admin(who.role, "change allocations")?;
     let request_hash = hash(&serde_json::to_string(w).unwrap_or_default());
     if let Some(key) = &w.idempotency_key
-        && let Some(answer) = replay(s, account, key, &request_hash)?
+        && let Some(answer) = replay(remembered.get(key), key, &request_hash)?
     {
         return Ok(answer);
     }
-    let written = decide_and_write(s, account, who, w)?;
+    let (written, pool) = decide_and_write(s, account, who, w, rows.observation(w))?;
+    rows.pools.insert(w.product.clone(), Some(pool));
+    rows.allocations.insert(
+        (w.organization.clone(), w.product.clone()),
+        written.allocation.clone(),
+    );
     if let Some(key) = &w.idempotency_key {
         let answer = serde_json::to_string(&written).unwrap_or_default();
         s.remember(account, key, &request_hash, &answer)?;
+        remembered.insert(key.clone(), (request_hash, answer));
     }
     Ok(written)
 }
 
 /// The first answer to `key`, if it was used for this same request; a
 /// different request under the key is an error.
-fn replay<S: Storage + ?Sized>(
-    s: &S,
-    account: &str,
+fn replay(
+    remembered: Option<&(String, String)>,
     key: &str,
     request_hash: &str,
 ) -> Result<Option<Written>, BackendError> {
-    let Some((h, answer)) = s.remembered(account, key)? else {
+    let Some((h, answer)) = remembered else {
         return Ok(None);
     };
     if h != request_hash {
         return Err(BackendError::KeyReused(key.to_string()));
     }
-    let mut written: Written = serde_json::from_str(&answer).map_err(|e| {
+    let mut written: Written = serde_json::from_str(answer).map_err(|e| {
         BackendError::Unavailable(format!("stored idempotent answer unreadable: {e}"))
     })?;
     written.replayed = true;
     Ok(Some(written))
 }
 
-/// Observes, decides, checks the version and writes one allocation change
-/// with its audit record; a no-op writes nothing.
+/// Checks the version, decides and writes one allocation change with its
+/// audit record, on the rows `seen`; a no-op writes nothing. Returns the
+/// answer and the pool as it now is.
 fn decide_and_write<S: Storage + ?Sized>(
     s: &S,
     account: &str,
     who: &Principal,
     w: &AllocationWrite,
-) -> Result<Written, BackendError> {
-    let seen = s.observation(account, &w.organization, &w.product)?;
+    seen: Observation,
+) -> Result<(Written, Pool), BackendError> {
     let effect = decide(who.role, seen.seen(), &w.request())?;
     let Observation {
         pool,
@@ -95,12 +190,16 @@ fn decide_and_write<S: Storage + ?Sized>(
     }
     let mut pool = pool.ok_or_else(|| unknown_product(&w.product))?;
     let Some(action) = AuditAction::of(effect.action, effect.adopted) else {
-        return Ok(Written {
-            effect,
-            allocation: current,
-            pool: PoolView::from(&pool),
-            replayed: false,
-        });
+        let view = PoolView::from(&pool);
+        return Ok((
+            Written {
+                effect,
+                allocation: current,
+                pool: view,
+                replayed: false,
+            },
+            pool,
+        ));
     };
     let revision = s.next_revision(account)?;
     pool.book(&effect);
@@ -140,12 +239,16 @@ fn decide_and_write<S: Storage + ?Sized>(
         )
     };
     s.insert_audit(account, &who.actor, &record)?;
-    Ok(Written {
-        effect,
-        allocation,
-        pool: PoolView::from(&pool),
-        replayed: false,
-    })
+    let view = PoolView::from(&pool);
+    Ok((
+        Written {
+            effect,
+            allocation,
+            pool: view,
+            replayed: false,
+        },
+        pool,
+    ))
 }
 
 /// Gives up the management of an allocation (deletionPolicy Orphan),

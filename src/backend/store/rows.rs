@@ -4,6 +4,8 @@
 //! [`super::pipeline`]. Implemented here for SQLite (`rusqlite`), where a
 //! transaction is `BEGIN IMMEDIATE`, so writers are serialized.
 
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::audit::{AuditAction, AuditRecord};
@@ -82,6 +84,28 @@ pub trait Storage {
             allocation: self.allocation(account, organization, product)?,
         })
     }
+    /// What a batch of writes is decided on, read together: an
+    /// observation for each (organization, product) and the stored answers
+    /// of the keys that are in use. A store that locks rows locks the pool
+    /// rows first, in the order of their names.
+    fn observations(
+        &self,
+        account: &str,
+        wanted: &[(&str, &str)],
+        keys: &[&str],
+    ) -> Result<Observations> {
+        let mut remembered = HashMap::new();
+        for key in keys {
+            if let Some(answer) = self.remembered(account, key)? {
+                remembered.insert(key.to_string(), answer);
+            }
+        }
+        let seen = wanted
+            .iter()
+            .map(|(organization, product)| self.observation(account, organization, product))
+            .collect::<Result<_>>()?;
+        Ok(Observations { seen, remembered })
+    }
     /// The part of the account one allocation is decided on, as a snapshot.
     fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
         let seen = self.observation(account, organization, product)?;
@@ -104,6 +128,14 @@ pub trait Storage {
     fn import(&self, rows: &AccountRows) -> Result<()>;
     /// Removes an account and everything it holds.
     fn drop_account(&self, account: &str) -> Result<()>;
+}
+
+/// What a batch of writes is decided on ([`Storage::observations`]).
+pub struct Observations {
+    /// One per (organization, product) asked for, in order.
+    pub seen: Vec<Observation>,
+    /// Request hash and answer of each key asked for that is stored.
+    pub remembered: HashMap<String, (String, String)>,
 }
 
 /// What one request is decided on, read inside its transaction: the

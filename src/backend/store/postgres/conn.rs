@@ -56,6 +56,12 @@ impl Own for i32 {
     }
 }
 
+impl Own for Vec<String> {
+    fn own(&self) -> Param {
+        Box::new(self.clone())
+    }
+}
+
 impl Own for Option<&str> {
     fn own(&self) -> Param {
         Box::new(self.map(str::to_string))

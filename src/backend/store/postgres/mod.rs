@@ -38,7 +38,9 @@ use std::cell::RefCell;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
 use super::audit::{AuditAction, AuditRecord};
-use super::rows::{AccountRows, Observation, Result, Storage, now};
+use std::collections::HashMap;
+
+use super::rows::{AccountRows, Observation, Observations, Result, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
 use crate::domain::{Allocation, Pool, Snapshot};
 pub use conn::{Conn, Conns};
@@ -197,10 +199,11 @@ pub enum Mode {
 pub struct Pg<'c> {
     conn: RefCell<&'c mut Conn>,
     mode: Mode,
-    /// A value of the account's sequence taken with a write's observation
-    /// (one round trip fewer while the pool row is locked); the next
-    /// [`Storage::next_revision`] hands it out. A refusal rolls it back.
-    reserved: std::cell::Cell<Option<i64>>,
+    /// Values of the account's sequence (next, last) taken with a write's
+    /// observations (one round trip fewer while the pool row is locked);
+    /// [`Storage::next_revision`] hands them out. Unused ones are gaps; a
+    /// transaction rolled back returns them.
+    reserved: std::cell::Cell<Option<(i64, i64)>>,
 }
 
 fn failed(e: tokio_postgres::Error) -> BackendError {
@@ -332,8 +335,11 @@ const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $
 const ALLOCATION: &str =
     "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
      WHERE account = $1 AND organization = $2 AND product = $3";
-const NEXT_REVISION: &str =
-    "UPDATE accounts SET revision = revision + 1 WHERE id = $1 RETURNING revision";
+/// Takes $2 values of the account's sequence; returns the last.
+const RESERVE_REVISIONS: &str =
+    "UPDATE accounts SET revision = revision + $2 WHERE id = $1 RETURNING revision";
+const REMEMBERED_ANY: &str =
+    "SELECT key, request_hash, response FROM idempotency WHERE account = $1 AND key = ANY($2)";
 const AUDIT: &str = "SELECT id, time, actor, action, organization, product, from_count, to_count,
             rehomed, displaced, manager, idempotency_key
      FROM audit WHERE account = $1 ORDER BY id";
@@ -415,40 +421,80 @@ impl Storage for Pg<'_> {
     }
 
     fn observation(&self, account: &str, organization: &str, product: &str) -> Result<Observation> {
-        // One round trip either way. Writing, the pool row is locked first,
-        // the other rows are read after the lock is held, and the account's
-        // next revision is taken (its row locked after the pool's, as every
-        // writer does). Reading, the three are one consistent set.
+        self.observations(account, &[(organization, product)], &[])?
+            .seen
+            .pop()
+            .ok_or_else(|| BackendError::Unavailable("the store: answers missing".into()))
+    }
+
+    fn observations(
+        &self,
+        account: &str,
+        wanted: &[(&str, &str)],
+        keys: &[&str],
+    ) -> Result<Observations> {
+        // One round trip. Writing, the pool rows are locked first (by
+        // name, as every writer locks them), the other rows are read after
+        // the locks are held, and as many values of the account's sequence
+        // are taken as there are writes (its row locked after the pools').
+        // Reading, all of it is one consistent set.
         let writing = self.mode == Mode::Writes;
-        let mut queries = vec![
-            (
-                if writing { POOL_FOR_UPDATE } else { POOL },
-                params![account, product],
-            ),
-            (ORGANIZATION_EXISTS, params![account, organization]),
-            (ALLOCATION, params![account, organization, product]),
-        ];
-        if writing && self.reserved.get().is_none() {
-            queries.push((NEXT_REVISION, params![account]));
+        let mut products: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
+        products.sort_unstable();
+        products.dedup();
+        let mut queries = Vec::with_capacity(products.len() + 2 * wanted.len() + 2);
+        for product in &products {
+            let sql = if writing { POOL_FOR_UPDATE } else { POOL };
+            queries.push((sql, params![account, product]));
+        }
+        for (organization, product) in wanted {
+            queries.push((ORGANIZATION_EXISTS, params![account, organization]));
+            queries.push((ALLOCATION, params![account, organization, product]));
+        }
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        queries.push((REMEMBERED_ANY, params![account, &keys]));
+        let reserve = writing && !wanted.is_empty();
+        if reserve {
+            queries.push((RESERVE_REVISIONS, params![account, &(wanted.len() as i64)]));
         }
         let mut answers = self.consistent(queries)?.into_iter();
         let mut next = || answers.next().unwrap_or_default();
-        let (pool, organization_exists, allocation) = (next(), next(), next());
-        if let Some(r) = next().first() {
-            self.reserved.set(Some(r.get(0)));
+        let pools: HashMap<String, Pool> = products
+            .iter()
+            .filter_map(|_| next().first().map(pool_row))
+            .map(|p| (p.product.clone(), p))
+            .collect();
+        let seen = wanted
+            .iter()
+            .map(|(_, product)| {
+                let (organization_exists, allocation) = (next(), next());
+                Observation {
+                    pool: pools.get(*product).cloned(),
+                    organization_exists: !organization_exists.is_empty(),
+                    allocation: allocation.first().map(allocation_row),
+                }
+            })
+            .collect();
+        let remembered = next()
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        if reserve && let Some(r) = next().first() {
+            let last: i64 = r.get(0);
+            self.reserved
+                .set(Some((last - wanted.len() as i64 + 1, last)));
         }
-        Ok(Observation {
-            pool: pool.first().map(pool_row),
-            organization_exists: !organization_exists.is_empty(),
-            allocation: allocation.first().map(allocation_row),
-        })
+        Ok(Observations { seen, remembered })
     }
 
     fn next_revision(&self, account: &str) -> Result<i64> {
-        if let Some(reserved) = self.reserved.take() {
-            return Ok(reserved);
+        if let Some((next, last)) = self.reserved.take() {
+            if next < last {
+                self.reserved.set(Some((next + 1, last)));
+            }
+            return Ok(next);
         }
-        self.rows(NEXT_REVISION, params![account])?
+        self.rows(RESERVE_REVISIONS, params![account, &1i64])?
             .first()
             .map(|r| r.get(0))
             .ok_or_else(|| {
