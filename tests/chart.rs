@@ -232,8 +232,8 @@ fn bad_values_fail_with_a_readable_message() {
             "backend.kind postgres needs backend.postgres.urlSecret.name",
         ),
         (
-            &["--set", "platform.enabled=true"],
-            "platform.enabled needs backend.kind: postgres",
+            &["--set", "platform.port=8080"],
+            "platform.port and metrics.port must differ",
         ),
         (&["--set", "replicas=2"], "replicas"),
         (&["--set", "resync=soon"], "resync"),
@@ -581,4 +581,255 @@ organizations:
         "-n",
         "licensor-system",
     ]);
+}
+
+/// The objects of the chart rendered with its default values.
+fn rendered_defaults() -> Vec<Value> {
+    let (code, rendered, err) = helm_offline(&[
+        "template",
+        "licensor",
+        CHART,
+        "-n",
+        "licensor-system",
+        "--kube-version",
+        KUBE,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    serde_yaml::Deserializer::from_str(&rendered)
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The default install (embedded store) serves the platform API beside
+/// the operator, on the same file: a pull-request pipeline plans through
+/// it with a Viewer token and sees exactly what the operator then applies.
+/// No kubelet runs here, so the test starts the two processes the pod
+/// would, with the chart's rendered arguments, on one file.
+#[test]
+fn the_default_install_serves_the_plan_the_operator_then_applies() {
+    let docs = rendered_defaults();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "licensor")
+        .expect("the operator's Deployment");
+    let pod = &deployment["spec"]["template"];
+    let container = |name: &str| {
+        pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} container"))
+            .clone()
+    };
+    let (operator, platform) = (container("operator"), container("platform"));
+    let env = |c: &Value, name: &str| -> String {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{name} not set in {}", c["name"]))
+            .to_string()
+    };
+    let args = |c: &Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let data_mount = |c: &Value| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "data")
+            .map(|m| m["mountPath"].clone())
+    };
+    // One store: the same file, on the same volume at the same path.
+    let store_url = env(&operator, "LICENSOR_BACKEND");
+    assert_eq!(env(&platform, "LICENSOR_BACKEND"), store_url);
+    assert!(data_mount(&operator).is_some());
+    assert_eq!(data_mount(&platform), data_mount(&operator));
+    // The Service reaches the platform container of the operator's pod.
+    let service = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "licensor-platform")
+        .expect("the platform Service");
+    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &pod["metadata"]["labels"][k], v,
+            "the Service selects {k}={v}"
+        );
+    }
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "api");
+    assert_eq!(platform["ports"][0]["name"], "api");
+
+    // The pod's two processes, on one file in place of the volume.
+    let cp = ControlPlane::start();
+    let volume = cp.dir.path().join("data");
+    std::fs::create_dir_all(&volume).unwrap();
+    let store = store_url.replace("/data/", &format!("{}/", volume.display()));
+    let licensor = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(args)
+            .env_remove("LICENSOR_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let example = |path: &str| format!("{}/examples/{path}", env!("CARGO_MANIFEST_DIR"));
+    // As the chart's NOTES say: seed, then a Viewer token for CI (README).
+    let (code, _, err) = licensor(
+        &[
+            "--backend",
+            &store,
+            "backend",
+            "seed",
+            "-f",
+            &example("account.yaml"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "seed: {err}");
+    let (code, token, err) = licensor(
+        &[
+            "--backend",
+            &store,
+            "token",
+            "create",
+            "--role",
+            "Viewer",
+            "--name",
+            "ci",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "token create: {err}");
+    let token = token.trim().to_string();
+
+    let port = free_port();
+    let serve_args: Vec<String> = args(&platform)
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--listen=") {
+                format!("--listen=127.0.0.1:{port}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let serve_log = std::fs::File::create(cp.dir.path().join("platform.log")).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args(&serve_args)
+        .env("LICENSOR_BACKEND", &store)
+        .env_remove("LICENSOR_TOKEN")
+        .stderr(serve_log)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _serve = Kill(&mut serve);
+    wait_for("the platform API", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(drop)
+    });
+    // The operator with its rendered flags, less what needs a kubelet's pod
+    // (its listen address, the webhook's certificate).
+    let mut flags: Vec<String> = args(&operator)
+        .into_iter()
+        .skip(1)
+        .filter(|a| !a.starts_with("--listen=") && !a.starts_with("--webhook-"))
+        .collect();
+    flags.push("--lease-namespace=default".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let _operator = Operator::start(&cp, "chart-default", &store, &flags);
+
+    // CI: plan through the platform API with the Viewer token.
+    let api = format!("http://127.0.0.1:{port}");
+    let ci = [
+        ("LICENSOR_BACKEND", api.as_str()),
+        ("LICENSOR_ACCOUNT", "acme"),
+        ("LICENSOR_TOKEN", token.as_str()),
+        ("LICENSOR_INSTANCE", "default"),
+    ];
+    let licenses = example("licenses");
+    let (code, planned, err) = licensor(&["plan", "-f", &licenses, "-o", "json"], &ci);
+    assert_eq!(code, 2, "plan through the API: {err}");
+    let planned: Value = serde_json::from_str(&planned).unwrap();
+    let changes = planned["changes"].as_array().unwrap();
+    assert!(changes.len() >= 3, "{planned:#}");
+    // A Viewer token plans and cannot apply.
+    let (code, out, err) = licensor(&["apply", "-f", &licenses], &ci);
+    assert_eq!(code, 1, "a Viewer applied: {out}{err}");
+    assert!(
+        out.contains("0 applied") && out.contains("refused Forbidden"),
+        "{out}"
+    );
+
+    // The merge: the operator applies the same manifests.
+    cp.ok(&["apply", "-f", &licenses]);
+    for change in changes {
+        let name = change["resource"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap();
+        wait_for(
+            &format!("{name} Reconciled"),
+            Duration::from_secs(60),
+            || {
+                let o = cp.json(&["get", "dl", name, "-n", "licenses"]);
+                let ready = o["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Ready")?
+                    .clone();
+                (o["status"]["observedGeneration"] == o["metadata"]["generation"]
+                    && ready["reason"] == "Reconciled")
+                    .then_some(())
+            },
+        );
+    }
+    // The store holds what the plan said, owned by the objects it named.
+    let path = store.strip_prefix("sqlite:").unwrap();
+    let snapshot = licensor::backend::store::Store::open_existing(Path::new(path))
+        .unwrap()
+        .snapshot("acme")
+        .unwrap();
+    for change in changes {
+        let (org, product) = (
+            change["organization"].as_str().unwrap(),
+            change["product"].as_str().unwrap(),
+        );
+        let allocation = snapshot
+            .allocations
+            .iter()
+            .find(|a| a.organization == org && a.product == product)
+            .unwrap_or_else(|| panic!("{org}/{product} missing: {snapshot:?}"));
+        assert_eq!(allocation.dedicated, change["to"], "{change:#}");
+        assert_eq!(
+            allocation.managed_by.as_deref(),
+            Some(format!("default/{}", change["resource"].as_str().unwrap()).as_str())
+        );
+    }
+    // And the next pull request's plan has nothing left to do.
+    let (code, after, err) = licensor(&["plan", "-f", &licenses], &ci);
+    assert_eq!(code, 0, "plan after the operator applied: {after}{err}");
 }

@@ -64,10 +64,48 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.backend.kind "postgres") (not .Values.backend.postgres.urlSecret.name) -}}
 {{- fail "backend.kind postgres needs backend.postgres.urlSecret.name: a Secret holding the connection URL (postgres://user:password@host:port/db?sslmode=verify-full&sslrootcert=...)" -}}
 {{- end -}}
-{{- if and .Values.platform.enabled (ne .Values.backend.kind "postgres") -}}
-{{- fail "platform.enabled needs backend.kind: postgres: its replicas and the operator share the database" -}}
+{{- if and .Values.platform.enabled (eq .Values.backend.kind "embedded") (eq (int .Values.platform.port) (int .Values.metrics.port)) -}}
+{{- fail "platform.port and metrics.port must differ: with the embedded store both listen in the operator's pod" -}}
 {{- end -}}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: true" -}}
 {{- end -}}
+{{- end -}}
+
+
+{{/* The platform API's container (`licensor serve`); the caller adds the
+backend's env and volumes. */}}
+{{- define "licensor.platformContainer" -}}
+- name: platform
+  image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args:
+    - serve
+    - --listen=0.0.0.0:{{ .Values.platform.port }}
+    - --log-format={{ .Values.logFormat }}
+    - --rate-limit={{ .Values.platform.rateLimit }}
+  ports:
+    - name: api
+      containerPort: {{ .Values.platform.port }}
+      protocol: TCP
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: api
+    periodSeconds: 10
+    failureThreshold: 3
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: api
+    periodSeconds: 5
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+{{- with .Values.platform.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
 {{- end -}}
