@@ -740,7 +740,10 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
     let account = Account::seeded_on(kind, &fixture);
     let backend = account.backend_with_credentials();
     let with = |id: &'static str| [&lease[..], &["--identity", id]].concat();
-    let mut first = Operator::start(&cp, "first", &backend, &with("first"));
+    // The first leader works one object at a time, so it can be killed in
+    // the middle of the batch below.
+    let first_flags = [&with("first")[..], &["--concurrency=1"]].concat();
+    let mut first = Operator::start(&cp, "first", &backend, &first_flags);
     wait_for("first leads", SOON, || {
         first.get("/readyz").filter(|b| b.contains("leading"))
     });
@@ -779,8 +782,39 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
         })
         .collect();
     cp.apply(&batch);
+    let written = |account: &Account| {
+        account.status()["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| {
+                a["organization"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("batch-"))
+            })
+            .count()
+    };
+    // The leader's log says what it has applied (cheap to read at once).
+    wait_for("the leader into the batch", SOON, || {
+        let logs = first.logs();
+        let applied = (0..20)
+            .filter(|i| {
+                logs.lines().any(|l| {
+                    l.contains("create 0 -> ")
+                        && (l.contains(&format!("licenses/batch-{i} "))
+                            || l.contains(&format!("licenses/batch-{i}\"")))
+                })
+            })
+            .count();
+        (applied >= 2).then_some(())
+    });
     first.kill();
     let killed = Instant::now();
+    let at_kill = written(&account);
+    assert!(
+        at_kill < 20,
+        "the kill came after the whole batch ({at_kill})"
+    );
     wait_for("second leads", Duration::from_secs(15), || {
         second.get("/readyz").filter(|b| b.contains("leading"))
     });
@@ -814,7 +848,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
         );
     }
     assert_eq!((count("a", "create"), count("a", "revoke")), (1, 1));
-    eprintln!("takeover after {took:?}");
+    eprintln!("leader killed with {at_kill} of 20 written; takeover after {took:?}");
 
     // SIGTERM: a clean stop hands the lease back.
     assert_eq!(second.terminate(), Some(0), "{}", tail(&second.logs()));
