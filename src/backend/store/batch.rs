@@ -76,28 +76,37 @@ impl Store {
             waiting.insert(key.clone(), vec![me]);
         }
         loop {
-            let batch: Vec<Waiting> = {
+            {
                 let mut waiting = self.batches.waiting.lock().map_err(poisoned)?;
-                let queue = waiting.entry(key.clone()).or_default();
-                if queue.is_empty() {
+                if waiting.get(&key).is_none_or(Vec::is_empty) {
                     waiting.remove(&key);
                     break;
                 }
-                let n = queue.len().min(MOST);
-                queue.drain(..n).collect()
-            };
-            self.write_together(account, batch);
+            }
+            self.write_together(account, &key);
         }
         answered
             .recv()
             .unwrap_or_else(|_| Err(BackendError::Unavailable("the write was lost".into())))
     }
 
-    /// Runs a batch through the pipeline in one transaction and answers
-    /// each write.
-    fn write_together(&self, account: &str, batch: Vec<Waiting>) {
-        let writes: Vec<_> = batch.iter().map(|w| (&w.who, &w.write)).collect();
+    /// Runs the next batch of `key` through the pipeline in one
+    /// transaction and answers each write. The batch is taken once the
+    /// transaction holds the pool's lock, so the writes that arrived while
+    /// it waited for the lock (another process's batch) are in it.
+    fn write_together(&self, account: &str, key: &(String, String)) {
+        let mut batch: Vec<Waiting> = Vec::new();
         let outcome = self.transaction_then(|tx| {
+            // Waits for the pool row's lock (the file's write lock is held
+            // already by the embedded store's transaction).
+            tx.pool(account, &key.1)?;
+            batch = {
+                let mut waiting = self.batches.waiting.lock().map_err(poisoned)?;
+                let queue = waiting.entry(key.clone()).or_default();
+                let n = queue.len().min(MOST);
+                queue.drain(..n).collect()
+            };
+            let writes: Vec<_> = batch.iter().map(|w| (&w.who, &w.write)).collect();
             let answers = pipeline::write_all(tx, account, &writes)?;
             // A batch of refusals only is rolled back: it leaves the store
             // exactly as it was, to the account's sequence.
@@ -111,6 +120,13 @@ impl Store {
                 }
             }
             Err(e) => {
+                // Failed before the batch was taken (the store is down):
+                // every write waiting gets the error, none waits for ever.
+                if batch.is_empty()
+                    && let Ok(mut waiting) = self.batches.waiting.lock()
+                {
+                    batch = waiting.entry(key.clone()).or_default().drain(..).collect();
+                }
                 for w in &batch {
                     let _ = w.answer.send(Err(e.clone()));
                 }
