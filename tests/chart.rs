@@ -377,17 +377,36 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         "the webhook trusts the CA that signed the Secret's certificate"
     );
     assert_eq!(webhook["webhooks"][0]["failurePolicy"], "Ignore");
+    let validating = cp.json(&[
+        "get",
+        "validatingwebhookconfiguration/licensor-licensor-system",
+    ]);
+    assert_eq!(
+        validating["webhooks"][0]["clientConfig"]["caBundle"], secret["data"]["ca.crt"],
+        "the validating webhook trusts the same CA"
+    );
+    assert_eq!(
+        validating["webhooks"][0]["clientConfig"]["service"]["path"],
+        "/validate"
+    );
+    assert_eq!(validating["webhooks"][0]["failurePolicy"], "Ignore");
+    assert_eq!(validating["webhooks"][0]["sideEffects"], "None");
     // Here the API server cannot call a Service (no kube-proxy, and a
     // ClusterIP would leave loopback), so this test points the webhook at no
     // namespace and calls the operator's webhook itself, below, as the API
     // server would: by the Service's name, trusting only the caBundle.
-    cp.ok(&[
-        "patch",
+    for configuration in [
         "mutatingwebhookconfiguration/licensor-licensor-system",
-        "--type=json",
-        "-p",
-        r#"[{"op": "add", "path": "/webhooks/0/namespaceSelector", "value": {"matchLabels": {"test.licensor.dev/none": "none"}}}]"#,
-    ]);
+        "validatingwebhookconfiguration/licensor-licensor-system",
+    ] {
+        cp.ok(&[
+            "patch",
+            configuration,
+            "--type=json",
+            "-p",
+            r#"[{"op": "add", "path": "/webhooks/0/namespaceSelector", "value": {"matchLabels": {"test.licensor.dev/none": "none"}}}]"#,
+        ]);
+    }
     cp.ok(&[
         "wait",
         "--for=condition=Established",
@@ -565,14 +584,16 @@ organizations:
             .code,
         0
     );
-    assert_ne!(
-        cp.kubectl(&[
-            "get",
-            "mutatingwebhookconfiguration/licensor-licensor-system"
-        ])
-        .code,
-        0
-    );
+    for configuration in [
+        "mutatingwebhookconfiguration/licensor-licensor-system",
+        "validatingwebhookconfiguration/licensor-licensor-system",
+    ] {
+        assert_ne!(
+            cp.kubectl(&["get", configuration]).code,
+            0,
+            "{configuration} stayed"
+        );
+    }
     cp.ok(&["get", "crd/dedicatedlicenses.licensor.dev"]);
     cp.ok(&["get", "dl/qa", "-n", "licenses"]);
     cp.ok(&[

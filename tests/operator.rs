@@ -1104,3 +1104,158 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         started.elapsed()
     );
 }
+
+/// The validating webhook on the real API server, through `kubectl apply`:
+/// warnings with the numbers for what depends on the moment, a refusal for
+/// what can never succeed as written, the same on a server-side dry run
+/// (which leaves nothing behind), an allowed apply with a warning when the
+/// backend is down, and warnings only with `--admission warn`.
+#[test]
+fn kubectl_apply_warns_with_the_numbers_and_refuses_what_cannot_succeed() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations:
+  - {id: a, allocations: [{product: TestOps, dedicated: 5, inUse: 4}]}
+  - {id: b}
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let mut account = Account::seeded_on(Kind::Http, fixture);
+    let backend_port: u16 = account.backend.rsplit(':').next().unwrap().parse().unwrap();
+    let token = account.path("token");
+    let admin = account
+        .env
+        .iter()
+        .find(|(k, _)| k == "LICENSOR_TOKEN")
+        .unwrap()
+        .1
+        .clone();
+    std::fs::write(&token, admin).unwrap();
+    let certs = cp.dir.path().join("webhook-certs");
+    let ca = webhook_certificate(&certs);
+    let port = free_port();
+    let listen = format!("--webhook-listen=127.0.0.1:{port}");
+    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
+    let token_flag = format!("--token-file={}", token.display());
+    let flags = [
+        "--leader-elect=false",
+        "--account=acme",
+        token_flag.as_str(),
+        "--backend-timeout=300ms",
+        listen.as_str(),
+        cert_dir.as_str(),
+    ];
+    let mut operator = Operator::start(&cp, "admission", &account.backend, &flags);
+    cp.register_webhook(port, &ca);
+    cp.register_validating_webhook(port, &ca);
+    let apply = |yaml: &str, extra: &[&str]| {
+        cp.kubectl_stdin(&[&["apply", "-f", "-"][..], extra].concat(), Some(yaml))
+    };
+    let exists = |name: &str| cp.kubectl(&["get", "dl", name, "-n", "licenses"]).code == 0;
+    let ghost = license_yaml("ghost", "nope", "TestOps", 1, "");
+    wait_for(
+        "the validating webhook in the admission chain",
+        SOON,
+        || (apply(&ghost, &["--dry-run=server"]).code != 0).then_some(()),
+    );
+
+    // Never as written: refused with the reason and the closest names;
+    // nothing is created.
+    let r = apply(&ghost, &[]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("denied the request")
+            && r.stderr.contains("UnknownOrganization")
+            && r.stderr.contains("nope"),
+        "{r:?}"
+    );
+    assert!(!exists("ghost"));
+
+    // Beyond the pool: created, with a warning that has the numbers.
+    let r = apply(&license_yaml("big", "b", "TestOps", 30, ""), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Warning: licensor: InsufficientPool") && r.stderr.contains("15"),
+        "{r:?}"
+    );
+    assert!(exists("big"));
+    wait_for("big stalled", SOON, || {
+        let o = cp.json(&["get", "dl", "big", "-n", "licenses"]);
+        let ready = o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?
+            .clone();
+        (ready["reason"] == "InsufficientPool").then_some(())
+    });
+    // An update that leaves the spec as it was is never judged.
+    let r = cp.kubectl(&["label", "dl", "big", "-n", "licenses", "team=b"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("Warning"), "{r:?}");
+
+    // A server-side dry run shows the same and writes nothing.
+    let r = apply(
+        &license_yaml("dry", "b", "TestOps", 40, ""),
+        &["--dry-run=server"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("InsufficientPool"), "{r:?}");
+    assert!(!exists("dry"));
+
+    // Another manager's allocation: refused, naming the owner.
+    let r = apply(&license_yaml("a", "a", "TestOps", 5, ""), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_for("a adopted", SOON, || {
+        let o = cp.json(&["get", "dl", "a", "-n", "licenses"]);
+        let ready = o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?
+            .clone();
+        (ready["reason"] == "Reconciled").then_some(())
+    });
+    let r = apply(&license_yaml("a-again", "a", "TestOps", 6, ""), &[]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Conflict") && r.stderr.contains("default/licenses/a"),
+        "{r:?}"
+    );
+    assert!(!exists("a-again"));
+
+    // Below the seats in use.
+    let r = apply(&license_yaml("a", "a", "TestOps", 2, ""), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Warning: licensor: BelowInUse") && r.stderr.contains('4'),
+        "{r:?}"
+    );
+    let backend_state = account.allocation("a", "TestOps");
+    assert_eq!(backend_state, Some((5, 4)), "a dry run or a warning wrote");
+
+    // The backend is down: allowed, saying the check was skipped.
+    account.server().unwrap().kill().unwrap();
+    let r = apply(&license_yaml("later", "b", "TestOps", 1, ""), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("check against the license backend was skipped"),
+        "{r:?}"
+    );
+    assert!(exists("later"));
+
+    // --admission warn: what would be refused is a warning.
+    account.serve_on(backend_port, &[]);
+    let _ = operator.terminate();
+    let warn_flags = [&flags[..], &["--admission=warn"]].concat();
+    let _operator = Operator::start(&cp, "admission-warn", &account.backend, &warn_flags);
+    let ghost = license_yaml("ghost", "nope", "TestOps", 1, "");
+    let r = wait_for("the warning-only webhook", SOON, || {
+        let r = apply(&ghost, &["--dry-run=server"]);
+        (r.code == 0).then_some(r)
+    });
+    assert!(
+        r.stderr.contains("Warning: licensor: UnknownOrganization"),
+        "{r:?}"
+    );
+}

@@ -56,6 +56,11 @@ pub struct OperatorArgs {
     /// mounted kubernetes.io/tls Secret; a renewed pair is picked up.
     #[arg(long, env = "LICENSOR_WEBHOOK_CERT_DIR", requires = "webhook_listen")]
     pub webhook_cert_dir: Option<std::path::PathBuf>,
+    /// What the validating webhook does with a DedicatedLicense that can
+    /// never succeed as written (unknown organization or product, another
+    /// manager's allocation): deny it, or admit it with a warning.
+    #[arg(long, value_enum, default_value = "deny", env = "LICENSOR_ADMISSION")]
+    pub admission: crate::operator::admission::Mode,
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "LICENSOR_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -104,6 +109,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
             .webhook_listen
             .zip(args.webhook_cert_dir.clone())
             .map(|(listen, cert_dir)| Webhook { listen, cert_dir }),
+        admission: args.admission,
     };
     tracing::info!(
         backend = %crate::backend::redact(&g.backend),

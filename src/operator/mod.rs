@@ -10,6 +10,7 @@
 //! restarts it as a standby. [`webhook`], when configured, adds the cleanup
 //! finalizer to new objects at admission, on every replica.
 
+pub mod admission;
 pub mod events;
 pub mod metrics;
 pub mod reconcile;
@@ -72,7 +73,14 @@ pub struct Config {
     pub election: Option<Election>,
     /// The admission webhook, served by every replica (leader or not).
     pub webhook: Option<webhook::Webhook>,
+    /// What the validating webhook does with a finding that can never
+    /// succeed as written.
+    pub admission: admission::Mode,
 }
+
+/// Longest wait of the validating webhook for the backend: well inside the
+/// API server's timeout for the webhook (the chart's default is 3 s).
+const ADMISSION_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Runs the operator until SIGTERM or an unrecoverable error.
 pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error> {
@@ -81,7 +89,15 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let admission = match &config.webhook {
-        Some(w) => Some(webhook::serve(w, metrics.clone(), stopped(stop_rx.clone())).await?),
+        Some(w) => {
+            let validator = admission::Validator {
+                backend: backend.clone(),
+                instance: config.settings.instance.clone(),
+                mode: config.admission,
+                timeout: ADMISSION_TIMEOUT,
+            };
+            Some(webhook::serve(w, metrics.clone(), validator, stopped(stop_rx.clone())).await?)
+        }
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

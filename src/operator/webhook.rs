@@ -1,5 +1,6 @@
-//! The mutating admission webhook: a new managed `DedicatedLicense` gets the
-//! cleanup finalizer as it is created.
+//! The admission webhooks' TLS server: `/mutate`, here, gives a new managed
+//! `DedicatedLicense` the cleanup finalizer as it is created; `/validate`
+//! ([`super::admission`]) warns or refuses at `kubectl apply` time.
 //!
 //! The finalizer must be on an object before its first backend write, so
 //! that a revoke is never lost. Written by the operator, that is a second API
@@ -32,6 +33,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::admission::{self, Validator};
 use super::metrics::Metrics;
 use crate::resource::{DedicatedLicenseSpec, FINALIZER, needs_finalizer};
 
@@ -118,10 +120,11 @@ pub fn review(
     }
 }
 
-/// Serves the webhook until `stop` resolves.
+/// Serves the webhook (`/mutate` and `/validate`) until `stop` resolves.
 pub async fn serve(
     webhook: &Webhook,
     metrics: Arc<Metrics>,
+    validator: Validator,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
     let certificate = Arc::new(CertificateFiles::load(&webhook.cert_dir)?);
@@ -135,14 +138,28 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Listen(webhook.listen, e))?;
     let listener = TlsListener::start(tcp, TlsAcceptor::from(Arc::new(config)));
-    let app = Router::new().route(
-        PATH,
-        post(
-            move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
-                Json(review(body, &metrics))
-            },
-        ),
-    );
+    let validator = Arc::new(validator);
+    let app = Router::new()
+        .route(
+            PATH,
+            post(
+                move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
+                    Json(review(body, &metrics))
+                },
+            ),
+        )
+        .route(
+            admission::PATH,
+            post(
+                move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
+                    let request: AdmissionRequest<DynamicObject> = match body.try_into() {
+                        Ok(r) => r,
+                        Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
+                    };
+                    Json(validator.review(&request).await.into_review())
+                },
+            ),
+        );
     tracing::info!(listen = %webhook.listen, "serving the admission webhook");
     Ok(tokio::spawn(async move {
         axum::serve(listener, app)

@@ -342,6 +342,38 @@ webhooks:
     }
 }
 
+impl ControlPlane {
+    /// Registers the operator's validating webhook (`/validate`, CREATE and
+    /// UPDATE), served on 127.0.0.1:`port`, as the chart registers it.
+    pub fn register_validating_webhook(&self, port: u16, ca_pem: &str) {
+        use base64::Engine;
+        let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        self.apply(&format!(
+            "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: licensor
+webhooks:
+  - name: validate.licensor.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Ignore
+    timeoutSeconds: 3
+    matchPolicy: Equivalent
+    clientConfig:
+      url: https://127.0.0.1:{port}/validate
+      caBundle: {bundle}
+    rules:
+      - apiGroups: [licensor.dev]
+        apiVersions: ['*']
+        resources: [dedicatedlicenses]
+        operations: [CREATE, UPDATE]
+        scope: Namespaced
+"
+        ));
+    }
+}
+
 /// A `licensor operator` process against a control plane.
 pub struct Operator {
     child: Child,

@@ -1,0 +1,313 @@
+//! The validating admission webhook (`/validate`): feedback at `kubectl
+//! apply` time, decided by the planner on a read of the backend, the same
+//! way the operator's pass decides.
+//!
+//! Contract:
+//! - **Deny** what can never succeed as written: an organization or product
+//!   the account does not have, an allocation another manager holds
+//!   (`Conflict`, naming it). With [`Mode::Warn`] these are warnings too.
+//! - **Warn**, with the numbers, on what depends on the moment: a raise
+//!   beyond the free seats, a lower count below the seats in use, a revoke
+//!   that would displace users, an over-committed pool. The object is
+//!   created; the operator reports the outcome in its status.
+//! - **Never block the cluster**: a backend that is down or slower than the
+//!   timeout allows the request with a warning that the check was skipped;
+//!   an update that leaves `spec` as it was (finalizers, labels, status
+//!   writers, an object being deleted) and an object that is only observed
+//!   are allowed without a look.
+//! - Reads only (`sideEffects: None`), so a server-side dry run is answered
+//!   the same and leaves nothing behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+
+use crate::backend::Backend;
+use crate::domain::{Reason, Role};
+use crate::plan::{Desired, Options, plan};
+use crate::resource::{DedicatedLicenseSpec, ManagementPolicy, managed_by};
+
+/// The path the validating webhook configuration names.
+pub const PATH: &str = "/validate";
+
+/// What becomes of a finding that can never succeed as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Refuse the request (the default).
+    Deny,
+    /// Admit it with a warning: Git stays the only gate.
+    Warn,
+}
+
+/// The validating webhook's view of the backend.
+#[derive(Clone)]
+pub struct Validator {
+    pub backend: Arc<dyn Backend>,
+    /// The instance part of `managedBy`.
+    pub instance: String,
+    pub mode: Mode,
+    /// Longest wait for the backend before the check is skipped.
+    pub timeout: Duration,
+}
+
+/// What admission found: denial (if any) and warnings.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    pub deny: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Reasons that can never succeed as written: the object must change.
+fn never_succeeds(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::UnknownOrganization | Reason::UnknownProduct | Reason::Conflict
+    )
+}
+
+/// Reasons that depend on the moment: seats free up, users leave.
+fn depends_on_the_moment(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::InsufficientPool | Reason::BelowInUse | Reason::WouldDisplaceUsers
+    )
+}
+
+impl Validator {
+    /// Answers one validating AdmissionReview request.
+    pub async fn review(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        let findings = self.findings(request).await;
+        let mut response = AdmissionResponse::from(request);
+        if !findings.warnings.is_empty() {
+            response.warnings = Some(findings.warnings);
+        }
+        match findings.deny {
+            Some(message) => response.deny(message),
+            None => response,
+        }
+    }
+
+    async fn findings(&self, request: &AdmissionRequest<DynamicObject>) -> Findings {
+        if !matches!(request.operation, Operation::Create | Operation::Update) {
+            return Findings::default();
+        }
+        let Some(object) = request.object.as_ref() else {
+            return Findings::default();
+        };
+        // An object being deleted, and an update that leaves the spec as it
+        // was, are never judged: no answer here can block a deletion or the
+        // operator's own writes.
+        if object.metadata.deletion_timestamp.is_some() {
+            return Findings::default();
+        }
+        let spec_of = |o: &DynamicObject| o.data.get("spec").cloned();
+        if request.operation == Operation::Update
+            && request.old_object.as_ref().and_then(spec_of) == spec_of(object)
+        {
+            return Findings::default();
+        }
+        // An object the schema refuses is left to the schema's message.
+        let Some(spec) =
+            spec_of(object).and_then(|s| serde_json::from_value::<DedicatedLicenseSpec>(s).ok())
+        else {
+            return Findings::default();
+        };
+        if spec.management_policy != ManagementPolicy::Manage {
+            return Findings::default();
+        }
+        let namespace = request.namespace.clone().unwrap_or_default();
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| request.name.clone());
+        let desired = Desired {
+            resource: format!("{namespace}/{name}"),
+            organization: spec.organization.clone(),
+            product: spec.product.clone(),
+            count: spec.count,
+            allow_user_displacement: spec.allow_user_displacement,
+            managed_by: managed_by(&self.instance, &namespace, &name),
+            hold: None,
+            scope: String::new(),
+        };
+        match tokio::time::timeout(self.timeout, self.judge(&desired)).await {
+            Ok(Ok(findings)) => findings,
+            Ok(Err(e)) => skipped(&e.to_string()),
+            Err(_) => skipped(&format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Plans the one object on a read of its pool, organization and
+    /// allocation (the whole account when a name is unknown, for the
+    /// closest names), as the operator's pass does.
+    async fn judge(&self, desired: &Desired) -> Result<Findings, crate::backend::BackendError> {
+        let opts = Options {
+            prune: false,
+            instance: self.instance.clone(),
+            role: Role::AccountAdmin,
+        };
+        let snapshot = self
+            .backend
+            .observe(&desired.organization, &desired.product)
+            .await?;
+        let mut planned = plan(std::slice::from_ref(desired), &snapshot, &opts);
+        let unknown = |p: &crate::plan::Plan| {
+            p.changes.iter().any(|c| {
+                matches!(
+                    c.reason,
+                    Some(Reason::UnknownProduct | Reason::UnknownOrganization)
+                )
+            })
+        };
+        if unknown(&planned) {
+            let account = self.backend.snapshot().await?;
+            planned = plan(std::slice::from_ref(desired), &account, &opts);
+        }
+        let mut findings = Findings::default();
+        for change in &planned.changes {
+            let Some(reason) = change.reason else {
+                continue;
+            };
+            let message = format!("licensor: {reason}: {}", change.message);
+            if never_succeeds(reason) && self.mode == Mode::Deny {
+                findings.deny = Some(message);
+            } else if never_succeeds(reason) || depends_on_the_moment(reason) {
+                findings.warnings.push(message);
+            }
+        }
+        if let Some(pool) = planned
+            .pools_before
+            .iter()
+            .find(|p| p.product == desired.product)
+            && pool.free < 0
+        {
+            findings.warnings.push(format!(
+                "licensor: OverCommitted: the {} pool hands out {} seats more than its total of {} ({} dedicated, {} shared in use)",
+                pool.product, -pool.free, pool.total, pool.dedicated, pool.shared_in_use
+            ));
+        }
+        Ok(findings)
+    }
+}
+
+/// Allowed, with a warning that the backend was not consulted.
+fn skipped(why: &str) -> Findings {
+    Findings {
+        deny: None,
+        warnings: vec![format!(
+            "licensor: the check against the license backend was skipped ({why}); the object's status will say whether it applies"
+        )],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::http::{HttpBackend, Retry};
+    use kube::core::admission::AdmissionReview;
+    use serde_json::{Value, json};
+
+    /// A backend nobody answers at: any call to it ends in "skipped".
+    fn validator() -> Validator {
+        let backend = HttpBackend::new(
+            "http://127.0.0.1:9",
+            "acme",
+            None,
+            Duration::from_millis(200),
+            Retry::default(),
+        )
+        .unwrap();
+        Validator {
+            backend: Arc::new(backend),
+            instance: "default".into(),
+            mode: Mode::Deny,
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    fn object(count: i64, extra: Value) -> Value {
+        let mut o = json!({
+            "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
+            "metadata": {"name": "qa", "namespace": "licenses"},
+            "spec": {"organization": "qa-team", "product": "TestOps", "count": count},
+        });
+        if let (Some(o), Some(extra)) = (o.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        o
+    }
+
+    fn request(
+        operation: &str,
+        object: Value,
+        old: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "00000000-0000-0000-0000-000000000001",
+                "kind": {"group": "licensor.dev", "version": "v1alpha1", "kind": "DedicatedLicense"},
+                "resource": {"group": "licensor.dev", "version": "v1alpha1", "resource": "dedicatedlicenses"},
+                "name": "qa", "namespace": "licenses", "operation": operation,
+                "userInfo": {"username": "admin"},
+                "object": object, "oldObject": old, "dryRun": false
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    #[tokio::test]
+    async fn what_leaves_the_spec_alone_is_never_judged() {
+        let v = validator();
+        // Labels, finalizers, status: the spec is as it was.
+        let labelled = object(
+            5,
+            json!({"metadata": {"name": "qa", "namespace": "licenses", "labels": {"a": "b"}}}),
+        );
+        let r = request("UPDATE", labelled, Some(object(5, json!({}))));
+        assert_eq!(v.findings(&r).await, Findings::default());
+        // An object being deleted.
+        let deleting = object(
+            9,
+            json!({"metadata": {"name": "qa", "namespace": "licenses", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+        );
+        let r = request("UPDATE", deleting, Some(object(5, json!({}))));
+        assert_eq!(v.findings(&r).await, Findings::default());
+        // Observe never writes.
+        let mut observed = object(9, json!({}));
+        observed["spec"]["managementPolicy"] = json!("Observe");
+        assert_eq!(
+            v.findings(&request("CREATE", observed, None)).await,
+            Findings::default()
+        );
+        // A delete.
+        assert_eq!(
+            v.findings(&request("DELETE", object(5, json!({})), None))
+                .await,
+            Findings::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_cannot_be_read_allows_with_a_warning() {
+        let v = validator();
+        let r = request("CREATE", object(5, json!({})), None);
+        let response = v.review(&r).await;
+        assert!(response.allowed);
+        let warnings = response.warnings.unwrap_or_default();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("check against the license backend was skipped"),
+            "{warnings:?}"
+        );
+        // A changed spec on update is judged too.
+        let r = request("UPDATE", object(6, json!({})), Some(object(5, json!({}))));
+        assert_eq!(v.findings(&r).await.warnings.len(), 1);
+    }
+}
