@@ -41,10 +41,11 @@ check: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-## Regenerate crds/ (and the chart's copy) from the Rust type.
+## Regenerate crds/ (and the chart's copy) from the Rust types.
 crd:
-	$(CARGO) run --quiet -- crd > crds/dedicatedlicenses.licensor.dev.yaml
-	cp crds/dedicatedlicenses.licensor.dev.yaml charts/licensor/crds/
+	$(CARGO) run --quiet -- crd dedicated-license > crds/dedicatedlicenses.licensor.dev.yaml
+	$(CARGO) run --quiet -- crd license-pool > crds/licensepools.licensor.dev.yaml
+	cp crds/*.yaml charts/licensor/crds/
 
 ## The scale benchmark (10,000 manifests, 10,000 allocations).
 bench:

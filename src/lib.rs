@@ -24,6 +24,7 @@ pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod domain;
+pub mod licensepool;
 pub mod manifest;
 pub mod operator;
 pub mod plan;

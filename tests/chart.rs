@@ -254,17 +254,18 @@ fn bad_values_fail_with_a_readable_message() {
 }
 
 #[test]
-fn the_charts_crd_is_the_generated_one() {
-    let chart = std::fs::read_to_string(here(
-        "charts/licensor/crds/dedicatedlicenses.licensor.dev.yaml",
-    ))
-    .unwrap();
-    let generated =
-        std::fs::read_to_string(here("crds/dedicatedlicenses.licensor.dev.yaml")).unwrap();
-    assert!(
-        chart == generated,
-        "charts/licensor/crds/ is stale: run `make crd`"
-    );
+fn the_charts_crds_are_the_generated_ones() {
+    for file in [
+        "dedicatedlicenses.licensor.dev.yaml",
+        "licensepools.licensor.dev.yaml",
+    ] {
+        let chart = std::fs::read_to_string(here(&format!("charts/licensor/crds/{file}"))).unwrap();
+        let generated = std::fs::read_to_string(here(&format!("crds/{file}"))).unwrap();
+        assert!(
+            chart == generated,
+            "charts/licensor/crds/{file} is stale: run `make crd`"
+        );
+    }
 }
 
 /// A base64 string field, decoded.
@@ -418,10 +419,23 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
     let sa = "system:serviceaccount:licensor-system:licensor";
     for (args, allowed) in [
         (
-            &["patch", "dedicatedlicenses.licensor.dev/status", "-A"][..],
+            &[
+                "patch",
+                "dedicatedlicenses.licensor.dev",
+                "--subresource=status",
+                "-A",
+            ][..],
             true,
         ),
         (&["watch", "dedicatedlicenses.licensor.dev", "-A"][..], true),
+        (&["list", "licensepools.licensor.dev"][..], true),
+        (&["create", "licensepools.licensor.dev"][..], true),
+        (&["delete", "licensepools.licensor.dev"][..], true),
+        (
+            &["patch", "licensepools.licensor.dev", "--subresource=status"][..],
+            true,
+        ),
+        (&["update", "licensepools.licensor.dev"][..], false),
         (
             &["create", "events.events.k8s.io", "-n", "licenses"][..],
             true,

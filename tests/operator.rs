@@ -760,7 +760,9 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
     wait_for("one allocated by the leader", SOON, || {
         (account.allocation("a", "TestOps") == Some((2, 0))).then_some(())
     });
-    assert!(first.logs().contains("licenses/one"));
+    wait_for("the leader's log of it", SOON, || {
+        first.logs().contains("licenses/one").then_some(())
+    });
     assert!(
         !second.logs().contains("licenses/one"),
         "the standby reconciled"
@@ -1258,4 +1260,131 @@ organizations:
         r.stderr.contains("Warning: licensor: UnknownOrganization"),
         "{r:?}"
     );
+}
+
+/// `kubectl get licensepools` is the account's License Management table:
+/// every product (one with no managed object too), figures that follow a
+/// raise, a revoke, a seat claim and a total change made outside the
+/// cluster (after a resync), each allocation's manager and object, and no
+/// writes at all while nothing changes.
+#[test]
+fn kubectl_get_licensepools_shows_the_account_and_follows_it() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}, {name: Studio, total: 10}]
+organizations:
+  - {id: a, allocations: [{product: TestOps, dedicated: 5, inUse: 4}]}
+  - {id: b}
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let account = Account::seeded(fixture);
+    let operator = Operator::start(
+        &cp,
+        "pools",
+        &account.backend,
+        &["--leader-elect=false", "--resync=2s"],
+    );
+    let pool = |name: &str| -> Option<Value> {
+        let r = cp.kubectl(&["get", "lp", name, "-o", "json"]);
+        (r.code == 0).then(|| serde_json::from_str::<Value>(&r.stdout).unwrap()["status"].clone())
+    };
+    let figures = |s: &Value| {
+        [
+            &s["total"],
+            &s["dedicated"],
+            &s["sharedInUse"],
+            &s["free"],
+            &s["overCommitted"],
+        ]
+        .map(|v| v.as_i64().unwrap_or(-1))
+    };
+    let until = |what: &str, name: &'static str, want: [i64; 5]| {
+        wait_for(what, SOON, || {
+            let s = pool(name)?;
+            (figures(&s) == want).then_some(s)
+        })
+    };
+    let s = until("the TestOps pool", "testops", [20, 5, 0, 15, 0]);
+    assert_eq!(s["product"], "TestOps");
+    assert_eq!(
+        s["allocations"],
+        serde_json::json!([{"organization": "a", "dedicated": 5, "inUse": 4, "resource": null}])
+    );
+    // A pool no object manages anything of is there all the same.
+    until("the Studio pool", "studio", [10, 0, 0, 10, 0]);
+    let table = cp.ok(&["get", "licensepools"]);
+    for column in [
+        "PRODUCT",
+        "TOTAL",
+        "DEDICATED",
+        "SHARED-IN-USE",
+        "FREE",
+        "OVERCOMMITTED",
+        "ORGANIZATIONS",
+    ] {
+        assert!(table.contains(column), "{table}");
+    }
+    assert!(
+        table.contains("TestOps") && table.contains("Studio"),
+        "{table}"
+    );
+
+    // A raise through a DedicatedLicense: the pool follows, naming it.
+    cp.apply(&license_yaml("b-testops", "b", "TestOps", 3, ""));
+    let s = until("the raise", "testops", [20, 8, 0, 12, 0]);
+    assert_eq!(
+        s["allocations"][1],
+        serde_json::json!({"organization": "b", "dedicated": 3, "inUse": 0,
+            "managedBy": "default/licenses/b-testops",
+            "resource": {"namespace": "licenses", "name": "b-testops"}})
+    );
+    assert_eq!(s["organizations"], 2);
+    // The revoke when it is deleted.
+    cp.ok(&[
+        "delete",
+        "dl",
+        "b-testops",
+        "-n",
+        "licenses",
+        "--timeout=30s",
+    ]);
+    until("the revoke", "testops", [20, 5, 0, 15, 0]);
+
+    // Outside the cluster: users sign in, the contract shrinks (a resync
+    // catches both); then over-committed.
+    let run = account.run(&[
+        "backend",
+        "claim",
+        "--org",
+        "b",
+        "--product",
+        "TestOps",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    until("the seat claim", "testops", [20, 5, 2, 13, 0]);
+    let run = account.run(&["backend", "total", "--product", "TestOps", "--total", "4"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    until("the total change", "testops", [4, 5, 2, 0, 3]);
+
+    // Idle: several resync periods, not one write.
+    let writes = |op: &Operator| {
+        op.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("licensor_licensepool_writes_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let version = || cp.json(&["get", "lp", "testops"])["metadata"]["resourceVersion"].clone();
+    let (before, version_before) = (writes(&operator), version());
+    assert!(before.is_some_and(|n| n > 0.0), "no pool writes counted");
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        writes(&operator),
+        before,
+        "an idle account caused LicensePool writes"
+    );
+    assert_eq!(version(), version_before);
 }

@@ -100,8 +100,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
     Operator(operator::OperatorArgs),
-    /// Print the DedicatedLicense CustomResourceDefinition.
-    Crd,
+    /// Print a CustomResourceDefinition generated from its Rust type.
+    Crd(crd::CrdArgs),
 }
 
 /// Output formats.
@@ -150,7 +150,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Token(c) => token::run(g, c),
         Command::Serve(a) => serve::run(g, &a).await,
         Command::Operator(a) => operator::run(g, &a).await,
-        Command::Crd => crd::run(),
+        Command::Crd(args) => crd::run(&args),
     }
 }
 

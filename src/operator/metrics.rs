@@ -66,6 +66,8 @@ pub struct Metrics {
     pub in_use: Family<ObjectLabels, Gauge>,
     pub leader: Gauge,
     pub finalizers: Family<ByLabels, Counter>,
+    /// Creates, status writes and deletes of LicensePool objects.
+    pub pool_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -100,7 +102,13 @@ impl Metrics {
             in_use: Family::default(),
             leader: Gauge::default(),
             finalizers: Family::default(),
+            pool_writes: Counter::default(),
         };
+        registry.register(
+            "licensepool_writes",
+            "LicensePool objects created, updated (status) or deleted; an idle account causes none",
+            m.pool_writes.clone(),
+        );
         registry.register(
             "finalizers_added",
             "Cleanup finalizers added: by the admission webhook to objects being created (also when the create then fails validation), or by the operator with a patch",

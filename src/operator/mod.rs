@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod events;
 pub mod metrics;
+pub mod pools;
 pub mod reconcile;
 pub mod status;
 pub mod webhook;
@@ -201,6 +202,18 @@ async fn control(
     };
     let events = events::Publisher::start(Recorder::new(client.clone(), reporter));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<DedicatedLicense>>();
+    // The account's pools as LicensePool objects, kept while this replica
+    // leads (the task ends with this function).
+    let moved = Arc::new(tokio::sync::Notify::new());
+    let pools = pools::Pools::new(
+        client.clone(),
+        backend.clone(),
+        config.settings.instance.clone(),
+        config.settings.resync,
+        moved.clone(),
+        metrics.clone(),
+    );
+    let pools = AbortOnDrop(tokio::spawn(pools.keep()));
     let ctx = Arc::new(Context::new(
         client,
         backend,
@@ -208,6 +221,7 @@ async fn control(
         metrics,
         config.settings.clone(),
         wake_tx,
+        moved,
     ));
 
     // Our own status writes do not bump the generation; skip them, but not
@@ -237,7 +251,17 @@ async fn control(
             }
         })
         .await;
+    drop(pools);
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What of an object is worth a pass when it changes.

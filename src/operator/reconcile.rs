@@ -75,6 +75,8 @@ pub struct Context {
     /// Objects stalled on `InsufficientPool`, per product.
     waiting: Mutex<HashMap<String, Waiting>>,
     wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
+    /// Told when a pass wrote to the backend (the LicensePools follow).
+    pub pools_moved: Arc<tokio::sync::Notify>,
 }
 
 impl Context {
@@ -85,6 +87,7 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: Settings,
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
+        pools_moved: Arc<tokio::sync::Notify>,
     ) -> Context {
         Context {
             client,
@@ -95,6 +98,7 @@ impl Context {
             failures: Mutex::default(),
             waiting: Mutex::default(),
             wake,
+            pools_moved,
         }
     }
 
@@ -277,6 +281,9 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         return Ok(Requeue::requeue(ctx.settings.resync));
     };
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    if change.outcome == Outcome::Applied {
+        ctx.pools_moved.notify_one();
+    }
     let pool_seen = pool_of(&snapshot, &wanted.product);
 
     let (verdict, seen, pool) = match change.outcome {
@@ -413,6 +420,9 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     };
     let mut change = plan_removal(&wanted, &snapshot, Role::AccountAdmin);
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    if change.outcome == Outcome::Applied {
+        ctx.pools_moved.notify_one();
+    }
     match change.outcome {
         Outcome::Applied => {
             let pass = Pass {

@@ -97,6 +97,7 @@ impl ControlPlane {
             "--for=condition=Established",
             "--timeout=60s",
             "crd/dedicatedlicenses.licensor.dev",
+            "crd/licensepools.licensor.dev",
         ]);
         cp
     }

@@ -1,0 +1,230 @@
+//! The `LicensePool` resource (DESIGN §7): the account's pool of one
+//! product as a cluster-scoped, status-only Kubernetes object, so that
+//! `kubectl get licensepools` is the License Management table.
+//!
+//! The operator keeps one per product of the account it manages
+//! ([`crate::operator::pools`]); this module is the type and the pure
+//! mapping from a backend snapshot to the objects' names and statuses.
+
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{PoolView, Snapshot};
+use crate::resource::DEFAULT_INSTANCE;
+
+/// Label naming the operator instance that keeps a `LicensePool`.
+pub const INSTANCE_LABEL: &str = "licensor.dev/instance";
+
+/// One product's pool of the license account, kept by the operator.
+/// Status only: nothing in it is for people to set.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "licensor.dev",
+    version = "v1alpha1",
+    kind = "LicensePool",
+    plural = "licensepools",
+    status = "LicensePoolStatus",
+    shortname = "lp",
+    category = "licensor",
+    doc = "One product's pool of the license account: total, dedicated, shared in use and free seats, and every allocation of it. Kept by the licensor operator; status only.",
+    printcolumn = r#"{"name": "Product", "type": "string", "jsonPath": ".status.product"}"#,
+    printcolumn = r#"{"name": "Total", "type": "integer", "jsonPath": ".status.total"}"#,
+    printcolumn = r#"{"name": "Dedicated", "type": "integer", "jsonPath": ".status.dedicated"}"#,
+    printcolumn = r#"{"name": "Shared-In-Use", "type": "integer", "jsonPath": ".status.sharedInUse"}"#,
+    printcolumn = r#"{"name": "Free", "type": "integer", "jsonPath": ".status.free"}"#,
+    printcolumn = r#"{"name": "OverCommitted", "type": "integer", "jsonPath": ".status.overCommitted"}"#,
+    printcolumn = r#"{"name": "Organizations", "type": "integer", "jsonPath": ".status.organizations"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LicensePoolSpec {}
+
+/// The pool as the backend last showed it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LicensePoolStatus {
+    /// The product's exact name in the account.
+    pub product: String,
+    /// Seats the account holds of the product.
+    pub total: i64,
+    /// Seats dedicated to organizations.
+    pub dedicated: i64,
+    /// Seats in use straight from the account pool.
+    pub shared_in_use: i64,
+    /// Seats neither dedicated nor in shared use (never below 0).
+    pub free: i64,
+    /// Seats handed out beyond the total; 0 when none.
+    pub over_committed: i64,
+    /// How many organizations hold a dedicated allocation of the product.
+    pub organizations: i64,
+    /// Every allocation of the product, managed or not, by organization.
+    pub allocations: Vec<PoolAllocation>,
+    /// When the backend last showed this content (RFC 3339); it moves only
+    /// when the content does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<String>,
+}
+
+/// One organization's allocation of the pool's product.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolAllocation {
+    pub organization: String,
+    pub dedicated: i64,
+    pub in_use: i64,
+    /// Who manages it (`<instance>/<namespace>/<name>`, or another tool's
+    /// name); absent when unmanaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
+    /// The DedicatedLicense of this instance that manages it; null when
+    /// another instance or nobody does.
+    pub resource: Option<ResourceRef>,
+}
+
+/// A DedicatedLicense, by namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ResourceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The object name of a product's pool: the product lowercased, characters
+/// outside `[a-z0-9-]` as `-`, trimmed of `-` at the ends, prefixed
+/// `<instance>-` when the instance is not `default` (so two operators in one
+/// cluster keep objects of their own). `TestOps` -> `testops`.
+pub fn name_for(instance: &str, product: &str) -> String {
+    let mut name: String = product
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        name = "product".into();
+    }
+    if instance != DEFAULT_INSTANCE {
+        name = format!("{instance}-{name}");
+    }
+    // DNS-1123 subdomain: at most 253 characters, alphanumeric at the end.
+    name.truncate(253);
+    name.trim_end_matches('-').to_string()
+}
+
+/// The status of every product's pool in `snapshot`, by object name, as an
+/// operator of `instance` shows them (without `observedTime`).
+pub fn statuses(instance: &str, snapshot: &Snapshot) -> Vec<(String, LicensePoolStatus)> {
+    snapshot
+        .pools
+        .iter()
+        .map(|pool| {
+            let view = PoolView::from(pool);
+            let mut allocations: Vec<PoolAllocation> = snapshot
+                .allocations
+                .iter()
+                .filter(|a| a.product == pool.product)
+                .map(|a| PoolAllocation {
+                    organization: a.organization.clone(),
+                    dedicated: a.dedicated,
+                    in_use: a.in_use,
+                    managed_by: a.managed_by.clone(),
+                    resource: a.managed_by.as_deref().and_then(|m| ours(instance, m)),
+                })
+                .collect();
+            allocations.sort_by(|a, b| a.organization.cmp(&b.organization));
+            let status = LicensePoolStatus {
+                product: pool.product.clone(),
+                total: view.total,
+                dedicated: view.dedicated,
+                shared_in_use: view.shared_in_use,
+                free: view.free.max(0),
+                over_committed: (-view.free).max(0),
+                organizations: allocations.iter().filter(|a| a.dedicated > 0).count() as i64,
+                allocations,
+                observed_time: None,
+            };
+            (name_for(instance, &pool.product), status)
+        })
+        .collect()
+}
+
+/// The DedicatedLicense a `managedBy` of this instance names.
+fn ours(instance: &str, managed_by: &str) -> Option<ResourceRef> {
+    let rest = managed_by.strip_prefix(instance)?.strip_prefix('/')?;
+    let (namespace, name) = rest.split_once('/')?;
+    Some(ResourceRef {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+}
+
+/// The CRD, as YAML.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&LicensePool::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Allocation, Pool};
+
+    #[test]
+    fn names_are_dns_labels_of_the_product() {
+        assert_eq!(name_for("default", "TestOps"), "testops");
+        assert_eq!(name_for("default", "Runtime Engine 2"), "runtime-engine-2");
+        assert_eq!(name_for("prod", "TestOps"), "prod-testops");
+        assert_eq!(name_for("default", "Ünïcode_X"), "n-code-x");
+        assert_eq!(name_for("default", "__"), "product");
+    }
+
+    #[test]
+    fn a_pool_shows_every_allocation_and_whose_it_is() {
+        let allocation = |org: &str, dedicated, managed_by: Option<&str>| Allocation {
+            organization: org.into(),
+            product: "TestOps".into(),
+            dedicated,
+            in_use: 1,
+            managed_by: managed_by.map(String::from),
+            version: 1,
+        };
+        let snapshot = Snapshot {
+            pools: vec![Pool {
+                product: "TestOps".into(),
+                total: 10,
+                dedicated: 12,
+                shared_in_use: 1,
+                revision: 1,
+            }],
+            organizations: vec![],
+            allocations: vec![
+                allocation("b", 5, Some("default/licenses/b")),
+                allocation("a", 7, None),
+                allocation("c", 0, Some("prod/licenses/c")),
+            ],
+        };
+        let [(name, status)] = <[_; 1]>::try_from(statuses("default", &snapshot)).unwrap();
+        assert_eq!(name, "testops");
+        assert_eq!((status.free, status.over_committed), (0, 3));
+        assert_eq!(status.organizations, 2);
+        let orgs: Vec<_> = status
+            .allocations
+            .iter()
+            .map(|a| a.organization.as_str())
+            .collect();
+        assert_eq!(orgs, ["a", "b", "c"]);
+        assert_eq!(status.allocations[0].resource, None);
+        assert_eq!(
+            status.allocations[1].resource,
+            Some(ResourceRef {
+                namespace: "licenses".into(),
+                name: "b".into()
+            })
+        );
+        assert_eq!(status.allocations[2].resource, None, "another instance's");
+    }
+}

@@ -1,0 +1,131 @@
+//! Keeps the `LicensePool` objects ([`crate::licensepool`]): one per
+//! product of the managed account, created, updated and removed by the
+//! leading operator, and written only when their content changes.
+//!
+//! A sync reads the whole account once (one backend call) and compares it
+//! with the objects this instance keeps (by the instance label, so two
+//! instances in one cluster never touch each other's). It runs at start,
+//! every resync period (which catches changes made outside the cluster),
+//! and shortly after a pass wrote to the backend (one sync for a burst of
+//! writes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::metrics::Metrics;
+use crate::backend::Backend;
+use crate::licensepool::{INSTANCE_LABEL, LicensePool, LicensePoolSpec, statuses};
+
+/// How long after a write the pools are read again: writes that come
+/// together are shown together.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// What the pools task needs.
+pub struct Pools {
+    pub api: Api<LicensePool>,
+    pub backend: Arc<dyn Backend>,
+    pub instance: String,
+    pub resync: Duration,
+    /// Notified by passes that wrote to the backend.
+    pub moved: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Pools {
+    pub fn new(
+        client: Client,
+        backend: Arc<dyn Backend>,
+        instance: String,
+        resync: Duration,
+        moved: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Pools {
+        Pools {
+            api: Api::all(client),
+            backend,
+            instance,
+            resync,
+            moved,
+            metrics,
+        }
+    }
+
+    /// Syncs until the task is dropped.
+    pub async fn keep(self) {
+        loop {
+            match self.sync().await {
+                Ok(0) => {}
+                Ok(writes) => tracing::debug!(writes, "license pools synced"),
+                Err(e) => tracing::warn!("license pools not synced: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.resync) => {}
+                _ = self.moved.notified() => tokio::time::sleep(SETTLE).await,
+            }
+        }
+    }
+
+    /// One sync; returns how many objects it wrote.
+    pub async fn sync(&self) -> Result<usize, String> {
+        let snapshot = self.backend.snapshot().await.map_err(|e| e.to_string())?;
+        let wanted = statuses(&self.instance, &snapshot);
+        let selector = format!("{INSTANCE_LABEL}={}", self.instance);
+        let existing = self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        let mut writes = 0;
+        for (name, mut status) in wanted.iter().cloned() {
+            let current = existing.iter().find(|p| p.name_any() == name);
+            let shown = current.and_then(|p| p.status.clone()).map(|mut s| {
+                s.observed_time = None;
+                s
+            });
+            if shown.as_ref() == Some(&status) {
+                continue;
+            }
+            if current.is_none() {
+                let mut object = LicensePool::new(&name, LicensePoolSpec {});
+                object
+                    .labels_mut()
+                    .insert(INSTANCE_LABEL.into(), self.instance.clone());
+                self.api
+                    .create(&PostParams::default(), &object)
+                    .await
+                    .map_err(|e| format!("create licensepool/{name}: {e}"))?;
+                writes += 1;
+            }
+            status.observed_time =
+                Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            // The whole status at once (a JSON patch keeps `resource: null`,
+            // which a merge patch would drop).
+            let patch: json_patch::Patch =
+                serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
+                    .map_err(|e| e.to_string())?;
+            self.api
+                .patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+                .map_err(|e| format!("status of licensepool/{name}: {e}"))?;
+            writes += 1;
+        }
+        for gone in existing
+            .iter()
+            .filter(|p| !wanted.iter().any(|(name, _)| *name == p.name_any()))
+        {
+            self.api
+                .delete(&gone.name_any(), &DeleteParams::default())
+                .await
+                .map_err(|e| format!("delete licensepool/{}: {e}", gone.name_any()))?;
+            writes += 1;
+        }
+        self.metrics.pool_writes.inc_by(writes as u64);
+        Ok(writes)
+    }
+}
