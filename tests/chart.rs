@@ -351,6 +351,40 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         "NOTES.txt: {}",
         r.stdout
     );
+    // What NOTES says to type works on the shipped image: a static binary
+    // at /licensor and no tar (so no `kubectl cp`); the fixture on stdin.
+    let seed = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("backend seed"))
+        .expect("a seed command in NOTES")
+        .trim();
+    assert!(
+        seed.starts_with(
+            "kubectl -n licensor-system exec -i deploy/licensor -c operator -- /licensor "
+        ) && seed.ends_with(" < account.yaml"),
+        "{seed}"
+    );
+    let inside = seed
+        .split_once(" -- /licensor ")
+        .unwrap()
+        .1
+        .trim_end_matches(" < account.yaml");
+    let volume = tempfile::tempdir().unwrap();
+    let args: Vec<String> = inside
+        .split_whitespace()
+        .map(|a| a.replace("/data/", &format!("{}/", volume.path().display())))
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args(&args)
+        .stdin(std::fs::File::open(here("examples/account.yaml")).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("seeded account acme"),
+        "{seed}: {out:?}"
+    );
     for object in [
         "deployment/licensor",
         "serviceaccount/licensor",
@@ -455,6 +489,17 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         ),
         (
             &["delete", "dedicatedlicenses.licensor.dev", "-n", "licenses"][..],
+            false,
+        ),
+        // Nothing it does not call.
+        (&["get", "dedicatedlicenses.licensor.dev", "-A"][..], false),
+        (
+            &[
+                "update",
+                "dedicatedlicenses.licensor.dev",
+                "--subresource=finalizers",
+                "-A",
+            ][..],
             false,
         ),
         (&["list", "secrets", "-A"][..], false),

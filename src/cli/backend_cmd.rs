@@ -13,6 +13,8 @@ use crate::domain::SeatChange;
 pub enum BackendCommand {
     /// Load an account fixture (products, organizations, allocations, seats in use).
     Seed {
+        /// The fixture (YAML); `-` reads it from standard input (for
+        /// `kubectl exec -i ... -f - < account.yaml`).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
@@ -81,10 +83,18 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
     let err = |e: BackendError| e.to_string();
     match command {
         BackendCommand::Seed { file } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let (text, shown) = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| format!("standard input: {e}"))?;
+                (text, "standard input".to_string())
+            } else {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                (text, file.display().to_string())
+            };
             let fixture: Fixture =
-                serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+                serde_yaml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
             backend.seed(&fixture).await.map_err(err)?;
             println!(
                 "seeded account {}: {} products, {} organizations",
