@@ -1388,3 +1388,49 @@ organizations:
     );
     assert_eq!(version(), version_before);
 }
+
+/// A `Conflict` refusal is woken when the object that holds the allocation
+/// goes (revoked, or released with `deletionPolicy: Orphan`), not at the
+/// next resync.
+#[test]
+fn a_conflict_is_woken_when_the_holder_goes() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 50}]
+organizations: [{id: a}, {id: b}]
+";
+    let c = Cluster::start(fixture, &["--leader-elect=false", "--resync=10m"]);
+    let reason = |name: &str| {
+        let o = c.cp.json(&["get", "dl", name, "-n", "licenses"]);
+        o["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+            .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
+    };
+    let until = |name: &str, want: &str| {
+        wait_for(&format!("{name} {want}"), Duration::from_secs(15), || {
+            (reason(name).as_deref() == Some(want)).then_some(())
+        })
+    };
+    for (holder, policy, org) in [("holder-a", "Revoke", "a"), ("holder-b", "Orphan", "b")] {
+        c.cp.apply(&license_yaml(
+            holder,
+            org,
+            "TestOps",
+            3,
+            &format!("  deletionPolicy: {policy}\n"),
+        ));
+        until(holder, "Reconciled");
+        let second = format!("second-{org}");
+        c.cp.apply(&license_yaml(&second, org, "TestOps", 4, ""));
+        until(&second, "Conflict");
+        c.cp.ok(&["delete", "dl", holder, "-n", "licenses", "--timeout=30s"]);
+        // Well inside the 10-minute resync.
+        until(&second, "Reconciled");
+        assert_eq!(
+            c.account.allocation(org, "TestOps"),
+            Some((4, 0)),
+            "{policy}"
+        );
+    }
+}

@@ -9,8 +9,10 @@
 //! Requeue policy: a pass that ends in sync, held or refused comes back at the
 //! resync period (refusals do not loop); a pass the backend could not serve
 //! comes back with per-object exponential backoff, reset on success. An
-//! `InsufficientPool` refusal also registers the object under its product, and
-//! a pass that frees seats of that product wakes those objects at once.
+//! `InsufficientPool` or `Conflict` refusal also registers the object under its
+//! product, and a pass that frees seats of that product or gives up an
+//! allocation of it (a revoke, an orphaning release) wakes those objects at
+//! once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,8 +48,8 @@ pub enum Error {
     Kubernetes(#[from] kube::Error),
 }
 
-/// Objects stalled on `InsufficientPool` for one product, and how many
-/// times its seats were freed.
+/// Objects stalled on `InsufficientPool` or `Conflict` for one product, and
+/// how many times its seats were freed or an allocation of it given up.
 #[derive(Default)]
 struct Waiting {
     objects: HashSet<ObjectRef<DedicatedLicense>>,
@@ -147,7 +149,8 @@ impl Context {
         }
     }
 
-    /// Seats of `product` were freed: re-queue everything waiting for them.
+    /// Seats of `product` were freed, or an allocation of it given up:
+    /// re-queue everything waiting for that.
     fn seats_freed(&self, product: &str) {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.entry(product.to_string()).or_default();
@@ -325,10 +328,12 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
 
     let key = key(dl);
     ctx.succeeded(&key);
+    // Waiting for seats, or for the object that holds the allocation to
+    // go: either is woken when the product's pool moves that way.
     let short = matches!(
         pass.verdict,
         Verdict::Refused {
-            reason: Reason::InsufficientPool,
+            reason: Reason::InsufficientPool | Reason::Conflict,
             ..
         }
     );
@@ -394,6 +399,8 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                     ),
                 };
                 ctx.events.publish(dl, &[note]);
+                // An object refused with Conflict over it may now adopt it.
+                ctx.seats_freed(&wanted.product);
                 remove_finalizer(dl, ctx).await
             }
             // Someone else manages it, or it cannot exist (a typo in the
