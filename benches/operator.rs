@@ -18,6 +18,10 @@
 //!    N more objects are created (through the webhook) and the clock runs
 //!    until all are Ready.
 //! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects.
+//! 4. Admission latency: 1,000 server-side dry-run creates, one at a time,
+//!    through the mutating webhook alone and then with the validating
+//!    webhook too (a backend read and a plan each); the objects of 2. and 3.
+//!    are created through both, as in a cluster where licensor is installed.
 //!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
 //! `N`, `BIG`, `CONCURRENCY` and `WEBHOOK` change the run.
@@ -83,6 +87,34 @@ async fn write_status(
         &Patch::Apply(&*status),
     )
     .await
+}
+
+/// Server-side dry-run creates timed for the admission benchmark.
+const ADMISSION_RUNS: usize = 1000;
+
+/// `runs` server-side dry-run creates of distinct valid objects, one after
+/// another; their latencies, sorted.
+async fn dry_runs(api: &Api<DedicatedLicense>, runs: usize) -> Vec<std::time::Duration> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let mut latencies = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let started = Instant::now();
+        api.create(&dry_run, &license(i))
+            .await
+            .expect("dry-run create");
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+/// The `p` quantile of sorted latencies, in milliseconds.
+fn quantile_ms(sorted: &[std::time::Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i].as_secs_f64() * 1000.0
 }
 
 /// Creates objects `range` in `api`, `concurrency` at a time.
@@ -323,6 +355,30 @@ async fn main() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
+    // Admission latency: server-side dry-run creates, one at a time, with
+    // the mutating webhook alone and then with the validating one too (a
+    // backend read and a plan per request, on the embedded store).
+    let admission = if webhook {
+        let base = dry_runs(&api, ADMISSION_RUNS).await;
+        cp.register_validating_webhook(webhook_port, &ca);
+        let mut ghost = license(0);
+        ghost.spec.organization = "no-such-organization".into();
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while api.create(&dry_run, &ghost).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the validating webhook never answered"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Some((base, dry_runs(&api, ADMISSION_RUNS).await))
+    } else {
+        None
+    };
     create(&api, 0..n, concurrency).await;
     elsewhere.terminate();
     let with_finalizer = api
@@ -435,4 +491,13 @@ async fn main() {
     );
     println!("  peak RSS with {n:>6} objects                  {rss_n:>8.1} MiB");
     println!("  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (target < 100)");
+    if let Some((base, validating)) = admission {
+        println!(
+            "  admission, {ADMISSION_RUNS} dry-run creates one at a time: mutating only p50 {:.1} ms p99 {:.1} ms; with validation p50 {:.1} ms p99 {:.1} ms (target p99 < 20)",
+            quantile_ms(&base, 0.5),
+            quantile_ms(&base, 0.99),
+            quantile_ms(&validating, 0.5),
+            quantile_ms(&validating, 0.99),
+        );
+    }
 }

@@ -228,7 +228,37 @@ impl Hold {
 
 /// The CRD as the YAML committed in `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&DedicatedLicense::crd())
+    serde_yaml::to_string(&crd())
+}
+
+/// The CRD: what the derive writes, and one default more. An object's
+/// status defaults to `{observedGeneration: 0}`, so an object the operator
+/// has not looked at yet reads `InProgress` to kstatus (generation 1 not yet
+/// observed) and Progressing to the Argo CD check, never `Current` before
+/// anything was decided.
+pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition
+{
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON;
+    let mut crd = DedicatedLicense::crd();
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(JSON(serde_json::json!({})));
+            if let Some(observed) = status
+                .properties
+                .as_mut()
+                .and_then(|p| p.get_mut("observedGeneration"))
+            {
+                observed.default = Some(JSON(serde_json::json!(0)));
+            }
+        }
+    }
+    crd
 }
 
 /// `managedBy` of a resource: `<instance>/<namespace>/<name>`.

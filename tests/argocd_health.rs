@@ -36,6 +36,8 @@ fn conditions_map_to_argo_cd_health() {
             json!({"metadata": {"name": "qa", "generation": 1}}),
             "Progressing",
         ),
+        // New and not seen by the operator: the status the schema defaults.
+        (license(1, 0, json!([])), "Progressing"),
         (
             license(2, 1, json!([condition("Ready", "True", "Reconciled")])),
             "Progressing",

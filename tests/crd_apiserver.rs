@@ -32,6 +32,11 @@ fn the_crd_is_enforced_by_a_real_api_server() {
         ]
     );
     assert!(table.contains("qa-team-testops"), "{table}");
+    // No operator has looked yet: the status the schema defaults says so,
+    // so kstatus reads InProgress (generation 1 not observed), not Current.
+    let unseen = cp.json(&["get", "dl", "qa-team-testops", "-n", "licenses"]);
+    assert_eq!(unseen["metadata"]["generation"], 1, "{unseen:#}");
+    assert_eq!(unseen["status"]["observedGeneration"], 0, "{unseen:#}");
     let names = cp.ok(&["get", "licensor", "-n", "licenses", "-o", "name"]);
     assert_eq!(
         names.lines().count(),
