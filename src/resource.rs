@@ -4,6 +4,9 @@
 //! generated from it, and a test fails when `crds/` is stale. Doc comments on
 //! fields become the schema's descriptions that `kubectl explain` shows.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSON,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -236,9 +239,7 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 /// has not looked at yet reads `InProgress` to kstatus (generation 1 not yet
 /// observed) and Progressing to the Argo CD check, never `Current` before
 /// anything was decided.
-pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition
-{
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON;
+pub fn crd() -> CustomResourceDefinition {
     let mut crd = DedicatedLicense::crd();
     for version in &mut crd.spec.versions {
         let status = version
