@@ -559,6 +559,18 @@ organizations:
     c.license("w", "b", "TestOps", 9, "  managementPolicy: Observe\n");
     let o = c.wait("w", "False", "OutOfSync");
     assert!(diff(&o).contains("+dedicated: 9"), "{}", diff(&o));
+    // A difference observed is for a person to act on: Stalled, so that
+    // kstatus and Argo CD say so instead of waiting for Ready.
+    let stalled = o["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Stalled")
+        .cloned();
+    assert_eq!(
+        stalled.map(|c| (c["status"].clone(), c["reason"].clone())),
+        Some((serde_json::json!("True"), serde_json::json!("OutOfSync")))
+    );
     assert_eq!(c.account.allocation("b", "TestOps"), Some((7, 2)));
     assert!(
         c.account.status()["allocations"]

@@ -215,11 +215,18 @@ fn conditions(
             } else {
                 "False"
             };
-            vec![ready(
-                status,
-                reason,
-                format!("{state}; {}: {why}", hold.describe()),
-            )]
+            let message = format!("{state}; {}: {why}", hold.describe());
+            // Observing a difference is a finding a person acts on (change
+            // the manifest, or let licensor manage it), not progress: it is
+            // Stalled, so kstatus says Failed and Argo CD Degraded rather
+            // than waiting forever for it to become Ready.
+            if matches!(hold, Hold::Observe) && !*in_sync && !pass.deleting {
+                return vec![
+                    ready(status, reason, message.clone()),
+                    (STALLED, "True", reason.to_string(), message),
+                ];
+            }
+            vec![ready(status, reason, message)]
         }
         Verdict::Refused { reason, message } => {
             let message = if pass.deleting {
