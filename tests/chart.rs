@@ -116,25 +116,7 @@ fn the_chart_lints_clean_and_renders_the_golden_files() {
 #[test]
 fn every_deployment_is_locked_down() {
     for (name, values) in VALUE_SETS {
-        let values = values.map(|v| here(v).display().to_string());
-        let mut args = vec![
-            "template",
-            "licensor",
-            CHART,
-            "-n",
-            "licensor-system",
-            "--kube-version",
-            KUBE,
-        ];
-        if let Some(v) = &values {
-            args.extend(["-f", v.as_str()]);
-        }
-        let (code, rendered, err) = helm_offline(&args);
-        assert_eq!(code, 0, "{err}");
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
-            .filter_map(|d| Value::deserialize(d).ok())
-            .filter(|v| !v.is_null())
-            .collect();
+        let docs = rendered(values);
         let deployments: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Deployment").collect();
         assert!(!deployments.is_empty(), "{name}: no Deployment");
         for deployment in deployments {
@@ -663,9 +645,11 @@ organizations:
     ]);
 }
 
-/// The objects of the chart rendered with its default values.
-fn rendered_defaults() -> Vec<Value> {
-    let (code, rendered, err) = helm_offline(&[
+/// The objects of the chart rendered offline with a value set (a file
+/// under the repository), or the defaults.
+fn rendered(values: Option<&str>) -> Vec<Value> {
+    let values = values.map(|v| here(v).display().to_string());
+    let mut args = vec![
         "template",
         "licensor",
         CHART,
@@ -673,7 +657,11 @@ fn rendered_defaults() -> Vec<Value> {
         "licensor-system",
         "--kube-version",
         KUBE,
-    ]);
+    ];
+    if let Some(v) = &values {
+        args.extend(["-f", v.as_str()]);
+    }
+    let (code, rendered, err) = helm_offline(&args);
     assert_eq!(code, 0, "{err}");
     serde_yaml::Deserializer::from_str(&rendered)
         .filter_map(|d| Value::deserialize(d).ok())
@@ -688,7 +676,7 @@ fn rendered_defaults() -> Vec<Value> {
 /// would, with the chart's rendered arguments, on one file.
 #[test]
 fn the_default_install_serves_the_plan_the_operator_then_applies() {
-    let docs = rendered_defaults();
+    let docs = rendered(None);
     let deployment = docs
         .iter()
         .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "licensor")

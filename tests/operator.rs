@@ -870,16 +870,10 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
     assert!(h.is_null() || h == "", "lease released: {h}");
 }
 
-#[test]
-fn a_remote_platform_that_is_down_shows_in_status_until_it_is_back() {
-    let fixture = "
-account: acme
-products: [{name: TestOps, total: 20}]
-organizations: [{id: a}]
-";
-    let cp = ControlPlane::start();
-    cp.ok(&["create", "namespace", "licenses"]);
-    let mut account = Account::seeded_on(Kind::Http, fixture);
+/// An account behind `licensor serve` (the remote backend): the account,
+/// the server's port, and a file holding an admin token for `--token-file`.
+fn remote_account(fixture: &str) -> (Account, u16, std::path::PathBuf) {
+    let account = Account::seeded_on(Kind::Http, fixture);
     let port: u16 = account.backend.rsplit(':').next().unwrap().parse().unwrap();
     let token = account.path("token");
     let admin = account
@@ -890,6 +884,19 @@ organizations: [{id: a}]
         .1
         .clone();
     std::fs::write(&token, admin).unwrap();
+    (account, port, token)
+}
+
+#[test]
+fn a_remote_platform_that_is_down_shows_in_status_until_it_is_back() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}]
+organizations: [{id: a}]
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let (mut account, port, token) = remote_account(fixture);
     account.server().unwrap().kill().unwrap();
 
     let token_flag = format!("--token-file={}", token.display());
@@ -1135,17 +1142,7 @@ organizations:
 ";
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
-    let mut account = Account::seeded_on(Kind::Http, fixture);
-    let backend_port: u16 = account.backend.rsplit(':').next().unwrap().parse().unwrap();
-    let token = account.path("token");
-    let admin = account
-        .env
-        .iter()
-        .find(|(k, _)| k == "LICENSOR_TOKEN")
-        .unwrap()
-        .1
-        .clone();
-    std::fs::write(&token, admin).unwrap();
+    let (mut account, backend_port, token) = remote_account(fixture);
     let certs = cp.dir.path().join("webhook-certs");
     let ca = webhook_certificate(&certs);
     let port = free_port();

@@ -310,65 +310,59 @@ pub fn webhook_certificate(dir: &Path) -> String {
 }
 
 impl ControlPlane {
-    /// Registers the operator's admission webhook, served on 127.0.0.1:`port`
-    /// with a certificate from `ca_pem`, as the chart registers it
-    /// (CREATE only, failurePolicy Ignore).
+    /// Registers the operator's mutating webhook (`/mutate`, CREATE), served
+    /// on 127.0.0.1:`port` with a certificate from `ca_pem`, as the chart
+    /// registers it.
     pub fn register_webhook(&self, port: u16, ca_pem: &str) {
-        use base64::Engine;
-        let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-        self.apply(&format!(
-            "apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: licensor
-webhooks:
-  - name: finalizer.licensor.dev
-    admissionReviewVersions: [v1]
-    sideEffects: None
-    failurePolicy: Ignore
-    timeoutSeconds: 3
-    matchPolicy: Equivalent
-    reinvocationPolicy: Never
-    clientConfig:
-      url: https://127.0.0.1:{port}/mutate
-      caBundle: {bundle}
-    rules:
-      - apiGroups: [licensor.dev]
-        apiVersions: ['*']
-        resources: [dedicatedlicenses]
-        operations: [CREATE]
-        scope: Namespaced
-"
-        ));
+        self.register("Mutating", "finalizer", "/mutate", "[CREATE]", port, ca_pem);
     }
-}
 
-impl ControlPlane {
     /// Registers the operator's validating webhook (`/validate`, CREATE and
-    /// UPDATE), served on 127.0.0.1:`port`, as the chart registers it.
+    /// UPDATE), as the chart registers it.
     pub fn register_validating_webhook(&self, port: u16, ca_pem: &str) {
+        self.register(
+            "Validating",
+            "validate",
+            "/validate",
+            "[CREATE, UPDATE]",
+            port,
+            ca_pem,
+        );
+    }
+
+    /// A webhook configuration of `kind` (Mutating or Validating), with
+    /// failurePolicy Ignore, for DedicatedLicenses.
+    fn register(
+        &self,
+        kind: &str,
+        name: &str,
+        path: &str,
+        operations: &str,
+        port: u16,
+        ca_pem: &str,
+    ) {
         use base64::Engine;
         let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         self.apply(&format!(
             "apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
+kind: {kind}WebhookConfiguration
 metadata:
   name: licensor
 webhooks:
-  - name: validate.licensor.dev
+  - name: {name}.licensor.dev
     admissionReviewVersions: [v1]
     sideEffects: None
     failurePolicy: Ignore
     timeoutSeconds: 3
     matchPolicy: Equivalent
     clientConfig:
-      url: https://127.0.0.1:{port}/validate
+      url: https://127.0.0.1:{port}{path}
       caBundle: {bundle}
     rules:
       - apiGroups: [licensor.dev]
         apiVersions: ['*']
         resources: [dedicatedlicenses]
-        operations: [CREATE, UPDATE]
+        operations: {operations}
         scope: Namespaced
 "
         ));
