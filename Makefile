@@ -16,12 +16,15 @@ demo:
 	$(BIN) status
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
-## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS)
-## and the contract tools in a pinned Python virtualenv. Installs what it
+## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
+## kstatus (sigs.k8s.io/cli-utils) built the same way, and the contract tools
+## in a pinned Python virtualenv. Installs what it
 ## needs first (deps).
 test: deps test-static
 	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
-	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" $(CARGO) test --locked
+	  kstatus=$$(tests/kstatus/build.sh) && \
+	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
+	  $(CARGO) test --locked
 
 ## What the checks and tests need beyond Rust, Go and Python: rustfmt and
 ## clippy, the musl target and musl-gcc, the Python venv module (Debian

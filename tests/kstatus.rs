@@ -1,0 +1,321 @@
+//! How outside tools read the operator's statuses, for an object in every
+//! state: kstatus itself (`sigs.k8s.io/cli-utils`' `status.Compute`, as
+//! Flux health checks and kpt use it; a Go program built from pinned
+//! modules by `tests/kstatus/build.sh`), the Argo CD health check
+//! (`examples/gitops/argocd-health.lua` in Lua 5.1, as Argo CD runs it),
+//! and `kubectl wait --for=condition=Ready` (which waits for that
+//! condition's status to be True). The statuses are the operator's own,
+//! built by its pure status builder from the pass each state comes from.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use k8s_openapi::jiff::Timestamp;
+use licensor::domain::{Action, Allocation, Reason};
+use licensor::operator::status::{Applied, Pass, Seen, Verdict, build};
+use licensor::resource::Hold;
+use mlua::{Lua, LuaSerdeExt, Value as LuaValue};
+use serde_json::{Value, json};
+
+const ARGO_CD_CHECK: &str = include_str!("../examples/gitops/argocd-health.lua");
+
+/// The kstatus judge: `LICENSOR_TEST_KSTATUS`, or built now.
+fn judge() -> String {
+    if let Ok(path) = std::env::var("LICENSOR_TEST_KSTATUS") {
+        return path;
+    }
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/kstatus/build.sh"
+    ))
+    .output()
+    .expect("run tests/kstatus/build.sh");
+    assert!(
+        out.status.success(),
+        "building the kstatus judge: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// kstatus' verdict on each object, with its message.
+fn kstatus(objects: &[Value]) -> Vec<(String, String)> {
+    let mut child = Command::new(judge())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the kstatus judge");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(objects).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (status, message) = l.split_once('\t').unwrap_or((l, ""));
+            (status.to_string(), message.to_string())
+        })
+        .collect()
+}
+
+/// What the Argo CD health check says.
+fn argo_cd(object: &Value) -> String {
+    let lua = Lua::new();
+    let obj: LuaValue = lua.to_value(object).unwrap();
+    lua.globals().set("obj", obj).unwrap();
+    let hs: mlua::Table = lua.load(ARGO_CD_CHECK).eval().unwrap();
+    hs.get("status").unwrap()
+}
+
+/// Whether `kubectl wait --for=condition=Ready` returns.
+fn ready(object: &Value) -> bool {
+    object["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn pass(verdict: Verdict, seen: Seen, deleting: bool) -> Pass {
+    Pass {
+        generation: Some(2),
+        organization: "qa-team".into(),
+        product: "TestOps".into(),
+        count: 10,
+        deleting,
+        verdict,
+        seen,
+        pool: None,
+        diff: String::new(),
+    }
+}
+
+fn held(dedicated: i64) -> Seen {
+    Seen::Allocation(Allocation {
+        organization: "qa-team".into(),
+        product: "TestOps".into(),
+        dedicated,
+        in_use: 4,
+        managed_by: None,
+        version: 1,
+    })
+}
+
+/// The object as the API server shows it after the operator wrote the
+/// status of `pass` (generation 2 observed).
+fn object(pass: &Pass, deleting: bool) -> Value {
+    let status = build(None, pass, Timestamp::from_second(1_800_000_000).unwrap());
+    let mut metadata = json!({"name": "qa", "namespace": "licenses", "generation": 2});
+    if deleting {
+        metadata["deletionTimestamp"] = json!("2027-01-15T08:00:00Z");
+        metadata["finalizers"] = json!(["licensor.dev/cleanup"]);
+    }
+    json!({
+        "apiVersion": "licensor.dev/v1alpha1",
+        "kind": "DedicatedLicense",
+        "metadata": metadata,
+        "spec": {"organization": "qa-team", "product": "TestOps", "count": 10},
+        "status": serde_json::to_value(status).unwrap(),
+    })
+}
+
+#[test]
+fn every_state_reads_the_same_to_kstatus_argo_cd_and_kubectl_wait() {
+    let applied = Verdict::Applied(Applied {
+        action: Action::Increase,
+        from: 5,
+        to: 10,
+        rehomed: 0,
+        displaced: 0,
+        adopted: false,
+        drift: false,
+        message: "increase 5 -> 10".into(),
+    });
+    let refused = |reason: Reason| Verdict::Refused {
+        reason,
+        message: format!("{reason} message"),
+    };
+    // (state, object, kstatus, Argo CD, kubectl wait returns)
+    let mut cases: Vec<(String, Value, &str, &str, bool)> = vec![
+        (
+            "new, not yet seen by the operator (the schema's default status)".into(),
+            json!({
+                "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
+                "metadata": {"name": "qa", "namespace": "licenses", "generation": 1},
+                "spec": {"organization": "qa-team", "product": "TestOps", "count": 10},
+                "status": {"observedGeneration": 0, "conditions": []},
+            }),
+            "InProgress",
+            "Progressing",
+            false,
+        ),
+        (
+            "a change made".into(),
+            object(&pass(applied, held(10), false), false),
+            "Current",
+            "Healthy",
+            true,
+        ),
+        (
+            "in sync".into(),
+            object(&pass(Verdict::InSync, held(10), false), false),
+            "Current",
+            "Healthy",
+            true,
+        ),
+        (
+            "paused, in sync".into(),
+            object(
+                &pass(
+                    Verdict::Held {
+                        hold: Hold::Paused,
+                        in_sync: true,
+                    },
+                    held(10),
+                    false,
+                ),
+                false,
+            ),
+            "Current",
+            "Healthy",
+            true,
+        ),
+        (
+            "paused, differing (waits for the annotation to go)".into(),
+            object(
+                &pass(
+                    Verdict::Held {
+                        hold: Hold::Paused,
+                        in_sync: false,
+                    },
+                    held(5),
+                    false,
+                ),
+                false,
+            ),
+            "InProgress",
+            "Suspended",
+            false,
+        ),
+        (
+            "Observe, in sync".into(),
+            object(
+                &pass(
+                    Verdict::Held {
+                        hold: Hold::Observe,
+                        in_sync: true,
+                    },
+                    held(10),
+                    false,
+                ),
+                false,
+            ),
+            "Current",
+            "Healthy",
+            true,
+        ),
+        (
+            "Observe, differing (a finding for a person)".into(),
+            object(
+                &pass(
+                    Verdict::Held {
+                        hold: Hold::Observe,
+                        in_sync: false,
+                    },
+                    held(5),
+                    false,
+                ),
+                false,
+            ),
+            "Failed",
+            "Degraded",
+            false,
+        ),
+        (
+            "backend down, retried".into(),
+            object(
+                &pass(
+                    Verdict::Retrying {
+                        reason: Reason::BackendUnavailable,
+                        message: "connection refused".into(),
+                    },
+                    Seen::Unknown,
+                    false,
+                ),
+                false,
+            ),
+            "InProgress",
+            "Progressing",
+            false,
+        ),
+        (
+            "being deleted, the revoke waiting on displacement".into(),
+            object(
+                &pass(refused(Reason::WouldDisplaceUsers), held(10), true),
+                true,
+            ),
+            "Terminating",
+            "Degraded",
+            false,
+        ),
+    ];
+    for reason in [
+        Reason::Forbidden,
+        Reason::UnknownProduct,
+        Reason::InsufficientPool,
+        Reason::BelowInUse,
+        Reason::WouldDisplaceUsers,
+        Reason::UnknownOrganization,
+        Reason::Conflict,
+    ] {
+        cases.push((
+            format!("refused: {reason}"),
+            object(&pass(refused(reason), held(5), false), false),
+            "Failed",
+            "Degraded",
+            false,
+        ));
+    }
+    let objects: Vec<Value> = cases.iter().map(|c| c.1.clone()).collect();
+    let verdicts = kstatus(&objects);
+    assert_eq!(verdicts.len(), cases.len());
+    for ((state, object, want_kstatus, want_argo, want_ready), (got, message)) in
+        cases.iter().zip(&verdicts)
+    {
+        assert_eq!(got, want_kstatus, "kstatus, {state}: {message}\n{object:#}");
+        assert_eq!(argo_cd(object), *want_argo, "Argo CD, {state}\n{object:#}");
+        assert_eq!(
+            ready(object),
+            *want_ready,
+            "kubectl wait, {state}\n{object:#}"
+        );
+    }
+}
+
+/// kstatus before the schema default: a new object with no status at all
+/// reads Current, which is why the CRD defaults the status.
+#[test]
+fn without_the_schema_default_a_new_object_would_read_current() {
+    let bare = json!({
+        "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
+        "metadata": {"name": "qa", "namespace": "licenses", "generation": 1},
+    });
+    assert_eq!(kstatus(&[bare])[0].0, "Current");
+}
+
+/// A LicensePool (status only, no conditions) reads Current once its status
+/// is written.
+#[test]
+fn a_license_pool_reads_current() {
+    let pool = json!({
+        "apiVersion": "licensor.dev/v1alpha1", "kind": "LicensePool",
+        "metadata": {"name": "testops", "generation": 1, "labels": {"licensor.dev/instance": "default"}},
+        "spec": {},
+        "status": {"product": "TestOps", "total": 200, "dedicated": 10, "sharedInUse": 0,
+                   "free": 190, "overCommitted": 0, "organizations": 1, "allocations": []},
+    });
+    assert_eq!(kstatus(&[pool])[0].0, "Current");
+}
