@@ -18,6 +18,7 @@ use crate::domain::{
     Action, Allocation, AllocationWrite, Basis, Effect, Ledger, PoolView, Reason, Refusal, Role,
     Snapshot, Target, did_you_mean,
 };
+use crate::resource::Hold;
 
 /// What one resource asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,7 @@ pub struct Desired {
     /// `<instance>/<namespace>/<name>`.
     pub managed_by: String,
     /// Why this resource must not be written (Observe, paused), if so.
-    pub hold: Option<String>,
+    pub hold: Option<Hold>,
     /// What makes this resource's intent unique over time besides its spec
     /// (the operator: the object's UID and generation; empty for manifests).
     /// Part of every idempotency key the plan derives.
@@ -183,7 +184,7 @@ struct Step {
     write: AllocationWrite,
     current: Option<Allocation>,
     action: Action,
-    hold: Option<String>,
+    hold: Option<Hold>,
 }
 
 impl Step {
@@ -205,7 +206,7 @@ impl Step {
             idempotency_key: None,
         };
         write.idempotency_key = Some(write.intent_key(&d.scope, basis));
-        Step::new(d.resource.clone(), write, current, d.hold.clone())
+        Step::new(d.resource.clone(), write, current, d.hold)
     }
 
     fn prune(a: &Allocation, resource: &str) -> Step {
@@ -226,7 +227,7 @@ impl Step {
         resource: String,
         write: AllocationWrite,
         current: Option<Allocation>,
-        hold: Option<String>,
+        hold: Option<Hold>,
     ) -> Step {
         let from = current.as_ref().map_or(0, |a| a.dedicated);
         let action = Action::classify(current.is_some(), from, write.target);
@@ -276,8 +277,8 @@ impl Step {
             action: self.action,
             ..self.decide_nothing()
         };
-        if let Some(hold) = &self.hold {
-            change.message = format!("not written: {hold}");
+        if let Some(hold) = self.hold {
+            change.message = format!("not written: {}", hold.describe());
             change.diff = self.diff(None);
             return change;
         }
@@ -531,7 +532,7 @@ allocations:
     #[test]
     fn held_resources_are_reported_not_written() {
         let mut d = want("a", "a", 3);
-        d.hold = Some("managementPolicy is Observe".into());
+        d.hold = Some(Hold::Observe);
         let p = plan(&[d], &snapshot(FULL_POOL), &opts());
         assert_eq!(p.changes[0].outcome, Outcome::Unchanged);
         assert!(p.changes[0].write.is_none());

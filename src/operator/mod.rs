@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod events;
+pub mod finalizer;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;

@@ -27,6 +27,7 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::events::{self, Note, Publisher};
+use super::finalizer;
 use super::metrics::{Metrics, ObjectLabels};
 use super::status::{self, Applied, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
@@ -218,7 +219,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         count: dl.spec.count,
         allow_user_displacement: dl.spec.allow_user_displacement,
         managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
-        hold: hold(dl).map(Hold::describe),
+        hold: hold(dl),
         // A deleted and re-created object of the same name is a new intent.
         scope: format!(
             "{}/{}",
@@ -575,25 +576,12 @@ async fn report(dl: &DedicatedLicense, ctx: &Context, pass: &Pass) -> Result<(),
 }
 
 async fn add_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<(), Error> {
-    let ops = if dl.finalizers().is_empty() {
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
-        ])
-    } else {
-        json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
-    };
-    patch_finalizers(dl, ctx, ops).await
+    patch_finalizers(dl, ctx, finalizer::add(dl.finalizers(), true)).await
 }
 
 async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
-    if let Some(i) = dl.finalizers().iter().position(|f| f == FINALIZER) {
-        let path = format!("/metadata/finalizers/{i}");
-        let ops = json!([
-            {"op": "test", "path": path, "value": FINALIZER},
-            {"op": "remove", "path": path}
-        ]);
-        patch_finalizers(dl, ctx, ops).await?;
+    if let Some(patch) = finalizer::remove(dl.finalizers()) {
+        patch_finalizers(dl, ctx, patch).await?;
     }
     ctx.metrics.forget(&labels(dl));
     ctx.succeeded(&key(dl));
@@ -606,10 +594,8 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
 async fn patch_finalizers(
     dl: &DedicatedLicense,
     ctx: &Context,
-    ops: serde_json::Value,
+    patch: json_patch::Patch,
 ) -> Result<(), Error> {
-    let patch: json_patch::Patch =
-        serde_json::from_value(ops).map_err(|e| Error::Kubernetes(kube::Error::SerdeError(e)))?;
     api(dl, ctx)
         .patch(
             &dl.name_any(),

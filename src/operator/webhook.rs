@@ -27,7 +27,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -80,13 +79,7 @@ pub fn patch_for(
     if !needs_finalizer(&spec, finalizers) {
         return None;
     }
-    let ops = match finalizers {
-        list if !list.is_empty() => {
-            json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
-        }
-        _ => json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
-    };
-    serde_json::from_value(ops).ok()
+    Some(super::finalizer::add(finalizers, false))
 }
 
 /// Answers one AdmissionReview. It never denies: validation is the schema's
@@ -306,6 +299,7 @@ impl axum::serve::Listener for TlsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn object(spec: serde_json::Value, meta: serde_json::Value) -> DynamicObject {
         serde_json::from_value(json!({
