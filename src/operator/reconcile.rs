@@ -182,10 +182,44 @@ pub async fn reconcile(dl: Arc<DedicatedLicense>, ctx: Arc<Context>) -> Result<R
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
-        ctx.metrics.result("error");
-    }
     result
+}
+
+/// How a pass ended: its `result` label in `licensor_reconciles_total`, and
+/// when the object comes back.
+enum Ended {
+    /// In sync, written, or held: back at the resync.
+    Ok,
+    /// Refused by the rules: back at the resync (or woken earlier).
+    Refused,
+    /// The backend could not serve it, or the write went stale: back after
+    /// `0`.
+    Retrying(Duration),
+    /// The finalizer is gone: nothing to do until the object changes.
+    Released,
+    /// The Kubernetes API refused a write: back after `0`.
+    Failed(Duration),
+}
+
+impl Ended {
+    fn label(&self) -> &'static str {
+        match self {
+            Ended::Ok | Ended::Released => "ok",
+            Ended::Refused => "refused",
+            Ended::Retrying(_) => "retrying",
+            Ended::Failed(_) => "error",
+        }
+    }
+
+    /// Counts the pass and says when it comes back.
+    fn requeue(self, ctx: &Context) -> Requeue {
+        ctx.metrics.result(self.label());
+        match self {
+            Ended::Ok | Ended::Refused => Requeue::requeue(ctx.settings.resync),
+            Ended::Retrying(after) | Ended::Failed(after) => Requeue::requeue(after),
+            Ended::Released => Requeue::await_change(),
+        }
+    }
 }
 
 /// Requeue after a failed pass (the Kubernetes API refused a write).
@@ -193,7 +227,7 @@ pub fn error_policy(dl: Arc<DedicatedLicense>, error: &Error, ctx: Arc<Context>)
     let key = key(&dl);
     let delay = ctx.backoff(&key);
     tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
-    Requeue::requeue(delay)
+    Ended::Failed(delay).requeue(&ctx)
 }
 
 fn key(dl: &DedicatedLicense) -> String {
@@ -325,7 +359,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         diff: change.diff.clone(),
         ..pass(dl, &wanted, false, verdict)
     };
-    report(dl, ctx, &pass).await?;
+    write_status_and_events(dl, ctx, &pass).await?;
 
     let key = key(dl);
     ctx.succeeded(&key);
@@ -353,15 +387,15 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     };
     ctx.metrics
         .allocation(&labels(dl), wanted.count, allocation);
-    ctx.metrics.result(match pass.verdict {
+    let ended = match pass.verdict {
         Verdict::Refused { reason, .. } => {
             ctx.metrics.error(reason);
-            "refused"
+            Ended::Refused
         }
-        _ => "ok",
-    });
+        _ => Ended::Ok,
+    };
     tracing::debug!(object = %key, verdict = ?pass.verdict, "reconciled");
-    Ok(Requeue::requeue(ctx.settings.resync))
+    Ok(ended.requeue(ctx))
 }
 
 /// Runs the deletion policy; the finalizer goes only when it is done.
@@ -379,7 +413,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                 in_sync: false,
             };
             let pass = pass(dl, &wanted, true, held);
-            report(dl, ctx, &pass).await?;
+            write_status_and_events(dl, ctx, &pass).await?;
             return Ok(Requeue::requeue(ctx.settings.resync));
         }
         None => {}
@@ -482,7 +516,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
                 diff: change.diff.clone(),
                 ..pass(dl, &wanted, true, refused)
             };
-            report(dl, ctx, &pass).await?;
+            write_status_and_events(dl, ctx, &pass).await?;
             Ok(Requeue::requeue(ctx.settings.resync))
         }
         Outcome::Failed | Outcome::Planned => failed(dl, ctx, &change, true).await,
@@ -503,8 +537,7 @@ async fn failed(
     // Someone wrote the allocation between our read and our write: plan again.
     let delay = ctx.backoff(&key(dl));
     tracing::info!(object = %key(dl), reason = %change.message, retry_in = ?delay, "write went stale");
-    ctx.metrics.result("retrying");
-    Ok(Requeue::requeue(delay))
+    Ok(Ended::Retrying(delay).requeue(ctx))
 }
 
 /// The backend could not serve the pass: say so and back off.
@@ -536,21 +569,24 @@ async fn unavailable(
         tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
     }
     let pass = pass(dl, &wanted, deleting, verdict);
-    report(dl, ctx, &pass).await?;
+    write_status_and_events(dl, ctx, &pass).await?;
     if let Verdict::Refused { reason, .. } | Verdict::Retrying { reason, .. } = pass.verdict {
         ctx.metrics.error(reason);
     }
-    if retry {
-        ctx.metrics.result("retrying");
-        Ok(Requeue::requeue(ctx.backoff(&key(dl))))
+    let ended = if retry {
+        Ended::Retrying(ctx.backoff(&key(dl)))
     } else {
-        ctx.metrics.result("refused");
-        Ok(Requeue::requeue(ctx.settings.resync))
-    }
+        Ended::Refused
+    };
+    Ok(ended.requeue(ctx))
 }
 
 /// Builds the status, writes it if it changed, and publishes the events.
-async fn report(dl: &DedicatedLicense, ctx: &Context, pass: &Pass) -> Result<(), Error> {
+async fn write_status_and_events(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    pass: &Pass,
+) -> Result<(), Error> {
     let previous = dl.status.as_ref();
     let next = status::build(previous, pass, Timestamp::now());
     let notes = events::for_pass(previous, &next, pass);
@@ -585,8 +621,7 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
     }
     ctx.metrics.forget(&labels(dl));
     ctx.succeeded(&key(dl));
-    ctx.metrics.result("ok");
-    Ok(Requeue::await_change())
+    Ok(Ended::Released.requeue(ctx))
 }
 
 /// A JSON patch of the finalizer list; its `test` makes it fail rather than
