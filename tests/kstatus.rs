@@ -104,6 +104,16 @@ fn held(dedicated: i64) -> Seen {
     })
 }
 
+/// The object after a pass that held its writes (`hold`), with the backend
+/// agreeing with the spec or not.
+fn held_object(hold: Hold, in_sync: bool) -> Value {
+    let verdict = Verdict::Held { hold, in_sync };
+    object(
+        &pass(verdict, held(if in_sync { 10 } else { 5 }), false),
+        false,
+    )
+}
+
 /// The object as the API server shows it after the operator wrote the
 /// status of `pass` (generation 2 observed).
 fn object(pass: &Pass, deleting: bool) -> Value {
@@ -168,68 +178,28 @@ fn every_state_reads_the_same_to_kstatus_argo_cd_and_kubectl_wait() {
         ),
         (
             "paused, in sync".into(),
-            object(
-                &pass(
-                    Verdict::Held {
-                        hold: Hold::Paused,
-                        in_sync: true,
-                    },
-                    held(10),
-                    false,
-                ),
-                false,
-            ),
+            held_object(Hold::Paused, true),
             "Current",
             "Healthy",
             true,
         ),
         (
             "paused, differing (waits for the annotation to go)".into(),
-            object(
-                &pass(
-                    Verdict::Held {
-                        hold: Hold::Paused,
-                        in_sync: false,
-                    },
-                    held(5),
-                    false,
-                ),
-                false,
-            ),
+            held_object(Hold::Paused, false),
             "InProgress",
             "Suspended",
             false,
         ),
         (
             "Observe, in sync".into(),
-            object(
-                &pass(
-                    Verdict::Held {
-                        hold: Hold::Observe,
-                        in_sync: true,
-                    },
-                    held(10),
-                    false,
-                ),
-                false,
-            ),
+            held_object(Hold::Observe, true),
             "Current",
             "Healthy",
             true,
         ),
         (
             "Observe, differing (a finding for a person)".into(),
-            object(
-                &pass(
-                    Verdict::Held {
-                        hold: Hold::Observe,
-                        in_sync: false,
-                    },
-                    held(5),
-                    false,
-                ),
-                false,
-            ),
+            held_object(Hold::Observe, false),
             "Failed",
             "Degraded",
             false,
@@ -262,15 +232,12 @@ fn every_state_reads_the_same_to_kstatus_argo_cd_and_kubectl_wait() {
             false,
         ),
     ];
-    for reason in [
-        Reason::Forbidden,
-        Reason::UnknownProduct,
-        Reason::InsufficientPool,
-        Reason::BelowInUse,
-        Reason::WouldDisplaceUsers,
-        Reason::UnknownOrganization,
-        Reason::Conflict,
-    ] {
+    // Every reason a pass can be refused for (the rest are a retry and a
+    // pool condition).
+    for reason in Reason::ALL
+        .into_iter()
+        .filter(|r| !matches!(r, Reason::BackendUnavailable | Reason::OverCommitted))
+    {
         cases.push((
             format!("refused: {reason}"),
             object(&pass(refused(reason), held(5), false), false),
