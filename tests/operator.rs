@@ -1133,12 +1133,18 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
 /// backend is down, and warnings only with `--admission warn`.
 #[test]
 fn kubectl_apply_warns_with_the_numbers_and_refuses_what_cannot_succeed() {
+    // Studio is over-committed (20 dedicated of 10): revoking a's 5 would
+    // leave its 4 users no seat to fall back on.
     let fixture = "
 account: acme
-products: [{name: TestOps, total: 20}]
+products: [{name: TestOps, total: 20}, {name: Studio, total: 10}]
 organizations:
-  - {id: a, allocations: [{product: TestOps, dedicated: 5, inUse: 4}]}
-  - {id: b}
+  - id: a
+    allocations:
+      - {product: TestOps, dedicated: 5, inUse: 4}
+      - {product: Studio, dedicated: 5, inUse: 4}
+  - id: b
+    allocations: [{product: Studio, dedicated: 15, inUse: 0}]
 ";
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
@@ -1239,6 +1245,18 @@ organizations:
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
         r.stderr.contains("Warning: licensor: BelowInUse") && r.stderr.contains('4'),
+        "{r:?}"
+    );
+    // A revoke that would displace users, in an over-committed pool.
+    let r = apply(
+        &license_yaml("a-studio", "a", "Studio", 0, ""),
+        &["--dry-run=server"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Warning: licensor: WouldDisplaceUsers")
+            && r.stderr.contains("Warning: licensor: OverCommitted")
+            && r.stderr.contains("10 seats more than its total of 10"),
         "{r:?}"
     );
     let backend_state = account.allocation("a", "TestOps");
