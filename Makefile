@@ -46,9 +46,8 @@ check: deps
 
 ## Regenerate crds/ (and the chart's copy) from the Rust types.
 crd:
-	$(CARGO) run --quiet -- crd dedicated-license > crds/dedicatedlicenses.licensor.dev.yaml
-	$(CARGO) run --quiet -- crd license-pool > crds/licensepools.licensor.dev.yaml
-	cp crds/*.yaml charts/licensor/crds/
+	$(CARGO) run --quiet -- crd > crds/licensor.dev.yaml
+	cp crds/licensor.dev.yaml charts/licensor/crds/
 
 ## The scale benchmark (10,000 manifests, 10,000 allocations).
 bench:

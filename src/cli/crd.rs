@@ -1,4 +1,4 @@
-//! `licensor crd`: print a CRD generated from its Rust type.
+//! `licensor crd`: print the CRDs generated from their Rust types.
 
 use clap::{Args, ValueEnum};
 
@@ -6,13 +6,15 @@ use super::{FAILED, OK};
 
 #[derive(Args, Debug)]
 pub struct CrdArgs {
-    /// Which resource's CRD.
-    #[arg(value_enum, default_value = "dedicated-license")]
+    /// Which resource's CRD; all of them (what `crds/` holds) by default.
+    #[arg(value_enum, default_value = "all")]
     pub kind: Kind,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// Every CRD, as one YAML stream (the file in `crds/`).
+    All,
     /// DedicatedLicense (namespaced): the licenses one organization holds.
     DedicatedLicense,
     /// LicensePool (cluster-scoped, status only): one product's pool.
@@ -21,6 +23,8 @@ pub enum Kind {
 
 pub fn run(args: &CrdArgs) -> u8 {
     let yaml = match args.kind {
+        Kind::All => crate::resource::crd_yaml()
+            .and_then(|d| Ok(format!("{d}---\n{}", crate::licensepool::crd_yaml()?))),
         Kind::DedicatedLicense => crate::resource::crd_yaml(),
         Kind::LicensePool => crate::licensepool::crd_yaml(),
     };

@@ -100,7 +100,7 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
     Operator(operator::OperatorArgs),
-    /// Print a CustomResourceDefinition generated from its Rust type.
+    /// Print the CustomResourceDefinitions generated from their Rust types.
     Crd(crd::CrdArgs),
 }
 
