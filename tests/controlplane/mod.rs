@@ -175,7 +175,7 @@ current-context: test
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let r = self.kubectl(&["get", "--raw", "/readyz"]);
             if r.code == 0 {
@@ -183,7 +183,7 @@ current-context: test
             }
             assert!(
                 Instant::now() < deadline,
-                "kube-apiserver not ready in 90 s: {r:?}\n{}",
+                "kube-apiserver not ready in 180 s: {r:?}\n{}",
                 std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(250));
@@ -406,7 +406,7 @@ impl Operator {
             .spawn()
             .expect("start licensor operator");
         let op = Operator { child, log, port };
-        wait_for("the operator's /healthz", Duration::from_secs(30), || {
+        wait_for("the operator's /healthz", Duration::from_secs(90), || {
             op.get("/healthz").filter(|b| b.contains("ok"))
         });
         op
