@@ -68,11 +68,6 @@ enum Db {
     Postgres(Box<postgres::Conns>),
 }
 
-/// Connections one process keeps open to PostgreSQL at most. Writers of one
-/// product wait for each other on its pool row in any case; this is enough
-/// to keep that row busy while other requests read.
-const POSTGRES_CONNECTIONS: usize = 8;
-
 impl Drop for Store {
     fn drop(&mut self) {
         // The PostgreSQL client closes its connection on a runtime of its
@@ -150,7 +145,8 @@ impl Store {
             )));
         }
         postgres::migrate(&mut conn, &location)?;
-        let conns = postgres::Conns::new(conn, url.to_string(), POSTGRES_CONNECTIONS);
+        let pool = postgres::pool_size(url)?;
+        let conns = postgres::Conns::new(conn, url.to_string(), pool);
         Ok(Store {
             db: Db::Postgres(Box::new(conns)),
             batches: Default::default(),

@@ -24,12 +24,23 @@ enum SslMode {
 }
 
 /// A connection string split into what tokio-postgres reads and what it
-/// does not (`sslmode=verify-*`, `sslrootcert`, `passfile`).
+/// does not (`sslmode=verify-*`, `sslrootcert`, `passfile`, and the pool's
+/// size, `pool_max_conns`, as pgx's pool reads it).
 struct Parsed {
     config: tokio_postgres::Config,
     mode: SslMode,
     root_cert: Option<String>,
+    pool: usize,
 }
+
+/// Connections one process keeps open to PostgreSQL at most, unless the
+/// connection string says `pool_max_conns`. Writers of one product wait for
+/// each other on its pool row in any case; this is enough to keep that row
+/// busy while other requests read.
+pub const POOL: usize = 8;
+
+/// The most connections a process may be told to keep.
+const MOST_POOL: usize = 256;
 
 /// A PostgreSQL error in words: the server's message when it sent one
 /// (`password authentication failed for user ...`), else the client's.
@@ -51,6 +62,7 @@ fn parse(location: &str) -> std::result::Result<Parsed, BackendError> {
     let mut mode = SslMode::Prefer;
     let mut root_cert = None;
     let mut passfile = None;
+    let mut pool = POOL;
     let mut take = |key: &str, value: &str| -> std::result::Result<bool, BackendError> {
         match key {
             "passfile" => {
@@ -77,6 +89,21 @@ fn parse(location: &str) -> std::result::Result<Parsed, BackendError> {
             }
             "sslrootcert" => {
                 root_cert = Some(value.to_string());
+                Ok(true)
+            }
+            "pool_max_conns" => {
+                pool = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MOST_POOL).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            location,
+                            format!(
+                                "pool_max_conns {value:?} is not a number from 1 to {MOST_POOL}"
+                            ),
+                        )
+                    })?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -130,6 +157,7 @@ fn parse(location: &str) -> std::result::Result<Parsed, BackendError> {
         config,
         mode,
         root_cert,
+        pool,
     })
 }
 
@@ -176,11 +204,17 @@ fn password_in(file: &str, config: &tokio_postgres::Config) -> Option<String> {
 }
 
 /// Connects as `location` says, TLS included.
+/// How many connections the pool for `location` keeps at most.
+pub fn pool_size(location: &str) -> std::result::Result<usize, BackendError> {
+    Ok(parse(location)?.pool)
+}
+
 pub fn connect(location: &str) -> std::result::Result<Conn, BackendError> {
     let Parsed {
         mut config,
         mode,
         root_cert,
+        ..
     } = parse(location)?;
     let failed = |e: tokio_postgres::Error| invalid(location, describe(&e));
     // The connection's own runtime: it runs while a call waits on it.
@@ -365,6 +399,18 @@ mod tests {
         let p = parse("host=127.0.0.1 port=5432 user=u dbname=d sslmode=require").unwrap();
         assert_eq!(p.mode, SslMode::Require);
         assert_eq!(parse("postgresql://u@h/d").unwrap().mode, SslMode::Prefer);
+        assert_eq!(p.pool, POOL);
+        let p = parse("postgres://u@h/d?pool_max_conns=2&sslmode=require").unwrap();
+        assert_eq!((p.pool, p.mode), (2, SslMode::Require));
+        let e = parse("postgres://u:hunter2@h/d?pool_max_conns=0")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("pool_max_conns \"0\" is not a number from 1 to 256")
+                && !e.contains("hunter2"),
+            "{e}"
+        );
         let e = parse("postgres://u:hunter2@h/d?sslmode=sometimes")
             .err()
             .unwrap();

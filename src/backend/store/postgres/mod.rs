@@ -46,7 +46,7 @@ use crate::domain::{Allocation, Pool, Snapshot};
 pub use conn::{Conn, Conns};
 use conn::{Param, Request, params};
 use connect::invalid;
-pub use connect::{connect, describe};
+pub use connect::{connect, describe, pool_size};
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
 /// those applied.
@@ -118,6 +118,14 @@ CREATE TABLE tokens (
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
 const MIGRATION_LOCK: i64 = 0x6c69_6365_6e73_6f72;
+
+/// The class of the advisory lock a seed (or a copy into the store) takes
+/// first, keyed by its account's hash. A seed replaces the pool rows the
+/// next one must lock: two seeds that each locked the rows they saw could
+/// lock different generations of them, and the later one's pool rows be
+/// held by the earlier while it waits for the account row. Seeds of one
+/// account go one at a time; writers never take this lock.
+const SEED_LOCK: i32 = 0x6c69_6365;
 
 /// Whether the database holds a licensor store (its schema table).
 pub fn holds_a_store(conn: &mut Conn, location: &str) -> std::result::Result<bool, BackendError> {
@@ -569,8 +577,13 @@ impl Storage for Pg<'_> {
     }
 
     fn clear_account(&self, account: &str) -> Result<()> {
-        // Locked in the order every writer locks: the pool rows, then the
-        // account row (which also serializes seeds of one account).
+        // Seeds of the account one at a time ([`SEED_LOCK`]); then locked
+        // in the order every writer locks: the pool rows, then the account
+        // row.
+        self.later(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            params![SEED_LOCK, account],
+        )?;
         self.later(
             "INSERT INTO accounts (id) VALUES ($1) ON CONFLICT DO NOTHING",
             params![account],
