@@ -221,6 +221,22 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
         message(&o)
     );
     assert_eq!(o["status"]["failures"][0]["reason"], "BelowInUse");
+    // The real `kubectl wait`: Ready is not coming (a health gate times
+    // out), and waiting for Stalled says at once that a person must act.
+    let wait = |condition: &str| {
+        c.cp.kubectl(&[
+            "wait",
+            &format!("--for=condition={condition}"),
+            "dl/qa",
+            "-n",
+            "licenses",
+            "--timeout=2s",
+        ])
+    };
+    let r = wait("Ready");
+    assert_ne!(r.code, 0, "a stalled object is never Ready: {r:?}");
+    let r = wait("Stalled");
+    assert_eq!(r.code, 0, "kubectl wait --for=condition=Stalled: {r:?}");
     assert!(diff(&o).contains("+dedicated: 3"), "{}", diff(&o));
     assert_eq!(c.account.allocation("qa-team", "TestOps"), Some((10, 4)));
     c.wait_event("qa", "Warning", "BelowInUse");
@@ -1396,7 +1412,35 @@ organizations:
     assert_eq!(run.code, 0, "{run:?}");
     until("the total change", "testops", [4, 5, 2, 0, 3]);
 
-    // Idle: several resync periods, not one write.
+    // A second instance in the same cluster, on an account of its own:
+    // its pools sit beside the first one's, and neither touches the other's.
+    let other = Account::seeded("account: acme\nproducts: [{name: TestOps, total: 50}]\n");
+    let prod = Operator::start(
+        &cp,
+        "pools-prod",
+        &other.backend,
+        &["--instance", "prod", "--leader-elect=false", "--resync=2s"],
+    );
+    until(
+        "the prod instance's pool",
+        "prod-testops",
+        [50, 0, 0, 50, 0],
+    );
+    let labelled = cp.ok(&[
+        "get",
+        "lp",
+        "-l",
+        "licensor.dev/instance=prod",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(labelled.trim(), "licensepool.licensor.dev/prod-testops");
+    assert!(
+        pool("studio").is_some(),
+        "the prod instance removed another's pool"
+    );
+
+    // Idle: several resync periods, not one write by either instance.
     let writes = |op: &Operator| {
         op.get("/metrics")
             .unwrap_or_default()
@@ -1404,16 +1448,21 @@ organizations:
             .find_map(|l| l.strip_prefix("licensor_licensepool_writes_total "))
             .and_then(|v| v.trim().parse::<f64>().ok())
     };
-    let version = || cp.json(&["get", "lp", "testops"])["metadata"]["resourceVersion"].clone();
-    let (before, version_before) = (writes(&operator), version());
-    assert!(before.is_some_and(|n| n > 0.0), "no pool writes counted");
-    std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(
-        writes(&operator),
-        before,
-        "an idle account caused LicensePool writes"
+    let version = |name: &str| cp.json(&["get", "lp", name])["metadata"]["resourceVersion"].clone();
+    let seen = || {
+        (
+            [writes(&operator), writes(&prod)],
+            ["testops", "studio", "prod-testops"].map(version),
+        )
+    };
+    let before = seen();
+    assert!(
+        before.0.iter().all(|n| n.is_some_and(|n| n > 0.0)),
+        "no pool writes counted: {before:?}"
     );
-    assert_eq!(version(), version_before);
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(seen(), before, "an idle account caused LicensePool writes");
+    assert_eq!(figures(&pool("testops").unwrap()), [4, 5, 2, 0, 3]);
 }
 
 /// A `Conflict` refusal is woken when the object that holds the allocation

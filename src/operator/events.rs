@@ -17,15 +17,63 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use super::status::{Pass, Verdict, ready};
-use crate::domain::Action;
+use crate::domain::{Action, Reason};
 use crate::resource::{DedicatedLicense, DedicatedLicenseStatus};
 
 /// One event to publish: type, reason, note.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
     pub warning: bool,
-    pub reason: String,
+    pub reason: EventReason,
     pub message: String,
+}
+
+/// An event's `reason`: what was written, or the refusal that stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    Adopted,
+    DriftCorrected,
+    Allocated,
+    Increased,
+    Decreased,
+    Revoked,
+    Orphaned,
+    /// A refusal or `BackendUnavailable`, named as the rules name it.
+    Rule(Reason),
+}
+
+impl EventReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::Adopted => "Adopted",
+            EventReason::DriftCorrected => "DriftCorrected",
+            EventReason::Allocated => "Allocated",
+            EventReason::Increased => "Increased",
+            EventReason::Decreased => "Decreased",
+            EventReason::Revoked => "Revoked",
+            EventReason::Orphaned => "Orphaned",
+            EventReason::Rule(r) => r.as_str(),
+        }
+    }
+
+    /// What a written change is called, if it changed anything.
+    fn written(action: Action, drift: bool) -> Option<EventReason> {
+        match action {
+            _ if drift => Some(EventReason::DriftCorrected),
+            Action::None => None,
+            Action::Create => Some(EventReason::Allocated),
+            Action::Increase => Some(EventReason::Increased),
+            Action::Decrease => Some(EventReason::Decreased),
+            Action::Revoke => Some(EventReason::Revoked),
+            Action::Orphan => Some(EventReason::Orphaned),
+        }
+    }
+}
+
+impl std::fmt::Display for EventReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The events a pass deserves, given the status before and after it.
@@ -34,27 +82,21 @@ pub fn for_pass(
     next: &DedicatedLicenseStatus,
     pass: &Pass,
 ) -> Vec<Note> {
-    let normal = |reason: &str, message: &str| Note {
+    let normal = |reason, message: &str| Note {
         warning: false,
-        reason: reason.to_string(),
+        reason,
         message: message.to_string(),
     };
     match &pass.verdict {
         Verdict::Applied(a) => {
             let mut notes = Vec::new();
             if a.adopted {
-                notes.push(normal("Adopted", "took over the unmanaged allocation"));
+                notes.push(normal(
+                    EventReason::Adopted,
+                    "took over the unmanaged allocation",
+                ));
             }
-            let reason = match a.action {
-                _ if a.drift => Some("DriftCorrected"),
-                Action::Create => Some("Allocated"),
-                Action::Increase => Some("Increased"),
-                Action::Decrease => Some("Decreased"),
-                Action::Revoke => Some("Revoked"),
-                Action::Orphan => Some("Orphaned"),
-                Action::None => None,
-            };
-            if let Some(reason) = reason {
+            if let Some(reason) = EventReason::written(a.action, a.drift) {
                 notes.push(normal(reason, &a.message));
             }
             notes
@@ -65,7 +107,7 @@ pub fn for_pass(
             match after {
                 Some(c) if before != Some((&c.reason, &c.message)) => vec![Note {
                     warning: true,
-                    reason: reason.as_str().to_string(),
+                    reason: EventReason::Rule(*reason),
                     message: c.message.clone(),
                 }],
                 _ => Vec::new(),
@@ -173,7 +215,7 @@ impl Publisher {
                 } else {
                     EventType::Normal
                 },
-                reason: n.reason.clone(),
+                reason: n.reason.to_string(),
                 note: Some(truncate(&n.message, 1000)),
                 action: "Reconcile".into(),
                 secondary: None,

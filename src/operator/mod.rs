@@ -11,6 +11,7 @@
 //! finalizer to new objects at admission, on every replica.
 
 pub mod admission;
+pub mod conclude;
 pub mod events;
 pub mod finalizer;
 pub mod metrics;

@@ -96,11 +96,19 @@ impl Pools {
                 object
                     .labels_mut()
                     .insert(INSTANCE_LABEL.into(), self.instance.clone());
-                self.api
-                    .create(&PostParams::default(), &object)
-                    .await
-                    .map_err(|e| format!("create licensepool/{name}: {e}"))?;
-                writes += 1;
+                match self.api.create(&PostParams::default(), &object).await {
+                    Ok(_) => writes += 1,
+                    // Someone else's object of that name (another
+                    // instance's, or made by hand): left alone.
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        tracing::warn!(
+                            "licensepool/{name} exists without the label {INSTANCE_LABEL}={}: left alone",
+                            self.instance
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(format!("create licensepool/{name}: {e}")),
+                }
             }
             status.observed_time =
                 Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));

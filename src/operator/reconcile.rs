@@ -26,13 +26,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::events::{self, Note, Publisher};
+use super::conclude::{self, Removal};
+use super::events::{self, EventReason, Note, Publisher};
 use super::finalizer;
 use super::metrics::{Metrics, ObjectLabels};
-use super::status::{self, Applied, Hold, Pass, Seen, Verdict};
+use super::status::{self, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
-use crate::backend::{Backend, BackendError, Written};
-use crate::domain::{Action, PoolView, Reason, Role, Snapshot};
+use crate::backend::{Backend, BackendError};
+use crate::domain::{Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
     API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, managed_by, needs_finalizer,
@@ -238,10 +239,6 @@ fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
     Api::namespaced(ctx.client.clone(), &dl.namespace().unwrap_or_default())
 }
 
-fn hold(dl: &DedicatedLicense) -> Option<Hold> {
-    Hold::of(dl.annotations(), &dl.spec)
-}
-
 /// What the object asks for, as the planner sees it.
 fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
     let namespace = dl.namespace().unwrap_or_default();
@@ -253,7 +250,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         count: dl.spec.count,
         allow_user_displacement: dl.spec.allow_user_displacement,
         managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
-        hold: hold(dl),
+        hold: Hold::of(dl.annotations(), &dl.spec),
         // A deleted and re-created object of the same name is a new intent.
         scope: format!(
             "{}/{}",
@@ -288,95 +285,60 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         Ok(s) => s,
         Err(e) => return unavailable(dl, ctx, e, false).await,
     };
-    let previous = dl.status.as_ref();
-    let seen_before = seen(&snapshot, &wanted);
-    let drift = match &seen_before {
-        Seen::Allocation(a) => status::drifted(previous, dl.meta().generation, a.dedicated),
-        _ => false,
-    };
-    let opts = Options {
-        prune: false,
-        instance: ctx.settings.instance.clone(),
-        role: Role::AccountAdmin,
-    };
-    let mut planned = plan(std::slice::from_ref(&wanted), &snapshot, &opts);
-    // A pass reads only its own pool; a name the account does not have is
-    // rare, so only then is the whole account read, for the closest names.
-    let unknown_name = |p: &crate::plan::Plan| {
-        p.changes.iter().any(|c| {
-            matches!(
-                c.reason,
-                Some(Reason::UnknownProduct | Reason::UnknownOrganization)
-            )
-        })
-    };
-    if unknown_name(&planned)
-        && let Ok(account) = ctx.backend.snapshot().await
-    {
-        planned = plan(std::slice::from_ref(&wanted), &account, &opts);
-    }
-    let Some(mut change) = planned.changes.pop() else {
+    let drift = conclude::allocation_in(&snapshot, &wanted).is_some_and(|dedicated| {
+        status::drifted(dl.status.as_ref(), dl.meta().generation, dedicated)
+    });
+    let Some(mut change) = plan_one(&wanted, &snapshot, ctx).await else {
         return Ok(Requeue::requeue(ctx.settings.resync));
     };
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
     if change.outcome == Outcome::Applied {
         ctx.pools_moved.notify_one();
     }
-    let pool_seen = pool_of(&snapshot, &wanted.product);
-
-    let (verdict, seen, pool) = match change.outcome {
-        Outcome::Applied => {
-            let written = written.as_ref();
-            let seen = match written.and_then(|w| w.allocation.clone()) {
-                Some(a) => Seen::Allocation(a),
-                None => Seen::Absent,
-            };
-            let verdict = Verdict::Applied(applied(&change, written, drift));
-            (verdict, seen, written.map(|w| w.pool.clone()).or(pool_seen))
-        }
-        Outcome::Refused => {
-            let reason = change.reason.unwrap_or(Reason::Invalid);
-            let message = change.message.clone();
-            (Verdict::Refused { reason, message }, seen_before, pool_seen)
-        }
-        Outcome::Failed => {
-            return failed(dl, ctx, &change, false).await;
-        }
-        Outcome::Unchanged | Outcome::Planned => {
-            let verdict = match hold(dl) {
-                Some(hold) => Verdict::Held {
-                    hold,
-                    in_sync: in_sync(&seen_before, wanted.count),
-                },
-                None => Verdict::InSync,
-            };
-            (verdict, seen_before, pool_seen)
-        }
-    };
-    let pass = Pass {
-        seen,
-        pool,
-        diff: change.diff.clone(),
-        ..pass(dl, &wanted, false, verdict)
+    let generation = dl.meta().generation;
+    let Some(pass) = conclude::ensured(
+        generation,
+        &wanted,
+        &snapshot,
+        drift,
+        &change,
+        written.as_ref(),
+    ) else {
+        return failed(dl, ctx, &change, false).await;
     };
     write_status_and_events(dl, ctx, &pass).await?;
+    Ok(count_and_wake(dl, ctx, &pass, frees_before).requeue(ctx))
+}
 
-    let key = key(dl);
-    ctx.succeeded(&key);
-    // Waiting for seats, or for the object that holds the allocation to
-    // go: either is woken when the product's pool moves that way.
-    let short = matches!(
-        pass.verdict,
-        Verdict::Refused {
-            reason: Reason::InsufficientPool | Reason::Conflict,
-            ..
-        }
-    );
-    ctx.wait_for_seats(dl, short.then_some(frees_before));
-    if let Verdict::Applied(a) = &pass.verdict
-        && frees(a)
-    {
-        ctx.seats_freed(&wanted.product);
+/// The change that brings the backend to `wanted`, from the planner. A pass
+/// reads only its own pool; a name the account does not have is rare, so
+/// only then is the whole account read, for the closest names.
+async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Option<Change> {
+    let opts = Options {
+        prune: false,
+        instance: ctx.settings.instance.clone(),
+        role: Role::AccountAdmin,
+    };
+    let mut planned = plan(std::slice::from_ref(wanted), snapshot, &opts);
+    let unknown_name = planned.changes.iter().any(|c| {
+        matches!(
+            c.reason,
+            Some(Reason::UnknownProduct | Reason::UnknownOrganization)
+        )
+    });
+    if unknown_name && let Ok(account) = ctx.backend.snapshot().await {
+        planned = plan(std::slice::from_ref(wanted), &account, &opts);
+    }
+    planned.changes.pop()
+}
+
+/// After the status is written: wake-ups, metrics, and how the pass ended.
+fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_before: u64) -> Ended {
+    ctx.succeeded(&key(dl));
+    let waits = conclude::waits_for_the_pool(pass);
+    ctx.wait_for_seats(dl, waits.then_some(frees_before));
+    if conclude::freed_seats(pass) {
+        ctx.seats_freed(&pass.product);
     }
     if let Some(p) = &pass.pool {
         ctx.metrics.pool(p);
@@ -385,17 +347,15 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         Seen::Allocation(a) => Some(a),
         _ => None,
     };
-    ctx.metrics
-        .allocation(&labels(dl), wanted.count, allocation);
-    let ended = match pass.verdict {
+    ctx.metrics.allocation(&labels(dl), pass.count, allocation);
+    tracing::debug!(object = %key(dl), verdict = ?pass.verdict, "reconciled");
+    match pass.verdict {
         Verdict::Refused { reason, .. } => {
             ctx.metrics.error(reason);
             Ended::Refused
         }
         _ => Ended::Ok,
-    };
-    tracing::debug!(object = %key, verdict = ?pass.verdict, "reconciled");
-    Ok(ended.requeue(ctx))
+    }
 }
 
 /// Runs the deletion policy; the finalizer goes only when it is done.
@@ -404,52 +364,23 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         return Ok(Requeue::await_change());
     }
     let wanted = desired(dl, ctx);
+    let generation = dl.meta().generation;
     ctx.wait_for_seats(dl, None);
-    match hold(dl) {
+    match wanted.hold {
         Some(Hold::Observe) => return remove_finalizer(dl, ctx).await,
         Some(Hold::Paused) => {
             let held = Verdict::Held {
                 hold: Hold::Paused,
                 in_sync: false,
             };
-            let pass = pass(dl, &wanted, true, held);
+            let pass = conclude::unseen(generation, &wanted, true, held);
             write_status_and_events(dl, ctx, &pass).await?;
             return Ok(Requeue::requeue(ctx.settings.resync));
         }
         None => {}
     }
     if dl.spec.deletion_policy == DeletionPolicy::Orphan {
-        return match ctx
-            .backend
-            .release(&wanted.organization, &wanted.product, &wanted.managed_by)
-            .await
-        {
-            Ok(()) => {
-                let note = Note {
-                    warning: false,
-                    reason: "Orphaned".into(),
-                    message: format!(
-                        "released ownership; {} keeps its {} licenses",
-                        wanted.organization, wanted.product
-                    ),
-                };
-                ctx.events.publish(dl, &[note]);
-                // An object refused with Conflict over it may now adopt it.
-                ctx.seats_freed(&wanted.product);
-                remove_finalizer(dl, ctx).await
-            }
-            // Someone else manages it, or it cannot exist (a typo in the
-            // organization or product): there is nothing of ours to leave.
-            Err(BackendError::Refused(r))
-                if matches!(
-                    r.reason,
-                    Reason::Conflict | Reason::UnknownOrganization | Reason::UnknownProduct
-                ) =>
-            {
-                remove_finalizer(dl, ctx).await
-            }
-            Err(e) => unavailable(dl, ctx, e, true).await,
-        };
+        return orphan(dl, ctx, &wanted).await;
     }
 
     let snapshot = match ctx
@@ -465,19 +396,8 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     if change.outcome == Outcome::Applied {
         ctx.pools_moved.notify_one();
     }
-    match change.outcome {
-        Outcome::Applied => {
-            let pass = Pass {
-                seen: Seen::Absent,
-                pool: written.map(|w| w.pool),
-                diff: change.diff.clone(),
-                ..pass(
-                    dl,
-                    &wanted,
-                    true,
-                    Verdict::Applied(applied(&change, None, false)),
-                )
-            };
+    match conclude::removed(generation, &wanted, &snapshot, &change, written.as_ref()) {
+        Removal::Revoked(pass) => {
             let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
             ctx.events.publish(dl, &notes);
             ctx.seats_freed(&wanted.product);
@@ -486,40 +406,50 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
             }
             remove_finalizer(dl, ctx).await
         }
-        // Nothing of ours to revoke (missing, unmanaged, someone else's,
-        // or a typo that never wrote anything): the finalizer goes at once.
-        Outcome::Unchanged => {
+        Removal::NothingToRevoke => {
             tracing::info!(object = %key(dl), "{}", change.message);
             remove_finalizer(dl, ctx).await
         }
-        // A real revoke that cannot be written yet: say which and why. A
-        // spec change made while waiting (R6 consent, the policy) is picked
-        // up by the next pass.
-        Outcome::Refused => {
-            let reason = change.reason.unwrap_or(Reason::Invalid);
-            let advice = match reason {
-                Reason::WouldDisplaceUsers => {
-                    "; set allowUserDisplacement: true to revoke anyway, or deletionPolicy: Orphan to leave the licenses with the organization"
-                }
-                _ => "; or set deletionPolicy: Orphan to leave the licenses with the organization",
-            };
-            let refused = Verdict::Refused {
-                reason,
-                message: format!(
-                    "deleting: the revoke of {} {} {} -> 0 waits: {}{advice}",
-                    change.organization, change.product, change.from, change.message
-                ),
-            };
-            let pass = Pass {
-                seen: seen(&snapshot, &wanted),
-                pool: pool_of(&snapshot, &wanted.product),
-                diff: change.diff.clone(),
-                ..pass(dl, &wanted, true, refused)
-            };
+        Removal::Waits(pass) => {
             write_status_and_events(dl, ctx, &pass).await?;
             Ok(Requeue::requeue(ctx.settings.resync))
         }
-        Outcome::Failed | Outcome::Planned => failed(dl, ctx, &change, true).await,
+        Removal::NotDecided => failed(dl, ctx, &change, true).await,
+    }
+}
+
+/// `deletionPolicy: Orphan`: gives up the ownership and leaves the seats.
+async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Result<Requeue, Error> {
+    match ctx
+        .backend
+        .release(&wanted.organization, &wanted.product, &wanted.managed_by)
+        .await
+    {
+        Ok(()) => {
+            let note = Note {
+                warning: false,
+                reason: EventReason::Orphaned,
+                message: format!(
+                    "released ownership; {} keeps its {} licenses",
+                    wanted.organization, wanted.product
+                ),
+            };
+            ctx.events.publish(dl, &[note]);
+            // An object refused with Conflict over it may now adopt it.
+            ctx.seats_freed(&wanted.product);
+            remove_finalizer(dl, ctx).await
+        }
+        // Someone else manages it, or it cannot exist (a typo in the
+        // organization or product): there is nothing of ours to leave.
+        Err(BackendError::Refused(r))
+            if matches!(
+                r.reason,
+                Reason::Conflict | Reason::UnknownOrganization | Reason::UnknownProduct
+            ) =>
+        {
+            remove_finalizer(dl, ctx).await
+        }
+        Err(e) => unavailable(dl, ctx, e, true).await,
     }
 }
 
@@ -568,7 +498,7 @@ async fn unavailable(
     if let Verdict::Refused { reason, message } | Verdict::Retrying { reason, message } = &verdict {
         tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
     }
-    let pass = pass(dl, &wanted, deleting, verdict);
+    let pass = conclude::unseen(dl.meta().generation, &wanted, deleting, verdict);
     write_status_and_events(dl, ctx, &pass).await?;
     if let Verdict::Refused { reason, .. } | Verdict::Retrying { reason, .. } = pass.verdict {
         ctx.metrics.error(reason);
@@ -642,63 +572,6 @@ async fn patch_finalizers(
         )
         .await?;
     Ok(())
-}
-
-/// A pass over `dl` that has not seen the backend (yet).
-fn pass(dl: &DedicatedLicense, wanted: &Desired, deleting: bool, verdict: Verdict) -> Pass {
-    Pass {
-        generation: dl.meta().generation,
-        organization: wanted.organization.clone(),
-        product: wanted.product.clone(),
-        count: wanted.count,
-        deleting,
-        verdict,
-        seen: Seen::Unknown,
-        pool: None,
-        diff: String::new(),
-    }
-}
-
-/// What an applied change did, for status and events.
-fn applied(change: &Change, written: Option<&Written>, drift: bool) -> Applied {
-    Applied {
-        action: change.action,
-        from: change.from,
-        to: change.to,
-        rehomed: change.rehomed,
-        displaced: change.displaced,
-        adopted: written.is_some_and(|w| w.effect.adopted),
-        drift,
-        message: change.message.clone(),
-    }
-}
-
-fn seen(snapshot: &Snapshot, wanted: &Desired) -> Seen {
-    snapshot
-        .allocations
-        .iter()
-        .find(|a| a.organization == wanted.organization && a.product == wanted.product)
-        .map_or(Seen::Absent, |a| Seen::Allocation(a.clone()))
-}
-
-fn pool_of(snapshot: &Snapshot, product: &str) -> Option<PoolView> {
-    snapshot
-        .pools
-        .iter()
-        .find(|p| p.product == product)
-        .map(PoolView::from)
-}
-
-fn in_sync(seen: &Seen, count: i64) -> bool {
-    match seen {
-        Seen::Allocation(a) => a.dedicated == count,
-        Seen::Absent => count == 0,
-        Seen::Unknown => false,
-    }
-}
-
-fn frees(a: &Applied) -> bool {
-    matches!(a.action, Action::Decrease | Action::Revoke)
 }
 
 #[cfg(test)]

@@ -21,6 +21,33 @@ pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 
+/// Why a condition stands (its `reason`): the rules' refusal or
+/// `BackendUnavailable`, or where the operator left things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionReason {
+    /// The backend holds what the spec asks.
+    Reconciled,
+    /// Writes are paused by the annotation.
+    Paused,
+    /// `managementPolicy: Observe`, and the backend agrees with the spec.
+    Observed,
+    /// `managementPolicy: Observe`, and the backend differs from the spec.
+    OutOfSync,
+    Rule(Reason),
+}
+
+impl ConditionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionReason::Reconciled => "Reconciled",
+            ConditionReason::Paused => "Paused",
+            ConditionReason::Observed => "Observed",
+            ConditionReason::OutOfSync => "OutOfSync",
+            ConditionReason::Rule(r) => r.as_str(),
+        }
+    }
+}
+
 /// Most failures kept in status.
 pub const MAX_FAILURES: usize = 5;
 
@@ -155,7 +182,7 @@ pub fn build(
             Condition {
                 type_: type_.to_string(),
                 status: status.to_string(),
-                reason,
+                reason: reason.as_str().to_string(),
                 message,
                 last_transition_time: since,
                 observed_generation: pass.generation,
@@ -180,7 +207,7 @@ fn conditions(
     pass: &Pass,
     allocated: Option<i64>,
     in_use: Option<i64>,
-) -> Vec<(&'static str, &'static str, String, String)> {
+) -> Vec<(&'static str, &'static str, ConditionReason, String)> {
     let holding = format!(
         "{} holds {} {} {} ({} in use)",
         pass.organization,
@@ -189,17 +216,25 @@ fn conditions(
         licenses(allocated.unwrap_or(0)),
         in_use.unwrap_or(0)
     );
-    let ready =
-        |status, reason: &str, message: String| (READY, status, reason.to_string(), message);
+    let ready = |status, reason, message: String| (READY, status, reason, message);
     match &pass.verdict {
         // What was done is in lastChange and the event; the condition says
         // where things stand, so the next idle pass builds the same one.
-        Verdict::InSync | Verdict::Applied(_) => vec![ready("True", "Reconciled", holding)],
+        Verdict::InSync | Verdict::Applied(_) => {
+            vec![ready("True", ConditionReason::Reconciled, holding)]
+        }
         Verdict::Held { hold, in_sync } => {
             let (reason, why) = match hold {
-                Hold::Paused => ("Paused", "remove the annotation to resume writes"),
+                Hold::Paused => (
+                    ConditionReason::Paused,
+                    "remove the annotation to resume writes",
+                ),
                 Hold::Observe => (
-                    if *in_sync { "Observed" } else { "OutOfSync" },
+                    if *in_sync {
+                        ConditionReason::Observed
+                    } else {
+                        ConditionReason::OutOfSync
+                    },
                     "licensor reports and never writes",
                 ),
             };
@@ -223,7 +258,7 @@ fn conditions(
             if matches!(hold, Hold::Observe) && !*in_sync && !pass.deleting {
                 return vec![
                     ready(status, reason, message.clone()),
-                    (STALLED, "True", reason.to_string(), message),
+                    (STALLED, "True", reason, message),
                 ];
             }
             vec![ready(status, reason, message)]
@@ -234,16 +269,18 @@ fn conditions(
             } else {
                 message.clone()
             };
+            let reason = ConditionReason::Rule(*reason);
             vec![
-                ready("False", reason.as_str(), message.clone()),
-                (STALLED, "True", reason.as_str().to_string(), message),
+                ready("False", reason, message.clone()),
+                (STALLED, "True", reason, message),
             ]
         }
         Verdict::Retrying { reason, message } => {
             let message = format!("{message}; retrying with backoff");
+            let reason = ConditionReason::Rule(*reason);
             vec![
-                ready("False", reason.as_str(), message.clone()),
-                (RECONCILING, "True", reason.as_str().to_string(), message),
+                ready("False", reason, message.clone()),
+                (RECONCILING, "True", reason, message),
             ]
         }
     }
