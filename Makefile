@@ -17,14 +17,15 @@ demo:
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
-## kstatus (sigs.k8s.io/cli-utils) built the same way, and the contract tools
-## in a pinned Python virtualenv. Installs what it
+## kstatus (sigs.k8s.io/cli-utils) built the same way, the contract tools
+## in a pinned Python virtualenv, and the page in Debian's headless Chromium
+## with axe-core (pinned, from npm). Installs what it
 ## needs first (deps).
 test: deps test-static
 	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
-	  kstatus=$$(tests/kstatus/build.sh) && \
+	  kstatus=$$(tests/kstatus/build.sh) && axe=$$(tests/page/axe.sh) && \
 	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
-	  $(CARGO) test --locked
+	  LICENSOR_TEST_AXE="$$axe" $(CARGO) test --locked
 
 ## What the checks and tests need beyond Rust, Go and Python: rustfmt and
 ## clippy, the musl target and musl-gcc, the Python venv module (Debian

@@ -187,6 +187,36 @@ async fn the_access_matrix() {
         }
         assert_eq!(api.acct.rows(), before, "{token:?} changed the store");
     }
+    // The page's forms answer to a session cookie and its CSRF secret,
+    // never to a bearer token: without a session each is refused (401) and
+    // writes nothing.
+    let before = api.acct.rows();
+    for path in ["/allocations/edit", "/allocations/revoke"] {
+        for token in [None, Some(viewer.as_str()), Some(api.admin.as_str())] {
+            let mut r = api.http.post(format!("{}{path}", api.acct.backend)).form(&[
+                ("csrf", "x"),
+                ("organization", "qa-team"),
+                ("product", "TestOps"),
+                ("dedicated", "7"),
+                ("version", "0"),
+            ]);
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "POST {path} with {token:?}"
+            );
+        }
+    }
+    assert_eq!(
+        api.acct.rows(),
+        before,
+        "a page form without a session wrote"
+    );
+
     // The scheme name is case-insensitive (RFC 9110 §11.1).
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let r = api

@@ -2,7 +2,8 @@
 # Installs what `make check` and `make test` need beyond a Rust toolchain,
 # Go and Python 3, on a fresh Debian machine: rustfmt and clippy, the musl
 # target and musl-gcc for the static binary, the Python virtualenv module
-# for the contract tools, and Debian's PostgreSQL server. Debian packages need root (or sudo); what
+# for the contract tools, Debian's PostgreSQL server, and Debian's Chromium
+# with chromedriver for the page tests. Debian packages need root (or sudo); what
 # is already there is left alone, so a second run does nothing.
 set -euo pipefail
 
@@ -19,6 +20,10 @@ packages=()
 command -v musl-gcc >/dev/null 2>&1 || packages+=(musl-tools)
 # The PostgreSQL server the store tests start (as an unprivileged user).
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || packages+=(postgresql)
+# Debian's Chromium and its WebDriver, for the page tests (nothing downloads
+# a browser of its own).
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
 probe=$(mktemp -d)
 python3 -m venv "$probe/v" >/dev/null 2>&1 || packages+=(python3-venv)
 rm -rf "$probe"

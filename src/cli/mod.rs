@@ -123,6 +123,10 @@ pub struct Files {
 /// Runs the CLI and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for every client and server in the process (kube,
+    // reqwest, PostgreSQL, the webhook), whatever features a dependency
+    // turns on.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The embedded store serializes on one connection, so more blocking
     // threads only wait, and each would keep a malloc arena of its own.
     let runtime = tokio::runtime::Builder::new_multi_thread()

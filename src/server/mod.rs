@@ -14,6 +14,7 @@
 //! shutdown on SIGTERM. Tokens are never logged, echoed or stored in clear.
 
 pub mod openapi;
+pub mod page;
 pub mod problem;
 pub mod routes;
 
@@ -247,6 +248,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
     Router::new()
         .merge(api)
+        .merge(page::routes(shared.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -405,10 +405,20 @@ impl Operator {
             .stderr(file)
             .spawn()
             .expect("start licensor operator");
-        let op = Operator { child, log, port };
-        wait_for("the operator's /healthz", Duration::from_secs(90), || {
-            op.get("/healthz").filter(|b| b.contains("ok"))
-        });
+        let mut op = Operator { child, log, port };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while op.get("/healthz").filter(|b| b.contains("ok")).is_none() {
+            let exited = op.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "the operator's /healthz did not answer ({}):\n{}",
+                exited.map_or("still running after 90 s".to_string(), |s| format!(
+                    "it exited: {s}"
+                )),
+                op.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         op
     }
 

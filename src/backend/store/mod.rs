@@ -61,6 +61,36 @@ pub struct Store {
     location: String,
 }
 
+/// 24 random bytes in hex: tokens, session ids, CSRF secrets.
+pub fn random_hex() -> Result<String, BackendError> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| BackendError::Unavailable(format!("no randomness: {e}")))?;
+    Ok(hex::encode(bytes))
+}
+
+/// A signed-in person on the License Management page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub account: String,
+    pub who: Principal,
+    /// The secret every form of the session must carry.
+    pub csrf: String,
+}
+
+impl From<rows::SessionRow> for Session {
+    fn from(row: rows::SessionRow) -> Session {
+        Session {
+            account: row.account,
+            who: Principal {
+                actor: row.actor,
+                role: Role::parse(&row.role).unwrap_or(Role::Viewer),
+            },
+            csrf: row.csrf,
+        }
+    }
+}
+
 /// The database behind a store.
 enum Db {
     Sqlite(Mutex<Connection>),
@@ -377,14 +407,53 @@ impl Store {
         role: Role,
         name: &str,
     ) -> Result<String, BackendError> {
-        let mut bytes = [0u8; 24];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| BackendError::Unavailable(format!("no randomness: {e}")))?;
-        let token = format!("lsr_{}", hex::encode(bytes));
+        let token = format!("lsr_{}", random_hex()?);
         self.transaction(true, |s| {
             s.insert_token(&hash(&token), account, role.as_str(), name)
         })?;
         Ok(token)
+    }
+
+    /// Signs in with an API token: a new page session for the token's
+    /// account and role, lasting `ttl`. Returns the cookie's value (random;
+    /// only its hash is stored) and the session.
+    pub fn open_session(
+        &self,
+        token: &str,
+        ttl: chrono::Duration,
+    ) -> Result<(String, Session), BackendError> {
+        let unknown = || BackendError::Unauthorized("the token is unknown".into());
+        let (account, role, name) = self.read(|s| s.token(&hash(token)))?.ok_or_else(unknown)?;
+        let id = random_hex()?;
+        let now = chrono::Utc::now();
+        let row = rows::SessionRow {
+            account,
+            actor: format!("token:{name}"),
+            role,
+            csrf: random_hex()?,
+            expires_at: (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let expired = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self.transaction(true, |s| {
+            s.delete_sessions(&hash(&id), &expired)?;
+            s.insert_session(&hash(&id), &row)
+        })?;
+        Ok((id, Session::from(row)))
+    }
+
+    /// The live session a cookie names, if any.
+    pub fn session(&self, id: &str) -> Result<Option<Session>, BackendError> {
+        let now = rows::now();
+        Ok(self
+            .read(|s| s.session(&hash(id)))?
+            .filter(|row| row.expires_at > now)
+            .map(Session::from))
+    }
+
+    /// Ends a session (sign-out), and every expired one.
+    pub fn close_session(&self, id: &str) -> Result<(), BackendError> {
+        let now = rows::now();
+        self.transaction(true, |s| s.delete_sessions(&hash(id), &now))
     }
 
     /// Forgets idempotency keys older than `age`; they are kept at least that long.

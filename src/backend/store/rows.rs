@@ -69,6 +69,12 @@ pub trait Storage {
     /// The account, role and name of a token, by its hash.
     fn token(&self, hash: &str) -> Result<Option<(String, String, String)>>;
     fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()>;
+    /// A page session, by the hash of its cookie.
+    fn session(&self, hash: &str) -> Result<Option<SessionRow>>;
+    fn insert_session(&self, hash: &str, session: &SessionRow) -> Result<()>;
+    /// Ends the session `hash`, and every session that expired before
+    /// `expired_before` (RFC 3339).
+    fn delete_sessions(&self, hash: &str, expired_before: &str) -> Result<()>;
     /// Forgets idempotency keys created before `cutoff` (RFC 3339).
     fn expire_keys(&self, cutoff: &str) -> Result<usize>;
     /// Pools, organizations and allocations of one account, sorted.
@@ -185,6 +191,18 @@ pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
 }
 
 /// Now, as stored in the audit log and the key table.
+/// A page session as stored (see `Store::open_session`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub account: String,
+    pub actor: String,
+    pub role: String,
+    /// The secret every form of the session carries.
+    pub csrf: String,
+    /// RFC 3339, UTC.
+    pub expires_at: String,
+}
+
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -385,6 +403,43 @@ impl Storage for Connection {
         self.execute(
             "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![hash, account, role, name, now()],
+        )
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
+        self.prepare_cached(
+            "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([hash], |r| {
+                Ok(SessionRow {
+                    account: r.get(0)?,
+                    actor: r.get(1)?,
+                    role: r.get(2)?,
+                    csrf: r.get(3)?,
+                    expires_at: r.get(4)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(failed)
+    }
+
+    fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
+        self.execute(
+            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![hash, s.account, s.actor, s.role, s.csrf, s.expires_at],
+        )
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn delete_sessions(&self, hash: &str, expired_before: &str) -> Result<()> {
+        self.execute(
+            "DELETE FROM sessions WHERE hash = ?1 OR expires_at < ?2",
+            [hash, expired_before],
         )
         .map(drop)
         .map_err(failed)

@@ -91,7 +91,23 @@ UPDATE accounts SET revision =
 UPDATE products SET revision =
     (SELECT revision FROM accounts WHERE accounts.id = products.account);
 "#,
+    // Sign-in sessions of the License Management page: the cookie names a
+    // row by its hash, so any process on the store serves it and sign-out
+    // ends it everywhere.
+    SESSIONS,
 ];
+
+/// The sessions table, the same on both stores.
+pub const SESSIONS: &str = r#"
+CREATE TABLE sessions (
+    hash TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+"#;
 
 /// Refuses, before anything is written, a file that is not a licensor store
 /// (another application's tables) or whose schema is newer than this

@@ -40,7 +40,7 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use super::audit::{AuditAction, AuditRecord};
 use std::collections::HashMap;
 
-use super::rows::{AccountRows, Observation, Observations, Result, Storage, now};
+use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
 use crate::domain::{Allocation, Pool, Snapshot};
 pub use conn::{Conn, Conns};
@@ -50,7 +50,8 @@ pub use connect::{connect, describe, pool_size};
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
 /// those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     -- The sequence every version and pool revision is drawn from.
@@ -114,7 +115,9 @@ CREATE TABLE tokens (
     name TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-"#];
+"#,
+    super::schema::SESSIONS,
+];
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
 const MIGRATION_LOCK: i64 = 0x6c69_6365_6e73_6f72;
@@ -669,6 +672,36 @@ impl Storage for Pg<'_> {
             params![&hash, &account, &role, &name, &now()],
         )
         .map(drop)
+    }
+
+    fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
+        Ok(self
+            .rows(
+                "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = $1",
+                params![&hash],
+            )?
+            .first()
+            .map(|r| SessionRow {
+                account: r.get(0),
+                actor: r.get(1),
+                role: r.get(2),
+                csrf: r.get(3),
+                expires_at: r.get(4),
+            }))
+    }
+
+    fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
+        self.later(
+            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            params![&hash, &s.account, &s.actor, &s.role, &s.csrf, &s.expires_at],
+        )
+    }
+
+    fn delete_sessions(&self, hash: &str, expired_before: &str) -> Result<()> {
+        self.later(
+            "DELETE FROM sessions WHERE hash = $1 OR expires_at < $2",
+            params![&hash, &expired_before],
+        )
     }
 
     fn expire_keys(&self, cutoff: &str) -> Result<usize> {

@@ -1,0 +1,442 @@
+//! The License Management page (DESIGN §8), served by `licensor serve` at
+//! `/`: server-rendered HTML ([`view`]) from the same store calls and
+//! problem messages as the API, no script, no external assets.
+//!
+//! Sign-in exchanges an API token for a session kept in the store: the
+//! cookie (`HttpOnly`, `SameSite=Strict`, `Secure` behind TLS) carries a
+//! random id whose hash names the session row, never the token, so any
+//! replica serves it and sign-out ends it everywhere. Every form carries the
+//! session's CSRF secret (the sign-in form a double-submit cookie's), checked
+//! before anything else a POST does. Edit and Revoke write with no manager,
+//! so the rules refuse them on a managed allocation (`Conflict`): nothing on
+//! the page can take an allocation away from its manager.
+
+mod view;
+
+use axum::Form;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Router, middleware};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use serde::Deserialize;
+
+use super::Shared;
+use crate::api::{Problem, ProblemType};
+use crate::backend::BackendError;
+use crate::backend::store::{Session, Store};
+use crate::domain::{AllocationWrite, Role, Target, check_count, require_admin};
+
+/// The session cookie.
+const SESSION: &str = "licensor_session";
+/// The sign-in form's double-submit CSRF cookie.
+const SIGN_IN: &str = "licensor_sign_in";
+/// How long a session lasts.
+const SESSION_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(8);
+/// Audit entries per page.
+pub const AUDIT_PAGE: usize = 50;
+
+/// The page's routes.
+pub fn routes(shared: Shared) -> Router<Shared> {
+    Router::new()
+        .route("/", get(home))
+        .route("/page.css", get(stylesheet))
+        .route("/sign-in", post(sign_in))
+        .route("/sign-out", post(sign_out))
+        .route("/revoke", get(confirm_revoke))
+        .route("/allocations/edit", post(edit))
+        .route("/allocations/revoke", post(revoke))
+        .layer(middleware::map_response(secure_headers))
+        .with_state(shared)
+}
+
+/// No framing, no outside resources, no caching of pages with account data.
+async fn secure_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("page.css"),
+    )
+        .into_response()
+}
+
+/// Runs `f` on the store off the async threads.
+async fn store<T: Send + 'static>(
+    s: &Shared,
+    f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, Problem> {
+    let store = s.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Problem::from(BackendError::Unavailable(format!("store task: {e}"))))?
+        .map_err(Problem::from)
+}
+
+/// The session the request's cookie names, if it is live.
+async fn session(s: &Shared, jar: &CookieJar) -> Result<Option<Session>, Problem> {
+    let Some(id) = jar.get(SESSION).map(|c| c.value().to_string()) else {
+        return Ok(None);
+    };
+    store(s, move |st| st.session(&id)).await
+}
+
+/// Whether the request reached us over TLS (directly, or through a proxy
+/// that says so): the cookies are then `Secure`.
+fn over_tls(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+fn cookie(name: &'static str, value: String, headers: &HeaderMap) -> Cookie<'static> {
+    Cookie::build((name, value))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(over_tls(headers))
+        .build()
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    !a.is_empty()
+        && a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// A problem shown as a page (with the API's status, reason and words).
+fn problem_page(problem: Problem, session: Option<&Session>) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, view::problem(&problem, session)).into_response()
+}
+
+fn forbidden_form() -> Problem {
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        ProblemType::Refused(crate::domain::Reason::Forbidden),
+        "the form is missing its CSRF token or it does not match this session; reload the page and try again",
+    )
+}
+
+fn signed_out() -> Problem {
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        ProblemType::Unauthorized,
+        "sign in first: the session is missing or has ended",
+    )
+}
+
+/// What `/` shows: filters and the page of the audit log.
+#[derive(Debug, Default, Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub organization: String,
+    #[serde(default)]
+    pub product: String,
+    #[serde(default)]
+    pub page: Option<usize>,
+}
+
+/// The account page, or the sign-in form.
+async fn home(
+    State(s): State<Shared>,
+    Query(query): Query<AuditQuery>,
+    headers: HeaderMap,
+    jar: CookieJar,
+) -> Response {
+    match session(&s, &jar).await {
+        Ok(Some(session)) => account_page(&s, &session, &query, None).await,
+        Ok(None) => sign_in_page(jar, &headers, None),
+        Err(p) => problem_page(p, None),
+    }
+}
+
+/// The sign-in form, with a fresh double-submit secret.
+fn sign_in_page(jar: CookieJar, headers: &HeaderMap, error: Option<Problem>) -> Response {
+    let secret = match crate::backend::store::random_hex() {
+        Ok(s) => s,
+        Err(e) => return problem_page(e.into(), None),
+    };
+    let status = error
+        .as_ref()
+        .and_then(|p| StatusCode::from_u16(p.status).ok())
+        .unwrap_or(StatusCode::OK);
+    let jar = jar.add(cookie(SIGN_IN, secret.clone(), headers));
+    (status, jar, view::sign_in(&secret, error.as_ref())).into_response()
+}
+
+/// The account page, with what a form just did (or why not).
+async fn account_page(
+    s: &Shared,
+    session: &Session,
+    query: &AuditQuery,
+    outcome: Option<view::Outcome>,
+) -> Response {
+    let account = session.account.clone();
+    let read = store(s, move |st| {
+        Ok((st.snapshot(&account)?, st.audit(&account)?))
+    })
+    .await;
+    let (snapshot, audit) = match read {
+        Ok(r) => r,
+        Err(p) => return problem_page(p, Some(session)),
+    };
+    let status = match &outcome {
+        Some(view::Outcome::Refused(p)) => {
+            StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+        _ => StatusCode::OK,
+    };
+    let page = view::account(session, &snapshot, &audit, query, outcome.as_ref());
+    (status, page).into_response()
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn sign_in(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    Form(form): Form<SignIn>,
+) -> Response {
+    let expected = jar.get(SIGN_IN).map(|c| c.value().to_string());
+    if !expected.is_some_and(|e| same_secret(&e, &form.csrf)) {
+        return sign_in_page(jar, &headers, Some(forbidden_form()));
+    }
+    let token = form.token.trim().to_string();
+    match store(&s, move |st| st.open_session(&token, SESSION_TTL)).await {
+        Ok((id, _)) => {
+            let jar = jar
+                .remove(Cookie::build(SIGN_IN).path("/"))
+                .add(cookie(SESSION, id, &headers));
+            (jar, Redirect::to("/")).into_response()
+        }
+        Err(p) => sign_in_page(jar, &headers, Some(p)),
+    }
+}
+
+#[derive(Deserialize)]
+struct Csrf {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn sign_out(State(s): State<Shared>, jar: CookieJar, Form(form): Form<Csrf>) -> Response {
+    let session = match session(&s, &jar).await {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            return (
+                jar.remove(Cookie::build(SESSION).path("/")),
+                Redirect::to("/"),
+            )
+                .into_response();
+        }
+        Err(p) => return problem_page(p, None),
+    };
+    if !same_secret(&session.csrf, &form.csrf) {
+        return problem_page(forbidden_form(), Some(&session));
+    }
+    let id = jar
+        .get(SESSION)
+        .map(|c| c.value().to_string())
+        .unwrap_or_default();
+    if let Err(p) = store(&s, move |st| st.close_session(&id)).await {
+        return problem_page(p, Some(&session));
+    }
+    (
+        jar.remove(Cookie::build(SESSION).path("/")),
+        Redirect::to("/"),
+    )
+        .into_response()
+}
+
+/// The session of a form, checked: signed in, the form's CSRF secret, and
+/// the Account Admin role (the API's 403 and words for a Viewer).
+async fn admin_form(s: &Shared, jar: &CookieJar, csrf: &str) -> Result<Session, Response> {
+    let session = match session(s, jar).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return Err(problem_page(signed_out(), None)),
+        Err(p) => return Err(problem_page(p, None)),
+    };
+    if !same_secret(&session.csrf, csrf) {
+        return Err(problem_page(forbidden_form(), Some(&session)));
+    }
+    if let Err(refusal) = require_admin(session.who.role, "change the account") {
+        return Err(problem_page(Problem::refusal(&refusal), Some(&session)));
+    }
+    Ok(session)
+}
+
+#[derive(Deserialize)]
+struct EditForm {
+    /// Missing reads as empty, and is refused as a mismatch (403).
+    #[serde(default)]
+    csrf: String,
+    organization: String,
+    product: String,
+    dedicated: i64,
+    /// The allocation's version the form was shown with.
+    version: i64,
+}
+
+async fn edit(State(s): State<Shared>, jar: CookieJar, Form(form): Form<EditForm>) -> Response {
+    let session = match admin_form(&s, &jar, &form.csrf).await {
+        Ok(session) => session,
+        Err(page) => return page,
+    };
+    if let Err(refusal) = check_count(form.dedicated) {
+        let outcome = view::Outcome::Refused(Problem::refusal(&refusal));
+        return account_page(&s, &session, &AuditQuery::default(), Some(outcome)).await;
+    }
+    let write = AllocationWrite {
+        organization: form.organization,
+        product: form.product,
+        target: Target::Count(form.dedicated),
+        managed_by: None,
+        allow_user_displacement: false,
+        expected_version: Some(form.version),
+        idempotency_key: None,
+    };
+    written(&s, &session, write).await
+}
+
+#[derive(Deserialize)]
+struct RevokeQuery {
+    organization: String,
+    product: String,
+}
+
+/// The confirmation box of a revoke: how many in-use seats move to the
+/// account pool and how many users would be displaced, from a dry run.
+async fn confirm_revoke(
+    State(s): State<Shared>,
+    jar: CookieJar,
+    Query(q): Query<RevokeQuery>,
+) -> Response {
+    let session = match session(&s, &jar).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return problem_page(signed_out(), None),
+        Err(p) => return problem_page(p, None),
+    };
+    if let Err(refusal) = require_admin(session.who.role, "change the account") {
+        return problem_page(Problem::refusal(&refusal), Some(&session));
+    }
+    let (account, who) = (session.account.clone(), session.who.clone());
+    let (organization, product) = (q.organization.clone(), q.product.clone());
+    let dry = store(&s, move |st| {
+        let snapshot = st.snapshot(&account)?;
+        let version = snapshot
+            .allocations
+            .iter()
+            .find(|a| a.organization == organization && a.product == product)
+            .map(|a| a.version);
+        let write = AllocationWrite {
+            organization,
+            product,
+            target: Target::Remove,
+            managed_by: None,
+            allow_user_displacement: true,
+            expected_version: version,
+            idempotency_key: None,
+        };
+        Ok((st.write(&account, &who, &write, true)?, version))
+    })
+    .await;
+    match dry {
+        Ok((written, Some(version))) => {
+            view::confirm_revoke(&session, &q.organization, &q.product, &written, version)
+                .into_response()
+        }
+        Ok((_, None)) => problem_page(
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                ProblemType::NotFound,
+                format!("{} holds no {} allocation", q.organization, q.product),
+            ),
+            Some(&session),
+        ),
+        Err(p) => problem_page(p, Some(&session)),
+    }
+}
+
+#[derive(Deserialize)]
+struct RevokeForm {
+    #[serde(default)]
+    csrf: String,
+    organization: String,
+    product: String,
+    version: i64,
+    /// The explicit choice to displace users (a checkbox: present or not).
+    #[serde(default)]
+    displace: Option<String>,
+}
+
+async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<RevokeForm>) -> Response {
+    let session = match admin_form(&s, &jar, &form.csrf).await {
+        Ok(session) => session,
+        Err(page) => return page,
+    };
+    let write = AllocationWrite {
+        organization: form.organization,
+        product: form.product,
+        target: Target::Remove,
+        managed_by: None,
+        allow_user_displacement: form.displace.is_some(),
+        expected_version: Some(form.version),
+        idempotency_key: None,
+    };
+    written(&s, &session, write).await
+}
+
+/// Writes as the session's caller and shows the account with the outcome.
+async fn written(s: &Shared, session: &Session, write: AllocationWrite) -> Response {
+    let (account, who) = (session.account.clone(), session.who.clone());
+    let what = (write.organization.clone(), write.product.clone());
+    let outcome = match store(s, move |st| st.write(&account, &who, &write, false)).await {
+        Ok(w) => view::Outcome::Written(what.0, what.1, w),
+        Err(p) => view::Outcome::Refused(p),
+    };
+    account_page(s, session, &AuditQuery::default(), Some(outcome)).await
+}
+
+/// The role's name as the page shows it.
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::AccountAdmin => "Account Admin",
+        Role::Viewer => "Viewer",
+    }
+}

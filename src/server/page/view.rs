@@ -1,0 +1,359 @@
+//! The page's HTML (maud escapes every value it is given). Every figure is
+//! text; the bars repeat it for the eye, with the same words for a screen
+//! reader.
+
+use maud::{DOCTYPE, Markup, html};
+
+use super::{AUDIT_PAGE, AuditQuery, role_name};
+use crate::api::{AuditEntry, Problem, Written};
+use crate::backend::store::Session;
+use crate::domain::{Allocation, PoolView, Role, Snapshot};
+
+/// What a form just did, shown above the account.
+pub enum Outcome {
+    /// Organization, product, and what the store wrote.
+    Written(String, String, Written),
+    Refused(Problem),
+}
+
+fn layout(title: &str, session: Option<&Session>, main: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · licensor" }
+                link rel="stylesheet" href="/page.css";
+            }
+            body {
+                a.skip href="#main" { "Skip to content" }
+                header {
+                    p.brand { "licensor · License Management" }
+                    @if let Some(s) = session {
+                        div.who {
+                            span { "Account " strong { (s.account) } " · " (s.who.actor) " (" (role_name(s.who.role)) ")" }
+                            form method="post" action="/sign-out" {
+                                input type="hidden" name="csrf" value=(s.csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main #main { (main) }
+            }
+        }
+    }
+}
+
+/// The sign-in form.
+pub fn sign_in(secret: &str, error: Option<&Problem>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            h1 { "Sign in" }
+            @if let Some(p) = error { (problem_box(p)) }
+            form.sign-in method="post" action="/sign-in" {
+                input type="hidden" name="csrf" value=(secret);
+                label for="token" { "API token" }
+                input #token type="password" name="token" autocomplete="off" required;
+                p.hint #token-hint { "A token from " code { "licensor token create" } "; the page keeps a session, not the token." }
+                button type="submit" { "Sign in" }
+            }
+        },
+    )
+}
+
+/// A refusal or error in the API's words.
+fn problem_box(p: &Problem) -> Markup {
+    html! {
+        div.problem role="alert" {
+            p {
+                strong { (p.title) }
+                @if let Some(reason) = &p.reason { " (" code.reason { (reason) } ")" }
+            }
+            p.detail { (p.detail) }
+        }
+    }
+}
+
+/// A whole page saying what went wrong.
+pub fn problem(p: &Problem, session: Option<&Session>) -> Markup {
+    layout(
+        &p.title,
+        session,
+        html! {
+            h1 { (p.title) }
+            (problem_box(p))
+            p { a href="/" { "Back to the account" } }
+        },
+    )
+}
+
+fn licenses(n: i64) -> &'static str {
+    if n == 1 { "license" } else { "licenses" }
+}
+
+fn outcome_box(o: &Outcome) -> Markup {
+    match o {
+        Outcome::Refused(p) => problem_box(p),
+        Outcome::Written(organization, product, w) => {
+            let e = &w.effect;
+            html! {
+                div.done role="status" {
+                    p {
+                        strong { (organization) " " (product) ": " (e.from) " → " (e.to) }
+                        @if e.rehomed > 0 { "; " (e.rehomed) " in-use " (licenses(e.rehomed)) " moved to the account pool" }
+                        @if e.displaced > 0 { "; " (e.displaced) " users displaced" }
+                        @if e.is_noop() { " (nothing to change)" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `instance / namespace / name`, or "unmanaged".
+fn manager(a: &Allocation) -> String {
+    match &a.managed_by {
+        Some(m) => m.split('/').collect::<Vec<_>>().join(" / "),
+        None => "unmanaged".into(),
+    }
+}
+
+fn pool(p: &PoolView) -> Markup {
+    let used = p.dedicated + p.shared_in_use;
+    let over = (used - p.total).max(0);
+    let scale = p.total.max(used).max(1) as f64;
+    let pct = |n: i64| format!("{:.2}%", n.max(0) as f64 * 100.0 / scale);
+    let summary = format!(
+        "{}: {} dedicated, {} shared in use, {} free of {}{}",
+        p.product,
+        p.dedicated,
+        p.shared_in_use,
+        p.free.max(0),
+        p.total,
+        if over > 0 {
+            format!(", over-committed by {over}")
+        } else {
+            String::new()
+        }
+    );
+    html! {
+        section.pool data-product=(p.product) aria-labelledby=(format!("pool-{}", p.product)) {
+            h3 #(format!("pool-{}", p.product)) { (p.product) }
+            svg.bar role="img" aria-label=(summary) viewBox="0 0 100 6" preserveAspectRatio="none" {
+                rect.dedicated x="0" y="0" height="6" width=(pct(p.dedicated)) {}
+                rect.shared x=(pct(p.dedicated)) y="0" height="6" width=(pct(p.shared_in_use)) {}
+                @if over > 0 {
+                    rect.over x=(pct(p.total)) y="0" height="6" width=(pct(over)) {}
+                }
+            }
+            dl.figures {
+                div { dt { "Total" } dd data-figure="total" { (p.total) } }
+                div { dt { span.key.dedicated {} "Dedicated" } dd data-figure="dedicated" { (p.dedicated) } }
+                div { dt { span.key.shared {} "Shared in use" } dd data-figure="sharedInUse" { (p.shared_in_use) } }
+                div { dt { span.key.free {} "Free" } dd data-figure="free" { (p.free) } }
+                @if over > 0 {
+                    div.over-committed { dt { span.key.over {} "Over-committed" } dd data-figure="overCommitted" { (over) } }
+                }
+            }
+        }
+    }
+}
+
+fn allocation_row(a: &Allocation, session: &Session) -> Markup {
+    let admin = session.who.role == Role::AccountAdmin;
+    let id = format!("{}-{}", a.organization, a.product);
+    html! {
+        tr data-organization=(a.organization) data-product=(a.product) {
+            th scope="row" { (a.organization) }
+            td { (a.product) }
+            td.number data-field="dedicated" { (a.dedicated) }
+            td.number data-field="inUse" { (a.in_use) }
+            td data-field="managedBy" {
+                @if a.managed_by.is_some() { (manager(a)) br; small { "changed in Git" } } @else { "unmanaged" }
+            }
+            @if admin {
+                td.actions {
+                    @if a.managed_by.is_none() {
+                        form.edit method="post" action="/allocations/edit" {
+                            input type="hidden" name="csrf" value=(session.csrf);
+                            input type="hidden" name="organization" value=(a.organization);
+                            input type="hidden" name="product" value=(a.product);
+                            input type="hidden" name="version" value=(a.version);
+                            label.visually-hidden for=(format!("count-{id}")) { "Dedicated " (a.product) " licenses for " (a.organization) }
+                            input #(format!("count-{id}")) type="number" name="dedicated" min="0" max="1000000000" value=(a.dedicated) required;
+                            button type="submit" aria-label=(format!("Edit {} {}", a.organization, a.product)) { "✎ Edit" }
+                        }
+                        a.revoke href=(format!("/revoke?{}", query(&[("organization", &a.organization), ("product", &a.product)])))
+                            aria-label=(format!("Revoke {} {}", a.organization, a.product)) { "← Revoke" }
+                    } @else {
+                        span.muted { "no edits here" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn query(pairs: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
+}
+
+/// The account: pools, allocations, the audit log.
+pub fn account(
+    session: &Session,
+    snapshot: &Snapshot,
+    audit: &[AuditEntry],
+    q: &AuditQuery,
+    outcome: Option<&Outcome>,
+) -> Markup {
+    let admin = session.who.role == Role::AccountAdmin;
+    let pools: Vec<PoolView> = snapshot.pools.iter().map(PoolView::from).collect();
+    let matching: Vec<&AuditEntry> = audit
+        .iter()
+        .rev()
+        .filter(|e| q.organization.is_empty() || e.organization.as_deref() == Some(&q.organization))
+        .filter(|e| q.product.is_empty() || e.product.as_deref() == Some(&q.product))
+        .collect();
+    let pages = matching.len().div_ceil(AUDIT_PAGE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    let shown = matching
+        .iter()
+        .skip((page - 1) * AUDIT_PAGE)
+        .take(AUDIT_PAGE);
+    let page_link = |n: usize| {
+        format!(
+            "/?{}#audit",
+            query(&[
+                ("organization", &q.organization),
+                ("product", &q.product),
+                ("page", &n.to_string())
+            ])
+        )
+    };
+    layout(
+        &format!("Account {}", session.account),
+        Some(session),
+        html! {
+            h1 { "Account " (session.account) }
+            @if let Some(o) = outcome { (outcome_box(o)) }
+            section #pools aria-labelledby="pools-title" {
+                h2 #pools-title { "Pools" }
+                div.pools { @for p in &pools { (pool(p)) } }
+            }
+            section #organizations aria-labelledby="organizations-title" {
+                h2 #organizations-title { "Organizations" }
+                @if !admin { p.hint { "Signed in as a Viewer: nothing can be changed here." } }
+                div.scroll {
+                    table #allocations {
+                        caption.visually-hidden { "Dedicated licenses by organization and product" }
+                        thead { tr {
+                            th scope="col" { "Organization" }
+                            th scope="col" { "Product" }
+                            th scope="col" { "Dedicated" }
+                            th scope="col" { "In use" }
+                            th scope="col" { "Managed by" }
+                            @if admin { th scope="col" { "Actions" } }
+                        } }
+                        tbody { @for a in &snapshot.allocations { (allocation_row(a, session)) } }
+                    }
+                }
+            }
+            section #audit aria-labelledby="audit-title" {
+                h2 #audit-title { "Audit log" }
+                form.filter method="get" action="/" {
+                    label for="filter-organization" { "Organization" }
+                    select #filter-organization name="organization" {
+                        option value="" { "all" }
+                        @for o in &snapshot.organizations {
+                            option value=(o) selected[*o == q.organization] { (o) }
+                        }
+                    }
+                    label for="filter-product" { "Product" }
+                    select #filter-product name="product" {
+                        option value="" { "all" }
+                        @for p in &pools {
+                            option value=(p.product) selected[p.product == q.product] { (p.product) }
+                        }
+                    }
+                    button type="submit" { "Filter" }
+                }
+                div.scroll {
+                    table #audit-log {
+                        caption.visually-hidden { "Changes, newest first" }
+                        thead { tr {
+                            th scope="col" { "Time" }
+                            th scope="col" { "Who" }
+                            th scope="col" { "Action" }
+                            th scope="col" { "Organization" }
+                            th scope="col" { "Product" }
+                            th scope="col" { "Change" }
+                        } }
+                        tbody {
+                            @for e in shown {
+                                tr data-id=(e.id) {
+                                    td { time datetime=(e.time) { (e.time.get(..19).unwrap_or(&e.time).replace('T', " ")) } }
+                                    td { (e.actor) }
+                                    td { (format!("{:?}", e.action).to_lowercase()) }
+                                    td { (e.organization.as_deref().unwrap_or("")) }
+                                    td { (e.product.as_deref().unwrap_or("")) }
+                                    td {
+                                        (e.from) " → " (e.to)
+                                        @if e.rehomed > 0 { ", " (e.rehomed) " rehomed" }
+                                        @if e.displaced > 0 { ", " (e.displaced) " displaced" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                nav.pager aria-label="Audit log pages" {
+                    @if page > 1 { a rel="prev" href=(page_link(page - 1)) { "Newer" } }
+                    span { "Page " (page) " of " (pages) " (" (matching.len()) " entries)" }
+                    @if page < pages { a rel="next" href=(page_link(page + 1)) { "Older" } }
+                }
+            }
+        },
+    )
+}
+
+/// The confirmation box of a revoke.
+pub fn confirm_revoke(
+    session: &Session,
+    organization: &str,
+    product: &str,
+    dry: &Written,
+    version: i64,
+) -> Markup {
+    let e = &dry.effect;
+    html! {
+        (layout(&format!("Revoke {organization} {product}"), Some(session), html! {
+            h1 { "Revoke " (organization) "'s " (product) " licenses?" }
+            div.confirm role="alertdialog" aria-labelledby="confirm-title" aria-describedby="confirm-numbers" {
+                h2 #confirm-title { "Revoke " (e.from) " " (product) " " (licenses(e.from)) " of " (organization) }
+                ul #confirm-numbers {
+                    li data-figure="rehomed" { (e.rehomed) " in-use " (licenses(e.rehomed)) " move to the account pool" }
+                    li data-figure="displaced" { (e.displaced) " users would be displaced (left without a license)" }
+                }
+                form method="post" action="/allocations/revoke" {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    input type="hidden" name="organization" value=(organization);
+                    input type="hidden" name="product" value=(product);
+                    input type="hidden" name="version" value=(version);
+                    @if e.displaced > 0 {
+                        p {
+                            input #displace type="checkbox" name="displace" value="yes" required;
+                            label for="displace" { "Displace " (e.displaced) " users" }
+                        }
+                    }
+                    button.danger type="submit" { "Revoke" }
+                    " "
+                    a href="/" { "Cancel" }
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,873 @@
+//! The License Management page in a real browser: Debian's Chromium,
+//! headless, driven through chromedriver (WebDriver) against `licensor
+//! serve` on loopback. One chromedriver serves every test; each test has a
+//! browser session of its own. axe-core (from npm, `tests/page/axe.sh`) runs
+//! in the same Chromium.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use fantoccini::key::Key;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use common::{Account, Kind};
+
+/// The example account with one allocation managed from Git.
+const FIXTURE: &str = "
+account: acme
+products:
+  - {name: TestOps, total: 200}
+  - {name: Studio, total: 50, sharedInUse: 3}
+  - {name: Lab, total: 10}
+organizations:
+  - id: qa-team
+    allocations:
+      - {product: TestOps, dedicated: 5, inUse: 4}
+  - id: dev-team
+    allocations:
+      - {product: Studio, dedicated: 10, inUse: 7}
+      - {product: Lab, dedicated: 6, inUse: 6}
+  - id: platform-team
+    allocations:
+      - {product: TestOps, dedicated: 3, inUse: 1, managedBy: default/licenses/platform}
+      - {product: Lab, dedicated: 4, inUse: 0}
+";
+
+/// chromedriver on a loopback port, started once for the whole binary.
+struct Driver {
+    _child: Child,
+    url: String,
+}
+
+fn driver() -> &'static Driver {
+    static DRIVER: OnceLock<Driver> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; `make test` installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver {
+            _child: child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    })
+}
+
+/// axe-core's script.
+fn axe() -> &'static str {
+    static AXE: OnceLock<String> = OnceLock::new();
+    AXE.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/page/axe.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/page/axe.sh");
+        assert!(out.status.success(), "tests/page/axe.sh failed");
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    })
+}
+
+/// A headless Chromium session, with no network but loopback.
+async fn browser(dir: &std::path::Path) -> Client {
+    let profile = dir.join(format!(
+        "chromium-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    // chromedriver is on loopback: plain HTTP, no TLS stack.
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&driver().url)
+        .await
+        .expect("a Chromium session from chromedriver")
+}
+
+/// The store `licensor serve` runs on.
+#[derive(Clone, Copy)]
+enum Store {
+    /// The embedded file.
+    Embedded,
+    /// A database on the shared PostgreSQL server.
+    Postgres,
+}
+
+/// An account served by `licensor serve` replicas on `store`.
+struct Served {
+    account: Account,
+    /// Each replica's base URL.
+    urls: Vec<String>,
+    _replicas: Vec<common::postgres::Replica>,
+}
+
+impl Served {
+    fn url(&self) -> &str {
+        &self.urls[0]
+    }
+}
+
+fn served(store: Store, account: Account, replicas: usize) -> Served {
+    match store {
+        Store::Embedded => {
+            assert_eq!(replicas, 1, "one process per embedded store");
+            let url = account.backend.clone();
+            Served {
+                account,
+                urls: vec![url],
+                _replicas: Vec::new(),
+            }
+        }
+        Store::Postgres => {
+            let password = common::postgres::server().password();
+            let (replicas, urls) = (0..replicas)
+                .map(|_| {
+                    let (r, url) = common::postgres::replica(&account, password);
+                    (r, url.trim_end_matches("/v1/accounts/acme").to_string())
+                })
+                .unzip();
+            Served {
+                account,
+                urls,
+                _replicas: replicas,
+            }
+        }
+    }
+}
+
+/// `fixture` seeded on `store`, served by one replica.
+fn seeded(store: Store, fixture: &str) -> Served {
+    let kind = match store {
+        Store::Embedded => Kind::Http,
+        Store::Postgres => Kind::Postgres,
+    };
+    served(store, Account::seeded_on(kind, fixture), 1)
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn count(c: &Client, css: &str) -> usize {
+    c.find_all(Locator::Css(css)).await.unwrap().len()
+}
+
+/// Clicks what `css` finds and waits for the next page: the current one's
+/// root element goes stale once the browser has left it.
+async fn click(c: &Client, css: &str) {
+    let root = c.find(Locator::Css("html")).await.unwrap();
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while root.tag_name().await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "no new page after clicking {css}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Signs in through the form, as a person would.
+async fn sign_in(c: &Client, url: &str, token: &str) {
+    c.goto(url).await.unwrap();
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    click(c, "form.sign-in button").await;
+    let h1 = text(c, "h1").await;
+    assert_eq!(h1, "Account acme", "after signing in");
+}
+
+/// axe-core's serious and critical violations on the current page.
+async fn serious_violations(c: &Client) -> Vec<String> {
+    c.execute(axe(), vec![]).await.expect("load axe-core");
+    let result = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, {resultTypes: ['violations']})
+                .then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact,
+                    nodes: v.nodes.map(n => n.target.join(' '))}))))
+                .catch(e => done([{id: 'axe failed: ' + e, impact: 'critical', nodes: []}]));",
+            vec![],
+        )
+        .await
+        .expect("run axe-core");
+    result
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
+        .map(|v| format!("{} ({}) at {}", v["id"], v["impact"], v["nodes"]))
+        .collect()
+}
+
+/// The session cookie and the CSRF secret of the signed-in page.
+async fn session_of(c: &Client) -> (String, String) {
+    let cookie = c
+        .get_named_cookie("licensor_session")
+        .await
+        .expect("the session cookie");
+    assert!(cookie.http_only().unwrap_or(false), "HttpOnly");
+    assert_eq!(
+        cookie.same_site().map(|s| format!("{s:?}")).as_deref(),
+        Some("Strict")
+    );
+    let csrf = c
+        .find(Locator::Css("form[action='/sign-out'] input[name=csrf]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    (cookie.value().to_string(), csrf)
+}
+
+/// A POST a page did not send: a form body with the given cookie.
+async fn forged(url: &str, cookie: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("cookie", format!("licensor_session={cookie}"))
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The figures of every pool and row of the table, as the page shows them,
+/// in the shape of `status -o json`.
+async fn shown(c: &Client) -> Value {
+    let mut pools = Vec::new();
+    for p in c.find_all(Locator::Css("section.pool")).await.unwrap() {
+        let product = p.attr("data-product").await.unwrap().unwrap();
+        let mut pool = json!({"product": product});
+        for f in ["total", "dedicated", "sharedInUse", "free"] {
+            let v = p
+                .find(Locator::Css(&format!("dd[data-figure={f}]")))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            pool[f] = json!(v.parse::<i64>().unwrap());
+        }
+        pools.push(pool);
+    }
+    let mut allocations = Vec::new();
+    for row in c
+        .find_all(Locator::Css("#allocations tbody tr"))
+        .await
+        .unwrap()
+    {
+        let cell = async |f: &str| {
+            row.find(Locator::Css(&format!("td[data-field={f}]")))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        };
+        let managed = cell("managedBy").await;
+        allocations.push(json!({
+            "organization": row.attr("data-organization").await.unwrap().unwrap(),
+            "product": row.attr("data-product").await.unwrap().unwrap(),
+            "dedicated": cell("dedicated").await.parse::<i64>().unwrap(),
+            "inUse": cell("inUse").await.parse::<i64>().unwrap(),
+            "managedBy": managed.lines().next().unwrap().to_string(),
+        }));
+    }
+    json!({"pools": pools, "allocations": allocations})
+}
+
+/// `status -o json` with `managedBy` as the page words it.
+fn status_as_shown(account: &Account) -> Value {
+    let mut status = account.status();
+    for a in status["allocations"].as_array_mut().unwrap() {
+        a["managedBy"] = match a["managedBy"].as_str() {
+            Some(m) => json!(m.replace('/', " / ")),
+            None => json!("unmanaged"),
+        };
+    }
+    status
+}
+
+/// The example account with the example manifests applied.
+fn example(store: Store) -> Served {
+    let served = seeded(store, include_str!("../examples/account.yaml"));
+    let licenses = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/licenses");
+    let run = served.account.run(&["apply", "-f", licenses]);
+    assert_eq!(run.code, 0, "{run:?}");
+    served
+}
+
+async fn the_page_shows_what_status_shows_and_passes_axe(store: Store) {
+    let served = example(store);
+    let (account, url) = (&served.account, served.url().to_string());
+    let admin = account.token("AccountAdmin", "alice");
+    let c = browser(account.dir.path()).await;
+
+    // Signed out: the sign-in form, and nothing of the account.
+    c.goto(&url).await.unwrap();
+    assert_eq!(text(&c, "h1").await, "Sign in");
+    assert_eq!(
+        serious_violations(&c).await,
+        Vec::<String>::new(),
+        "signed out"
+    );
+    // The checker finds what it should: a field without its label.
+    c.execute(
+        "document.querySelector('label[for=token]').remove();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let found = serious_violations(&c).await;
+    assert!(
+        found.iter().any(|v| v.starts_with("\"label\"")),
+        "{found:?}"
+    );
+
+    sign_in(&c, &url, &admin).await;
+    assert_eq!(shown(&c).await, status_as_shown(account));
+    assert!(
+        text(&c, "header .who")
+            .await
+            .contains("token:alice (Account Admin)"),
+        "{}",
+        text(&c, "header .who").await
+    );
+    // The token is in neither the URL nor the HTML, nor is it the cookie.
+    // Neither the token nor the session id is in the URL or the HTML, and
+    // the cookie is not the token.
+    let source = c.source().await.unwrap();
+    let address = c.current_url().await.unwrap().to_string();
+    let (cookie, _) = session_of(&c).await;
+    assert_ne!(cookie, admin);
+    for secret in [&admin, &cookie] {
+        assert!(!source.contains(secret.as_str()) && !address.contains(secret.as_str()));
+    }
+    assert_eq!(
+        serious_violations(&c).await,
+        Vec::<String>::new(),
+        "Account Admin"
+    );
+
+    // The screenshot the README shows, kept as a test artefact.
+    let png = c.screenshot().await.unwrap();
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("page");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    std::fs::write(artefacts.join("account.png"), &png).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+
+    // A narrow screen: the page itself never scrolls sideways (the tables
+    // scroll in their own boxes).
+    c.set_window_size(375, 800).await.unwrap();
+    c.refresh().await.unwrap();
+    let overflow = c
+        .execute(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(overflow, json!(0), "sideways scroll on a narrow screen");
+
+    // Sign-out ends the session in the store: the old cookie signs in no more.
+    c.set_window_size(1280, 900).await.unwrap();
+    click(&c, "form[action='/sign-out'] button").await;
+    assert_eq!(text(&c, "h1").await, "Sign in");
+    let page = reqwest::Client::new()
+        .get(&url)
+        .header("cookie", format!("licensor_session={cookie}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<h1>Sign in</h1>"), "{page}");
+    c.close().await.unwrap();
+}
+
+async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Store) {
+    let served = seeded(store, FIXTURE);
+    let account = &served.account;
+    let viewer = account.token("Viewer", "victor");
+    let url = served.url().to_string();
+    let c = browser(account.dir.path()).await;
+    // With the keyboard only: the skip link comes first, then the token
+    // field; Enter signs in.
+    c.goto(&url).await.unwrap();
+    let root = c.find(Locator::Css("html")).await.unwrap();
+    let active = async || {
+        c.active_element()
+            .await
+            .unwrap()
+            .attr("id")
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    };
+    let body = c.find(Locator::Css("body")).await.unwrap();
+    body.send_keys(&Key::Tab.to_string()).await.unwrap();
+    assert_eq!(
+        c.active_element().await.unwrap().text().await.unwrap(),
+        "Skip to content"
+    );
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(&Key::Tab.to_string())
+        .await
+        .unwrap();
+    assert_eq!(active().await, "token");
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(&format!("{viewer}{}", Key::Enter))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while root.tag_name().await.is_ok() {
+        assert!(Instant::now() < deadline, "Enter did not sign in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(text(&c, "h1").await, "Account acme");
+    assert_eq!(count(&c, "form.edit").await, 0);
+    assert_eq!(count(&c, "a.revoke").await, 0);
+    assert!(
+        text(&c, "#organizations")
+            .await
+            .contains("Signed in as a Viewer")
+    );
+    assert_eq!(serious_violations(&c).await, Vec::<String>::new(), "Viewer");
+
+    let (cookie, csrf) = session_of(&c).await;
+    let before = account.rows();
+    let (status, body) = forged(
+        &format!("{url}/allocations/edit"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("organization", "qa-team"),
+            ("product", "TestOps"),
+            ("dedicated", "9"),
+            ("version", "0"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Forbidden"), "{body}");
+    assert_eq!(account.rows(), before, "a refused POST changed the store");
+    c.close().await.unwrap();
+}
+
+async fn edit_and_revoke_through_the_page_land_in_the_store(store: Store) {
+    let served = seeded(store, FIXTURE);
+    let account = &served.account;
+    let admin = account.token("AccountAdmin", "alice");
+    let url = served.url().to_string();
+    let c = browser(account.dir.path()).await;
+    sign_in(&c, &url, &admin).await;
+
+    // Edit within the pool: 5 -> 8.
+    let edit = |org: &str, product: &str, n: i64| {
+        let (org, product, c) = (org.to_string(), product.to_string(), c.clone());
+        async move {
+            let input = c
+                .find(Locator::Id(&format!("count-{org}-{product}")))
+                .await
+                .unwrap();
+            input.clear().await.unwrap();
+            input.send_keys(&n.to_string()).await.unwrap();
+            click(
+                &c,
+                &format!(
+                    "tr[data-organization='{org}'][data-product='{product}'] form.edit button"
+                ),
+            )
+            .await;
+        }
+    };
+    edit("qa-team", "TestOps", 8).await;
+    assert_eq!(text(&c, ".done").await, "qa-team TestOps: 5 → 8");
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((8, 4)));
+
+    // Below the 4 in use: refused with the API's reason and numbers.
+    let before = account.rows();
+    edit("qa-team", "TestOps", 2).await;
+    let problem = text(&c, ".problem").await;
+    assert!(
+        problem.contains("BelowInUse") && problem.contains('4') && problem.contains('2'),
+        "{problem}"
+    );
+    assert_eq!(account.rows(), before);
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((8, 4)));
+
+    // Revoke with room in the pool: the box says 7 in-use seats move.
+    click(&c, "a[aria-label='Revoke dev-team Studio']").await;
+    assert_eq!(
+        text(&c, "[data-figure=rehomed]").await,
+        "7 in-use licenses move to the account pool"
+    );
+    assert!(
+        text(&c, "[data-figure=displaced]")
+            .await
+            .starts_with("0 users")
+    );
+    assert_eq!(count(&c, "#displace").await, 0);
+    click(&c, ".confirm button.danger").await;
+    assert!(
+        text(&c, ".done")
+            .await
+            .starts_with("dev-team Studio: 10 → 0; 7 in-use licenses moved")
+    );
+    assert_eq!(account.allocation("dev-team", "Studio"), None);
+    assert_eq!(account.pool("Studio"), (50, 0, 10, 40));
+
+    // The contract shrinks below what is handed out: a revoke now leaves
+    // users without a license, and needs the explicit choice.
+    let run = account.run(&["backend", "total", "--product", "Lab", "--total", "6"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    c.goto(&format!("{url}/revoke?organization=dev-team&product=Lab"))
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&c, "[data-figure=rehomed]").await,
+        "2 in-use licenses move to the account pool"
+    );
+    assert!(
+        text(&c, "[data-figure=displaced]")
+            .await
+            .starts_with("4 users")
+    );
+    assert_eq!(text(&c, "label[for=displace]").await, "Displace 4 users");
+    // Without the choice the browser does not send it (the box is
+    // required); sent anyway, the rules refuse it.
+    let (cookie, csrf) = session_of(&c).await;
+    let version = c
+        .find(Locator::Css(".confirm input[name=version]"))
+        .await
+        .unwrap()
+        .attr("value")
+        .await
+        .unwrap()
+        .unwrap();
+    let before = account.rows();
+    let form = [
+        ("csrf", csrf.as_str()),
+        ("organization", "dev-team"),
+        ("product", "Lab"),
+        ("version", version.as_str()),
+    ];
+    let (status, body) = forged(&format!("{url}/allocations/revoke"), &cookie, &form).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("WouldDisplaceUsers"), "{body}");
+    assert_eq!(account.rows(), before);
+    c.find(Locator::Id("displace"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    click(&c, ".confirm button.danger").await;
+    let done = text(&c, ".done").await;
+    assert_eq!(
+        done,
+        "dev-team Lab: 6 → 0; 2 in-use licenses moved to the account pool; 4 users displaced"
+    );
+    assert_eq!(account.allocation("dev-team", "Lab"), None);
+    let audit = account.audit();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (&last["actor"], &last["organization"], &last["displaced"]),
+        (&json!("token:alice"), &json!("dev-team"), &json!(4))
+    );
+
+    // The audit log, newest first, filtered through its form.
+    c.goto(&url).await.unwrap();
+    c.find(Locator::Id("filter-organization"))
+        .await
+        .unwrap()
+        .select_by_value("dev-team")
+        .await
+        .unwrap();
+    click(&c, "form.filter button").await;
+    let rows = c
+        .find_all(Locator::Css("#audit-log tbody tr"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for row in &rows {
+        let cells: Vec<String> = {
+            let mut v = Vec::new();
+            for td in row.find_all(Locator::Css("td")).await.unwrap() {
+                v.push(td.text().await.unwrap());
+            }
+            v
+        };
+        assert_eq!(cells[3], "dev-team", "{cells:?}");
+        ids.push(
+            row.attr("data-id")
+                .await
+                .unwrap()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(ids.len(), 2, "the two revokes");
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let newest = rows[0].text().await.unwrap();
+    assert!(
+        newest.contains("Lab") && newest.contains("6 → 0"),
+        "{newest}"
+    );
+
+    // Paged: 60 more entries make a second page.
+    let http = reqwest::Client::new();
+    for i in 0..60 {
+        let body = if i % 2 == 0 {
+            json!({"claim": 1})
+        } else {
+            json!({"release": 1})
+        };
+        let r = http
+            .post(format!(
+                "{url}/v1/accounts/acme/organizations/qa-team/seats/TestOps"
+            ))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    c.goto(&url).await.unwrap();
+    assert_eq!(count(&c, "#audit-log tbody tr").await, 50);
+    let pager = text(&c, ".pager").await;
+    let entries = account.audit().len();
+    assert!(
+        pager.contains(&format!("Page 1 of 2 ({entries} entries)")),
+        "{pager}"
+    );
+    click(&c, ".pager a[rel=next]").await;
+    assert_eq!(count(&c, "#audit-log tbody tr").await, entries - 50);
+    c.close().await.unwrap();
+}
+
+async fn managed_allocations_and_forms_without_csrf_are_refused(store: Store) {
+    let served = seeded(store, FIXTURE);
+    let account = &served.account;
+    let admin = account.token("AccountAdmin", "alice");
+    let url = served.url().to_string();
+    let c = browser(account.dir.path()).await;
+    sign_in(&c, &url, &admin).await;
+
+    // Managed from Git: the owner, and no controls.
+    let row = "tr[data-organization='platform-team'][data-product='TestOps']";
+    assert_eq!(
+        text(&c, &format!("{row} td[data-field=managedBy]")).await,
+        "default / licenses / platform\nchanged in Git"
+    );
+    assert_eq!(count(&c, &format!("{row} form")).await, 0);
+    assert_eq!(count(&c, &format!("{row} a.revoke")).await, 0);
+
+    let (cookie, csrf) = session_of(&c).await;
+    let before = account.rows();
+    // A forged edit of the managed allocation, with its current version,
+    // so that only its ownership stands in the way.
+    let answer = reqwest::Client::new()
+        .get(format!(
+            "{url}/v1/accounts/acme/organizations/platform-team/allocations/TestOps"
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    let version = answer.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let form = |csrf: &str| {
+        [
+            ("csrf", csrf.to_string()),
+            ("organization", "platform-team".into()),
+            ("product", "TestOps".into()),
+            ("dedicated", "1".into()),
+            ("version", version.clone()),
+        ]
+    };
+    let post = async |path: &str, fields: &[(&str, String)]| {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        forged(&format!("{url}{path}"), &cookie, &fields).await
+    };
+    let (status, body) = post("/allocations/edit", &form(&csrf)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("Conflict") && body.contains("default/licenses/platform"),
+        "{body}"
+    );
+    let (status, body) = post("/allocations/revoke", &form(&csrf)).await;
+    assert_eq!(status, 409, "{body}");
+
+    // Without the CSRF secret, or with another one: refused before anything.
+    let (status, body) = post("/allocations/edit", &form(&csrf)[1..]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CSRF"), "{body}");
+    let (status, _) = post("/allocations/edit", &form(&"0".repeat(48))).await;
+    assert_eq!(status, 403);
+    // Sign-in without the double-submit secret: refused too.
+    let (status, body) = forged(&format!("{url}/sign-in"), "", &[("token", &admin)]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(account.rows(), before, "a refused POST changed the store");
+    c.close().await.unwrap();
+}
+
+/// A session lives in the store: one replica signs in, another serves the
+/// page to that cookie, and a sign-out at either ends it at both.
+#[tokio::test]
+async fn sessions_are_the_stores_not_a_replicas() {
+    let account = Account::seeded_on(Kind::Postgres, FIXTURE);
+    let served = served(Store::Postgres, account, 2);
+    let admin = served.account.token("AccountAdmin", "alice");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // The sign-in form's secret, from its cookie and its hidden field.
+    let form = http.get(&served.urls[0]).send().await.unwrap();
+    let sign_in_cookie = form.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = form.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let signed_in = http
+        .post(format!("{}/sign-in", served.urls[0]))
+        .header("cookie", &sign_in_cookie)
+        .form(&[("token", admin.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    let session = signed_in
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|c| c.starts_with("licensor_session="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = |url: String| {
+        let (http, session) = (http.clone(), session.clone());
+        async move {
+            http.get(url)
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let other = page(served.urls[1].clone()).await;
+    assert!(other.contains("<h1>Account acme</h1>"), "{other}");
+    let csrf = other
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let out = http
+        .post(format!("{}/sign-out", served.urls[1]))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    for url in &served.urls {
+        let after = page(url.clone()).await;
+        assert!(after.contains("<h1>Sign in</h1>"), "{url}: {after}");
+    }
+}
+
+/// Runs each case on every store `licensor serve` runs on, as
+/// `embedded::<case>` and `postgres::<case>`.
+macro_rules! on_every_store {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test] async fn $case() { super::$case(super::Store::Embedded).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $case() { super::$case(super::Store::Postgres).await })*
+        }
+    };
+}
+
+on_every_store!(
+    the_page_shows_what_status_shows_and_passes_axe,
+    a_viewer_sees_no_controls_and_a_forged_post_is_refused,
+    edit_and_revoke_through_the_page_land_in_the_store,
+    managed_allocations_and_forms_without_csrf_are_refused,
+);
