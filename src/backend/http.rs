@@ -9,10 +9,20 @@
 //! `Retry-After`. A seat change is only retried when the request never left.
 //! Problem details map back to the same refusal reasons exactly; anything
 //! else the server says (garbage, an unknown status) is `BackendUnavailable`.
+//!
+//! Every call of one client goes through one [`Gate`]: an optional rate
+//! (a token bucket, `--backend-rate`) shared by all of them, and the pause a
+//! platform asks for with `Retry-After` (on a 429 or a 5xx), which holds
+//! every call until it ends, not only the refused one: the call that was
+//! refused waits it out and tries again, any other is answered at once,
+//! without a request, as `BackendUnavailable` saying until when.
 
-use std::time::Duration;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
@@ -63,6 +73,45 @@ pub struct HttpBackend {
     account: String,
     client: reqwest::Client,
     retry: Retry,
+    gate: Gate,
+}
+
+/// What every call of one client shares: its rate, and a pause the
+/// platform asked for.
+#[derive(Default)]
+struct Gate {
+    rate: Option<DefaultDirectRateLimiter>,
+    /// Until when (and until when on the wall clock, for messages).
+    paused: Mutex<Option<(Instant, chrono::DateTime<chrono::Utc>)>>,
+}
+
+impl Gate {
+    /// Waits for the rate; refuses at once while a pause lasts.
+    async fn admit(&self) -> Result<(), String> {
+        let paused = *self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((until, wall)) = paused
+            && Instant::now() < until
+        {
+            return Err(format!(
+                "the platform asked for a pause (Retry-After): no calls to it until {}",
+                wall.format("%H:%M:%S UTC")
+            ));
+        }
+        if let Some(rate) = &self.rate {
+            rate.until_ready().await;
+        }
+        Ok(())
+    }
+
+    /// Holds every call for `wait` (or longer, if already held longer).
+    fn pause(&self, wait: Duration) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + wait;
+        if paused.is_none_or(|(u, _)| u < until) {
+            let wall = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            *paused = Some((until, wall));
+        }
+    }
 }
 
 impl HttpBackend {
@@ -103,7 +152,14 @@ impl HttpBackend {
             account: account.to_string(),
             client,
             retry,
+            gate: Gate::default(),
         })
+    }
+
+    /// At most `rate` requests a second over all calls of this client.
+    pub fn with_rate(mut self, rate: Option<NonZeroU32>) -> HttpBackend {
+        self.gate.rate = rate.map(|n| RateLimiter::direct(Quota::per_second(n)));
+        self
     }
 
     /// `/v1/accounts/<account>/<segments...>`, each segment escaped.
@@ -130,6 +186,9 @@ impl HttpBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if let Err(why) = self.gate.admit().await {
+                return Err(unavailable(&method, &url, &why, attempt - 1));
+            }
             let mut request = self
                 .client
                 .request(method.clone(), url.clone())
@@ -199,6 +258,10 @@ impl HttpBackend {
                         .flatten();
                     let transient =
                         status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+                    // Asked to wait: every call of this client waits.
+                    if transient && let Some(w) = retry_after {
+                        self.gate.pause(w);
+                    }
                     if !transient || last || repeat == Repeat::NotSent {
                         return match problem {
                             Some(p)
@@ -271,6 +334,9 @@ impl HttpBackend {
 }
 
 fn unavailable(method: &Method, url: &Url, why: &str, attempts: u32) -> BackendError {
+    if attempts == 0 {
+        return BackendError::Unavailable(format!("{method} {}: {why}", url.path()));
+    }
     BackendError::Unavailable(format!(
         "{method} {}: {why} (after {attempts} {})",
         url.path(),

@@ -70,6 +70,10 @@ pub struct Global {
         value_parser = humantime::parse_duration
     )]
     pub backend_timeout: std::time::Duration,
+    /// Most requests a second to an http(s) backend, over all calls of this
+    /// process (the operator's passes share it); unlimited when not given.
+    #[arg(long, global = true, env = "LICENSOR_BACKEND_RATE")]
+    pub backend_rate: Option<std::num::NonZeroU32>,
     /// Instance name in managedBy (<instance>/<namespace>/<name>).
     #[arg(
         long,
@@ -251,7 +255,8 @@ pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> 
             g.backend_timeout,
             Retry::default(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_rate(g.backend_rate);
         return Ok(Box::new(backend));
     }
     Err(format!(

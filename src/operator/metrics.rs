@@ -68,6 +68,8 @@ pub struct Metrics {
     pub finalizers: Family<ByLabels, Counter>,
     /// Creates, status writes and deletes of LicensePool objects.
     pub pool_writes: Counter,
+    /// Passes done against the shared snapshot, with no backend call.
+    pub quiet_checks: Counter,
 }
 
 impl Default for Metrics {
@@ -103,7 +105,13 @@ impl Metrics {
             leader: Gauge::default(),
             finalizers: Family::default(),
             pool_writes: Counter::default(),
+            quiet_checks: Counter::default(),
         };
+        registry.register(
+            "quiet_checks",
+            "Passes that found an object in sync on the shared snapshot of the account, without a backend call of their own",
+            m.quiet_checks.clone(),
+        );
         registry.register(
             "licensepool_writes",
             "LicensePool objects created, updated (status) or deleted; an idle account causes none",
@@ -178,6 +186,10 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn quiet_check(&self) {
+        self.quiet_checks.inc();
     }
 
     pub fn error(&self, reason: Reason) {

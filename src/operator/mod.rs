@@ -17,6 +17,7 @@ pub mod finalizer;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;
+pub mod snapshot;
 pub mod status;
 pub mod webhook;
 
@@ -207,32 +208,37 @@ async fn control(
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
     let moved = Arc::new(tokio::sync::Notify::new());
-    let pools = pools::Pools::new(
-        client.clone(),
-        backend.clone(),
-        config.settings.instance.clone(),
-        config.settings.resync,
-        moved.clone(),
-        metrics.clone(),
-    );
-    let pools = AbortOnDrop(tokio::spawn(pools.keep()));
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
         backend,
         events,
-        metrics,
+        metrics.clone(),
         config.settings.clone(),
         wake_tx,
-        moved,
+        moved.clone(),
     ));
+    let pools = pools::Pools::new(
+        client,
+        ctx.snapshot.clone(),
+        config.settings.instance.clone(),
+        config.settings.resync,
+        moved,
+        metrics,
+    );
+    let pools = AbortOnDrop(tokio::spawn(pools.keep()));
 
     // Our own status writes do not bump the generation; skip them, but not
     // what a person changes without one (pause, deletion).
     let (reader, writer) = reflector::store();
-    // managedFields are the bulk of a stored object and never read here.
+    // The cache keeps what a pass reads: managedFields and kubectl's
+    // last-applied-configuration (a copy of the whole manifest) are the bulk
+    // of a stored object and never read here.
     let objects = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(|dl| dl.managed_fields_mut().clear())
+        .modify(|dl| {
+            dl.managed_fields_mut().clear();
+            dl.annotations_mut().remove(LAST_APPLIED);
+        })
         .reflect(writer)
         .applied_objects()
         .predicate_filter(worth_a_pass, Default::default());
@@ -256,6 +262,9 @@ async fn control(
     drop(pools);
     Ok(())
 }
+
+/// The annotation `kubectl apply` keeps the applied manifest in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -2,7 +2,8 @@
 //! product of the managed account, created, updated and removed by the
 //! leading operator, and written only when their content changes.
 //!
-//! A sync reads the whole account once (one backend call) and compares it
+//! A sync reads the whole account once (the snapshot the passes share, or a
+//! fresh one after a pass wrote) and compares it
 //! with the objects this instance keeps (by the instance label, so two
 //! instances in one cluster never touch each other's). It runs at start,
 //! every resync period (which catches changes made outside the cluster),
@@ -18,7 +19,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::metrics::Metrics;
-use crate::backend::Backend;
+use super::snapshot;
 use crate::licensepool::{INSTANCE_LABEL, LicensePool, LicensePoolSpec, statuses};
 
 /// How long after a write the pools are read again: writes that come
@@ -28,7 +29,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// What the pools task needs.
 pub struct Pools {
     pub api: Api<LicensePool>,
-    pub backend: Arc<dyn Backend>,
+    pub snapshot: Arc<snapshot::Shared>,
     pub instance: String,
     pub resync: Duration,
     /// Notified by passes that wrote to the backend.
@@ -39,7 +40,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(
         client: Client,
-        backend: Arc<dyn Backend>,
+        snapshot: Arc<snapshot::Shared>,
         instance: String,
         resync: Duration,
         moved: Arc<Notify>,
@@ -47,7 +48,7 @@ impl Pools {
     ) -> Pools {
         Pools {
             api: Api::all(client),
-            backend,
+            snapshot,
             instance,
             resync,
             moved,
@@ -57,22 +58,32 @@ impl Pools {
 
     /// Syncs until the task is dropped.
     pub async fn keep(self) {
+        let mut fresh = false;
         loop {
-            match self.sync().await {
+            match self.sync(fresh).await {
                 Ok(0) => {}
                 Ok(writes) => tracing::debug!(writes, "license pools synced"),
                 Err(e) => tracing::warn!("license pools not synced: {e}"),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.resync) => {}
-                _ = self.moved.notified() => tokio::time::sleep(SETTLE).await,
-            }
+            fresh = tokio::select! {
+                _ = tokio::time::sleep(self.resync) => false,
+                _ = self.moved.notified() => {
+                    tokio::time::sleep(SETTLE).await;
+                    true
+                }
+            };
         }
     }
 
-    /// One sync; returns how many objects it wrote.
-    pub async fn sync(&self) -> Result<usize, String> {
-        let snapshot = self.backend.snapshot().await.map_err(|e| e.to_string())?;
+    /// One sync, on the shared snapshot or (`fresh`) on one read now;
+    /// returns how many objects it wrote.
+    pub async fn sync(&self, fresh: bool) -> Result<usize, String> {
+        let snapshot = if fresh {
+            self.snapshot.fresh().await
+        } else {
+            self.snapshot.get().await
+        }
+        .map_err(|e| e.to_string())?;
         let wanted = statuses(&self.instance, &snapshot);
         let selector = format!("{INSTANCE_LABEL}={}", self.instance);
         let existing = self

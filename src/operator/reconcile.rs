@@ -30,6 +30,7 @@ use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
 use super::finalizer;
 use super::metrics::{Metrics, ObjectLabels};
+use super::snapshot;
 use super::status::{self, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
 use crate::backend::{Backend, BackendError};
@@ -81,6 +82,8 @@ pub struct Context {
     wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
     /// Told when a pass wrote to the backend (the LicensePools follow).
     pub pools_moved: Arc<tokio::sync::Notify>,
+    /// The account as last read whole (see [`snapshot`]).
+    pub snapshot: Arc<snapshot::Shared>,
 }
 
 impl Context {
@@ -93,6 +96,8 @@ impl Context {
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
         pools_moved: Arc<tokio::sync::Notify>,
     ) -> Context {
+        // Read at most twice a resync period, whatever the number of objects.
+        let snapshot = Arc::new(snapshot::Shared::new(backend.clone(), settings.resync / 2));
         Context {
             client,
             backend,
@@ -103,6 +108,7 @@ impl Context {
             waiting: Mutex::default(),
             wake,
             pools_moved,
+            snapshot,
         }
     }
 
@@ -216,11 +222,19 @@ impl Ended {
     fn requeue(self, ctx: &Context) -> Requeue {
         ctx.metrics.result(self.label());
         match self {
-            Ended::Ok | Ended::Refused => Requeue::requeue(ctx.settings.resync),
+            Ended::Ok | Ended::Refused => Requeue::requeue(spread(ctx.settings.resync)),
             Ended::Retrying(after) | Ended::Failed(after) => Requeue::requeue(after),
             Ended::Released => Requeue::await_change(),
         }
     }
+}
+
+/// When an object comes back for its periodic pass: anywhere from half to
+/// one and a half resync periods, evenly, so objects that were all seen at
+/// once (a restart, a burst of creations) spread over the period instead of
+/// coming back together.
+fn spread(resync: Duration) -> Duration {
+    resync.mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// Requeue after a failed pass (the Kubernetes API refused a write).
@@ -276,6 +290,9 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         ctx.metrics.finalizer_added("operator");
     }
     let wanted = desired(dl, ctx);
+    if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
+        return Ok(ended.requeue(ctx));
+    }
     let frees_before = ctx.frees_so_far(&wanted.product);
     let snapshot = match ctx
         .backend
@@ -294,6 +311,11 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
     if change.outcome == Outcome::Applied {
         ctx.pools_moved.notify_one();
+        if let Some(w) = &written {
+            ctx.snapshot
+                .record(&wanted.organization, &wanted.product, w)
+                .await;
+        }
     }
     let generation = dl.meta().generation;
     let Some(pass) = conclude::ensured(
@@ -310,15 +332,52 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     Ok(count_and_wake(dl, ctx, &pass, frees_before).requeue(ctx))
 }
 
+/// An object whose status is Ready for its generation is checked against
+/// the shared snapshot of the account: when the planner finds nothing to
+/// write and its status would stay as it is, the pass is done without a
+/// backend call of its own. Anything else (drift, a refusal, a status that
+/// would change, a snapshot that cannot be read) takes the full pass, which
+/// reads its own allocation again.
+async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Option<Ended> {
+    let previous = dl.status.as_ref()?;
+    let generation = dl.meta().generation;
+    let ready = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    if generation.is_none() || previous.observed_generation != generation || !ready {
+        return None;
+    }
+    let snapshot = ctx.snapshot.get().await.ok()?;
+    let change = plan(std::slice::from_ref(wanted), &snapshot, &options(ctx))
+        .changes
+        .pop()?;
+    if change.outcome != Outcome::Unchanged {
+        return None;
+    }
+    let drift = conclude::allocation_in(&snapshot, wanted)
+        .is_some_and(|dedicated| status::drifted(Some(previous), generation, dedicated));
+    let pass = conclude::ensured(generation, wanted, &snapshot, drift, &change, None)?;
+    if status::build(Some(previous), &pass, Timestamp::now()) != *previous {
+        return None;
+    }
+    ctx.metrics.quiet_check();
+    Some(count_and_wake(dl, ctx, &pass, 0))
+}
+
+fn options(ctx: &Context) -> Options {
+    Options {
+        prune: false,
+        instance: ctx.settings.instance.clone(),
+        role: Role::AccountAdmin,
+    }
+}
+
 /// The change that brings the backend to `wanted`, from the planner. A pass
 /// reads only its own pool; a name the account does not have is rare, so
 /// only then is the whole account read, for the closest names.
 async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Option<Change> {
-    let opts = Options {
-        prune: false,
-        instance: ctx.settings.instance.clone(),
-        role: Role::AccountAdmin,
-    };
+    let opts = options(ctx);
     let mut planned = plan(std::slice::from_ref(wanted), snapshot, &opts);
     let unknown_name = planned.changes.iter().any(|c| {
         matches!(
