@@ -59,17 +59,50 @@ async fn client(cp: &ControlPlane) -> Client {
     Client::try_from(config).expect("client")
 }
 
+/// The account's products; object `i` is for `PRODUCTS[i % 3]`.
+const PRODUCTS: [&str; 3] = ["TestOps", "Studio", "Runtime"];
+
+/// The resync period of the measured operator.
+const RESYNC: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn license(i: usize) -> DedicatedLicense {
     let mut dl = DedicatedLicense::new(
         &format!("l-{i:05}"),
         DedicatedLicenseSpec {
             organization: format!("org-{i:05}"),
-            product: "TestOps".into(),
+            product: PRODUCTS[i % PRODUCTS.len()].into(),
             count: 3,
             allow_user_displacement: false,
             deletion_policy: Default::default(),
             management_policy: Default::default(),
         },
+    );
+    dl.metadata.namespace = None;
+    dl
+}
+
+/// Object `i` as `kubectl apply` leaves it: its manifest in the
+/// last-applied-configuration annotation, and two labels.
+fn applied(i: usize) -> DedicatedLicense {
+    let mut dl = license(i);
+    dl.metadata.namespace = Some("bench".into());
+    let labels = [
+        ("app.kubernetes.io/part-of", "licenses".to_string()),
+        ("team", format!("org-{i:05}")),
+    ];
+    dl.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    );
+    let manifest = serde_json::to_string(&dl).expect("manifest");
+    dl.metadata.annotations = Some(
+        [(
+            "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+            manifest + "\n",
+        )]
+        .into(),
     );
     dl.metadata.namespace = None;
     dl
@@ -119,10 +152,19 @@ fn quantile_ms(sorted: &[std::time::Duration], p: f64) -> f64 {
 
 /// Creates objects `range` in `api`, `concurrency` at a time.
 async fn create(api: &Api<DedicatedLicense>, range: std::ops::Range<usize>, concurrency: usize) {
+    create_with(api, range, concurrency, license).await
+}
+
+async fn create_with(
+    api: &Api<DedicatedLicense>,
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+    object: fn(usize) -> DedicatedLicense,
+) {
     stream::iter(range)
         .map(|i| {
             let api = api.clone();
-            async move { api.create(&PostParams::default(), &license(i)).await }
+            async move { api.create(&PostParams::default(), &object(i)).await }
         })
         .buffer_unordered(concurrency)
         .try_for_each(|_| async { Ok(()) })
@@ -201,11 +243,35 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Time from creating object `i` to its Ready, with the operator running.
+async fn one_new_object(api: &Api<DedicatedLicense>, i: usize) -> std::time::Duration {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let name = format!("l-{i:05}");
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(watcher(api.clone(), config).applied_objects());
+    let started = Instant::now();
+    api.create(&PostParams::default(), &license(i))
+        .await
+        .expect("create one object");
+    while let Some(dl) = events.try_next().await.expect("watch") {
+        let ready = dl.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            return started.elapsed();
+        }
+    }
+    panic!("the watch ended before {name} was Ready")
+}
+
 fn fixture(n: usize) -> String {
-    let mut s = format!(
-        "account: acme\nproducts: [{{name: TestOps, total: {}}}]\norganizations:\n  - {{id: sample}}\n",
-        (n + 1) * 3
-    );
+    let mut s = String::from("account: acme\nproducts:\n");
+    for p in PRODUCTS {
+        s.push_str(&format!("  - {{name: {p}, total: {}}}\n", (n + 1) * 3));
+    }
+    s.push_str("organizations:\n  - {id: sample}\n");
     for i in 0..n {
         s.push_str(&format!("  - {{id: org-{i:05}}}\n"));
     }
@@ -223,7 +289,8 @@ async fn main() {
         cp.ok(&["create", "namespace", ns]);
     }
     let client = client(&cp).await;
-    let account = Account::seeded(&fixture(big));
+    // Two more organizations for the single objects created at the end.
+    let account = Account::seeded(&fixture(big + 2));
     assert!(big >= 2 * n, "BIG must be at least 2 N");
 
     // The status the floor writes is one the operator wrote: an operator
@@ -332,10 +399,12 @@ async fn main() {
     // is installed; WEBHOOK=0 measures without it.
     let api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "bench");
     let concurrency_flag = format!("--concurrency={concurrency}");
+    let resync_flag = format!("--resync={}s", RESYNC.as_secs());
     let mut flags = vec![
         "--leader-elect=false",
         "--namespace=bench",
         concurrency_flag.as_str(),
+        resync_flag.as_str(),
     ];
     if webhook {
         flags.extend([listen.as_str(), cert_dir.as_str()]);
@@ -425,9 +494,60 @@ async fn main() {
     // Memory with BIG objects.
     let watch = tokio::spawn(wait_ready(api.clone(), big));
     let started = Instant::now();
-    create(&api, 2 * n..big, concurrency).await;
+    // Created as `kubectl apply` leaves them: their manifest in an
+    // annotation, and two labels.
+    create_with(&api, 2 * n..big, concurrency, applied).await;
     let took_big = watch.await.expect("watch task") - started;
     let rss_big = peak_rss_mib(operator.pid());
+
+    // One resync period with BIG objects in sync: what it reads.
+    let reads = |op: &Operator| {
+        let metrics = op.get("/metrics").unwrap_or_default();
+        let read = |what: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("licensor_backend_reads_total{{read=\"{what}\"}}"))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        (read("account"), read("allocation"))
+    };
+    tokio::time::sleep(RESYNC).await;
+    let before = reads(&operator);
+    tokio::time::sleep(RESYNC).await;
+    let after = reads(&operator);
+    let (account_reads, allocation_reads) = (after.0 - before.0, after.1 - before.1);
+    // On the HTTP backend: 3 requests per account read, 2 per allocation.
+    let resync_requests = 3.0 * account_reads + 2.0 * allocation_reads;
+    // A new object while BIG are resynced (their passes run all the time,
+    // spread over the period).
+    let new_during_resync = one_new_object(&api, big).await;
+
+    // A restart with BIG objects in sync, and a new object right after.
+    let mut operator = operator;
+    operator.terminate();
+    let restarted_at = Instant::now();
+    let restarted = Operator::start(&cp, "bench-restarted", &account.backend, &flags);
+    let up = restarted_at.elapsed();
+    let new_after_restart = one_new_object(&api, big + 1).await;
+    let checked = Instant::now();
+    while restarted
+        .get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("licensor_quiet_checks_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        < big as f64
+        && checked.elapsed() < std::time::Duration::from_secs(120)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let after = reads(&restarted);
+    let restart_requests = 3.0 * after.0 + 2.0 * after.1;
+    let rss_restarted = peak_rss_mib(restarted.pid());
 
     println!(
         "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency}, webhook {})",
@@ -490,7 +610,26 @@ async fn main() {
         took_big.as_secs_f64()
     );
     println!("  peak RSS with {n:>6} objects                  {rss_n:>8.1} MiB");
-    println!("  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (target < 100)");
+    println!(
+        "  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (created as kubectl apply leaves them, with two labels each)"
+    );
+    println!(
+        "  peak RSS after a restart with {big} objects    {rss_restarted:>8.1} MiB (target < 50)"
+    );
+    println!(
+        "  one resync period ({}s) with {big} objects in sync over {} products: {account_reads:.0} account reads, {allocation_reads:.0} allocation reads = {resync_requests:.0} requests on the HTTP backend (target <= 10)",
+        RESYNC.as_secs(),
+        PRODUCTS.len()
+    );
+    println!(
+        "  restart with {big} objects in sync: up in {:.2} s, {restart_requests:.0} backend requests",
+        up.as_secs_f64()
+    );
+    println!(
+        "  one new object to Ready: while {big} are resynced {:.2} s, right after a restart {:.2} s (target < 1 s)",
+        new_during_resync.as_secs_f64(),
+        new_after_restart.as_secs_f64()
+    );
     if let Some((base, validating)) = admission {
         println!(
             "  admission, {ADMISSION_RUNS} dry-run creates one at a time: mutating only p50 {:.1} ms p99 {:.1} ms; with validation p50 {:.1} ms p99 {:.1} ms (target p99 < 20)",

@@ -28,6 +28,13 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadLabels {
+    /// `account` (the whole account: 3 requests on the HTTP backend) or
+    /// `allocation` (one object's pool and allocation: 2 requests).
+    pub read: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -70,6 +77,8 @@ pub struct Metrics {
     pub pool_writes: Counter,
     /// Passes done against the shared snapshot, with no backend call.
     pub quiet_checks: Counter,
+    /// Reads of the backend, by what they read.
+    pub backend_reads: Family<ReadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,7 +115,13 @@ impl Metrics {
             finalizers: Family::default(),
             pool_writes: Counter::default(),
             quiet_checks: Counter::default(),
+            backend_reads: Family::default(),
         };
+        registry.register(
+            "backend_reads",
+            "Reads of the license backend by the passes and the LicensePool sync: the whole account (read=account) or one object's pool and allocation (read=allocation)",
+            m.backend_reads.clone(),
+        );
         registry.register(
             "quiet_checks",
             "Passes that found an object in sync on the shared snapshot of the account, without a backend call of their own",
@@ -186,6 +201,10 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn backend_read(&self, read: &'static str) {
+        self.backend_reads.get_or_create(&ReadLabels { read }).inc();
     }
 
     pub fn quiet_check(&self) {

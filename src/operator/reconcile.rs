@@ -97,7 +97,11 @@ impl Context {
         pools_moved: Arc<tokio::sync::Notify>,
     ) -> Context {
         // Read at most twice a resync period, whatever the number of objects.
-        let snapshot = Arc::new(snapshot::Shared::new(backend.clone(), settings.resync / 2));
+        let snapshot = Arc::new(snapshot::Shared::new(
+            backend.clone(),
+            metrics.clone(),
+            settings.resync / 2,
+        ));
         Context {
             client,
             backend,
@@ -294,6 +298,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         return Ok(ended.requeue(ctx));
     }
     let frees_before = ctx.frees_so_far(&wanted.product);
+    ctx.metrics.backend_read("allocation");
     let snapshot = match ctx
         .backend
         .observe(&wanted.organization, &wanted.product)
@@ -385,8 +390,11 @@ async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Optio
             Some(Reason::UnknownProduct | Reason::UnknownOrganization)
         )
     });
-    if unknown_name && let Ok(account) = ctx.backend.snapshot().await {
-        planned = plan(std::slice::from_ref(wanted), &account, &opts);
+    if unknown_name {
+        ctx.metrics.backend_read("account");
+        if let Ok(account) = ctx.backend.snapshot().await {
+            planned = plan(std::slice::from_ref(wanted), &account, &opts);
+        }
     }
     planned.changes.pop()
 }
@@ -442,6 +450,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         return orphan(dl, ctx, &wanted).await;
     }
 
+    ctx.metrics.backend_read("allocation");
     let snapshot = match ctx
         .backend
         .observe(&wanted.organization, &wanted.product)

@@ -11,12 +11,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::metrics::Metrics;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::Snapshot;
 
 /// One shared read of the account.
 pub struct Shared {
     backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
     ttl: Duration,
     /// Held across the read, so passes that ask meanwhile wait for it
     /// rather than read again.
@@ -24,9 +26,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(backend: Arc<dyn Backend>, ttl: Duration) -> Shared {
+    pub fn new(backend: Arc<dyn Backend>, metrics: Arc<Metrics>, ttl: Duration) -> Shared {
         Shared {
             backend,
+            metrics,
             ttl,
             current: tokio::sync::Mutex::new(None),
         }
@@ -50,6 +53,7 @@ impl Shared {
         {
             return Ok(snapshot.clone());
         }
+        self.metrics.backend_read("account");
         let snapshot = Arc::new(self.backend.snapshot().await?);
         *current = Some((Instant::now(), snapshot.clone()));
         Ok(snapshot)
