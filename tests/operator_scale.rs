@@ -358,3 +358,59 @@ fn a_429_with_retry_after_pauses_every_call_then_everything_converges() {
     let refused = arrivals.iter().filter(|(_, s)| *s == 429).count();
     eprintln!("{refused} requests refused in all; none in the 5 s after the first");
 }
+
+/// `licensor serve` and `licensor operator` with their default addresses
+/// on one host both come up; a second of either names the address in use
+/// and the flag that sets it, and logs no colour codes into a file.
+#[test]
+fn serve_and_operator_run_side_by_side_with_their_defaults() {
+    use std::process::{Command, Stdio};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let cp = ControlPlane::start();
+    let account = Account::seeded(&fixture(1));
+    let licensor = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(["--backend", account.store()])
+            .args(args)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env_remove("LICENSOR_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _serve = Killed(licensor(&["serve"]));
+    let _operator = Killed(licensor(&["operator", "--leader-elect=false"]));
+    wait_for("serve on 127.0.0.1:8080", Duration::from_secs(30), || {
+        get(8080, "/healthz")
+    });
+    wait_for("the operator on 8081", Duration::from_secs(60), || {
+        get(8081, "/healthz")
+    });
+    for (args, address) in [
+        (&["serve"][..], "127.0.0.1:8080 (--listen)"),
+        (
+            &["operator", "--leader-elect=false"][..],
+            "0.0.0.0:8081 (--listen)",
+        ),
+    ] {
+        let second = licensor(args).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(address) && stderr.contains("in use"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "colour codes in a log: {stderr}"
+        );
+    }
+}

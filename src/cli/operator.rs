@@ -29,8 +29,9 @@ pub struct OperatorArgs {
     /// Objects reconciled at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:8080", env = "LICENSOR_LISTEN")]
+    /// Address of /metrics, /healthz and /readyz (beside `licensor serve`'s
+    /// 127.0.0.1:8080 on one host).
+    #[arg(long, default_value = "0.0.0.0:8081", env = "LICENSOR_LISTEN")]
     pub listen: SocketAddr,
     /// Elect a leader on a Lease so that several replicas are safe.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -138,8 +139,11 @@ fn default_identity() -> String {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, never in a redirected log.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second initialisation (tests) keeps the first subscriber.
     let _ = match format {

@@ -48,7 +48,7 @@ pub async fn run(g: &Global, args: &ServeArgs) -> u8 {
     match server::run(store, config).await {
         Ok(()) => OK,
         Err(e) => {
-            tracing::error!("cannot serve on {}: {e}", args.listen);
+            tracing::error!("cannot serve on {} (--listen): {e}", args.listen);
             FAILED
         }
     }

@@ -50,6 +50,11 @@ pub enum Error {
     LostLease,
     #[error("cannot serve /metrics and the health checks: {0}")]
     Endpoint(#[from] std::io::Error),
+    #[error("cannot serve /metrics and the health checks on {address} (--listen): {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Webhook(#[from] webhook::Error),
 }
@@ -104,7 +109,12 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            address: config.listen,
+            source,
+        })?;
     let endpoints = tokio::spawn(metrics::serve(
         listener,
         metrics.clone(),

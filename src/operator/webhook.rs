@@ -54,7 +54,7 @@ pub enum Error {
     Certificate { dir: String, message: String },
     #[error("webhook TLS settings: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("cannot listen for the webhook on {0}: {1}")]
+    #[error("cannot listen for the webhook on {0} (--webhook-listen): {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("the webhook server stopped: {0}")]
     Serve(std::io::Error),
