@@ -30,3 +30,4 @@ pub mod operator;
 pub mod plan;
 pub mod resource;
 pub mod server;
+pub mod tls;

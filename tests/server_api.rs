@@ -1175,3 +1175,74 @@ async fn a_slow_store_times_out_and_the_retry_applies_once() {
     assert_eq!(increases, 1);
     assert_eq!(api.acct.allocation("qa-team", "TestOps"), Some((7, 4)));
 }
+
+/// `licensor serve --tls-cert/--tls-key` serves HTTPS, and the HTTP backend
+/// trusts a private CA given with `--backend-ca` (and nothing else).
+#[test]
+fn https_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut acct = Account::seeded_on(Kind::Http, DOCUMENTED);
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let serving = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let cert_file = acct.write("tls.crt", &serving.pem());
+    let key_file = acct.write("tls.key", &key.serialize_pem());
+    let ca_file = acct.write("ca.pem", &ca.pem());
+    let port = acct.serve(&[
+        "--tls-cert",
+        cert_file.to_str().unwrap(),
+        "--tls-key",
+        key_file.to_str().unwrap(),
+    ]);
+    acct.backend = format!("https://127.0.0.1:{port}");
+
+    let run = acct.run(&[
+        "--backend-ca",
+        ca_file.to_str().unwrap(),
+        "status",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["pools"][0]["free"], 195);
+
+    // Without the CA the certificate is not trusted: a clear failure.
+    let run = acct.run(&["status"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("BackendUnavailable") || run.stderr.contains("unavailable"),
+        "{}",
+        run.stderr
+    );
+    // Plain HTTP to the TLS port is no answer either.
+    acct.backend = format!("http://127.0.0.1:{port}");
+    let run = acct.run(&["--backend-timeout", "2s", "status"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    // A key that does not belong to the certificate is refused at start,
+    // naming both files.
+    let other = KeyPair::generate().unwrap();
+    let wrong = acct.write("wrong.key", &other.serialize_pem());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .args([
+            "--backend",
+            acct.store(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--tls-cert", cert_file.to_str().unwrap()])
+        .args(["--tls-key", wrong.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tls.crt and wrong.key do not belong together"),
+        "{stderr}"
+    );
+}

@@ -124,6 +124,19 @@ impl HttpBackend {
         timeout: Duration,
         retry: Retry,
     ) -> Result<HttpBackend, BackendError> {
+        HttpBackend::trusting(url, account, token, timeout, retry, None)
+    }
+
+    /// The same, trusting also the CA certificates (PEM) in `ca` for an
+    /// `https://` platform whose certificate a private CA signed.
+    pub fn trusting(
+        url: &str,
+        account: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        retry: Retry,
+        ca: Option<&std::path::Path>,
+    ) -> Result<HttpBackend, BackendError> {
         let shown = super::redact(url);
         let base = Url::parse(url)
             .map_err(|e| BackendError::Unavailable(format!("backend URL {shown:?}: {e}")))?;
@@ -140,7 +153,25 @@ impl HttpBackend {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca {
+            let pem = std::fs::read(path).map_err(|e| {
+                BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
+            })?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
+            })?;
+            if certificates.is_empty() {
+                return Err(BackendError::Unavailable(format!(
+                    "backend CA {}: no certificate in it",
+                    path.display()
+                )));
+            }
+            for c in certificates {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder
             .default_headers(headers)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)

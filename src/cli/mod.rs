@@ -70,6 +70,10 @@ pub struct Global {
         value_parser = humantime::parse_duration
     )]
     pub backend_timeout: std::time::Duration,
+    /// CA certificates (PEM) to trust for an https:// backend, besides the
+    /// public roots.
+    #[arg(long, global = true, env = "LICENSOR_BACKEND_CA")]
+    pub backend_ca: Option<std::path::PathBuf>,
     /// Most requests a second to an http(s) backend, over all calls of this
     /// process (the operator's passes share it); unlimited when not given.
     #[arg(long, global = true, env = "LICENSOR_BACKEND_RATE")]
@@ -248,12 +252,13 @@ pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> 
                 redact(&g.backend)
             )
         })?;
-        let backend = HttpBackend::new(
+        let backend = HttpBackend::trusting(
             &g.backend,
             account,
             token.as_deref(),
             g.backend_timeout,
             Retry::default(),
+            g.backend_ca.as_deref(),
         )
         .map_err(|e| e.to_string())?
         .with_rate(g.backend_rate);

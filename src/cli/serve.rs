@@ -25,6 +25,13 @@ pub struct ServeArgs {
     /// Longest a request may take before 503.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Serve over TLS with this certificate chain (PEM; read again when it
+    /// changes), with --tls-key.
+    #[arg(long, requires = "tls_key", env = "LICENSOR_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert", env = "LICENSOR_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "LICENSOR_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -44,6 +51,7 @@ pub async fn run(g: &Global, args: &ServeArgs) -> u8 {
         rate_limit: NonZeroU32::new(args.rate_limit),
         max_body: args.max_body,
         timeout: args.timeout,
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
     };
     match server::run(store, config).await {
         Ok(()) => OK,

@@ -15,26 +15,19 @@
 //! picked up on the next handshake.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::routing::post;
 use axum::{Json, Router};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 
 use super::admission::{self, Validator};
 use super::metrics::Metrics;
 use crate::resource::{DedicatedLicenseSpec, FINALIZER, needs_finalizer};
+use crate::tls::{self, CertificateFiles, TlsListener};
 
 /// The path the webhook configuration names.
 pub const PATH: &str = "/mutate";
@@ -120,17 +113,19 @@ pub async fn serve(
     validator: Validator,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Error> {
-    let certificate = Arc::new(CertificateFiles::load(&webhook.cert_dir)?);
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(certificate);
+    let certificate = CertificateFiles::load(
+        &webhook.cert_dir.join("tls.crt"),
+        &webhook.cert_dir.join("tls.key"),
+    )
+    .map_err(|message| Error::Certificate {
+        dir: webhook.cert_dir.display().to_string(),
+        message,
+    })?;
+    let config = tls::server_config(certificate)?;
     let tcp = TcpListener::bind(webhook.listen)
         .await
         .map_err(|e| Error::Listen(webhook.listen, e))?;
-    let listener = TlsListener::start(tcp, TlsAcceptor::from(Arc::new(config)));
+    let listener = TlsListener::start(tcp, config);
     let validator = Arc::new(validator);
     let app = Router::new()
         .route(
@@ -161,141 +156,6 @@ pub async fn serve(
     }))
 }
 
-/// `tls.crt` and `tls.key` of a directory, read again when they change.
-#[derive(Debug)]
-struct CertificateFiles {
-    dir: PathBuf,
-    current: Mutex<(Option<SystemTime>, Arc<CertifiedKey>)>,
-}
-
-impl CertificateFiles {
-    fn load(dir: &Path) -> Result<CertificateFiles, Error> {
-        let (modified, key) = read(dir).map_err(|message| Error::Certificate {
-            dir: dir.display().to_string(),
-            message,
-        })?;
-        Ok(CertificateFiles {
-            dir: dir.to_path_buf(),
-            current: Mutex::new((modified, key)),
-        })
-    }
-}
-
-fn modified(dir: &Path) -> Option<SystemTime> {
-    let crt = std::fs::metadata(dir.join("tls.crt")).and_then(|m| m.modified());
-    let key = std::fs::metadata(dir.join("tls.key")).and_then(|m| m.modified());
-    Some(crt.ok()?.max(key.ok()?))
-}
-
-fn read(dir: &Path) -> Result<(Option<SystemTime>, Arc<CertifiedKey>), String> {
-    let modified = modified(dir);
-    let chain = CertificateDer::pem_file_iter(dir.join("tls.crt"))
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls.crt: {e}"))?;
-    if chain.is_empty() {
-        return Err("tls.crt holds no certificate".into());
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(dir.join("tls.key")).map_err(|e| format!("tls.key: {e}"))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("tls.key: {e}"))?;
-    let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| format!("tls.crt and tls.key do not belong together: {e}"))?;
-    Ok((modified, Arc::new(certified)))
-}
-
-impl ResolvesServerCert for CertificateFiles {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current()
-    }
-}
-
-impl CertificateFiles {
-    /// The pair to present now: the files' if they changed and read well.
-    fn current(&self) -> Option<Arc<CertifiedKey>> {
-        let mut current = self.current.lock().ok()?;
-        let now = modified(&self.dir);
-        if now.is_some() && now != current.0 {
-            match read(&self.dir) {
-                Ok(fresh) => {
-                    tracing::info!(dir = %self.dir.display(), "webhook certificate reloaded");
-                    *current = fresh;
-                }
-                // Half-written files: keep serving the old pair and try again
-                // on the next handshake.
-                Err(e) => {
-                    tracing::warn!(dir = %self.dir.display(), "webhook certificate not reloaded: {e}")
-                }
-            }
-        }
-        Some(current.1.clone())
-    }
-}
-
-/// Accepts TCP connections and completes each TLS handshake in its own task,
-/// so a slow client cannot hold up the others.
-struct TlsListener {
-    local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-}
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl TlsListener {
-    fn start(tcp: TcpListener, acceptor: TlsAcceptor) -> TlsListener {
-        let local = tcp
-            .local_addr()
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (tx, ready) = mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("webhook accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, ready) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = ready.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "webhook TLS handshake: {e}"),
-                        Err(_) => tracing::debug!(%peer, "webhook TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        TlsListener { local, ready }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The accepting task only ends with the listener; wait forever,
-            // graceful shutdown ends the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,39 +177,6 @@ mod tests {
         let mut doc = serde_json::to_value(o).expect("json");
         json_patch::patch(&mut doc, patch).expect("patch applies");
         serde_json::from_value(doc["metadata"]["finalizers"].clone()).expect("list")
-    }
-
-    fn write_pair(dir: &Path) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("certificate");
-        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("tls.crt");
-        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("tls.key");
-        cert.der().to_vec()
-    }
-
-    #[test]
-    fn a_renewed_pair_is_presented_and_a_broken_one_is_not() {
-        let dir = tempfile::tempdir().expect("dir");
-        let first = write_pair(dir.path());
-        let files = CertificateFiles::load(dir.path()).expect("load");
-        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), first);
-
-        std::thread::sleep(Duration::from_millis(20));
-        let second = write_pair(dir.path());
-        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), second);
-
-        // A key that does not belong to the certificate: keep the last pair.
-        std::thread::sleep(Duration::from_millis(20));
-        let key = rcgen::KeyPair::generate().expect("key");
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("tls.key");
-        assert_eq!(files.current().expect("a pair").cert[0].as_ref(), second);
-
-        let empty = tempfile::tempdir().expect("dir");
-        let e = CertificateFiles::load(empty.path()).expect_err("no files");
-        assert!(e.to_string().contains("tls.crt"), "{e}");
     }
 
     #[test]

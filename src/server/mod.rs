@@ -54,6 +54,8 @@ pub struct Config {
     pub max_body: usize,
     /// Longest a request may take.
     pub timeout: Duration,
+    /// Certificate chain and key files: serve HTTPS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// How long an authenticated token is remembered before it is checked again.
@@ -300,12 +302,22 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
             }
         }
     });
+    let app = app(store, &config);
+    if let Some((cert, key)) = &config.tls {
+        let files = crate::tls::CertificateFiles::load(cert, key)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let tls = crate::tls::server_config(files).map_err(std::io::Error::other)?;
+        let listener = crate::tls::TlsListener::start(listener, tls);
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown())
+            .await;
+    }
     // Answers go out as soon as they are written (no Nagle delay behind a
     // client's delayed acknowledgement).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(store, &config))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())
         .await
 }
