@@ -576,3 +576,87 @@ fn the_committed_crds_are_current() {
         );
     }
 }
+
+/// The pull-request check's script (`examples/gitops/plan-check.sh`) against
+/// a store: a raise passes with exit 2, a deleted manifest shows as its
+/// revoke (it plans with --prune), a refusal and invalid manifests fail with
+/// exit 1 and say why in the markdown, and nothing to do is exit 0.
+#[test]
+fn the_pull_request_script_plans_with_prune_and_fails_only_on_refusals() {
+    let acct = Account::seeded(DOCUMENTED);
+    let dir = acct.path("licenses");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, org: &str, count: i64| {
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            license_yaml(name, org, "TestOps", count, ""),
+        )
+        .unwrap()
+    };
+    write("qa", "qa-team", 10);
+    write("dev", "dev-team", 3);
+    let run = acct.run(&["apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gitops/plan-check.sh");
+    let out = acct.path("plan.md");
+    let check = || {
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&dir)
+            .arg(&out)
+            .env("LICENSOR", env!("CARGO_BIN_EXE_licensor"))
+            .env("LICENSOR_BACKEND", acct.store())
+            .env_remove("LICENSOR_INSTANCE")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        (status.code(), std::fs::read_to_string(&out).unwrap())
+    };
+
+    let (code, md) = check();
+    assert_eq!(code, Some(0), "{md}");
+    assert!(
+        md.starts_with("### licensor plan: 0 to change, 0 refused, 2 unchanged"),
+        "{md}"
+    );
+
+    write("qa", "qa-team", 12);
+    let (code, md) = check();
+    assert_eq!(code, Some(2), "{md}");
+    assert!(
+        md.contains("| `licenses/qa` | qa-team | TestOps | 10 | 12 | increase | planned |"),
+        "{md}"
+    );
+
+    std::fs::remove_file(dir.join("dev.yaml")).unwrap();
+    let (code, md) = check();
+    assert_eq!(code, Some(2), "{md}");
+    assert!(
+        md.contains("| `licenses/dev` | dev-team | TestOps | 3 | 0 | revoke | planned |"),
+        "{md}"
+    );
+
+    write("qa", "qa-team", 1);
+    let (code, md) = check();
+    assert_eq!(code, Some(1), "{md}");
+    assert!(md.contains("| refused | `BelowInUse` |"), "{md}");
+
+    std::fs::write(
+        dir.join("qa.yaml"),
+        "apiVersion: licensor.dev/v1alpha1\nkind: [",
+    )
+    .unwrap();
+    let (code, md) = check();
+    assert_eq!(code, Some(1), "{md}");
+    assert!(
+        md.starts_with("### licensor: the license manifests are not valid"),
+        "{md}"
+    );
+    assert!(
+        md.contains("qa.yaml:3: did not find expected node content"),
+        "{md}"
+    );
+    // Nothing was written by any of it.
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((10, 4)));
+    assert_eq!(acct.allocation("dev-team", "TestOps"), Some((3, 0)));
+}
