@@ -23,6 +23,8 @@ compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || packages+=(postgre
 # Debian's Chromium and its WebDriver, for the page tests (nothing downloads
 # a browser of its own).
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+# The documentation's walkthroughs (tests/readme.rs) wait for a server with it.
+command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
 probe=$(mktemp -d)
 python3 -m venv "$probe/v" >/dev/null 2>&1 || packages+=(python3-venv)
