@@ -10,7 +10,9 @@ BIN := target/release/licensor
 demo:
 	$(CARGO) build --release --quiet
 	$(BIN) backend seed -f examples/account.yaml
-	$(BIN) plan -f examples/licenses; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 2 ]
+	$(BIN) plan -f examples/licenses; code=$$?; \
+	  echo "plan exit code: $$code (0: nothing to change, 2: changes, 1: refused)"; \
+	  [ $$code -eq 0 ] || [ $$code -eq 2 ]
 	$(BIN) apply -f examples/licenses
 	$(BIN) plan -f examples/licenses
 	$(BIN) status
