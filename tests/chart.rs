@@ -328,6 +328,27 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         "NOTES.txt: {}",
         r.stdout
     );
+    // What to look at when the pod does not start: the command runs as
+    // typed, and the two common causes are named with what to set.
+    let describe = r
+        .stdout
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("kubectl -n licensor-system describe pod")
+        })
+        .expect("a describe command in NOTES")
+        .trim();
+    let args: Vec<&str> = describe.split_whitespace().skip(1).collect();
+    let described = cp.kubectl(&args);
+    assert_eq!(described.code, 0, "{describe}: {described:?}");
+    for hint in [
+        "ErrImagePull / ImagePullBackOff",
+        "set image.repository",
+        "backend.embedded.persistence.storageClass",
+    ] {
+        assert!(r.stdout.contains(hint), "NOTES.txt: {}", r.stdout);
+    }
     // What NOTES says to type works on the shipped image: a static binary
     // at /licensor and no tar (so no `kubectl cp`); the fixture on stdin.
     let seed = r

@@ -78,12 +78,11 @@ impl Pools {
     /// One sync, on the shared snapshot or (`fresh`) on one read now;
     /// returns how many objects it wrote.
     pub async fn sync(&self, fresh: bool) -> Result<usize, String> {
-        let snapshot = if fresh {
-            self.snapshot.fresh().await
-        } else {
-            self.snapshot.get().await
-        }
-        .map_err(|e| e.to_string())?;
+        let snapshot = self
+            .snapshot
+            .whole(fresh)
+            .await
+            .map_err(|e| e.to_string())?;
         let wanted = statuses(&self.instance, &snapshot);
         let selector = format!("{INSTANCE_LABEL}={}", self.instance);
         let existing = self

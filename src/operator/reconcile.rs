@@ -353,7 +353,11 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
     if generation.is_none() || previous.observed_generation != generation || !ready {
         return None;
     }
-    let snapshot = ctx.snapshot.get().await.ok()?;
+    let snapshot = ctx
+        .snapshot
+        .observe(&wanted.organization, &wanted.product)
+        .await
+        .ok()?;
     let change = plan(std::slice::from_ref(wanted), &snapshot, &options(ctx))
         .changes
         .pop()?;

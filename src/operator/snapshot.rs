@@ -7,13 +7,75 @@
 //! its version (`If-Match`), as before. The snapshot only decides that there
 //! is nothing to do, which at worst is as old as the TTL (half the resync
 //! period), the same delay a periodic pass always had.
+//!
+//! It is kept indexed by organization and product, so a check looks up its
+//! own allocation instead of going through the account's, and a write of
+//! this operator's updates it in place.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::metrics::Metrics;
 use crate::backend::{Backend, BackendError, Written};
-use crate::domain::Snapshot;
+use crate::domain::{Allocation, Pool, Snapshot};
+
+/// The account as read, by name.
+struct Account {
+    read: Instant,
+    pools: Vec<Pool>,
+    organizations: HashSet<String>,
+    allocations: HashMap<(String, String), Allocation>,
+}
+
+impl Account {
+    fn new(snapshot: Snapshot) -> Account {
+        Account {
+            read: Instant::now(),
+            pools: snapshot.pools,
+            organizations: snapshot.organizations.into_iter().collect(),
+            allocations: snapshot
+                .allocations
+                .into_iter()
+                .map(|a| ((a.organization.clone(), a.product.clone()), a))
+                .collect(),
+        }
+    }
+
+    /// What [`Backend::observe`] answers for one organization and product.
+    fn observe(&self, organization: &str, product: &str) -> Snapshot {
+        let key = (organization.to_string(), product.to_string());
+        Snapshot {
+            pools: self
+                .pools
+                .iter()
+                .filter(|p| p.product == product)
+                .cloned()
+                .collect(),
+            organizations: self
+                .organizations
+                .get(organization)
+                .cloned()
+                .into_iter()
+                .collect(),
+            allocations: self.allocations.get(&key).cloned().into_iter().collect(),
+        }
+    }
+
+    /// The whole account, sorted as a backend's snapshot is.
+    fn whole(&self) -> Snapshot {
+        let mut organizations: Vec<String> = self.organizations.iter().cloned().collect();
+        organizations.sort();
+        let mut allocations: Vec<Allocation> = self.allocations.values().cloned().collect();
+        allocations
+            .sort_by(|x, y| (&x.organization, &x.product).cmp(&(&y.organization, &y.product)));
+        Snapshot {
+            pools: self.pools.clone(),
+            organizations,
+            allocations,
+        }
+    }
+}
 
 /// One shared read of the account.
 pub struct Shared {
@@ -22,7 +84,7 @@ pub struct Shared {
     ttl: Duration,
     /// Held across the read, so passes that ask meanwhile wait for it
     /// rather than read again.
-    current: tokio::sync::Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    current: tokio::sync::Mutex<Option<Account>>,
 }
 
 impl Shared {
@@ -35,50 +97,59 @@ impl Shared {
         }
     }
 
-    /// The snapshot, read again once it is older than the TTL.
-    pub async fn get(&self) -> Result<Arc<Snapshot>, BackendError> {
-        self.read(false).await
-    }
-
-    /// A snapshot read now (after the pools moved).
-    pub async fn fresh(&self) -> Result<Arc<Snapshot>, BackendError> {
-        self.read(true).await
-    }
-
-    async fn read(&self, fresh: bool) -> Result<Arc<Snapshot>, BackendError> {
+    /// What the backend held for one organization and product at the last
+    /// read of the account, read again once it is older than the TTL.
+    pub async fn observe(
+        &self,
+        organization: &str,
+        product: &str,
+    ) -> Result<Snapshot, BackendError> {
         let mut current = self.current.lock().await;
-        if let Some((at, snapshot)) = current.as_ref()
-            && !fresh
-            && at.elapsed() < self.ttl
-        {
-            return Ok(snapshot.clone());
+        let account = self.current_account(&mut current, false).await?;
+        Ok(account.observe(organization, product))
+    }
+
+    /// The whole account: the shared read, or (`fresh`) one made now.
+    pub async fn whole(&self, fresh: bool) -> Result<Snapshot, BackendError> {
+        let mut current = self.current.lock().await;
+        Ok(self.current_account(&mut current, fresh).await?.whole())
+    }
+
+    async fn current_account<'a>(
+        &self,
+        current: &'a mut Option<Account>,
+        fresh: bool,
+    ) -> Result<&'a Account, BackendError> {
+        let stale = current
+            .as_ref()
+            .is_none_or(|a| fresh || a.read.elapsed() >= self.ttl);
+        if stale {
+            self.metrics.backend_read("account");
+            *current = Some(Account::new(self.backend.snapshot().await?));
         }
-        self.metrics.backend_read("account");
-        let snapshot = Arc::new(self.backend.snapshot().await?);
-        *current = Some((Instant::now(), snapshot.clone()));
-        Ok(snapshot)
+        Ok(current.as_ref().expect("read just now"))
     }
 
     /// Keeps the snapshot in step with a write of this operator's: the
     /// allocation and its pool as the backend left them.
     pub async fn record(&self, organization: &str, product: &str, written: &Written) {
         let mut current = self.current.lock().await;
-        let Some((at, snapshot)) = current.take() else {
+        let Some(account) = current.as_mut() else {
             return;
         };
-        let mut next = (*snapshot).clone();
-        next.allocations
-            .retain(|a| !(a.organization == organization && a.product == product));
-        if let Some(a) = &written.allocation {
-            next.allocations.push(a.clone());
-            next.allocations
-                .sort_by(|x, y| (&x.organization, &x.product).cmp(&(&y.organization, &y.product)));
+        let key = (organization.to_string(), product.to_string());
+        match &written.allocation {
+            Some(a) => {
+                account.allocations.insert(key, a.clone());
+            }
+            None => {
+                account.allocations.remove(&key);
+            }
         }
-        if let Some(pool) = next.pools.iter_mut().find(|p| p.product == product) {
+        if let Some(pool) = account.pools.iter_mut().find(|p| p.product == product) {
             pool.total = written.pool.total;
             pool.dedicated = written.pool.dedicated;
             pool.shared_in_use = written.pool.shared_in_use;
         }
-        *current = Some((at, Arc::new(next)));
     }
 }
