@@ -1211,6 +1211,14 @@ fn https_with_a_private_ca() {
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.json()["pools"][0]["free"], 195);
 
+    // The page's cookies over TLS are Secure.
+    let ca_cert = reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap();
+    let page = set_cookies_over_tls(port, ca_cert);
+    assert!(
+        page.contains("Secure") && page.contains("HttpOnly"),
+        "{page}"
+    );
+
     // Without the CA the certificate is not trusted: a clear failure.
     let run = acct.run(&["status"]);
     assert_eq!(run.code, 1, "{run:?}");
@@ -1244,5 +1252,83 @@ fn https_with_a_private_ca() {
     assert!(
         stderr.contains("tls.crt and wrong.key do not belong together"),
         "{stderr}"
+    );
+}
+
+/// The Set-Cookie headers of `GET /` over HTTPS on `port`, trusting `ca`.
+fn set_cookies_over_tls(port: u16, ca: reqwest::Certificate) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::builder().add_root_certificate(ca).build().unwrap();
+        let answer = client
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        answer
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// `--backend-rate` is one token bucket for every call of the client:
+/// 300 requests at 100 a second (a burst of 100) take at least 2 s, where
+/// on loopback they take a fraction of that, and every one is made.
+#[tokio::test]
+async fn the_backend_rate_paces_every_call_of_the_client() {
+    use licensor::backend::Backend;
+    use licensor::backend::http::{HttpBackend, Retry};
+    let api = Api::start(DOCUMENTED);
+    let client = Arc::new(
+        HttpBackend::new(
+            &api.acct.backend,
+            "acme",
+            Some(&api.admin),
+            Duration::from_secs(5),
+            Retry::default(),
+        )
+        .unwrap()
+        .with_rate(std::num::NonZeroU32::new(100)),
+    );
+    let requests = || async {
+        let metrics = api
+            .http
+            .get(format!("{}/metrics", api.acct.backend))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("licensor_http_requests_total{") && l.contains("/products"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = requests().await;
+    let started = Instant::now();
+    // Each observation is two requests: the pools and the allocation.
+    let calls = (0..150).map(|_| {
+        let client = client.clone();
+        async move { client.observe("qa-team", "TestOps").await.unwrap() }
+    });
+    futures::future::join_all(calls).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "300 requests at 100/s took {took:?}"
+    );
+    assert_eq!(
+        requests().await - before,
+        150.0,
+        "every pools read was made"
     );
 }

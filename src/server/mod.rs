@@ -106,6 +106,8 @@ pub struct Shared {
     tokens: Arc<Mutex<HashMap<String, Authenticated>>>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<Metrics>,
+    /// Served over TLS (`--tls-cert`): the page's cookies are `Secure`.
+    tls: bool,
 }
 
 /// The bearer token of a request; the scheme name is case-insensitive
@@ -205,6 +207,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             registry,
             ..metrics
         }),
+        tls: config.tls.is_some(),
     };
     let base = "/v1/accounts/{account}";
     // The caller is checked on each route's own methods (route_layer), so a

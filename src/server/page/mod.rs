@@ -104,21 +104,22 @@ async fn session(s: &Shared, jar: &CookieJar) -> Result<Option<Session>, Problem
     store(s, move |st| st.session(&id)).await
 }
 
-/// Whether the request reached us over TLS (directly, or through a proxy
-/// that says so): the cookies are then `Secure`.
-fn over_tls(headers: &HeaderMap) -> bool {
-    headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+/// Whether the request reached us over TLS: served with `--tls-cert`, or
+/// through a proxy that says so. The cookies are then `Secure`.
+fn over_tls(s: &Shared, headers: &HeaderMap) -> bool {
+    s.tls
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
-fn cookie(name: &'static str, value: String, headers: &HeaderMap) -> Cookie<'static> {
+fn cookie(s: &Shared, name: &'static str, value: String, headers: &HeaderMap) -> Cookie<'static> {
     Cookie::build((name, value))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Strict)
-        .secure(over_tls(headers))
+        .secure(over_tls(s, headers))
         .build()
 }
 
@@ -174,13 +175,18 @@ async fn home(
 ) -> Response {
     match session(&s, &jar).await {
         Ok(Some(session)) => account_page(&s, &session, &query, None).await,
-        Ok(None) => sign_in_page(jar, &headers, None),
+        Ok(None) => sign_in_page(&s, jar, &headers, None),
         Err(p) => problem_page(p, None),
     }
 }
 
 /// The sign-in form, with a fresh double-submit secret.
-fn sign_in_page(jar: CookieJar, headers: &HeaderMap, error: Option<Problem>) -> Response {
+fn sign_in_page(
+    s: &Shared,
+    jar: CookieJar,
+    headers: &HeaderMap,
+    error: Option<Problem>,
+) -> Response {
     let secret = match crate::backend::store::random_hex() {
         Ok(s) => s,
         Err(e) => return problem_page(e.into(), None),
@@ -189,7 +195,7 @@ fn sign_in_page(jar: CookieJar, headers: &HeaderMap, error: Option<Problem>) -> 
         .as_ref()
         .and_then(|p| StatusCode::from_u16(p.status).ok())
         .unwrap_or(StatusCode::OK);
-    let jar = jar.add(cookie(SIGN_IN, secret.clone(), headers));
+    let jar = jar.add(cookie(s, SIGN_IN, secret.clone(), headers));
     (status, jar, view::sign_in(&secret, error.as_ref())).into_response()
 }
 
@@ -235,17 +241,17 @@ async fn sign_in(
 ) -> Response {
     let expected = jar.get(SIGN_IN).map(|c| c.value().to_string());
     if !expected.is_some_and(|e| same_secret(&e, &form.csrf)) {
-        return sign_in_page(jar, &headers, Some(forbidden_form()));
+        return sign_in_page(&s, jar, &headers, Some(forbidden_form()));
     }
     let token = form.token.trim().to_string();
     match store(&s, move |st| st.open_session(&token, SESSION_TTL)).await {
         Ok((id, _)) => {
             let jar = jar
                 .remove(Cookie::build(SIGN_IN).path("/"))
-                .add(cookie(SESSION, id, &headers));
+                .add(cookie(&s, SESSION, id, &headers));
             (jar, Redirect::to("/")).into_response()
         }
-        Err(p) => sign_in_page(jar, &headers, Some(p)),
+        Err(p) => sign_in_page(&s, jar, &headers, Some(p)),
     }
 }
 
