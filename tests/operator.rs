@@ -1118,7 +1118,7 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
     let ca = webhook_certificate(&certs);
     cp.register_webhook(port, &ca);
     let deadline = Instant::now() + SOON;
-    while !(dry_run() && operator.logs().contains("webhook certificate reloaded")) {
+    while !(dry_run() && operator.logs().contains("certificate reloaded")) {
         assert!(
             Instant::now() < deadline,
             "the renewed certificate is not served:\n{}",

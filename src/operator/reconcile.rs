@@ -84,6 +84,8 @@ pub struct Context {
     pub pools_moved: Arc<tokio::sync::Notify>,
     /// The account as last read whole (see [`snapshot`]).
     pub snapshot: Arc<snapshot::Shared>,
+    /// Objects this process has looked at, by a hash of their UID.
+    looked_at: Mutex<HashSet<u64>>,
 }
 
 impl Context {
@@ -113,7 +115,24 @@ impl Context {
             wake,
             pools_moved,
             snapshot,
+            looked_at: Mutex::default(),
         }
+    }
+
+    /// Whether this is the first time this process looks at `dl`.
+    fn first_look(&self, dl: &DedicatedLicense) -> bool {
+        self.looked_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid_hash(dl))
+    }
+
+    /// `dl` is gone (its finalizer removed): forget it was looked at.
+    fn forget_look(&self, dl: &DedicatedLicense) {
+        self.looked_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid_hash(dl));
     }
 
     /// The delay before retrying `key` after its next failure.
@@ -171,6 +190,13 @@ impl Context {
             let _ = self.wake.send(r);
         }
     }
+}
+
+fn uid_hash(dl: &DedicatedLicense) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    dl.meta().uid.hash(&mut h);
+    h.finish()
 }
 
 /// Base delay doubled per earlier failure, capped.
@@ -293,6 +319,14 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         add_finalizer(dl, ctx).await?;
         ctx.metrics.finalizer_added("operator");
     }
+    // An object found Ready by whoever ran before (a restart, a new leader)
+    // is checked later in the first half of a resync period, spread, so new
+    // and changed objects are not queued behind thousands of checks.
+    if ready_for_its_generation(dl) && ctx.first_look(dl) {
+        return Ok(Requeue::requeue(
+            ctx.settings.resync.mul_f64(rand::random::<f64>() / 2.0),
+        ));
+    }
     let wanted = desired(dl, ctx);
     if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
         return Ok(ended.requeue(ctx));
@@ -344,15 +378,11 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
 /// would change, a snapshot that cannot be read) takes the full pass, which
 /// reads its own allocation again.
 async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Option<Ended> {
-    let previous = dl.status.as_ref()?;
-    let generation = dl.meta().generation;
-    let ready = previous
-        .conditions
-        .iter()
-        .any(|c| c.type_ == status::READY && c.status == "True");
-    if generation.is_none() || previous.observed_generation != generation || !ready {
+    if !ready_for_its_generation(dl) {
         return None;
     }
+    let previous = dl.status.as_ref()?;
+    let generation = dl.meta().generation;
     let snapshot = ctx
         .snapshot
         .observe(&wanted.organization, &wanted.product)
@@ -372,6 +402,18 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
     }
     ctx.metrics.quiet_check();
     Some(count_and_wake(dl, ctx, &pass, 0))
+}
+
+/// The object's status says Ready for the generation it has now.
+fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
+    let generation = dl.meta().generation;
+    dl.status.as_ref().is_some_and(|s| {
+        generation.is_some()
+            && s.observed_generation == generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == status::READY && c.status == "True")
+    })
 }
 
 fn options(ctx: &Context) -> Options {
@@ -622,6 +664,7 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
         patch_finalizers(dl, ctx, patch).await?;
     }
     ctx.metrics.forget(&labels(dl));
+    ctx.forget_look(dl);
     ctx.succeeded(&key(dl));
     Ok(Ended::Released.requeue(ctx))
 }
