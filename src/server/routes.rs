@@ -127,8 +127,8 @@ fn named(value: &str, unknown: fn(&str) -> Refusal) -> Result<(), Refusal> {
     })
 }
 
-/// Runs a store call off the async threads.
-async fn store<T: Send + 'static>(
+/// Runs a store call off the async threads (the page's handlers too).
+pub(super) async fn store<T: Send + 'static>(
     s: &Shared,
     f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, Problem> {

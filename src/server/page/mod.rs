@@ -23,9 +23,9 @@ use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use serde::Deserialize;
 
 use super::Shared;
+use super::routes::store;
 use crate::api::{Problem, ProblemType};
-use crate::backend::BackendError;
-use crate::backend::store::{Session, Store};
+use crate::backend::store::Session;
 use crate::domain::{AllocationWrite, Role, Target, check_count, require_admin};
 
 /// The session cookie.
@@ -82,18 +82,6 @@ async fn stylesheet() -> Response {
         include_str!("page.css"),
     )
         .into_response()
-}
-
-/// Runs `f` on the store off the async threads.
-async fn store<T: Send + 'static>(
-    s: &Shared,
-    f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
-) -> Result<T, Problem> {
-    let store = s.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| Problem::from(BackendError::Unavailable(format!("store task: {e}"))))?
-        .map_err(Problem::from)
 }
 
 /// The session the request's cookie names, if it is live.
