@@ -223,6 +223,21 @@ async fn sign_in(c: &Client, url: &str, token: &str) {
     assert_eq!(h1, "Account acme", "after signing in");
 }
 
+/// `fixture` served on `store`, a token of `role` for `name`, and a browser
+/// signed in with it through the form.
+async fn signed_in(
+    store: Store,
+    fixture: &str,
+    role: &str,
+    name: &str,
+) -> (Served, String, Client) {
+    let served = seeded(store, fixture);
+    let token = served.account.token(role, name);
+    let c = browser(served.account.dir.path()).await;
+    sign_in(&c, served.url(), &token).await;
+    (served, token, c)
+}
+
 /// axe-core's serious and critical violations on the current page.
 async fn serious_violations(c: &Client) -> Vec<String> {
     c.execute(axe(), vec![]).await.expect("load axe-core");
@@ -509,12 +524,8 @@ async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Store) {
 }
 
 async fn edit_and_revoke_through_the_page_land_in_the_store(store: Store) {
-    let served = seeded(store, FIXTURE);
-    let account = &served.account;
-    let admin = account.token("AccountAdmin", "alice");
-    let url = served.url().to_string();
-    let c = browser(account.dir.path()).await;
-    sign_in(&c, &url, &admin).await;
+    let (served, admin, c) = signed_in(store, FIXTURE, "AccountAdmin", "alice").await;
+    let (account, url) = (&served.account, served.url().to_string());
 
     // Edit within the pool: 5 -> 8.
     let edit = |org: &str, product: &str, n: i64| {
@@ -703,12 +714,8 @@ async fn edit_and_revoke_through_the_page_land_in_the_store(store: Store) {
 }
 
 async fn managed_allocations_and_forms_without_csrf_are_refused(store: Store) {
-    let served = seeded(store, FIXTURE);
-    let account = &served.account;
-    let admin = account.token("AccountAdmin", "alice");
-    let url = served.url().to_string();
-    let c = browser(account.dir.path()).await;
-    sign_in(&c, &url, &admin).await;
+    let (served, admin, c) = signed_in(store, FIXTURE, "AccountAdmin", "alice").await;
+    let (account, url) = (&served.account, served.url().to_string());
 
     // Managed from Git: the owner, and no controls.
     let row = "tr[data-organization='platform-team'][data-product='TestOps']";

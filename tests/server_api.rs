@@ -37,6 +37,18 @@ impl Api {
         }
     }
 
+    /// The HTTP backend as the Account Admin, without a rate.
+    fn client(&self) -> licensor::backend::http::HttpBackend {
+        licensor::backend::http::HttpBackend::new(
+            &self.acct.backend,
+            "acme",
+            Some(&self.admin),
+            Duration::from_secs(5),
+            licensor::backend::http::Retry::default(),
+        )
+        .unwrap()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -1009,19 +1021,9 @@ async fn the_rate_limit_answers_429_with_retry_after() {
 #[tokio::test]
 async fn a_retried_write_after_a_lost_answer_is_applied_once() {
     use licensor::backend::Backend;
-    use licensor::backend::http::{HttpBackend, Retry};
     use licensor::domain::{AllocationWrite, Basis, Target};
     let api = Api::start(DOCUMENTED);
-    let client = || {
-        HttpBackend::new(
-            &api.acct.backend,
-            "acme",
-            Some(&api.admin),
-            Duration::from_secs(5),
-            Retry::default(),
-        )
-        .unwrap()
-    };
+    let client = || api.client();
     let version = client()
         .observe("qa-team", "TestOps")
         .await
@@ -1284,19 +1286,8 @@ fn set_cookies_over_tls(port: u16, ca: reqwest::Certificate) -> String {
 #[tokio::test]
 async fn the_backend_rate_paces_every_call_of_the_client() {
     use licensor::backend::Backend;
-    use licensor::backend::http::{HttpBackend, Retry};
     let api = Api::start(DOCUMENTED);
-    let client = Arc::new(
-        HttpBackend::new(
-            &api.acct.backend,
-            "acme",
-            Some(&api.admin),
-            Duration::from_secs(5),
-            Retry::default(),
-        )
-        .unwrap()
-        .with_rate(std::num::NonZeroU32::new(100)),
-    );
+    let client = Arc::new(api.client().with_rate(std::num::NonZeroU32::new(100)));
     let requests = || async {
         let metrics = api
             .http
