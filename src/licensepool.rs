@@ -65,6 +65,42 @@ pub struct LicensePoolStatus {
     pub observed_time: Option<String>,
 }
 
+impl LicensePoolStatus {
+    /// The same content, whenever each was observed.
+    pub fn same_figures(&self, other: &LicensePoolStatus) -> bool {
+        let LicensePoolStatus {
+            product,
+            total,
+            dedicated,
+            shared_in_use,
+            free,
+            over_committed,
+            organizations,
+            allocations,
+            observed_time: _,
+        } = self;
+        (
+            product,
+            total,
+            dedicated,
+            shared_in_use,
+            free,
+            over_committed,
+            organizations,
+            allocations,
+        ) == (
+            &other.product,
+            &other.total,
+            &other.dedicated,
+            &other.shared_in_use,
+            &other.free,
+            &other.over_committed,
+            &other.organizations,
+            &other.allocations,
+        )
+    }
+}
+
 /// One organization's allocation of the pool's product.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

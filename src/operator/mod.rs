@@ -17,6 +17,7 @@ pub mod finalizer;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;
+pub mod resync;
 pub mod snapshot;
 pub mod status;
 pub mod webhook;
@@ -25,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -224,9 +225,26 @@ async fn control(
         events,
         metrics.clone(),
         config.settings.clone(),
-        wake_tx,
+        wake_tx.clone(),
         moved.clone(),
     ));
+
+    // Our own status writes do not bump the generation; skip them, but not
+    // what a person changes without one (pause, deletion).
+    let (reader, writer) = reflector::store();
+    let (listed_tx, listed) = watch::channel(false);
+    let objects = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(resync::trim)
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                listed_tx.send_replace(true);
+            }
+        })
+        .try_filter(|event| std::future::ready(resync::queued_at_start(event)))
+        .applied_objects()
+        .predicate_filter(worth_a_pass, Default::default());
     let pools = pools::Pools::new(
         client,
         ctx.snapshot.clone(),
@@ -235,23 +253,13 @@ async fn control(
         moved,
         metrics,
     );
-    let pools = AbortOnDrop(tokio::spawn(pools.keep()));
-
-    // Our own status writes do not bump the generation; skip them, but not
-    // what a person changes without one (pause, deletion).
-    let (reader, writer) = reflector::store();
-    // The cache keeps what a pass reads: managedFields and kubectl's
-    // last-applied-configuration (a copy of the whole manifest) are the bulk
-    // of a stored object and never read here.
-    let objects = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(|dl| {
-            dl.managed_fields_mut().clear();
-            dl.annotations_mut().remove(LAST_APPLIED);
-        })
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(worth_a_pass, Default::default());
+    let pools = AbortOnDrop(tokio::spawn(pools.keep(listed.clone())));
+    let walker = AbortOnDrop(tokio::spawn(resync::walk(
+        reader.clone(),
+        wake_tx,
+        config.settings.resync,
+        listed.clone(),
+    )));
     let wakes =
         futures::stream::unfold(
             wake_rx,
@@ -269,12 +277,10 @@ async fn control(
             }
         })
         .await;
+    drop(walker);
     drop(pools);
     Ok(())
 }
-
-/// The annotation `kubectl apply` keeps the applied manifest in.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -5,8 +5,9 @@
 //! A sync reads the whole account once (the snapshot the passes share, or a
 //! fresh one after a pass wrote) and compares it
 //! with the objects this instance keeps (by the instance label, so two
-//! instances in one cluster never touch each other's). It runs at start,
-//! every resync period (which catches changes made outside the cluster),
+//! instances in one cluster never touch each other's). It runs once the
+//! objects are listed at start (its read of the account would otherwise add
+//! to the list's memory peak), every resync period (which catches changes made outside the cluster),
 //! and shortly after a pass wrote to the backend (one sync for a burst of
 //! writes).
 
@@ -56,8 +57,11 @@ impl Pools {
         }
     }
 
-    /// Syncs until the task is dropped.
-    pub async fn keep(self) {
+    /// Syncs from when `listed` turns true until the task is dropped.
+    pub async fn keep(self, listed: tokio::sync::watch::Receiver<bool>) {
+        if !super::resync::listed(listed).await {
+            return;
+        }
         let mut fresh = false;
         loop {
             match self.sync(fresh).await {
@@ -94,11 +98,8 @@ impl Pools {
         let mut writes = 0;
         for (name, mut status) in wanted.iter().cloned() {
             let current = existing.iter().find(|p| p.name_any() == name);
-            let shown = current.and_then(|p| p.status.clone()).map(|mut s| {
-                s.observed_time = None;
-                s
-            });
-            if shown.as_ref() == Some(&status) {
+            let shown = current.and_then(|p| p.status.as_ref());
+            if shown.is_some_and(|s| s.same_figures(&status)) {
                 continue;
             }
             if current.is_none() {

@@ -6,9 +6,10 @@
 //! removes the finalizer only once the backend agrees, so a revoke is never
 //! lost.
 //!
-//! Requeue policy: a pass that ends in sync, held or refused comes back at the
-//! resync period (refusals do not loop); a pass the backend could not serve
-//! comes back with per-object exponential backoff, reset on success. An
+//! Requeue policy: a pass that ends in sync, held or refused waits for a
+//! change, or for the resync walker ([`super::resync`]) to ask for it again
+//! within the period (refusals do not loop); a pass the backend could not
+//! serve comes back with per-object exponential backoff, reset on success. An
 //! `InsufficientPool` or `Conflict` refusal also registers the object under its
 //! product, and a pass that frees seats of that product or gives up an
 //! allocation of it (a revoke, an orphaning release) wakes those objects at
@@ -84,8 +85,6 @@ pub struct Context {
     pub pools_moved: Arc<tokio::sync::Notify>,
     /// The account as last read whole (see [`snapshot`]).
     pub snapshot: Arc<snapshot::Shared>,
-    /// Objects this process has looked at, by a hash of their UID.
-    looked_at: Mutex<HashSet<u64>>,
 }
 
 impl Context {
@@ -115,24 +114,7 @@ impl Context {
             wake,
             pools_moved,
             snapshot,
-            looked_at: Mutex::default(),
         }
-    }
-
-    /// Whether this is the first time this process looks at `dl`.
-    fn first_look(&self, dl: &DedicatedLicense) -> bool {
-        self.looked_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid_hash(dl))
-    }
-
-    /// `dl` is gone (its finalizer removed): forget it was looked at.
-    fn forget_look(&self, dl: &DedicatedLicense) {
-        self.looked_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&uid_hash(dl));
     }
 
     /// The delay before retrying `key` after its next failure.
@@ -192,13 +174,6 @@ impl Context {
     }
 }
 
-fn uid_hash(dl: &DedicatedLicense) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut h = DefaultHasher::new();
-    dl.meta().uid.hash(&mut h);
-    h.finish()
-}
-
 /// Base delay doubled per earlier failure, capped.
 pub fn backoff(settings: &Settings, failures: u32) -> Duration {
     settings
@@ -225,9 +200,10 @@ pub async fn reconcile(dl: Arc<DedicatedLicense>, ctx: Arc<Context>) -> Result<R
 /// How a pass ended: its `result` label in `licensor_reconciles_total`, and
 /// when the object comes back.
 enum Ended {
-    /// In sync, written, or held: back at the resync.
+    /// In sync, written, or held: back when it changes, or at the walker's
+    /// next round.
     Ok,
-    /// Refused by the rules: back at the resync (or woken earlier).
+    /// Refused by the rules: as `Ok` (or woken earlier, when seats free).
     Refused,
     /// The backend could not serve it, or the write went stale: back after
     /// `0`.
@@ -252,19 +228,10 @@ impl Ended {
     fn requeue(self, ctx: &Context) -> Requeue {
         ctx.metrics.result(self.label());
         match self {
-            Ended::Ok | Ended::Refused => Requeue::requeue(spread(ctx.settings.resync)),
+            Ended::Ok | Ended::Refused | Ended::Released => Requeue::await_change(),
             Ended::Retrying(after) | Ended::Failed(after) => Requeue::requeue(after),
-            Ended::Released => Requeue::await_change(),
         }
     }
-}
-
-/// When an object comes back for its periodic pass: anywhere from half to
-/// one and a half resync periods, evenly, so objects that were all seen at
-/// once (a restart, a burst of creations) spread over the period instead of
-/// coming back together.
-fn spread(resync: Duration) -> Duration {
-    resync.mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// Requeue after a failed pass (the Kubernetes API refused a write).
@@ -318,14 +285,6 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     if needs_finalizer(&dl.spec, dl.finalizers()) {
         add_finalizer(dl, ctx).await?;
         ctx.metrics.finalizer_added("operator");
-    }
-    // An object found Ready by whoever ran before (a restart, a new leader)
-    // is checked later in the first half of a resync period, spread, so new
-    // and changed objects are not queued behind thousands of checks.
-    if ready_for_its_generation(dl) && ctx.first_look(dl) {
-        return Ok(Requeue::requeue(
-            ctx.settings.resync.mul_f64(rand::random::<f64>() / 2.0),
-        ));
     }
     let wanted = desired(dl, ctx);
     if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
@@ -405,7 +364,7 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
 }
 
 /// The object's status says Ready for the generation it has now.
-fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
+pub fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
     let generation = dl.meta().generation;
     dl.status.as_ref().is_some_and(|s| {
         generation.is_some()
@@ -664,7 +623,6 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
         patch_finalizers(dl, ctx, patch).await?;
     }
     ctx.metrics.forget(&labels(dl));
-    ctx.forget_look(dl);
     ctx.succeeded(&key(dl));
     Ok(Ended::Released.requeue(ctx))
 }
