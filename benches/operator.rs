@@ -23,8 +23,12 @@
 //!    webhook too (a backend read and a plan each); the objects of 2. and 3.
 //!    are created through both, as in a cluster where licensor is installed.
 //!
+//! 5. The converge pair of 2. again, `RUNS - 1` more times (five in all by
+//!    default), each on namespaces and organizations of its own, and the
+//!    median of the ratios.
+//!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
-//! `N`, `BIG`, `CONCURRENCY` and `WEBHOOK` change the run.
+//! `N`, `BIG`, `CONCURRENCY`, `WEBHOOK` and `RUNS` change the run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -278,6 +282,188 @@ fn fixture(n: usize) -> String {
     s
 }
 
+/// What the plain client's writes took.
+struct Floor {
+    /// N status patches of existing objects.
+    patches: std::time::Duration,
+    /// N finalizer patches, for scale.
+    finalizers: std::time::Duration,
+    /// N objects created and then given their status.
+    created: std::time::Duration,
+    /// The API server's CPU seconds during the patches.
+    api_cpu: f64,
+}
+
+/// The floor in `api`'s namespace: N objects created, then timed: their N
+/// status patches (`status`, the one the operator wrote for a sample), N
+/// finalizer patches, and N more objects created and patched, each with
+/// the operator's concurrency and ended when a watcher sees all Ready.
+async fn floor_run(
+    api: &Api<DedicatedLicense>,
+    n: usize,
+    concurrency: usize,
+    status: &Arc<serde_json::Value>,
+) -> Floor {
+    create(api, 0..n, concurrency).await;
+    let watch = tokio::spawn(wait_ready(api.clone(), n));
+    let started = Instant::now();
+    let api_cpu = apiserver_cpu();
+    stream::iter(0..n)
+        .map(|i| write_status(api.clone(), i, status.clone()))
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("floor patches");
+    let patches = watch.await.expect("watch task") - started;
+    let api_cpu = apiserver_cpu() - api_cpu;
+    // And the finalizer patch every managed object needs before its first
+    // backend write, for scale.
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let patch: json_patch::Patch = serde_json::from_value(json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}
+                ]))
+                .expect("patch");
+                api.patch(
+                    &format!("l-{i:05}"),
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(patch),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("finalizer patches");
+    let finalizers = started.elapsed();
+    // A second floor that starts the clock at creation: N more objects, each
+    // created and then given its status by the plain client.
+    let watch = tokio::spawn(wait_ready(api.clone(), 2 * n));
+    let started = Instant::now();
+    stream::iter(n..2 * n)
+        .map(|i| {
+            let (api, status) = (api.clone(), status.clone());
+            async move {
+                api.create(&PostParams::default(), &license(i)).await?;
+                write_status(api, i, status).await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("floor creates and patches");
+    let created = watch.await.expect("watch task") - started;
+    Floor {
+        patches,
+        finalizers,
+        created,
+        api_cpu,
+    }
+}
+
+/// What the operator's converge took, and what it was like after the first N.
+struct Converged {
+    /// Still running, on the 2 N objects.
+    operator: Operator,
+    /// From its start to the N existing objects Ready.
+    took: std::time::Duration,
+    first_ready: std::time::Duration,
+    /// N more created with it running, to the last Ready.
+    created: std::time::Duration,
+    api_cpu: f64,
+    /// Of the first N, how many admission gave the finalizer.
+    with_finalizer: usize,
+    rss: f64,
+    cpu: f64,
+    metrics: String,
+}
+
+/// The operator in `namespace`: objects `base..base + n` (each for
+/// its own organization) are created while `serving` answers the admission
+/// webhook (then it stops, freeing the port for the measured operator),
+/// `licensor operator` starts with `common` flags and the clock runs until
+/// all are Ready; then `base + n..base + 2n` are created with it running,
+/// timed to the last Ready.
+#[allow(clippy::too_many_arguments)]
+async fn converge(
+    cp: &ControlPlane,
+    account: &Account,
+    client: &Client,
+    namespace: &str,
+    base: usize,
+    n: usize,
+    concurrency: usize,
+    common: &[&str],
+    serving: Option<Operator>,
+) -> Converged {
+    let api: &Api<DedicatedLicense> = &Api::namespaced(client.clone(), namespace);
+    let creates_before = creates(account);
+    create(api, base..base + n, concurrency).await;
+    if let Some(mut serving) = serving {
+        serving.terminate();
+    }
+    let with_finalizer = api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter(|o| !o.finalizers().is_empty())
+        .count();
+    let mut flags = vec![
+        "--leader-elect=false".to_string(),
+        format!("--namespace={namespace}"),
+    ];
+    flags.extend(common.iter().map(|f| f.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let watch = tokio::spawn(ready_span(api.clone(), n));
+    let started = Instant::now();
+    let api_cpu = apiserver_cpu();
+    let operator = Operator::start(cp, namespace, &account.backend, &flags);
+    let (first, last) = watch.await.expect("watch task");
+    let (took, first_ready) = (last - started, first - started);
+    let api_cpu = apiserver_cpu() - api_cpu;
+    let rss = peak_rss_mib(operator.pid());
+    let cpu = cpu_seconds(operator.pid());
+    let metrics = operator.get("/metrics").unwrap_or_default();
+    assert_eq!(
+        creates(account) - creates_before,
+        n,
+        "every object allocated exactly once"
+    );
+    // With the operator running: N more objects, from the first create to
+    // the last Ready (the second floor's clock).
+    let watch = tokio::spawn(wait_ready(api.clone(), 2 * n));
+    let started = Instant::now();
+    create(api, base + n..base + 2 * n, concurrency).await;
+    let created = watch.await.expect("watch task") - started;
+    Converged {
+        operator,
+        took,
+        first_ready,
+        created,
+        api_cpu,
+        with_finalizer,
+        rss,
+        cpu,
+        metrics,
+    }
+}
+
+/// Allocations the store created so far.
+fn creates(account: &Account) -> usize {
+    account
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "create")
+        .count()
+}
+
 #[tokio::main]
 async fn main() {
     let n = env("N", 1000);
@@ -289,8 +475,10 @@ async fn main() {
         cp.ok(&["create", "namespace", ns]);
     }
     let client = client(&cp).await;
-    // Two more organizations for the single objects created at the end.
-    let account = Account::seeded(&fixture(big + 2));
+    let runs = env("RUNS", 5).max(1);
+    // Two more organizations for the single objects created at the end,
+    // and 2 N for each converge pair after the first.
+    let account = Account::seeded(&fixture(big + 2 + (runs - 1) * 2 * n));
     assert!(big >= 2 * n, "BIG must be at least 2 N");
 
     // The status the floor writes is one the operator wrote: an operator
@@ -301,7 +489,7 @@ async fn main() {
     let listen = format!("--webhook-listen=127.0.0.1:{webhook_port}");
     let cert_dir = format!("--webhook-cert-dir={}", certs.display());
     let ca = webhook_certificate(&certs);
-    let mut elsewhere = Operator::start(
+    let elsewhere = Operator::start(
         &cp,
         "elsewhere",
         &account.backend,
@@ -325,73 +513,17 @@ async fn main() {
     let sample = sample_api.get("sample").await.expect("the sample");
 
     // The floor: a plain client writing the same number of statuses.
-    let floor_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "floor");
-    create(&floor_api, 0..n, concurrency).await;
-    let status = json!({
+    let status = Arc::new(json!({
         "apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
         "status": sample.status,
-    });
-    let status = Arc::new(status);
-    // Both phases end the same way: a watcher sees the last object Ready.
-    let watch = tokio::spawn(wait_ready(floor_api.clone(), n));
-    let started = Instant::now();
-    let api_cpu = apiserver_cpu();
-    stream::iter(0..n)
-        .map(|i| write_status(floor_api.clone(), i, status.clone()))
-        .buffer_unordered(concurrency)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .expect("floor patches");
-    let floor = watch.await.expect("watch task") - started;
-    let floor_api_cpu = apiserver_cpu() - api_cpu;
-    // And the finalizer patch every managed object needs before its first
-    // backend write, for scale.
-    let started = Instant::now();
-    stream::iter(
-        0..if std::env::var("PREFIN").is_ok() {
-            0
-        } else {
-            n
-        },
-    )
-    .map(|i| {
-        let api = floor_api.clone();
-        async move {
-            let patch: json_patch::Patch = serde_json::from_value(json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": null},
-                {"op": "add", "path": "/metadata/finalizers", "value": ["licensor.dev/cleanup"]}
-            ]))
-            .expect("patch");
-            api.patch(
-                &format!("l-{i:05}"),
-                &PatchParams::default(),
-                &Patch::Json::<()>(patch),
-            )
-            .await
-        }
-    })
-    .buffer_unordered(concurrency)
-    .try_for_each(|_| async { Ok(()) })
-    .await
-    .expect("finalizer patches");
-    let finalizers = started.elapsed();
-    // A second floor that starts the clock at creation: N more objects, each
-    // created and then given its status by the plain client.
-    let watch = tokio::spawn(wait_ready(floor_api.clone(), 2 * n));
-    let started = Instant::now();
-    stream::iter(n..2 * n)
-        .map(|i| {
-            let (api, status) = (floor_api.clone(), status.clone());
-            async move {
-                api.create(&PostParams::default(), &license(i)).await?;
-                write_status(api, i, status).await
-            }
-        })
-        .buffer_unordered(concurrency)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .expect("floor creates and patches");
-    let created_floor = watch.await.expect("watch task") - started;
+    }));
+    let floor_api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "floor");
+    let Floor {
+        patches: floor,
+        finalizers,
+        created: created_floor,
+        api_cpu: floor_api_cpu,
+    } = floor_run(&floor_api, n, concurrency, &status).await;
 
     // The operator, from process start to every object Ready. The objects
     // were created while the admission webhook ran (an operator watching
@@ -400,14 +532,14 @@ async fn main() {
     let api: Api<DedicatedLicense> = Api::namespaced(client.clone(), "bench");
     let concurrency_flag = format!("--concurrency={concurrency}");
     let resync_flag = format!("--resync={}s", RESYNC.as_secs());
-    let mut flags = vec![
-        "--leader-elect=false",
-        "--namespace=bench",
-        concurrency_flag.as_str(),
-        resync_flag.as_str(),
-    ];
+    // What every measured operator runs with, beside its namespace.
+    let mut common = vec![concurrency_flag.as_str(), resync_flag.as_str()];
     if webhook {
-        flags.extend([listen.as_str(), cert_dir.as_str()]);
+        common.extend([listen.as_str(), cert_dir.as_str()]);
+    }
+    let mut flags = vec!["--leader-elect=false", "--namespace=bench"];
+    flags.extend(&common);
+    if webhook {
         cp.register_webhook(webhook_port, &ca);
         // The API server picks the configuration up from its own watch.
         let dry_run = PostParams {
@@ -448,26 +580,28 @@ async fn main() {
     } else {
         None
     };
-    create(&api, 0..n, concurrency).await;
-    elsewhere.terminate();
-    let with_finalizer = api
-        .list(&Default::default())
-        .await
-        .expect("list")
-        .items
-        .iter()
-        .filter(|o| !o.finalizers().is_empty())
-        .count();
-    let watch = tokio::spawn(ready_span(api.clone(), n));
-    let started = Instant::now();
-    let api_cpu = apiserver_cpu();
-    let operator = Operator::start(&cp, "bench", &account.backend, &flags);
-    let (first, last) = watch.await.expect("watch task");
-    let (took, first_ready) = (last - started, first - started);
-    let operator_api_cpu = apiserver_cpu() - api_cpu;
-    let rss_n = peak_rss_mib(operator.pid());
-    let cpu_n = cpu_seconds(operator.pid());
-    let metrics = operator.get("/metrics").unwrap_or_default();
+    let Converged {
+        operator,
+        took,
+        first_ready,
+        created: created_operator,
+        api_cpu: operator_api_cpu,
+        with_finalizer,
+        rss: rss_n,
+        cpu: cpu_n,
+        metrics,
+    } = converge(
+        &cp,
+        &account,
+        &client,
+        "bench",
+        0,
+        n,
+        concurrency,
+        &common,
+        webhook.then_some(elsewhere),
+    )
+    .await;
     let metric = |name: &str| -> f64 {
         metrics
             .lines()
@@ -477,19 +611,6 @@ async fn main() {
     };
     let passes = metric("licensor_reconcile_duration_seconds_count");
     let mean_pass = metric("licensor_reconcile_duration_seconds_sum") / passes;
-    let creates = account
-        .audit()
-        .iter()
-        .filter(|e| e["action"] == "create")
-        .count();
-    assert_eq!(creates, n + 1, "every object allocated exactly once");
-
-    // With the operator running: N more objects, from the first create to
-    // the last Ready (the second floor's clock).
-    let watch = tokio::spawn(wait_ready(api.clone(), 2 * n));
-    let started = Instant::now();
-    create(&api, n..2 * n, concurrency).await;
-    let created_operator = watch.await.expect("watch task") - started;
 
     // Memory with BIG objects.
     let watch = tokio::spawn(wait_ready(api.clone(), big));
@@ -548,6 +669,60 @@ async fn main() {
     let after = reads(&restarted);
     let restart_requests = 3.0 * after.0 + 2.0 * after.1;
     let rss_restarted = peak_rss_mib(restarted.pid());
+    drop(restarted);
+
+    // The converge pair again, RUNS - 1 more times (five in all by
+    // default), each on namespaces and organizations of its own, for the
+    // median: the floors move by up to 40% between runs.
+    let mut pairs = vec![(
+        took.as_secs_f64() / floor.as_secs_f64(),
+        created_operator.as_secs_f64() / created_floor.as_secs_f64(),
+        with_finalizer,
+    )];
+    for k in 1..runs {
+        let (floor_ns, bench_ns) = (format!("floor-{k}"), format!("bench-{k}"));
+        cp.ok(&["create", "namespace", &floor_ns]);
+        cp.ok(&["create", "namespace", &bench_ns]);
+        let f = floor_run(
+            &Api::namespaced(client.clone(), &floor_ns),
+            n,
+            concurrency,
+            &status,
+        )
+        .await;
+        let serving = webhook.then(|| {
+            Operator::start(
+                &cp,
+                &format!("elsewhere-{k}"),
+                &account.backend,
+                &[
+                    listen.as_str(),
+                    cert_dir.as_str(),
+                    "--leader-elect=false",
+                    "--namespace=elsewhere",
+                ],
+            )
+        });
+        let base = big + 2 + (k - 1) * 2 * n;
+        let c = converge(
+            &cp,
+            &account,
+            &client,
+            &bench_ns,
+            base,
+            n,
+            concurrency,
+            &common,
+            serving,
+        )
+        .await;
+        drop(c.operator);
+        pairs.push((
+            c.took.as_secs_f64() / f.patches.as_secs_f64(),
+            c.created.as_secs_f64() / f.created.as_secs_f64(),
+            c.with_finalizer,
+        ));
+    }
 
     println!(
         "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency}, webhook {})",
@@ -629,6 +804,33 @@ async fn main() {
         "  one new object to Ready: while {big} are resynced {:.2} s, right after a restart {:.2} s (target < 1 s)",
         new_during_resync.as_secs_f64(),
         new_after_restart.as_secs_f64()
+    );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (existing, from_creation): (Vec<f64>, Vec<f64>) =
+        pairs.iter().map(|&(a, b, _)| (a, b)).unzip();
+    println!(
+        "  converge ratio over {} runs (operator / floor): {}; median {:.2} (target <= 1.5)",
+        pairs.len(),
+        list(&existing),
+        median(existing.clone())
+    );
+    println!(
+        "  clock from creation, same runs: {}; median {:.2}",
+        list(&from_creation),
+        median(from_creation.clone())
+    );
+    println!(
+        "  objects created with the finalizer by admission, per run: {:?} of {n}",
+        pairs.iter().map(|p| p.2).collect::<Vec<_>>()
     );
     if let Some((base, validating)) = admission {
         println!(
