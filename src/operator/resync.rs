@@ -44,22 +44,28 @@ pub fn trim(dl: &mut DedicatedLicense) {
 }
 
 /// Whether a watch event asks for a pass now. Objects listed at start that
-/// are Ready for their generation (and need no finalizer, and are not being
-/// deleted) wait for the walker; everything else is queued at once.
+/// are [`in_sync_at_start`] wait for the walker; everything else is queued
+/// at once.
 pub fn queued_at_start(event: &watcher::Event<DedicatedLicense>) -> bool {
     match event {
-        watcher::Event::InitApply(dl) => {
-            dl.metadata.deletion_timestamp.is_some()
-                || needs_finalizer(&dl.spec, dl.finalizers())
-                || !ready_for_its_generation(dl)
-        }
+        watcher::Event::InitApply(dl) => !in_sync_at_start(dl),
         _ => true,
     }
 }
 
+/// Ready for its generation, with its finalizer, and not being deleted:
+/// left to the walker's first round after a start.
+fn in_sync_at_start(dl: &DedicatedLicense) -> bool {
+    dl.metadata.deletion_timestamp.is_none()
+        && !needs_finalizer(&dl.spec, dl.finalizers())
+        && ready_for_its_generation(dl)
+}
+
 /// Asks for a pass of every cached object once per `period`, at an even
-/// pace, from the moment the initial list is in the cache ([`listed`]);
-/// the first round takes half a period. Runs until dropped.
+/// pace, from the moment the initial list is in the cache ([`listed`]).
+/// The first round takes half a period and asks only for the objects in
+/// sync (the others were queued at start and are being seen to). Runs until
+/// dropped.
 pub async fn walk(
     store: Store<DedicatedLicense>,
     wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
@@ -72,7 +78,10 @@ pub async fn walk(
     let mut round = period / 2;
     loop {
         let started = Instant::now();
-        let objects = store.state();
+        let mut objects = store.state();
+        if round < period {
+            objects.retain(|dl| in_sync_at_start(dl));
+        }
         tracing::debug!(
             objects = objects.len(),
             seconds = round.as_secs_f64(),
