@@ -68,36 +68,20 @@ pub struct LicensePoolStatus {
 impl LicensePoolStatus {
     /// The same content, whenever each was observed.
     pub fn same_figures(&self, other: &LicensePoolStatus) -> bool {
-        let LicensePoolStatus {
-            product,
-            total,
-            dedicated,
-            shared_in_use,
-            free,
-            over_committed,
-            organizations,
-            allocations,
-            observed_time: _,
-        } = self;
-        (
-            product,
-            total,
-            dedicated,
-            shared_in_use,
-            free,
-            over_committed,
-            organizations,
-            allocations,
-        ) == (
-            &other.product,
-            &other.total,
-            &other.dedicated,
-            &other.shared_in_use,
-            &other.free,
-            &other.over_committed,
-            &other.organizations,
-            &other.allocations,
-        )
+        self.product == other.product
+            && self.figures() == other.figures()
+            && self.allocations == other.allocations
+    }
+
+    fn figures(&self) -> [i64; 6] {
+        [
+            self.total,
+            self.dedicated,
+            self.shared_in_use,
+            self.free,
+            self.over_committed,
+            self.organizations,
+        ]
     }
 }
 
@@ -262,5 +246,28 @@ mod tests {
             })
         );
         assert_eq!(status.allocations[2].resource, None, "another instance's");
+    }
+
+    #[test]
+    fn a_status_observed_later_has_the_same_figures_and_a_moved_seat_does_not() {
+        let shown = LicensePoolStatus {
+            product: "TestOps".into(),
+            total: 10,
+            allocations: vec![PoolAllocation {
+                organization: "a".into(),
+                dedicated: 3,
+                ..Default::default()
+            }],
+            observed_time: Some("2026-11-28T12:00:00Z".into()),
+            ..Default::default()
+        };
+        let mut later = shown.clone();
+        later.observed_time = Some("2026-11-28T12:05:00Z".into());
+        assert!(shown.same_figures(&later));
+        later.allocations[0].in_use = 1;
+        assert!(!shown.same_figures(&later));
+        let mut smaller = shown.clone();
+        smaller.total = 9;
+        assert!(!shown.same_figures(&smaller));
     }
 }
