@@ -10,7 +10,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{PoolView, Snapshot};
+use crate::domain::{Allocation, Pool, PoolView};
 use crate::resource::DEFAULT_INSTANCE;
 
 /// Label naming the operator instance that keeps a `LicensePool`.
@@ -136,41 +136,38 @@ pub fn name_for(instance: &str, product: &str) -> String {
     name.trim_end_matches('-').to_string()
 }
 
-/// The status of every product's pool in `snapshot`, by object name, as an
-/// operator of `instance` shows them (without `observedTime`).
-pub fn statuses(instance: &str, snapshot: &Snapshot) -> Vec<(String, LicensePoolStatus)> {
-    snapshot
-        .pools
-        .iter()
-        .map(|pool| {
-            let view = PoolView::from(pool);
-            let mut allocations: Vec<PoolAllocation> = snapshot
-                .allocations
-                .iter()
-                .filter(|a| a.product == pool.product)
-                .map(|a| PoolAllocation {
-                    organization: a.organization.clone(),
-                    dedicated: a.dedicated,
-                    in_use: a.in_use,
-                    managed_by: a.managed_by.clone(),
-                    resource: a.managed_by.as_deref().and_then(|m| ours(instance, m)),
-                })
-                .collect();
-            allocations.sort_by(|a, b| a.organization.cmp(&b.organization));
-            let status = LicensePoolStatus {
-                product: pool.product.clone(),
-                total: view.total,
-                dedicated: view.dedicated,
-                shared_in_use: view.shared_in_use,
-                free: view.free.max(0),
-                over_committed: (-view.free).max(0),
-                organizations: allocations.iter().filter(|a| a.dedicated > 0).count() as i64,
-                allocations,
-                observed_time: None,
-            };
-            (name_for(instance, &pool.product), status)
+/// The LicensePool of one pool, as an operator of `instance` shows it: its
+/// name and status (without `observedTime`), from the account's
+/// allocations (of any product; those of `pool`'s are kept).
+pub fn status<'a>(
+    instance: &str,
+    pool: &Pool,
+    allocations: impl Iterator<Item = &'a Allocation>,
+) -> (String, LicensePoolStatus) {
+    let view = PoolView::from(pool);
+    let mut allocations: Vec<PoolAllocation> = allocations
+        .filter(|a| a.product == pool.product)
+        .map(|a| PoolAllocation {
+            organization: a.organization.clone(),
+            dedicated: a.dedicated,
+            in_use: a.in_use,
+            managed_by: a.managed_by.clone(),
+            resource: a.managed_by.as_deref().and_then(|m| ours(instance, m)),
         })
-        .collect()
+        .collect();
+    allocations.sort_by(|a, b| a.organization.cmp(&b.organization));
+    let status = LicensePoolStatus {
+        product: pool.product.clone(),
+        total: view.total,
+        dedicated: view.dedicated,
+        shared_in_use: view.shared_in_use,
+        free: view.free.max(0),
+        over_committed: (-view.free).max(0),
+        organizations: allocations.iter().filter(|a| a.dedicated > 0).count() as i64,
+        allocations,
+        observed_time: None,
+    };
+    (name_for(instance, &pool.product), status)
 }
 
 /// The DedicatedLicense a `managedBy` of this instance names.
@@ -191,7 +188,7 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Allocation, Pool};
+    use crate::domain::Snapshot;
 
     #[test]
     fn names_are_dns_labels_of_the_product() {
@@ -227,7 +224,7 @@ mod tests {
                 allocation("c", 0, Some("prod/licenses/c")),
             ],
         };
-        let [(name, status)] = <[_; 1]>::try_from(statuses("default", &snapshot)).unwrap();
+        let (name, status) = status("default", &snapshot.pools[0], snapshot.allocations.iter());
         assert_eq!(name, "testops");
         assert_eq!((status.free, status.over_committed), (0, 3));
         assert_eq!(status.organizations, 2);

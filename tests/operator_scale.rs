@@ -147,7 +147,7 @@ fn a_resync_or_a_restart_reads_the_account_not_each_object() {
     const MOST: u64 = 3 * 3;
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
-    let (account, port, token) = remote(&fixture(1000));
+    let (account, port, token) = remote(&fixture(1001));
     let token_flag = format!("--token-file={}", token.display());
     let flags = [
         "--leader-elect=false",
@@ -196,6 +196,21 @@ fn a_resync_or_a_restart_reads_the_account_not_each_object() {
         state,
         "the restart wrote to Kubernetes"
     );
+
+    // Another restart, and right after it, while the operator lists its
+    // 1,000 objects, a new object and a changed one: both reconciled as
+    // they are now, never from an older listed copy.
+    drop(restarted);
+    let _again = Operator::start(&cp, "scale-again", &account.backend, &flags);
+    cp.apply(&manifests(1000, 1001, |_| 4));
+    cp.apply(&manifests(0, 1, |_| 5));
+    wait_for(
+        "the new and the changed object Ready for their generation",
+        Duration::from_secs(60),
+        || (ready(&cp) == 1001).then_some(()),
+    );
+    assert_eq!(account.allocation("org-1000", "Studio"), Some((4, 0)));
+    assert_eq!(account.allocation("org-0", "TestOps"), Some((5, 0)));
 }
 
 /// A platform in front of `licensor serve`: forwards every request, notes

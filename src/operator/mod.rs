@@ -14,6 +14,7 @@ pub mod admission;
 pub mod conclude;
 pub mod events;
 pub mod finalizer;
+pub mod listing;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;
@@ -233,16 +234,18 @@ async fn control(
     // what a person changes without one (pause, deletion).
     let (reader, writer) = reflector::store();
     let (listed_tx, listed) = watch::channel(false);
-    let objects = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(resync::trim)
-        .reflect(writer)
+    let list_and_watch = watcher(
+        api.clone(),
+        watcher::Config::default().any_semantic().page_size(100),
+    )
+    .default_backoff()
+    .modify(resync::trim);
+    let objects = listing::reflect(list_and_watch, listing::early_watch(api), writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone) {
                 listed_tx.send_replace(true);
             }
         })
-        .try_filter(|event| std::future::ready(resync::queued_at_start(event)))
         .applied_objects()
         .predicate_filter(worth_a_pass, Default::default());
     let pools = pools::Pools::new(

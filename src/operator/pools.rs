@@ -15,14 +15,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
-use serde_json::json;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
 use super::metrics::Metrics;
 use super::snapshot;
-use crate::licensepool::{INSTANCE_LABEL, LicensePool, LicensePoolSpec, statuses};
+use crate::licensepool::{
+    INSTANCE_LABEL, LicensePool, LicensePoolSpec, LicensePoolStatus, name_for,
+};
 
 /// How long after a write the pools are read again, at least: writes that
 /// come together are shown together.
@@ -30,6 +31,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 /// What the pools task needs.
 pub struct Pools {
+    pub client: Client,
     pub api: Api<LicensePool>,
     pub snapshot: Arc<snapshot::Shared>,
     pub instance: String,
@@ -49,7 +51,8 @@ impl Pools {
         metrics: Arc<Metrics>,
     ) -> Pools {
         Pools {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            client,
             snapshot,
             instance,
             resync,
@@ -86,29 +89,46 @@ impl Pools {
     }
 
     /// One sync, on the shared snapshot or (`fresh`) on one read now;
-    /// returns how many objects it wrote.
+    /// returns how many objects it wrote. It goes one product at a time:
+    /// its status built, the object as it is read, compared, written if
+    /// different, and dropped before the next (a product's status holds all
+    /// its allocations).
     pub async fn sync(&self, fresh: bool) -> Result<usize, String> {
-        let snapshot = self
+        let products = self
             .snapshot
-            .whole(fresh)
+            .products(fresh)
             .await
             .map_err(|e| e.to_string())?;
-        let wanted = statuses(&self.instance, &snapshot);
         let selector = format!("{INSTANCE_LABEL}={}", self.instance);
-        let existing = self
+        let existing: Vec<String> = self
             .api
-            .list(&ListParams::default().labels(&selector))
+            .list_metadata(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| e.to_string())?
-            .items;
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
         let mut writes = 0;
-        for (name, mut status) in wanted.iter().cloned() {
-            let current = existing.iter().find(|p| p.name_any() == name);
-            let shown = current.and_then(|p| p.status.as_ref());
-            if shown.is_some_and(|s| s.same_figures(&status)) {
+        for product in &products {
+            let Some((name, mut status)) = self
+                .snapshot
+                .pool(&self.instance, product)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
                 continue;
-            }
-            if current.is_none() {
+            };
+            if existing.contains(&name) {
+                let current = self
+                    .api
+                    .get_status(&name)
+                    .await
+                    .map_err(|e| format!("read licensepool/{name}: {e}"))?;
+                if current.status.is_some_and(|s| s.same_figures(&status)) {
+                    continue;
+                }
+            } else {
                 let mut object = LicensePool::new(&name, LicensePoolSpec {});
                 object
                     .labels_mut()
@@ -129,28 +149,54 @@ impl Pools {
             }
             status.observed_time =
                 Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-            // The whole status at once (a JSON patch keeps `resource: null`,
-            // which a merge patch would drop).
-            let patch: json_patch::Patch =
-                serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
-                    .map_err(|e| e.to_string())?;
-            self.api
-                .patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            self.write_status(&name, &status)
                 .await
                 .map_err(|e| format!("status of licensepool/{name}: {e}"))?;
             writes += 1;
         }
-        for gone in existing
+        let kept: Vec<String> = products
             .iter()
-            .filter(|p| !wanted.iter().any(|(name, _)| *name == p.name_any()))
-        {
+            .map(|p| name_for(&self.instance, p))
+            .collect();
+        for gone in existing.iter().filter(|name| !kept.contains(name)) {
             self.api
-                .delete(&gone.name_any(), &DeleteParams::default())
+                .delete(gone, &DeleteParams::default())
                 .await
-                .map_err(|e| format!("delete licensepool/{}: {e}", gone.name_any()))?;
+                .map_err(|e| format!("delete licensepool/{gone}: {e}"))?;
             writes += 1;
         }
         self.metrics.pool_writes.inc_by(writes as u64);
         Ok(writes)
+    }
+
+    /// Replaces the status of `name` with one JSON patch (which keeps
+    /// `resource: null`, where a merge patch would drop it), serialized
+    /// straight from `status`; the object the API server sends back is
+    /// not decoded.
+    async fn write_status(
+        &self,
+        name: &str,
+        status: &LicensePoolStatus,
+    ) -> Result<(), kube::Error> {
+        #[derive(serde::Serialize)]
+        struct Add<'a> {
+            op: &'static str,
+            path: &'static str,
+            value: &'a LicensePoolStatus,
+        }
+        let body = serde_json::to_vec(&[Add {
+            op: "add",
+            path: "/status",
+            value: status,
+        }])
+        .map_err(kube::Error::SerdeError)?;
+        let request = http::Request::patch(format!(
+            "{}/{name}/status",
+            LicensePool::url_path(&(), None)
+        ))
+        .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+        .body(body)
+        .map_err(kube::Error::HttpError)?;
+        self.client.request_text(request).await.map(drop)
     }
 }

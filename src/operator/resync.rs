@@ -11,7 +11,7 @@
 //! queue the objects whose status already says Ready for their generation:
 //! the walker's first round checks them, spread over half a period, so a
 //! new or changed object is picked up at once instead of waiting behind
-//! thousands of checks ([`queued_at_start`]).
+//! thousands of checks ([`in_sync_at_start`]).
 //!
 //! The cache keeps what a pass reads ([`trim`]): not the managed fields,
 //! labels or the copy of the manifest that `kubectl apply` keeps in an
@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -43,19 +42,11 @@ pub fn trim(dl: &mut DedicatedLicense) {
     meta.annotations = paused.map(|(k, v)| BTreeMap::from([(k, v)]));
 }
 
-/// Whether a watch event asks for a pass now. Objects listed at start that
-/// are [`in_sync_at_start`] wait for the walker; everything else is queued
-/// at once.
-pub fn queued_at_start(event: &watcher::Event<DedicatedLicense>) -> bool {
-    match event {
-        watcher::Event::InitApply(dl) => !in_sync_at_start(dl),
-        _ => true,
-    }
-}
-
 /// Ready for its generation, with its finalizer, and not being deleted:
-/// left to the walker's first round after a start.
-fn in_sync_at_start(dl: &DedicatedLicense) -> bool {
+/// when listed at start, left to the walker's first round; every other
+/// listed object is queued once the list is in the cache
+/// ([`super::listing`]).
+pub fn in_sync_at_start(dl: &DedicatedLicense) -> bool {
     dl.metadata.deletion_timestamp.is_none()
         && !needs_finalizer(&dl.spec, dl.finalizers())
         && ready_for_its_generation(dl)
@@ -171,9 +162,7 @@ status:
     #[test]
     fn only_objects_ready_for_their_generation_wait_at_start() {
         let ready = object(APPLIED);
-        assert!(!queued_at_start(&watcher::Event::InitApply(ready.clone())));
-        // A change after the start is always a pass.
-        assert!(queued_at_start(&watcher::Event::Apply(ready.clone())));
+        assert!(in_sync_at_start(&ready));
 
         let mut changed = ready.clone();
         changed.metadata.generation = Some(3);
@@ -184,7 +173,7 @@ status:
         let mut unseen = ready;
         unseen.status = None;
         for dl in [changed, deleting, without_finalizer, unseen] {
-            assert!(queued_at_start(&watcher::Event::InitApply(dl)));
+            assert!(!in_sync_at_start(&dl));
         }
     }
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::metrics::Metrics;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Allocation, Pool, Snapshot};
+use crate::licensepool::{self, LicensePoolStatus};
 
 /// The account as read, by name.
 struct Account {
@@ -61,20 +62,6 @@ impl Account {
             allocations: self.allocations.get(&key).cloned().into_iter().collect(),
         }
     }
-
-    /// The whole account, sorted as a backend's snapshot is.
-    fn whole(&self) -> Snapshot {
-        let mut organizations: Vec<String> = self.organizations.iter().cloned().collect();
-        organizations.sort();
-        let mut allocations: Vec<Allocation> = self.allocations.values().cloned().collect();
-        allocations
-            .sort_by(|x, y| (&x.organization, &x.product).cmp(&(&y.organization, &y.product)));
-        Snapshot {
-            pools: self.pools.clone(),
-            organizations,
-            allocations,
-        }
-    }
 }
 
 /// One shared read of the account.
@@ -109,10 +96,30 @@ impl Shared {
         Ok(account.observe(organization, product))
     }
 
-    /// The whole account: the shared read, or (`fresh`) one made now.
-    pub async fn whole(&self, fresh: bool) -> Result<Snapshot, BackendError> {
+    /// The account's products: at the shared read, or (`fresh`) at one
+    /// made now.
+    pub async fn products(&self, fresh: bool) -> Result<Vec<String>, BackendError> {
         let mut current = self.current.lock().await;
-        Ok(self.current_account(&mut current, fresh).await?.whole())
+        let account = self.current_account(&mut current, fresh).await?;
+        Ok(account.pools.iter().map(|p| p.product.clone()).collect())
+    }
+
+    /// The LicensePool of one product, as an operator of `instance` shows
+    /// it ([`licensepool::status`]); `None` if the account no longer has
+    /// the product. One product at a time, so a sync holds one pool's
+    /// allocations, not the account's.
+    pub async fn pool(
+        &self,
+        instance: &str,
+        product: &str,
+    ) -> Result<Option<(String, LicensePoolStatus)>, BackendError> {
+        let mut current = self.current.lock().await;
+        let account = self.current_account(&mut current, false).await?;
+        Ok(account
+            .pools
+            .iter()
+            .find(|p| p.product == product)
+            .map(|pool| licensepool::status(instance, pool, account.allocations.values())))
     }
 
     async fn current_account<'a>(
@@ -125,6 +132,11 @@ impl Shared {
             .is_none_or(|a| fresh || a.read.elapsed() >= self.ttl);
         if stale {
             self.metrics.backend_read("account");
+            // The old read goes first: two copies of a large account at
+            // once would be the operator's peak. Nobody reads it meanwhile
+            // (the lock is held), and a failed read leaves none, so the
+            // next caller reads again.
+            *current = None;
             *current = Some(Account::new(self.backend.snapshot().await?));
         }
         Ok(current.as_ref().expect("read just now"))
