@@ -58,8 +58,10 @@ bench:
 
 ## The operator benchmark on a real control plane (1,000 objects to Ready
 ## against a plain-client floor; peak memory with 1,000 and 10,000 objects).
-bench-operator:
-	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" $(CARGO) bench --locked --bench operator
+bench-operator: deps
+	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
+	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" \
+	  IMAGE_BIN=$(CURDIR)/target/$(MUSL)/release/licensor $(CARGO) bench --locked --bench operator
 
 ## The platform API load benchmark (writes and reads per second, p50/p99).
 bench-platform:

@@ -17,18 +17,23 @@
 //!    more objects and patches each one's status; with the operator running,
 //!    N more objects are created (through the webhook) and the clock runs
 //!    until all are Ready.
-//! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects.
+//! 3. Peak RSS (VmHWM) of the operator with N and then with BIG objects
+//!    (the BIG ones with the image's binary when IMAGE_BIN is set), and after
+//!    a restart with BIG objects.
 //! 4. Admission latency: 1,000 server-side dry-run creates, one at a time,
 //!    through the mutating webhook alone and then with the validating
 //!    webhook too (a backend read and a plan each); the objects of 2. and 3.
 //!    are created through both, as in a cluster where licensor is installed.
 //!
 //! 5. The converge pair of 2. again, `RUNS - 1` more times (five in all by
-//!    default), each on namespaces and organizations of its own, and the
-//!    median of the ratios.
+//!    default), each on namespaces and an account of its own, and the
+//!    median of the ratios. They run before the BIG objects of 3. are
+//!    created, so every pair works on an account of the same order.
 //!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
-//! `N`, `BIG`, `CONCURRENCY`, `WEBHOOK` and `RUNS` change the run.
+//! `N`, `BIG`, `CONCURRENCY`, `WEBHOOK` and `RUNS` change the run;
+//! `IMAGE_BIN` (set by `make bench-operator`) names the static binary the
+//! image ships, whose memory after the restart of 3. is measured too.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -455,6 +460,23 @@ async fn converge(
     }
 }
 
+/// Waits until `operator` checked `n` objects in sync (two minutes at most).
+async fn all_checked(operator: &Operator, n: usize) {
+    let checked = Instant::now();
+    while operator
+        .get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("licensor_quiet_checks_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        < n as f64
+        && checked.elapsed() < std::time::Duration::from_secs(120)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Allocations the store created so far.
 fn creates(account: &Account) -> usize {
     account
@@ -476,9 +498,8 @@ async fn main() {
     }
     let client = client(&cp).await;
     let runs = env("RUNS", 5).max(1);
-    // Two more organizations for the single objects created at the end,
-    // and 2 N for each converge pair after the first.
-    let account = Account::seeded(&fixture(big + 2 + (runs - 1) * 2 * n));
+    // Two more organizations for the single objects created at the end.
+    let account = Account::seeded(&fixture(big + 2));
     assert!(big >= 2 * n, "BIG must be at least 2 N");
 
     // The status the floor writes is one the operator wrote: an operator
@@ -612,7 +633,78 @@ async fn main() {
     let passes = metric("licensor_reconcile_duration_seconds_count");
     let mean_pass = metric("licensor_reconcile_duration_seconds_sum") / passes;
 
-    // Memory with BIG objects.
+    // The converge pair again, RUNS - 1 more times (five in all by
+    // default), each on namespaces and organizations of its own, for the
+    // median: the floors move by up to 40% between runs. Each on an account
+    // of its own, as the first one's was (before the big batch).
+    let mut operator = operator;
+    operator.terminate();
+    let mut pairs = vec![(
+        took.as_secs_f64() / floor.as_secs_f64(),
+        created_operator.as_secs_f64() / created_floor.as_secs_f64(),
+        with_finalizer,
+    )];
+    for k in 1..runs {
+        let (floor_ns, bench_ns) = (format!("floor-{k}"), format!("bench-{k}"));
+        cp.ok(&["create", "namespace", &floor_ns]);
+        cp.ok(&["create", "namespace", &bench_ns]);
+        let f = floor_run(
+            &Api::namespaced(client.clone(), &floor_ns),
+            n,
+            concurrency,
+            &status,
+        )
+        .await;
+        // An account of its own, as the first pair's was when it ran.
+        let account = Account::seeded(&fixture(2 * n));
+        let serving = webhook.then(|| {
+            Operator::start(
+                &cp,
+                &format!("elsewhere-{k}"),
+                &account.backend,
+                &[
+                    listen.as_str(),
+                    cert_dir.as_str(),
+                    "--leader-elect=false",
+                    "--namespace=elsewhere",
+                ],
+            )
+        });
+        let c = converge(
+            &cp,
+            &account,
+            &client,
+            &bench_ns,
+            0,
+            n,
+            concurrency,
+            &common,
+            serving,
+        )
+        .await;
+        drop(c.operator);
+        pairs.push((
+            c.took.as_secs_f64() / f.patches.as_secs_f64(),
+            c.created.as_secs_f64() / f.created.as_secs_f64(),
+            c.with_finalizer,
+        ));
+    }
+
+    // Memory with BIG objects: an operator on the first pair's 2 N
+    // objects, and BIG - 2 N more created; the image's binary when
+    // IMAGE_BIN names it, as that is what a cluster runs.
+    let image = std::env::var_os("IMAGE_BIN").map(std::path::PathBuf::from);
+    let operator = match &image {
+        Some(binary) => Operator::start_binary(
+            &cp,
+            binary,
+            &cp.kubeconfig,
+            "bench-big",
+            &account.backend,
+            &flags,
+        ),
+        None => Operator::start(&cp, "bench-big", &account.backend, &flags),
+    };
     let watch = tokio::spawn(wait_ready(api.clone(), big));
     let started = Instant::now();
     // Created as `kubectl apply` leaves them: their manifest in an
@@ -653,76 +745,28 @@ async fn main() {
     let restarted = Operator::start(&cp, "bench-restarted", &account.backend, &flags);
     let up = restarted_at.elapsed();
     let new_after_restart = one_new_object(&api, big + 1).await;
-    let checked = Instant::now();
-    while restarted
-        .get("/metrics")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("licensor_quiet_checks_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        < big as f64
-        && checked.elapsed() < std::time::Duration::from_secs(120)
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    all_checked(&restarted, big).await;
     let after = reads(&restarted);
     let restart_requests = 3.0 * after.0 + 2.0 * after.1;
     let rss_restarted = peak_rss_mib(restarted.pid());
     drop(restarted);
-
-    // The converge pair again, RUNS - 1 more times (five in all by
-    // default), each on namespaces and organizations of its own, for the
-    // median: the floors move by up to 40% between runs.
-    let mut pairs = vec![(
-        took.as_secs_f64() / floor.as_secs_f64(),
-        created_operator.as_secs_f64() / created_floor.as_secs_f64(),
-        with_finalizer,
-    )];
-    for k in 1..runs {
-        let (floor_ns, bench_ns) = (format!("floor-{k}"), format!("bench-{k}"));
-        cp.ok(&["create", "namespace", &floor_ns]);
-        cp.ok(&["create", "namespace", &bench_ns]);
-        let f = floor_run(
-            &Api::namespaced(client.clone(), &floor_ns),
-            n,
-            concurrency,
-            &status,
-        )
-        .await;
-        let serving = webhook.then(|| {
-            Operator::start(
+    // The same restart with the binary the image ships (static, musl's
+    // allocator), when IMAGE_BIN names it (`make bench-operator` builds it).
+    let rss_image = match &image {
+        Some(binary) => {
+            let image = Operator::start_binary(
                 &cp,
-                &format!("elsewhere-{k}"),
+                binary,
+                &cp.kubeconfig,
+                "bench-image",
                 &account.backend,
-                &[
-                    listen.as_str(),
-                    cert_dir.as_str(),
-                    "--leader-elect=false",
-                    "--namespace=elsewhere",
-                ],
-            )
-        });
-        let base = big + 2 + (k - 1) * 2 * n;
-        let c = converge(
-            &cp,
-            &account,
-            &client,
-            &bench_ns,
-            base,
-            n,
-            concurrency,
-            &common,
-            serving,
-        )
-        .await;
-        drop(c.operator);
-        pairs.push((
-            c.took.as_secs_f64() / f.patches.as_secs_f64(),
-            c.created.as_secs_f64() / f.created.as_secs_f64(),
-            c.with_finalizer,
-        ));
-    }
+                &flags,
+            );
+            all_checked(&image, big).await;
+            Some(peak_rss_mib(image.pid()))
+        }
+        None => None,
+    };
 
     println!(
         "operator benchmark (real kube-apiserver + etcd on loopback, concurrency {concurrency}, webhook {})",
@@ -786,11 +830,22 @@ async fn main() {
     );
     println!("  peak RSS with {n:>6} objects                  {rss_n:>8.1} MiB");
     println!(
-        "  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (created as kubectl apply leaves them, with two labels each)"
+        "  peak RSS with {big:>6} objects                  {rss_big:>8.1} MiB (created as kubectl apply leaves them, with two labels each; {}) (target < 50)",
+        if image.is_some() {
+            "the image's static (musl) binary"
+        } else {
+            "this build; IMAGE_BIN not set"
+        }
     );
     println!(
         "  peak RSS after a restart with {big} objects    {rss_restarted:>8.1} MiB (target < 50)"
     );
+    match rss_image {
+        Some(rss) => {
+            println!("  the same, the image's static (musl) binary    {rss:>8.1} MiB (target < 50)")
+        }
+        None => println!("  the same, the image's static (musl) binary    (IMAGE_BIN not set)"),
+    }
     println!(
         "  one resync period ({}s) with {big} objects in sync over {} products: {account_reads:.0} account reads, {allocation_reads:.0} allocation reads = {resync_requests:.0} requests on the HTTP backend (target <= 10)",
         RESYNC.as_secs(),

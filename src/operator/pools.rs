@@ -2,15 +2,17 @@
 //! product of the managed account, created, updated and removed by the
 //! leading operator, and written only when their content changes.
 //!
-//! A sync reads the whole account once (the snapshot the passes share, or a
-//! fresh one after a pass wrote) and compares it with the objects this
-//! instance keeps (by the instance label, so two instances in one cluster
-//! never touch each other's). It runs once the objects are listed at start
+//! A sync works from the read of the account the passes share (read again
+//! once it is half a resync period old, and kept up to date by this
+//! operator's own writes, so a burst of writes costs no read of the whole
+//! account) and compares it with the objects this instance keeps (by the
+//! instance label, so two instances in one cluster never touch each
+//! other's). It runs once the objects are listed at start
 //! (its read of the account would otherwise add to the list's memory peak),
 //! every resync period (which catches changes made outside the cluster),
-//! and shortly after a pass wrote to the backend (one sync for a burst of
-//! writes; on a large account, spaced so that syncing takes at most a fifth
-//! of the time).
+//! and once a burst of writes is over (a quiet second, or on a large account
+//! a quiet time four times as long as the last sync took; a resync period at
+//! most).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,39 +68,46 @@ impl Pools {
         if !super::resync::listed(listed).await {
             return;
         }
-        let mut fresh = false;
         loop {
             let started = tokio::time::Instant::now();
-            match self.sync(fresh).await {
+            match self.sync().await {
                 Ok(0) => {}
                 Ok(writes) => tracing::debug!(writes, "license pools synced"),
                 Err(e) => tracing::warn!("license pools not synced: {e}"),
             }
-            // A sync reads the whole account and writes whole pools (every
-            // allocation of a product): on a large account, during a burst
-            // of writes, keep it to at most a fifth of the time.
+            // A sync writes whole pools (every allocation of a product):
+            // during a burst of writes, wait for a quiet moment, and on a
+            // large account keep syncing to at most a fifth of the time.
             let settle = SETTLE.max(started.elapsed() * 4);
-            fresh = tokio::select! {
-                _ = tokio::time::sleep(self.resync) => false,
-                _ = self.moved.notified() => {
-                    tokio::time::sleep(settle).await;
-                    true
-                }
-            };
+            tokio::select! {
+                _ = tokio::time::sleep(self.resync) => {}
+                _ = self.moved.notified() => self.quiet(settle).await,
+            }
         }
     }
 
-    /// One sync, on the shared snapshot or (`fresh`) on one read now;
-    /// returns how many objects it wrote. It goes one product at a time:
+    /// Returns once `settle` passed without a write, or a resync period
+    /// after it was called, whichever comes first: one sync after a burst
+    /// rather than several during it, where they would compete with the
+    /// passes for the API server.
+    async fn quiet(&self, settle: Duration) {
+        let latest = tokio::time::Instant::now() + self.resync;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(settle) => return,
+                _ = tokio::time::sleep_until(latest) => return,
+                _ = self.moved.notified() => {}
+            }
+        }
+    }
+
+    /// One sync, on the shared read of the account; returns how many
+    /// objects it wrote. It goes one product at a time:
     /// its status built, the object as it is read, compared, written if
     /// different, and dropped before the next (a product's status holds all
     /// its allocations).
-    pub async fn sync(&self, fresh: bool) -> Result<usize, String> {
-        let products = self
-            .snapshot
-            .products(fresh)
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn sync(&self) -> Result<usize, String> {
+        let products = self.snapshot.products().await.map_err(|e| e.to_string())?;
         let selector = format!("{INSTANCE_LABEL}={}", self.instance);
         let existing: Vec<String> = self
             .api

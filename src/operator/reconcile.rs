@@ -34,7 +34,7 @@ use super::metrics::{Metrics, ObjectLabels};
 use super::snapshot;
 use super::status::{self, Hold, Pass, Seen, Verdict};
 use crate::apply::apply_one;
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
@@ -160,6 +160,15 @@ impl Context {
                 w.objects.remove(&r);
             }
         }
+    }
+
+    /// A write of this operator's: the shared read of the account takes
+    /// it, and the LicensePools show it shortly.
+    async fn recorded(&self, organization: &str, product: &str, written: Option<&Written>) {
+        if let Some(w) = written {
+            self.snapshot.record(organization, product, w).await;
+        }
+        self.pools_moved.notify_one();
     }
 
     /// Seats of `product` were freed, or an allocation of it given up:
@@ -308,12 +317,8 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     };
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
     if change.outcome == Outcome::Applied {
-        ctx.pools_moved.notify_one();
-        if let Some(w) = &written {
-            ctx.snapshot
-                .record(&wanted.organization, &wanted.product, w)
-                .await;
-        }
+        ctx.recorded(&wanted.organization, &wanted.product, written.as_ref())
+            .await;
     }
     let generation = dl.meta().generation;
     let Some(pass) = conclude::ensured(
@@ -467,7 +472,8 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     let mut change = plan_removal(&wanted, &snapshot, Role::AccountAdmin);
     let written = apply_one(&mut change, ctx.backend.as_ref()).await;
     if change.outcome == Outcome::Applied {
-        ctx.pools_moved.notify_one();
+        ctx.recorded(&wanted.organization, &wanted.product, written.as_ref())
+            .await;
     }
     match conclude::removed(generation, &wanted, &snapshot, &change, written.as_ref()) {
         Removal::Revoked(pass) => {
@@ -508,6 +514,10 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
                 ),
             };
             ctx.events.publish(dl, &[note]);
+            ctx.snapshot
+                .released(&wanted.organization, &wanted.product)
+                .await;
+            ctx.pools_moved.notify_one();
             // An object refused with Conflict over it may now adopt it.
             ctx.seats_freed(&wanted.product);
             remove_finalizer(dl, ctx).await

@@ -92,15 +92,14 @@ impl Shared {
         product: &str,
     ) -> Result<Snapshot, BackendError> {
         let mut current = self.current.lock().await;
-        let account = self.current_account(&mut current, false).await?;
+        let account = self.current_account(&mut current).await?;
         Ok(account.observe(organization, product))
     }
 
-    /// The account's products: at the shared read, or (`fresh`) at one
-    /// made now.
-    pub async fn products(&self, fresh: bool) -> Result<Vec<String>, BackendError> {
+    /// The account's products at the shared read.
+    pub async fn products(&self) -> Result<Vec<String>, BackendError> {
         let mut current = self.current.lock().await;
-        let account = self.current_account(&mut current, fresh).await?;
+        let account = self.current_account(&mut current).await?;
         Ok(account.pools.iter().map(|p| p.product.clone()).collect())
     }
 
@@ -114,7 +113,7 @@ impl Shared {
         product: &str,
     ) -> Result<Option<(String, LicensePoolStatus)>, BackendError> {
         let mut current = self.current.lock().await;
-        let account = self.current_account(&mut current, false).await?;
+        let account = self.current_account(&mut current).await?;
         Ok(account
             .pools
             .iter()
@@ -125,11 +124,10 @@ impl Shared {
     async fn current_account<'a>(
         &self,
         current: &'a mut Option<Account>,
-        fresh: bool,
     ) -> Result<&'a Account, BackendError> {
         let stale = current
             .as_ref()
-            .is_none_or(|a| fresh || a.read.elapsed() >= self.ttl);
+            .is_none_or(|a| a.read.elapsed() >= self.ttl);
         if stale {
             self.metrics.backend_read("account");
             // The old read goes first: two copies of a large account at
@@ -140,6 +138,16 @@ impl Shared {
             *current = Some(Account::new(self.backend.snapshot().await?));
         }
         Ok(current.as_ref().expect("read just now"))
+    }
+
+    /// Keeps the snapshot in step with a release of this operator's: the
+    /// allocation stays, managed by no one.
+    pub async fn released(&self, organization: &str, product: &str) {
+        let mut current = self.current.lock().await;
+        let key = (organization.to_string(), product.to_string());
+        if let Some(a) = current.as_mut().and_then(|a| a.allocations.get_mut(&key)) {
+            a.managed_by = None;
+        }
     }
 
     /// Keeps the snapshot in step with a write of this operator's: the

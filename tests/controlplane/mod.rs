@@ -391,10 +391,24 @@ impl Operator {
         backend: &str,
         flags: &[&str],
     ) -> Operator {
+        let binary = Path::new(env!("CARGO_BIN_EXE_licensor"));
+        Operator::start_binary(cp, binary, kubeconfig, name, backend, flags)
+    }
+
+    /// Starts the operator from another build of licensor (the image's
+    /// static one, say).
+    pub fn start_binary(
+        cp: &ControlPlane,
+        binary: &Path,
+        kubeconfig: &Path,
+        name: &str,
+        backend: &str,
+        flags: &[&str],
+    ) -> Operator {
         let port = free_port();
         let log = cp.dir.path().join(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_licensor"))
+        let child = Command::new(binary)
             .args(["--backend", backend, "operator"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(flags)
