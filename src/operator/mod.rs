@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -215,7 +215,7 @@ async fn control(
         controller: reconcile::MANAGER.into(),
         instance: config.election.as_ref().map(|e| e.identity.clone()),
     };
-    let events = events::Publisher::start(Recorder::new(client.clone(), reporter));
+    let events = events::Publisher::start(client.clone(), reporter);
     let (wake_tx, wake_rx) = mpsc::unbounded_channel::<ObjectRef<DedicatedLicense>>();
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
