@@ -748,10 +748,11 @@ fn a_standby_takes_over_on_postgres_and_nothing_is_applied_twice() {
 }
 
 fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
+    const BATCH: i64 = 60;
     let mut fixture = String::from(
         "account: acme\nproducts: [{name: TestOps, total: 200}]\norganizations: [{id: a}, {id: b}]\n",
     );
-    for i in 0..20 {
+    for i in 0..BATCH {
         fixture.push_str(&format!("  - {{id: batch-{i}}}\n"));
     }
     let fixture = fixture.replace(
@@ -796,8 +797,9 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
         "the standby reconciled"
     );
 
-    // A batch, and the leader killed while it works through it.
-    let batch: String = (0..20)
+    // A batch, and the leader killed while it works through it (large
+    // enough that the kill lands in it: 60 passes take about 2 s).
+    let batch: String = (0..BATCH)
         .map(|i| {
             format!(
                 "{}---\n",
@@ -827,7 +829,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
     // The leader's log says what it has applied (cheap to read at once).
     wait_for("the leader into the batch", SOON, || {
         let logs = first.logs();
-        let applied = (0..20)
+        let applied = (0..BATCH)
             .filter(|i| {
                 logs.lines().any(|l| {
                     l.contains("create 0 -> ")
@@ -842,7 +844,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
     let killed = Instant::now();
     let at_kill = written(&account);
     assert!(
-        at_kill < 20,
+        (at_kill as i64) < BATCH,
         "the kill came after the whole batch ({at_kill})"
     );
     wait_for("second leads", Duration::from_secs(15), || {
@@ -856,7 +858,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
         (account.allocation("b", "TestOps") == Some((3, 0))).then_some(())
     });
     wait_for("the whole batch", SOON, || {
-        (0..20)
+        (0..BATCH)
             .all(|i| account.allocation(&format!("batch-{i}"), "TestOps") == Some((1 + i % 3, 0)))
             .then_some(())
     });
@@ -870,7 +872,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
             .filter(|e| e["organization"] == org && e["action"] == action)
             .count()
     };
-    for i in 0..20 {
+    for i in 0..BATCH {
         assert_eq!(
             count(&format!("batch-{i}"), "create"),
             1,
@@ -878,7 +880,7 @@ fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
         );
     }
     assert_eq!((count("a", "create"), count("a", "revoke")), (1, 1));
-    eprintln!("leader killed with {at_kill} of 20 written; takeover after {took:?}");
+    eprintln!("leader killed with {at_kill} of {BATCH} written; takeover after {took:?}");
 
     // SIGTERM: a clean stop hands the lease back.
     assert_eq!(second.terminate(), Some(0), "{}", tail(&second.logs()));

@@ -248,6 +248,9 @@ async fn control(
         })
         .applied_objects()
         .predicate_filter(worth_a_pass, Default::default());
+    // The per-object gauges read this controller's cache while it runs.
+    let gauges = metrics.clone();
+    gauges.objects_from(Some(reader.clone()));
     let pools = pools::Pools::new(
         client,
         ctx.snapshot.clone(),
@@ -282,6 +285,7 @@ async fn control(
         .await;
     drop(walker);
     drop(pools);
+    gauges.objects_from(None);
     Ok(())
 }
 

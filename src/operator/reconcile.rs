@@ -30,9 +30,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
 use super::finalizer;
-use super::metrics::{Metrics, ObjectLabels};
+use super::metrics::Metrics;
 use super::snapshot;
-use super::status::{self, Hold, Pass, Seen, Verdict};
+use super::status::{self, Hold, Pass, Verdict};
 use crate::apply::apply_one;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
@@ -280,15 +280,6 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
     }
 }
 
-fn labels(dl: &DedicatedLicense) -> ObjectLabels {
-    ObjectLabels {
-        namespace: dl.namespace().unwrap_or_default(),
-        name: dl.name_any(),
-        organization: dl.spec.organization.clone(),
-        product: dl.spec.product.clone(),
-    }
-}
-
 /// Brings the backend to the spec (or reports why not).
 async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
     if needs_finalizer(&dl.spec, dl.finalizers()) {
@@ -420,11 +411,6 @@ fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_befor
     if let Some(p) = &pass.pool {
         ctx.metrics.pool(p);
     }
-    let allocation = match &pass.seen {
-        Seen::Allocation(a) => Some(a),
-        _ => None,
-    };
-    ctx.metrics.allocation(&labels(dl), pass.count, allocation);
     tracing::debug!(object = %key(dl), verdict = ?pass.verdict, "reconciled");
     match pass.verdict {
         Verdict::Refused { reason, .. } => {
@@ -632,7 +618,6 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
     if let Some(patch) = finalizer::remove(dl.finalizers()) {
         patch_finalizers(dl, ctx, patch).await?;
     }
-    ctx.metrics.forget(&labels(dl));
     ctx.succeeded(&key(dl));
     Ok(Ended::Released.requeue(ctx))
 }
