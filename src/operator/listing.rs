@@ -39,10 +39,14 @@ use crate::resource::DedicatedLicense;
 
 type Key = ObjectRef<DedicatedLicense>;
 
-/// The version of an object, if it is comparable: a positive integer
-/// without leading zeros, as KEP-5504 defines it.
+/// The version of an object, if it is comparable.
 fn version(dl: &DedicatedLicense) -> Option<u64> {
-    let rv = dl.metadata.resource_version.as_deref()?;
+    comparable(dl.metadata.resource_version.as_deref()?)
+}
+
+/// A resource version as a number, if it is comparable: a positive integer
+/// without leading zeros, as KEP-5504 defines it.
+fn comparable(rv: &str) -> Option<u64> {
     if rv.starts_with('0') || !rv.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -63,7 +67,7 @@ pub fn early_watch(api: Api<DedicatedLicense>) -> impl Stream<Item = WatchEvent<
                 return None;
             }
         };
-        if rv.starts_with('0') || rv.parse::<u64>().is_err() {
+        if comparable(&rv).is_none() {
             tracing::debug!(resource_version = %rv, "no early watch: versions are not comparable");
             return None;
         }
