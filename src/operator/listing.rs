@@ -264,6 +264,7 @@ impl Merge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::ResourceExt;
     use kube::runtime::reflector;
 
     fn object(name: &str, rv: u64, count: i64) -> DedicatedLicense {
@@ -365,10 +366,23 @@ mod tests {
         let (mut m, store) = merge();
         m.main(Event::Init);
         m.main(Event::InitApply(object("new", 10, 1)));
+        // Ready for its generation, with its finalizer: the walker's.
+        let mut in_sync = object("in-sync", 11, 1);
+        in_sync.metadata.finalizers = Some(vec![crate::resource::FINALIZER.into()]);
+        in_sync.status = Some(
+            serde_yaml::from_str(
+                "{observedGeneration: 1, conditions: [{type: Ready, status: 'True', \
+                 reason: InSync, message: in sync, lastTransitionTime: '2026-11-28T12:00:00Z'}]}",
+            )
+            .unwrap(),
+        );
+        m.main(Event::InitApply(in_sync));
         assert_eq!(cached(&store, "new"), None, "not before the list is in");
         m.main(Event::InitDone);
-        assert_eq!(m.queued.len(), 1);
+        let queued: Vec<String> = m.queued.iter().map(|dl| dl.name_any()).collect();
+        assert_eq!(queued, ["new"]);
         assert_eq!(cached(&store, "new"), Some(("10".into(), 1)));
+        assert_eq!(cached(&store, "in-sync"), Some(("11".into(), 1)));
     }
 
     #[test]
