@@ -2,10 +2,11 @@
 //! written wait for it and then go through the pipeline together, in one
 //! transaction, one after the other.
 //!
-//! Writers of one product are serialized by its pool row (or the file's
-//! write lock) in any case; this makes each of them cost one turn of the
-//! pipeline inside a transaction instead of a whole transaction of its own,
-//! so the lock changes hands once per batch instead of once per write.
+//! Writers of one product are serialized by its pool (the file's write
+//! lock, or the pool's lock in PostgreSQL) in any case; this makes each of
+//! them cost one turn of the pipeline inside a transaction instead of a
+//! whole transaction of its own, so the lock changes hands once per batch
+//! instead of once per write.
 //!
 //! Each write is decided on the rows as the writes before it in the batch
 //! left them, exactly as if it had come alone a moment later: the
@@ -13,10 +14,17 @@
 //! nothing (the pipeline decides before it writes), so the others in the
 //! batch go on; a store failure fails the whole batch, and a write is
 //! acknowledged only once the batch has committed.
+//!
+//! The batches of a product are written by one of its writers at a time,
+//! its leader, on its own thread. A leader writes batches until its own
+//! write is answered and then hands the lead to the first write still
+//! waiting, or, none waiting, ends it. (A leader that went on until no one
+//! waited would hold its own answer back for as long as writes kept coming:
+//! under steady load, the slowest answers by far.)
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{Principal, Store, pipeline};
 use crate::backend::{BackendError, Written};
@@ -25,26 +33,183 @@ use crate::domain::AllocationWrite;
 /// The most writes one transaction takes; the rest wait for the next.
 const MOST: usize = 64;
 
-type Answer = Result<Written, BackendError>;
+/// What a write is answered.
+pub type Answer<R> = Result<R, BackendError>;
+
+/// What a waiting write is told: its answer, or that it leads now.
+enum Turn<R> {
+    Answer(Answer<R>),
+    Lead,
+}
 
 /// One write waiting for its batch.
-struct Waiting {
-    who: Principal,
-    write: AllocationWrite,
-    answer: Sender<Answer>,
+struct Waiting<T, R> {
+    write: T,
+    told: Sender<Turn<R>>,
 }
 
-/// The writes waiting per account and product. A product present here has
-/// a leader: the thread that found it absent writes batches until none is
-/// left waiting.
-#[derive(Default)]
-pub struct Batches {
-    waiting: Mutex<HashMap<(String, String), Vec<Waiting>>>,
+/// An account and a product: the writes of one key are batched together.
+type Key = (String, String);
+
+/// The writes waiting, per key. A key present has a leader.
+type Waits<T, R> = HashMap<Key, Vec<Waiting<T, R>>>;
+
+/// The writes waiting for their batches, per key.
+pub struct Queues<T, R> {
+    waiting: Mutex<Waits<T, R>>,
 }
 
-fn poisoned<T>(_: T) -> BackendError {
-    BackendError::Unavailable("store lock poisoned".into())
+impl<T, R> Default for Queues<T, R> {
+    fn default() -> Self {
+        Queues {
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
 }
+
+fn lost() -> BackendError {
+    BackendError::Unavailable("the write's batch was lost".into())
+}
+
+impl<T, R> Queues<T, R> {
+    /// The queues, even if a thread panicked holding them: every change
+    /// to them is one push, drain or removal, never left half done.
+    fn lock(&self) -> MutexGuard<'_, Waits<T, R>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `write` under `key` and answers it once a batch has. The
+    /// calling thread may lead meanwhile: it then runs `batch` for each
+    /// batch, which takes its writes with the function it is given (once
+    /// it is ready for them: the writes that came meanwhile go too) and
+    /// answers them in order, or fails them all.
+    pub fn submit(
+        &self,
+        key: Key,
+        write: T,
+        mut batch: impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+    ) -> Answer<R> {
+        let (told, turn) = channel();
+        let me = Waiting { write, told };
+        let leading = {
+            let mut waiting = self.lock();
+            match waiting.get_mut(&key) {
+                Some(queue) => {
+                    queue.push(me);
+                    false
+                }
+                None => {
+                    waiting.insert(key.clone(), vec![me]);
+                    true
+                }
+            }
+        };
+        if !leading {
+            match turn.recv() {
+                Ok(Turn::Answer(answer)) => return answer,
+                Ok(Turn::Lead) => {}
+                Err(_) => return Err(lost()),
+            }
+        }
+        // Leading: this write is in the queue until a batch answers it.
+        // The lead is handed on however this ends, a panic included, so
+        // the writes still waiting are never left without a leader.
+        let lead = Lead {
+            queues: self,
+            key,
+            turn: Some(turn),
+        };
+        loop {
+            self.write_together(&lead.key, &mut batch);
+            match lead.turn().try_recv() {
+                Ok(Turn::Answer(answer)) => return answer,
+                Ok(Turn::Lead) | Err(TryRecvError::Empty) => continue,
+                Err(TryRecvError::Disconnected) => return Err(lost()),
+            }
+        }
+    }
+
+    /// Gives the lead of `key` to the first write waiting, or ends it.
+    fn hand_over(&self, key: &Key) {
+        let mut waiting = self.lock();
+        let Some(queue) = waiting.get_mut(key) else {
+            return;
+        };
+        // A writer that is gone can no longer lead; the next one does.
+        while let Some(next) = queue.first() {
+            if next.told.send(Turn::Lead).is_ok() {
+                return;
+            }
+            queue.remove(0);
+        }
+        waiting.remove(key);
+    }
+
+    /// Runs one batch of `key` and answers each of its writes.
+    fn write_together(
+        &self,
+        key: &Key,
+        batch: &mut impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+    ) {
+        let mut taken: Vec<Sender<Turn<R>>> = Vec::new();
+        let mut take = || {
+            let mut waiting = self.lock();
+            let queue = waiting.entry(key.clone()).or_default();
+            let n = queue.len().min(MOST);
+            let (writes, told): (Vec<T>, Vec<_>) =
+                queue.drain(..n).map(|w| (w.write, w.told)).unzip();
+            taken = told;
+            writes
+        };
+        let outcome = batch(&mut take);
+        match outcome {
+            Ok(answers) => {
+                for (told, answer) in taken.iter().zip(answers) {
+                    let _ = told.send(Turn::Answer(answer));
+                }
+            }
+            Err(e) => {
+                // Failed before the batch was taken (the store is down):
+                // every write waiting gets the error, none waits for ever.
+                if taken.is_empty() {
+                    let mut waiting = self.lock();
+                    let queue = waiting.entry(key.clone()).or_default();
+                    taken = queue.drain(..).map(|w| w.told).collect();
+                }
+                for told in &taken {
+                    let _ = told.send(Turn::Answer(Err(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// The lead of a key, with the leader's own turn; handed on when dropped.
+struct Lead<'a, T, R> {
+    queues: &'a Queues<T, R>,
+    key: Key,
+    turn: Option<Receiver<Turn<R>>>,
+}
+
+impl<T, R> Lead<'_, T, R> {
+    fn turn(&self) -> &Receiver<Turn<R>> {
+        self.turn
+            .as_ref()
+            .expect("a lead has its turn until it is dropped")
+    }
+}
+
+impl<T, R> Drop for Lead<'_, T, R> {
+    fn drop(&mut self) {
+        // The leader's own write may still be waiting (its batch panicked
+        // before taking it): with its turn gone, the lead skips it.
+        self.turn = None;
+        self.queues.hand_over(&self.key);
+    }
+}
+
+/// The allocation writes waiting to be written together.
+pub type Batches = Queues<(Principal, AllocationWrite), Written>;
 
 impl Store {
     /// Writes `w` in the next batch of its product: as its leader, or by
@@ -54,83 +219,163 @@ impl Store {
         account: &str,
         who: &Principal,
         w: &AllocationWrite,
-    ) -> Answer {
+    ) -> Answer<Written> {
         let key = (account.to_string(), w.product.clone());
-        let (answer, answered) = channel();
-        let me = Waiting {
-            who: who.clone(),
-            write: w.clone(),
-            answer,
-        };
-        {
-            let mut waiting = self.batches.waiting.lock().map_err(poisoned)?;
-            if let Some(queue) = waiting.get_mut(&key) {
-                queue.push(me);
-                drop(waiting);
-                return answered.recv().unwrap_or_else(|_| {
-                    Err(BackendError::Unavailable(
-                        "the write's batch was lost".into(),
-                    ))
-                });
-            }
-            waiting.insert(key.clone(), vec![me]);
-        }
-        loop {
-            {
-                let mut waiting = self.batches.waiting.lock().map_err(poisoned)?;
-                if waiting.get(&key).is_none_or(Vec::is_empty) {
-                    waiting.remove(&key);
-                    break;
-                }
-            }
-            self.write_together(account, &key);
-        }
-        answered
-            .recv()
-            .unwrap_or_else(|_| Err(BackendError::Unavailable("the write was lost".into())))
+        let product = w.product.clone();
+        self.batches.submit(key, (who.clone(), w.clone()), |take| {
+            self.transaction_then(|tx| {
+                // The batch is taken once the transaction holds the
+                // pool's lock (the file's write lock is held already by
+                // the embedded store's transaction), so the writes that
+                // came while it waited for the lock (another process's
+                // batch) are in it.
+                tx.pool(account, &product)?;
+                let batch = take();
+                let writes: Vec<_> = batch.iter().map(|(who, w)| (who, w)).collect();
+                let answers = pipeline::write_all(tx, account, &writes)?;
+                // A batch of refusals only is rolled back: it leaves the
+                // store exactly as it was, to the account's sequence.
+                let commit = answers.iter().any(Result::is_ok);
+                Ok((answers, commit))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn key() -> Key {
+        ("acme".into(), "TestOps".into())
     }
 
-    /// Runs the next batch of `key` through the pipeline in one
-    /// transaction and answers each write. The batch is taken once the
-    /// transaction holds the pool's lock, so the writes that arrived while
-    /// it waited for the lock (another process's batch) are in it.
-    fn write_together(&self, account: &str, key: &(String, String)) {
-        let mut batch: Vec<Waiting> = Vec::new();
-        let outcome = self.transaction_then(|tx| {
-            // Waits for the pool row's lock (the file's write lock is held
-            // already by the embedded store's transaction).
-            tx.pool(account, &key.1)?;
-            batch = {
-                let mut waiting = self.batches.waiting.lock().map_err(poisoned)?;
-                let queue = waiting.entry(key.clone()).or_default();
-                let n = queue.len().min(MOST);
-                queue.drain(..n).collect()
-            };
-            let writes: Vec<_> = batch.iter().map(|w| (&w.who, &w.write)).collect();
-            let answers = pipeline::write_all(tx, account, &writes)?;
-            // A batch of refusals only is rolled back: it leaves the store
-            // exactly as it was, to the account's sequence.
-            let commit = answers.iter().any(Result::is_ok);
-            Ok((answers, commit))
+    /// A batch the test lets go: it tells which writes it took, then waits
+    /// for the word to answer them (each with its own number).
+    fn held(
+        took: &Sender<Vec<u32>>,
+        go: &Mutex<Receiver<()>>,
+        take: &mut dyn FnMut() -> Vec<u32>,
+    ) -> Result<Vec<Answer<u32>>, BackendError> {
+        let writes = take();
+        took.send(writes.clone()).unwrap();
+        go.lock().unwrap().recv().unwrap();
+        Ok(writes.into_iter().map(Ok).collect())
+    }
+
+    /// The leader answers as soon as its own batch has, while the write
+    /// that came during that batch is written by its own thread.
+    #[test]
+    fn the_lead_passes_on_once_the_leaders_write_is_answered() {
+        let queues: Queues<u32, u32> = Queues::default();
+        let (took, batches) = channel();
+        let (go, gone) = channel();
+        let gone = Mutex::new(gone);
+        let (returned, answers) = channel();
+        std::thread::scope(|s| {
+            // Dropped if the test fails, so that a held batch ends too.
+            let go = go;
+            let one = (&queues, &took, &gone, returned.clone());
+            s.spawn(move || {
+                let (queues, took, gone, returned) = one;
+                let answer = queues.submit(key(), 1, |take| held(took, gone, take));
+                returned.send((1, answer)).unwrap();
+            });
+            let wait = Duration::from_secs(10);
+            assert_eq!(batches.recv_timeout(wait).unwrap(), vec![1]);
+            // Write 2 comes while write 1's batch is being written.
+            let two = (&queues, &took, &gone, returned.clone());
+            s.spawn(move || {
+                let (queues, took, gone, returned) = two;
+                let answer = queues.submit(key(), 2, |take| held(took, gone, take));
+                returned.send((2, answer)).unwrap();
+            });
+            while queues.lock().get(&key()).map_or(0, Vec::len) < 1 {
+                std::thread::yield_now();
+            }
+            go.send(()).unwrap();
+            // Write 1 is answered while write 2's batch is still held.
+            assert_eq!(answers.recv_timeout(wait).unwrap(), (1, Ok(1)));
+            assert_eq!(batches.recv_timeout(wait).unwrap(), vec![2]);
+            go.send(()).unwrap();
+            assert_eq!(answers.recv_timeout(wait).unwrap(), (2, Ok(2)));
         });
-        match outcome {
-            Ok(answers) => {
-                for (w, answer) in batch.iter().zip(answers) {
-                    let _ = w.answer.send(answer);
-                }
+        assert!(queues.lock().is_empty(), "the lead ended with the queue");
+    }
+
+    /// Writes that come while a batch waits for the pool's lock go with
+    /// it; a failed batch fails every write waiting.
+    #[test]
+    fn a_batch_takes_what_came_before_it_was_ready_and_a_failure_fails_all() {
+        let queues: Queues<u32, u32> = Queues::default();
+        let (ready, wait) = channel::<()>();
+        let wait = Mutex::new(wait);
+        let (took, batches) = channel();
+        std::thread::scope(|s| {
+            let leader = s.spawn(|| {
+                queues.submit(key(), 1, |take| {
+                    wait.lock().unwrap().recv().unwrap();
+                    let writes = take();
+                    took.send(writes.clone()).unwrap();
+                    Ok(writes.into_iter().map(|w| Ok(w * 10)).collect())
+                })
+            });
+            while queues.lock().get(&key()).is_none() {
+                std::thread::yield_now();
             }
-            Err(e) => {
-                // Failed before the batch was taken (the store is down):
-                // every write waiting gets the error, none waits for ever.
-                if batch.is_empty()
-                    && let Ok(mut waiting) = self.batches.waiting.lock()
-                {
-                    batch = waiting.entry(key.clone()).or_default().drain(..).collect();
-                }
-                for w in &batch {
-                    let _ = w.answer.send(Err(e.clone()));
-                }
+            let others: Vec<_> = [2, 3]
+                .into_iter()
+                .map(|n| {
+                    let q = &queues;
+                    s.spawn(move || q.submit(key(), n, |_| Err(lost())))
+                })
+                .collect();
+            while queues.lock().get(&key()).map_or(0, Vec::len) < 3 {
+                std::thread::yield_now();
             }
-        }
+            ready.send(()).unwrap();
+            assert_eq!(leader.join().unwrap(), Ok(10));
+            let answers: Vec<_> = others.into_iter().map(|o| o.join().unwrap()).collect();
+            assert_eq!(answers, vec![Ok(20), Ok(30)]);
+        });
+        assert_eq!(batches.try_iter().collect::<Vec<_>>(), vec![vec![1, 2, 3]]);
+
+        let down = BackendError::Unavailable("the store is down".into());
+        let answer = queues.submit(key(), 4, |_| Err(down.clone()));
+        assert_eq!(answer, Err(down));
+        assert!(queues.lock().is_empty());
+    }
+
+    /// A leader whose batch panics still hands the lead on: the write that
+    /// waited behind it is written, not left waiting for ever.
+    #[test]
+    fn a_leader_that_panics_hands_the_lead_on() {
+        let queues: Queues<u32, u32> = Queues::default();
+        let (ready, wait) = channel::<()>();
+        let wait = Mutex::new(wait);
+        std::thread::scope(|s| {
+            let leader = s.spawn(|| {
+                queues.submit(key(), 1, |_| {
+                    wait.lock().unwrap().recv().unwrap();
+                    panic!("a store that panics");
+                })
+            });
+            while queues.lock().get(&key()).is_none() {
+                std::thread::yield_now();
+            }
+            let q = &queues;
+            let other = s
+                .spawn(move || q.submit(key(), 2, |take| Ok(take().into_iter().map(Ok).collect())));
+            while queues.lock().get(&key()).map_or(0, Vec::len) < 2 {
+                std::thread::yield_now();
+            }
+            ready.send(()).unwrap();
+            assert!(leader.join().is_err(), "the leader panicked");
+            // Write 1's writer is gone, so the lead skips it: write 2
+            // leads, and its batch is write 2 alone.
+            assert_eq!(other.join().unwrap(), Ok(2));
+        });
+        assert!(queues.lock().is_empty());
     }
 }
