@@ -20,6 +20,15 @@
 //!   the client then has to retry. Every writer locks in the same order
 //!   (pool rows by name, then the account row), seeds included, so writers
 //!   cannot deadlock.
+//! - **A queue per pool.** Before its row, a writer takes the pool's
+//!   transaction-scoped advisory lock ([`POOL_QUEUE`]). PostgreSQL hands a
+//!   freed advisory lock to the transaction that has waited longest, while
+//!   a freed row goes to whichever asks first, so without the queue one
+//!   process could take a pool again and again while another's batch
+//!   waited (with three `licensor serve` replicas: p99 21 to 24 ms, 16 to
+//!   19 with it). It orders writers and decides nothing: the row lock
+//!   still does that. Writers take the queues (by pool name) before any
+//!   row, and seeds take none, so the lock order stays one order.
 //! - **Round trips.** Each process keeps a few connections ([`Conns`]) and
 //!   pipelines its statements ([`conn`]): the lock of a pool row is held
 //!   for two round trips per transaction (the observation, then the writes
@@ -340,6 +349,11 @@ fn allocation_row(r: &Row) -> Allocation {
     }
 }
 
+/// Waits for a pool's turn: a transaction-scoped advisory lock keyed by a
+/// 64-bit hash of the account and product. Two pools whose keys collided
+/// would share a queue (their writers would wait for each other), nothing
+/// more.
+const POOL_QUEUE: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))";
 const POOL: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2";
 const POOL_FOR_UPDATE: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE";
 const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $1 AND id = $2";
@@ -403,6 +417,7 @@ fn audit_row(r: &Row) -> Result<AuditEntry> {
 impl Storage for Pg<'_> {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
         let sql = if self.mode == Mode::Writes {
+            self.later(POOL_QUEUE, params![account, product])?;
             POOL_FOR_UPDATE
         } else {
             POOL
@@ -444,8 +459,9 @@ impl Storage for Pg<'_> {
         wanted: &[(&str, &str)],
         keys: &[&str],
     ) -> Result<Observations> {
-        // One round trip. Writing, the pool rows are locked first (by
-        // name, as every writer locks them), the other rows are read after
+        // One round trip. Writing, the pools' queues are waited for and
+        // their rows locked first (by name, as every writer locks them),
+        // the other rows are read after
         // the locks are held, and as many values of the account's sequence
         // are taken as there are writes (its row locked after the pools').
         // Reading, all of it is one consistent set.
@@ -453,6 +469,11 @@ impl Storage for Pg<'_> {
         let mut products: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
         products.sort_unstable();
         products.dedup();
+        if writing {
+            for product in &products {
+                self.later(POOL_QUEUE, params![account, product])?;
+            }
+        }
         let mut queries = Vec::with_capacity(products.len() + 2 * wanted.len() + 2);
         for product in &products {
             let sql = if writing { POOL_FOR_UPDATE } else { POOL };
