@@ -124,6 +124,8 @@ pub struct Conn {
     runtime: tokio::runtime::Runtime,
     statements: HashMap<String, Statement>,
     queued: Vec<Request>,
+    /// Where each request queued under a key is in `queued`.
+    keyed: HashMap<Vec<String>, usize>,
 }
 
 impl Conn {
@@ -133,6 +135,7 @@ impl Conn {
             runtime,
             statements: HashMap::new(),
             queued: Vec::new(),
+            keyed: HashMap::new(),
         }
     }
 
@@ -163,9 +166,24 @@ impl Conn {
         self.queued.push(request);
     }
 
+    /// Queues a request under `key` (its parts, compared whole): in the
+    /// place of the one queued under the same key if that one has not been
+    /// sent yet, else last. For a write that only its last value matters
+    /// of, within one transaction.
+    pub fn later_instead(&mut self, key: Vec<String>, request: Request) {
+        match self.keyed.get(&key) {
+            Some(&at) => self.queued[at] = request,
+            None => {
+                self.keyed.insert(key, self.queued.len());
+                self.queued.push(request);
+            }
+        }
+    }
+
     /// Forgets what is queued (a transaction given up before it was sent).
     pub fn discard(&mut self) {
         self.queued.clear();
+        self.keyed.clear();
     }
 
     /// Sends what is queued.
@@ -180,6 +198,7 @@ impl Conn {
     /// returns the answers to `requests` in order.
     pub fn send(&mut self, requests: Vec<Request>) -> Result<Vec<Answer>, Error> {
         let mut all = std::mem::take(&mut self.queued);
+        self.keyed.clear();
         let first = all.len();
         all.extend(requests);
         let client = &self.client;

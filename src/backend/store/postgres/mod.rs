@@ -47,7 +47,7 @@ use std::cell::RefCell;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
 use super::audit::{AuditAction, AuditRecord};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
@@ -224,6 +224,8 @@ pub struct Pg<'c> {
     /// [`Storage::next_revision`] hands them out. Unused ones are gaps; a
     /// transaction rolled back returns them.
     reserved: std::cell::Cell<Option<(i64, i64)>>,
+    /// The pools whose rows this write transaction has locked.
+    locked: RefCell<HashSet<String>>,
 }
 
 fn failed(e: tokio_postgres::Error) -> BackendError {
@@ -237,6 +239,7 @@ impl<'c> Pg<'c> {
             conn: RefCell::new(conn),
             mode: Mode::Reads,
             reserved: Default::default(),
+            locked: Default::default(),
         }
     }
 
@@ -248,6 +251,7 @@ impl<'c> Pg<'c> {
             conn: RefCell::new(conn),
             mode: Mode::Writes,
             reserved: Default::default(),
+            locked: Default::default(),
         }
     }
 
@@ -260,6 +264,12 @@ impl<'c> Pg<'c> {
         }
         let end = if commit { "COMMIT" } else { "ROLLBACK" };
         conn.send(vec![Request::Simple(end.into())]).map(drop)
+    }
+
+    /// Whether the pool of `product` is still to be locked by this
+    /// transaction (true once: the caller then locks it).
+    fn lock(&self, product: &str) -> bool {
+        self.locked.borrow_mut().insert(product.to_string())
     }
 
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
@@ -360,6 +370,14 @@ const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $
 const ALLOCATION: &str =
     "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
      WHERE account = $1 AND organization = $2 AND product = $3";
+/// What one write is decided on besides its pool, in one row: the
+/// allocation's columns (null if there is none), then whether the
+/// organization exists.
+const ORGANIZATION_AND_ALLOCATION: &str =
+    "SELECT a.organization, a.product, a.dedicated, a.in_use, a.managed_by, a.version,
+            EXISTS (SELECT 1 FROM organizations o WHERE o.account = $1 AND o.id = $2)
+     FROM (VALUES (1)) AS one
+     LEFT JOIN allocations a ON a.account = $1 AND a.organization = $2 AND a.product = $3";
 /// Takes $2 values of the account's sequence; returns the last.
 const RESERVE_REVISIONS: &str =
     "UPDATE accounts SET revision = revision + $2 WHERE id = $1 RETURNING revision";
@@ -416,7 +434,7 @@ fn audit_row(r: &Row) -> Result<AuditEntry> {
 
 impl Storage for Pg<'_> {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
-        let sql = if self.mode == Mode::Writes {
+        let sql = if self.mode == Mode::Writes && self.lock(product) {
             self.later(POOL_QUEUE, params![account, product])?;
             POOL_FOR_UPDATE
         } else {
@@ -469,19 +487,22 @@ impl Storage for Pg<'_> {
         let mut products: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
         products.sort_unstable();
         products.dedup();
-        if writing {
-            for product in &products {
-                self.later(POOL_QUEUE, params![account, product])?;
-            }
-        }
-        let mut queries = Vec::with_capacity(products.len() + 2 * wanted.len() + 2);
+        let mut queries = Vec::with_capacity(products.len() + wanted.len() + 2);
         for product in &products {
-            let sql = if writing { POOL_FOR_UPDATE } else { POOL };
+            // A pool this transaction has locked already is only read.
+            let sql = if writing && self.lock(product) {
+                self.later(POOL_QUEUE, params![account, product])?;
+                POOL_FOR_UPDATE
+            } else {
+                POOL
+            };
             queries.push((sql, params![account, product]));
         }
         for (organization, product) in wanted {
-            queries.push((ORGANIZATION_EXISTS, params![account, organization]));
-            queries.push((ALLOCATION, params![account, organization, product]));
+            queries.push((
+                ORGANIZATION_AND_ALLOCATION,
+                params![account, organization, product],
+            ));
         }
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         queries.push((REMEMBERED_ANY, params![account, &keys]));
@@ -499,11 +520,14 @@ impl Storage for Pg<'_> {
         let seen = wanted
             .iter()
             .map(|(_, product)| {
-                let (organization_exists, allocation) = (next(), next());
+                let row = next();
+                let row = row.first();
                 Observation {
                     pool: pools.get(*product).cloned(),
-                    organization_exists: !organization_exists.is_empty(),
-                    allocation: allocation.first().map(allocation_row),
+                    organization_exists: row.is_some_and(|r| r.get(6)),
+                    allocation: row
+                        .filter(|r| r.get::<_, Option<String>>(0).is_some())
+                        .map(allocation_row),
                 }
             })
             .collect();
@@ -535,19 +559,28 @@ impl Storage for Pg<'_> {
     }
 
     fn save_pool(&self, account: &str, p: &Pool) -> Result<()> {
-        self.later(
+        // A batch saves its pool after each of its writes; only the last
+        // is written (in the place of the first, still queued), as one
+        // update of the row instead of one per write.
+        let statement = self.statement(
             "UPDATE products SET total = $3, dedicated = $4, shared_in_use = $5, revision = $6
              WHERE account = $1 AND name = $2",
-            params![
-                &account,
-                &p.product,
-                &p.total,
-                &p.dedicated,
-                &p.shared_in_use,
-                &p.revision
-            ],
-        )
-        .map(drop)
+        )?;
+        self.conn.borrow_mut().later_instead(
+            vec!["pool".into(), account.into(), p.product.clone()],
+            Request::Execute(
+                statement,
+                params![
+                    &account,
+                    &p.product,
+                    &p.total,
+                    &p.dedicated,
+                    &p.shared_in_use,
+                    &p.revision
+                ],
+            ),
+        );
+        Ok(())
     }
 
     fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
