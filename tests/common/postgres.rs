@@ -76,14 +76,20 @@ impl Server {
     /// connects (a blocking client, on a thread of its own so that it works
     /// from async tests too).
     pub fn sql(&self, database: &str, sql: &str) -> Vec<String> {
+        self.try_sql(database, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The same, with the failure (cannot connect, or the statement's
+    /// error) as its answer.
+    fn try_sql(&self, database: &str, sql: &str) -> Result<Vec<String>, String> {
         let (url, sql) = (self.url_with_password(database), sql.to_string());
         std::thread::spawn(move || {
             let mut client = licensor::backend::store::postgres::connect(&url)
-                .unwrap_or_else(|e| panic!("connect: {e}"));
-            let rows = client
-                .simple_query(&sql)
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            rows.iter()
+                .map_err(|e| format!("connect: {e}"))?;
+            let rows = client.simple_query(&sql).map_err(|e| e.to_string())?;
+            Ok(rows
+                .iter()
                 .filter_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => Some(
                         (0..r.len())
@@ -93,7 +99,7 @@ impl Server {
                     ),
                     _ => None,
                 })
-                .collect()
+                .collect())
         })
         .join()
         .expect("the SQL thread")
@@ -305,12 +311,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         // Accepting connections is not yet accepting logins.
-        loop {
-            let ok = std::panic::catch_unwind(|| self.sql("postgres", "SELECT 1")).is_ok();
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "postgres does not accept logins");
+        while let Err(e) = self.try_sql("postgres", "SELECT 1") {
+            assert!(
+                Instant::now() < deadline,
+                "postgres does not accept logins: {e}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
