@@ -120,7 +120,7 @@ async fn main() {
     let audit = account.audit().len();
     println!("  audit entries after the run: {audit}");
 
-    postgres(env("PG_WRITES", 10_000), clients).await;
+    postgres(env("PG_WRITES", 20_000), clients).await;
 }
 
 /// Writes through `licensor serve` replicas on one PostgreSQL database,
