@@ -47,7 +47,7 @@ use std::cell::RefCell;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
 use super::audit::{AuditAction, AuditRecord};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
@@ -224,8 +224,10 @@ pub struct Pg<'c> {
     /// [`Storage::next_revision`] hands them out. Unused ones are gaps; a
     /// transaction rolled back returns them.
     reserved: std::cell::Cell<Option<(i64, i64)>>,
-    /// The pools whose rows this write transaction has locked.
-    locked: RefCell<HashSet<String>>,
+    /// The pools (account, product) whose rows this write transaction has
+    /// locked, as it last read or wrote them: read again, they are taken
+    /// from here (the lock keeps them as they are).
+    locked: RefCell<HashMap<(String, String), Option<Pool>>>,
 }
 
 fn failed(e: tokio_postgres::Error) -> BackendError {
@@ -266,10 +268,10 @@ impl<'c> Pg<'c> {
         conn.send(vec![Request::Simple(end.into())]).map(drop)
     }
 
-    /// Whether the pool of `product` is still to be locked by this
-    /// transaction (true once: the caller then locks it).
-    fn lock(&self, product: &str) -> bool {
-        self.locked.borrow_mut().insert(product.to_string())
+    /// The pool of `product` as this transaction locked it, if it has.
+    fn locked(&self, account: &str, product: &str) -> Option<Option<Pool>> {
+        let key = (account.to_string(), product.to_string());
+        self.locked.borrow().get(&key).cloned()
     }
 
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
@@ -434,16 +436,24 @@ fn audit_row(r: &Row) -> Result<AuditEntry> {
 
 impl Storage for Pg<'_> {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
-        let sql = if self.mode == Mode::Writes && self.lock(product) {
-            self.later(POOL_QUEUE, params![account, product])?;
-            POOL_FOR_UPDATE
-        } else {
-            POOL
-        };
-        Ok(self
-            .rows(sql, params![&account, &product])?
+        if self.mode != Mode::Writes {
+            return Ok(self
+                .rows(POOL, params![&account, &product])?
+                .first()
+                .map(pool_row));
+        }
+        if let Some(pool) = self.locked(account, product) {
+            return Ok(pool);
+        }
+        self.later(POOL_QUEUE, params![account, product])?;
+        let pool = self
+            .rows(POOL_FOR_UPDATE, params![&account, &product])?
             .first()
-            .map(pool_row))
+            .map(pool_row);
+        self.locked
+            .borrow_mut()
+            .insert((account.to_string(), product.to_string()), pool.clone());
+        Ok(pool)
     }
 
     fn organization_exists(&self, account: &str, organization: &str) -> Result<bool> {
@@ -479,18 +489,27 @@ impl Storage for Pg<'_> {
     ) -> Result<Observations> {
         // One round trip. Writing, the pools' queues are waited for and
         // their rows locked first (by name, as every writer locks them),
-        // the other rows are read after
-        // the locks are held, and as many values of the account's sequence
-        // are taken as there are writes (its row locked after the pools').
-        // Reading, all of it is one consistent set.
+        // the other rows are read after the locks are held, and as many
+        // values of the account's sequence are taken as there are writes
+        // (its row locked after the pools'). Reading, all of it is one
+        // consistent set.
         let writing = self.mode == Mode::Writes;
         let mut products: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
         products.sort_unstable();
         products.dedup();
-        let mut queries = Vec::with_capacity(products.len() + wanted.len() + 2);
-        for product in &products {
-            // A pool this transaction has locked already is only read.
-            let sql = if writing && self.lock(product) {
+        // A pool this transaction has locked already is not read again.
+        let (locked, to_read): (Vec<_>, Vec<_>) = products
+            .iter()
+            .map(|p| (*p, writing.then(|| self.locked(account, p)).flatten()))
+            .partition(|(_, pool)| pool.is_some());
+        let mut pools: HashMap<String, Pool> = locked
+            .into_iter()
+            .filter_map(|(p, pool)| Some((p.to_string(), pool.flatten()?)))
+            .collect();
+        let to_read: Vec<&str> = to_read.into_iter().map(|(p, _)| p).collect();
+        let mut queries = Vec::with_capacity(to_read.len() + wanted.len() + 2);
+        for product in &to_read {
+            let sql = if writing {
                 self.later(POOL_QUEUE, params![account, product])?;
                 POOL_FOR_UPDATE
             } else {
@@ -505,18 +524,24 @@ impl Storage for Pg<'_> {
             ));
         }
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        queries.push((REMEMBERED_ANY, params![account, &keys]));
+        if !keys.is_empty() {
+            queries.push((REMEMBERED_ANY, params![account, &keys]));
+        }
         let reserve = writing && !wanted.is_empty();
         if reserve {
             queries.push((RESERVE_REVISIONS, params![account, &(wanted.len() as i64)]));
         }
         let mut answers = self.consistent(queries)?.into_iter();
         let mut next = || answers.next().unwrap_or_default();
-        let pools: HashMap<String, Pool> = products
-            .iter()
-            .filter_map(|_| next().first().map(pool_row))
-            .map(|p| (p.product.clone(), p))
-            .collect();
+        for product in &to_read {
+            let pool = next().first().map(pool_row);
+            if writing {
+                self.locked
+                    .borrow_mut()
+                    .insert((account.to_string(), product.to_string()), pool.clone());
+            }
+            pools.extend(pool.map(|p| (p.product.clone(), p)));
+        }
         let seen = wanted
             .iter()
             .map(|(_, product)| {
@@ -531,10 +556,14 @@ impl Storage for Pg<'_> {
                 }
             })
             .collect();
-        let remembered = next()
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
+        let remembered = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            next()
+                .iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect()
+        };
         if reserve && let Some(r) = next().first() {
             let last: i64 = r.get(0);
             self.reserved
@@ -562,6 +591,13 @@ impl Storage for Pg<'_> {
         // A batch saves its pool after each of its writes; only the last
         // is written (in the place of the first, still queued), as one
         // update of the row instead of one per write.
+        if let Some(locked) = self
+            .locked
+            .borrow_mut()
+            .get_mut(&(account.to_string(), p.product.clone()))
+        {
+            *locked = Some(p.clone());
+        }
         let statement = self.statement(
             "UPDATE products SET total = $3, dedicated = $4, shared_in_use = $5, revision = $6
              WHERE account = $1 AND name = $2",
@@ -618,6 +654,7 @@ impl Storage for Pg<'_> {
     }
 
     fn insert_pool(&self, account: &str, p: &Pool) -> Result<()> {
+        self.locked.borrow_mut().clear();
         self.later(
             "INSERT INTO products (account, name, total, shared_in_use, dedicated, revision)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -634,6 +671,7 @@ impl Storage for Pg<'_> {
     }
 
     fn clear_account(&self, account: &str) -> Result<()> {
+        self.locked.borrow_mut().clear();
         // Seeds of the account one at a time ([`SEED_LOCK`]); then locked
         // in the order every writer locks: the pool rows, then the account
         // row.
