@@ -324,16 +324,18 @@ mod tests {
             while queues.lock().get(&key()).is_none() {
                 std::thread::yield_now();
             }
+            // One after the other, so that they queue in this order.
             let others: Vec<_> = [2, 3]
                 .into_iter()
                 .map(|n| {
                     let q = &queues;
-                    s.spawn(move || q.submit(key(), n, |_| Err(lost())))
+                    let other = s.spawn(move || q.submit(key(), n, |_| Err(lost())));
+                    while queues.lock().get(&key()).map_or(0, Vec::len) < n as usize {
+                        std::thread::yield_now();
+                    }
+                    other
                 })
                 .collect();
-            while queues.lock().get(&key()).map_or(0, Vec::len) < 3 {
-                std::thread::yield_now();
-            }
             ready.send(()).unwrap();
             assert_eq!(leader.join().unwrap(), Ok(10));
             let answers: Vec<_> = others.into_iter().map(|o| o.join().unwrap()).collect();
