@@ -274,6 +274,12 @@ impl<'c> Pg<'c> {
         self.locked.borrow().get(&key).cloned()
     }
 
+    /// Keeps the pool of `product` as this transaction locked it.
+    fn keep_locked(&self, account: &str, product: &str, pool: &Option<Pool>) {
+        let key = (account.to_string(), product.to_string());
+        self.locked.borrow_mut().insert(key, pool.clone());
+    }
+
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
         self.conn.borrow_mut().statement(sql).map_err(failed)
     }
@@ -450,9 +456,7 @@ impl Storage for Pg<'_> {
             .rows(POOL_FOR_UPDATE, params![&account, &product])?
             .first()
             .map(pool_row);
-        self.locked
-            .borrow_mut()
-            .insert((account.to_string(), product.to_string()), pool.clone());
+        self.keep_locked(account, product, &pool);
         Ok(pool)
     }
 
@@ -498,15 +502,14 @@ impl Storage for Pg<'_> {
         products.sort_unstable();
         products.dedup();
         // A pool this transaction has locked already is not read again.
-        let (locked, to_read): (Vec<_>, Vec<_>) = products
-            .iter()
-            .map(|p| (*p, writing.then(|| self.locked(account, p)).flatten()))
-            .partition(|(_, pool)| pool.is_some());
-        let mut pools: HashMap<String, Pool> = locked
-            .into_iter()
-            .filter_map(|(p, pool)| Some((p.to_string(), pool.flatten()?)))
-            .collect();
-        let to_read: Vec<&str> = to_read.into_iter().map(|(p, _)| p).collect();
+        let mut pools: HashMap<String, Pool> = HashMap::new();
+        let mut to_read = Vec::with_capacity(products.len());
+        for product in products {
+            match writing.then(|| self.locked(account, product)).flatten() {
+                Some(pool) => pools.extend(pool.map(|p| (p.product.clone(), p))),
+                None => to_read.push(product),
+            }
+        }
         let mut queries = Vec::with_capacity(to_read.len() + wanted.len() + 2);
         for product in &to_read {
             let sql = if writing {
@@ -536,9 +539,7 @@ impl Storage for Pg<'_> {
         for product in &to_read {
             let pool = next().first().map(pool_row);
             if writing {
-                self.locked
-                    .borrow_mut()
-                    .insert((account.to_string(), product.to_string()), pool.clone());
+                self.keep_locked(account, product, &pool);
             }
             pools.extend(pool.map(|p| (p.product.clone(), p)));
         }
