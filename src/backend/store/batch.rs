@@ -353,31 +353,42 @@ mod tests {
     /// waited behind it is written, not left waiting for ever.
     #[test]
     fn a_leader_that_panics_hands_the_lead_on() {
-        let queues: Queues<u32, u32> = Queues::default();
+        // Threads of their own, not scoped: if the lead were lost, the
+        // test fails on a timeout instead of waiting for ever.
+        let queues: std::sync::Arc<Queues<u32, u32>> = Default::default();
         let (ready, wait) = channel::<()>();
-        let wait = Mutex::new(wait);
-        std::thread::scope(|s| {
-            let leader = s.spawn(|| {
+        let leader = std::thread::spawn({
+            let queues = queues.clone();
+            move || {
                 queues.submit(key(), 1, |_| {
-                    wait.lock().unwrap().recv().unwrap();
+                    wait.recv().unwrap();
                     panic!("a store that panics");
                 })
-            });
-            while queues.lock().get(&key()).is_none() {
-                std::thread::yield_now();
             }
-            let q = &queues;
-            let other = s
-                .spawn(move || q.submit(key(), 2, |take| Ok(take().into_iter().map(Ok).collect())));
-            while queues.lock().get(&key()).map_or(0, Vec::len) < 2 {
-                std::thread::yield_now();
-            }
-            ready.send(()).unwrap();
-            assert!(leader.join().is_err(), "the leader panicked");
-            // Write 1's writer is gone, so the lead skips it: write 2
-            // leads, and its batch is write 2 alone.
-            assert_eq!(other.join().unwrap(), Ok(2));
         });
+        while queues.lock().get(&key()).is_none() {
+            std::thread::yield_now();
+        }
+        let (answered, answer) = channel();
+        std::thread::spawn({
+            let queues = queues.clone();
+            move || {
+                let a = queues.submit(key(), 2, |take| {
+                    let writes = take();
+                    Ok(writes.into_iter().map(|w| Ok(w * 10)).collect())
+                });
+                answered.send(a).unwrap();
+            }
+        });
+        while queues.lock().get(&key()).map_or(0, Vec::len) < 2 {
+            std::thread::yield_now();
+        }
+        ready.send(()).unwrap();
+        assert!(leader.join().is_err(), "the leader panicked");
+        // Write 1's writer is gone, so the lead skips it: write 2 leads,
+        // and its batch is write 2 alone (write 1 would answer 10).
+        let answer = answer.recv_timeout(Duration::from_secs(10));
+        assert_eq!(answer, Ok(Ok(20)), "write 2 was written by its own lead");
         assert!(queues.lock().is_empty());
     }
 }
