@@ -368,10 +368,11 @@ fn allocation_row(r: &Row) -> Allocation {
 }
 
 /// Waits for a pool's turn: a transaction-scoped advisory lock keyed by a
-/// 64-bit hash of the account and product. Two pools whose keys collided
-/// would share a queue (their writers would wait for each other), nothing
-/// more.
-const POOL_QUEUE: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))";
+/// 64-bit hash of the account (length first, so that no other account and
+/// product spell the same text) and the product. Two pools whose hashes
+/// collided would share a queue (their writers would wait for each other),
+/// nothing more.
+const POOL_QUEUE: &str = "SELECT pg_advisory_xact_lock(hashtextextended(length($1::text) || ':' || $1::text || $2::text, 0))";
 const POOL: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2";
 const POOL_FOR_UPDATE: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE";
 const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $1 AND id = $2";
@@ -592,12 +593,8 @@ impl Storage for Pg<'_> {
         // A batch saves its pool after each of its writes; only the last
         // is written (in the place of the first, still queued), as one
         // update of the row instead of one per write.
-        if let Some(locked) = self
-            .locked
-            .borrow_mut()
-            .get_mut(&(account.to_string(), p.product.clone()))
-        {
-            *locked = Some(p.clone());
+        if self.locked(account, &p.product).is_some() {
+            self.keep_locked(account, &p.product, &Some(p.clone()));
         }
         let statement = self.statement(
             "UPDATE products SET total = $3, dedicated = $4, shared_in_use = $5, revision = $6
