@@ -146,6 +146,85 @@ async fn three_replicas_on_one_database_answer_as_one() {
     assert_eq!(first["effect"], again["effect"]);
 }
 
+/// Writes that share transactions (48 clients over three replicas, on four
+/// organizations, removals among them) leave an audit log that replays to
+/// what the store holds: for each organization, every record goes from
+/// where the one before it left the count, and the last leaves it where it
+/// is. Records out of order, or an allocation saved over a later removal,
+/// break the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_transactions_leave_an_audit_log_that_replays() {
+    const ORGS: usize = 4;
+    let orgs: String = (0..ORGS).map(|i| format!("  - id: org-{i}\n")).collect();
+    let fixture = format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 1000}}]\norganizations:\n{orgs}"
+    );
+    let acct = tokio::task::spawn_blocking(move || Account::seeded_on(Kind::Postgres, &fixture))
+        .await
+        .unwrap();
+    let password = common::postgres::server().password().to_string();
+    let admin = acct.token("AccountAdmin", "ci");
+    let replicas: Vec<(Replica, String)> = (0..3).map(|_| replica(&acct, &password)).collect();
+    let urls: Arc<Vec<String>> = Arc::new(replicas.iter().map(|(_, u)| u.clone()).collect());
+    let http = reqwest::Client::new();
+    let tasks: Vec<_> = (0..48)
+        .map(|c| {
+            let (http, urls, admin) = (http.clone(), urls.clone(), admin.clone());
+            tokio::spawn(async move {
+                for j in 0..10 {
+                    let path = format!(
+                        "{}/organizations/org-{}/allocations/TestOps",
+                        urls[c % 3],
+                        (c + j) % ORGS
+                    );
+                    let request = if (c + j) % 7 == 0 {
+                        http.delete(format!("{path}?managedBy=replay"))
+                    } else {
+                        http.put(path)
+                            .json(&json!({"dedicated": 1 + (c * 3 + j) % 9, "managedBy": "replay"}))
+                    };
+                    let r = request.bearer_auth(&admin).send().await.unwrap();
+                    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (status, audit) = tokio::task::spawn_blocking(move || (acct.status(), acct.audit()))
+        .await
+        .unwrap();
+    let mut held = 0;
+    for i in 0..ORGS {
+        let org = format!("org-{i}");
+        let records: Vec<&Value> = audit
+            .iter()
+            .filter(|e| e["organization"] == json!(org))
+            .collect();
+        assert!(records.len() > 10, "{org}: {} records", records.len());
+        let mut count = 0;
+        for r in &records {
+            assert_eq!(r["from"], json!(count), "{org}: a record out of order: {r}");
+            count = r["to"].as_i64().unwrap();
+        }
+        let now = status["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["organization"] == json!(org))
+            .map_or(0, |a| a["dedicated"].as_i64().unwrap());
+        assert_eq!(now, count, "{org}: the log replays to what is held");
+        held += now;
+    }
+    assert_eq!(status["pools"][0]["dedicated"], json!(held), "{status}");
+    let ids: Vec<i64> = audit.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "the log is in id order"
+    );
+}
+
 /// Four processes opening a new database at once: the schema is created
 /// exactly once, and all four go on to work.
 #[test]

@@ -92,6 +92,11 @@ pub enum Request {
     Query(Statement, Vec<Param>),
     /// A prepared statement whose count of rows is wanted.
     Execute(Statement, Vec<Param>),
+    /// The place of a request still being made ([`Conn::reserve`]); it
+    /// must be filled before the queue goes out.
+    Reserved,
+    /// Nothing to send (a place given up).
+    Nothing,
 }
 
 /// What the server answered to one [`Request`].
@@ -126,6 +131,9 @@ pub struct Conn {
     queued: Vec<Request>,
     /// Where each request queued under a key is in `queued`.
     keyed: HashMap<Vec<String>, usize>,
+    /// Round trips so far (and queues given up): a place in `queued` is
+    /// good for the trip it was taken in only.
+    trip: u64,
 }
 
 impl Conn {
@@ -136,6 +144,7 @@ impl Conn {
             statements: HashMap::new(),
             queued: Vec::new(),
             keyed: HashMap::new(),
+            trip: 0,
         }
     }
 
@@ -149,13 +158,12 @@ impl Conn {
         self.runtime.block_on(self.client.simple_query(sql))
     }
 
-    /// The prepared statement for `sql`, prepared now if it is new (the
-    /// queue goes out first).
+    /// The prepared statement for `sql`, prepared now if it is new. The
+    /// queue stays queued: preparing runs nothing.
     pub fn statement(&mut self, sql: &str) -> Result<Statement, Error> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        self.flush()?;
         let prepared = self.runtime.block_on(self.client.prepare(sql))?;
         self.statements.insert(sql.to_string(), prepared.clone());
         Ok(prepared)
@@ -180,10 +188,33 @@ impl Conn {
         }
     }
 
+    /// Keeps a place in the queue for a request made later, before the
+    /// queue goes out ([`Conn::fill`]): the round trip it is for and where.
+    pub fn reserve(&mut self) -> (u64, usize) {
+        self.queued.push(Request::Reserved);
+        (self.trip, self.queued.len() - 1)
+    }
+
+    /// Puts `request` in the place `reserve` kept, if that place's round
+    /// trip has not gone yet; returns whether it did.
+    pub fn fill(&mut self, (trip, at): (u64, usize), request: Request) -> bool {
+        let open = trip == self.trip && at < self.queued.len();
+        if open {
+            self.queued[at] = request;
+        }
+        open
+    }
+
+    /// The round trip the queue is for now.
+    pub fn trip(&self) -> u64 {
+        self.trip
+    }
+
     /// Forgets what is queued (a transaction given up before it was sent).
     pub fn discard(&mut self) {
         self.queued.clear();
         self.keyed.clear();
+        self.trip += 1;
     }
 
     /// Sends what is queued.
@@ -199,6 +230,12 @@ impl Conn {
     pub fn send(&mut self, requests: Vec<Request>) -> Result<Vec<Answer>, Error> {
         let mut all = std::mem::take(&mut self.queued);
         self.keyed.clear();
+        self.trip += 1;
+        all.retain(|r| !matches!(r, Request::Nothing));
+        assert!(
+            !all.iter().any(|r| matches!(r, Request::Reserved)),
+            "a place reserved in the queue was not filled before it went out"
+        );
         let first = all.len();
         all.extend(requests);
         let client = &self.client;
@@ -226,6 +263,7 @@ async fn ask(client: &Client, request: &Request) -> Result<Answer, Error> {
         Request::Simple(sql) => client.batch_execute(sql).await.map(|()| Answer::Done),
         Request::Query(s, params) => client.query(s, &refs(params)).await.map(Answer::Rows),
         Request::Execute(s, params) => client.execute(s, &refs(params)).await.map(Answer::Count),
+        Request::Reserved | Request::Nothing => Ok(Answer::Done),
     }
 }
 

@@ -32,8 +32,9 @@
 //! - **Round trips.** Each process keeps a few connections ([`Conns`]) and
 //!   pipelines its statements ([`conn`]): the lock of a pool row is held
 //!   for two round trips per transaction (the observation, then the writes
-//!   with `COMMIT`), and writes that arrive together share a transaction
-//!   (see `store::batch`).
+//!   with `COMMIT`), writes that arrive together share a transaction
+//!   (see `store::batch`), and the allocations and audit records of a
+//!   transaction go out as one statement each ([`gather`]).
 //! - **Migrations.** Versioned in `licensor_schema` and applied under a
 //!   transaction-scoped advisory lock, so processes starting together apply
 //!   each migration exactly once. A database whose schema is newer than this
@@ -41,6 +42,7 @@
 
 pub mod conn;
 pub mod connect;
+mod gather;
 
 use std::cell::RefCell;
 
@@ -52,10 +54,11 @@ use std::collections::HashMap;
 use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
 use crate::domain::{Allocation, Pool, Snapshot};
+use conn::{Answer, Param, Request, params};
 pub use conn::{Conn, Conns};
-use conn::{Param, Request, params};
 use connect::invalid;
 pub use connect::{connect, describe, pool_size};
+use gather::{AuditRow, Gathered};
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
 /// those applied.
@@ -228,6 +231,9 @@ pub struct Pg<'c> {
     /// locked, as it last read or wrote them: read again, they are taken
     /// from here (the lock keeps them as they are).
     locked: RefCell<HashMap<(String, String), Option<Pool>>>,
+    /// The allocations and audit records written so far, to go out as one
+    /// statement each ([`gather`]).
+    gathered: RefCell<Gathered>,
 }
 
 fn failed(e: tokio_postgres::Error) -> BackendError {
@@ -242,6 +248,7 @@ impl<'c> Pg<'c> {
             mode: Mode::Reads,
             reserved: Default::default(),
             locked: Default::default(),
+            gathered: Default::default(),
         }
     }
 
@@ -254,18 +261,30 @@ impl<'c> Pg<'c> {
             mode: Mode::Writes,
             reserved: Default::default(),
             locked: Default::default(),
+            gathered: Default::default(),
         }
     }
 
     /// Sends the queued writes with `COMMIT` in one round trip, or gives
     /// them up with `ROLLBACK`.
     pub fn finish(self, commit: bool) -> std::result::Result<(), tokio_postgres::Error> {
-        let conn = self.conn.into_inner();
         if !commit {
-            conn.discard();
+            self.gathered.borrow_mut().discard();
+            self.conn.borrow_mut().discard();
         }
         let end = if commit { "COMMIT" } else { "ROLLBACK" };
-        conn.send(vec![Request::Simple(end.into())]).map(drop)
+        self.send(vec![Request::Simple(end.into())]).map(drop)
+    }
+
+    /// Sends what is queued, its gathered rows made into statements, and
+    /// then `requests`, in one round trip: the answers to `requests`.
+    fn send(
+        &self,
+        requests: Vec<Request>,
+    ) -> std::result::Result<Vec<Answer>, tokio_postgres::Error> {
+        let mut conn = self.conn.borrow_mut();
+        self.gathered.borrow_mut().fill(&mut conn)?;
+        conn.send(requests)
     }
 
     /// The pool of `product` as this transaction locked it, if it has.
@@ -288,11 +307,9 @@ impl<'c> Pg<'c> {
     fn rows(&self, sql: &str, params: Vec<Param>) -> Result<Vec<Row>> {
         let statement = self.statement(sql)?;
         let mut answers = self
-            .conn
-            .borrow_mut()
             .send(vec![Request::Query(statement, params)])
             .map_err(failed)?;
-        Ok(answers.pop().map(conn::Answer::rows).unwrap_or_default())
+        Ok(answers.pop().map(Answer::rows).unwrap_or_default())
     }
 
     /// The rows of several statements that must agree with each other,
@@ -310,7 +327,7 @@ impl<'c> Pg<'c> {
         if self.mode == Mode::Reads {
             requests.push(Request::Simple("COMMIT".into()));
         }
-        let answers = self.conn.borrow_mut().send(requests);
+        let answers = self.send(requests);
         if answers.is_err() && self.mode == Mode::Reads {
             let _ = self.conn.borrow_mut().simple_query("ROLLBACK");
         }
@@ -318,10 +335,20 @@ impl<'c> Pg<'c> {
             .map_err(failed)?
             .into_iter()
             .filter_map(|a| match a {
-                conn::Answer::Rows(rows) => Some(rows),
+                Answer::Rows(rows) => Some(rows),
                 _ => None,
             })
             .collect())
+    }
+
+    /// Makes the allocations saved so far into their statement, ahead of
+    /// what is queued next (a statement that must see them).
+    fn seal_allocations(&self) -> Result<()> {
+        let mut conn = self.conn.borrow_mut();
+        self.gathered
+            .borrow_mut()
+            .seal_allocations(&mut conn)
+            .map_err(failed)
     }
 
     /// Queues a write for the next round trip (with `COMMIT` at the
@@ -338,11 +365,9 @@ impl<'c> Pg<'c> {
     fn count(&self, sql: &str, params: Vec<Param>) -> Result<u64> {
         let statement = self.statement(sql)?;
         let mut answers = self
-            .conn
-            .borrow_mut()
             .send(vec![Request::Execute(statement, params)])
             .map_err(failed)?;
-        Ok(answers.pop().map(conn::Answer::count).unwrap_or_default())
+        Ok(answers.pop().map(Answer::count).unwrap_or_default())
     }
 }
 
@@ -618,24 +643,15 @@ impl Storage for Pg<'_> {
     }
 
     fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
-        self.later(
-            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (account, organization, product) DO UPDATE SET
-               dedicated = excluded.dedicated, in_use = excluded.in_use,
-               managed_by = excluded.managed_by, version = excluded.version",
-            params![&account,
-                &a.organization,
-                &a.product,
-                &a.dedicated,
-                &a.in_use,
-                &a.managed_by,
-                &a.version],
-        )
-        .map(drop)
+        let mut conn = self.conn.borrow_mut();
+        self.gathered
+            .borrow_mut()
+            .save_allocation(&mut conn, account, a);
+        Ok(())
     }
 
     fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()> {
+        self.seal_allocations()?;
         self.later(
             "DELETE FROM allocations WHERE account = $1 AND organization = $2 AND product = $3",
             params![&account, &organization, &product],
@@ -670,6 +686,7 @@ impl Storage for Pg<'_> {
 
     fn clear_account(&self, account: &str) -> Result<()> {
         self.locked.borrow_mut().clear();
+        self.seal_allocations()?;
         // Seeds of the account one at a time ([`SEED_LOCK`]); then locked
         // in the order every writer locks: the pool rows, then the account
         // row.
@@ -701,23 +718,24 @@ impl Storage for Pg<'_> {
     }
 
     fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
-        self.later(
-            "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            params![&account,
-                &now(),
-                &actor,
-                &r.action.as_str(),
-                &r.organization,
-                &r.product,
-                &r.from,
-                &r.to,
-                &r.rehomed,
-                &r.displaced,
-                &r.manager,
-                &r.idempotency_key],
-        )
-        .map(drop)
+        let owned = |s: Option<&str>| s.map(str::to_string);
+        let row = AuditRow {
+            account: account.to_string(),
+            time: now(),
+            actor: actor.to_string(),
+            action: r.action.as_str(),
+            organization: owned(r.organization),
+            product: owned(r.product),
+            from: r.from,
+            to: r.to,
+            rehomed: r.rehomed,
+            displaced: r.displaced,
+            manager: owned(r.manager),
+            idempotency_key: owned(r.idempotency_key),
+        };
+        let mut conn = self.conn.borrow_mut();
+        self.gathered.borrow_mut().insert_audit(&mut conn, row);
+        Ok(())
     }
 
     fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>> {

@@ -1,0 +1,176 @@
+//! Rows a transaction writes one by one, sent as one statement per table:
+//! the allocations it saves and its audit records. A batch of writes saves
+//! an allocation and adds an audit record for each write; gathered, that is
+//! two statements for the batch instead of two for every write.
+//!
+//! The rows of a table are gathered in a place kept in the connection's
+//! queue ([`Conn::reserve`]) and made into their statement just before the
+//! queue goes out ([`Gathered::fill`]). Each new row moves the place to the
+//! end of the queue, so the statement runs after everything queued before
+//! its last row (a seed's organizations before their allocations). A
+//! statement that must see the allocations saved so far (a removal, the
+//! clearing of an account) seals them first ([`Gathered::seal_allocations`]):
+//! they keep their place, and the rows that come later gather anew after it.
+//!
+//! Audit records are numbered in the order they were added (`WITH
+//! ORDINALITY ... ORDER BY`), as they would be one statement each.
+
+use super::conn::{Conn, Param, Request};
+use crate::domain::Allocation;
+
+/// Upserts the gathered allocations; the last row of a key wins (a
+/// statement may not change one row twice, so a key is gathered once).
+const SAVE_ALLOCATIONS: &str =
+    "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[])
+     ON CONFLICT (account, organization, product) DO UPDATE SET
+       dedicated = excluded.dedicated, in_use = excluded.in_use,
+       managed_by = excluded.managed_by, version = excluded.version";
+
+/// Inserts the gathered audit records, numbered in the order given.
+const INSERT_AUDIT: &str =
+    "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+     SELECT a, t, w, x, o, p, f, c, r, d, m, k
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[])
+          WITH ORDINALITY AS u(a, t, w, x, o, p, f, c, r, d, m, k, n)
+     ORDER BY n";
+
+/// One audit record as it is written: its account, time and actor added.
+pub struct AuditRow {
+    pub account: String,
+    pub time: String,
+    pub actor: String,
+    pub action: &'static str,
+    pub organization: Option<String>,
+    pub product: Option<String>,
+    pub from: i64,
+    pub to: i64,
+    pub rehomed: i64,
+    pub displaced: i64,
+    pub manager: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Rows of one table gathered in one place of the queue.
+struct Gathering<T> {
+    /// The round trip and the place in the queue ([`Conn::reserve`]).
+    place: (u64, usize),
+    rows: Vec<T>,
+}
+
+impl<T> Gathering<T> {
+    /// Adds a row (in the place of the row `same` finds, if any), and moves
+    /// the place to the end of the queue.
+    fn add(
+        gathering: &mut Option<Gathering<T>>,
+        conn: &mut Conn,
+        row: T,
+        same: impl Fn(&T) -> bool,
+    ) {
+        let place = conn.reserve();
+        match gathering {
+            Some(g) if g.place.0 == place.0 => {
+                conn.fill(g.place, Request::Nothing);
+                g.place = place;
+                match g.rows.iter().position(same) {
+                    Some(at) => g.rows[at] = row,
+                    None => g.rows.push(row),
+                }
+            }
+            // None yet, or its round trip went (filled, as every trip is).
+            _ => {
+                *gathering = Some(Gathering {
+                    place,
+                    rows: vec![row],
+                })
+            }
+        }
+    }
+}
+
+/// The rows a transaction has gathered and not yet made into statements.
+#[derive(Default)]
+pub struct Gathered {
+    allocations: Option<Gathering<(String, Allocation)>>,
+    audit: Option<Gathering<AuditRow>>,
+}
+
+impl Gathered {
+    pub fn save_allocation(&mut self, conn: &mut Conn, account: &str, a: &Allocation) {
+        let same = |(acc, b): &(String, Allocation)| {
+            acc == account && b.organization == a.organization && b.product == a.product
+        };
+        let row = (account.to_string(), a.clone());
+        Gathering::add(&mut self.allocations, conn, row, same);
+    }
+
+    pub fn insert_audit(&mut self, conn: &mut Conn, row: AuditRow) {
+        Gathering::add(&mut self.audit, conn, row, |_| false);
+    }
+
+    /// Makes the allocations gathered so far into their statement, in their
+    /// place; later ones gather after what is queued next.
+    pub fn seal_allocations(&mut self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
+        if let Some(g) = self.allocations.take() {
+            let params = allocation_columns(&g.rows);
+            let statement = conn.statement(SAVE_ALLOCATIONS)?;
+            conn.fill(g.place, Request::Execute(statement, params));
+        }
+        Ok(())
+    }
+
+    /// Makes everything gathered into statements, in their places: before
+    /// the queue goes out.
+    pub fn fill(&mut self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
+        self.seal_allocations(conn)?;
+        if let Some(g) = self.audit.take() {
+            let params = audit_columns(&g.rows);
+            let statement = conn.statement(INSERT_AUDIT)?;
+            conn.fill(g.place, Request::Execute(statement, params));
+        }
+        Ok(())
+    }
+
+    /// Forgets what is gathered (the transaction is given up).
+    pub fn discard(&mut self) {
+        *self = Gathered::default();
+    }
+}
+
+/// One column of the rows, as an array parameter.
+fn column<T, V>(rows: &[T], f: impl Fn(&T) -> V) -> Param
+where
+    Vec<V>: tokio_postgres::types::ToSql + Sync + Send + 'static,
+{
+    Box::new(rows.iter().map(f).collect::<Vec<V>>())
+}
+
+fn allocation_columns(rows: &[(String, Allocation)]) -> Vec<Param> {
+    vec![
+        column(rows, |(account, _)| account.clone()),
+        column(rows, |(_, a)| a.organization.clone()),
+        column(rows, |(_, a)| a.product.clone()),
+        column(rows, |(_, a)| a.dedicated),
+        column(rows, |(_, a)| a.in_use),
+        column(rows, |(_, a)| a.managed_by.clone()),
+        column(rows, |(_, a)| a.version),
+    ]
+}
+
+fn audit_columns(rows: &[AuditRow]) -> Vec<Param> {
+    vec![
+        column(rows, |r| r.account.clone()),
+        column(rows, |r| r.time.clone()),
+        column(rows, |r| r.actor.clone()),
+        column(rows, |r| r.action.to_string()),
+        column(rows, |r| r.organization.clone()),
+        column(rows, |r| r.product.clone()),
+        column(rows, |r| r.from),
+        column(rows, |r| r.to),
+        column(rows, |r| r.rehomed),
+        column(rows, |r| r.displaced),
+        column(rows, |r| r.manager.clone()),
+        column(rows, |r| r.idempotency_key.clone()),
+    ]
+}
