@@ -135,12 +135,20 @@ async fn postgres(writes: usize, clients: usize) {
         .pool_max_idle_per_host(clients)
         .build()
         .unwrap();
-    let floor = pgbench(pg, clients);
+    let Floor {
+        tps: floor,
+        p50,
+        p99,
+    } = pgbench(pg, clients);
     println!(
         "PostgreSQL {} (TLS), {clients} concurrent clients",
         pg.address().1
     );
-    println!("  pgbench simple-update (the floor): {floor:.0} transactions/s");
+    println!(
+        "  pgbench simple-update (the floor): {floor:.0} transactions/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+    );
     for (round, n) in [1, 3].into_iter().enumerate() {
         let replicas: Vec<_> = (0..n)
             .map(|_| common::postgres::replica(&account, pg.password()))
@@ -167,9 +175,16 @@ async fn postgres(writes: usize, clients: usize) {
     }
 }
 
-/// pgbench's simple-update script for 10 s on a database of its own:
-/// transactions per second.
-fn pgbench(pg: &common::postgres::Server, clients: usize) -> f64 {
+/// What pgbench measured: transactions per second, and the latency of its
+/// transactions (from its log of each one).
+struct Floor {
+    tps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// pgbench's simple-update script for 10 s on a database of its own.
+fn pgbench(pg: &common::postgres::Server, clients: usize) -> Floor {
     let database = pg.database();
     let (host, port) = pg.address();
     let run = |args: &[&str]| {
@@ -189,6 +204,8 @@ fn pgbench(pg: &common::postgres::Server, clients: usize) -> f64 {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["-i", "-q", "-s", "1"]);
+    let logs = tempfile::tempdir().unwrap();
+    let prefix = logs.path().join("tx");
     let out = run(&[
         "-n",
         "-b",
@@ -199,10 +216,36 @@ fn pgbench(pg: &common::postgres::Server, clients: usize) -> f64 {
         "2",
         "-T",
         "10",
+        "--log",
+        &format!("--log-prefix={}", prefix.display()),
     ]);
-    out.lines()
+    let tps = out
+        .lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{out}"))
+        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{out}"));
+    // One line per transaction: client, number, latency in microseconds, ...
+    let mut latencies: Vec<u64> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .flat_map(|f| {
+            std::fs::read_to_string(f.unwrap().path())
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| l.split_whitespace().nth(2).and_then(|us| us.parse().ok()))
+        .collect();
+    assert!(!latencies.is_empty(), "pgbench logged no transactions");
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let at = ((latencies.len() as f64 * p) as usize).min(latencies.len() - 1);
+        Duration::from_micros(latencies[at])
+    };
+    Floor {
+        tps,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
 }
