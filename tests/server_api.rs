@@ -817,7 +817,16 @@ async fn a_sigkill_mid_burst_loses_no_acknowledged_write() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Killed once a tenth of the burst is acknowledged: mid-burst however
+    // fast the machine writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().unwrap().len() < 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the burst never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     api.acct.server().unwrap().kill().unwrap();
     for w in writers {
         w.await.unwrap();

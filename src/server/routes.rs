@@ -472,7 +472,15 @@ async fn written(
     write: AllocationWrite,
     dry_run: bool,
 ) -> Result<Response, Problem> {
-    let w = store(s, move |st| st.write(&account, &who, &write, dry_run)).await?;
+    let w = if dry_run {
+        store(s, move |st| st.write(&account, &who, &write, true)).await?
+    } else {
+        s.store
+            .clone()
+            .write_async(account, who, write)
+            .await
+            .map_err(Problem::from)?
+    };
     let version = w.allocation.as_ref().map(|a| a.version);
     Ok(with_etag(w, version))
 }

@@ -23,8 +23,10 @@
 //! under steady load, the slowest answers by far.)
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::{UnboundedReceiver as Receiver, UnboundedSender as Sender};
 
 use super::{Principal, Store, pipeline};
 use crate::backend::{BackendError, Written};
@@ -78,6 +80,24 @@ impl<T, R> Queues<T, R> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Queues `write` under `key`: whether the caller leads now, and where
+    /// its turn comes (its answer, or the lead).
+    fn enqueue(&self, key: &Key, write: T) -> (bool, Receiver<Turn<R>>) {
+        let (told, turn) = tokio::sync::mpsc::unbounded_channel();
+        let me = Waiting { write, told };
+        let mut waiting = self.lock();
+        match waiting.get_mut(key) {
+            Some(queue) => {
+                queue.push(me);
+                (false, turn)
+            }
+            None => {
+                waiting.insert(key.clone(), vec![me]);
+                (true, turn)
+            }
+        }
+    }
+
     /// Queues `write` under `key` and answers it once a batch has. The
     /// calling thread may lead meanwhile: it then runs `batch` for each
     /// batch, which takes its writes with the function it is given (once
@@ -87,34 +107,89 @@ impl<T, R> Queues<T, R> {
         &self,
         key: Key,
         write: T,
-        mut batch: impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+        batch: impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
     ) -> Answer<R> {
-        let (told, turn) = channel();
-        let me = Waiting { write, told };
-        let leading = {
-            let mut waiting = self.lock();
-            match waiting.get_mut(&key) {
-                Some(queue) => {
-                    queue.push(me);
-                    false
-                }
-                None => {
-                    waiting.insert(key.clone(), vec![me]);
-                    true
-                }
-            }
-        };
+        let (leading, mut turn) = self.enqueue(&key, write);
         if !leading {
-            match turn.recv() {
-                Ok(Turn::Answer(answer)) => return answer,
-                Ok(Turn::Lead) => {}
-                Err(_) => return Err(lost()),
+            match turn.blocking_recv() {
+                Some(Turn::Answer(answer)) => return answer,
+                Some(Turn::Lead) => {}
+                None => return Err(lost()),
             }
         }
-        // Leading: this write is in the queue until a batch answers it.
-        // The lead is handed on however this ends, a panic included, so
-        // the writes still waiting are never left without a leader.
+        self.lead(key, turn, batch)
+    }
+
+    /// [`Queues::submit`] for an async caller: it waits for its answer
+    /// without holding a thread. A caller that leads starts a writer on a
+    /// blocking thread (with a batch function `batch` makes) and waits for
+    /// its answer like the others: the writer goes on until no write waits,
+    /// so under steady load one thread writes batch after batch, and no
+    /// one's answer waits for the lead to change hands.
+    pub async fn submit_async<B>(
+        self: Arc<Self>,
+        key: Key,
+        write: T,
+        batch: impl Fn() -> B + Send + Sync + 'static,
+    ) -> Answer<R>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        B: FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+    {
+        let batch = Arc::new(batch);
+        let (mut leading, mut turn) = self.enqueue(&key, write);
+        loop {
+            if leading {
+                let (queues, key, batch) = (self.clone(), key.clone(), batch.clone());
+                // Not waited for: it answers this write with the others.
+                drop(tokio::task::spawn_blocking(move || {
+                    queues.write_until_none_wait(key, batch())
+                }));
+            }
+            match turn.recv().await {
+                Some(Turn::Answer(answer)) => return answer,
+                // A writer that panicked handed the lead on: to this write.
+                Some(Turn::Lead) => leading = true,
+                None => return Err(lost()),
+            }
+        }
+    }
+
+    /// Writes the batches of `key` until no write waits, then ends its lead.
+    fn write_until_none_wait(
+        &self,
+        key: Key,
+        mut batch: impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+    ) {
+        // Handed on if this ends early (a panic); an ended lead has no key.
         let lead = Lead {
+            queues: self,
+            key,
+            turn: None,
+        };
+        loop {
+            self.write_together(&lead.key, &mut batch);
+            let mut waiting = self.lock();
+            if waiting.get(&lead.key).is_none_or(Vec::is_empty) {
+                waiting.remove(&lead.key);
+                return;
+            }
+        }
+    }
+
+    /// Leads `key`: runs batches until the leader's own write (waiting on
+    /// `turn`) is answered, then hands the lead on.
+    fn lead(
+        &self,
+        key: Key,
+        turn: Receiver<Turn<R>>,
+        mut batch: impl FnMut(&mut dyn FnMut() -> Vec<T>) -> Result<Vec<Answer<R>>, BackendError>,
+    ) -> Answer<R> {
+        // This write is in the queue until a batch answers it. The lead is
+        // handed on however this ends, a panic included, so the writes
+        // still waiting are never left without a leader.
+        let mut lead = Lead {
             queues: self,
             key,
             turn: Some(turn),
@@ -192,9 +267,9 @@ struct Lead<'a, T, R> {
 }
 
 impl<T, R> Lead<'_, T, R> {
-    fn turn(&self) -> &Receiver<Turn<R>> {
+    fn turn(&mut self) -> &mut Receiver<Turn<R>> {
         self.turn
-            .as_ref()
+            .as_mut()
             .expect("a lead has its turn until it is dropped")
     }
 }
@@ -221,23 +296,53 @@ impl Store {
         w: &AllocationWrite,
     ) -> Answer<Written> {
         let key = (account.to_string(), w.product.clone());
-        let product = w.product.clone();
         self.batches.submit(key, (who.clone(), w.clone()), |take| {
-            self.transaction_then(|tx| {
-                // The batch is taken once the transaction holds the
-                // pool's lock (the file's write lock is held already by
-                // the embedded store's transaction), so the writes that
-                // came while it waited for the lock (another process's
-                // batch) are in it.
-                tx.pool(account, &product)?;
-                let batch = take();
-                let writes: Vec<_> = batch.iter().map(|(who, w)| (who, w)).collect();
-                let answers = pipeline::write_all(tx, account, &writes)?;
-                // A batch of refusals only is rolled back: it leaves the
-                // store exactly as it was, to the account's sequence.
-                let commit = answers.iter().any(Result::is_ok);
-                Ok((answers, commit))
+            self.write_batch(account, &w.product, take)
+        })
+    }
+
+    /// [`Store::write_batched`] for an async caller (`licensor serve`): a
+    /// write waiting for its batch holds no thread, and its answer comes
+    /// straight to it.
+    pub async fn write_async(
+        self: std::sync::Arc<Store>,
+        account: String,
+        who: Principal,
+        w: AllocationWrite,
+    ) -> Answer<Written> {
+        let key = (account.clone(), w.product.clone());
+        let product = w.product.clone();
+        let batches = self.batches.clone();
+        batches
+            .submit_async(key, (who, w), move || {
+                let (store, account, product) = (self.clone(), account.clone(), product.clone());
+                move |take: &mut dyn FnMut() -> Vec<(Principal, AllocationWrite)>| {
+                    store.write_batch(&account, &product, take)
+                }
             })
+            .await
+    }
+
+    /// One batch of `product`'s writes, in one transaction.
+    fn write_batch(
+        &self,
+        account: &str,
+        product: &str,
+        take: &mut dyn FnMut() -> Vec<(Principal, AllocationWrite)>,
+    ) -> Result<Vec<Answer<Written>>, BackendError> {
+        self.transaction_then(|tx| {
+            // The batch is taken once the transaction holds the pool's
+            // lock (the file's write lock is held already by the embedded
+            // store's transaction), so the writes that came while it
+            // waited for the lock (another process's batch) are in it.
+            tx.pool(account, product)?;
+            let batch = take();
+            let writes: Vec<_> = batch.iter().map(|(who, w)| (who, w)).collect();
+            let answers = pipeline::write_all(tx, account, &writes)?;
+            // A batch of refusals only is rolled back: it leaves the store
+            // exactly as it was, to the account's sequence.
+            let commit = answers.iter().any(Result::is_ok);
+            Ok((answers, commit))
         })
     }
 }
@@ -245,6 +350,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::{Receiver, Sender, channel};
     use std::time::Duration;
 
     fn key() -> Key {
@@ -389,6 +495,113 @@ mod tests {
         // and its batch is write 2 alone (write 1 would answer 10).
         let answer = answer.recv_timeout(Duration::from_secs(10));
         assert_eq!(answer, Ok(Ok(20)), "write 2 was written by its own lead");
+        assert!(queues.lock().is_empty());
+    }
+
+    /// A batch function for async writes: it tells on which thread it ran
+    /// and which writes it took, then waits for the word to answer them
+    /// (each with ten times its number); its first batch panics instead
+    /// when `panics_first`.
+    #[allow(clippy::type_complexity)]
+    fn told_batches(
+        panics_first: bool,
+    ) -> (
+        impl Fn() -> Box<
+            dyn FnMut(&mut dyn FnMut() -> Vec<u32>) -> Result<Vec<Answer<u32>>, BackendError>,
+        > + Send
+        + Sync
+        + 'static,
+        Receiver<(std::thread::ThreadId, Vec<u32>)>,
+        Sender<()>,
+    ) {
+        let (took, batches) = channel();
+        let (go, gone) = channel::<()>();
+        let gone = Arc::new(Mutex::new(gone));
+        let panicked = Arc::new(std::sync::atomic::AtomicBool::new(!panics_first));
+        let batch = move || {
+            let (took, gone, panicked) = (took.clone(), gone.clone(), panicked.clone());
+            Box::new(move |take: &mut dyn FnMut() -> Vec<u32>| {
+                let writes = take();
+                took.send((std::thread::current().id(), writes.clone()))
+                    .unwrap();
+                gone.lock().unwrap().recv().unwrap();
+                if !panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    panic!("a store that panics");
+                }
+                Ok(writes.into_iter().map(|w| Ok(w * 10)).collect())
+            }) as Box<dyn FnMut(&mut dyn FnMut() -> Vec<u32>) -> _>
+        };
+        (batch, batches, go)
+    }
+
+    /// Waits (a while at most) until `n` writes of `key()` wait.
+    async fn until_waiting(queues: &Queues<u32, u32>, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while queues.lock().get(&key()).map_or(0, Vec::len) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} writes never waited"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Async writes: the first starts one writer, which writes the writes
+    /// that came during its batch in its next batch, on the same thread,
+    /// and ends once none waits. Every write has its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_writer_writes_async_writes_until_none_waits() {
+        let queues: Arc<Queues<u32, u32>> = Default::default();
+        let (batch, batches, go) = told_batches(false);
+        let batch = Arc::new(batch);
+        let submit = |n: u32| {
+            let (queues, batch) = (queues.clone(), batch.clone());
+            tokio::spawn(queues.submit_async(key(), n, move || batch()))
+        };
+        let wait = Duration::from_secs(10);
+        let one = submit(1);
+        let (writer, first) = batches.recv_timeout(wait).unwrap();
+        assert_eq!(first, vec![1]);
+        let two = submit(2);
+        until_waiting(&queues, 1).await;
+        let three = submit(3);
+        until_waiting(&queues, 2).await;
+        go.send(()).unwrap();
+        assert_eq!(one.await.unwrap(), Ok(10), "answered with its batch");
+        let (thread, second) = batches.recv_timeout(wait).unwrap();
+        assert_eq!((thread, second), (writer, vec![2, 3]), "the same writer");
+        go.send(()).unwrap();
+        assert_eq!((two.await.unwrap(), three.await.unwrap()), (Ok(20), Ok(30)));
+        assert!(queues.lock().is_empty(), "the writer ended with the queue");
+    }
+
+    /// A writer that panics hands the lead to the async write waiting
+    /// behind it, which starts a writer of its own; the write that was in
+    /// the panicked batch is told it was lost, not left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_writer_hands_the_lead_to_an_async_write() {
+        let queues: Arc<Queues<u32, u32>> = Default::default();
+        let (batch, batches, go) = told_batches(true);
+        let batch = Arc::new(batch);
+        let submit = |n: u32| {
+            let (queues, batch) = (queues.clone(), batch.clone());
+            tokio::spawn(queues.submit_async(key(), n, move || batch()))
+        };
+        let wait = Duration::from_secs(10);
+        let one = submit(1);
+        assert_eq!(batches.recv_timeout(wait).unwrap().1, vec![1]);
+        let two = submit(2);
+        until_waiting(&queues, 1).await;
+        go.send(()).unwrap();
+        assert_eq!(one.await.unwrap(), Err(lost()));
+        assert_eq!(batches.recv_timeout(wait).unwrap().1, vec![2]);
+        go.send(()).unwrap();
+        let two = tokio::time::timeout(wait, two).await;
+        assert_eq!(
+            two.unwrap().unwrap(),
+            Ok(20),
+            "written by a writer of its own"
+        );
         assert!(queues.lock().is_empty());
     }
 }

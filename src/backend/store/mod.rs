@@ -56,7 +56,7 @@ impl Principal {
 pub struct Store {
     db: Db,
     /// Allocation writes waiting to be written together.
-    batches: batch::Batches,
+    batches: std::sync::Arc<batch::Batches>,
     /// Where it is, for messages (a path; never credentials).
     location: String,
 }
