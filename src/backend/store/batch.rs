@@ -15,12 +15,16 @@
 //! batch go on; a store failure fails the whole batch, and a write is
 //! acknowledged only once the batch has committed.
 //!
-//! The batches of a product are written by one of its writers at a time,
-//! its leader, on its own thread. A leader writes batches until its own
-//! write is answered and then hands the lead to the first write still
-//! waiting, or, none waiting, ends it. (A leader that went on until no one
-//! waited would hold its own answer back for as long as writes kept coming:
-//! under steady load, the slowest answers by far.)
+//! The batches of a product are written by one thread at a time, its
+//! leader. A caller on a thread of its own (the CLI, the operator) leads on
+//! it: it writes batches until its own write is answered and then hands the
+//! lead to the first write still waiting, or, none waiting, ends it. (A
+//! leader that went on until no one waited would hold its own answer back
+//! for as long as writes kept coming: under steady load, the slowest
+//! answers by far.) An async caller (`licensor serve`) waits in its task,
+//! holding no thread; the one that finds no leader starts a writer on a
+//! blocking thread, which answers every write, its starter's too, and goes
+//! on until no write waits: nobody's answer waits for it to stop.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
