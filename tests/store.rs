@@ -195,3 +195,40 @@ fn observing_one_allocation_reads_its_pool_organization_and_row() {
             .is_empty()
     );
 }
+
+/// The write-ahead log is copied into the database file while the store
+/// is open (by its checkpoint thread, not by a commit), and starts again
+/// once copied: the file grows with what is written, the log does not
+/// grow without end.
+#[test]
+fn the_log_is_copied_into_the_file_while_the_store_is_open() {
+    let (dir, store) = seeded();
+    let (file, log) = (dir.path().join("l.db"), dir.path().join("l.db-wal"));
+    let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let before = len(&file);
+    let who = Principal::local();
+    for i in 0..2000 {
+        store
+            .write("acme", &who, &raise(6 + i % 50, None), false)
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while len(&file) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file stayed at {before} bytes; the log is {} bytes",
+            len(&log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Written again after a checkpoint, the log starts from its beginning.
+    let grown = len(&log);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    for _ in 0..5 {
+        store.write("acme", &who, &raise(5, None), false).unwrap();
+        store.write("acme", &who, &raise(6, None), false).unwrap();
+    }
+    assert_eq!(len(&log), grown, "the log did not grow past its size");
+    assert_eq!(store.audit("acme").unwrap().len(), 2011);
+}

@@ -16,6 +16,7 @@
 
 pub mod audit;
 mod batch;
+mod checkpoint;
 pub mod pipeline;
 pub mod postgres;
 pub mod rows;
@@ -59,6 +60,8 @@ pub struct Store {
     batches: std::sync::Arc<batch::Batches>,
     /// Where it is, for messages (a path; never credentials).
     location: String,
+    /// The embedded store's checkpoints (after `db`, which closes first).
+    _checkpoints: Option<checkpoint::Checkpoints>,
 }
 
 /// 24 random bytes in hex: tokens, session ids, CSRF secrets.
@@ -156,10 +159,15 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(&err)?;
         schema::migrate(&mut conn, path)?;
+        // Checkpoints run on a thread of their own (see `checkpoint`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(&err)?;
+        let checkpoints = checkpoint::Checkpoints::start(path)?;
         Ok(Store {
             db: Db::Sqlite(Mutex::new(conn)),
             batches: Default::default(),
             location: path.display().to_string(),
+            _checkpoints: Some(checkpoints),
         })
     }
 
@@ -181,6 +189,7 @@ impl Store {
             db: Db::Postgres(Box::new(conns)),
             batches: Default::default(),
             location,
+            _checkpoints: None,
         })
     }
 
