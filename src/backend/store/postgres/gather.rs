@@ -15,6 +15,10 @@
 //! Audit records are numbered in the order they were added (`WITH
 //! ORDINALITY ... ORDER BY`), as they would be one statement each.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::Hash;
+
 use super::conn::{Conn, Param, Request};
 use crate::domain::Allocation;
 
@@ -52,61 +56,68 @@ pub struct AuditRow {
     pub idempotency_key: Option<String>,
 }
 
-/// Rows of one table gathered in one place of the queue.
-struct Gathering<T> {
+/// Rows of one table gathered in one place of the queue; a row added under
+/// the key of one before it takes that one's place.
+struct Gathering<T, K> {
     /// The round trip and the place in the queue ([`Conn::reserve`]).
     place: (u64, usize),
     rows: Vec<T>,
+    /// Where the row of each key is in `rows`.
+    keys: HashMap<K, usize>,
 }
 
-impl<T> Gathering<T> {
-    /// Adds a row (in the place of the row `same` finds, if any), and moves
-    /// the place to the end of the queue.
-    fn add(
-        gathering: &mut Option<Gathering<T>>,
-        conn: &mut Conn,
-        row: T,
-        same: impl Fn(&T) -> bool,
-    ) {
+impl<T, K: Eq + Hash> Gathering<T, K> {
+    /// Adds a row (in the place of the row of the same `key`, if any), and
+    /// moves the place to the end of the queue.
+    fn add(gathering: &mut Option<Gathering<T, K>>, conn: &mut Conn, row: T, key: Option<K>) {
         let place = conn.reserve();
-        match gathering {
+        let g = match gathering {
             Some(g) if g.place.0 == place.0 => {
                 conn.fill(g.place, Request::Nothing);
                 g.place = place;
-                match g.rows.iter().position(same) {
-                    Some(at) => g.rows[at] = row,
-                    None => g.rows.push(row),
-                }
+                g
             }
             // None yet, or its round trip went (filled, as every trip is).
-            _ => {
-                *gathering = Some(Gathering {
-                    place,
-                    rows: vec![row],
-                })
+            _ => gathering.insert(Gathering {
+                place,
+                rows: Vec::new(),
+                keys: HashMap::new(),
+            }),
+        };
+        match key.map(|k| g.keys.entry(k)) {
+            Some(Entry::Occupied(at)) => g.rows[*at.get()] = row,
+            Some(Entry::Vacant(at)) => {
+                at.insert(g.rows.len());
+                g.rows.push(row);
             }
+            None => g.rows.push(row),
         }
     }
 }
 
+/// An allocation's key: account, organization, product.
+type AllocationKey = (String, String, String);
+
 /// The rows a transaction has gathered and not yet made into statements.
 #[derive(Default)]
 pub struct Gathered {
-    allocations: Option<Gathering<(String, Allocation)>>,
-    audit: Option<Gathering<AuditRow>>,
+    allocations: Option<Gathering<(String, Allocation), AllocationKey>>,
+    audit: Option<Gathering<AuditRow, ()>>,
 }
 
 impl Gathered {
     pub fn save_allocation(&mut self, conn: &mut Conn, account: &str, a: &Allocation) {
-        let same = |(acc, b): &(String, Allocation)| {
-            acc == account && b.organization == a.organization && b.product == a.product
-        };
+        let key = (
+            account.to_string(),
+            a.organization.clone(),
+            a.product.clone(),
+        );
         let row = (account.to_string(), a.clone());
-        Gathering::add(&mut self.allocations, conn, row, same);
+        Gathering::add(&mut self.allocations, conn, row, Some(key));
     }
 
     pub fn insert_audit(&mut self, conn: &mut Conn, row: AuditRow) {
-        Gathering::add(&mut self.audit, conn, row, |_| false);
+        Gathering::add(&mut self.audit, conn, row, None);
     }
 
     /// Makes the allocations gathered so far into their statement, in their
