@@ -550,6 +550,19 @@ mod tests {
         }
     }
 
+    /// Waits (a while at most) until the writer has ended its lead: it
+    /// answers its last batch first, so the answers can come before.
+    async fn until_ended(queues: &Queues<u32, u32>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !queues.lock().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never ended its lead"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Async writes: the first starts one writer, which writes the writes
     /// that came during its batch in its next batch, on the same thread,
     /// and ends once none waits. Every write has its own answer.
@@ -576,7 +589,7 @@ mod tests {
         assert_eq!((thread, second), (writer, vec![2, 3]), "the same writer");
         go.send(()).unwrap();
         assert_eq!((two.await.unwrap(), three.await.unwrap()), (Ok(20), Ok(30)));
-        assert!(queues.lock().is_empty(), "the writer ended with the queue");
+        until_ended(&queues).await;
     }
 
     /// A writer that panics hands the lead to the async write waiting
