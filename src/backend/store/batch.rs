@@ -538,6 +538,31 @@ mod tests {
         (batch, batches, go)
     }
 
+    /// Queues whose writes go through `submit_async` with [`told_batches`]:
+    /// the queues, a function that submits write `n` from a task of its
+    /// own, and the batches' reports and word to go.
+    #[allow(clippy::type_complexity)]
+    fn async_writes(
+        panics_first: bool,
+    ) -> (
+        Arc<Queues<u32, u32>>,
+        impl Fn(u32) -> tokio::task::JoinHandle<Answer<u32>>,
+        Receiver<(std::thread::ThreadId, Vec<u32>)>,
+        Sender<()>,
+    ) {
+        let queues: Arc<Queues<u32, u32>> = Default::default();
+        let (batch, batches, go) = told_batches(panics_first);
+        let batch = Arc::new(batch);
+        let submit = {
+            let queues = queues.clone();
+            move |n: u32| {
+                let (queues, batch) = (queues.clone(), batch.clone());
+                tokio::spawn(queues.submit_async(key(), n, move || batch()))
+            }
+        };
+        (queues, submit, batches, go)
+    }
+
     /// Waits (a while at most) until `n` writes of `key()` wait.
     async fn until_waiting(queues: &Queues<u32, u32>, n: usize) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -568,13 +593,7 @@ mod tests {
     /// and ends once none waits. Every write has its own answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_writer_writes_async_writes_until_none_waits() {
-        let queues: Arc<Queues<u32, u32>> = Default::default();
-        let (batch, batches, go) = told_batches(false);
-        let batch = Arc::new(batch);
-        let submit = |n: u32| {
-            let (queues, batch) = (queues.clone(), batch.clone());
-            tokio::spawn(queues.submit_async(key(), n, move || batch()))
-        };
+        let (queues, submit, batches, go) = async_writes(false);
         let wait = Duration::from_secs(10);
         let one = submit(1);
         let (writer, first) = batches.recv_timeout(wait).unwrap();
@@ -597,13 +616,7 @@ mod tests {
     /// the panicked batch is told it was lost, not left waiting.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_writer_hands_the_lead_to_an_async_write() {
-        let queues: Arc<Queues<u32, u32>> = Default::default();
-        let (batch, batches, go) = told_batches(true);
-        let batch = Arc::new(batch);
-        let submit = |n: u32| {
-            let (queues, batch) = (queues.clone(), batch.clone());
-            tokio::spawn(queues.submit_async(key(), n, move || batch()))
-        };
+        let (queues, submit, batches, go) = async_writes(true);
         let wait = Duration::from_secs(10);
         let one = submit(1);
         assert_eq!(batches.recv_timeout(wait).unwrap().1, vec![1]);
@@ -619,6 +632,6 @@ mod tests {
             Ok(20),
             "written by a writer of its own"
         );
-        assert!(queues.lock().is_empty());
+        until_ended(&queues).await;
     }
 }
