@@ -13,19 +13,28 @@ use common::{Account, Kind};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_on_one_database_answer_as_one() {
-    let orgs: String = (0..64).map(|i| format!("  - id: org-{i}\n")).collect();
-    let fixture = format!(
-        "account: acme\nproducts: [{{name: TestOps, total: 105}}]\norganizations:\n  - {{id: qa, allocations: [{{product: TestOps, dedicated: 0}}]}}\n{orgs}"
-    );
+/// An account seeded from `fixture` on PostgreSQL, an Account Admin token,
+/// and three `licensor serve` replicas on its database with their URLs.
+async fn three_replicas(
+    fixture: String,
+) -> (Account, String, Vec<(Replica, String)>, Arc<Vec<String>>) {
     let acct = tokio::task::spawn_blocking(move || Account::seeded_on(Kind::Postgres, &fixture))
         .await
         .unwrap();
     let password = common::postgres::server().password().to_string();
     let admin = acct.token("AccountAdmin", "ci");
     let replicas: Vec<(Replica, String)> = (0..3).map(|_| replica(&acct, &password)).collect();
-    let urls: Arc<Vec<String>> = Arc::new(replicas.iter().map(|(_, u)| u.clone()).collect());
+    let urls = Arc::new(replicas.iter().map(|(_, u)| u.clone()).collect());
+    (acct, admin, replicas, urls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_database_answer_as_one() {
+    let orgs: String = (0..64).map(|i| format!("  - id: org-{i}\n")).collect();
+    let fixture = format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 105}}]\norganizations:\n  - {{id: qa, allocations: [{{product: TestOps, dedicated: 0}}]}}\n{orgs}"
+    );
+    let (_acct, admin, _replicas, urls) = three_replicas(fixture).await;
     let http = reqwest::Client::new();
 
     // 64 clients over three replicas raise 64 organizations to 10 each in a
@@ -159,13 +168,7 @@ async fn shared_transactions_leave_an_audit_log_that_replays() {
     let fixture = format!(
         "account: acme\nproducts: [{{name: TestOps, total: 1000}}]\norganizations:\n{orgs}"
     );
-    let acct = tokio::task::spawn_blocking(move || Account::seeded_on(Kind::Postgres, &fixture))
-        .await
-        .unwrap();
-    let password = common::postgres::server().password().to_string();
-    let admin = acct.token("AccountAdmin", "ci");
-    let replicas: Vec<(Replica, String)> = (0..3).map(|_| replica(&acct, &password)).collect();
-    let urls: Arc<Vec<String>> = Arc::new(replicas.iter().map(|(_, u)| u.clone()).collect());
+    let (acct, admin, _replicas, urls) = three_replicas(fixture).await;
     let http = reqwest::Client::new();
     let tasks: Vec<_> = (0..48)
         .map(|c| {
