@@ -195,19 +195,13 @@ impl Conn {
         (self.trip, self.queued.len() - 1)
     }
 
-    /// Puts `request` in the place `reserve` kept, if that place's round
-    /// trip has not gone yet; returns whether it did.
-    pub fn fill(&mut self, (trip, at): (u64, usize), request: Request) -> bool {
-        let open = trip == self.trip && at < self.queued.len();
-        if open {
+    /// Puts `request` in the place `reserve` kept. A place whose round trip
+    /// went is left alone: it went filled (`send` makes sure) or was given
+    /// up with its transaction.
+    pub fn fill(&mut self, (trip, at): (u64, usize), request: Request) {
+        if trip == self.trip && at < self.queued.len() {
             self.queued[at] = request;
         }
-        open
-    }
-
-    /// The round trip the queue is for now.
-    pub fn trip(&self) -> u64 {
-        self.trip
     }
 
     /// Forgets what is queued (a transaction given up before it was sent).

@@ -8,8 +8,8 @@
 //! queue goes out ([`Gathered::fill`]). Each new row moves the place to the
 //! end of the queue, so the statement runs after everything queued before
 //! its last row (a seed's organizations before their allocations). A
-//! statement that must see the allocations saved so far (a removal, the
-//! clearing of an account) seals them first ([`Gathered::seal_allocations`]):
+//! statement that must see the rows gathered so far (a removal, the clearing
+//! of an account) makes them into statements first ([`Gathered::fill`]):
 //! they keep their place, and the rows that come later gather anew after it.
 //!
 //! Audit records are numbered in the order they were added (`WITH
@@ -120,21 +120,15 @@ impl Gathered {
         Gathering::add(&mut self.audit, conn, row, None);
     }
 
-    /// Makes the allocations gathered so far into their statement, in their
-    /// place; later ones gather after what is queued next.
-    pub fn seal_allocations(&mut self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
+    /// Makes everything gathered into statements, in their places: before
+    /// the queue goes out, or before a statement that must see the rows.
+    /// Rows added later gather anew, after what is queued next.
+    pub fn fill(&mut self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
         if let Some(g) = self.allocations.take() {
             let params = allocation_columns(&g.rows);
             let statement = conn.statement(SAVE_ALLOCATIONS)?;
             conn.fill(g.place, Request::Execute(statement, params));
         }
-        Ok(())
-    }
-
-    /// Makes everything gathered into statements, in their places: before
-    /// the queue goes out.
-    pub fn fill(&mut self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
-        self.seal_allocations(conn)?;
         if let Some(g) = self.audit.take() {
             let params = audit_columns(&g.rows);
             let statement = conn.statement(INSERT_AUDIT)?;

@@ -341,14 +341,11 @@ impl<'c> Pg<'c> {
             .collect())
     }
 
-    /// Makes the allocations saved so far into their statement, ahead of
-    /// what is queued next (a statement that must see them).
-    fn seal_allocations(&self) -> Result<()> {
+    /// Makes the rows gathered so far into their statements, ahead of what
+    /// is queued next (a statement that must see them).
+    fn seal(&self) -> Result<()> {
         let mut conn = self.conn.borrow_mut();
-        self.gathered
-            .borrow_mut()
-            .seal_allocations(&mut conn)
-            .map_err(failed)
+        self.gathered.borrow_mut().fill(&mut conn).map_err(failed)
     }
 
     /// Queues a write for the next round trip (with `COMMIT` at the
@@ -651,7 +648,7 @@ impl Storage for Pg<'_> {
     }
 
     fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()> {
-        self.seal_allocations()?;
+        self.seal()?;
         self.later(
             "DELETE FROM allocations WHERE account = $1 AND organization = $2 AND product = $3",
             params![&account, &organization, &product],
@@ -686,7 +683,7 @@ impl Storage for Pg<'_> {
 
     fn clear_account(&self, account: &str) -> Result<()> {
         self.locked.borrow_mut().clear();
-        self.seal_allocations()?;
+        self.seal()?;
         // Seeds of the account one at a time ([`SEED_LOCK`]); then locked
         // in the order every writer locks: the pool rows, then the account
         // row.
