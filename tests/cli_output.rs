@@ -660,3 +660,137 @@ fn the_pull_request_script_plans_with_prune_and_fails_only_on_refusals() {
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((10, 4)));
     assert_eq!(acct.allocation("dev-team", "TestOps"), Some((3, 0)));
 }
+
+/// Every command line the CLI has, walked from its own definition, so a
+/// new command cannot miss the exit-code contract: `licensor plan`,
+/// `licensor backend seed`, ...
+fn every_command() -> Vec<Vec<String>> {
+    use clap::CommandFactory;
+    fn walk(c: &clap::Command, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+        let subs: Vec<_> = c
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            out.push(path.clone());
+        }
+        for s in subs {
+            let mut p = path.clone();
+            p.push(s.get_name().to_string());
+            walk(s, p, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&licensor::cli::Cli::command(), Vec::new(), &mut out);
+    out
+}
+
+#[test]
+fn usage_errors_exit_1_never_2_and_help_and_version_exit_0() {
+    let acct = Account::seeded(DOCUMENTED);
+    let commands = every_command();
+    assert!(commands.len() >= 14, "{commands:?}");
+    for command in &commands {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let typo = acct.run(&[&args[..], &["--prnue"]].concat());
+        assert_eq!(typo.code, 1, "{command:?} --prnue: {typo:?}");
+        assert!(
+            typo.stderr.contains("unexpected argument '--prnue'"),
+            "{command:?}: {typo:?}"
+        );
+        let help = acct.run(&[&args[..], &["--help"]].concat());
+        assert_eq!(help.code, 0, "{command:?} --help: {help:?}");
+        assert!(help.stdout.contains("Usage: licensor"), "{help:?}");
+        assert!(
+            help.stdout.contains("Global options:"),
+            "{command:?}: the global options have a section of their own: {help:?}"
+        );
+    }
+    // A group without its command, or no command at all: help on stderr, 1.
+    for args in [&[][..], &["backend"], &["token"]] {
+        let run = acct.run(args);
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+    }
+    let run = acct.run(&["plan"]);
+    assert_eq!(run.code, 1, "plan without -f: {run:?}");
+    assert!(run.stderr.contains("--filename"), "{run:?}");
+    let run = acct.run(&["plan", "-f", "manifests", "-o", "yaml"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let run = acct.run(&["--version"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.starts_with("licensor "), "{run:?}");
+    // Every backend is named in the help.
+    let help = acct.run(&["status", "--help"]).stdout;
+    for scheme in ["sqlite:PATH", "postgres://", "http(s)://"] {
+        assert!(
+            help.contains(scheme),
+            "--backend help lacks {scheme}: {help}"
+        );
+    }
+}
+
+#[test]
+fn empty_identity_values_are_errors_naming_the_option() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 6, "");
+    let file = m.to_str().unwrap();
+    let before = acct.rows();
+    for (env, flag) in [
+        ("LICENSOR_INSTANCE", "--instance"),
+        ("LICENSOR_ACCOUNT", "--account"),
+        ("LICENSOR_BACKEND", "--backend"),
+    ] {
+        for by_flag in [false, true] {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"));
+            command
+                .current_dir(acct.dir.path())
+                .env_remove("LICENSOR_TOKEN");
+            if env != "LICENSOR_BACKEND" {
+                command.args(["--backend", &acct.backend]);
+            }
+            if by_flag {
+                command.args([flag, ""]);
+            } else {
+                command.env(env, "");
+            }
+            let out = command.args(["apply", "-f", file]).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{flag} empty ({env}): {stderr}");
+            assert!(
+                stderr.contains(&format!("'{flag} <")),
+                "the error names {flag}: {stderr}"
+            );
+        }
+    }
+    assert_eq!(acct.rows(), before, "nothing was written");
+}
+
+#[test]
+fn every_output_format_offered_is_the_one_printed() {
+    let acct = Account::seeded(DOCUMENTED);
+    let m = acct.license("qa", "qa-team", "TestOps", 6, "");
+    let file = m.to_str().unwrap();
+    let tables = |args: &[&str], header: &str| {
+        let run = acct.run(args);
+        assert_eq!(run.code, 0, "{args:?}: {run:?}");
+        assert!(
+            run.stdout.lines().any(|l| l.starts_with(header)),
+            "{args:?} -o markdown prints a table with {header:?}: {}",
+            run.stdout
+        );
+        assert!(run.stdout.lines().any(|l| l.starts_with("|---")), "{run:?}");
+    };
+    tables(&["apply", "-f", file, "-o", "markdown"], "| | Resource |");
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((6, 4)));
+    tables(&["status", "-o", "markdown"], "| Product | Total |");
+    tables(&["status", "-o", "markdown"], "| Organization | Product |");
+    tables(&["backend", "audit", "-o", "markdown"], "| Time | Actor |");
+    for args in [
+        &["status", "-o", "json"][..],
+        &["backend", "audit", "-o", "json"],
+    ] {
+        let run = acct.run(args);
+        assert_eq!(run.code, 0, "{run:?}");
+        run.json();
+    }
+}

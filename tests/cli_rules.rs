@@ -264,6 +264,72 @@ fn concurrent_applies_never_over_commit_the_pool(kind: Kind) {
     assert_eq!(acct.pool("TestOps"), (35, 30, 0, 5));
 }
 
+/// `status` (a snapshot: pools, organizations, allocations) read while
+/// eight processes apply: every read sees one moment, so each pool's
+/// dedicated count is the sum of its allocations.
+fn readers_racing_writers_never_see_pools_that_disagree_with_the_allocations(kind: Kind) {
+    let orgs: String = (0..8).map(|i| format!("  - id: org-{i}\n")).collect();
+    let acct = Account::seeded_on(
+        kind,
+        &format!(
+            "account: acme\nproducts:\n  - {{name: TestOps, total: 2000}}\norganizations:\n{orgs}"
+        ),
+    );
+    let writing = std::sync::atomic::AtomicUsize::new(8);
+    let (reads, torn) = std::thread::scope(|s| {
+        for w in 0..8 {
+            let (acct, writing) = (&acct, &writing);
+            s.spawn(move || {
+                let dir = acct.path(&format!("writer-{w}"));
+                for i in 0..12 {
+                    let count = (i * 37 + w * 11) % 120 + 1;
+                    std::fs::create_dir_all(&dir).unwrap();
+                    let file = dir.join("license.yaml");
+                    std::fs::write(
+                        &file,
+                        common::license_yaml(
+                            &format!("l{w}"),
+                            &format!("org-{w}"),
+                            "TestOps",
+                            count as i64,
+                            "",
+                        ),
+                    )
+                    .unwrap();
+                    let run = acct.apply(&file);
+                    assert_eq!(run.code, 0, "{run:?}");
+                }
+                writing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let mut reads = 0;
+        let mut torn = Vec::new();
+        while writing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let run = acct.run(&["status", "-o", "json"]);
+            assert_eq!(run.code, 0, "{run:?}");
+            let status = run.json();
+            let pool = status["pools"][0]["dedicated"].as_i64().unwrap();
+            let sum: i64 = status["allocations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["dedicated"].as_i64().unwrap())
+                .sum();
+            reads += 1;
+            if pool != sum {
+                torn.push(format!("pool dedicated {pool} != sum of allocations {sum}"));
+            }
+        }
+        (reads, torn)
+    });
+    assert!(reads >= 5, "only {reads} reads raced the writers");
+    assert!(
+        torn.is_empty(),
+        "{} of {reads} reads tore: {torn:?}",
+        torn.len()
+    );
+}
+
 fn moving_seats_between_organizations_in_a_full_pool_applies_cleanly(kind: Kind) {
     let acct = Account::seeded_on(
         kind,
@@ -448,6 +514,7 @@ on_every_backend!(
     unknown_product_and_unknown_organization_are_refused,
     a_second_manager_is_a_conflict_naming_the_owner,
     concurrent_applies_never_over_commit_the_pool,
+    readers_racing_writers_never_see_pools_that_disagree_with_the_allocations,
     moving_seats_between_organizations_in_a_full_pool_applies_cleanly,
     one_refusal_does_not_stop_the_other_resources,
     prune_revokes_allocations_no_manifest_names_any_more,

@@ -232,3 +232,46 @@ fn the_log_is_copied_into_the_file_while_the_store_is_open() {
     assert_eq!(len(&log), grown, "the log did not grow past its size");
     assert_eq!(store.audit("acme").unwrap().len(), 2011);
 }
+
+/// Two handles on one file, as two processes have: one writes as fast as
+/// it can while the other reads snapshots. Each snapshot is one read
+/// transaction, so its pools always agree with its allocations.
+#[test]
+fn snapshots_read_one_moment_while_another_handle_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let writer = Store::open(&path).unwrap();
+    let orgs: String = (0..4).map(|i| format!("  - id: org-{i}\n")).collect();
+    let fixture: Fixture = serde_yaml::from_str(&format!(
+        "account: acme\nproducts: [{{name: TestOps, total: 2000}}]\norganizations:\n{orgs}"
+    ))
+    .unwrap();
+    writer.seed(&Principal::local(), &fixture).unwrap();
+    let reader = Store::open_existing(&path).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (reads, torn) = std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..1500i64 {
+                let w = AllocationWrite {
+                    organization: format!("org-{}", i % 4),
+                    target: Target::Count(i % 97 + 1),
+                    ..raise(0, None)
+                };
+                writer
+                    .write("acme", &Principal::local(), &w, false)
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let (mut reads, mut torn) = (0, 0);
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let snapshot = reader.snapshot("acme").unwrap();
+            let sum: i64 = snapshot.allocations.iter().map(|a| a.dedicated).sum();
+            reads += 1;
+            torn += usize::from(snapshot.pools[0].dedicated != sum);
+        }
+        (reads, torn)
+    });
+    assert!(reads >= 100, "only {reads} reads raced the writer");
+    assert_eq!(torn, 0, "{torn} of {reads} snapshots tore");
+}

@@ -218,6 +218,17 @@ pub struct Organization {
     pub id: String,
 }
 
+/// `GET /v1/accounts/{account}`: the account's pools, organizations and
+/// allocations read at one moment, so the pools always agree with the
+/// allocations (three separate reads can each see another write).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountState {
+    pub products: Vec<Product>,
+    pub organizations: Vec<Organization>,
+    pub allocations: Vec<Allocation>,
+}
+
 /// `PUT /organizations/{organization}/allocations/{product}`: the desired
 /// allocation.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

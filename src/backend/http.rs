@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::api::{
-    Organization, Problem, ProblemType, Product, PutAllocation, Release, Seats, TotalBody,
+    AccountState, Problem, ProblemType, Product, PutAllocation, Release, Seats, TotalBody,
 };
 use crate::domain::{
     Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, SeatChange, Snapshot, Target,
@@ -393,13 +393,13 @@ impl Backend for HttpBackend {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, BackendError> {
-        let pools: Vec<Product> = self.get(&["products"]).await?.unwrap_or_default();
-        let orgs: Vec<Organization> = self.get(&["organizations"]).await?.unwrap_or_default();
-        let allocations: Vec<Allocation> = self.get(&["allocations"]).await?.unwrap_or_default();
+        // One request, one read on the server: the pools agree with the
+        // allocations.
+        let account: AccountState = Self::must(self.get(&[]).await?, "account")?;
         Ok(Snapshot {
-            pools: pools.into_iter().map(Pool::from).collect(),
-            organizations: orgs.into_iter().map(|o| o.id).collect(),
-            allocations,
+            pools: account.products.into_iter().map(Pool::from).collect(),
+            organizations: account.organizations.into_iter().map(|o| o.id).collect(),
+            allocations: account.allocations,
         })
     }
 

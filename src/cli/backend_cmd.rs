@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, Open, open_backend, open_store_at};
+use super::{FAILED, Format, Global, OK, Open, open_backend, open_store_at, render};
 use crate::backend::{BackendError, Fixture};
 use crate::domain::SeatChange;
 
@@ -24,13 +24,17 @@ pub enum BackendCommand {
     Release(Seats),
     /// Set a product's total (a purchase or a contract shrink).
     Total {
+        /// The product whose pool changes.
         #[arg(long)]
         product: String,
+        /// Seats purchased; may be below what is handed out (the pool is
+        /// then over-committed).
         #[arg(long, allow_hyphen_values = true)]
         total: i64,
     },
-    /// Print the audit log.
+    /// Print the audit log, oldest first.
     Audit {
+        /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Format,
     },
@@ -53,10 +57,13 @@ pub enum BackendCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct Seats {
+    /// The organization whose users sign in or out.
     #[arg(long)]
     org: String,
+    /// The product.
     #[arg(long)]
     product: String,
+    /// How many seats (a positive number).
     #[arg(long, allow_hyphen_values = true)]
     count: i64,
 }
@@ -139,26 +146,13 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
         BackendCommand::Copy { .. } => {}
         BackendCommand::Audit { output } => {
             let entries = backend.audit().await.map_err(err)?;
-            if output == Format::Json {
-                let s = serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?;
-                println!("{s}");
-            } else {
-                for e in entries {
-                    println!(
-                        "{} {} {} {}/{} {} -> {} rehomed {} displaced {} manager {} key {}",
-                        e.time,
-                        e.actor,
-                        e.action,
-                        e.organization.as_deref().unwrap_or("-"),
-                        e.product.as_deref().unwrap_or("-"),
-                        e.from,
-                        e.to,
-                        e.rehomed,
-                        e.displaced,
-                        e.manager.as_deref().unwrap_or("-"),
-                        e.idempotency_key.as_deref().unwrap_or("-")
-                    );
+            match output {
+                Format::Json => {
+                    let s = serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?;
+                    println!("{s}");
                 }
+                Format::Markdown => print!("{}", render::audit_markdown(&entries)),
+                Format::Text => print!("{}", render::audit_text(&entries)),
             }
         }
     }

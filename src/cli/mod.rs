@@ -14,6 +14,7 @@ mod validate;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::http::{HttpBackend, Retry};
@@ -24,12 +25,21 @@ use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
 use crate::resource::{Hold, managed_by};
 
-/// Exit code for success, and for `plan` with nothing to change.
+/// Exit code for success, and for `plan` with nothing to change; also for
+/// `--help` and `--version`.
 pub const OK: u8 = 0;
-/// Exit code for invalid input, an error, or a refused change.
+/// Exit code for every error: invalid input, a usage error (an unknown
+/// flag, a missing argument), a backend that fails, a refused change.
 pub const FAILED: u8 = 1;
-/// Exit code of `plan` when there are changes to apply.
+/// Exit code of `plan` when there are changes to apply, and for nothing else.
 pub const CHANGES: u8 = 2;
+
+/// The exit code of a command line clap could not turn into a command:
+/// `--help` and `--version` are answers (0); anything else is an error (1),
+/// never clap's own 2, which a pipeline would read as "there are changes".
+pub fn usage_exit_code(e: &clap::Error) -> u8 {
+    if e.use_stderr() { FAILED } else { OK }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,22 +54,36 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The heading of the options every command understands, so that each
+/// command's own options stand apart from them in its help.
+const GLOBAL: &str = "Global options";
+
 /// Options every command understands.
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// License backend: sqlite:PATH (the embedded store) or an http(s):// URL.
+    /// License backend: sqlite:PATH (the embedded store, a file), a
+    /// PostgreSQL database (postgres://USER@HOST/DB, the password from
+    /// PGPASSWORD), or the license platform's API (an http(s):// URL).
     #[arg(
         long,
         global = true,
         env = "LICENSOR_BACKEND",
-        default_value = "sqlite:licensor.db"
+        default_value = "sqlite:licensor.db",
+        value_parser = NonEmptyStringValueParser::new(),
+        help_heading = GLOBAL
     )]
     pub backend: String,
     /// Account id; defaults to the only account in the store.
-    #[arg(long, global = true, env = "LICENSOR_ACCOUNT")]
+    #[arg(
+        long,
+        global = true,
+        env = "LICENSOR_ACCOUNT",
+        value_parser = NonEmptyStringValueParser::new(),
+        help_heading = GLOBAL
+    )]
     pub account: Option<String>,
     /// File holding the bearer token (else LICENSOR_TOKEN).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub token_file: Option<PathBuf>,
     /// Longest wait for one answer of an http(s) backend; calls are retried.
     #[arg(
@@ -67,23 +91,26 @@ pub struct Global {
         global = true,
         env = "LICENSOR_BACKEND_TIMEOUT",
         default_value = "10s",
-        value_parser = humantime::parse_duration
+        value_parser = humantime::parse_duration,
+        help_heading = GLOBAL
     )]
     pub backend_timeout: std::time::Duration,
     /// CA certificates (PEM) to trust for an https:// backend, besides the
     /// public roots.
-    #[arg(long, global = true, env = "LICENSOR_BACKEND_CA")]
+    #[arg(long, global = true, env = "LICENSOR_BACKEND_CA", help_heading = GLOBAL)]
     pub backend_ca: Option<std::path::PathBuf>,
     /// Most requests a second to an http(s) backend, over all calls of this
     /// process (the operator's passes share it); unlimited when not given.
-    #[arg(long, global = true, env = "LICENSOR_BACKEND_RATE")]
+    #[arg(long, global = true, env = "LICENSOR_BACKEND_RATE", help_heading = GLOBAL)]
     pub backend_rate: Option<std::num::NonZeroU32>,
     /// Instance name in managedBy (<instance>/<namespace>/<name>).
     #[arg(
         long,
         global = true,
         env = "LICENSOR_INSTANCE",
-        default_value = "default"
+        default_value = "default",
+        value_parser = NonEmptyStringValueParser::new(),
+        help_heading = GLOBAL
     )]
     pub instance: String,
 }
@@ -101,10 +128,11 @@ pub enum Command {
     /// Work on the backend directly: seed, seats, totals, audit.
     #[command(subcommand)]
     Backend(backend_cmd::BackendCommand),
-    /// Manage API tokens of the embedded store.
+    /// Manage API tokens of a store (the embedded file or PostgreSQL).
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Serve the license platform HTTP API over the embedded store.
+    /// Serve the license platform HTTP API and the License Management page
+    /// over a store (the embedded file or PostgreSQL).
     Serve(serve::ServeArgs),
     /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
     Operator(operator::OperatorArgs),
@@ -112,7 +140,9 @@ pub enum Command {
     Crd(crd::CrdArgs),
 }
 
-/// Output formats.
+/// Output formats. Every command with `-o` prints each of them: text for
+/// a terminal, markdown (tables) for a pull-request comment, JSON for
+/// machines.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Text,
@@ -130,7 +160,13 @@ pub struct Files {
 
 /// Runs the CLI and returns its exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(usage_exit_code(&e));
+        }
+    };
     // One TLS provider for every client and server in the process (kube,
     // reqwest, PostgreSQL, the webhook), whatever features a dependency
     // turns on.

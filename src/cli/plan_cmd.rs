@@ -15,7 +15,7 @@ pub struct PlanArgs {
     /// Also revoke allocations this instance manages that no manifest names.
     #[arg(long)]
     pub prune: bool,
-    /// Output format (apply: text or json).
+    /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: Format,
 }
@@ -54,12 +54,6 @@ pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
 }
 
 pub async fn apply(g: &Global, args: &PlanArgs) -> u8 {
-    if args.output == Format::Markdown {
-        eprintln!(
-            "error: apply prints text or json; use `licensor plan -o markdown` for a pull-request comment"
-        );
-        return FAILED;
-    }
     let Some((mut plan, backend)) = prepare(g, &args.files, args.prune).await else {
         return FAILED;
     };

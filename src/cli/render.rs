@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::Format;
+use crate::backend::AuditEntry;
 use crate::domain::{Action, PoolView, Snapshot};
 use crate::plan::{Change, Outcome, Plan};
 
@@ -276,6 +277,103 @@ pub fn status_text(snapshot: &Snapshot, location: &str) -> String {
             a.dedicated,
             a.in_use,
             a.managed_by.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}
+
+/// `licensor status -o markdown`: the pools and the allocations as tables.
+pub fn status_markdown(snapshot: &Snapshot, location: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "### licensor status: {}\n", cell(location));
+    let _ = writeln!(s, "| Product | Total | Dedicated | Shared in use | Free |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    for p in &snapshot.pools {
+        let v = PoolView::from(p);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {}{} |",
+            cell(&v.product),
+            v.total,
+            v.dedicated,
+            v.shared_in_use,
+            v.free,
+            if v.free < 0 {
+                " ⚠️ over-committed"
+            } else {
+                ""
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| Organization | Product | Dedicated | In use | Managed by |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---|");
+    for a in &snapshot.allocations {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            cell(&a.organization),
+            cell(&a.product),
+            a.dedicated,
+            a.in_use,
+            a.managed_by
+                .as_deref()
+                .map(|m| format!("`{}`", cell(m)))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    s
+}
+
+/// `licensor backend audit` as text: one line per record, oldest first.
+pub fn audit_text(entries: &[AuditEntry]) -> String {
+    let mut s = String::new();
+    for e in entries {
+        let _ = writeln!(
+            s,
+            "{} {} {} {}/{} {} -> {} rehomed {} displaced {} manager {} key {}",
+            e.time,
+            e.actor,
+            e.action,
+            e.organization.as_deref().unwrap_or("-"),
+            e.product.as_deref().unwrap_or("-"),
+            e.from,
+            e.to,
+            e.rehomed,
+            e.displaced,
+            e.manager.as_deref().unwrap_or("-"),
+            e.idempotency_key.as_deref().unwrap_or("-")
+        );
+    }
+    s
+}
+
+/// `licensor backend audit -o markdown`: the audit log as a table.
+pub fn audit_markdown(entries: &[AuditEntry]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "### licensor audit: {} records\n", entries.len());
+    let _ = writeln!(
+        s,
+        "| Time | Actor | Action | Organization | Product | From | To | Rehomed | Displaced | Manager |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---:|---:|---:|---:|---|");
+    let or_dash = |v: Option<&str>| v.map(cell).unwrap_or_else(|| "-".into());
+    for e in entries {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            e.time,
+            cell(&e.actor),
+            e.action,
+            or_dash(e.organization.as_deref()),
+            or_dash(e.product.as_deref()),
+            e.from,
+            e.to,
+            e.rehomed,
+            e.displaced,
+            or_dash(e.manager.as_deref())
         );
     }
     s

@@ -2,13 +2,13 @@
 
 use clap::Args;
 
-use super::render::status_text;
+use super::render::{status_markdown, status_text};
 use super::{FAILED, Format, Global, OK, observe};
 use crate::domain::PoolView;
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Output format (text or json).
+    /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: Format,
 }
@@ -46,7 +46,8 @@ pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
                 }
             }
         }
-        _ => print!("{}", status_text(&snapshot, &backend.location())),
+        Format::Markdown => print!("{}", status_markdown(&snapshot, &backend.location())),
+        Format::Text => print!("{}", status_text(&snapshot, &backend.location())),
     }
     OK
 }

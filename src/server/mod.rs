@@ -217,6 +217,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         m.route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
     };
     let api = Router::new()
+        .route(base, guard(get(routes::get_account)))
         .route(
             &format!("{base}/products"),
             guard(get(routes::list_products)),

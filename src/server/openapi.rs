@@ -27,6 +27,7 @@ use crate::domain::{IDENTIFIER_PATTERN, MAX_IDENTIFIER};
         description = "Dedicated licenses of a license account. Every error is an RFC 9457 problem document (application/problem+json) with a stable type per refusal reason. Writes need the AccountAdmin role; reads any token of the account."
     ),
     paths(
+        routes::get_account,
         routes::list_products,
         routes::put_product,
         routes::list_organizations,

@@ -16,8 +16,8 @@ use utoipa::IntoParams;
 
 use super::Shared;
 use crate::api::{
-    NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation, Release, Seats,
-    TotalBody,
+    AccountState, NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation,
+    Release, Seats, TotalBody,
 };
 use crate::backend::store::{Principal, Store};
 use crate::backend::{AuditEntry, BackendError, Written};
@@ -31,7 +31,10 @@ fn malformed(message: impl Into<String>) -> Problem {
 }
 
 /// A JSON object body whose rejections are problem details. The body must
-/// be an object: serde would otherwise read `[6]` as `{"dedicated": 6}`.
+/// be an object: serde would otherwise read `[6]` as `{"dedicated": 6}`;
+/// and no object in it may name a member twice, which parsers disagree on
+/// (one keeps the first, another the last), so that two of them in front
+/// of each other could read two different requests from one body.
 pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
@@ -39,8 +42,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
         use axum::extract::rejection::JsonRejection as R;
-        let value = match Json::<serde_json::Value>::from_request(req, state).await {
-            Ok(Json(v)) => v,
+        let value = match Json::<Unique>::from_request(req, state).await {
+            Ok(Json(Unique(v))) => v,
             Err(R::MissingJsonContentType(_)) => {
                 return Err(Problem::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -63,6 +66,67 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         serde_json::from_value(value)
             .map(Body)
             .map_err(|e| malformed(format!("the body does not fit: {e}")))
+    }
+}
+
+/// A JSON value whose objects name each member once; a duplicate name is
+/// an error that says which.
+struct Unique(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(items.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = serde_json::Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if members.contains_key(&name) {
+                return Err(serde::de::Error::custom(format!(
+                    "the member {name:?} is named twice"
+                )));
+            }
+            let Unique(v) = map.next_value()?;
+            members.insert(name, v);
+        }
+        Ok(members.into())
     }
 }
 
@@ -297,6 +361,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
             _ => Err("Idempotency-Key must be 1 to 255 visible characters".into()),
         },
     }
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{account}", params(AccountPath),
+    responses((status = 200, description = "The account's pools, organizations and allocations, read at one moment", body = AccountState)))]
+pub async fn get_account(
+    State(s): State<Shared>,
+    Segments(AccountPath { account }): Segments<AccountPath>,
+) -> Result<Response, Problem> {
+    let snapshot = store(&s, move |st| st.snapshot(&account)).await?;
+    Ok(Json(AccountState {
+        products: snapshot.pools.iter().map(Product::from).collect(),
+        organizations: snapshot
+            .organizations
+            .into_iter()
+            .map(|id| Organization { id })
+            .collect(),
+        allocations: snapshot.allocations,
+    })
+    .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{account}/products", params(AccountPath),

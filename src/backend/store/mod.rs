@@ -212,7 +212,9 @@ impl Store {
         move |e| BackendError::Unavailable(format!("{}: {e}", self.location))
     }
 
-    /// Runs `f` on the store outside a write transaction (reads).
+    /// Runs `f` on the store in one read transaction: a consistent read
+    /// (PostgreSQL reads a snapshot and an export in one REPEATABLE READ
+    /// transaction of their own).
     fn read<T>(
         &self,
         f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
@@ -222,7 +224,11 @@ impl Store {
                 let conn = conn
                     .lock()
                     .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
-                f(&*conn)
+                // One read transaction, so that every statement of `f` sees
+                // the same commit while other processes write the file (WAL
+                // keeps that commit for it); dropping it ends it.
+                let tx = conn.unchecked_transaction().map_err(self.failed())?;
+                f(&*tx)
             }
             Db::Postgres(conns) => {
                 let mut conn = conns.take()?;
