@@ -1,6 +1,8 @@
 # licensor: the two commands of the README, and the checks CI runs.
 CARGO ?= cargo
-BIN := target/release/licensor
+# Where cargo builds: CARGO_TARGET_DIR when it is set, as cargo itself reads it.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+BIN := $(TARGET_DIR)/release/licensor
 
 .PHONY: demo test deps test-static check bench bench-operator bench-platform crd
 
@@ -40,7 +42,7 @@ deps:
 MUSL := x86_64-unknown-linux-musl
 test-static: deps
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
-	tests/static-binary.sh target/$(MUSL)/release/licensor
+	tests/static-binary.sh $(TARGET_DIR)/$(MUSL)/release/licensor
 
 ## Formatting and lints (the committed CRD is checked by a test).
 check: deps
@@ -61,7 +63,7 @@ bench:
 bench-operator: deps
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
 	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" \
-	  IMAGE_BIN=$(CURDIR)/target/$(MUSL)/release/licensor $(CARGO) bench --locked --bench operator
+	  IMAGE_BIN=$(abspath $(TARGET_DIR))/$(MUSL)/release/licensor $(CARGO) bench --locked --bench operator
 
 ## The platform API load benchmark (writes and reads per second, p50/p99).
 bench-platform:

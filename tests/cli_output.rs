@@ -330,6 +330,33 @@ fn the_demo_twice_ends_in_sync_both_times() {
     }
 }
 
+/// `make demo` runs the binary cargo built, where cargo built it.
+#[test]
+fn make_demo_runs_the_binary_in_cargo_target_dir() {
+    for (target_dir, bin) in [
+        (None, "target/release/licensor"),
+        (
+            Some("/elsewhere/build"),
+            "/elsewhere/build/release/licensor",
+        ),
+    ] {
+        let mut make = std::process::Command::new("make");
+        make.args(["-n", "demo"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match target_dir {
+            Some(d) => make.env("CARGO_TARGET_DIR", d),
+            None => make.env_remove("CARGO_TARGET_DIR"),
+        };
+        let out = make.output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{printed}");
+        assert!(
+            printed.contains(&format!("{bin} backend seed -f examples/account.yaml")),
+            "{target_dir:?}: {printed}"
+        );
+    }
+}
+
 /// A manifest that is a symlink is read (else `--prune` would revoke its
 /// allocation); a byte-order mark is fine; a broken or looping link is an
 /// error naming it.
@@ -548,6 +575,72 @@ fn a_bad_fixture_or_unreachable_store_is_an_error_and_writes_nothing() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir/licensor.db"));
+}
+
+#[test]
+fn a_failed_first_seed_leaves_no_store_and_a_new_store_in_git_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("LICENSOR_BACKEND")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(dir.path().join("broken.yaml"), "account: [\n").unwrap();
+    std::fs::write(
+        dir.path().join("refused.yaml"),
+        "account: acme\nproducts: [{name: TestOps, total: 10}]\norganizations:\n  - {id: a, allocations: [{product: TestOps, dedicated: 2, inUse: 3}]}\n",
+    )
+    .unwrap();
+    for (fixture, why) in [
+        ("broken.yaml", "broken.yaml: "),
+        ("refused.yaml", "need 0 <= inUse <= dedicated"),
+    ] {
+        let (code, stderr) = run(&["backend", "seed", "-f", fixture]);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("licensor.db"))
+            .collect();
+        assert!(left.is_empty(), "{fixture} left {left:?} behind");
+    }
+
+    // In a Git work tree, the first store says how to keep it out of Git,
+    // until Git ignores it.
+    let git = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let account = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/account.yaml");
+    let (code, stderr) = run(&["backend", "seed", "-f", account]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("inside a Git work tree")
+            && stderr.contains("echo 'licensor.db*' >> .gitignore"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["backend", "seed", "-f", account]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(0), ""),
+        "only a new store says so"
+    );
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("licensor.db{suffix}")));
+    }
+    std::fs::write(dir.path().join(".gitignore"), "licensor.db*\n").unwrap();
+    let (code, stderr) = run(&["backend", "seed", "-f", account]);
+    assert_eq!((code, stderr.as_str()), (Some(0), ""), "ignored by Git");
 }
 
 #[test]

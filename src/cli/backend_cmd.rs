@@ -79,37 +79,15 @@ pub async fn run(g: &Global, command: BackendCommand) -> u8 {
 }
 
 async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
-    let store = match command {
-        BackendCommand::Seed { .. } => Open::Create,
-        _ => Open::Existing,
-    };
     let backend = match &command {
         BackendCommand::Copy { from, to, replace } => return copy(g, from, to, *replace),
-        _ => open_backend(g, store)?,
+        BackendCommand::Seed { file } => return seed(g, file).await,
+        _ => open_backend(g, Open::Existing)?,
     };
     let err = |e: BackendError| e.to_string();
     match command {
-        BackendCommand::Seed { file } => {
-            let (text, shown) = if file.as_os_str() == "-" {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                    .map_err(|e| format!("standard input: {e}"))?;
-                (text, "standard input".to_string())
-            } else {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                (text, file.display().to_string())
-            };
-            let fixture: Fixture =
-                serde_yaml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
-            backend.seed(&fixture).await.map_err(err)?;
-            println!(
-                "seeded account {}: {} products, {} organizations",
-                fixture.account,
-                fixture.products.len(),
-                fixture.organizations.len()
-            );
-        }
+        // Handled above: they open their stores themselves.
+        BackendCommand::Seed { .. } | BackendCommand::Copy { .. } => {}
         BackendCommand::Claim(s) | BackendCommand::Release(s) if s.count <= 0 => {
             return Err(format!("--count must be positive, not {}", s.count));
         }
@@ -142,8 +120,6 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
                 }
             );
         }
-        // Copied above, between two stores rather than on one backend.
-        BackendCommand::Copy { .. } => {}
         BackendCommand::Audit { output } => {
             let entries = backend.audit().await.map_err(err)?;
             match output {
@@ -157,6 +133,44 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `backend seed`: the fixture is read and checked before any store is
+/// opened, and a store file this seed created is removed again when the
+/// seed fails, so a bad fixture leaves nothing behind.
+async fn seed(g: &Global, file: &std::path::Path) -> Result<(), String> {
+    let (text, shown) = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| format!("standard input: {e}"))?;
+        (text, "standard input".to_string())
+    } else {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        (text, file.display().to_string())
+    };
+    let fixture: Fixture = serde_yaml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
+    let new_file = super::new_store_file(&g.backend);
+    let seeded = async {
+        let backend = open_backend(g, Open::Create)?;
+        backend.seed(&fixture).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match (seeded, new_file) {
+        (Ok(()), _) => {
+            println!(
+                "seeded account {}: {} products, {} organizations",
+                fixture.account,
+                fixture.products.len(),
+                fixture.organizations.len()
+            );
+            Ok(())
+        }
+        (Err(e), Some(path)) => {
+            super::remove_store_file(&path);
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// `backend copy`: every account of `from` (or the one `--account` names).

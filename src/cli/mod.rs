@@ -262,12 +262,64 @@ pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store:
             ));
         }
     };
-    if create {
+    let created = create && !path.exists();
+    let store = if create {
         S::open(&path)
     } else {
         S::open_existing(&path)
     }
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    if created {
+        note_if_in_git(&path);
+    }
+    Ok(store)
+}
+
+/// The file of an embedded store `backend` names, when it does not exist
+/// yet (a command that creates it may have to remove it again).
+pub fn new_store_file(backend: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(backend.strip_prefix("sqlite:")?);
+    (!path.as_os_str().is_empty() && !path.exists()).then_some(path)
+}
+
+/// Removes an embedded store file and its write-ahead log.
+pub fn remove_store_file(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// A new store file inside a Git work tree would be committed by the next
+/// `git add -A`, with token hashes and the audit log in it: say how to keep
+/// it out, unless Git already ignores it.
+fn note_if_in_git(path: &std::path::Path) {
+    let Ok(path) = std::path::absolute(path) else {
+        return;
+    };
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    if !dir.ancestors().any(|d| d.join(".git").exists()) {
+        return;
+    }
+    let ignored = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["check-ignore", "-q", "--"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ignored {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.as_deref().unwrap_or("licensor.db");
+        eprintln!(
+            "note: created the store {} inside a Git work tree; it holds token hashes and the audit log, so keep it out of Git: echo '{name}*' >> .gitignore (or put the store elsewhere with --backend sqlite:PATH)",
+            path.display()
+        );
+    }
 }
 
 /// Opens the backend named by the global options.
