@@ -221,6 +221,11 @@ pub enum Open {
     Create,
     /// It reads, or writes into an account that must exist: never create.
     Existing,
+    /// A server (`serve`, `operator`): create it if missing, and when its
+    /// database cannot be reached yet, start anyway and connect when it is
+    /// up (calls fail as unavailable until then), instead of exiting into
+    /// a crash loop at every database restart.
+    Serve,
 }
 
 fn is_postgres(backend: &str) -> bool {
@@ -241,15 +246,19 @@ pub fn open_store(g: &Global, open: Open) -> Result<crate::backend::store::Store
 /// Call it off the async threads: a PostgreSQL client blocks.
 pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store::Store, String> {
     use crate::backend::store::Store as S;
-    let create = open == Open::Create;
+    let create = open != Open::Existing;
     if is_postgres(backend) {
         let url = backend
             .strip_prefix("postgres:")
             .filter(|u| !u.starts_with("//"))
             .unwrap_or(backend);
+        let connect = || match open {
+            Open::Serve => S::connect_when_up(url, create),
+            _ => S::connect(url, create),
+        };
         // The PostgreSQL client blocks on a runtime of its own, so it
         // connects off this one (its later calls run on blocking threads).
-        return std::thread::scope(|s| s.spawn(|| S::connect(url, create)).join())
+        return std::thread::scope(|s| s.spawn(connect).join())
             .map_err(|_| "connecting to PostgreSQL failed".to_string())?
             .map_err(|e| e.to_string());
     }

@@ -79,7 +79,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
         eprintln!("error: --lease-duration must be at least 2s");
         return FAILED;
     }
-    let backend = match open_backend(g, Open::Create) {
+    let backend = match open_backend(g, Open::Serve) {
         Ok(b) => Arc::from(b),
         Err(e) => {
             tracing::error!("{e}");

@@ -1,4 +1,5 @@
-//! `licensor serve`: the license platform HTTP API over the embedded store.
+//! `licensor serve`: the license platform HTTP API over a store (the
+//! embedded file or PostgreSQL).
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -39,7 +40,7 @@ pub struct ServeArgs {
 
 pub async fn run(g: &Global, args: &ServeArgs) -> u8 {
     init_logging(args.log_format);
-    let store = match open_store(g, Open::Create) {
+    let store = match open_store(g, Open::Serve) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!("{e}");

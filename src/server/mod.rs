@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
 use crate::backend::store::{Principal, Store};
-use crate::domain::require_admin;
+use crate::domain::{Reason, require_admin};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -408,14 +408,18 @@ async fn observe(State(s): State<Shared>, request: Request, next: Next) -> Respo
 
 async fn readyz(State(s): State<Shared>) -> Response {
     let store = s.store.clone();
-    match tokio::task::spawn_blocking(move || store.accounts()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the store cannot be read\n",
-        )
-            .into_response(),
-    }
+    let why = match tokio::task::spawn_blocking(move || store.accounts()).await {
+        Ok(Ok(_)) => return (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    // Not ready says why (a database not up yet, refusing the password).
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ProblemType::Refused(Reason::BackendUnavailable),
+        format!("not ready: the store cannot be read: {why}"),
+    )
+    .into_response()
 }
 
 async fn metrics_text(State(s): State<Shared>) -> Response {

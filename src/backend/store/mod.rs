@@ -176,21 +176,57 @@ impl Store {
     /// no licensor store is an error and is left as it is.
     pub fn connect(url: &str, create: bool) -> Result<Store, BackendError> {
         let location = crate::backend::redact(url);
+        let pool = postgres::pool_size(url)?;
         let mut conn = postgres::connect(url)?;
-        if !create && !postgres::holds_a_store(&mut conn, &location)? {
+        Store::set_up(&mut conn, &location, create)?;
+        let conns = postgres::Conns::new(conn, url.to_string(), pool);
+        Ok(Store::on_postgres(conns, location))
+    }
+
+    /// [`Store::connect`] for a server (`serve`, `operator`): when the
+    /// database cannot be reached yet (not up, restarting), the store is
+    /// returned anyway, every call fails `Unavailable` until the database
+    /// answers, and the first connection then checks and migrates it. A
+    /// database that answers but is no store of licensor's is an error at
+    /// once, as with `connect`.
+    pub fn connect_when_up(url: &str, create: bool) -> Result<Store, BackendError> {
+        let location = crate::backend::redact(url);
+        let pool = postgres::pool_size(url)?;
+        let conns = match postgres::connect(url) {
+            Ok(mut conn) => {
+                Store::set_up(&mut conn, &location, create)?;
+                postgres::Conns::new(conn, url.to_string(), pool)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; starting anyway, and connecting when the database is up");
+                let at = location.clone();
+                postgres::Conns::pending(
+                    url.to_string(),
+                    pool,
+                    Box::new(move |conn| Store::set_up(conn, &at, create)),
+                )
+            }
+        };
+        Ok(Store::on_postgres(conns, location))
+    }
+
+    /// Checks that a database holds a store (or may get one) and migrates it.
+    fn set_up(conn: &mut postgres::Conn, location: &str, create: bool) -> Result<(), BackendError> {
+        if !create && !postgres::holds_a_store(conn, location)? {
             return Err(BackendError::Unavailable(format!(
                 "{location}: no store here; create one with `licensor backend seed -f FIXTURE`"
             )));
         }
-        postgres::migrate(&mut conn, &location)?;
-        let pool = postgres::pool_size(url)?;
-        let conns = postgres::Conns::new(conn, url.to_string(), pool);
-        Ok(Store {
+        postgres::migrate(conn, location)
+    }
+
+    fn on_postgres(conns: postgres::Conns, location: String) -> Store {
+        Store {
             db: Db::Postgres(Box::new(conns)),
             batches: Default::default(),
             location,
             _checkpoints: None,
-        })
+        }
     }
 
     /// Where the store is, for messages: a path, or a URL without its

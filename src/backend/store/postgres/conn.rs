@@ -295,7 +295,14 @@ pub struct Conns {
     max: usize,
     /// Where to connect (credentials included; never shown).
     url: String,
+    /// What the first connection must do before any is used (check and
+    /// migrate the schema), when the database was not up at start; done
+    /// once, by whichever call connects first.
+    setup: Mutex<Option<Setup>>,
 }
+
+/// The first connection's work: see [`Conns::pending`].
+pub type Setup = Box<dyn Fn(&mut Conn) -> Result<(), BackendError> + Send>;
 
 struct Idle {
     conns: Vec<Conn>,
@@ -312,7 +319,39 @@ impl Conns {
             freed: Condvar::new(),
             max,
             url,
+            setup: Mutex::new(None),
         }
+    }
+
+    /// No connection yet (the database is not up): every call tries to
+    /// connect, and the first that does runs `setup` on its connection
+    /// before anything else may use the database. Until then calls fail as
+    /// the connection does (`Unavailable`).
+    pub fn pending(url: String, max: usize, setup: Setup) -> Conns {
+        Conns {
+            state: Mutex::new(Idle {
+                conns: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+            max,
+            url,
+            setup: Mutex::new(Some(setup)),
+        }
+    }
+
+    /// A new connection, set up first when the setup is still to do.
+    fn open(&self) -> Result<Conn, BackendError> {
+        let mut conn = super::connect::connect(&self.url)?;
+        let mut setup = self
+            .setup
+            .lock()
+            .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+        if let Some(first) = setup.as_ref() {
+            first(&mut conn)?;
+            *setup = None;
+        }
+        Ok(conn)
     }
 
     /// An idle connection, or a new one while fewer than `max` are open;
@@ -332,7 +371,7 @@ impl Conns {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return super::connect::connect(&self.url).inspect_err(|_| {
+                return self.open().inspect_err(|_| {
                     if let Ok(mut s) = self.state.lock() {
                         s.open -= 1;
                     }
