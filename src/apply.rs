@@ -5,7 +5,7 @@
 //! rather than applied wrongly. Afterwards the plan's pools are the backend's.
 
 use crate::backend::{Backend, BackendError, Written};
-use crate::domain::PoolView;
+use crate::domain::{Action, PoolView};
 use crate::plan::{Change, Outcome, Plan, refuse};
 
 /// Writes every planned change and records its outcome.
@@ -22,6 +22,19 @@ pub async fn execute(plan: &mut Plan, backend: &dyn Backend) -> Result<(), Backe
 /// the backend's answer when the write was accepted.
 pub async fn apply_one(change: &mut Change, backend: &dyn Backend) -> Option<Written> {
     let write = change.write.take()?;
+    if change.action == Action::Orphan {
+        // A prune of an allocation whose policy is Orphan: release its
+        // manager, as the operator does when the object is deleted.
+        let manager = write.managed_by.as_deref().unwrap_or_default();
+        match backend
+            .release(&write.organization, &write.product, manager)
+            .await
+        {
+            Ok(()) => change.outcome = Outcome::Applied,
+            Err(e) => failed(change, e),
+        }
+        return None;
+    }
     match backend.write(&write).await {
         Ok(written) => {
             change.outcome = Outcome::Applied;
@@ -32,15 +45,21 @@ pub async fn apply_one(change: &mut Change, backend: &dyn Backend) -> Option<Wri
             }
             Some(written)
         }
-        Err(BackendError::Refused(refusal)) => {
-            refuse(change, refusal);
+        Err(e) => {
+            failed(change, e);
             None
         }
-        Err(e) => {
+    }
+}
+
+/// Records a write the backend did not accept: refused by a rule, or failed.
+fn failed(change: &mut Change, e: BackendError) {
+    match e {
+        BackendError::Refused(refusal) => refuse(change, refusal),
+        e => {
             change.outcome = Outcome::Failed;
             change.reason = e.reason();
             change.message = e.to_string();
-            None
         }
     }
 }

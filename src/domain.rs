@@ -242,9 +242,52 @@ pub struct Allocation {
     pub dedicated: i64,
     pub in_use: i64,
     pub managed_by: Option<String>,
+    /// What removing its manager's resource does, as the manager said when
+    /// it last wrote (Revoke for an unmanaged allocation): `--prune`
+    /// orphans what the operator would orphan.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
     /// Bumped by every write; the ETag of the HTTP API.
     #[serde(default)]
     pub version: i64,
+}
+
+/// What deleting a DedicatedLicense does to its allocation.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+)]
+pub enum DeletionPolicy {
+    #[default]
+    Revoke,
+    Orphan,
+}
+
+impl DeletionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionPolicy::Revoke => "Revoke",
+            DeletionPolicy::Orphan => "Orphan",
+        }
+    }
+
+    /// The stored spelling back; anything else is `None`.
+    pub fn parse(s: &str) -> Option<DeletionPolicy> {
+        match s {
+            "Revoke" => Some(DeletionPolicy::Revoke),
+            "Orphan" => Some(DeletionPolicy::Orphan),
+            _ => None,
+        }
+    }
 }
 
 /// What the requester wants an allocation to become.
@@ -278,6 +321,8 @@ pub struct Request<'a> {
     pub managed_by: Option<&'a str>,
     /// R6 consent.
     pub allow_user_displacement: bool,
+    /// The manager's deletion policy, kept with the allocation it manages.
+    pub deletion_policy: DeletionPolicy,
 }
 
 /// The kind of change, as shown in plans and audit entries.
@@ -345,12 +390,16 @@ pub struct Effect {
     pub displaced: i64,
     /// The allocation was unmanaged and now has a manager (R8).
     pub adopted: bool,
+    /// Its manager changed the deletion policy kept with it (the count may
+    /// stay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub policy_changed: bool,
 }
 
 impl Effect {
     /// Nothing changes in the backend.
     pub fn is_noop(&self) -> bool {
-        self.action == Action::None && !self.adopted
+        self.action == Action::None && !self.adopted && !self.policy_changed
     }
 }
 
@@ -382,9 +431,14 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
     if !seen.organization_exists {
         return Err(unknown_organization(req.organization));
     }
-    let (from, in_use, owner) = match seen.allocation {
-        Some(a) => (a.dedicated, a.in_use, a.managed_by.as_deref()),
-        None => (0, 0, None),
+    let (from, in_use, owner, policy) = match seen.allocation {
+        Some(a) => (
+            a.dedicated,
+            a.in_use,
+            a.managed_by.as_deref(),
+            a.deletion_policy,
+        ),
+        None => (0, 0, None, DeletionPolicy::Revoke),
     };
     let adopted = match (owner, req.managed_by) {
         (Some(owner), Some(me)) if owner != me => return Err(conflict(owner)),
@@ -403,6 +457,10 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
         rehomed: 0,
         displaced: 0,
         adopted: adopted && seen.allocation.is_some(),
+        policy_changed: owner.is_some()
+            && owner == req.managed_by
+            && policy != req.deletion_policy
+            && !matches!(req.target, Target::Remove),
     };
     if to > from {
         let requested = to - from;
@@ -682,6 +740,9 @@ pub struct AllocationWrite {
     pub target: Target,
     pub managed_by: Option<String>,
     pub allow_user_displacement: bool,
+    /// The manager's deletion policy, kept with the allocation.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
     /// Refuse the write if the allocation's version moved (0: must not exist).
     pub expected_version: Option<i64>,
     /// Same key and same write replays the first answer instead of writing again.
@@ -696,6 +757,7 @@ impl AllocationWrite {
             target: self.target,
             managed_by: self.managed_by.as_deref(),
             allow_user_displacement: self.allow_user_displacement,
+            deletion_policy: self.deletion_policy,
         }
     }
 
@@ -715,13 +777,18 @@ impl AllocationWrite {
             Basis::Allocation(version) => format!("version {version}"),
             Basis::Absent { pool_revision } => format!("absent in pool revision {pool_revision}"),
         };
-        let text = format!(
+        let mut text = format!(
             "{scope}\n{}\n{}\n{}\n{basis}\n{target}\n{}",
             self.managed_by.as_deref().unwrap_or(""),
             self.organization,
             self.product,
             self.allow_user_displacement
         );
+        // Another policy is another intent (Revoke, the default, keeps the
+        // keys written before the policy was kept).
+        if self.deletion_policy != DeletionPolicy::Revoke {
+            text.push_str(&format!("\n{}", self.deletion_policy.as_str()));
+        }
         hex::encode(&Sha256::digest(text.as_bytes())[..16])
     }
 }
@@ -799,12 +866,14 @@ impl Ledger {
                     dedicated: 0,
                     in_use: 0,
                     managed_by: None,
+                    deletion_policy: DeletionPolicy::Revoke,
                     version: 0,
                 });
                 entry.dedicated = to;
                 entry.in_use = effect.in_use;
                 if req.managed_by.is_some() {
                     entry.managed_by = req.managed_by.map(str::to_string);
+                    entry.deletion_policy = req.deletion_policy;
                 }
                 if !effect.is_noop() {
                     entry.version += 1;
@@ -876,6 +945,7 @@ mod tests {
                 dedicated: 5,
                 in_use: 4,
                 managed_by: None,
+                deletion_policy: Default::default(),
                 version: 1,
             }],
         )
@@ -887,6 +957,7 @@ mod tests {
             product: "TestOps",
             target: Target::Count(n),
             managed_by: Some("default/ns/x"),
+            deletion_policy: Default::default(),
             allow_user_displacement: false,
         }
     }

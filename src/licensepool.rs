@@ -207,6 +207,7 @@ mod tests {
             dedicated,
             in_use: 1,
             managed_by: managed_by.map(String::from),
+            deletion_policy: Default::default(),
             version: 1,
         };
         let snapshot = Snapshot {

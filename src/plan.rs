@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use similar::TextDiff;
 
 use crate::domain::{
-    Action, Allocation, AllocationWrite, Basis, Effect, Ledger, PoolView, Reason, Refusal, Role,
-    Snapshot, Target, did_you_mean,
+    Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ledger, Observed, PoolView,
+    Reason, Refusal, Role, Snapshot, Target, decide_release, did_you_mean,
 };
 use crate::resource::Hold;
 
@@ -31,6 +31,8 @@ pub struct Desired {
     pub allow_user_displacement: bool,
     /// `<instance>/<namespace>/<name>`.
     pub managed_by: String,
+    /// What deleting the resource does; kept with the allocation it manages.
+    pub deletion_policy: DeletionPolicy,
     /// Why this resource must not be written (Observe, paused), if so.
     pub hold: Option<Hold>,
     /// What makes this resource's intent unique over time besides its spec
@@ -202,6 +204,7 @@ impl Step {
             target,
             managed_by: Some(d.managed_by.clone()),
             allow_user_displacement: d.allow_user_displacement,
+            deletion_policy: d.deletion_policy,
             expected_version: Some(current.as_ref().map_or(0, |a| a.version)),
             idempotency_key: None,
         };
@@ -209,18 +212,31 @@ impl Step {
         Step::new(d.resource.clone(), write, current, d.hold)
     }
 
+    /// An allocation of this instance that no resource names any more:
+    /// what deleting its resource does, as its manager last said (the
+    /// operator would orphan one whose policy is Orphan; the count stays).
     fn prune(a: &Allocation, resource: &str) -> Step {
+        let orphan = a.deletion_policy == DeletionPolicy::Orphan;
         let mut write = AllocationWrite {
             organization: a.organization.clone(),
             product: a.product.clone(),
-            target: Target::Remove,
+            target: if orphan {
+                Target::Count(a.dedicated)
+            } else {
+                Target::Remove
+            },
             managed_by: a.managed_by.clone(),
             allow_user_displacement: false,
+            deletion_policy: a.deletion_policy,
             expected_version: Some(a.version),
             idempotency_key: None,
         };
         write.idempotency_key = Some(write.intent_key("", Basis::Allocation(a.version)));
-        Step::new(resource.to_string(), write, Some(a.clone()), None)
+        let mut step = Step::new(resource.to_string(), write, Some(a.clone()), None);
+        if orphan {
+            step.action = Action::Orphan;
+        }
+        step
     }
 
     fn new(
@@ -282,6 +298,9 @@ impl Step {
             change.diff = self.diff(None);
             return change;
         }
+        if self.action == Action::Orphan {
+            return self.decide_orphan(change, ledger, role);
+        }
         match ledger.apply(role, &self.write.request()) {
             Ok(effect) if effect.is_noop() => {
                 change.message = "in sync".into();
@@ -293,6 +312,15 @@ impl Step {
                     .map_or(0, |p| p.free() - (effect.from - effect.to) + effect.rehomed);
                 change.outcome = Outcome::Planned;
                 change.message = describe(&effect, &self.write.product, free_before);
+                if effect.policy_changed {
+                    let was = self.current.as_ref().map(|a| a.deletion_policy);
+                    change.message = format!(
+                        "{}; deletionPolicy {} -> {}, kept with the allocation",
+                        change.message,
+                        was.unwrap_or_default().as_str(),
+                        self.write.deletion_policy.as_str()
+                    );
+                }
                 change.rehomed = effect.rehomed;
                 change.displaced = effect.displaced;
                 change.diff = self.diff(Some(&effect));
@@ -317,17 +345,51 @@ impl Step {
         change
     }
 
+    /// A prune that releases the allocation's manager and leaves its count
+    /// (`deletionPolicy: Orphan`), decided as the store decides a release.
+    fn decide_orphan(self, mut change: Change, ledger: &Ledger, role: Role) -> Change {
+        let seen = Observed {
+            pool: ledger.pools.get(&self.write.product),
+            organization_exists: ledger.organizations.contains(&self.write.organization),
+            allocation: self.current.as_ref(),
+        };
+        match decide_release(role, seen, &self.write.request()) {
+            Ok(_) => {
+                change.outcome = Outcome::Planned;
+                change.message = format!(
+                    "orphan: releases ownership (deletionPolicy: Orphan); the {} {} {} stay with {}",
+                    change.from,
+                    self.write.product,
+                    if change.from == 1 { "seat" } else { "seats" },
+                    self.write.organization
+                );
+                change.diff = unified_diff(
+                    &self.current.as_ref().map(rendered).unwrap_or_default(),
+                    &self
+                        .current
+                        .as_ref()
+                        .map(|a| {
+                            let mut released = a.clone();
+                            released.managed_by = None;
+                            rendered(&released)
+                        })
+                        .unwrap_or_default(),
+                    &format!("backend/{}/{}", self.write.organization, self.write.product),
+                    &format!("desired/{}", self.resource),
+                );
+                change.write = Some(self.write);
+            }
+            Err(refusal) => {
+                change.diff = self.diff(None);
+                refuse(&mut change, refusal);
+            }
+        }
+        change
+    }
+
     /// Unified diff from the backend's allocation to the desired one.
     fn diff(&self, effect: Option<&Effect>) -> String {
-        let before = self.current.as_ref().map(|a| {
-            render(
-                &a.organization,
-                &a.product,
-                a.dedicated,
-                a.in_use,
-                a.managed_by.as_deref(),
-            )
-        });
+        let before = self.current.as_ref().map(rendered);
         let after = match self.write.target {
             Target::Remove => None,
             Target::Count(to) => {
@@ -358,6 +420,16 @@ pub fn refuse(change: &mut Change, refusal: Refusal) {
     change.outcome = Outcome::Refused;
     change.reason = Some(refusal.reason);
     change.message = refusal.message;
+}
+
+fn rendered(a: &Allocation) -> String {
+    render(
+        &a.organization,
+        &a.product,
+        a.dedicated,
+        a.in_use,
+        a.managed_by.as_deref(),
+    )
 }
 
 fn render(org: &str, product: &str, dedicated: i64, in_use: i64, owner: Option<&str>) -> String {
@@ -453,6 +525,7 @@ mod tests {
             count,
             allow_user_displacement: false,
             managed_by: format!("default/licenses/{name}"),
+            deletion_policy: Default::default(),
             hold: None,
             scope: String::new(),
         }

@@ -95,13 +95,7 @@ pub struct DedicatedLicenseSpec {
     pub management_policy: ManagementPolicy,
 }
 
-/// What deleting a DedicatedLicense does to its allocation.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum DeletionPolicy {
-    #[default]
-    Revoke,
-    Orphan,
-}
+pub use crate::domain::DeletionPolicy;
 
 /// Whether licensor writes the allocation or only reports on it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

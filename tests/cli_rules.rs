@@ -408,6 +408,85 @@ fn prune_revokes_allocations_no_manifest_names_any_more(kind: Kind) {
     assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
 }
 
+/// `--prune` does what deleting the object would: an allocation whose
+/// manifest said `deletionPolicy: Orphan` is orphaned (ownership released,
+/// the count stays), as the operator would, and the plan says `orphan`.
+fn prune_orphans_what_the_operator_would_orphan(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
+    let qa = acct.license("qa", "qa-team", "TestOps", 5, "");
+    acct.license(
+        "dev",
+        "dev-team",
+        "TestOps",
+        7,
+        "  deletionPolicy: Orphan\n",
+    );
+    assert_eq!(acct.apply(&acct.path("manifests")).code, 0);
+    let policy_of = |org: &str| {
+        acct.status()["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["organization"] == org)
+            .map(|a| a["deletionPolicy"].clone())
+    };
+    assert_eq!(policy_of("dev-team"), Some("Orphan".into()));
+    assert_eq!(policy_of("qa-team"), Some("Revoke".into()));
+
+    // The policy changes on its own: a change to apply, with no count moved.
+    acct.license("qa", "qa-team", "TestOps", 5, "  deletionPolicy: Orphan\n");
+    let run = acct.run(&["plan", "-f", qa.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!((c["from"].as_i64(), c["to"].as_i64()), (Some(5), Some(5)));
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("deletionPolicy Revoke -> Orphan"),
+        "{c}"
+    );
+    assert_eq!(acct.apply(&qa).code, 0);
+    assert_eq!(policy_of("qa-team"), Some("Orphan".into()));
+    assert_eq!(acct.plan(&qa).code, 0, "in sync afterwards");
+    acct.license("qa", "qa-team", "TestOps", 5, "");
+    assert_eq!(acct.apply(&qa).code, 0);
+    assert_eq!(policy_of("qa-team"), Some("Revoke".into()));
+
+    std::fs::remove_file(acct.path("manifests/dev.yaml")).unwrap();
+    let run = acct.run(&["plan", "--prune", "-f", qa.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    let doc = run.json();
+    let dev = change(&doc, "licenses/dev");
+    assert_eq!(
+        (dev["action"].as_str(), dev["outcome"].as_str()),
+        (Some("orphan"), Some("planned")),
+        "{dev}"
+    );
+    assert_eq!(
+        (dev["from"].as_i64(), dev["to"].as_i64()),
+        (Some(7), Some(7))
+    );
+    let text = acct.run(&["plan", "--prune", "-f", qa.to_str().unwrap()]);
+    assert!(
+        text.stdout.contains("orphan: releases ownership (deletionPolicy: Orphan); the 7 TestOps seats stay with dev-team"),
+        "{text:?}"
+    );
+    assert!(text.stdout.contains("+managedBy: (unmanaged)"), "{text:?}");
+    let pool_before = acct.pool("TestOps");
+    let run = acct.run(&["apply", "--prune", "-f", qa.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(change(&run.json(), "licenses/dev")["outcome"], "applied");
+    assert_eq!(acct.allocation("dev-team", "TestOps"), Some((7, 0)));
+    assert_eq!(policy_of("dev-team"), Some(serde_json::Value::Null));
+    assert_eq!(acct.pool("TestOps"), pool_before, "no seat moved");
+    let audit = acct.audit();
+    assert_eq!(audit.last().unwrap()["action"], "orphan");
+    // Released, it is no longer this instance's: nothing left to prune.
+    let run = acct.run(&["plan", "--prune", "-f", qa.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
 fn seats_claims_respect_the_dedicated_count(kind: Kind) {
     let acct = Account::seeded_on(kind, DOCUMENTED);
     let seats = |verb: &str, org: &str, n: &str| {
@@ -518,6 +597,7 @@ on_every_backend!(
     moving_seats_between_organizations_in_a_full_pool_applies_cleanly,
     one_refusal_does_not_stop_the_other_resources,
     prune_revokes_allocations_no_manifest_names_any_more,
+    prune_orphans_what_the_operator_would_orphan,
     seats_claims_respect_the_dedicated_count,
     a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed,
 );

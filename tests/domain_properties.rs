@@ -6,7 +6,7 @@ mod common;
 use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{
-    AllocationWrite, Ledger, Pool, Request, Role, SeatChange, Snapshot, Target,
+    AllocationWrite, DeletionPolicy, Ledger, Pool, Request, Role, SeatChange, Snapshot, Target,
 };
 use proptest::prelude::*;
 
@@ -20,6 +20,7 @@ enum Op {
         allow: bool,
         manager: usize,
         role: Role,
+        policy: DeletionPolicy,
     },
     Remove {
         org: usize,
@@ -39,8 +40,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let role = prop_oneof![9 => Just(Role::AccountAdmin), 1 => Just(Role::Viewer)];
     prop_oneof![
-        6 => (0..4usize, 0..40i64, any::<bool>(), 0..2usize, role)
-            .prop_map(|(org, count, allow, manager, role)| Op::Set { org, count, allow, manager, role }),
+        6 => (0..4usize, 0..40i64, any::<bool>(), 0..2usize, role, prop_oneof![Just(DeletionPolicy::Revoke), Just(DeletionPolicy::Orphan)])
+            .prop_map(|(org, count, allow, manager, role, policy)| Op::Set { org, count, allow, manager, role, policy }),
         1 => (0..4usize, 0..2usize).prop_map(|(org, manager)| Op::Remove { org, manager }),
         1 => (0..80i64).prop_map(Op::Total),
         2 => (0..4usize, 1..10i64).prop_map(|(org, n)| Op::Claim { org, n }),
@@ -77,6 +78,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
             allow,
             manager,
             role,
+            policy,
         } => ledger
             .apply(
                 *role,
@@ -86,6 +88,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
                     target: Target::Count(*count),
                     managed_by: Some(managers(*manager)),
                     allow_user_displacement: *allow,
+                    deletion_policy: *policy,
                 },
             )
             .map(|_| ()),
@@ -98,6 +101,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
                     target: Target::Remove,
                     managed_by: Some(managers(*manager)),
                     allow_user_displacement: true,
+                    deletion_policy: DeletionPolicy::Revoke,
                 },
             )
             .map(|_| ()),
@@ -172,6 +176,7 @@ fn store_agrees_with_the_ledger(
                 allow,
                 manager,
                 role,
+                policy,
             } => store
                 .write(
                     "acme",
@@ -185,6 +190,7 @@ fn store_agrees_with_the_ledger(
                         target: Target::Count(*count),
                         managed_by: Some(managers(*manager).into()),
                         allow_user_displacement: *allow,
+                        deletion_policy: *policy,
                         expected_version: None,
                         idempotency_key: None,
                     },
@@ -201,6 +207,7 @@ fn store_agrees_with_the_ledger(
                         target: Target::Remove,
                         managed_by: Some(managers(*manager).into()),
                         allow_user_displacement: true,
+                        deletion_policy: DeletionPolicy::Revoke,
                         expected_version: None,
                         idempotency_key: None,
                     },

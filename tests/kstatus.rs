@@ -100,6 +100,7 @@ fn held(dedicated: i64) -> Seen {
         dedicated,
         in_use: 4,
         managed_by: None,
+        deletion_policy: Default::default(),
         version: 1,
     })
 }

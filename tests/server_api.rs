@@ -1092,6 +1092,7 @@ async fn a_retried_write_after_a_lost_answer_is_applied_once() {
         product: "TestOps".into(),
         target: Target::Count(9),
         managed_by: Some("default/licenses/qa".into()),
+        deletion_policy: Default::default(),
         allow_user_displacement: false,
         expected_version: Some(version),
         idempotency_key: None,

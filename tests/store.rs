@@ -22,6 +22,7 @@ fn raise(to: i64, key: Option<&str>) -> AllocationWrite {
         product: "TestOps".into(),
         target: Target::Count(to),
         managed_by: Some("default/licenses/qa".into()),
+        deletion_policy: Default::default(),
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: key.map(String::from),
@@ -121,6 +122,7 @@ fn idempotency_keys_are_kept_a_day_then_forgotten() {
         product: "TestOps".into(),
         target: Target::Count(2),
         managed_by: None,
+        deletion_policy: Default::default(),
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: Some("k".into()),
@@ -274,4 +276,54 @@ fn snapshots_read_one_moment_while_another_handle_writes() {
     });
     assert!(reads >= 100, "only {reads} reads raced the writer");
     assert_eq!(torn, 0, "{torn} of {reads} snapshots tore");
+}
+
+/// A store written before deletion policies were kept migrates on open:
+/// its managed allocations keep Revoke, what they were written with, and
+/// nothing else moves.
+#[test]
+fn a_store_from_before_deletion_policies_migrates_with_revoke() {
+    use licensor::backend::store::schema::MIGRATIONS;
+    use licensor::domain::DeletionPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let before = MIGRATIONS.len() - 1;
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..before] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.execute_batch(&format!(
+            "PRAGMA user_version = {before};
+             INSERT INTO accounts (id, revision) VALUES ('acme', 3);
+             INSERT INTO products (account, name, total, dedicated, revision) VALUES ('acme', 'TestOps', 200, 5, 2);
+             INSERT INTO organizations (account, id) VALUES ('acme', 'qa-team');
+             INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
+                 VALUES ('acme', 'qa-team', 'TestOps', 5, 4, 'default/licenses/qa', 3);"
+        ))
+        .unwrap();
+    }
+    let store = Store::open_existing(&path).unwrap();
+    let a = &store.snapshot("acme").unwrap().allocations[0];
+    assert_eq!(
+        (a.dedicated, a.in_use, a.managed_by.as_deref(), a.version),
+        (5, 4, Some("default/licenses/qa"), 3)
+    );
+    assert_eq!(a.deletion_policy, DeletionPolicy::Revoke);
+    // Its manager can now say Orphan; the count stays and a new version is
+    // handed out.
+    let w = AllocationWrite {
+        target: Target::Count(5),
+        deletion_policy: DeletionPolicy::Orphan,
+        ..raise(5, None)
+    };
+    let written = store.write("acme", &Principal::local(), &w, false).unwrap();
+    let a = written.allocation.unwrap();
+    assert_eq!((a.dedicated, a.deletion_policy), (5, DeletionPolicy::Orphan));
+    assert!(a.version > 3);
+    let user_version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(user_version as usize, MIGRATIONS.len());
 }

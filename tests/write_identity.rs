@@ -52,6 +52,7 @@ fn desired(org: usize, count: i64) -> Desired {
         count,
         allow_user_displacement: true,
         managed_by: format!("default/licenses/{}", ORGS[org]),
+        deletion_policy: Default::default(),
         hold: None,
         scope: String::new(),
     }
@@ -232,6 +233,7 @@ fn racing_writers_are_decided_one_after_the_other(store: &Store) {
         product: "TestOps".into(),
         target: licensor::domain::Target::Count(1),
         managed_by: Some(format!("default/licenses/org-{i}")),
+        deletion_policy: Default::default(),
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: Some(format!("key-{i}")),

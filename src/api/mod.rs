@@ -9,7 +9,9 @@ pub mod problem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::{Action, Allocation, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange};
+use crate::domain::{
+    Action, Allocation, DeletionPolicy, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange,
+};
 
 pub use problem::{Problem, ProblemType};
 
@@ -244,6 +246,10 @@ pub struct PutAllocation {
     /// R6 consent.
     #[serde(default)]
     pub allow_user_displacement: bool,
+    /// What deleting the manager's resource will do (Revoke by default),
+    /// kept with the allocation so that a prune elsewhere does the same.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
 }
 
 /// `POST .../allocations/{product}/release`.

@@ -453,6 +453,7 @@ impl Backend for HttpBackend {
                     dedicated: n,
                     managed_by: w.managed_by.clone(),
                     allow_user_displacement: w.allow_user_displacement,
+                    deletion_policy: w.deletion_policy,
                 };
                 self.call(Method::PUT, url, Some(&body), headers, Repeat::Safe)
                     .await?

@@ -404,6 +404,7 @@ pub fn desired(m: &Manifest, instance: &str) -> Desired {
         count: m.spec.count,
         allow_user_displacement: m.spec.allow_user_displacement,
         managed_by: managed_by(instance, &m.namespace, &m.name),
+        deletion_policy: m.spec.deletion_policy,
         hold: Hold::of(&m.annotations, &m.spec),
         scope: String::new(),
     }

@@ -12,7 +12,9 @@ use crate::plan::{Options, Plan, plan as make_plan};
 pub struct PlanArgs {
     #[command(flatten)]
     pub files: Files,
-    /// Also revoke allocations this instance manages that no manifest names.
+    /// Also remove allocations this instance manages that no manifest names,
+    /// as deleting their objects would: revoke, or orphan where their
+    /// manifest said deletionPolicy: Orphan.
     #[arg(long)]
     pub prune: bool,
     /// Output format.

@@ -34,6 +34,8 @@ pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
                         "dedicated": a.dedicated,
                         "inUse": a.in_use,
                         "managedBy": a.managed_by,
+                        // What deleting (or pruning) its manager does.
+                        "deletionPolicy": a.managed_by.as_ref().map(|_| a.deletion_policy),
                     })
                 })
                 .collect();

@@ -130,6 +130,7 @@ impl Validator {
             count: spec.count,
             allow_user_displacement: spec.allow_user_displacement,
             managed_by: managed_by(&self.instance, &namespace, &name),
+            deletion_policy: spec.deletion_policy,
             hold: None,
             scope: String::new(),
         };

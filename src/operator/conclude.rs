@@ -226,6 +226,7 @@ mod tests {
                 dedicated: 10,
                 in_use: 4,
                 managed_by: Some("default/licenses/qa".into()),
+                deletion_policy: Default::default(),
                 version: 3,
             }],
         }
@@ -257,6 +258,7 @@ mod tests {
             count,
             allow_user_displacement: false,
             managed_by: "default/licenses/qa".into(),
+            deletion_policy: Default::default(),
             hold,
             scope: "uid/1".into(),
         }

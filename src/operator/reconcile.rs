@@ -270,6 +270,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         count: dl.spec.count,
         allow_user_displacement: dl.spec.allow_user_displacement,
         managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
+        deletion_policy: dl.spec.deletion_policy,
         hold: Hold::of(dl.annotations(), &dl.spec),
         // A deleted and re-created object of the same name is a new intent.
         scope: format!(

@@ -515,6 +515,7 @@ pub async fn put_allocation(
         target: Target::Count(body.dedicated),
         managed_by: body.managed_by,
         allow_user_displacement: body.allow_user_displacement,
+        deletion_policy: body.deletion_policy,
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
     };
@@ -542,6 +543,7 @@ pub async fn delete_allocation(
         target: Target::Remove,
         managed_by: params.managed_by,
         allow_user_displacement: params.allow_user_displacement.unwrap_or(false),
+        deletion_policy: Default::default(),
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
     };

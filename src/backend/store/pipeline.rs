@@ -26,9 +26,9 @@ use super::audit::{AuditAction, AuditRecord};
 use super::rows::{Observation, Observations, Storage};
 use crate::backend::{BackendError, Fixture, Written};
 use crate::domain::{
-    Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, Request, SeatChange, SeatTarget,
-    Target, check_identifier, decide, decide_release, decide_seats, decide_total, require_admin,
-    unknown_product,
+    Allocation, AllocationWrite, DeletionPolicy, Pool, PoolView, Reason, Refusal, Request,
+    SeatChange, SeatTarget, Target, check_identifier, decide, decide_release, decide_seats,
+    decide_total, require_admin, unknown_product,
 };
 
 /// Hex SHA-256, for tokens and request fingerprints.
@@ -189,7 +189,11 @@ fn decide_and_write<S: Storage + ?Sized>(
         }
     }
     let mut pool = pool.ok_or_else(|| unknown_product(&w.product))?;
-    let Some(action) = AuditAction::of(effect.action, effect.adopted) else {
+    // A manager that only changes the deletion policy kept with its
+    // allocation writes the allocation (a new version) but no audit
+    // record: no license moves.
+    let audited = AuditAction::of(effect.action, effect.adopted);
+    if audited.is_none() && !effect.policy_changed {
         let view = PoolView::from(&pool);
         return Ok((
             Written {
@@ -200,7 +204,7 @@ fn decide_and_write<S: Storage + ?Sized>(
             },
             pool,
         ));
-    };
+    }
     let revision = s.next_revision(account)?;
     pool.book(&effect);
     pool.revision = revision;
@@ -220,25 +224,34 @@ fn decide_and_write<S: Storage + ?Sized>(
                     .managed_by
                     .clone()
                     .or_else(|| current.as_ref().and_then(|a| a.managed_by.clone())),
+                // The manager writing says what its deletion does; a write
+                // by nobody in particular keeps what is there.
+                deletion_policy: match (&w.managed_by, &current) {
+                    (Some(_), _) => w.deletion_policy,
+                    (None, Some(a)) => a.deletion_policy,
+                    (None, None) => DeletionPolicy::Revoke,
+                },
                 version: revision,
             };
             s.save_allocation(account, &allocation)?;
             Some(allocation)
         }
     };
-    let record = AuditRecord {
-        rehomed: effect.rehomed,
-        displaced: effect.displaced,
-        manager: w.managed_by.as_deref(),
-        idempotency_key: w.idempotency_key.as_deref(),
-        ..AuditRecord::allocation(
-            action,
-            &w.organization,
-            &w.product,
-            (effect.from, effect.to),
-        )
-    };
-    s.insert_audit(account, &who.actor, &record)?;
+    if let Some(action) = audited {
+        let record = AuditRecord {
+            rehomed: effect.rehomed,
+            displaced: effect.displaced,
+            manager: w.managed_by.as_deref(),
+            idempotency_key: w.idempotency_key.as_deref(),
+            ..AuditRecord::allocation(
+                action,
+                &w.organization,
+                &w.product,
+                (effect.from, effect.to),
+            )
+        };
+        s.insert_audit(account, &who.actor, &record)?;
+    }
     let view = PoolView::from(&pool);
     Ok((
         Written {
@@ -269,6 +282,7 @@ pub fn release<S: Storage + ?Sized>(
         target: Target::Count(dedicated),
         managed_by: Some(manager),
         allow_user_displacement: false,
+        deletion_policy: DeletionPolicy::Revoke,
     };
     if !decide_release(who.role, seen.seen(), &request)? {
         return Ok(());
@@ -278,6 +292,7 @@ pub fn release<S: Storage + ?Sized>(
     };
     let revision = s.next_revision(account)?;
     allocation.managed_by = None;
+    allocation.deletion_policy = DeletionPolicy::Revoke;
     allocation.version = revision;
     s.save_allocation(account, &allocation)?;
     pool.revision = revision;
@@ -400,6 +415,7 @@ pub fn seed<S: Storage + ?Sized>(
                 dedicated: a.dedicated,
                 in_use: a.in_use,
                 managed_by: a.managed_by.clone(),
+                deletion_policy: DeletionPolicy::Revoke,
                 version: s.next_revision(account)?,
             };
             s.save_allocation(account, &allocation)?;

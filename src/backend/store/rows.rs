@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::audit::{AuditAction, AuditRecord};
 use crate::backend::{AuditEntry, BackendError};
-use crate::domain::{Allocation, Observed, Pool, Snapshot};
+use crate::domain::{Allocation, DeletionPolicy, Observed, Pool, Snapshot};
 
 /// The result of a storage call; its errors are `Unavailable`.
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -178,7 +178,7 @@ pub fn pool_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pool> {
 }
 
 /// An allocation from the columns organization, product, dedicated,
-/// in_use, managed_by, version.
+/// in_use, managed_by, version, deletion_policy.
 pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
     Ok(Allocation {
         organization: r.get(0)?,
@@ -187,7 +187,14 @@ pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
         in_use: r.get(3)?,
         managed_by: r.get(4)?,
         version: r.get(5)?,
+        deletion_policy: policy(&r.get::<_, String>(6)?),
     })
+}
+
+/// A stored deletion policy; the column's CHECK admits only the two
+/// spellings.
+fn policy(stored: &str) -> DeletionPolicy {
+    DeletionPolicy::parse(stored).unwrap_or_default()
 }
 
 /// Now, as stored in the audit log and the key table.
@@ -231,7 +238,7 @@ impl Storage for Connection {
         product: &str,
     ) -> Result<Option<Allocation>> {
         self.prepare_cached(
-            "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
+            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations
              WHERE account = ?1 AND organization = ?2 AND product = ?3",
         )
         .and_then(|mut s| {
@@ -270,11 +277,12 @@ impl Storage for Connection {
 
     fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
         self.prepare_cached(
-            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (account, organization, product) DO UPDATE SET
                dedicated = excluded.dedicated, in_use = excluded.in_use,
-               managed_by = excluded.managed_by, version = excluded.version",
+               managed_by = excluded.managed_by, version = excluded.version,
+               deletion_policy = excluded.deletion_policy",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -284,7 +292,8 @@ impl Storage for Connection {
                 a.dedicated,
                 a.in_use,
                 a.managed_by,
-                a.version
+                a.version,
+                a.deletion_policy.as_str()
             ])
         })
         .map(drop)
@@ -463,7 +472,7 @@ impl Storage for Connection {
             .map_err(failed)?;
         let allocations = self
             .prepare_cached(
-                "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = ?1 ORDER BY organization, product",
+                "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations WHERE account = ?1 ORDER BY organization, product",
             )
             .and_then(|mut s| s.query_map([account], allocation_row)?.collect())
             .map_err(failed)?;
@@ -481,7 +490,7 @@ impl Storage for Connection {
         self.prepare_cached(
             "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
                     EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
-                    a.dedicated, a.in_use, a.managed_by, a.version
+                    a.dedicated, a.in_use, a.managed_by, a.version, a.deletion_policy
              FROM (SELECT 1)
              LEFT JOIN products p ON p.account = ?1 AND p.name = ?3
              LEFT JOIN allocations a ON a.account = ?1 AND a.organization = ?2 AND a.product = ?3",
@@ -500,6 +509,7 @@ impl Storage for Connection {
                         in_use: r.get(7)?,
                         managed_by: r.get(8)?,
                         version: r.get(9)?,
+                        deletion_policy: policy(&r.get::<_, String>(10)?),
                     }),
                     None => None,
                 };

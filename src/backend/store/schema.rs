@@ -95,7 +95,16 @@ UPDATE products SET revision =
     // row by its hash, so any process on the store serves it and sign-out
     // ends it everywhere.
     SESSIONS,
+    DELETION_POLICY,
 ];
+
+/// A managed allocation's deletion policy, kept with its owner so that
+/// `--prune` orphans what the operator would orphan; the same on both
+/// stores. Existing allocations keep Revoke, what they were written with.
+pub const DELETION_POLICY: &str = r#"
+ALTER TABLE allocations ADD COLUMN deletion_policy TEXT NOT NULL DEFAULT 'Revoke'
+    CHECK (deletion_policy IN ('Revoke', 'Orphan'));
+"#;
 
 /// The sessions table, the same on both stores.
 pub const SESSIONS: &str = r#"

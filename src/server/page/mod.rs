@@ -322,6 +322,7 @@ async fn edit(State(s): State<Shared>, jar: CookieJar, Form(form): Form<EditForm
         target: Target::Count(form.dedicated),
         managed_by: None,
         allow_user_displacement: false,
+        deletion_policy: Default::default(),
         expected_version: Some(form.version),
         idempotency_key: None,
     };
@@ -364,6 +365,7 @@ async fn confirm_revoke(
             target: Target::Remove,
             managed_by: None,
             allow_user_displacement: true,
+            deletion_policy: Default::default(),
             expected_version: version,
             idempotency_key: None,
         };
@@ -410,6 +412,7 @@ async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<Revoke
         target: Target::Remove,
         managed_by: None,
         allow_user_displacement: form.displace.is_some(),
+        deletion_policy: Default::default(),
         expected_version: Some(form.version),
         idempotency_key: None,
     };

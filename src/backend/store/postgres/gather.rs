@@ -25,11 +25,12 @@ use crate::domain::Allocation;
 /// Upserts the gathered allocations; the last row of a key wins (a
 /// statement may not change one row twice, so a key is gathered once).
 const SAVE_ALLOCATIONS: &str =
-    "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[])
+    "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[])
      ON CONFLICT (account, organization, product) DO UPDATE SET
        dedicated = excluded.dedicated, in_use = excluded.in_use,
-       managed_by = excluded.managed_by, version = excluded.version";
+       managed_by = excluded.managed_by, version = excluded.version,
+       deletion_policy = excluded.deletion_policy";
 
 /// Inserts the gathered audit records, numbered in the order given.
 const INSERT_AUDIT: &str =
@@ -160,6 +161,7 @@ fn allocation_columns(rows: &[(String, Allocation)]) -> Vec<Param> {
         column(rows, |(_, a)| a.in_use),
         column(rows, |(_, a)| a.managed_by.clone()),
         column(rows, |(_, a)| a.version),
+        column(rows, |(_, a)| a.deletion_policy.as_str().to_string()),
     ]
 }
 

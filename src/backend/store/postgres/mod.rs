@@ -53,7 +53,7 @@ use std::collections::HashMap;
 
 use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
 use crate::backend::{AuditEntry, BackendError};
-use crate::domain::{Allocation, Pool, Snapshot};
+use crate::domain::{Allocation, DeletionPolicy, Pool, Snapshot};
 use conn::{Answer, Param, Request, params};
 pub use conn::{Conn, Conns};
 use connect::invalid;
@@ -129,6 +129,7 @@ CREATE TABLE tokens (
 );
 "#,
     super::schema::SESSIONS,
+    super::schema::DELETION_POLICY,
 ];
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
@@ -386,6 +387,8 @@ fn allocation_row(r: &Row) -> Allocation {
         in_use: r.get(3),
         managed_by: r.get(4),
         version: r.get(5),
+        // The column's CHECK admits only the two spellings.
+        deletion_policy: DeletionPolicy::parse(r.get(6)).unwrap_or_default(),
     }
 }
 
@@ -399,14 +402,14 @@ const POOL: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM 
 const POOL_FOR_UPDATE: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE";
 const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $1 AND id = $2";
 const ALLOCATION: &str =
-    "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations
+    "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations
      WHERE account = $1 AND organization = $2 AND product = $3";
 /// What one write is decided on besides its pool, in one row: the
 /// allocation's columns (null if there is none), then whether the
 /// organization exists.
 const ORGANIZATION_AND_ALLOCATION: &str =
     "SELECT a.organization, a.product, a.dedicated, a.in_use, a.managed_by, a.version,
-            EXISTS (SELECT 1 FROM organizations o WHERE o.account = $1 AND o.id = $2)
+            a.deletion_policy, EXISTS (SELECT 1 FROM organizations o WHERE o.account = $1 AND o.id = $2)
      FROM (VALUES (1)) AS one
      LEFT JOIN allocations a ON a.account = $1 AND a.organization = $2 AND a.product = $3";
 /// Takes $2 values of the account's sequence; returns the last.
@@ -430,7 +433,7 @@ fn snapshot_queries(account: &str) -> Vec<(&'static str, Vec<Param>)> {
             params![account],
         ),
         (
-            "SELECT organization, product, dedicated, in_use, managed_by, version FROM allocations WHERE account = $1 ORDER BY organization, product",
+            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations WHERE account = $1 ORDER BY organization, product",
             params![account],
         ),
     ]
@@ -573,7 +576,7 @@ impl Storage for Pg<'_> {
                 let row = row.first();
                 Observation {
                     pool: pools.get(*product).cloned(),
-                    organization_exists: row.is_some_and(|r| r.get(6)),
+                    organization_exists: row.is_some_and(|r| r.get(7)),
                     allocation: row
                         .filter(|r| r.get::<_, Option<String>>(0).is_some())
                         .map(allocation_row),
