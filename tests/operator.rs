@@ -288,6 +288,61 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
     );
     assert_eq!(c.account.pool("Studio"), (10, 8, 0, 2));
 
+    // Seats freed outside the cluster wake a stalled object too, within
+    // seconds (the operator reads the account every --pool-poll, 5s,
+    // while objects wait), with no annotation and no resync: a CLI of
+    // another instance takes the last 2 seats, web asks for 3 more and
+    // stalls; a raised total frees 1 (still too few: the status says so);
+    // the CLI then gives its 2 back, and web is Ready.
+    let elsewhere = c.account.write(
+        "elsewhere/ops.yaml",
+        &license_yaml("ops-studio", "ops-team", "Studio", 2, ""),
+    );
+    let cli = |file: &std::path::Path| {
+        c.account
+            .run(&["--instance", "ci", "apply", "-f", file.to_str().unwrap()])
+    };
+    assert_eq!(cli(&elsewhere).code, 0);
+    c.license("web", "web-team", "Studio", 8, "");
+    let o = c.wait("web", "False", "InsufficientPool");
+    assert_eq!(o["status"]["pool"]["free"], 0, "{o}");
+    let raise = c
+        .account
+        .run(&["backend", "total", "--product", "Studio", "--total", "11"]);
+    assert_eq!(raise.code, 0, "{raise:?}");
+    let raised = Instant::now();
+    wait_for("web sees the raised total", Duration::from_secs(15), || {
+        (c.object("web")["status"]["pool"]["free"] == 1).then_some(())
+    });
+    assert!(
+        raised.elapsed() < Duration::from_secs(12),
+        "woke after {:?}",
+        raised.elapsed()
+    );
+    c.wait("web", "False", "InsufficientPool");
+    let elsewhere = c.account.write(
+        "elsewhere/ops.yaml",
+        &license_yaml("ops-studio", "ops-team", "Studio", 0, ""),
+    );
+    assert_eq!(cli(&elsewhere).code, 0);
+    let freed = Instant::now();
+    c.wait("web", "True", "Reconciled");
+    assert!(
+        freed.elapsed() < Duration::from_secs(12),
+        "woke after {:?}",
+        freed.elapsed()
+    );
+    assert_eq!(c.account.pool("Studio"), (11, 11, 0, 0));
+    c.license("web", "web-team", "Studio", 5, "");
+    c.wait("web", "True", "Reconciled");
+    assert_eq!(
+        c.account
+            .run(&["backend", "total", "--product", "Studio", "--total", "10"])
+            .code,
+        0
+    );
+    assert_eq!(c.account.pool("Studio"), (10, 8, 0, 2));
+
     // An over-committed pool: the revoke would leave 2 users without a
     // license, so it needs allowUserDisplacement.
     c.license("ops", "ops-team", "Runtime", 6, "");
@@ -370,6 +425,18 @@ organizations: [{id: a}, {id: b}, {id: c}]
         assert_eq!(o["metadata"]["finalizers"][0], "licensor.dev/cleanup");
     }
     assert_eq!(c.account.pool("TestOps"), (20, 12, 0, 8));
+    // The store keeps each object's deletion policy with its allocation,
+    // so the CLI's --prune does what deleting the object does.
+    let policies: Vec<_> = c.account.status()["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["organization"].clone(), a["deletionPolicy"].clone()))
+        .collect();
+    assert_eq!(
+        policies,
+        [("a", "Orphan"), ("b", "Revoke"), ("c", "Revoke")].map(|(o, p)| (o.into(), p.into()))
+    );
 
     // Orphan leaves the licenses with the organization, unmanaged.
     c.cp.ok(&["delete", "dl", "kept", "-n", "licenses", "--timeout=30s"]);

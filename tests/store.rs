@@ -319,7 +319,10 @@ fn a_store_from_before_deletion_policies_migrates_with_revoke() {
     };
     let written = store.write("acme", &Principal::local(), &w, false).unwrap();
     let a = written.allocation.unwrap();
-    assert_eq!((a.dedicated, a.deletion_policy), (5, DeletionPolicy::Orphan));
+    assert_eq!(
+        (a.dedicated, a.deletion_policy),
+        (5, DeletionPolicy::Orphan)
+    );
     assert!(a.version > 3);
     let user_version: i64 = rusqlite::Connection::open(&path)
         .unwrap()

@@ -20,6 +20,12 @@ pub struct OperatorArgs {
     /// corrects (or, with Observe, reports) out-of-band changes.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub resync: Duration,
+    /// How often the account is read while objects wait for free seats
+    /// (Stalled on InsufficientPool), so that seats freed outside the
+    /// cluster (a raised total, released seats, a lowered allocation) wake
+    /// them: one read for all of them, none while nothing waits.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pool_poll: Duration,
     /// First retry delay after the backend failed; doubles up to --max-backoff.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub backoff: Duration,
@@ -93,6 +99,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
         settings: Settings {
             instance: g.instance.clone(),
             resync: args.resync,
+            pool_poll: args.pool_poll.max(Duration::from_millis(100)),
             backoff_base: args.backoff,
             backoff_cap: args.max_backoff.max(args.backoff),
         },

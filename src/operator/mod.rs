@@ -220,6 +220,7 @@ async fn control(
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
     let moved = Arc::new(tokio::sync::Notify::new());
+    let (grew_tx, grew_rx) = mpsc::unbounded_channel::<String>();
     let ctx = Arc::new(Context::new(
         client.clone(),
         backend,
@@ -228,7 +229,13 @@ async fn control(
         config.settings.clone(),
         wake_tx.clone(),
         moved.clone(),
+        grew_tx,
     ));
+    let growth = AbortOnDrop(tokio::spawn(wake_on_growth(
+        ctx.clone(),
+        grew_rx,
+        config.settings.pool_poll,
+    )));
 
     // Our own status writes do not bump the generation; skip them, but not
     // what a person changes without one (pause, deletion).
@@ -284,9 +291,39 @@ async fn control(
         })
         .await;
     drop(walker);
+    drop(growth);
     drop(pools);
     gauges.objects_from(None);
     Ok(())
+}
+
+/// Wakes the objects stalled on InsufficientPool when their pool grows
+/// outside this operator (a raised total, seats or an allocation given
+/// back), as any read of the account finds: while objects wait, the account
+/// is read every `poll`, once for all of them.
+async fn wake_on_growth(
+    ctx: Arc<Context>,
+    mut grew: mpsc::UnboundedReceiver<String>,
+    poll: Duration,
+) {
+    let mut every = tokio::time::interval(poll);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            product = grew.recv() => match product {
+                Some(product) => {
+                    tracing::debug!(%product, "the pool grew outside the operator: waking what waits for it");
+                    ctx.seats_freed(&product);
+                }
+                None => return,
+            },
+            _ = every.tick() => {
+                if ctx.anyone_waiting() && let Err(e) = ctx.snapshot.refresh().await {
+                    tracing::debug!("reading the account for stalled objects: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// Aborts a task when dropped.

@@ -65,6 +65,9 @@ struct Waiting {
 pub struct Settings {
     pub instance: String,
     pub resync: Duration,
+    /// How often the account is read while objects wait for free seats, so
+    /// that seats freed outside the cluster wake them: one read for all.
+    pub pool_poll: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
 }
@@ -96,13 +99,14 @@ impl Context {
         settings: Settings,
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
         pools_moved: Arc<tokio::sync::Notify>,
+        grew: UnboundedSender<String>,
     ) -> Context {
-        // Read at most twice a resync period, whatever the number of objects.
-        let snapshot = Arc::new(snapshot::Shared::new(
-            backend.clone(),
-            metrics.clone(),
-            settings.resync / 2,
-        ));
+        // Read at most twice a resync period, whatever the number of
+        // objects (and, while objects wait for seats, every pool poll).
+        let snapshot = Arc::new(
+            snapshot::Shared::new(backend.clone(), metrics.clone(), settings.resync / 2)
+                .telling(grew),
+        );
         Context {
             client,
             backend,
@@ -171,9 +175,16 @@ impl Context {
         self.pools_moved.notify_one();
     }
 
-    /// Seats of `product` were freed, or an allocation of it given up:
-    /// re-queue everything waiting for that.
-    fn seats_freed(&self, product: &str) {
+    /// Whether any object waits for free seats (stalled on InsufficientPool).
+    pub fn anyone_waiting(&self) -> bool {
+        let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|w| !w.objects.is_empty())
+    }
+
+    /// Seats of `product` were freed, or an allocation of it given up
+    /// (by this operator, or outside it as the shared read of the account
+    /// found): re-queue everything waiting for that.
+    pub fn seats_freed(&self, product: &str) {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.entry(product.to_string()).or_default();
         w.frees += 1;
@@ -652,6 +663,7 @@ mod tests {
         let settings = Settings {
             instance: "default".into(),
             resync: Duration::from_secs(300),
+            pool_poll: Duration::from_secs(5),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
         };
