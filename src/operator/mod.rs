@@ -220,8 +220,7 @@ async fn control(
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
     let moved = Arc::new(tokio::sync::Notify::new());
-    let (grew_tx, grew_rx) = mpsc::unbounded_channel::<String>();
-    let ctx = Arc::new(Context::new(
+    let (ctx, grew_rx) = Context::new(
         client.clone(),
         backend,
         events,
@@ -229,8 +228,8 @@ async fn control(
         config.settings.clone(),
         wake_tx.clone(),
         moved.clone(),
-        grew_tx,
-    ));
+    );
+    let ctx = Arc::new(ctx);
     let growth = AbortOnDrop(tokio::spawn(wake_on_growth(
         ctx.clone(),
         grew_rx,

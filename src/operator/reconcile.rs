@@ -91,6 +91,8 @@ pub struct Context {
 }
 
 impl Context {
+    /// The context, and what tells which pools grew outside this operator
+    /// (for [`Context::seats_freed`]).
     pub fn new(
         client: Client,
         backend: Arc<dyn Backend>,
@@ -99,15 +101,15 @@ impl Context {
         settings: Settings,
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
         pools_moved: Arc<tokio::sync::Notify>,
-        grew: UnboundedSender<String>,
-    ) -> Context {
+    ) -> (Context, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (grew, growth) = tokio::sync::mpsc::unbounded_channel();
         // Read at most twice a resync period, whatever the number of
         // objects (and, while objects wait for seats, every pool poll).
         let snapshot = Arc::new(
             snapshot::Shared::new(backend.clone(), metrics.clone(), settings.resync / 2)
                 .telling(grew),
         );
-        Context {
+        let ctx = Context {
             client,
             backend,
             events,
@@ -118,7 +120,8 @@ impl Context {
             wake,
             pools_moved,
             snapshot,
-        }
+        };
+        (ctx, growth)
     }
 
     /// The delay before retrying `key` after its next failure.
