@@ -333,14 +333,15 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
         freed.elapsed()
     );
     assert_eq!(c.account.pool("Studio"), (11, 11, 0, 0));
-    c.license("web", "web-team", "Studio", 5, "");
-    c.wait("web", "True", "Reconciled");
     assert_eq!(
         c.account
             .run(&["backend", "total", "--product", "Studio", "--total", "10"])
             .code,
         0
     );
+    c.license("web", "web-team", "Studio", 5, "");
+    let o = c.wait("web", "True", "Reconciled");
+    assert_eq!(o["status"]["pool"]["free"], 2, "{o}");
     assert_eq!(c.account.pool("Studio"), (10, 8, 0, 2));
 
     // An over-committed pool: the revoke would leave 2 users without a
@@ -1578,4 +1579,73 @@ organizations: [{id: a}, {id: b}]
             "{policy}"
         );
     }
+}
+
+/// `--local-webhooks`: one flag gives a local cluster both webhooks, with a
+/// certificate and configurations the operator makes itself, answered
+/// through `kubectl apply`; at exit the configurations are gone.
+#[test]
+fn local_webhooks_are_registered_answer_kubectl_and_are_removed_at_exit() {
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let account = Account::seeded(ACCOUNT);
+    let port = free_port();
+    let local = format!("--local-webhooks=127.0.0.1:{port}");
+    let mut operator = Operator::start(
+        &cp,
+        "local-webhooks",
+        &account.backend,
+        &["--leader-elect=false", local.as_str()],
+    );
+    let apply = |yaml: &str| cp.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+    let ghost = license_yaml("ghost", "nope", "TestOps", 1, "");
+    wait_for("the local webhooks in the admission chain", SOON, || {
+        (apply(&ghost).code != 0).then_some(())
+    });
+    for kind in [
+        "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
+    ] {
+        let c = cp.json(&["get", kind, "licensor-local"]);
+        let url = c["webhooks"][0]["clientConfig"]["url"].as_str().unwrap();
+        assert!(
+            url.starts_with(&format!("https://127.0.0.1:{port}/")),
+            "{c}"
+        );
+    }
+    // Denied, as written, with the reason.
+    let r = apply(&ghost);
+    assert!(
+        r.stderr.contains("denied the request") && r.stderr.contains("UnknownOrganization"),
+        "{r:?}"
+    );
+    // Admitted with a warning that has the numbers.
+    let r = apply(&license_yaml("big", "web-team", "Studio", 5, ""));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Warning: licensor: InsufficientPool") && r.stderr.contains('2'),
+        "{r:?}"
+    );
+    // The mutating webhook added the finalizer at creation.
+    let o = cp.json(&["get", "dl", "big", "-n", "licenses"]);
+    assert_eq!(
+        o["metadata"]["finalizers"][0], "licensor.dev/cleanup",
+        "{o}"
+    );
+
+    assert_eq!(operator.terminate(), Some(0), "{}", operator.logs());
+    for kind in [
+        "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
+    ] {
+        let r = cp.kubectl(&["get", kind, "licensor-local"]);
+        assert_ne!(r.code, 0, "{kind} left behind: {r:?}");
+    }
+    assert!(
+        operator
+            .logs()
+            .contains("removed the local admission webhooks"),
+        "{}",
+        operator.logs()
+    );
 }

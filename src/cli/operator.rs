@@ -63,6 +63,14 @@ pub struct OperatorArgs {
     /// mounted kubernetes.io/tls Secret; a renewed pair is picked up.
     #[arg(long, env = "LICENSOR_WEBHOOK_CERT_DIR", requires = "webhook_listen")]
     pub webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Serve both admission webhooks here for a cluster whose API server
+    /// can reach this machine (a local control plane, kind or k3d on this
+    /// host): makes a throwaway certificate, registers webhook
+    /// configurations named licensor-local with `url: https://ADDR/...`,
+    /// and removes them at exit. In a cluster, the chart's webhooks
+    /// (--webhook-listen) instead.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["webhook_listen", "webhook_cert_dir"])]
+    pub local_webhooks: Option<SocketAddr>,
     /// What the validating webhook does with a DedicatedLicense that can
     /// never succeed as written (unknown organization or product, another
     /// manager's allocation): deny it, or admit it with a warning.
@@ -117,6 +125,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
             .webhook_listen
             .zip(args.webhook_cert_dir.clone())
             .map(|(listen, cert_dir)| Webhook { listen, cert_dir }),
+        local_webhooks: args.local_webhooks,
         admission: args.admission,
     };
     tracing::info!(

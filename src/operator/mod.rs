@@ -15,6 +15,7 @@ pub mod conclude;
 pub mod events;
 pub mod finalizer;
 pub mod listing;
+pub mod local_webhooks;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;
@@ -59,6 +60,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Webhook(#[from] webhook::Error),
+    #[error(transparent)]
+    LocalWebhooks(#[from] local_webhooks::Error),
 }
 
 /// Leader election settings.
@@ -84,6 +87,9 @@ pub struct Config {
     pub election: Option<Election>,
     /// The admission webhook, served by every replica (leader or not).
     pub webhook: Option<webhook::Webhook>,
+    /// Serve the webhooks here for a local cluster, registered by the
+    /// operator itself and removed at exit ([`local_webhooks`]).
+    pub local_webhooks: Option<SocketAddr>,
     /// What the validating webhook does with a finding that can never
     /// succeed as written.
     pub admission: admission::Mode,
@@ -99,7 +105,15 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admission = match &config.webhook {
+    let local = config
+        .local_webhooks
+        .map(local_webhooks::Local::new)
+        .transpose()?;
+    let admission = match local
+        .as_ref()
+        .map(|l| &l.webhook)
+        .or(config.webhook.as_ref())
+    {
         Some(w) => {
             let validator = admission::Validator {
                 backend: backend.clone(),
@@ -124,9 +138,31 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
         stopped(stop_rx.clone()),
     ));
     tokio::spawn(signals(stop_tx.clone()));
+    let registered = match &local {
+        Some(l) => l.register(&client).await,
+        None => Ok(()),
+    };
+    if let Err(e) = registered {
+        let _ = stop_tx.send(true);
+        if let Some(l) = local {
+            l.remove(&client).await;
+        }
+        return Err(e.into());
+    }
 
-    let result = lead_and_run(&config, client, backend, metrics, readiness, stop_rx).await;
+    let result = lead_and_run(
+        &config,
+        client.clone(),
+        backend,
+        metrics,
+        readiness,
+        stop_rx,
+    )
+    .await;
     let _ = stop_tx.send(true);
+    if let Some(local) = local {
+        local.remove(&client).await;
+    }
     if let Ok(Err(e)) = endpoints.await {
         return Err(e.into());
     }
@@ -220,7 +256,7 @@ async fn control(
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
     let moved = Arc::new(tokio::sync::Notify::new());
-    let (ctx, grew_rx) = Context::new(
+    let ctx = Arc::new(Context::new(
         client.clone(),
         backend,
         events,
@@ -228,11 +264,9 @@ async fn control(
         config.settings.clone(),
         wake_tx.clone(),
         moved.clone(),
-    );
-    let ctx = Arc::new(ctx);
+    ));
     let growth = AbortOnDrop(tokio::spawn(wake_on_growth(
         ctx.clone(),
-        grew_rx,
         config.settings.pool_poll,
     )));
 
@@ -298,29 +332,24 @@ async fn control(
 
 /// Wakes the objects stalled on InsufficientPool when their pool grows
 /// outside this operator (a raised total, seats or an allocation given
-/// back), as any read of the account finds: while objects wait, the account
-/// is read every `poll`, once for all of them.
-async fn wake_on_growth(
-    ctx: Arc<Context>,
-    mut grew: mpsc::UnboundedReceiver<String>,
-    poll: Duration,
-) {
+/// back): while any waits, the account is read every `poll`, once for all
+/// of them, and a pool with more free seats than its waiting objects saw
+/// wakes them. Nothing waits, nothing is read.
+async fn wake_on_growth(ctx: Arc<Context>, poll: Duration) {
     let mut every = tokio::time::interval(poll);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            product = grew.recv() => match product {
-                Some(product) => {
+        every.tick().await;
+        if !ctx.anyone_waiting() {
+            continue;
+        }
+        match ctx.snapshot.refresh().await {
+            Ok(pools) => {
+                for product in ctx.wake_if_grown(&pools) {
                     tracing::debug!(%product, "the pool grew outside the operator: waking what waits for it");
-                    ctx.seats_freed(&product);
-                }
-                None => return,
-            },
-            _ = every.tick() => {
-                if ctx.anyone_waiting() && let Err(e) = ctx.snapshot.refresh().await {
-                    tracing::debug!("reading the account for stalled objects: {e}");
                 }
             }
+            Err(e) => tracing::debug!("reading the account for stalled objects: {e}"),
         }
     }
 }

@@ -58,6 +58,9 @@ pub enum Error {
 struct Waiting {
     objects: HashSet<ObjectRef<DedicatedLicense>>,
     frees: u64,
+    /// The fewest free seats a waiting object saw when it stalled: a read
+    /// of the account that finds more wakes them (seats freed outside).
+    free_seen: Option<i64>,
 }
 
 /// Settings of the reconciler.
@@ -91,8 +94,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// The context, and what tells which pools grew outside this operator
-    /// (for [`Context::seats_freed`]).
     pub fn new(
         client: Client,
         backend: Arc<dyn Backend>,
@@ -101,15 +102,15 @@ impl Context {
         settings: Settings,
         wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
         pools_moved: Arc<tokio::sync::Notify>,
-    ) -> (Context, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let (grew, growth) = tokio::sync::mpsc::unbounded_channel();
+    ) -> Context {
         // Read at most twice a resync period, whatever the number of
         // objects (and, while objects wait for seats, every pool poll).
-        let snapshot = Arc::new(
-            snapshot::Shared::new(backend.clone(), metrics.clone(), settings.resync / 2)
-                .telling(grew),
-        );
-        let ctx = Context {
+        let snapshot = Arc::new(snapshot::Shared::new(
+            backend.clone(),
+            metrics.clone(),
+            settings.resync / 2,
+        ));
+        Context {
             client,
             backend,
             events,
@@ -120,8 +121,7 @@ impl Context {
             wake,
             pools_moved,
             snapshot,
-        };
-        (ctx, growth)
+        }
     }
 
     /// The delay before retrying `key` after its next failure.
@@ -151,17 +151,21 @@ impl Context {
     /// Remembers (or forgets) that `dl` waits for free seats of its product.
     /// If seats were freed since the pass observed (`frees` is what
     /// [`Self::frees_so_far`] said then), it is woken at once instead.
-    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: Option<u64>) {
+    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: Option<(u64, Option<i64>)>) {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.entry(dl.spec.product.clone()).or_default();
         let r = ObjectRef::from_obj(dl);
         match waiting {
-            Some(frees) if frees != w.frees => {
+            Some((frees, _)) if frees != w.frees => {
                 // The receiver lives as long as the controller.
                 let _ = self.wake.send(r);
             }
-            Some(_) => {
+            Some((_, free)) => {
                 w.objects.insert(r);
+                w.free_seen = match (w.free_seen, free) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
             None => {
                 w.objects.remove(&r);
@@ -184,6 +188,29 @@ impl Context {
         map.values().any(|w| !w.objects.is_empty())
     }
 
+    /// Wakes what waits for a product whose pool, as just read, has more
+    /// free seats than its waiting objects saw when they stalled: seats
+    /// freed outside this operator (a raised total, released seats, a
+    /// lowered allocation). Returns the products woken.
+    pub fn wake_if_grown(&self, pools: &[(String, i64)]) -> Vec<String> {
+        let grown: Vec<String> = {
+            let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .iter()
+                .filter(|(product, free)| {
+                    map.get(product).is_some_and(|w| {
+                        !w.objects.is_empty() && w.free_seen.is_some_and(|seen| *free > seen)
+                    })
+                })
+                .map(|(product, _)| product.clone())
+                .collect()
+        };
+        for product in &grown {
+            self.seats_freed(product);
+        }
+        grown
+    }
+
     /// Seats of `product` were freed, or an allocation of it given up
     /// (by this operator, or outside it as the shared read of the account
     /// found): re-queue everything waiting for that.
@@ -191,6 +218,7 @@ impl Context {
         let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let w = map.entry(product.to_string()).or_default();
         w.frees += 1;
+        w.free_seen = None;
         for r in std::mem::take(&mut w.objects) {
             let _ = self.wake.send(r);
         }
@@ -419,7 +447,8 @@ async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Optio
 fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_before: u64) -> Ended {
     ctx.succeeded(&key(dl));
     let waits = conclude::waits_for_the_pool(pass);
-    ctx.wait_for_seats(dl, waits.then_some(frees_before));
+    let free_seen = pass.pool.as_ref().map(|p| p.free);
+    ctx.wait_for_seats(dl, waits.then_some((frees_before, free_seen)));
     if conclude::freed_seats(pass) {
         ctx.seats_freed(&pass.product);
     }

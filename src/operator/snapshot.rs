@@ -72,9 +72,6 @@ pub struct Shared {
     /// Held across the read, so passes that ask meanwhile wait for it
     /// rather than read again.
     current: tokio::sync::Mutex<Option<Account>>,
-    /// Told the products whose free seats grew between two reads (a total
-    /// raised, seats or an allocation given back outside this operator).
-    grew: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl Shared {
@@ -84,22 +81,20 @@ impl Shared {
             metrics,
             ttl,
             current: tokio::sync::Mutex::new(None),
-            grew: None,
         }
     }
 
-    /// Sends the product of every pool whose free seats grew from one read
-    /// of the account to the next to `grew`.
-    pub fn telling(mut self, grew: tokio::sync::mpsc::UnboundedSender<String>) -> Shared {
-        self.grew = Some(grew);
-        self
-    }
-
-    /// Reads the account again now, whatever its age: what a pool that grew
-    /// outside the cluster is found by while objects wait for seats.
-    pub async fn refresh(&self) -> Result<(), BackendError> {
+    /// Reads the account again now, whatever its age, and answers each
+    /// product's free seats: what a pool that grew outside the cluster is
+    /// found by while objects wait for seats.
+    pub async fn refresh(&self) -> Result<Vec<(String, i64)>, BackendError> {
         let mut current = self.current.lock().await;
-        self.read(&mut current).await.map(drop)
+        let account = self.read(&mut current).await?;
+        Ok(account
+            .pools
+            .iter()
+            .map(|p| (p.product.clone(), p.free()))
+            .collect())
     }
 
     /// What the backend held for one organization and product at the last
@@ -157,26 +152,12 @@ impl Shared {
         current: &'a mut Option<Account>,
     ) -> Result<&'a Account, BackendError> {
         self.metrics.backend_read("account");
-        let free_before: HashMap<String, i64> = current
-            .iter()
-            .flat_map(|a| &a.pools)
-            .map(|p| (p.product.clone(), p.free()))
-            .collect();
         // The old read goes first: two copies of a large account at
         // once would be the operator's peak. Nobody reads it meanwhile
         // (the lock is held), and a failed read leaves none, so the
         // next caller reads again.
         *current = None;
-        let account = current.insert(Account::new(self.backend.snapshot().await?));
-        if let Some(grew) = &self.grew {
-            for p in &account.pools {
-                if free_before.get(&p.product).is_some_and(|&f| p.free() > f) {
-                    // The receiver lives as long as the controller.
-                    let _ = grew.send(p.product.clone());
-                }
-            }
-        }
-        Ok(account)
+        Ok(current.insert(Account::new(self.backend.snapshot().await?)))
     }
 
     /// Keeps the snapshot in step with a release of this operator's: the
