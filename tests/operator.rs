@@ -1649,3 +1649,63 @@ fn local_webhooks_are_registered_answer_kubectl_and_are_removed_at_exit() {
         operator.logs()
     );
 }
+
+/// The operator starts while its PostgreSQL store cannot be reached (as in
+/// a cluster where both restart at once): it serves its health checks,
+/// objects say `BackendUnavailable`, and once the database answers they
+/// converge, with no restart of the operator. The database is "down"
+/// behind a port nothing listens on, then "up" as a forwarder to the
+/// shared server starts there.
+#[test]
+fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let account = Account::seeded_on(Kind::Postgres, ACCOUNT);
+    let (_, pg_port) = common::postgres::server().address();
+    let port = free_port();
+    let backend = account
+        .backend_with_credentials()
+        .replace(&format!(":{pg_port}/"), &format!(":{port}/"));
+    assert!(backend.contains(&format!(":{port}/")), "{backend}");
+    let mut operator = Operator::start(
+        &cp,
+        "db-down",
+        &backend,
+        &[
+            "--leader-elect=false",
+            "--backoff=300ms",
+            "--max-backoff=1s",
+        ],
+    );
+    wait_for("the operator's health checks", SOON, || {
+        operator.get("/healthz")
+    });
+    cp.apply(&license_yaml("qa", "qa-team", "TestOps", 7, ""));
+    wait_for("qa waits for the store", SOON, || {
+        let o = cp.json(&["get", "dl", "qa", "-n", "licenses"]);
+        let ready = condition(&o, "Ready")?;
+        (ready["reason"] == "BackendUnavailable").then_some(())
+    });
+    assert!(operator.is_running(), "{}", tail(&operator.logs()));
+
+    // The database comes up: a forwarder to the real server on that port.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", pg_port)) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut c, mut s) = (client, server);
+            std::thread::spawn(move || std::io::copy(&mut c, &mut s2));
+            std::thread::spawn(move || std::io::copy(&mut s, &mut c2));
+        }
+    });
+    wait_for("qa converges once the store is up", SOON, || {
+        let o = cp.json(&["get", "dl", "qa", "-n", "licenses"]);
+        let ready = condition(&o, "Ready")?;
+        (ready["reason"] == "Reconciled").then_some(())
+    });
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((7, 4)));
+    assert!(operator.is_running());
+}
