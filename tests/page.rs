@@ -340,7 +340,8 @@ async fn shown(c: &Client) -> Value {
     json!({"pools": pools, "allocations": allocations})
 }
 
-/// `status -o json` with `managedBy` as the page words it.
+/// `status -o json` with `managedBy` as the page words it (the page says
+/// who manages an allocation, not what deleting that manager would do).
 fn status_as_shown(account: &Account) -> Value {
     let mut status = account.status();
     for a in status["allocations"].as_array_mut().unwrap() {
@@ -348,6 +349,7 @@ fn status_as_shown(account: &Account) -> Value {
             Some(m) => json!(m.replace('/', " / ")),
             None => json!("unmanaged"),
         };
+        a.as_object_mut().unwrap().remove("deletionPolicy");
     }
     status
 }
