@@ -249,10 +249,27 @@ impl Store {
     }
 
     /// Runs `f` on the store in one read transaction: a consistent read
-    /// (PostgreSQL reads a snapshot and an export in one REPEATABLE READ
-    /// transaction of their own).
+    /// of several statements (PostgreSQL reads a snapshot and an export in
+    /// one REPEATABLE READ transaction of their own).
     fn read<T>(
         &self,
+        f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        self.read_with(true, f)
+    }
+
+    /// Runs `f`, one statement, outside a transaction: one statement is a
+    /// consistent read by itself (the hot paths: an allocation, a token).
+    fn read_one<T>(
+        &self,
+        f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        self.read_with(false, f)
+    }
+
+    fn read_with<T>(
+        &self,
+        consistent: bool,
         f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         match &self.db {
@@ -260,6 +277,9 @@ impl Store {
                 let conn = conn
                     .lock()
                     .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+                if !consistent {
+                    return f(&*conn);
+                }
                 // One read transaction, so that every statement of `f` sees
                 // the same commit while other processes write the file (WAL
                 // keeps that commit for it); dropping it ends it.
@@ -402,7 +422,7 @@ impl Store {
 
     /// Account ids in the store.
     pub fn accounts(&self) -> Result<Vec<String>, BackendError> {
-        self.read(|s| s.accounts())
+        self.read_one(|s| s.accounts())
     }
 
     /// The account to use: the one named, or the only one in the store.
@@ -440,7 +460,7 @@ impl Store {
 
     /// Maps a bearer token to its principal; only the hash is stored.
     pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
-        match self.read(|s| s.token(&hash(token)))? {
+        match self.read_one(|s| s.token(&hash(token)))? {
             Some((a, role, name)) if a == account => Ok(Principal {
                 actor: format!("token:{name}"),
                 role: Role::parse(&role).unwrap_or(Role::Viewer),
@@ -474,7 +494,9 @@ impl Store {
         ttl: chrono::Duration,
     ) -> Result<(String, Session), BackendError> {
         let unknown = || BackendError::Unauthorized("the token is unknown".into());
-        let (account, role, name) = self.read(|s| s.token(&hash(token)))?.ok_or_else(unknown)?;
+        let (account, role, name) = self
+            .read_one(|s| s.token(&hash(token)))?
+            .ok_or_else(unknown)?;
         let id = random_hex()?;
         let now = chrono::Utc::now();
         let row = rows::SessionRow {
@@ -496,7 +518,7 @@ impl Store {
     pub fn session(&self, id: &str) -> Result<Option<Session>, BackendError> {
         let now = rows::now();
         Ok(self
-            .read(|s| s.session(&hash(id)))?
+            .read_one(|s| s.session(&hash(id)))?
             .filter(|row| row.expires_at > now)
             .map(Session::from))
     }
@@ -527,7 +549,7 @@ impl Store {
         organization: &str,
         product: &str,
     ) -> Result<Snapshot, BackendError> {
-        self.read(|s| s.observe(account, organization, product))
+        self.read_one(|s| s.observe(account, organization, product))
     }
 
     /// The audit log of one account, oldest first.
