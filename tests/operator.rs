@@ -1687,6 +1687,15 @@ fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
         (ready["reason"] == "BackendUnavailable").then_some(())
     });
     assert!(operator.is_running(), "{}", tail(&operator.logs()));
+    // Ready (it leads, its webhooks would admit with a warning), and it
+    // says which part is not: the backend, and why.
+    let ready = operator.get("/readyz").expect("/readyz answers 200");
+    assert!(
+        ready.starts_with("ready: leading; the backend cannot be reached:"),
+        "{ready}"
+    );
+    let metrics = operator.get("/metrics").expect("metrics");
+    assert!(metrics.contains("licensor_backend_up 0\n"), "{metrics}");
 
     // The database comes up: a forwarder to the real server on that port.
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -1708,4 +1717,7 @@ fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
     });
     assert_eq!(account.allocation("qa-team", "TestOps"), Some((7, 4)));
     assert!(operator.is_running());
+    assert_eq!(operator.get("/readyz").as_deref(), Some("ready: leading\n"));
+    let metrics = operator.get("/metrics").expect("metrics");
+    assert!(metrics.contains("licensor_backend_up 1\n"), "{metrics}");
 }

@@ -136,6 +136,11 @@ pub struct Metrics {
     pub quiet_checks: Counter,
     /// Reads of the backend, by what they read.
     pub backend_reads: Family<ReadLabels, Counter>,
+    /// 1 while the backend answers the passes, 0 since one found it
+    /// unavailable.
+    backend_up: Gauge,
+    /// Why the backend is unavailable, since the pass that found it so.
+    backend_down: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -145,6 +150,28 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A pass found the backend unavailable.
+    pub fn backend_failed(&self, why: &str) {
+        self.backend_up.set(0);
+        *self.backend_down.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    }
+
+    /// A pass had its answer from the backend (a refusal is an answer).
+    pub fn backend_answered(&self) {
+        if self.backend_up.get() == 0 {
+            self.backend_up.set(1);
+            *self.backend_down.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Why the backend is unavailable, if the last pass to call it found so.
+    fn backend_down(&self) -> Option<String> {
+        self.backend_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Counts a cleanup finalizer added by `by` (webhook or operator).
     pub fn finalizer_added(&self, by: &str) {
         self.finalizers
@@ -171,7 +198,15 @@ impl Metrics {
             pool_writes: Counter::default(),
             quiet_checks: Counter::default(),
             backend_reads: Family::default(),
+            backend_up: Gauge::default(),
+            backend_down: std::sync::Mutex::new(None),
         };
+        m.backend_up.set(1);
+        registry.register(
+            "backend_up",
+            "1 while the license backend answers the operator's passes, 0 since a pass found it unavailable (the reason is on /readyz)",
+            m.backend_up.clone(),
+        );
         registry.register(
             "backend_reads",
             "Reads of the license backend by the passes and the LicensePool sync: the whole account (read=account) or one object's pool and allocation (read=allocation)",
@@ -346,8 +381,22 @@ async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
     )
 }
 
+/// Ready as leader or standby (the webhooks answer, a standby waits for
+/// the lease); when the backend is unavailable, the answer says so and why,
+/// without taking the replica out of service: its webhooks still admit,
+/// with a warning.
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    s.readiness.answer()
+    let (status, text) = s.readiness.answer();
+    match s.metrics.backend_down() {
+        Some(why) if status == StatusCode::OK => (
+            status,
+            format!(
+                "{}; the backend cannot be reached: {why}\n",
+                text.trim_end()
+            ),
+        ),
+        _ => (status, text.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -446,6 +446,7 @@ async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Optio
 /// After the status is written: wake-ups, metrics, and how the pass ended.
 fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_before: u64) -> Ended {
     ctx.succeeded(&key(dl));
+    ctx.metrics.backend_answered();
     let waits = conclude::waits_for_the_pool(pass);
     let free_seen = pass.pool.as_ref().map(|p| p.free);
     ctx.wait_for_seats(dl, waits.then_some((frees_before, free_seen)));
@@ -608,6 +609,10 @@ async fn unavailable(
         },
     };
     let retry = matches!(verdict, Verdict::Retrying { .. });
+    match &verdict {
+        Verdict::Retrying { message, .. } => ctx.metrics.backend_failed(message),
+        _ => ctx.metrics.backend_answered(),
+    }
     if let Verdict::Refused { reason, message } | Verdict::Retrying { reason, message } = &verdict {
         tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
     }
