@@ -53,7 +53,21 @@ pub fn check_identifier(what: &str, value: &str) -> Result<(), Refusal> {
 
 /// Why a change was refused, or (for `OverCommitted` and `BackendUnavailable`)
 /// why a resource is not healthy. The variant name is the reason string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 pub enum Reason {
     /// R1: only the Account Admin may change allocations or totals.
     Forbidden,
@@ -80,39 +94,56 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
-        Reason::Forbidden,
-        Reason::UnknownProduct,
-        Reason::InsufficientPool,
-        Reason::BelowInUse,
-        Reason::WouldDisplaceUsers,
-        Reason::UnknownOrganization,
-        Reason::Conflict,
-        Reason::UnknownAccount,
-        Reason::OverCommitted,
-        Reason::BackendUnavailable,
-        Reason::Invalid,
-    ];
+    /// Every reason, in the order they are declared: the compiler keeps
+    /// the list, so a new reason cannot be missed.
+    pub fn all() -> impl Iterator<Item = Reason> {
+        <Reason as strum::IntoEnumIterator>::iter()
+    }
 
+    /// The reason as spelled everywhere: CLI JSON, problems, status, events.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Forbidden => "Forbidden",
-            Reason::UnknownProduct => "UnknownProduct",
-            Reason::InsufficientPool => "InsufficientPool",
-            Reason::BelowInUse => "BelowInUse",
-            Reason::WouldDisplaceUsers => "WouldDisplaceUsers",
-            Reason::UnknownOrganization => "UnknownOrganization",
-            Reason::Conflict => "Conflict",
-            Reason::UnknownAccount => "UnknownAccount",
-            Reason::OverCommitted => "OverCommitted",
-            Reason::BackendUnavailable => "BackendUnavailable",
-            Reason::Invalid => "Invalid",
-        }
+        self.into()
     }
 
     pub fn parse(s: &str) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+        s.parse().ok()
     }
+
+    /// What a refusal for this reason asks of whoever reads it.
+    pub fn class(self) -> ReasonClass {
+        match self {
+            Reason::UnknownOrganization
+            | Reason::UnknownProduct
+            | Reason::Conflict
+            | Reason::UnknownAccount
+            | Reason::Invalid => ReasonClass::AsWritten,
+            Reason::InsufficientPool | Reason::BelowInUse | Reason::WouldDisplaceUsers => {
+                ReasonClass::OfTheMoment
+            }
+            Reason::Forbidden => ReasonClass::Access,
+            Reason::BackendUnavailable => ReasonClass::Backend,
+            Reason::OverCommitted => ReasonClass::Condition,
+        }
+    }
+}
+
+/// The kinds of [`Reason`]: which of them can never succeed as written,
+/// which depend on the moment, and the rest. The validating webhook denies
+/// the first and warns on the second; the operator stalls on both and
+/// retries only what the backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasonClass {
+    /// The request must change (an unknown name, another manager's
+    /// allocation, a malformed request).
+    AsWritten,
+    /// It may succeed later, as seats free up or users leave.
+    OfTheMoment,
+    /// The credential may not do this (R1).
+    Access,
+    /// The backend failed; a retry may succeed.
+    Backend,
+    /// A condition to report, never a refusal (R9).
+    Condition,
 }
 
 impl fmt::Display for Reason {
@@ -250,6 +281,24 @@ pub struct Allocation {
     /// Bumped by every write; the ETag of the HTTP API.
     #[serde(default)]
     pub version: i64,
+}
+
+/// The annotation that stops writes to a resource's allocation ("true").
+pub const PAUSED_ANNOTATION: &str = "licensor.dev/paused";
+
+/// `managedBy` of an allocation licensor manages:
+/// `<instance>/<namespace>/<name>`, written and read back here only.
+pub fn managed_by(instance: &str, namespace: &str, name: &str) -> String {
+    format!("{instance}/{namespace}/{name}")
+}
+
+/// The resource (`namespace/name`) a `managedBy` names when it is
+/// `instance`'s; `None` for another instance's, or another tool's.
+pub fn managed_resource<'a>(instance: &str, managed_by: &'a str) -> Option<&'a str> {
+    managed_by
+        .strip_prefix(instance)?
+        .strip_prefix('/')
+        .filter(|rest| rest.contains('/'))
 }
 
 /// What deleting a DedicatedLicense does to its allocation.
@@ -718,6 +767,24 @@ pub struct PoolView {
     pub free: i64,
 }
 
+impl PoolView {
+    /// R9: whether more is handed out than the total (`free < 0`); increases
+    /// are then refused, decreases and revokes still work.
+    pub fn is_over_committed(&self) -> bool {
+        self.free < 0
+    }
+
+    /// R9: seats handed out beyond the total; 0 when none.
+    pub fn over_committed(&self) -> i64 {
+        (-self.free).max(0)
+    }
+
+    /// Free seats as a person counts them: none when over-committed.
+    pub fn free_seats(&self) -> i64 {
+        self.free.max(0)
+    }
+}
+
 impl From<&Pool> for PoolView {
     fn from(p: &Pool) -> Self {
         PoolView {
@@ -1110,7 +1177,7 @@ mod tests {
 
     #[test]
     fn reasons_round_trip_through_their_names() {
-        for r in Reason::ALL {
+        for r in Reason::all() {
             assert_eq!(Reason::parse(r.as_str()), Some(r));
         }
     }

@@ -10,7 +10,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Allocation, Pool, PoolView};
+use crate::domain::{Allocation, Pool, PoolView, managed_resource};
 use crate::resource::DEFAULT_INSTANCE;
 
 /// Label naming the operator instance that keeps a `LicensePool`.
@@ -161,8 +161,8 @@ pub fn status<'a>(
         total: view.total,
         dedicated: view.dedicated,
         shared_in_use: view.shared_in_use,
-        free: view.free.max(0),
-        over_committed: (-view.free).max(0),
+        free: view.free_seats(),
+        over_committed: view.over_committed(),
         organizations: allocations.iter().filter(|a| a.dedicated > 0).count() as i64,
         allocations,
         observed_time: None,
@@ -172,8 +172,7 @@ pub fn status<'a>(
 
 /// The DedicatedLicense a `managedBy` of this instance names.
 fn ours(instance: &str, managed_by: &str) -> Option<ResourceRef> {
-    let rest = managed_by.strip_prefix(instance)?.strip_prefix('/')?;
-    let (namespace, name) = rest.split_once('/')?;
+    let (namespace, name) = managed_resource(instance, managed_by)?.split_once('/')?;
     Some(ResourceRef {
         namespace: namespace.to_string(),
         name: name.to_string(),

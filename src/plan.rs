@@ -15,10 +15,29 @@ use serde::{Deserialize, Serialize};
 use similar::TextDiff;
 
 use crate::domain::{
-    Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ledger, Observed, PoolView,
-    Reason, Refusal, Role, Snapshot, Target, decide_release, did_you_mean,
+    Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ledger, Observed,
+    PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Snapshot, Target, decide_release,
+    did_you_mean, managed_resource,
 };
-use crate::resource::Hold;
+
+/// Why licensor must not write a resource's allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The `licensor.dev/paused` annotation is "true".
+    Paused,
+    /// `managementPolicy: Observe`.
+    Observe,
+}
+
+impl Hold {
+    /// Why nothing is written, in words.
+    pub fn describe(self) -> String {
+        match self {
+            Hold::Paused => format!("paused by the {PAUSED_ANNOTATION} annotation"),
+            Hold::Observe => "managementPolicy is Observe".to_string(),
+        }
+    }
+}
 
 /// What one resource asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,15 +138,16 @@ pub fn plan(desired: &[Desired], snapshot: &Snapshot, opts: &Options) -> Plan {
             .iter()
             .map(|d| (d.organization.as_str(), d.product.as_str()))
             .collect();
-        let prefix = format!("{}/", opts.instance);
         for a in ledger.allocations.values() {
-            let Some(owner) = a.managed_by.as_deref() else {
+            let Some(resource) = a
+                .managed_by
+                .as_deref()
+                .and_then(|owner| managed_resource(&opts.instance, owner))
+            else {
                 continue;
             };
-            if owner.starts_with(&prefix)
-                && !named.contains(&(a.organization.as_str(), a.product.as_str()))
-            {
-                steps.push(Step::prune(a, &owner[prefix.len()..]));
+            if !named.contains(&(a.organization.as_str(), a.product.as_str())) {
+                steps.push(Step::prune(a, resource));
             }
         }
     }

@@ -20,8 +20,7 @@ pub const GROUP: &str = "licensor.dev";
 pub const API_VERSION: &str = "licensor.dev/v1alpha1";
 /// Kind of the resource.
 pub const KIND: &str = "DedicatedLicense";
-/// Annotation that stops writes while set to "true".
-pub const PAUSED_ANNOTATION: &str = "licensor.dev/paused";
+pub use crate::domain::PAUSED_ANNOTATION;
 /// Finalizer that guarantees a revoke is never lost.
 pub const FINALIZER: &str = "licensor.dev/cleanup";
 /// Whether an object with this spec and these finalizers still needs the
@@ -186,14 +185,7 @@ pub struct Failure {
     pub message: String,
 }
 
-/// Why licensor must not write a resource's allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hold {
-    /// The `licensor.dev/paused` annotation is "true".
-    Paused,
-    /// `managementPolicy: Observe`.
-    Observe,
-}
+pub use crate::plan::Hold;
 
 impl Hold {
     /// The hold of a resource with these annotations and spec, if any; the
@@ -211,14 +203,6 @@ impl Hold {
             Some(Hold::Observe)
         } else {
             None
-        }
-    }
-
-    /// Why nothing is written, in words.
-    pub fn describe(self) -> String {
-        match self {
-            Hold::Paused => format!("paused by the {PAUSED_ANNOTATION} annotation"),
-            Hold::Observe => "managementPolicy is Observe".to_string(),
         }
     }
 }
@@ -256,9 +240,6 @@ pub fn crd() -> CustomResourceDefinition {
     crd
 }
 
-/// `managedBy` of a resource: `<instance>/<namespace>/<name>`.
-pub fn managed_by(instance: &str, namespace: &str, name: &str) -> String {
-    format!("{instance}/{namespace}/{name}")
-}
+pub use crate::domain::managed_by;
 
 const _: () = assert!(MAX_COUNT == 1_000_000, "keep the schema bound in step");

@@ -235,9 +235,8 @@ fn every_state_reads_the_same_to_kstatus_argo_cd_and_kubectl_wait() {
     ];
     // Every reason a pass can be refused for (the rest are a retry and a
     // pool condition).
-    for reason in Reason::ALL
-        .into_iter()
-        .filter(|r| !matches!(r, Reason::BackendUnavailable | Reason::OverCommitted))
+    for reason in
+        Reason::all().filter(|r| !matches!(r, Reason::BackendUnavailable | Reason::OverCommitted))
     {
         cases.push((
             format!("refused: {reason}"),

@@ -166,10 +166,7 @@ async fn serve_started_while_the_database_is_down_becomes_ready_when_it_is_up() 
     // Both start and listen while nothing answers on the database's port.
     let (seeded, url) = replica(&acct, pg.password());
     let mut other = Account::seeded(common::DOCUMENTED);
-    let fresh_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let fresh_port = common::free_port();
     let fresh_serve = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
         .args(["--backend", &fresh, "serve"])
         .args(["--listen", &format!("127.0.0.1:{fresh_port}")])

@@ -994,11 +994,7 @@ async fn status_against(url: &str) -> (i32, String, Duration) {
 #[tokio::test]
 async fn the_client_retries_then_reports_the_backend_unavailable() {
     // Down: nothing listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let (code, err, _) = status_against(&format!("http://127.0.0.1:{port}")).await;
     assert_eq!(code, 1);
     assert!(

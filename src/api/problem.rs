@@ -1,14 +1,15 @@
 //! RFC 9457 problem details: one stable `type` per refusal reason and per
 //! protocol error ([`ProblemType`]), with the numbers a client needs. The
-//! server answers every error with one; the client maps it back with
-//! [`Problem::into_error`], so a reason survives the round trip exactly.
+//! server answers every error with one; the client maps it back
+//! (`From<Problem> for BackendError`, in `backend::http`), so a reason
+//! survives the round trip exactly. Framework-free: the server and the
+//! client both use it.
 
-use axum::http::StatusCode;
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::backend::BackendError;
-use crate::domain::{Reason, Refusal, RefusalDetail};
+use crate::domain::{Reason, Refusal};
 
 /// Where the problem types live.
 pub const TYPE_BASE: &str = "https://licensor.dev/problems/";
@@ -75,8 +76,7 @@ impl ProblemType {
             .find(|(_, slug)| *slug == s)
             .map(|(t, _)| *t)
             .or_else(|| {
-                Reason::ALL
-                    .into_iter()
+                Reason::all()
                     .find(|r| slug(*r) == s)
                     .map(ProblemType::Refused)
             })
@@ -84,8 +84,7 @@ impl ProblemType {
 
     /// Every problem type, for documentation and tests.
     pub fn all() -> impl Iterator<Item = ProblemType> {
-        Reason::ALL
-            .into_iter()
+        Reason::all()
             .map(ProblemType::Refused)
             .chain(Self::PROTOCOL.iter().map(|(t, _)| *t))
     }
@@ -200,65 +199,11 @@ impl Problem {
             .strip_prefix(TYPE_BASE)
             .and_then(ProblemType::parse)
     }
-
-    /// The backend error this problem stands for (the client's side).
-    pub fn into_error(self) -> BackendError {
-        match self.kind() {
-            Some(ProblemType::Refused(Reason::BackendUnavailable)) => {
-                BackendError::Unavailable(self.detail)
-            }
-            Some(ProblemType::Refused(reason)) => BackendError::Refused(Refusal {
-                reason,
-                message: self.detail,
-                detail: RefusalDetail {
-                    requested: self.requested,
-                    free: self.free,
-                    in_use: self.in_use,
-                    displaced: self.displaced,
-                    owner: self.owner,
-                },
-            }),
-            Some(ProblemType::Unauthorized) => BackendError::Unauthorized(self.detail),
-            Some(ProblemType::Stale) => BackendError::Stale {
-                expected: self.expected_version.unwrap_or(-1),
-                actual: self.actual_version.unwrap_or(-1),
-            },
-            Some(ProblemType::KeyReused) => BackendError::KeyReused(self.detail),
-            _ => BackendError::Unavailable(format!(
-                "the server answered {} {}: {}",
-                self.status, self.title, self.detail
-            )),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_reason_survives_the_round_trip() {
-        for reason in Reason::ALL {
-            let refusal = Refusal {
-                reason,
-                message: "m".into(),
-                detail: RefusalDetail {
-                    requested: Some(5),
-                    free: Some(2),
-                    ..Default::default()
-                },
-            };
-            let wire = serde_json::to_string(&Problem::refusal(&refusal)).unwrap();
-            let back: Problem = serde_json::from_str(&wire).unwrap();
-            let expected = if reason == Reason::BackendUnavailable {
-                BackendError::Unavailable("m".into())
-            } else {
-                BackendError::Refused(refusal)
-            };
-            assert_eq!(back.into_error(), expected, "{wire}");
-        }
-        assert_eq!(slug(Reason::WouldDisplaceUsers), "would-displace-users");
-    }
 
     #[test]
     fn every_problem_type_has_its_own_slug() {

@@ -33,7 +33,8 @@ use crate::api::{
     AccountState, Problem, ProblemType, Product, PutAllocation, Release, Seats, TotalBody,
 };
 use crate::domain::{
-    Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, SeatChange, Snapshot, Target,
+    Allocation, AllocationWrite, Pool, PoolView, Reason, Refusal, RefusalDetail, SeatChange,
+    Snapshot, Target,
 };
 
 /// How calls are retried.
@@ -301,7 +302,7 @@ impl HttpBackend {
                             {
                                 Ok(None)
                             }
-                            Some(p) if !transient => Err(p.into_error()),
+                            Some(p) if !transient => Err(p.into()),
                             Some(p) => Err(unavailable(
                                 &method,
                                 &url,
@@ -552,4 +553,69 @@ impl Backend for HttpBackend {
 fn header(v: &str) -> Result<HeaderValue, BackendError> {
     HeaderValue::from_str(v)
         .map_err(|_| BackendError::Unavailable(format!("{v:?} cannot be sent as a header")))
+}
+
+/// The backend error a problem of the platform API stands for: the
+/// client's side of the problem types.
+impl From<Problem> for BackendError {
+    fn from(p: Problem) -> BackendError {
+        match p.kind() {
+            Some(ProblemType::Refused(Reason::BackendUnavailable)) => {
+                BackendError::Unavailable(p.detail)
+            }
+            Some(ProblemType::Refused(reason)) => BackendError::Refused(Refusal {
+                reason,
+                message: p.detail,
+                detail: RefusalDetail {
+                    requested: p.requested,
+                    free: p.free,
+                    in_use: p.in_use,
+                    displaced: p.displaced,
+                    owner: p.owner,
+                },
+            }),
+            Some(ProblemType::Unauthorized) => BackendError::Unauthorized(p.detail),
+            Some(ProblemType::Stale) => BackendError::Stale {
+                expected: p.expected_version.unwrap_or(-1),
+                actual: p.actual_version.unwrap_or(-1),
+            },
+            Some(ProblemType::KeyReused) => BackendError::KeyReused(p.detail),
+            _ => BackendError::Unavailable(format!(
+                "the server answered {} {}: {}",
+                p.status, p.title, p.detail
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_survives_the_round_trip() {
+        for reason in Reason::all() {
+            let refusal = Refusal {
+                reason,
+                message: "m".into(),
+                detail: RefusalDetail {
+                    requested: Some(5),
+                    free: Some(2),
+                    ..Default::default()
+                },
+            };
+            let wire = serde_json::to_string(&Problem::refusal(&refusal)).unwrap();
+            let back: Problem = serde_json::from_str(&wire).unwrap();
+            let expected = if reason == Reason::BackendUnavailable {
+                BackendError::Unavailable("m".into())
+            } else {
+                BackendError::Refused(refusal)
+            };
+            assert_eq!(BackendError::from(back), expected, "{wire}");
+        }
+        assert_eq!(
+            crate::api::problem::slug(Reason::WouldDisplaceUsers),
+            "would-displace-users"
+        );
+    }
 }

@@ -113,7 +113,7 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
                 pool.dedicated,
                 pool.shared_in_use,
                 pool.free,
-                if pool.free < 0 {
+                if pool.is_over_committed() {
                     " (OverCommitted: increases are refused until seats are freed)"
                 } else {
                     ""

@@ -129,7 +129,7 @@ pub fn text(plan: &Plan, mode: Mode, location: &str) -> String {
                 moved(before.map(|b| b.dedicated), after.dedicated),
                 after.shared_in_use,
                 moved(before.map(|b| b.free), after.free),
-                if after.free < 0 {
+                if after.is_over_committed() {
                     "  OverCommitted"
                 } else {
                     ""
@@ -226,7 +226,7 @@ pub fn markdown(plan: &Plan, mode: Mode) -> String {
                 moved(before.map(|b| b.dedicated), after.dedicated).replace("->", "→"),
                 after.shared_in_use,
                 moved(before.map(|b| b.free), after.free).replace("->", "→"),
-                if after.free < 0 {
+                if after.is_over_committed() {
                     " ⚠️ over-committed"
                 } else {
                     ""
@@ -260,7 +260,11 @@ pub fn status_text(snapshot: &Snapshot, location: &str) -> String {
             v.dedicated,
             v.shared_in_use,
             v.free,
-            if v.free < 0 { "  OverCommitted" } else { "" }
+            if v.is_over_committed() {
+                "  OverCommitted"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(
@@ -298,7 +302,7 @@ pub fn status_markdown(snapshot: &Snapshot, location: &str) -> String {
             v.dedicated,
             v.shared_in_use,
             v.free,
-            if v.free < 0 {
+            if v.is_over_committed() {
                 " ⚠️ over-committed"
             } else {
                 ""

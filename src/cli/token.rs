@@ -10,9 +10,10 @@ use crate::domain::Role;
 pub enum TokenCommand {
     /// Create a token for one account and role; it is printed once.
     Create {
-        /// AccountAdmin or Viewer.
-        #[arg(long, value_parser = ["AccountAdmin", "Viewer"])]
-        role: String,
+        /// AccountAdmin (may change allocations and totals) or Viewer
+        /// (reads only).
+        #[arg(long, value_parser = role)]
+        role: Role,
         /// A name for the audit log (who holds the token).
         #[arg(long)]
         name: String,
@@ -28,7 +29,6 @@ pub fn run(g: &Global, command: TokenCommand) -> u8 {
             let account = store
                 .resolve_account(g.account.as_deref())
                 .map_err(|e| e.to_string())?;
-            let role = Role::parse(&role).unwrap_or(Role::Viewer);
             store
                 .create_token(&account, role, &name)
                 .map_err(|e| e.to_string())
@@ -46,4 +46,9 @@ pub fn run(g: &Global, command: TokenCommand) -> u8 {
             FAILED
         }
     }
+}
+
+/// `--role`: a role as the store and the API spell it.
+fn role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is no role; AccountAdmin or Viewer"))
 }

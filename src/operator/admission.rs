@@ -25,7 +25,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
 use crate::backend::Backend;
-use crate::domain::{Reason, Role};
+use crate::domain::{Reason, ReasonClass, Role};
 use crate::plan::{Desired, Options, plan};
 use crate::resource::{DedicatedLicenseSpec, ManagementPolicy, managed_by};
 
@@ -61,18 +61,12 @@ pub struct Findings {
 
 /// Reasons that can never succeed as written: the object must change.
 fn never_succeeds(reason: Reason) -> bool {
-    matches!(
-        reason,
-        Reason::UnknownOrganization | Reason::UnknownProduct | Reason::Conflict
-    )
+    reason.class() == ReasonClass::AsWritten
 }
 
 /// Reasons that depend on the moment: seats free up, users leave.
 fn depends_on_the_moment(reason: Reason) -> bool {
-    matches!(
-        reason,
-        Reason::InsufficientPool | Reason::BelowInUse | Reason::WouldDisplaceUsers
-    )
+    reason.class() == ReasonClass::OfTheMoment
 }
 
 impl Validator {
@@ -183,11 +177,11 @@ impl Validator {
             .pools_before
             .iter()
             .find(|p| p.product == desired.product)
-            && pool.free < 0
+            && pool.is_over_committed()
         {
             findings.warnings.push(format!(
                 "licensor: OverCommitted: the {} pool hands out {} seats more than its total of {} ({} dedicated, {} shared in use)",
-                pool.product, -pool.free, pool.total, pool.dedicated, pool.shared_in_use
+                pool.product, pool.over_committed(), pool.total, pool.dedicated, pool.shared_in_use
             ));
         }
         Ok(findings)

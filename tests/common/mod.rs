@@ -9,6 +9,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// A port on the loopback address that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.
 pub const DOCUMENTED: &str = "
 account: acme
@@ -121,10 +129,7 @@ impl Account {
     /// Starts `licensor serve` on the store with extra flags; the CLI then
     /// talks to it.
     pub fn serve(&mut self, flags: &[&str]) -> u16 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         self.serve_on(port, flags);
         port
     }

@@ -228,10 +228,7 @@ fn start() -> Server {
         .status()
         .unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = super::free_port();
     let server_cmd: Vec<String> = {
         let c = as_server_user(&bin.join("postgres"));
         let mut words: Vec<String> = vec![c.get_program().to_string_lossy().into_owned()];
@@ -352,10 +349,7 @@ impl Drop for Replica {
 
 /// Starts `licensor serve` on the account's database; returns its base URL.
 pub fn replica(acct: &super::Account, password: &str) -> (Replica, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = super::free_port();
     let log = std::fs::File::create(acct.path(&format!("serve-{port}.log"))).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_licensor"))
         .args(["--backend", acct.store(), "serve"])

@@ -5,7 +5,6 @@
 //! modules once. Everything is torn down on drop.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,12 +24,7 @@ pub struct Kubectl {
     pub stderr: String,
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+pub use crate::common::free_port;
 
 /// The helm binary, built by `tests/controlplane/build-helm.sh` (once).
 pub fn helm() -> PathBuf {

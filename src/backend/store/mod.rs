@@ -81,17 +81,27 @@ pub struct Session {
     pub csrf: String,
 }
 
-impl From<rows::SessionRow> for Session {
-    fn from(row: rows::SessionRow) -> Session {
-        Session {
+impl TryFrom<rows::SessionRow> for Session {
+    type Error = BackendError;
+
+    fn try_from(row: rows::SessionRow) -> Result<Session, BackendError> {
+        Ok(Session {
             account: row.account,
             who: Principal {
                 actor: row.actor,
-                role: Role::parse(&row.role).unwrap_or(Role::Viewer),
+                role: stored_role(&row.role)?,
             },
             csrf: row.csrf,
-        }
+        })
     }
+}
+
+/// A role as the store keeps it; anything else is a damaged store, never
+/// quietly some role.
+fn stored_role(role: &str) -> Result<Role, BackendError> {
+    Role::parse(role).ok_or_else(|| {
+        BackendError::Unavailable(format!("the store holds an unknown role {role:?}"))
+    })
 }
 
 /// The database behind a store.
@@ -179,7 +189,7 @@ impl Store {
         let pool = postgres::pool_size(url)?;
         let mut conn = postgres::connect(url)?;
         Store::set_up(&mut conn, &location, create)?;
-        let conns = postgres::Conns::new(conn, url.to_string(), pool);
+        let conns = postgres::Conns::new(conn, postgres::opener(url), pool);
         Ok(Store::on_postgres(conns, location))
     }
 
@@ -195,13 +205,13 @@ impl Store {
         let conns = match postgres::connect(url) {
             Ok(mut conn) => {
                 Store::set_up(&mut conn, &location, create)?;
-                postgres::Conns::new(conn, url.to_string(), pool)
+                postgres::Conns::new(conn, postgres::opener(url), pool)
             }
             Err(e) => {
                 tracing::warn!("{e}; starting anyway, and connecting when the database is up");
                 let at = location.clone();
                 postgres::Conns::pending(
-                    url.to_string(),
+                    postgres::opener(url),
                     pool,
                     Box::new(move |conn| Store::set_up(conn, &at, create)),
                 )
@@ -463,7 +473,7 @@ impl Store {
         match self.read_one(|s| s.token(&hash(token)))? {
             Some((a, role, name)) if a == account => Ok(Principal {
                 actor: format!("token:{name}"),
-                role: Role::parse(&role).unwrap_or(Role::Viewer),
+                role: stored_role(&role)?,
             }),
             _ => Err(BackendError::Unauthorized(
                 "the token is unknown or not for this account".into(),
@@ -511,16 +521,16 @@ impl Store {
             s.delete_sessions(&hash(&id), &expired)?;
             s.insert_session(&hash(&id), &row)
         })?;
-        Ok((id, Session::from(row)))
+        Ok((id, Session::try_from(row)?))
     }
 
     /// The live session a cookie names, if any.
     pub fn session(&self, id: &str) -> Result<Option<Session>, BackendError> {
         let now = rows::now();
-        Ok(self
-            .read_one(|s| s.session(&hash(id)))?
+        self.read_one(|s| s.session(&hash(id)))?
             .filter(|row| row.expires_at > now)
-            .map(Session::from))
+            .map(Session::try_from)
+            .transpose()
     }
 
     /// Ends a session (sign-out), and every expired one.

@@ -124,7 +124,7 @@ fn manager(a: &Allocation) -> String {
 
 fn pool(p: &PoolView) -> Markup {
     let used = p.dedicated + p.shared_in_use;
-    let over = (used - p.total).max(0);
+    let over = p.over_committed();
     let scale = p.total.max(used).max(1) as f64;
     let pct = |n: i64| format!("{:.2}%", n.max(0) as f64 * 100.0 / scale);
     let summary = format!(
@@ -132,7 +132,7 @@ fn pool(p: &PoolView) -> Markup {
         p.product,
         p.dedicated,
         p.shared_in_use,
-        p.free.max(0),
+        p.free_seats(),
         p.total,
         if over > 0 {
             format!(", over-committed by {over}")

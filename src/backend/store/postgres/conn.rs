@@ -293,13 +293,16 @@ pub struct Conns {
     state: Mutex<Idle>,
     freed: Condvar,
     max: usize,
-    /// Where to connect (credentials included; never shown).
-    url: String,
+    /// Opens a new connection (its URL holds credentials, never shown).
+    open: Opener,
     /// What the first connection must do before any is used (check and
     /// migrate the schema), when the database was not up at start; done
     /// once, by whichever call connects first.
     setup: Mutex<Option<Setup>>,
 }
+
+/// How the pool opens a connection ([`super::connect::connect`] on its URL).
+pub type Opener = Box<dyn Fn() -> Result<Conn, BackendError> + Send + Sync>;
 
 /// The first connection's work: see [`Conns::pending`].
 pub type Setup = Box<dyn Fn(&mut Conn) -> Result<(), BackendError> + Send>;
@@ -310,7 +313,7 @@ struct Idle {
 }
 
 impl Conns {
-    pub fn new(first: Conn, url: String, max: usize) -> Conns {
+    pub fn new(first: Conn, open: Opener, max: usize) -> Conns {
         Conns {
             state: Mutex::new(Idle {
                 conns: vec![first],
@@ -318,7 +321,7 @@ impl Conns {
             }),
             freed: Condvar::new(),
             max,
-            url,
+            open,
             setup: Mutex::new(None),
         }
     }
@@ -327,7 +330,7 @@ impl Conns {
     /// connect, and the first that does runs `setup` on its connection
     /// before anything else may use the database. Until then calls fail as
     /// the connection does (`Unavailable`).
-    pub fn pending(url: String, max: usize, setup: Setup) -> Conns {
+    pub fn pending(open: Opener, max: usize, setup: Setup) -> Conns {
         Conns {
             state: Mutex::new(Idle {
                 conns: Vec::new(),
@@ -335,14 +338,14 @@ impl Conns {
             }),
             freed: Condvar::new(),
             max,
-            url,
+            open,
             setup: Mutex::new(Some(setup)),
         }
     }
 
     /// A new connection, set up first when the setup is still to do.
     fn open(&self) -> Result<Conn, BackendError> {
-        let mut conn = super::connect::connect(&self.url)?;
+        let mut conn = (self.open)()?;
         let mut setup = self
             .setup
             .lock()

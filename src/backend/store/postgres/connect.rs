@@ -203,12 +203,18 @@ fn password_in(file: &str, config: &tokio_postgres::Config) -> Option<String> {
         })
 }
 
-/// Connects as `location` says, TLS included.
 /// How many connections the pool for `location` keeps at most.
 pub fn pool_size(location: &str) -> std::result::Result<usize, BackendError> {
     Ok(parse(location)?.pool)
 }
 
+/// What a pool of connections to `location` opens each with.
+pub fn opener(location: &str) -> super::conn::Opener {
+    let location = location.to_string();
+    Box::new(move || connect(&location))
+}
+
+/// Connects as `location` says, TLS included.
 pub fn connect(location: &str) -> std::result::Result<Conn, BackendError> {
     let Parsed {
         mut config,

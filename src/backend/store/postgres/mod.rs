@@ -57,7 +57,7 @@ use crate::domain::{Allocation, DeletionPolicy, Pool, Snapshot};
 use conn::{Answer, Param, Request, params};
 pub use conn::{Conn, Conns};
 use connect::invalid;
-pub use connect::{connect, describe, pool_size};
+pub use connect::{connect, describe, opener, pool_size};
 use gather::{AuditRow, Gathered};
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
