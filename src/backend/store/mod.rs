@@ -10,7 +10,8 @@
 //! A refusal rolls back: the file keeps exactly the rows it had. Every
 //! change writes an audit record ([`audit`], R11); answers to idempotency
 //! keys are remembered and replayed. Allocation writes to one product that
-//! arrive together share one transaction (`batch`). `licensor serve` uses
+//! arrive together share one transaction (`batch`). Reads run on
+//! connections of their own (`readers`), beside the writer and each other. `licensor serve` uses
 //! these same transaction functions; [`postgres`] is the same store on a
 //! PostgreSQL server.
 
@@ -19,6 +20,7 @@ mod batch;
 mod checkpoint;
 pub mod pipeline;
 pub mod postgres;
+mod readers;
 pub mod rows;
 pub mod schema;
 
@@ -106,7 +108,8 @@ fn stored_role(role: &str) -> Result<Role, BackendError> {
 
 /// The database behind a store.
 enum Db {
-    Sqlite(Mutex<Connection>),
+    /// The writer's connection, and the connections reads run on beside it.
+    Sqlite(Mutex<Connection>, readers::Readers),
     /// A pool of connections (see [`postgres::conn`]).
     Postgres(Box<postgres::Conns>),
 }
@@ -174,7 +177,7 @@ impl Store {
             .map_err(&err)?;
         let checkpoints = checkpoint::Checkpoints::start(path)?;
         Ok(Store {
-            db: Db::Sqlite(Mutex::new(conn)),
+            db: Db::Sqlite(Mutex::new(conn), readers::Readers::new(path)),
             batches: Default::default(),
             location: path.display().to_string(),
             _checkpoints: Some(checkpoints),
@@ -249,7 +252,7 @@ impl Store {
     /// without credentials.
     pub fn describe(&self) -> String {
         match self.db {
-            Db::Sqlite(_) => format!("sqlite:{}", self.location),
+            Db::Sqlite(..) => format!("sqlite:{}", self.location),
             Db::Postgres(_) => self.location.clone(),
         }
     }
@@ -283,19 +286,16 @@ impl Store {
         f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         match &self.db {
-            Db::Sqlite(conn) => {
-                let conn = conn
-                    .lock()
-                    .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;
+            Db::Sqlite(_, readers) => readers.with(|conn| {
                 if !consistent {
                     return f(&*conn);
                 }
                 // One read transaction, so that every statement of `f` sees
-                // the same commit while other processes write the file (WAL
-                // keeps that commit for it); dropping it ends it.
-                let tx = conn.unchecked_transaction().map_err(self.failed())?;
+                // the same commit while other connections write the file
+                // (WAL keeps that commit for it); dropping it ends it.
+                let tx = conn.transaction().map_err(self.failed())?;
                 f(&*tx)
-            }
+            }),
             Db::Postgres(conns) => {
                 let mut conn = conns.take()?;
                 let out = f(&postgres::Pg::reads(&mut conn));
@@ -321,7 +321,7 @@ impl Store {
         f: impl FnOnce(&dyn Storage) -> Result<(T, bool), BackendError>,
     ) -> Result<T, BackendError> {
         match &self.db {
-            Db::Sqlite(conn) => {
+            Db::Sqlite(conn, _) => {
                 let mut conn = conn
                     .lock()
                     .map_err(|_| BackendError::Unavailable("store lock poisoned".into()))?;

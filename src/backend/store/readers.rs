@@ -1,0 +1,96 @@
+//! The embedded store's read connections: reads run beside each other and
+//! beside the writer (WAL lets readers see the last commit while a write
+//! goes on), instead of queueing on the writer's connection.
+//!
+//! Connections are opened read-only, on demand, up to [`MAX_READERS`], and
+//! kept for the next read; a read waits only when all of them are busy. A
+//! read sees every transaction committed before it began, in this process
+//! or another, so a write answered to a caller is visible to its next read.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::backend::BackendError;
+
+/// Reads at once, at most: past the cores a machine has, more only wait.
+pub const MAX_READERS: usize = 4;
+
+pub struct Readers {
+    path: PathBuf,
+    idle: Mutex<Idle>,
+    freed: Condvar,
+}
+
+struct Idle {
+    conns: Vec<Connection>,
+    open: usize,
+}
+
+impl Readers {
+    pub fn new(path: &Path) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Idle {
+                conns: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Runs `f` on a read connection.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let mut conn = self.take()?;
+        let out = f(&mut conn);
+        self.give(conn);
+        out
+    }
+
+    fn take(&self) -> Result<Connection, BackendError> {
+        let poisoned = |_| BackendError::Unavailable("store lock poisoned".into());
+        let mut idle = self.idle.lock().map_err(poisoned)?;
+        loop {
+            if let Some(conn) = idle.conns.pop() {
+                return Ok(conn);
+            }
+            if idle.open < MAX_READERS {
+                idle.open += 1;
+                drop(idle);
+                return self.open().inspect_err(|_| {
+                    if let Ok(mut idle) = self.idle.lock() {
+                        idle.open -= 1;
+                    }
+                    self.freed.notify_one();
+                });
+            }
+            idle = self.freed.wait(idle).map_err(poisoned)?;
+        }
+    }
+
+    fn give(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.conns.push(conn);
+        }
+        self.freed.notify_one();
+    }
+
+    fn open(&self) -> Result<Connection, BackendError> {
+        let failed =
+            |e: rusqlite::Error| BackendError::Unavailable(format!("{}: {e}", self.path.display()));
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(failed)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(failed)?;
+        Ok(conn)
+    }
+}
