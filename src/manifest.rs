@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::{MAX_COUNT, check_identifier};
+use crate::domain::{check_count, check_identifier};
 use crate::resource::{API_VERSION, DedicatedLicenseSpec, GROUP, KIND};
 
 /// Where a document starts.
@@ -310,10 +310,11 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             ));
         }
         let spec = document.spec;
-        if !(0..=MAX_COUNT).contains(&spec.count) {
+        if let Err(r) = check_count(spec.count) {
+            // The domain's words, with the field as the manifest spells it.
             problems.push((
                 line_of(&doc, "count").unwrap_or(first_line),
-                format!("spec.count {} is outside 0..={MAX_COUNT}", spec.count),
+                format!("spec.{}", r.message),
             ));
         }
         for (field, value) in [

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::store::off_thread;
 pub use super::store::{Principal, Store};
 use super::{AuditEntry, Backend, BackendError, Fixture, Written};
 use crate::domain::{AllocationWrite, PoolView, Reason, Refusal, SeatChange, Snapshot};
@@ -50,12 +51,11 @@ impl StoreBackend {
         f: impl FnOnce(&Store, String, Principal) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        off_thread(move || {
             let (account, principal) = this.session()?;
             f(&this.store, account, principal)
         })
         .await
-        .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
     }
 }
 
@@ -129,7 +129,7 @@ impl Backend for StoreBackend {
         }
         let fixture = fixture.clone();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        off_thread(move || {
             let who = match &this.token {
                 Some(t) => this.store.authenticate(&fixture.account, t)?,
                 None => this.principal.clone(),
@@ -137,7 +137,6 @@ impl Backend for StoreBackend {
             this.store.seed(&who, &fixture)
         })
         .await
-        .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
     }
 
     async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {

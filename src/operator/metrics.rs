@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use kube::ResourceExt;
@@ -360,9 +360,8 @@ pub async fn serve(
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let app = crate::endpoints::with_healthz(Router::new())
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(Shared { metrics, readiness });
     tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
@@ -372,13 +371,7 @@ pub async fn serve(
 }
 
 async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    crate::endpoints::openmetrics(s.metrics.encode())
 }
 
 /// Ready as leader or standby (the webhooks answer, a standby waits for

@@ -382,19 +382,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 async fn signals(stop: watch::Sender<bool>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    crate::shutdown::requested().await;
     tracing::info!("stopping: finishing passes in flight");
     let _ = stop.send(true);
 }

@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
-use crate::backend::store::{Principal, Store};
+use crate::backend::store::{Principal, Store, off_thread};
 use crate::domain::{Reason, require_admin};
 
 /// How the server runs.
@@ -137,9 +137,8 @@ pub async fn authorize(
         return Ok(who.clone());
     }
     let (store, token, acc) = (s.store.clone(), token.to_string(), account.to_string());
-    let who = tokio::task::spawn_blocking(move || store.authenticate(&acc, &token))
+    let who = off_thread(move || store.authenticate(&acc, &token))
         .await
-        .map_err(|e| Problem::from(BackendError::Unavailable(e.to_string())))?
         .map_err(|e| match e {
             BackendError::Unauthorized(_) => {
                 unauthorized("the token is unknown or not for this account")
@@ -252,10 +251,9 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         )
         .route(&format!("{base}/audit"), guard(get(routes::audit)))
         .route_layer(middleware::from_fn_with_state(shared.clone(), rate_limit));
-    Router::new()
+    crate::endpoints::with_healthz(Router::new())
         .merge(api)
         .merge(page::routes(shared.clone()))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route(
@@ -295,13 +293,11 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
         loop {
             every.tick().await;
             let s = expiry.clone();
-            match tokio::task::spawn_blocking(move || s.expire_idempotency_keys(IDEMPOTENCY_KEYS))
-                .await
-            {
-                Ok(Ok(n)) if n > 0 => {
+            match off_thread(move || s.expire_idempotency_keys(IDEMPOTENCY_KEYS)).await {
+                Ok(n) if n > 0 => {
                     tracing::info!(expired = n, "forgot idempotency keys older than 24 hours")
                 }
-                Ok(Err(e)) => tracing::warn!("expiring idempotency keys: {e}"),
+                Err(e) => tracing::warn!("expiring idempotency keys: {e}"),
                 _ => {}
             }
         }
@@ -327,20 +323,7 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
 }
 
 async fn shutdown() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        } else {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    crate::shutdown::requested().await;
     tracing::info!("stopping: finishing requests in flight");
 }
 
@@ -408,10 +391,8 @@ async fn observe(State(s): State<Shared>, request: Request, next: Next) -> Respo
 
 async fn readyz(State(s): State<Shared>) -> Response {
     let store = s.store.clone();
-    let why = match tokio::task::spawn_blocking(move || store.accounts()).await {
-        Ok(Ok(_)) => return (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
+    let Err(why) = off_thread(move || store.accounts()).await else {
+        return (StatusCode::OK, "ready\n").into_response();
     };
     // Not ready says why (a database not up yet, refusing the password).
     Problem::new(
@@ -424,13 +405,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
 
 async fn metrics_text(State(s): State<Shared>) -> Response {
     let mut out = String::new();
+    // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
+    crate::endpoints::openmetrics(out)
 }

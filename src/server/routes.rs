@@ -19,7 +19,7 @@ use crate::api::{
     AccountState, NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation,
     Release, Seats, TotalBody,
 };
-use crate::backend::store::{Principal, Store};
+use crate::backend::store::{Principal, Store, off_thread};
 use crate::backend::{AuditEntry, BackendError, Written};
 use crate::domain::{
     Allocation, AllocationWrite, Refusal, Target, check_count, check_identifier,
@@ -197,10 +197,7 @@ pub(super) async fn store<T: Send + 'static>(
     f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, Problem> {
     let store = s.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| Problem::from(BackendError::Unavailable(format!("store task: {e}"))))?
-        .map_err(Problem::from)
+    off_thread(move || f(&store)).await.map_err(Problem::from)
 }
 
 #[derive(Deserialize, IntoParams)]

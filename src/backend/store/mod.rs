@@ -66,6 +66,17 @@ pub struct Store {
     _checkpoints: Option<checkpoint::Checkpoints>,
 }
 
+/// Runs a store call off the async threads (its calls block: SQLite, and
+/// the PostgreSQL client on a runtime of its own); a task that panics is
+/// an unavailable store, not a panic of the caller.
+pub async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
+}
+
 /// 24 random bytes in hex: tokens, session ids, CSRF secrets.
 pub fn random_hex() -> Result<String, BackendError> {
     let mut bytes = [0u8; 24];

@@ -7,7 +7,7 @@ use maud::{DOCTYPE, Markup, html};
 use super::{AUDIT_PAGE, AuditQuery, role_name};
 use crate::api::{AuditEntry, Problem, Written};
 use crate::backend::store::Session;
-use crate::domain::{Allocation, PoolView, Role, Snapshot};
+use crate::domain::{Allocation, MAX_COUNT, PoolView, Role, Snapshot};
 
 /// What a form just did, shown above the account.
 pub enum Outcome {
@@ -184,7 +184,7 @@ fn allocation_row(a: &Allocation, session: &Session) -> Markup {
                             input type="hidden" name="product" value=(a.product);
                             input type="hidden" name="version" value=(a.version);
                             label.visually-hidden for=(format!("count-{id}")) { "Dedicated " (a.product) " licenses for " (a.organization) }
-                            input #(format!("count-{id}")) type="number" name="dedicated" min="0" max="1000000000" value=(a.dedicated) required;
+                            input #(format!("count-{id}")) type="number" name="dedicated" min="0" max=(MAX_COUNT) value=(a.dedicated) required;
                             button type="submit" aria-label=(format!("Edit {} {}", a.organization, a.product)) { "✎ Edit" }
                         }
                         a.revoke href=(format!("/revoke?{}", query(&[("organization", &a.organization), ("product", &a.product)])))
