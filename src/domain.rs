@@ -1069,6 +1069,52 @@ mod tests {
     }
 
     #[test]
+    fn over_commitment_is_spelled_once_for_every_view() {
+        let mut l = documented();
+        let view = PoolView::from(&l.pools["TestOps"]);
+        assert_eq!(
+            (
+                view.is_over_committed(),
+                view.over_committed(),
+                view.free_seats()
+            ),
+            (false, 0, 195)
+        );
+        l.set_total(Role::AccountAdmin, "TestOps", 3).unwrap();
+        let view = PoolView::from(&l.pools["TestOps"]);
+        assert_eq!(
+            (
+                view.is_over_committed(),
+                view.over_committed(),
+                view.free_seats()
+            ),
+            (true, 2, 0)
+        );
+    }
+
+    #[test]
+    fn every_reason_has_a_class_and_its_spelling_round_trips() {
+        let classes: Vec<_> = Reason::all().map(|r| (r, r.class())).collect();
+        assert_eq!(classes.len(), 11);
+        for (r, class) in classes {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+            let denied_at_admission = class == ReasonClass::AsWritten;
+            assert_eq!(
+                denied_at_admission,
+                matches!(
+                    r,
+                    Reason::UnknownOrganization
+                        | Reason::UnknownProduct
+                        | Reason::Conflict
+                        | Reason::UnknownAccount
+                        | Reason::Invalid
+                ),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
     fn over_committed_pool_refuses_increase_allows_decrease() {
         let mut l = documented();
         l.set_total(Role::AccountAdmin, "TestOps", 3).unwrap();

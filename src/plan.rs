@@ -102,6 +102,19 @@ pub struct Options {
     pub role: Role,
 }
 
+impl Options {
+    /// One resource of `instance`'s, planned as its manager would write it
+    /// (the backend enforces R1 on the write itself): what the operator's
+    /// pass and admission plan.
+    pub fn one(instance: &str) -> Options {
+        Options {
+            prune: false,
+            instance: instance.to_string(),
+            role: Role::AccountAdmin,
+        }
+    }
+}
+
 /// The planned changes, in apply order, and the pools before and after.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -115,6 +128,18 @@ pub struct Plan {
 impl Plan {
     pub fn has_changes(&self) -> bool {
         self.changes.iter().any(|c| c.outcome == Outcome::Planned)
+    }
+
+    /// Whether a change was refused for a name the snapshot it was planned
+    /// on does not have: planned on a part of the account, it is planned
+    /// again on the whole of it, for the closest names.
+    pub fn names_unknown(&self) -> bool {
+        self.changes.iter().any(|c| {
+            matches!(
+                c.reason,
+                Some(Reason::UnknownProduct | Reason::UnknownOrganization)
+            )
+        })
     }
 
     pub fn has_errors(&self) -> bool {
@@ -552,11 +577,23 @@ mod tests {
     }
 
     fn opts() -> Options {
-        Options {
-            prune: false,
-            instance: "default".into(),
-            role: Role::AccountAdmin,
-        }
+        Options::one("default")
+    }
+
+    #[test]
+    fn a_name_missing_from_the_part_read_asks_for_the_whole_account() {
+        // Planned on a read of one organization's part of the account, a
+        // typo in the organization (or product) is what sends the pass and
+        // admission to the whole account, and nothing else is.
+        let part = snapshot(FULL_POOL);
+        let typo = plan(&[want("x", "ghost", 1)], &part, &opts());
+        assert!(typo.names_unknown(), "{typo:?}");
+        let mut other = want("x", "a", 1);
+        other.product = "Nope".into();
+        assert!(plan(&[other], &part, &opts()).names_unknown());
+        let refused = plan(&[want("b", "b", 30)], &part, &opts());
+        assert_eq!(refused.changes[0].reason, Some(Reason::InsufficientPool));
+        assert!(!refused.names_unknown());
     }
 
     const FULL_POOL: &str = "

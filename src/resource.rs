@@ -13,6 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::MAX_COUNT;
+use crate::plan::Desired;
 
 /// API group of every licensor resource.
 pub const GROUP: &str = "licensor.dev";
@@ -186,6 +187,33 @@ pub struct Failure {
 }
 
 pub use crate::plan::Hold;
+
+impl DedicatedLicenseSpec {
+    /// What a resource with this spec asks for, as the planner sees it: the
+    /// one place a manifest (the CLI), an object (the operator) and an
+    /// admission request become a [`Desired`]. `scope` is what else makes
+    /// the intent unique over time (empty for manifests).
+    pub fn desired(
+        &self,
+        instance: &str,
+        namespace: &str,
+        name: &str,
+        annotations: &std::collections::BTreeMap<String, String>,
+        scope: String,
+    ) -> Desired {
+        Desired {
+            resource: format!("{namespace}/{name}"),
+            organization: self.organization.clone(),
+            product: self.product.clone(),
+            count: self.count,
+            allow_user_displacement: self.allow_user_displacement,
+            managed_by: managed_by(instance, namespace, name),
+            deletion_policy: self.deletion_policy,
+            hold: Hold::of(annotations, self),
+            scope,
+        }
+    }
+}
 
 impl Hold {
     /// The hold of a resource with these annotations and spec, if any; the

@@ -23,7 +23,6 @@ use crate::backend::{Backend, redact};
 use crate::domain::Snapshot;
 use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
-use crate::resource::{Hold, managed_by};
 
 /// Exit code for success, and for `plan` with nothing to change; also for
 /// `--help` and `--version`.
@@ -397,15 +396,11 @@ pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
 
 /// What a manifest asks for, as the planner sees it.
 pub fn desired(m: &Manifest, instance: &str) -> Desired {
-    Desired {
-        resource: m.resource(),
-        organization: m.spec.organization.clone(),
-        product: m.spec.product.clone(),
-        count: m.spec.count,
-        allow_user_displacement: m.spec.allow_user_displacement,
-        managed_by: managed_by(instance, &m.namespace, &m.name),
-        deletion_policy: m.spec.deletion_policy,
-        hold: Hold::of(&m.annotations, &m.spec),
-        scope: String::new(),
-    }
+    m.spec.desired(
+        instance,
+        &m.namespace,
+        &m.name,
+        &m.annotations,
+        String::new(),
+    )
 }

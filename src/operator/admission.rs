@@ -24,10 +24,11 @@ use std::time::Duration;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
+use super::metrics::Metrics;
 use crate::backend::Backend;
-use crate::domain::{Reason, ReasonClass, Role};
-use crate::plan::{Desired, Options, plan};
-use crate::resource::{DedicatedLicenseSpec, ManagementPolicy, managed_by};
+use crate::domain::{Reason, ReasonClass};
+use crate::plan::Desired;
+use crate::resource::{DedicatedLicenseSpec, ManagementPolicy};
 
 /// The path the validating webhook configuration names.
 pub const PATH: &str = "/validate";
@@ -50,6 +51,8 @@ pub struct Validator {
     pub mode: Mode,
     /// Longest wait for the backend before the check is skipped.
     pub timeout: Duration,
+    /// Counts the reads of the whole account (for the closest names).
+    pub metrics: Arc<Metrics>,
 }
 
 /// What admission found: denial (if any) and warnings.
@@ -117,16 +120,17 @@ impl Validator {
             .name
             .clone()
             .unwrap_or_else(|| request.name.clone());
+        // Judged as if it were written, paused or not: it will be once
+        // the pause ends.
         let desired = Desired {
-            resource: format!("{namespace}/{name}"),
-            organization: spec.organization.clone(),
-            product: spec.product.clone(),
-            count: spec.count,
-            allow_user_displacement: spec.allow_user_displacement,
-            managed_by: managed_by(&self.instance, &namespace, &name),
-            deletion_policy: spec.deletion_policy,
             hold: None,
-            scope: String::new(),
+            ..spec.desired(
+                &self.instance,
+                &namespace,
+                &name,
+                &Default::default(),
+                String::new(),
+            )
         };
         match tokio::time::timeout(self.timeout, self.judge(&desired)).await {
             Ok(Ok(findings)) => findings,
@@ -139,28 +143,18 @@ impl Validator {
     /// allocation (the whole account when a name is unknown, for the
     /// closest names), as the operator's pass does.
     async fn judge(&self, desired: &Desired) -> Result<Findings, crate::backend::BackendError> {
-        let opts = Options {
-            prune: false,
-            instance: self.instance.clone(),
-            role: Role::AccountAdmin,
-        };
         let snapshot = self
             .backend
             .observe(&desired.organization, &desired.product)
             .await?;
-        let mut planned = plan(std::slice::from_ref(desired), &snapshot, &opts);
-        let unknown = |p: &crate::plan::Plan| {
-            p.changes.iter().any(|c| {
-                matches!(
-                    c.reason,
-                    Some(Reason::UnknownProduct | Reason::UnknownOrganization)
-                )
-            })
-        };
-        if unknown(&planned) {
-            let account = self.backend.snapshot().await?;
-            planned = plan(std::slice::from_ref(desired), &account, &opts);
-        }
+        let planned = super::plan_one(
+            desired,
+            &snapshot,
+            self.backend.as_ref(),
+            &self.instance,
+            &self.metrics,
+        )
+        .await;
         let mut findings = Findings::default();
         for change in &planned.changes {
             let Some(reason) = change.reason else {
@@ -220,6 +214,7 @@ mod tests {
             instance: "default".into(),
             mode: Mode::Deny,
             timeout: Duration::from_millis(500),
+            metrics: Arc::default(),
         }
     }
 

@@ -38,6 +38,8 @@ use kube_lease_manager::{LeaseManagerBuilder, LeaseParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::Backend;
+use crate::domain::Snapshot;
+use crate::plan::{Desired, Options, Plan, plan};
 use crate::resource::{DedicatedLicense, PAUSED_ANNOTATION};
 use metrics::{Metrics, Readiness};
 use reconcile::{Context, Settings};
@@ -95,6 +97,33 @@ pub struct Config {
     pub admission: admission::Mode,
 }
 
+/// Plans one object on `part`, what the backend holds for its organization
+/// and product; when a name is unknown there, again on the whole account,
+/// for the closest names (a rare read: a typo). A failed read of the whole
+/// account keeps the first plan. The operator's pass and admission plan
+/// one object this way.
+pub async fn plan_one(
+    desired: &Desired,
+    part: &Snapshot,
+    backend: &dyn Backend,
+    instance: &str,
+    metrics: &Metrics,
+) -> Plan {
+    let opts = Options::one(instance);
+    let planned = plan(std::slice::from_ref(desired), part, &opts);
+    if !planned.names_unknown() {
+        return planned;
+    }
+    metrics.backend_read("account");
+    match backend.snapshot().await {
+        Ok(account) => plan(std::slice::from_ref(desired), &account, &opts),
+        Err(e) => {
+            tracing::debug!("reading the whole account for the closest names: {e}");
+            planned
+        }
+    }
+}
+
 /// Longest wait of the validating webhook for the backend: well inside the
 /// API server's timeout for the webhook (the chart's default is 3 s).
 const ADMISSION_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -120,6 +149,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
                 instance: config.settings.instance.clone(),
                 mode: config.admission,
                 timeout: ADMISSION_TIMEOUT,
+                metrics: metrics.clone(),
             };
             Some(webhook::serve(w, metrics.clone(), validator, stopped(stop_rx.clone())).await?)
         }

@@ -38,7 +38,7 @@ use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
-    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, managed_by, needs_finalizer,
+    API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, needs_finalizer,
 };
 
 /// Field manager of the operator's writes.
@@ -303,24 +303,19 @@ fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
 
 /// What the object asks for, as the planner sees it.
 fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
-    let namespace = dl.namespace().unwrap_or_default();
-    let name = dl.name_any();
-    Desired {
-        resource: format!("{namespace}/{name}"),
-        organization: dl.spec.organization.clone(),
-        product: dl.spec.product.clone(),
-        count: dl.spec.count,
-        allow_user_displacement: dl.spec.allow_user_displacement,
-        managed_by: managed_by(&ctx.settings.instance, &namespace, &name),
-        deletion_policy: dl.spec.deletion_policy,
-        hold: Hold::of(dl.annotations(), &dl.spec),
-        // A deleted and re-created object of the same name is a new intent.
-        scope: format!(
-            "{}/{}",
-            dl.meta().uid.as_deref().unwrap_or_default(),
-            dl.meta().generation.unwrap_or_default()
-        ),
-    }
+    // A deleted and re-created object of the same name is a new intent.
+    let scope = format!(
+        "{}/{}",
+        dl.meta().uid.as_deref().unwrap_or_default(),
+        dl.meta().generation.unwrap_or_default()
+    );
+    dl.spec.desired(
+        &ctx.settings.instance,
+        &dl.namespace().unwrap_or_default(),
+        &dl.name_any(),
+        dl.annotations(),
+        scope,
+    )
 }
 
 /// Brings the backend to the spec (or reports why not).
@@ -386,9 +381,13 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
         .observe(&wanted.organization, &wanted.product)
         .await
         .ok()?;
-    let change = plan(std::slice::from_ref(wanted), &snapshot, &options(ctx))
-        .changes
-        .pop()?;
+    let change = plan(
+        std::slice::from_ref(wanted),
+        &snapshot,
+        &Options::one(&ctx.settings.instance),
+    )
+    .changes
+    .pop()?;
     if change.outcome != Outcome::Unchanged {
         return None;
     }
@@ -414,33 +413,20 @@ pub fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
     })
 }
 
-fn options(ctx: &Context) -> Options {
-    Options {
-        prune: false,
-        instance: ctx.settings.instance.clone(),
-        role: Role::AccountAdmin,
-    }
-}
-
 /// The change that brings the backend to `wanted`, from the planner. A pass
 /// reads only its own pool; a name the account does not have is rare, so
 /// only then is the whole account read, for the closest names.
 async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Option<Change> {
-    let opts = options(ctx);
-    let mut planned = plan(std::slice::from_ref(wanted), snapshot, &opts);
-    let unknown_name = planned.changes.iter().any(|c| {
-        matches!(
-            c.reason,
-            Some(Reason::UnknownProduct | Reason::UnknownOrganization)
-        )
-    });
-    if unknown_name {
-        ctx.metrics.backend_read("account");
-        if let Ok(account) = ctx.backend.snapshot().await {
-            planned = plan(std::slice::from_ref(wanted), &account, &opts);
-        }
-    }
-    planned.changes.pop()
+    super::plan_one(
+        wanted,
+        snapshot,
+        ctx.backend.as_ref(),
+        &ctx.settings.instance,
+        &ctx.metrics,
+    )
+    .await
+    .changes
+    .pop()
 }
 
 /// After the status is written: wake-ups, metrics, and how the pass ended.
