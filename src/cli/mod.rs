@@ -227,10 +227,35 @@ pub enum Open {
     Serve,
 }
 
-fn is_postgres(backend: &str) -> bool {
-    backend.starts_with("postgres://")
-        || backend.starts_with("postgresql://")
-        || backend.starts_with("postgres:")
+/// What `--backend` names, read once: the kinds of backend and how each
+/// is spelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location<'a> {
+    /// `sqlite:PATH`: the embedded store.
+    Sqlite(PathBuf),
+    /// `postgres://...`, `postgresql://...`, or `postgres:` and libpq
+    /// `key=value` parameters: the connection string to use.
+    Postgres(&'a str),
+    /// `http://...` or `https://...`: the license platform's API.
+    Http(&'a str),
+}
+
+impl<'a> Location<'a> {
+    fn parse(backend: &'a str) -> Option<Location<'a>> {
+        if let Some(path) = backend.strip_prefix("sqlite:") {
+            return Some(Location::Sqlite(PathBuf::from(path)));
+        }
+        if backend.starts_with("postgres://") || backend.starts_with("postgresql://") {
+            return Some(Location::Postgres(backend));
+        }
+        if let Some(parameters) = backend.strip_prefix("postgres:") {
+            return Some(Location::Postgres(parameters));
+        }
+        if backend.starts_with("http://") || backend.starts_with("https://") {
+            return Some(Location::Http(backend));
+        }
+        None
+    }
 }
 
 /// Opens the store the global options name, for the commands that work on
@@ -246,11 +271,7 @@ pub fn open_store(g: &Global, open: Open) -> Result<crate::backend::store::Store
 pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store::Store, String> {
     use crate::backend::store::Store as S;
     let create = open != Open::Existing;
-    if is_postgres(backend) {
-        let url = backend
-            .strip_prefix("postgres:")
-            .filter(|u| !u.starts_with("//"))
-            .unwrap_or(backend);
+    if let Some(Location::Postgres(url)) = Location::parse(backend) {
         let connect = || match open {
             Open::Serve => S::connect_when_up(url, create),
             _ => S::connect(url, create),
@@ -261,8 +282,8 @@ pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store:
             .map_err(|_| "connecting to PostgreSQL failed".to_string())?
             .map_err(|e| e.to_string());
     }
-    let path = match backend.strip_prefix("sqlite:") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
+    let path = match Location::parse(backend) {
+        Some(Location::Sqlite(path)) if !path.as_os_str().is_empty() => path,
         _ => {
             return Err(format!(
                 "this command needs a store (sqlite:PATH or postgres://...), not {}",
@@ -286,8 +307,10 @@ pub fn open_store_at(backend: &str, open: Open) -> Result<crate::backend::store:
 /// The file of an embedded store `backend` names, when it does not exist
 /// yet (a command that creates it may have to remove it again).
 pub fn new_store_file(backend: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(backend.strip_prefix("sqlite:")?);
-    (!path.as_os_str().is_empty() && !path.exists()).then_some(path)
+    match Location::parse(backend)? {
+        Location::Sqlite(path) => (!path.as_os_str().is_empty() && !path.exists()).then_some(path),
+        Location::Postgres(_) | Location::Http(_) => None,
+    }
 }
 
 /// Removes an embedded store file and its write-ahead log.
@@ -333,37 +356,39 @@ fn note_if_in_git(path: &std::path::Path) {
 /// Opens the backend named by the global options.
 pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> {
     let token = token(g)?;
-    if g.backend.starts_with("sqlite:") || is_postgres(&g.backend) {
-        let store = open_store(g, open)?;
-        return Ok(Box::new(StoreBackend::new(
-            store,
-            g.account.as_deref(),
-            token.as_deref(),
-        )));
-    }
-    if g.backend.starts_with("http://") || g.backend.starts_with("https://") {
-        let account = g.account.as_deref().ok_or_else(|| {
-            format!(
-                "backend {}: name the account with --account (or LICENSOR_ACCOUNT)",
-                redact(&g.backend)
+    match Location::parse(&g.backend) {
+        Some(Location::Sqlite(_) | Location::Postgres(_)) => {
+            let store = open_store(g, open)?;
+            Ok(Box::new(StoreBackend::new(
+                store,
+                g.account.as_deref(),
+                token.as_deref(),
+            )))
+        }
+        Some(Location::Http(url)) => {
+            let account = g.account.as_deref().ok_or_else(|| {
+                format!(
+                    "backend {}: name the account with --account (or LICENSOR_ACCOUNT)",
+                    redact(url)
+                )
+            })?;
+            let backend = HttpBackend::trusting(
+                url,
+                account,
+                token.as_deref(),
+                g.backend_timeout,
+                Retry::default(),
+                g.backend_ca.as_deref(),
             )
-        })?;
-        let backend = HttpBackend::trusting(
-            &g.backend,
-            account,
-            token.as_deref(),
-            g.backend_timeout,
-            Retry::default(),
-            g.backend_ca.as_deref(),
-        )
-        .map_err(|e| e.to_string())?
-        .with_rate(g.backend_rate);
-        return Ok(Box::new(backend));
+            .map_err(|e| e.to_string())?
+            .with_rate(g.backend_rate);
+            Ok(Box::new(backend))
+        }
+        None => Err(format!(
+            "backend {:?} is none of sqlite:PATH, postgres://... (or postgres:key=value ...) and an http(s):// URL",
+            redact(&g.backend)
+        )),
     }
-    Err(format!(
-        "backend {:?} is none of sqlite:PATH, postgres://... (or postgres:key=value ...) and an http(s):// URL",
-        redact(&g.backend)
-    ))
 }
 
 /// Opens the backend and reads its snapshot.
@@ -403,4 +428,30 @@ pub fn desired(m: &Manifest, instance: &str) -> Desired {
         &m.annotations,
         String::new(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_backend_spelling_is_read_once() {
+        assert_eq!(
+            Location::parse("sqlite:licensor.db"),
+            Some(Location::Sqlite("licensor.db".into()))
+        );
+        for url in ["postgres://u@h/db", "postgresql://u@h/db"] {
+            assert_eq!(Location::parse(url), Some(Location::Postgres(url)));
+        }
+        assert_eq!(
+            Location::parse("postgres:host=h dbname=d"),
+            Some(Location::Postgres("host=h dbname=d"))
+        );
+        for url in ["http://127.0.0.1:8080", "https://licenses.example"] {
+            assert_eq!(Location::parse(url), Some(Location::Http(url)));
+        }
+        for other in ["licensor.db", "mysql://h/db", "ftp://x", ""] {
+            assert_eq!(Location::parse(other), None, "{other}");
+        }
+    }
 }
