@@ -409,7 +409,7 @@ pub fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
             && s.observed_generation == generation
             && s.conditions
                 .iter()
-                .any(|c| c.type_ == status::READY && c.status == "True")
+                .any(|c| c.type_ == status::READY && status::Is::True.of(c))
     })
 }
 

@@ -177,11 +177,11 @@ pub fn build(
             let since = prev
                 .conditions
                 .iter()
-                .find(|c| c.type_ == type_ && c.status == status)
+                .find(|c| c.type_ == type_ && status.of(c))
                 .map_or_else(|| Time(now), |c| c.last_transition_time.clone());
             Condition {
                 type_: type_.to_string(),
-                status: status.to_string(),
+                status: status.as_str().to_string(),
                 reason: reason.as_str().to_string(),
                 message,
                 last_transition_time: since,
@@ -202,12 +202,33 @@ pub fn build(
     }
 }
 
+/// A condition's status, as metav1.Condition spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Is {
+    True,
+    False,
+}
+
+impl Is {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Is::True => "True",
+            Is::False => "False",
+        }
+    }
+
+    /// Whether a condition has this status.
+    pub fn of(self, c: &Condition) -> bool {
+        c.status == self.as_str()
+    }
+}
+
 /// `(type, status, reason, message)` of each condition to show.
 fn conditions(
     pass: &Pass,
     allocated: Option<i64>,
     in_use: Option<i64>,
-) -> Vec<(&'static str, &'static str, ConditionReason, String)> {
+) -> Vec<(&'static str, Is, ConditionReason, String)> {
     let holding = format!(
         "{} holds {} {} {} ({} in use)",
         pass.organization,
@@ -221,7 +242,7 @@ fn conditions(
         // What was done is in lastChange and the event; the condition says
         // where things stand, so the next idle pass builds the same one.
         Verdict::InSync | Verdict::Applied(_) => {
-            vec![ready("True", ConditionReason::Reconciled, holding)]
+            vec![ready(Is::True, ConditionReason::Reconciled, holding)]
         }
         Verdict::Held { hold, in_sync } => {
             let (reason, why) = match hold {
@@ -246,9 +267,9 @@ fn conditions(
                 format!("{holding}, the spec asks for {}", pass.count)
             };
             let status = if *in_sync && !pass.deleting {
-                "True"
+                Is::True
             } else {
-                "False"
+                Is::False
             };
             let message = format!("{state}; {}: {why}", hold.describe());
             // Observing a difference is a finding a person acts on (change
@@ -258,7 +279,7 @@ fn conditions(
             if matches!(hold, Hold::Observe) && !*in_sync && !pass.deleting {
                 return vec![
                     ready(status, reason, message.clone()),
-                    (STALLED, "True", reason, message),
+                    (STALLED, Is::True, reason, message),
                 ];
             }
             vec![ready(status, reason, message)]
@@ -271,16 +292,16 @@ fn conditions(
             };
             let reason = ConditionReason::Rule(*reason);
             vec![
-                ready("False", reason, message.clone()),
-                (STALLED, "True", reason, message),
+                ready(Is::False, reason, message.clone()),
+                (STALLED, Is::True, reason, message),
             ]
         }
         Verdict::Retrying { reason, message } => {
             let message = format!("{message}; retrying with backoff");
             let reason = ConditionReason::Rule(*reason);
             vec![
-                ready("False", reason, message.clone()),
-                (RECONCILING, "True", reason, message),
+                ready(Is::False, reason, message.clone()),
+                (RECONCILING, Is::True, reason, message),
             ]
         }
     }
@@ -303,7 +324,7 @@ pub fn drifted(
     let was_ready = prev
         .conditions
         .iter()
-        .any(|c| c.type_ == READY && c.status == "True");
+        .any(|c| c.type_ == READY && Is::True.of(c));
     was_ready
         && prev.observed_generation == generation
         && prev.allocated.is_some_and(|a| a != now_allocated)
