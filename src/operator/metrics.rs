@@ -15,7 +15,9 @@ use axum::routing::get;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,28 +28,77 @@ use prometheus_client::registry::Registry;
 use crate::domain::{PoolView, Reason};
 use crate::resource::DedicatedLicense;
 
+/// How a pass ended, as the `result` label spells it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PassResult {
+    Ok,
+    Refused,
+    Retrying,
+    Error,
+}
+
+/// What a backend read read, as the `read` label spells it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Read {
+    /// The whole account (one request on the HTTP backend).
+    Account,
+    /// One object's pool and allocation (2 requests).
+    Allocation,
+}
+
+/// Who added a cleanup finalizer, as the `by` label spells it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AddedBy {
+    /// The admission webhook, at creation.
+    Webhook,
+    /// The operator, with a patch (one more API write).
+    Operator,
+}
+
+/// Label values from fixed enums, spelled once: a metric can never grow a
+/// value nobody wrote down.
+macro_rules! label_values {
+    ($($t:ty => { $($v:path => $s:literal),* $(,)? })*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                use std::fmt::Write;
+                encoder.write_str(match self { $($v => $s),* })
+            }
+        }
+    )*};
+}
+
+label_values! {
+    PassResult => { PassResult::Ok => "ok", PassResult::Refused => "refused", PassResult::Retrying => "retrying", PassResult::Error => "error" }
+    Read => { Read::Account => "account", Read::Allocation => "allocation" }
+    AddedBy => { AddedBy::Webhook => "webhook", AddedBy::Operator => "operator" }
+}
+
+impl EncodeLabelValue for Reason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// ok, refused, retrying, error.
-    pub result: String,
+    pub result: PassResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReadLabels {
-    /// `account` (the whole account: 3 requests on the HTTP backend) or
-    /// `allocation` (one object's pool and allocation: 2 requests).
-    pub read: &'static str,
+    pub read: Read,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: Reason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByLabels {
-    /// webhook (at creation) or operator (a patch, one more API write).
-    pub by: String,
+    pub by: AddedBy,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -173,10 +224,8 @@ impl Metrics {
     }
 
     /// Counts a cleanup finalizer added by `by` (webhook or operator).
-    pub fn finalizer_added(&self, by: &str) {
-        self.finalizers
-            .get_or_create(&ByLabels { by: by.to_string() })
-            .inc();
+    pub fn finalizer_added(&self, by: AddedBy) {
+        self.finalizers.get_or_create(&ByLabels { by }).inc();
     }
 
     pub fn new() -> Self {
@@ -271,15 +320,13 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn result(&self, result: &str) {
+    pub fn result(&self, result: PassResult) {
         self.reconciles
-            .get_or_create(&ResultLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
-    pub fn backend_read(&self, read: &'static str) {
+    pub fn backend_read(&self, read: Read) {
         self.backend_reads.get_or_create(&ReadLabels { read }).inc();
     }
 
@@ -288,11 +335,7 @@ impl Metrics {
     }
 
     pub fn error(&self, reason: Reason) {
-        self.errors
-            .get_or_create(&ReasonLabels {
-                reason: reason.as_str().to_string(),
-            })
-            .inc();
+        self.errors.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn pool(&self, p: &PoolView) {

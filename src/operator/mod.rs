@@ -114,7 +114,7 @@ pub async fn plan_one(
     if !planned.names_unknown() {
         return planned;
     }
-    metrics.backend_read("account");
+    metrics.backend_read(metrics::Read::Account);
     match backend.snapshot().await {
         Ok(account) => plan(std::slice::from_ref(desired), &account, &opts),
         Err(e) => {

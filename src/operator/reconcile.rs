@@ -30,7 +30,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
 use super::finalizer;
-use super::metrics::Metrics;
+use super::metrics::{AddedBy, Metrics, PassResult, Read};
 use super::snapshot;
 use super::status::{self, Hold, Pass, Verdict};
 use crate::apply::apply_one;
@@ -266,12 +266,12 @@ enum Ended {
 }
 
 impl Ended {
-    fn label(&self) -> &'static str {
+    fn label(&self) -> PassResult {
         match self {
-            Ended::Ok | Ended::Released => "ok",
-            Ended::Refused => "refused",
-            Ended::Retrying(_) => "retrying",
-            Ended::Failed(_) => "error",
+            Ended::Ok | Ended::Released => PassResult::Ok,
+            Ended::Refused => PassResult::Refused,
+            Ended::Retrying(_) => PassResult::Retrying,
+            Ended::Failed(_) => PassResult::Error,
         }
     }
 
@@ -322,14 +322,14 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
 async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> {
     if needs_finalizer(&dl.spec, dl.finalizers()) {
         add_finalizer(dl, ctx).await?;
-        ctx.metrics.finalizer_added("operator");
+        ctx.metrics.finalizer_added(AddedBy::Operator);
     }
     let wanted = desired(dl, ctx);
     if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
         return Ok(ended.requeue(ctx));
     }
     let frees_before = ctx.frees_so_far(&wanted.product);
-    ctx.metrics.backend_read("allocation");
+    ctx.metrics.backend_read(Read::Allocation);
     let snapshot = match ctx
         .backend
         .observe(&wanted.organization, &wanted.product)
@@ -477,7 +477,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         return orphan(dl, ctx, &wanted).await;
     }
 
-    ctx.metrics.backend_read("allocation");
+    ctx.metrics.backend_read(Read::Allocation);
     let snapshot = match ctx
         .backend
         .observe(&wanted.organization, &wanted.product)

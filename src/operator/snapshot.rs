@@ -151,7 +151,7 @@ impl Shared {
         &self,
         current: &'a mut Option<Account>,
     ) -> Result<&'a Account, BackendError> {
-        self.metrics.backend_read("account");
+        self.metrics.backend_read(super::metrics::Read::Account);
         // The old read goes first: two copies of a large account at
         // once would be the operator's peak. Nobody reads it meanwhile
         // (the lock is held), and a failed read leaves none, so the

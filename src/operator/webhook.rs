@@ -98,7 +98,7 @@ pub fn review(
     match response.clone().with_patch(patch) {
         Ok(r) => {
             if !request.dry_run {
-                metrics.finalizer_added("webhook");
+                metrics.finalizer_added(super::metrics::AddedBy::Webhook);
             }
             r.into_review()
         }
