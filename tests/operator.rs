@@ -1654,15 +1654,34 @@ fn local_webhooks_are_registered_answer_kubectl_and_are_removed_at_exit() {
 /// a cluster where both restart at once): it serves its health checks,
 /// objects say `BackendUnavailable`, and once the database answers they
 /// converge, with no restart of the operator. The database is "down"
-/// behind a port nothing listens on, then "up" as a forwarder to the
-/// shared server starts there.
+/// behind a port of the test's own that closes every connection at once
+/// (as a database that is starting up or restarting does), then "up" as
+/// that port forwards to the shared server.
 #[test]
 fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
     let account = Account::seeded_on(Kind::Postgres, ACCOUNT);
     let (_, pg_port) = common::postgres::server().address();
-    let port = free_port();
+    // Held from the start, so no other test can take the port meanwhile.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_up = up.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            if !is_up.load(std::sync::atomic::Ordering::SeqCst) {
+                continue; // dropped: the connection closes at once
+            }
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", pg_port)) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut c, mut s) = (client, server);
+            std::thread::spawn(move || std::io::copy(&mut c, &mut s2));
+            std::thread::spawn(move || std::io::copy(&mut s, &mut c2));
+        }
+    });
     let backend = account
         .backend_with_credentials()
         .replace(&format!(":{pg_port}/"), &format!(":{port}/"));
@@ -1697,19 +1716,8 @@ fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
     let metrics = operator.get("/metrics").expect("metrics");
     assert!(metrics.contains("licensor_backend_up 0\n"), "{metrics}");
 
-    // The database comes up: a forwarder to the real server on that port.
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", pg_port)) else {
-                continue;
-            };
-            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut c, mut s) = (client, server);
-            std::thread::spawn(move || std::io::copy(&mut c, &mut s2));
-            std::thread::spawn(move || std::io::copy(&mut s, &mut c2));
-        }
-    });
+    // The database comes up: the port forwards to the real server.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_for("qa converges once the store is up", SOON, || {
         let o = cp.json(&["get", "dl", "qa", "-n", "licenses"]);
         let ready = condition(&o, "Ready")?;

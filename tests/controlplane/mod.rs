@@ -96,8 +96,23 @@ impl ControlPlane {
         cp
     }
 
-    /// A control plane with no CRD installed (for `helm install`).
+    /// A control plane with no CRD installed (for `helm install`). Its
+    /// ports are free when chosen, but another test may bind one before
+    /// etcd or the API server does: a process that exits while starting is
+    /// started again on new ports (three tries).
     pub fn start_without_crds() -> ControlPlane {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match ControlPlane::launch() {
+                Ok(cp) => return cp,
+                Err(why) if tries < 3 => eprintln!("control plane: starting again: {why}"),
+                Err(why) => panic!("the control plane did not start in {tries} tries: {why}"),
+            }
+        }
+    }
+
+    fn launch() -> Result<ControlPlane, String> {
         let bin = assets();
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -158,22 +173,32 @@ current-context: test
             ),
         )
         .expect("write kubeconfig");
-        let cp = ControlPlane {
+        let mut cp = ControlPlane {
             dir,
             kubeconfig,
             bin,
             children: vec![etcd, apiserver],
         };
-        cp.wait_ready();
-        cp
+        cp.wait_ready()?;
+        Ok(cp)
     }
 
-    fn wait_ready(&self) {
+    /// Waits for the API server to be ready; an error when etcd or the API
+    /// server exited (a port taken meanwhile), with its log.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let r = self.kubectl(&["get", "--raw", "/readyz"]);
             if r.code == 0 {
-                return;
+                return Ok(());
+            }
+            for (child, log) in self.children.iter_mut().zip(["etcd.log", "apiserver.log"]) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log =
+                        std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(format!("{status}: {}", tail.join(" | ")));
+                }
             }
             assert!(
                 Instant::now() < deadline,
