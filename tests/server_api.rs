@@ -113,10 +113,13 @@ async fn the_access_matrix() {
     ];
     for (token, read, write) in cases {
         let before = api.acct.rows();
-        let (s, h, body) = api.send(Method::GET, "/products", token, None, &[]).await;
-        assert_eq!(s, read, "read with {token:?}: {body}");
-        if s != StatusCode::OK {
-            assert!(is_problem(&h));
+        // The account as one read, and one of its lists.
+        for path in ["", "/products"] {
+            let (s, h, body) = api.send(Method::GET, path, token, None, &[]).await;
+            assert_eq!(s, read, "GET {path:?} with {token:?}: {body}");
+            if s != StatusCode::OK {
+                assert!(is_problem(&h));
+            }
         }
         let (s, h, body) = api
             .send(Method::PUT, QA, token, Some(put.clone()), &[])
