@@ -16,8 +16,12 @@ use std::net::SocketAddr;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use kube::Client;
+use std::fmt::Debug;
+
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::ClusterResourceScope;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 
 use super::admission;
 use super::webhook::{self, Webhook};
@@ -84,28 +88,15 @@ impl Local {
 
     /// Registers both configurations (replacing earlier ones of [`NAME`]).
     pub async fn register(&self, client: &Client) -> Result<(), Error> {
-        let params = PatchParams::apply(super::reconcile::MANAGER).force();
-        let mutating: MutatingWebhookConfiguration = serde_json::from_value(self.configuration(
-            "Mutating",
-            "finalizer",
-            webhook::PATH,
-            &["CREATE"],
-        ))
-        .map_err(kube::Error::SerdeError)?;
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .patch(NAME, &params, &Patch::Apply(&mutating))
-            .await?;
-        let validating: ValidatingWebhookConfiguration =
-            serde_json::from_value(self.configuration(
-                "Validating",
-                "validate",
-                admission::PATH,
-                &["CREATE", "UPDATE"],
-            ))
-            .map_err(kube::Error::SerdeError)?;
-        Api::<ValidatingWebhookConfiguration>::all(client.clone())
-            .patch(NAME, &params, &Patch::Apply(&validating))
-            .await?;
+        let mutating = self.configuration("Mutating", "finalizer", webhook::PATH, &["CREATE"]);
+        apply::<MutatingWebhookConfiguration>(client, &mutating).await?;
+        let validating = self.configuration(
+            "Validating",
+            "validate",
+            admission::PATH,
+            &["CREATE", "UPDATE"],
+        );
+        apply::<ValidatingWebhookConfiguration>(client, &validating).await?;
         tracing::info!(
             name = NAME,
             url = %format!("https://{}", self.webhook.listen),
@@ -151,27 +142,49 @@ impl Local {
     /// Removes both configurations and the certificates; what cannot be
     /// removed is logged.
     pub async fn remove(self, client: &Client) {
-        let gone = |r: Result<_, kube::Error>, kind: &str| match r {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => tracing::warn!("could not remove the {kind}WebhookConfiguration {NAME}: {e}"),
-        };
-        let dp = DeleteParams::default();
-        gone(
-            Api::<MutatingWebhookConfiguration>::all(client.clone())
-                .delete(NAME, &dp)
-                .await
-                .map(drop),
-            "Mutating",
-        );
-        gone(
-            Api::<ValidatingWebhookConfiguration>::all(client.clone())
-                .delete(NAME, &dp)
-                .await
-                .map(drop),
-            "Validating",
-        );
+        for (kind, removed) in [
+            (
+                "Mutating",
+                delete::<MutatingWebhookConfiguration>(client).await,
+            ),
+            (
+                "Validating",
+                delete::<ValidatingWebhookConfiguration>(client).await,
+            ),
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!("could not remove the {kind}WebhookConfiguration {NAME}: {e}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.webhook.cert_dir);
         tracing::info!(name = NAME, "removed the local admission webhooks");
+    }
+}
+
+/// A webhook configuration of kind `K`, named [`NAME`], applied server-side
+/// as `object` (replacing an earlier one).
+async fn apply<K>(client: &Client, object: &serde_json::Value) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = ClusterResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let params = PatchParams::apply(super::reconcile::MANAGER).force();
+    Api::<K>::all(client.clone())
+        .patch(NAME, &params, &Patch::Apply(object))
+        .await
+        .map(drop)
+}
+
+/// Deletes the webhook configuration of kind `K` named [`NAME`]; one that
+/// is gone already is fine.
+async fn delete<K>(client: &Client) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = ClusterResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    match Api::<K>::all(client.clone())
+        .delete(NAME, &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        answer => answer.map(drop),
     }
 }
