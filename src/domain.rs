@@ -836,27 +836,41 @@ impl AllocationWrite {
     /// object's UID and generation; empty for manifests).
     pub fn intent_key(&self, scope: &str, basis: Basis) -> String {
         use sha2::{Digest, Sha256};
-        let target = match self.target {
-            Target::Count(n) => n.to_string(),
-            Target::Remove => "remove".into(),
-        };
-        let basis = match basis {
-            Basis::Allocation(version) => format!("version {version}"),
-            Basis::Absent { pool_revision } => format!("absent in pool revision {pool_revision}"),
-        };
-        let mut text = format!(
-            "{scope}\n{}\n{}\n{}\n{basis}\n{target}\n{}",
+        use std::fmt::Write as _;
+        /// Formats straight into the hash: the key of 100,000 writes is
+        /// planned without a string for each.
+        struct Hashing(Sha256);
+        impl std::fmt::Write for Hashing {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                self.0.update(s.as_bytes());
+                Ok(())
+            }
+        }
+        let mut text = Hashing(Sha256::new());
+        let _ = write!(
+            text,
+            "{scope}\n{}\n{}\n{}\n",
             self.managed_by.as_deref().unwrap_or(""),
             self.organization,
-            self.product,
-            self.allow_user_displacement
+            self.product
         );
+        let _ = match basis {
+            Basis::Allocation(version) => write!(text, "version {version}"),
+            Basis::Absent { pool_revision } => {
+                write!(text, "absent in pool revision {pool_revision}")
+            }
+        };
+        let _ = match self.target {
+            Target::Count(n) => write!(text, "\n{n}"),
+            Target::Remove => write!(text, "\nremove"),
+        };
+        let _ = write!(text, "\n{}", self.allow_user_displacement);
         // Another policy is another intent (Revoke, the default, keeps the
         // keys written before the policy was kept).
         if self.deletion_policy != DeletionPolicy::Revoke {
-            text.push_str(&format!("\n{}", self.deletion_policy.as_str()));
+            let _ = write!(text, "\n{}", self.deletion_policy.as_str());
         }
-        hex::encode(&Sha256::digest(text.as_bytes())[..16])
+        hex::encode(&text.0.finalize()[..16])
     }
 }
 
@@ -882,7 +896,57 @@ impl From<Snapshot> for Ledger {
 pub struct Ledger {
     pub pools: BTreeMap<String, Pool>,
     pub organizations: BTreeSet<String>,
-    pub allocations: BTreeMap<(String, String), Allocation>,
+    /// By (organization, product), found by a pair of `&str`s without
+    /// building a key (see [`Pair`]).
+    allocations: BTreeMap<Key, Allocation>,
+}
+
+/// An allocation's place in a [`Ledger`]: (organization, product).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key(String, String);
+
+/// A key as two borrowed strings, ordered as [`Key`] is (its derived order
+/// is the order of the pair), so a map of keys is searched with one.
+trait Pair {
+    fn pair(&self) -> (&str, &str);
+}
+
+impl Pair for Key {
+    fn pair(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl Pair for (&str, &str) {
+    fn pair(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn Pair + 'a> for Key {
+    fn borrow(&self) -> &(dyn Pair + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn Pair + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.pair() == other.pair()
+    }
+}
+
+impl Eq for dyn Pair + '_ {}
+
+impl PartialOrd for dyn Pair + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn Pair + '_ {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.pair().cmp(&other.pair())
+    }
 }
 
 impl Ledger {
@@ -891,19 +955,34 @@ impl Ledger {
         organizations: impl IntoIterator<Item = String>,
         allocations: impl IntoIterator<Item = Allocation>,
     ) -> Self {
-        Ledger {
+        let mut ledger = Ledger {
             pools: pools.into_iter().map(|p| (p.product.clone(), p)).collect(),
             organizations: organizations.into_iter().collect(),
-            allocations: allocations
-                .into_iter()
-                .map(|a| ((a.organization.clone(), a.product.clone()), a))
-                .collect(),
+            allocations: BTreeMap::new(),
+        };
+        for a in allocations {
+            ledger.insert(a);
         }
+        ledger
+    }
+
+    fn insert(&mut self, a: Allocation) {
+        self.allocations
+            .insert(Key(a.organization.clone(), a.product.clone()), a);
     }
 
     pub fn allocation(&self, organization: &str, product: &str) -> Option<&Allocation> {
+        self.allocations.get(&(organization, product) as &dyn Pair)
+    }
+
+    fn allocation_mut(&mut self, organization: &str, product: &str) -> Option<&mut Allocation> {
         self.allocations
-            .get(&(organization.to_string(), product.to_string()))
+            .get_mut(&(organization, product) as &dyn Pair)
+    }
+
+    /// Every allocation, in (organization, product) order.
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.values()
     }
 
     pub fn observe<'a>(&'a self, organization: &str, product: &str) -> Observed<'a> {
@@ -920,22 +999,28 @@ impl Ledger {
         if let Some(pool) = self.pools.get_mut(req.product) {
             pool.book(&effect);
         }
-        let key = (req.organization.to_string(), req.product.to_string());
+        let exists = self.allocation(req.organization, req.product).is_some();
         match req.target {
             Target::Remove => {
-                self.allocations.remove(&key);
+                self.allocations
+                    .remove(&(req.organization, req.product) as &dyn Pair);
             }
-            Target::Count(0) if !self.allocations.contains_key(&key) => {}
+            Target::Count(0) if !exists => {}
             Target::Count(to) => {
-                let entry = self.allocations.entry(key).or_insert_with(|| Allocation {
-                    organization: req.organization.to_string(),
-                    product: req.product.to_string(),
-                    dedicated: 0,
-                    in_use: 0,
-                    managed_by: None,
-                    deletion_policy: DeletionPolicy::Revoke,
-                    version: 0,
-                });
+                if !exists {
+                    self.insert(Allocation {
+                        organization: req.organization.to_string(),
+                        product: req.product.to_string(),
+                        dedicated: 0,
+                        in_use: 0,
+                        managed_by: None,
+                        deletion_policy: DeletionPolicy::Revoke,
+                        version: 0,
+                    });
+                }
+                let entry = self
+                    .allocation_mut(req.organization, req.product)
+                    .expect("inserted above");
                 entry.dedicated = to;
                 entry.in_use = effect.in_use;
                 if req.managed_by.is_some() {
@@ -974,10 +1059,7 @@ impl Ledger {
             change,
         )? {
             SeatTarget::Dedicated { in_use } => {
-                if let Some(a) = self
-                    .allocations
-                    .get_mut(&(organization.to_string(), product.to_string()))
-                {
+                if let Some(a) = self.allocation_mut(organization, product) {
                     a.in_use = in_use;
                 }
             }
@@ -994,6 +1076,37 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key is the hash of one text, the one keys were derived from
+    /// before it was formatted straight into the hash: keys stored by
+    /// earlier versions keep matching.
+    #[test]
+    fn intent_keys_hash_the_documented_text() {
+        use sha2::{Digest, Sha256};
+        let mut w = AllocationWrite {
+            organization: "qa-team".into(),
+            product: "TestOps".into(),
+            target: Target::Count(7),
+            managed_by: Some("default/licenses/qa".into()),
+            allow_user_displacement: false,
+            deletion_policy: DeletionPolicy::Revoke,
+            expected_version: Some(3),
+            idempotency_key: None,
+        };
+        let key = |text: &str| hex::encode(&Sha256::digest(text.as_bytes())[..16]);
+        assert_eq!(
+            w.intent_key("uid-1/2", Basis::Allocation(3)),
+            key("uid-1/2\ndefault/licenses/qa\nqa-team\nTestOps\nversion 3\n7\nfalse")
+        );
+        w.target = Target::Remove;
+        w.managed_by = None;
+        w.allow_user_displacement = true;
+        w.deletion_policy = DeletionPolicy::Orphan;
+        assert_eq!(
+            w.intent_key("", Basis::Absent { pool_revision: 12 }),
+            key("\n\nqa-team\nTestOps\nabsent in pool revision 12\nremove\ntrue\nOrphan")
+        );
+    }
 
     /// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.
     fn documented() -> Ledger {

@@ -133,10 +133,10 @@ proptest! {
                 }
             }
             let p = &ledger.pools["TestOps"];
-            let sum: i64 = ledger.allocations.values().map(|a| a.dedicated).sum();
+            let sum: i64 = ledger.allocations().map(|a| a.dedicated).sum();
             prop_assert_eq!(p.dedicated, sum);
             prop_assert!(p.shared_in_use >= 0);
-            for a in ledger.allocations.values() {
+            for a in ledger.allocations() {
                 prop_assert!(0 <= a.in_use && a.in_use <= a.dedicated, "{:?}", a);
             }
         }
@@ -151,7 +151,7 @@ fn ledger_snapshot(l: &Ledger) -> Snapshot {
     Snapshot {
         pools: l.pools.values().cloned().collect(),
         organizations: l.organizations.iter().cloned().collect(),
-        allocations: l.allocations.values().cloned().collect(),
+        allocations: l.allocations().cloned().collect(),
     }
 }
 

@@ -82,7 +82,7 @@ fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
                 instance: "default".into(),
                 role: Role::AccountAdmin,
             };
-            plan(&[desired(*org, *count)], &snapshot, &opts)
+            plan(vec![desired(*org, *count)], snapshot.clone(), &opts)
                 .changes
                 .pop()?
         }

@@ -28,9 +28,13 @@ async fn prepare(
     files: &Files,
     prune: bool,
 ) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
-    let manifests = load_manifests(files)?;
+    // What the manifests ask for, and nothing more of them, is held while
+    // the account is read and planned.
+    let desired: Vec<_> = load_manifests(files)?
+        .iter()
+        .map(|m| desired(m, &g.instance))
+        .collect();
     let (backend, snapshot) = observe(g).await.map_err(|e| eprintln!("error: {e}")).ok()?;
-    let desired: Vec<_> = manifests.iter().map(|m| desired(m, &g.instance)).collect();
     let opts = Options {
         prune,
         instance: g.instance.clone(),
@@ -38,7 +42,7 @@ async fn prepare(
         // caller may write so that it shows the changes themselves.
         role: Role::AccountAdmin,
     };
-    Some((make_plan(&desired, &snapshot, &opts), backend))
+    Some((make_plan(desired, snapshot, &opts), backend))
 }
 
 pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {

@@ -1,7 +1,10 @@
 //! Plans and apply results for people (text, markdown) and machines (json).
-//! Rendering is pure: it returns strings; the commands print them.
+//! Rendering is pure: status and audit return strings; a plan, which can
+//! hold 100,000 changes, is written straight into the writer it is given
+//! (stdout for the commands), never held a second time as text.
 
 use std::fmt::Write;
+use std::io;
 
 use super::Format;
 use crate::backend::AuditEntry;
@@ -16,20 +19,35 @@ pub enum Mode {
 }
 
 pub fn print_plan(plan: &Plan, format: Format, mode: Mode, location: &str) {
-    let out = match format {
-        Format::Json => json(plan),
-        Format::Text => text(plan, mode, location),
-        Format::Markdown => markdown(plan, mode),
-    };
-    print!("{out}");
+    let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let written = write_plan(&mut out, plan, format, mode, location).and_then(|()| {
+        use io::Write as _;
+        out.flush()
+    });
+    if let Err(e) = written {
+        eprintln!("error: writing the plan to stdout: {e}");
+    }
+}
+
+/// Writes a plan in `format`.
+pub fn write_plan(
+    out: &mut impl io::Write,
+    plan: &Plan,
+    format: Format,
+    mode: Mode,
+    location: &str,
+) -> io::Result<()> {
+    match format {
+        Format::Json => json(out, plan),
+        Format::Text => text(out, plan, mode, location),
+        Format::Markdown => markdown(out, plan, mode),
+    }
 }
 
 /// The JSON contract of DESIGN §4.
-pub fn json(plan: &Plan) -> String {
-    let mut s =
-        serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
-    s.push('\n');
-    s
+pub fn json(out: &mut impl io::Write, plan: &Plan) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, plan)?;
+    writeln!(out)
 }
 
 struct Counts {
@@ -92,16 +110,15 @@ fn shown(plan: &Plan) -> impl Iterator<Item = &Change> {
         .filter(|c| c.outcome != Outcome::Unchanged || !c.diff.is_empty())
 }
 
-pub fn text(plan: &Plan, mode: Mode, location: &str) -> String {
-    let mut s = String::new();
+pub fn text(out: &mut impl io::Write, plan: &Plan, mode: Mode, location: &str) -> io::Result<()> {
     let verb = match mode {
         Mode::Plan => "Plan",
         Mode::Apply => "Apply",
     };
-    let _ = writeln!(s, "{verb} against {location}: {}", summary(plan, mode));
+    writeln!(out, "{verb} against {location}: {}", summary(plan, mode))?;
     for c in shown(plan) {
-        let _ = writeln!(
-            s,
+        writeln!(
+            out,
             "\n{} {}  {} {}  {} -> {}  {}  {}{}",
             symbol(c),
             c.resource,
@@ -112,17 +129,17 @@ pub fn text(plan: &Plan, mode: Mode, location: &str) -> String {
             c.action.as_str(),
             outcome_str(c.outcome),
             c.reason.map(|r| format!(" {r}")).unwrap_or_default()
-        );
-        let _ = writeln!(s, "    {}", c.message);
+        )?;
+        writeln!(out, "    {}", c.message)?;
         for line in c.diff.lines() {
-            let _ = writeln!(s, "    {line}");
+            writeln!(out, "    {line}")?;
         }
     }
     if !plan.pools.is_empty() {
-        let _ = writeln!(s, "\nPools:");
+        writeln!(out, "\nPools:")?;
         for (before, after) in pool_pairs(plan) {
-            let _ = writeln!(
-                s,
+            writeln!(
+                out,
                 "  {:<16} total {:>7}  dedicated {:>15}  shared in use {:>7}  free {:>15}{}",
                 after.product,
                 after.total,
@@ -134,10 +151,10 @@ pub fn text(plan: &Plan, mode: Mode, location: &str) -> String {
                 } else {
                     ""
                 }
-            );
+            )?;
         }
     }
-    s
+    Ok(())
 }
 
 fn pool_pairs(plan: &Plan) -> Vec<(Option<&PoolView>, &PoolView)> {
@@ -161,25 +178,24 @@ fn moved(before: Option<i64>, after: i64) -> String {
 }
 
 /// A pull-request comment: a summary table, the diffs folded, the pools.
-pub fn markdown(plan: &Plan, mode: Mode) -> String {
-    let mut s = String::new();
+pub fn markdown(out: &mut impl io::Write, plan: &Plan, mode: Mode) -> io::Result<()> {
     let title = match mode {
         Mode::Plan => "licensor plan",
         Mode::Apply => "licensor apply",
     };
-    let _ = writeln!(s, "### {title}: {}\n", summary(plan, mode));
+    writeln!(out, "### {title}: {}\n", summary(plan, mode))?;
     let rows: Vec<&Change> = shown(plan).collect();
     if rows.is_empty() {
-        let _ = writeln!(s, "No changes: the backend matches the manifests.\n");
+        writeln!(out, "No changes: the backend matches the manifests.\n")?;
     } else {
-        let _ = writeln!(
-            s,
+        writeln!(
+            out,
             "| | Resource | Organization | Product | From | To | Action | Outcome | Reason | Message |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---:|---:|---|---|---|---|");
+        )?;
+        writeln!(out, "|---|---|---|---|---:|---:|---|---|---|---|")?;
         for c in &rows {
-            let _ = writeln!(
-                s,
+            writeln!(
+                out,
                 "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
                 match symbol(c) {
                     '!' => "❌",
@@ -197,12 +213,12 @@ pub fn markdown(plan: &Plan, mode: Mode) -> String {
                 outcome_str(c.outcome),
                 c.reason.map(|r| format!("`{r}`")).unwrap_or_default(),
                 cell(&c.message)
-            );
+            )?;
         }
-        let _ = writeln!(s);
+        writeln!(out)?;
         for c in rows.iter().filter(|c| !c.diff.is_empty()) {
-            let _ = writeln!(
-                s,
+            writeln!(
+                out,
                 "<details><summary><code>{}</code>: {} {} → {} ({})</summary>\n\n```diff\n{}```\n</details>\n",
                 c.resource,
                 c.action.as_str(),
@@ -210,16 +226,19 @@ pub fn markdown(plan: &Plan, mode: Mode) -> String {
                 c.to,
                 outcome_str(c.outcome),
                 c.diff
-            );
+            )?;
         }
     }
     if !plan.pools.is_empty() {
-        let _ = writeln!(s, "#### Pools\n");
-        let _ = writeln!(s, "| Product | Total | Dedicated | Shared in use | Free |");
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        writeln!(out, "#### Pools\n")?;
+        writeln!(
+            out,
+            "| Product | Total | Dedicated | Shared in use | Free |"
+        )?;
+        writeln!(out, "|---|---:|---:|---:|---:|")?;
         for (before, after) in pool_pairs(plan) {
-            let _ = writeln!(
-                s,
+            writeln!(
+                out,
                 "| {} | {} | {} | {} | {}{} |",
                 cell(&after.product),
                 after.total,
@@ -231,10 +250,10 @@ pub fn markdown(plan: &Plan, mode: Mode) -> String {
                 } else {
                     ""
                 }
-            );
+            )?;
         }
     }
-    s
+    Ok(())
 }
 
 fn cell(s: &str) -> String {

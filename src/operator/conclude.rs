@@ -270,7 +270,7 @@ mod tests {
             instance: "default".into(),
             role: Role::AccountAdmin,
         };
-        plan(std::slice::from_ref(wanted), &snapshot(), &opts)
+        plan(vec![wanted.clone()], snapshot(), &opts)
             .changes
             .pop()
             .expect("one change")

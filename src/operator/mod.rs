@@ -110,13 +110,13 @@ pub async fn plan_one(
     metrics: &Metrics,
 ) -> Plan {
     let opts = Options::one(instance);
-    let planned = plan(std::slice::from_ref(desired), part, &opts);
+    let planned = plan(vec![desired.clone()], part.clone(), &opts);
     if !planned.names_unknown() {
         return planned;
     }
     metrics.backend_read(metrics::Read::Account);
     match backend.snapshot().await {
-        Ok(account) => plan(std::slice::from_ref(desired), &account, &opts),
+        Ok(account) => plan(vec![desired.clone()], account, &opts),
         Err(e) => {
             tracing::debug!("reading the whole account for the closest names: {e}");
             planned

@@ -382,8 +382,8 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
         .await
         .ok()?;
     let change = plan(
-        std::slice::from_ref(wanted),
-        &snapshot,
+        vec![wanted.clone()],
+        snapshot.clone(),
         &Options::one(&ctx.settings.instance),
     )
     .changes

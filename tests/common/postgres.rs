@@ -275,10 +275,13 @@ impl Server {
         let own = self.own.as_ref().expect("a server this harness started");
         let d = own.dir.path();
         // The server goes when this test process does: a watchdog shell
-        // stops it (fast shutdown) once our process id is gone.
+        // stops it (fast shutdown) once our process id is gone, and removes
+        // its directory (a static's TempDir is never dropped). A server
+        // stopped by a test while the process lives keeps its directory.
         let watchdog = format!(
-            "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg",
-            me = std::process::id()
+            "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg; kill -0 {me} 2>/dev/null || rm -rf '{dir}'",
+            me = std::process::id(),
+            dir = d.display()
         );
         let log = std::fs::OpenOptions::new()
             .create(true)
