@@ -86,9 +86,10 @@ pub struct Change {
     pub rehomed: i64,
     pub displaced: i64,
     pub diff: String,
-    /// The write apply sends, for planned changes.
+    /// The write apply sends, for planned changes (boxed: a change is no
+    /// larger than the step it is decided from, see [`plan`]).
     #[serde(skip)]
-    pub write: Option<AllocationWrite>,
+    pub write: Option<Box<AllocationWrite>>,
 }
 
 /// What to plan.
@@ -181,8 +182,8 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
             }
         }
     }
-    // Apply order, stable: the steps stay where they are and their order is
-    // sorted, which moves a few bytes per step rather than the step.
+    // Apply order, stable: small keys are sorted (a few bytes moved per
+    // comparison rather than a step), then each step is moved once.
     let mut order: Vec<(u8, &str, &str, usize)> = steps
         .iter()
         .enumerate()
@@ -197,17 +198,39 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
         .collect();
     order.sort_unstable();
     let order: Vec<usize> = order.into_iter().map(|(.., i)| i).collect();
-    let mut steps: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
-    let mut changes = Vec::with_capacity(order.len());
-    for i in order {
-        if let Some(step) = steps[i].take() {
-            changes.push(step.decide(&mut ledger, opts.role));
-        }
-    }
+    permute(&mut steps, order);
+    // Decided in place: a change fits in its step's slot (checked below),
+    // so the changes take the steps' memory rather than 100,000 more slots.
+    let changes = steps
+        .into_iter()
+        .map(|step| step.decide(&mut ledger, opts.role))
+        .collect();
     Plan {
         changes,
         pools: ledger.pools.values().map(PoolView::from).collect(),
         pools_before,
+    }
+}
+
+const _: () = assert!(
+    size_of::<Change>() <= size_of::<Step>() && align_of::<Change>() == align_of::<Step>(),
+    "a change is decided in its step's slot"
+);
+
+/// Puts `items` in the order `order` names (`order[k]` is the index of the
+/// item that goes to `k`; a permutation), in place, one swap per move.
+fn permute<T>(items: &mut [T], mut order: Vec<usize>) {
+    for start in 0..items.len() {
+        let mut here = start;
+        loop {
+            let next = order[here];
+            order[here] = here;
+            if next == start {
+                break;
+            }
+            items.swap(here, next);
+            here = next;
+        }
     }
 }
 
@@ -385,7 +408,7 @@ impl Step {
                 change.rehomed = effect.rehomed;
                 change.displaced = effect.displaced;
                 change.diff = self.diff(Some(&effect));
-                change.write = Some(self.write);
+                change.write = Some(Box::new(self.write));
             }
             Err(mut refusal) => {
                 refusal.message.push_str(&match refusal.reason {
@@ -432,7 +455,7 @@ impl Step {
                     };
                     record_diff(Some(before), Some(after), &self.resource)
                 });
-                change.write = Some(self.write);
+                change.write = Some(Box::new(self.write));
             }
             Err(refusal) => {
                 change.diff = self.diff(None);
@@ -643,6 +666,7 @@ pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
 mod tests {
     use super::*;
     use crate::domain::Pool;
+    use proptest::prelude::{Just, Strategy};
 
     fn snapshot(yaml: &str) -> Snapshot {
         serde_yaml::from_str(yaml).unwrap()
@@ -853,6 +877,18 @@ allocations:
                     .to_string()
             };
             proptest::prop_assert_eq!(record_diff(before, after, "licenses/a"), general);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn permute_puts_each_item_where_the_order_says(
+            order in (0usize..40).prop_flat_map(|n| Just((0..n).collect::<Vec<_>>()).prop_shuffle())
+        ) {
+            let mut items: Vec<usize> = (0..order.len()).map(|i| i * 10).collect();
+            permute(&mut items, order.clone());
+            let wanted: Vec<usize> = order.iter().map(|&i| i * 10).collect();
+            proptest::prop_assert_eq!(items, wanted);
         }
     }
 }

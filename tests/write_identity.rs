@@ -89,7 +89,7 @@ fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
         Op::Delete { org } => plan_removal(&desired(*org, 0), &snapshot, Role::AccountAdmin),
         _ => return None,
     };
-    (change.outcome == Outcome::Planned).then_some(change.write?)
+    (change.outcome == Outcome::Planned).then_some(*change.write?)
 }
 
 /// The property, on one store: see the module contract.
