@@ -7,7 +7,7 @@
 //! [`Refusal`] whose [`Reason`] is spelled once and used everywhere: CLI JSON,
 //! HTTP problem types, status reasons, events and metric labels.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -898,15 +898,16 @@ pub struct Ledger {
     pub organizations: BTreeSet<String>,
     /// By (organization, product), found by a pair of `&str`s without
     /// building a key (see [`Pair`]).
-    allocations: BTreeMap<Key, Allocation>,
+    allocations: HashMap<Key, Allocation>,
 }
 
 /// An allocation's place in a [`Ledger`]: (organization, product).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key(String, String);
 
-/// A key as two borrowed strings, ordered as [`Key`] is (its derived order
-/// is the order of the pair), so a map of keys is searched with one.
+/// A key as two borrowed strings, hashed and compared as [`Key`] is (its
+/// derived hash is its fields' in turn), so a map of keys is searched with
+/// one.
 trait Pair {
     fn pair(&self) -> (&str, &str);
 }
@@ -937,15 +938,11 @@ impl PartialEq for dyn Pair + '_ {
 
 impl Eq for dyn Pair + '_ {}
 
-impl PartialOrd for dyn Pair + '_ {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for dyn Pair + '_ {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.pair().cmp(&other.pair())
+impl std::hash::Hash for dyn Pair + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (organization, product) = self.pair();
+        organization.hash(state);
+        product.hash(state);
     }
 }
 
@@ -955,10 +952,11 @@ impl Ledger {
         organizations: impl IntoIterator<Item = String>,
         allocations: impl IntoIterator<Item = Allocation>,
     ) -> Self {
+        let allocations = allocations.into_iter();
         let mut ledger = Ledger {
             pools: pools.into_iter().map(|p| (p.product.clone(), p)).collect(),
             organizations: organizations.into_iter().collect(),
-            allocations: BTreeMap::new(),
+            allocations: HashMap::with_capacity(allocations.size_hint().0),
         };
         for a in allocations {
             ledger.insert(a);
@@ -982,7 +980,11 @@ impl Ledger {
 
     /// Every allocation, in (organization, product) order.
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
-        self.allocations.values()
+        let mut all: Vec<&Allocation> = self.allocations.values().collect();
+        all.sort_unstable_by(|a, b| {
+            (&a.organization, &a.product).cmp(&(&b.organization, &b.product))
+        });
+        all.into_iter()
     }
 
     pub fn observe<'a>(&'a self, organization: &str, product: &str) -> Observed<'a> {
