@@ -221,6 +221,7 @@ fn main() {
         prune: false,
         instance: "default".into(),
         role: Role::AccountAdmin,
+        keep_writes: true,
     };
     let mut p = plan(desired, snapshot, &opts);
     let planning = t.elapsed();

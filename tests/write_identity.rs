@@ -81,6 +81,7 @@ fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
                 prune: false,
                 instance: "default".into(),
                 role: Role::AccountAdmin,
+                keep_writes: true,
             };
             plan(vec![desired(*org, *count)], snapshot.clone(), &opts)
                 .changes

@@ -27,6 +27,7 @@ async fn prepare(
     g: &Global,
     files: &Files,
     prune: bool,
+    mode: Mode,
 ) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
     // What the manifests ask for, and nothing more of them, is held while
     // the account is read and planned.
@@ -41,12 +42,13 @@ async fn prepare(
         // The backend enforces R1 on every write; the plan assumes the
         // caller may write so that it shows the changes themselves.
         role: Role::AccountAdmin,
+        keep_writes: mode == Mode::Apply,
     };
     Some((make_plan(desired, snapshot, &opts), backend))
 }
 
 pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((plan, backend)) = prepare(g, &args.files, args.prune).await else {
+    let Some((plan, backend)) = prepare(g, &args.files, args.prune, Mode::Plan).await else {
         return FAILED;
     };
     render::print_plan(&plan, args.output, Mode::Plan, &backend.location());
@@ -60,7 +62,7 @@ pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
 }
 
 pub async fn apply(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((mut plan, backend)) = prepare(g, &args.files, args.prune).await else {
+    let Some((mut plan, backend)) = prepare(g, &args.files, args.prune, Mode::Apply).await else {
         return FAILED;
     };
     if let Err(e) = execute(&mut plan, backend.as_ref()).await {

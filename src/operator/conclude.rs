@@ -269,6 +269,7 @@ mod tests {
             prune: false,
             instance: "default".into(),
             role: Role::AccountAdmin,
+            keep_writes: true,
         };
         plan(vec![wanted.clone()], snapshot(), &opts)
             .changes
