@@ -7,7 +7,7 @@
 //! [`Refusal`] whose [`Reason`] is spelled once and used everywhere: CLI JSON,
 //! HTTP problem types, status reasons, events and metric labels.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -896,53 +896,88 @@ impl From<Snapshot> for Ledger {
 pub struct Ledger {
     pub pools: BTreeMap<String, Pool>,
     pub organizations: BTreeSet<String>,
-    /// By (organization, product), found by a pair of `&str`s without
-    /// building a key (see [`Pair`]).
-    allocations: HashMap<Key, Allocation>,
+    allocations: Allocations,
 }
 
-/// An allocation's place in a [`Ledger`]: (organization, product).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key(String, String);
-
-/// A key as two borrowed strings, hashed and compared as [`Key`] is (its
-/// derived hash is its fields' in turn), so a map of keys is searched with
-/// one.
-trait Pair {
-    fn pair(&self) -> (&str, &str);
+/// A ledger's allocations, found by (organization, product) as borrowed
+/// strings. Each allocation is its own key: no second copy of its names
+/// (for 100,000 allocations, 12 MiB).
+#[derive(Clone, Default)]
+struct Allocations {
+    table: hashbrown::HashTable<Allocation>,
+    state: std::hash::RandomState,
 }
 
-impl Pair for Key {
-    fn pair(&self) -> (&str, &str) {
-        (&self.0, &self.1)
+impl Allocations {
+    fn with_capacity(n: usize) -> Self {
+        Allocations {
+            table: hashbrown::HashTable::with_capacity(n),
+            state: Default::default(),
+        }
+    }
+
+    fn hash(state: &std::hash::RandomState, organization: &str, product: &str) -> u64 {
+        use std::hash::BuildHasher;
+        state.hash_one((organization, product))
+    }
+
+    fn named<'a>(organization: &'a str, product: &'a str) -> impl Fn(&Allocation) -> bool + 'a {
+        move |a| a.organization == organization && a.product == product
+    }
+
+    fn get(&self, organization: &str, product: &str) -> Option<&Allocation> {
+        let hash = Self::hash(&self.state, organization, product);
+        self.table.find(hash, Self::named(organization, product))
+    }
+
+    fn get_mut(&mut self, organization: &str, product: &str) -> Option<&mut Allocation> {
+        let hash = Self::hash(&self.state, organization, product);
+        self.table
+            .find_mut(hash, Self::named(organization, product))
+    }
+
+    /// Adds `a`, or replaces the allocation of the same names.
+    fn insert(&mut self, a: Allocation) {
+        let state = &self.state;
+        let hash = Self::hash(state, &a.organization, &a.product);
+        let rehash = |b: &Allocation| Self::hash(state, &b.organization, &b.product);
+        match self
+            .table
+            .entry(hash, Self::named(&a.organization, &a.product), rehash)
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = a,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(a);
+            }
+        }
+    }
+
+    fn remove(&mut self, organization: &str, product: &str) {
+        let hash = Self::hash(&self.state, organization, product);
+        if let Ok(e) = self
+            .table
+            .find_entry(hash, Self::named(organization, product))
+        {
+            e.remove();
+        }
     }
 }
 
-impl Pair for (&str, &str) {
-    fn pair(&self) -> (&str, &str) {
-        (self.0, self.1)
-    }
-}
-
-impl<'a> std::borrow::Borrow<dyn Pair + 'a> for Key {
-    fn borrow(&self) -> &(dyn Pair + 'a) {
-        self
-    }
-}
-
-impl PartialEq for dyn Pair + '_ {
+impl PartialEq for Allocations {
     fn eq(&self, other: &Self) -> bool {
-        self.pair() == other.pair()
+        self.table.len() == other.table.len()
+            && self
+                .table
+                .iter()
+                .all(|a| other.get(&a.organization, &a.product) == Some(a))
     }
 }
 
-impl Eq for dyn Pair + '_ {}
+impl Eq for Allocations {}
 
-impl std::hash::Hash for dyn Pair + '_ {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let (organization, product) = self.pair();
-        organization.hash(state);
-        product.hash(state);
+impl fmt::Debug for Allocations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.table.iter()).finish()
     }
 }
 
@@ -956,7 +991,7 @@ impl Ledger {
         let mut ledger = Ledger {
             pools: pools.into_iter().map(|p| (p.product.clone(), p)).collect(),
             organizations: organizations.into_iter().collect(),
-            allocations: HashMap::with_capacity(allocations.size_hint().0),
+            allocations: Allocations::with_capacity(allocations.size_hint().0),
         };
         for a in allocations {
             ledger.insert(a);
@@ -965,22 +1000,20 @@ impl Ledger {
     }
 
     fn insert(&mut self, a: Allocation) {
-        self.allocations
-            .insert(Key(a.organization.clone(), a.product.clone()), a);
+        self.allocations.insert(a);
     }
 
     pub fn allocation(&self, organization: &str, product: &str) -> Option<&Allocation> {
-        self.allocations.get(&(organization, product) as &dyn Pair)
+        self.allocations.get(organization, product)
     }
 
     fn allocation_mut(&mut self, organization: &str, product: &str) -> Option<&mut Allocation> {
-        self.allocations
-            .get_mut(&(organization, product) as &dyn Pair)
+        self.allocations.get_mut(organization, product)
     }
 
     /// Every allocation, in (organization, product) order.
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
-        let mut all: Vec<&Allocation> = self.allocations.values().collect();
+        let mut all: Vec<&Allocation> = self.allocations.table.iter().collect();
         all.sort_unstable_by(|a, b| {
             (&a.organization, &a.product).cmp(&(&b.organization, &b.product))
         });
@@ -1004,8 +1037,7 @@ impl Ledger {
         let exists = self.allocation(req.organization, req.product).is_some();
         match req.target {
             Target::Remove => {
-                self.allocations
-                    .remove(&(req.organization, req.product) as &dyn Pair);
+                self.allocations.remove(req.organization, req.product);
             }
             Target::Count(0) if !exists => {}
             Target::Count(to) => {
