@@ -1030,11 +1030,12 @@ impl Ledger {
 
     /// Decides and, when accepted, books a change. A refusal changes nothing.
     pub fn apply(&mut self, role: Role, req: &Request<'_>) -> Result<Effect, Refusal> {
-        let effect = decide(role, self.observe(req.organization, req.product), req)?;
+        let seen = self.observe(req.organization, req.product);
+        let exists = seen.allocation.is_some();
+        let effect = decide(role, seen, req)?;
         if let Some(pool) = self.pools.get_mut(req.product) {
             pool.book(&effect);
         }
-        let exists = self.allocation(req.organization, req.product).is_some();
         match req.target {
             Target::Remove => {
                 self.allocations.remove(req.organization, req.product);

@@ -165,7 +165,7 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
         .into_iter()
         .map(|d| {
             let target = Target::Count(d.count);
-            Step::from_desired(d, target, &ledger)
+            Step::from_desired(d, target, &ledger, opts.keep_writes)
         })
         .collect();
     if opts.prune {
@@ -246,7 +246,7 @@ fn permute<T>(items: &mut [T], mut order: Vec<usize>) {
 /// consent comes from the resource, as for any revoke.
 pub fn plan_removal(d: &Desired, snapshot: &Snapshot, role: Role) -> Change {
     let mut ledger = Ledger::from(snapshot.clone());
-    let step = Step::from_desired(d.clone(), Target::Remove, &ledger);
+    let step = Step::from_desired(d.clone(), Target::Remove, &ledger, true);
     let owner = step.current.as_ref().map(|a| a.managed_by.as_deref());
     let nothing = match owner {
         Some(Some(owner)) if owner == d.managed_by => return step.decide(&mut ledger, role, true),
@@ -278,7 +278,9 @@ struct Step {
 }
 
 impl Step {
-    fn from_desired(d: Desired, target: Target, ledger: &Ledger) -> Step {
+    /// `keyed`: derive the write's idempotency key (a write that is kept
+    /// for apply needs one; a preview's is never sent).
+    fn from_desired(d: Desired, target: Target, ledger: &Ledger, keyed: bool) -> Step {
         let current = ledger.allocation(&d.organization, &d.product).cloned();
         let basis = match &current {
             Some(a) => Basis::Allocation(a.version),
@@ -296,7 +298,7 @@ impl Step {
             expected_version: Some(current.as_ref().map_or(0, |a| a.version)),
             idempotency_key: None,
         };
-        write.idempotency_key = Some(write.intent_key(&d.scope, basis));
+        write.idempotency_key = keyed.then(|| write.intent_key(&d.scope, basis));
         Step::new(d.resource, write, current, d.hold)
     }
 
