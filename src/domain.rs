@@ -67,6 +67,7 @@ pub fn check_identifier(what: &str, value: &str) -> Result<(), Refusal> {
     strum::EnumIter,
     strum::IntoStaticStr,
     strum::EnumString,
+    utoipa::ToSchema,
 )]
 pub enum Reason {
     /// R1: only the Account Admin may change allocations or totals.

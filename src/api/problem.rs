@@ -103,9 +103,15 @@ pub struct Problem {
     pub status: u16,
     /// What happened and what to do, for people.
     pub detail: String,
-    /// The refusal reason, for refusals.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    /// The refusal reason, for refusals. A reason this build does not know
+    /// (from a newer server) reads as none: the problem's `type` still says
+    /// what happened.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_reason"
+    )]
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +161,12 @@ pub fn status_of(reason: Reason) -> StatusCode {
     }
 }
 
+/// Reads a reason by its name; one this build does not know is none.
+fn known_reason<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Reason>, D::Error> {
+    let name: Option<String> = Deserialize::deserialize(d)?;
+    Ok(name.as_deref().and_then(Reason::parse))
+}
+
 impl Problem {
     /// A problem of type `kind`.
     pub fn new(status: StatusCode, kind: ProblemType, detail: impl Into<String>) -> Problem {
@@ -179,7 +191,7 @@ impl Problem {
         let d = &r.detail;
         Problem {
             title: r.reason.as_str().to_string(),
-            reason: Some(r.reason.as_str().to_string()),
+            reason: Some(r.reason),
             requested: d.requested,
             free: d.free,
             in_use: d.in_use,
@@ -204,6 +216,20 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_is_spelled_as_before_and_an_unknown_one_reads_as_none() {
+        let refusal = Refusal::new(Reason::BelowInUse, "below in use");
+        let wire = serde_json::to_value(Problem::refusal(&refusal)).unwrap();
+        assert_eq!(wire["reason"], "BelowInUse");
+        let back: Problem = serde_json::from_value(wire.clone()).unwrap();
+        assert_eq!(back.reason, Some(Reason::BelowInUse));
+        let mut newer = wire;
+        newer["reason"] = "SomethingNew".into();
+        let read: Problem = serde_json::from_value(newer).unwrap();
+        assert_eq!(read.reason, None);
+        assert_eq!(read.type_, back.type_, "the type still says what happened");
+    }
 
     #[test]
     fn every_problem_type_has_its_own_slug() {

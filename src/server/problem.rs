@@ -37,7 +37,7 @@ impl From<BackendError> for Problem {
                 // Storage details stay in the server's log, not in answers.
                 tracing::error!("storage: {m}");
                 Problem {
-                    reason: Some(Reason::BackendUnavailable.as_str().into()),
+                    reason: Some(Reason::BackendUnavailable),
                     retry_after: Some(1),
                     ..Problem::new(
                         StatusCode::SERVICE_UNAVAILABLE,
