@@ -195,8 +195,20 @@ impl Refusal {
     }
 }
 
-/// Who is asking (R1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Who is asking (R1). The variant name is the role's spelling, stored and
+/// on the wire.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 pub enum Role {
     AccountAdmin,
     Viewer,
@@ -204,18 +216,11 @@ pub enum Role {
 
 impl Role {
     pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "AccountAdmin" => Some(Role::AccountAdmin),
-            "Viewer" => Some(Role::Viewer),
-            _ => None,
-        }
+        s.parse().ok()
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Role::AccountAdmin => "AccountAdmin",
-            Role::Viewer => "Viewer",
-        }
+        self.into()
     }
 }
 
@@ -315,6 +320,9 @@ pub fn managed_resource<'a>(instance: &str, managed_by: &'a str) -> Option<&'a s
     Hash,
     schemars::JsonSchema,
     utoipa::ToSchema,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::EnumString,
 )]
 pub enum DeletionPolicy {
     #[default]
@@ -323,20 +331,14 @@ pub enum DeletionPolicy {
 }
 
 impl DeletionPolicy {
+    /// The variant name: as stored, on the wire and in the resource.
     pub fn as_str(self) -> &'static str {
-        match self {
-            DeletionPolicy::Revoke => "Revoke",
-            DeletionPolicy::Orphan => "Orphan",
-        }
+        self.into()
     }
 
     /// The stored spelling back; anything else is `None`.
     pub fn parse(s: &str) -> Option<DeletionPolicy> {
-        match s {
-            "Revoke" => Some(DeletionPolicy::Revoke),
-            "Orphan" => Some(DeletionPolicy::Orphan),
-            _ => None,
-        }
+        s.parse().ok()
     }
 }
 
@@ -1112,6 +1114,23 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_and_policies_are_spelled_as_serde_spells_them() {
+        use strum::IntoEnumIterator;
+        for role in Role::iter() {
+            let wire = serde_json::to_value(role).unwrap();
+            assert_eq!(wire, role.as_str());
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        for policy in DeletionPolicy::iter() {
+            let wire = serde_json::to_value(policy).unwrap();
+            assert_eq!(wire, policy.as_str());
+            assert_eq!(DeletionPolicy::parse(policy.as_str()), Some(policy));
+        }
+        assert_eq!(Role::parse("admin"), None);
+        assert_eq!(DeletionPolicy::parse("revoke"), None, "spellings are exact");
+    }
 
     /// The key is the hash of one text, the one keys were derived from
     /// before it was formatted straight into the hash: keys stored by
