@@ -169,22 +169,20 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
         })
         .collect();
     if opts.prune {
-        let named: HashSet<(String, String)> = steps
+        let named: HashSet<(&str, &str)> = steps
             .iter()
-            .map(|s| (s.write.organization.clone(), s.write.product.clone()))
+            .map(|s| (s.write.organization.as_str(), s.write.product.as_str()))
             .collect();
-        for a in ledger.allocations() {
-            let Some(resource) = a
-                .managed_by
-                .as_deref()
-                .and_then(|owner| managed_resource(&opts.instance, owner))
-            else {
-                continue;
-            };
-            if !named.contains(&(a.organization.clone(), a.product.clone())) {
-                steps.push(Step::prune(a, resource));
-            }
-        }
+        let pruned: Vec<Step> = ledger
+            .allocations()
+            .filter(|a| !named.contains(&(a.organization.as_str(), a.product.as_str())))
+            .filter_map(|a| {
+                let owner = a.managed_by.as_deref()?;
+                let resource = managed_resource(&opts.instance, owner)?;
+                Some(Step::prune(a, resource))
+            })
+            .collect();
+        steps.extend(pruned);
     }
     // Apply order, stable: small keys are sorted (a few bytes moved per
     // comparison rather than a step), then each step is moved once.
