@@ -19,6 +19,7 @@ pub mod audit;
 mod batch;
 mod checkpoint;
 pub mod pipeline;
+mod pool;
 pub mod postgres;
 mod readers;
 pub mod rows;

@@ -8,10 +8,10 @@
 //! or another, so a write answered to a caller is visible to its next read.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::pool::Bounded;
 use crate::backend::BackendError;
 
 /// Reads at once, at most: past the cores a machine has, more only wait.
@@ -19,24 +19,14 @@ pub const MAX_READERS: usize = 4;
 
 pub struct Readers {
     path: PathBuf,
-    idle: Mutex<Idle>,
-    freed: Condvar,
-}
-
-struct Idle {
-    conns: Vec<Connection>,
-    open: usize,
+    pool: Bounded<Connection>,
 }
 
 impl Readers {
     pub fn new(path: &Path) -> Readers {
         Readers {
             path: path.to_path_buf(),
-            idle: Mutex::new(Idle {
-                conns: Vec::new(),
-                open: 0,
-            }),
-            freed: Condvar::new(),
+            pool: Bounded::new(MAX_READERS, None),
         }
     }
 
@@ -45,38 +35,10 @@ impl Readers {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let mut conn = self.take()?;
+        let mut conn = self.pool.take(|_| true, || self.open())?;
         let out = f(&mut conn);
-        self.give(conn);
+        self.pool.give(conn, true);
         out
-    }
-
-    fn take(&self) -> Result<Connection, BackendError> {
-        let poisoned = |_| BackendError::Unavailable("store lock poisoned".into());
-        let mut idle = self.idle.lock().map_err(poisoned)?;
-        loop {
-            if let Some(conn) = idle.conns.pop() {
-                return Ok(conn);
-            }
-            if idle.open < MAX_READERS {
-                idle.open += 1;
-                drop(idle);
-                return self.open().inspect_err(|_| {
-                    if let Ok(mut idle) = self.idle.lock() {
-                        idle.open -= 1;
-                    }
-                    self.freed.notify_one();
-                });
-            }
-            idle = self.freed.wait(idle).map_err(poisoned)?;
-        }
-    }
-
-    fn give(&self, conn: Connection) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.conns.push(conn);
-        }
-        self.freed.notify_one();
     }
 
     fn open(&self) -> Result<Connection, BackendError> {

@@ -16,13 +16,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use std::task::Poll;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Error, Row, SimpleQueryMessage, Statement};
 
 use crate::backend::BackendError;
+use crate::backend::store::pool::Bounded;
 
 /// A parameter a queued statement owns until it is sent.
 pub type Param = Box<dyn ToSql + Sync + Send>;
@@ -290,9 +291,7 @@ async fn in_order<'a, T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send 
 /// The connections of one process: at most `max` open, idle ones reused,
 /// closed ones (a server restart) replaced on the next call.
 pub struct Conns {
-    state: Mutex<Idle>,
-    freed: Condvar,
-    max: usize,
+    pool: Bounded<Conn>,
     /// Opens a new connection (its URL holds credentials, never shown).
     open: Opener,
     /// What the first connection must do before any is used (check and
@@ -307,20 +306,10 @@ pub type Opener = Box<dyn Fn() -> Result<Conn, BackendError> + Send + Sync>;
 /// The first connection's work: see [`Conns::pending`].
 pub type Setup = Box<dyn Fn(&mut Conn) -> Result<(), BackendError> + Send>;
 
-struct Idle {
-    conns: Vec<Conn>,
-    open: usize,
-}
-
 impl Conns {
     pub fn new(first: Conn, open: Opener, max: usize) -> Conns {
         Conns {
-            state: Mutex::new(Idle {
-                conns: vec![first],
-                open: 1,
-            }),
-            freed: Condvar::new(),
-            max,
+            pool: Bounded::new(max, Some(first)),
             open,
             setup: Mutex::new(None),
         }
@@ -332,12 +321,7 @@ impl Conns {
     /// the connection does (`Unavailable`).
     pub fn pending(open: Opener, max: usize, setup: Setup) -> Conns {
         Conns {
-            state: Mutex::new(Idle {
-                conns: Vec::new(),
-                open: 0,
-            }),
-            freed: Condvar::new(),
-            max,
+            pool: Bounded::new(max, None),
             open,
             setup: Mutex::new(Some(setup)),
         }
@@ -357,32 +341,10 @@ impl Conns {
         Ok(conn)
     }
 
-    /// An idle connection, or a new one while fewer than `max` are open;
-    /// else waits for one to be given back.
+    /// An idle connection that is still open, or a new one while fewer
+    /// than `max` are open; else waits for one to be given back.
     pub fn take(&self) -> Result<Conn, BackendError> {
-        let poisoned = |_| BackendError::Unavailable("store lock poisoned".into());
-        let mut state = self.state.lock().map_err(poisoned)?;
-        loop {
-            if let Some(conn) = state.conns.pop() {
-                if !conn.is_closed() {
-                    return Ok(conn);
-                }
-                state.open -= 1;
-                drop(conn);
-                continue;
-            }
-            if state.open < self.max {
-                state.open += 1;
-                drop(state);
-                return self.open().inspect_err(|_| {
-                    if let Ok(mut s) = self.state.lock() {
-                        s.open -= 1;
-                    }
-                    self.freed.notify_one();
-                });
-            }
-            state = self.freed.wait(state).map_err(poisoned)?;
-        }
+        self.pool.take(|conn| !conn.is_closed(), || self.open())
     }
 
     /// Gives a connection back: kept for the next call when `healthy`.
@@ -391,23 +353,11 @@ impl Conns {
         if !keep {
             conn.discard();
         }
-        if let Ok(mut state) = self.state.lock() {
-            if keep {
-                state.conns.push(conn);
-            } else {
-                state.open -= 1;
-                drop(state);
-                drop(conn);
-            }
-        }
-        self.freed.notify_one();
+        self.pool.give(conn, keep);
     }
 
     /// Takes every idle connection (to close them off an async thread).
     pub fn drain(&self) -> Vec<Conn> {
-        self.state
-            .lock()
-            .map(|mut s| std::mem::take(&mut s.conns))
-            .unwrap_or_default()
+        self.pool.drain()
     }
 }
