@@ -570,23 +570,10 @@ fn a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed(kind: Kind) {
     assert_eq!(creates, 3, "three intents, three creates");
 }
 
-/// Runs each case on every backend, as `embedded::<case>`, `http::<case>`
-/// and `postgres::<case>`.
-macro_rules! on_every_backend {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(#[test] fn $case() { super::$case(super::Kind::Embedded) })*
-        }
-        mod http {
-            $(#[test] fn $case() { super::$case(super::Kind::Http) })*
-        }
-        mod postgres {
-            $(#[test] fn $case() { super::$case(super::Kind::Postgres) })*
-        }
-    };
-}
-
-on_every_backend!(
+// Each case on every backend: `embedded::<case>`, `http::<case>` and
+// `postgres::<case>`.
+on_every_store!(
+    [embedded, http, postgres]
     documented_scenario_raise_lower_and_revoke,
     over_committed_pool_refuses_increases_allows_decreases_and_guards_displacement,
     only_the_account_admin_may_write,

@@ -802,20 +802,13 @@ fn a_sigkilled_operator_converges_on_restart_without_applying_twice() {
     eprintln!("killed with {at_kill} (then {after_kill}) of 100 creates written");
 }
 
-#[test]
-fn a_standby_takes_over_within_the_lease_duration() {
-    a_standby_takes_over_within_the_lease_duration_on(Kind::Embedded);
-}
+// Two operator replicas on one store, the embedded file or a PostgreSQL
+// database (real server, TLS): the leader is killed mid-way through a
+// batch, the standby takes over, everything converges with each write
+// applied once, no revoke is lost.
+on_every_store!(a_standby_takes_over_and_nothing_is_applied_twice);
 
-/// Two operator replicas on one PostgreSQL store (real server, TLS): the
-/// leader is killed mid-way through a batch, the standby takes over,
-/// everything converges with each write applied once, no revoke is lost.
-#[test]
-fn a_standby_takes_over_on_postgres_and_nothing_is_applied_twice() {
-    a_standby_takes_over_within_the_lease_duration_on(Kind::Postgres);
-}
-
-fn a_standby_takes_over_within_the_lease_duration_on(kind: Kind) {
+fn a_standby_takes_over_and_nothing_is_applied_twice(kind: Kind) {
     const BATCH: i64 = 60;
     let mut fixture = String::from(
         "account: acme\nproducts: [{name: TestOps, total: 200}]\norganizations: [{id: a}, {id: b}]\n",

@@ -113,16 +113,8 @@ async fn browser(dir: &std::path::Path) -> Client {
         .expect("a Chromium session from chromedriver")
 }
 
-/// The store `licensor serve` runs on.
-#[derive(Clone, Copy)]
-enum Store {
-    /// The embedded file.
-    Embedded,
-    /// A database on the shared PostgreSQL server.
-    Postgres,
-}
-
-/// An account served by `licensor serve` replicas on `store`.
+/// An account served by `licensor serve` replicas on `store` (the
+/// embedded file or a PostgreSQL database).
 struct Served {
     account: Account,
     /// Each replica's base URL.
@@ -136,9 +128,9 @@ impl Served {
     }
 }
 
-fn served(store: Store, account: Account, replicas: usize) -> Served {
+fn served(store: Kind, account: Account, replicas: usize) -> Served {
     match store {
-        Store::Embedded => {
+        Kind::Embedded | Kind::Http => {
             assert_eq!(replicas, 1, "one process per embedded store");
             let url = account.backend.clone();
             Served {
@@ -147,7 +139,7 @@ fn served(store: Store, account: Account, replicas: usize) -> Served {
                 _replicas: Vec::new(),
             }
         }
-        Store::Postgres => {
+        Kind::Postgres => {
             let password = common::postgres::server().password();
             let (replicas, urls) = (0..replicas)
                 .map(|_| {
@@ -165,10 +157,10 @@ fn served(store: Store, account: Account, replicas: usize) -> Served {
 }
 
 /// `fixture` seeded on `store`, served by one replica.
-fn seeded(store: Store, fixture: &str) -> Served {
+fn seeded(store: Kind, fixture: &str) -> Served {
     let kind = match store {
-        Store::Embedded => Kind::Http,
-        Store::Postgres => Kind::Postgres,
+        Kind::Embedded | Kind::Http => Kind::Http,
+        Kind::Postgres => Kind::Postgres,
     };
     served(store, Account::seeded_on(kind, fixture), 1)
 }
@@ -222,12 +214,7 @@ async fn sign_in(c: &Client, url: &str, token: &str) {
 
 /// `fixture` served on `store`, a token of `role` for `name`, and a browser
 /// signed in with it through the form.
-async fn signed_in(
-    store: Store,
-    fixture: &str,
-    role: &str,
-    name: &str,
-) -> (Served, String, Client) {
+async fn signed_in(store: Kind, fixture: &str, role: &str, name: &str) -> (Served, String, Client) {
     let served = seeded(store, fixture);
     let token = served.account.token(role, name);
     let c = browser(served.account.dir.path()).await;
@@ -352,7 +339,7 @@ fn status_as_shown(account: &Account) -> Value {
 }
 
 /// The example account with the example manifests applied.
-fn example(store: Store) -> Served {
+fn example(store: Kind) -> Served {
     let served = seeded(store, include_str!("../examples/account.yaml"));
     let licenses = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/licenses");
     let run = served.account.run(&["apply", "-f", licenses]);
@@ -360,7 +347,7 @@ fn example(store: Store) -> Served {
     served
 }
 
-async fn the_page_shows_what_status_shows_and_passes_axe(store: Store) {
+async fn the_page_shows_what_status_shows_and_passes_axe(store: Kind) {
     let served = example(store);
     let (account, url) = (&served.account, served.url().to_string());
     let admin = account.token("AccountAdmin", "alice");
@@ -449,7 +436,7 @@ async fn the_page_shows_what_status_shows_and_passes_axe(store: Store) {
     c.close().await.unwrap();
 }
 
-async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Store) {
+async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Kind) {
     let served = seeded(store, FIXTURE);
     let account = &served.account;
     let viewer = account.token("Viewer", "victor");
@@ -522,7 +509,7 @@ async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Store) {
     c.close().await.unwrap();
 }
 
-async fn edit_and_revoke_through_the_page_land_in_the_store(store: Store) {
+async fn edit_and_revoke_through_the_page_land_in_the_store(store: Kind) {
     let (served, admin, c) = signed_in(store, FIXTURE, "AccountAdmin", "alice").await;
     let (account, url) = (&served.account, served.url().to_string());
 
@@ -712,7 +699,7 @@ async fn edit_and_revoke_through_the_page_land_in_the_store(store: Store) {
     c.close().await.unwrap();
 }
 
-async fn managed_allocations_and_forms_without_csrf_are_refused(store: Store) {
+async fn managed_allocations_and_forms_without_csrf_are_refused(store: Kind) {
     let (served, admin, c) = signed_in(store, FIXTURE, "AccountAdmin", "alice").await;
     let (account, url) = (&served.account, served.url().to_string());
 
@@ -782,7 +769,7 @@ async fn managed_allocations_and_forms_without_csrf_are_refused(store: Store) {
 #[tokio::test]
 async fn sessions_are_the_stores_not_a_replicas() {
     let account = Account::seeded_on(Kind::Postgres, FIXTURE);
-    let served = served(Store::Postgres, account, 2);
+    let served = served(Kind::Postgres, account, 2);
     let admin = served.account.token("AccountAdmin", "alice");
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -858,20 +845,10 @@ async fn sessions_are_the_stores_not_a_replicas() {
     }
 }
 
-/// Runs each case on every store `licensor serve` runs on, as
-/// `embedded::<case>` and `postgres::<case>`.
-macro_rules! on_every_store {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test] async fn $case() { super::$case(super::Store::Embedded).await })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $case() { super::$case(super::Store::Postgres).await })*
-        }
-    };
-}
-
+// Each case on every store `licensor serve` runs on: `embedded::<case>`
+// and `postgres::<case>`.
 on_every_store!(
+    async
     the_page_shows_what_status_shows_and_passes_axe,
     a_viewer_sees_no_controls_and_a_forged_post_is_refused,
     edit_and_revoke_through_the_page_land_in_the_store,

@@ -1,19 +1,33 @@
-//! The embedded store's own guarantees: migrations, idempotency keys,
-//! optimistic concurrency and dry runs, on a real SQLite file.
+//! A store's own guarantees: idempotency keys, optimistic concurrency,
+//! dry runs and reads of one moment, on every store (a real SQLite file, a
+//! real PostgreSQL database); and the embedded file's own: migrations, its
+//! write-ahead log, a damaged file.
 
+mod common;
+
+use common::{Kind, Place};
 use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{AllocationWrite, Target};
 
-fn seeded() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("l.db")).unwrap();
+on_every_store!(
+    same_key_and_body_replays_without_writing_twice,
+    a_stale_expected_version_is_refused_and_writes_nothing,
+    a_dry_run_answers_without_writing,
+    idempotency_keys_are_kept_a_day_then_forgotten,
+    observing_one_allocation_reads_its_pool_organization_and_row,
+    snapshots_read_one_moment_while_another_handle_writes,
+);
+
+fn seeded(kind: Kind) -> (Place, Store) {
+    let place = Place::new(kind);
+    let store = place.open();
     let fixture: Fixture = serde_yaml::from_str(
         "account: acme\nproducts: [{name: TestOps, total: 200}]\norganizations:\n  - {id: qa-team, allocations: [{product: TestOps, dedicated: 5, inUse: 4}]}\n",
     )
     .unwrap();
     store.seed(&Principal::local(), &fixture).unwrap();
-    (dir, store)
+    (place, store)
 }
 
 fn raise(to: i64, key: Option<&str>) -> AllocationWrite {
@@ -29,9 +43,8 @@ fn raise(to: i64, key: Option<&str>) -> AllocationWrite {
     }
 }
 
-#[test]
-fn same_key_and_body_replays_without_writing_twice() {
-    let (_d, store) = seeded();
+fn same_key_and_body_replays_without_writing_twice(kind: Kind) {
+    let (_place, store) = seeded(kind);
     let who = Principal::local();
     let first = store
         .write("acme", &who, &raise(10, Some("k1")), false)
@@ -51,9 +64,8 @@ fn same_key_and_body_replays_without_writing_twice() {
     assert_eq!(store.snapshot("acme").unwrap().allocations[0].dedicated, 10);
 }
 
-#[test]
-fn a_stale_expected_version_is_refused_and_writes_nothing() {
-    let (_d, store) = seeded();
+fn a_stale_expected_version_is_refused_and_writes_nothing(kind: Kind) {
+    let (_place, store) = seeded(kind);
     let who = Principal::local();
     let mut w = raise(10, None);
     w.expected_version = Some(7);
@@ -72,9 +84,8 @@ fn a_stale_expected_version_is_refused_and_writes_nothing() {
     assert!(ok.allocation.unwrap().version > seeded_version);
 }
 
-#[test]
-fn a_dry_run_answers_without_writing() {
-    let (_d, store) = seeded();
+fn a_dry_run_answers_without_writing(kind: Kind) {
+    let (_place, store) = seeded(kind);
     let before = (
         store.snapshot("acme").unwrap(),
         store.audit("acme").unwrap(),
@@ -97,21 +108,18 @@ fn a_dry_run_answers_without_writing() {
 
 #[test]
 fn reopening_a_migrated_file_keeps_its_data() {
-    let (dir, store) = seeded();
+    let (place, store) = seeded(Kind::Embedded);
     store
         .write("acme", &Principal::local(), &raise(9, None), false)
         .unwrap();
     drop(store);
-    let store = Store::open(&dir.path().join("l.db")).unwrap();
+    let store = place.open_existing();
     assert_eq!(store.snapshot("acme").unwrap().allocations[0].dedicated, 9);
 }
 
-#[test]
-fn idempotency_keys_are_kept_a_day_then_forgotten() {
-    use licensor::backend::store::{Principal, Store};
-    use licensor::domain::{AllocationWrite, Target};
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db")).unwrap();
+fn idempotency_keys_are_kept_a_day_then_forgotten(kind: Kind) {
+    let place = Place::new(kind);
+    let store = place.open();
     let fixture: licensor::backend::Fixture = serde_yaml::from_str(
         "{account: acme, products: [{name: TestOps, total: 10}], organizations: [{id: a}]}",
     )
@@ -151,11 +159,9 @@ fn idempotency_keys_are_kept_a_day_then_forgotten() {
     );
 }
 
-#[test]
-fn observing_one_allocation_reads_its_pool_organization_and_row() {
-    use licensor::backend::store::{Principal, Store};
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db")).unwrap();
+fn observing_one_allocation_reads_its_pool_organization_and_row(kind: Kind) {
+    let place = Place::new(kind);
+    let store = place.open();
     let fixture: licensor::backend::Fixture = serde_yaml::from_str(
         "{account: acme, products: [{name: TestOps, total: 10, sharedInUse: 1}],
           organizations: [{id: a, allocations: [{product: TestOps, dedicated: 3, inUse: 2}]}, {id: b}]}",
@@ -204,8 +210,9 @@ fn observing_one_allocation_reads_its_pool_organization_and_row() {
 /// grow without end.
 #[test]
 fn the_log_is_copied_into_the_file_while_the_store_is_open() {
-    let (dir, store) = seeded();
-    let (file, log) = (dir.path().join("l.db"), dir.path().join("l.db-wal"));
+    let (place, store) = seeded(Kind::Embedded);
+    let dir = place.dir.path();
+    let (file, log) = (dir.join("l.db"), dir.join("l.db-wal"));
     let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
     std::thread::sleep(std::time::Duration::from_millis(600));
     let before = len(&file);
@@ -235,21 +242,19 @@ fn the_log_is_copied_into_the_file_while_the_store_is_open() {
     assert_eq!(store.audit("acme").unwrap().len(), 2011);
 }
 
-/// Two handles on one file, as two processes have: one writes as fast as
+/// Two handles on one store, as two processes have: one writes as fast as
 /// it can while the other reads snapshots. Each snapshot is one read
 /// transaction, so its pools always agree with its allocations.
-#[test]
-fn snapshots_read_one_moment_while_another_handle_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("l.db");
-    let writer = Store::open(&path).unwrap();
+fn snapshots_read_one_moment_while_another_handle_writes(kind: Kind) {
+    let place = Place::new(kind);
+    let writer = place.open();
     let orgs: String = (0..4).map(|i| format!("  - id: org-{i}\n")).collect();
     let fixture: Fixture = serde_yaml::from_str(&format!(
         "account: acme\nproducts: [{{name: TestOps, total: 2000}}]\norganizations:\n{orgs}"
     ))
     .unwrap();
     writer.seed(&Principal::local(), &fixture).unwrap();
-    let reader = Store::open_existing(&path).unwrap();
+    let reader = place.open_existing();
     let done = std::sync::atomic::AtomicBool::new(false);
     let (reads, torn) = std::thread::scope(|s| {
         s.spawn(|| {
@@ -283,7 +288,7 @@ fn snapshots_read_one_moment_while_another_handle_writes() {
 /// nothing else moves.
 #[test]
 fn a_store_from_before_deletion_policies_migrates_with_revoke() {
-    use licensor::backend::store::schema::MIGRATIONS;
+    use licensor::backend::store::sqlite::schema::MIGRATIONS;
     use licensor::domain::DeletionPolicy;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
@@ -329,4 +334,33 @@ fn a_store_from_before_deletion_policies_migrates_with_revoke() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(user_version as usize, MIGRATIONS.len());
+}
+
+/// A role in the store that this licensor does not know is a damaged store:
+/// the token and the session that carry it are refused as unavailable,
+/// never taken for some role.
+#[test]
+fn a_stored_role_this_licensor_does_not_know_is_a_damaged_store() {
+    use licensor::domain::Role;
+    let (place, store) = seeded(Kind::Embedded);
+    let token = store.create_token("acme", Role::Viewer, "ci").unwrap();
+    let (cookie, _) = store
+        .open_session(&token, chrono::TimeDelta::hours(1))
+        .unwrap();
+    assert_eq!(
+        store.authenticate("acme", &token).unwrap().role,
+        Role::Viewer
+    );
+    let raw = rusqlite::Connection::open(place.dir.path().join("l.db")).unwrap();
+    raw.execute_batch("UPDATE tokens SET role = 'Root'; UPDATE sessions SET role = 'Root';")
+        .unwrap();
+    for err in [
+        store.authenticate("acme", &token).unwrap_err(),
+        store.session(&cookie).unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, BackendError::Unavailable(m) if m.contains("unknown role \"Root\"")),
+            "{err:?}"
+        );
+    }
 }

@@ -218,7 +218,9 @@ proptest! {
 /// transaction, one after the other): each is still decided on what the
 /// ones before it left, gets a version of its own, and a retry racing its
 /// first try is written once.
-fn racing_writers_are_decided_one_after_the_other(store: &Store) {
+fn racing_writers_are_decided_one_after_the_other(kind: common::Kind) {
+    let place = common::Place::new(kind);
+    let store = &place.open();
     const RACERS: usize = 24;
     const ROOM: i64 = 10;
     let mut fixture =
@@ -292,17 +294,5 @@ fn racing_writers_are_decided_one_after_the_other(store: &Store) {
     );
 }
 
-#[test]
-fn on_sqlite_racing_writers_are_decided_one_after_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("l.db")).unwrap();
-    racing_writers_are_decided_one_after_the_other(&store);
-}
-
-#[test]
-fn on_postgres_racing_writers_are_decided_one_after_the_other() {
-    // A database of its own: the property test above re-seeds its account.
-    let pg = common::postgres::server();
-    let store = Store::connect(&pg.url_with_password(&pg.database()), true).unwrap();
-    racing_writers_are_decided_one_after_the_other(&store);
-}
+// A store of its own (the property test above re-seeds its account).
+on_every_store!(racing_writers_are_decided_one_after_the_other);

@@ -57,6 +57,92 @@ pub enum Kind {
     Postgres,
 }
 
+/// The [`Kind`]s by the names of the modules [`on_every_store!`] makes.
+#[allow(non_upper_case_globals)]
+pub mod kind {
+    use super::Kind;
+    pub const embedded: Kind = Kind::Embedded;
+    pub const http: Kind = Kind::Http;
+    pub const postgres: Kind = Kind::Postgres;
+}
+
+/// Runs each case `fn case(kind: Kind)` once on each store, as the test
+/// `<store>::<case>`: `on_every_store!(a, b)` on the two databases
+/// (`embedded`, `postgres`); `on_every_store!([embedded, http, postgres]
+/// a, b)` on the stores named; `async` before the cases for `async fn`s.
+#[macro_export]
+macro_rules! on_every_store {
+    ([$($on:ident),+] async $($case:ident),+ $(,)?) => {
+        $crate::on_every_store!(@async [$($on),+] $($case),+);
+    };
+    ([$($on:ident),+] $($case:ident),+ $(,)?) => {
+        $crate::on_every_store!(@sync [$($on),+] $($case),+);
+    };
+    (async $($case:ident),+ $(,)?) => {
+        $crate::on_every_store!(@async [embedded, postgres] $($case),+);
+    };
+    ($($case:ident),+ $(,)?) => {
+        $crate::on_every_store!(@sync [embedded, postgres] $($case),+);
+    };
+    (@sync [$on:ident $(, $more:ident)*] $($case:ident),+) => {
+        mod $on {
+            $(#[test] fn $case() { super::$case($crate::common::kind::$on) })+
+        }
+        $crate::on_every_store!(@sync [$($more),*] $($case),+);
+    };
+    (@async [$on:ident $(, $more:ident)*] $($case:ident),+) => {
+        mod $on {
+            $(#[tokio::test] async fn $case() { super::$case($crate::common::kind::$on).await })+
+        }
+        $crate::on_every_store!(@async [$($more),*] $($case),+);
+    };
+    (@$_how:ident [] $($case:ident),+) => {};
+}
+
+/// A new, empty store opened through the library on `kind`: a file in a
+/// temporary directory, or a database of its own on the shared PostgreSQL
+/// server (TLS verified, the password in the URL).
+pub struct Place {
+    pub dir: tempfile::TempDir,
+    /// What `--backend` would say (with the password, for PostgreSQL).
+    pub backend: String,
+}
+
+impl Place {
+    pub fn new(kind: Kind) -> Place {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = match kind {
+            Kind::Embedded => format!("sqlite:{}", dir.path().join("l.db").display()),
+            Kind::Postgres => {
+                let pg = postgres::server();
+                pg.url_with_password(&pg.database())
+            }
+            Kind::Http => panic!("a store is opened on a database, not over HTTP"),
+        };
+        Place { dir, backend }
+    }
+
+    /// Opens the store, creating it.
+    pub fn open(&self) -> licensor::backend::store::Store {
+        self.open_with(true)
+    }
+
+    /// Opens the store as a second process would: it must be there.
+    pub fn open_existing(&self) -> licensor::backend::store::Store {
+        self.open_with(false)
+    }
+
+    fn open_with(&self, create: bool) -> licensor::backend::store::Store {
+        use licensor::backend::store::Store;
+        match self.backend.strip_prefix("sqlite:") {
+            Some(path) if create => Store::open(Path::new(path)),
+            Some(path) => Store::open_existing(Path::new(path)),
+            None => Store::connect(&self.backend, create),
+        }
+        .unwrap_or_else(|e| panic!("open {}: {e}", self.backend))
+    }
+}
+
 pub struct Account {
     pub dir: tempfile::TempDir,
     /// What `--backend` says.

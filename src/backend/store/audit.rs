@@ -1,23 +1,29 @@
 //! The audit log (R11): one record per change, written in the change's own
 //! transaction, so a change and its record stand or fall together. Actions
-//! are an enum, so a misspelt one cannot reach the log.
+//! are an enum, so a misspelt one cannot reach the log. A record is
+//! written as an [`AuditRecord`] and read back as an
+//! [`crate::api::AuditEntry`]; no other type holds one.
+
+use std::borrow::Cow;
 
 pub use crate::api::AuditAction;
 
 /// One change to record: what, on which allocation or pool, the numbers,
 /// the manager and the idempotency key. The actor and the time are added
-/// when it is written.
+/// when it is written. It borrows its strings from the change, and owns
+/// them when it must outlive it ([`AuditRecord::into_owned`]: PostgreSQL
+/// gathers the records of a transaction into one statement).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord<'a> {
     pub action: AuditAction,
-    pub organization: Option<&'a str>,
-    pub product: Option<&'a str>,
+    pub organization: Option<Cow<'a, str>>,
+    pub product: Option<Cow<'a, str>>,
     pub from: i64,
     pub to: i64,
     pub rehomed: i64,
     pub displaced: i64,
-    pub manager: Option<&'a str>,
-    pub idempotency_key: Option<&'a str>,
+    pub manager: Option<Cow<'a, str>>,
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 impl<'a> AuditRecord<'a> {
@@ -44,11 +50,23 @@ impl<'a> AuditRecord<'a> {
         (from, to): (i64, i64),
     ) -> Self {
         AuditRecord {
-            organization: Some(organization),
-            product: Some(product),
+            organization: Some(organization.into()),
+            product: Some(product.into()),
             from,
             to,
             ..AuditRecord::new(action)
+        }
+    }
+
+    /// The record with its strings its own.
+    pub fn into_owned(self) -> AuditRecord<'static> {
+        let own = |s: Option<Cow<'a, str>>| s.map(|s| Cow::Owned(s.into_owned()));
+        AuditRecord {
+            organization: own(self.organization),
+            product: own(self.product),
+            manager: own(self.manager),
+            idempotency_key: own(self.idempotency_key),
+            ..self
         }
     }
 }

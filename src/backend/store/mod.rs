@@ -1,29 +1,31 @@
 //! The embedded license store: one SQLite file.
 //!
-//! Contract: the schema is versioned and migrated on open ([`schema`]), and
-//! a file that is not a licensor store, or is newer, is refused untouched;
-//! the file runs in WAL mode; every check and write is one `BEGIN
-//! IMMEDIATE` transaction running the shared write pipeline
-//! ([`pipeline`]) over this store's SQL ([`rows`]), which decides with
+//! Contract: the schema is versioned and migrated on open
+//! ([`sqlite::schema`]), and a file that is not a licensor store, or is
+//! newer, is refused untouched; the file runs in WAL mode; every check and
+//! write is one `BEGIN IMMEDIATE` transaction running the shared write
+//! pipeline ([`pipeline`]) over the [`storage`] rows in this store's SQL
+//! ([`sqlite`]), which decides with
 //! [`crate::domain`] on rows read inside it (R10), so concurrent writers,
 //! threads or processes, cannot over-commit a pool by their own increases.
 //! A refusal rolls back: the file keeps exactly the rows it had. Every
 //! change writes an audit record ([`audit`], R11); answers to idempotency
 //! keys are remembered and replayed. Allocation writes to one product that
 //! arrive together share one transaction (`batch`). Reads run on
-//! connections of their own (`readers`), beside the writer and each other. `licensor serve` uses
+//! connections of their own ([`sqlite::readers`]), beside the writer and
+//! each other. Tokens and sessions are `access`. `licensor serve` uses
 //! these same transaction functions; [`postgres`] is the same store on a
 //! PostgreSQL server.
 
+mod access;
 pub mod audit;
 mod batch;
-mod checkpoint;
+mod migrations;
 pub mod pipeline;
 mod pool;
 pub mod postgres;
-mod readers;
-pub mod rows;
-pub mod schema;
+pub mod sqlite;
+pub mod storage;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -31,30 +33,9 @@ use std::sync::Mutex;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::{AuditEntry, BackendError, Fixture, Written};
-use crate::domain::{
-    AllocationWrite, Pool, Reason, Refusal, Role, SeatChange, Snapshot, did_you_mean,
-};
-use pipeline::hash;
-use rows::Storage;
-
-/// Who is acting on the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// Shown in the audit log; never the token.
-    pub actor: String,
-    pub role: Role,
-}
-
-impl Principal {
-    /// Whoever can open the file can change it anyway, so local access
-    /// without a token acts as the Account Admin.
-    pub fn local() -> Principal {
-        Principal {
-            actor: "local".into(),
-            role: Role::AccountAdmin,
-        }
-    }
-}
+use crate::domain::{AllocationWrite, Pool, Reason, Refusal, SeatChange, Snapshot, did_you_mean};
+pub use access::{Principal, Session, random_hex};
+use storage::Storage;
 
 /// A license store and its transaction functions.
 pub struct Store {
@@ -64,7 +45,7 @@ pub struct Store {
     /// Where it is, for messages (a path; never credentials).
     location: String,
     /// The embedded store's checkpoints (after `db`, which closes first).
-    _checkpoints: Option<checkpoint::Checkpoints>,
+    _checkpoints: Option<sqlite::checkpoint::Checkpoints>,
 }
 
 /// Runs a store call off the async threads (its calls block: SQLite, and
@@ -78,50 +59,10 @@ pub async fn off_thread<T: Send + 'static>(
         .map_err(|e| BackendError::Unavailable(format!("store task failed: {e}")))?
 }
 
-/// 24 random bytes in hex: tokens, session ids, CSRF secrets.
-pub fn random_hex() -> Result<String, BackendError> {
-    let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| BackendError::Unavailable(format!("no randomness: {e}")))?;
-    Ok(hex::encode(bytes))
-}
-
-/// A signed-in person on the License Management page.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    pub account: String,
-    pub who: Principal,
-    /// The secret every form of the session must carry.
-    pub csrf: String,
-}
-
-impl TryFrom<rows::SessionRow> for Session {
-    type Error = BackendError;
-
-    fn try_from(row: rows::SessionRow) -> Result<Session, BackendError> {
-        Ok(Session {
-            account: row.account,
-            who: Principal {
-                actor: row.actor,
-                role: stored_role(&row.role)?,
-            },
-            csrf: row.csrf,
-        })
-    }
-}
-
-/// A role as the store keeps it; anything else is a damaged store, never
-/// quietly some role.
-fn stored_role(role: &str) -> Result<Role, BackendError> {
-    Role::parse(role).ok_or_else(|| {
-        BackendError::Unavailable(format!("the store holds an unknown role {role:?}"))
-    })
-}
-
 /// The database behind a store.
 enum Db {
     /// The writer's connection, and the connections reads run on beside it.
-    Sqlite(Mutex<Connection>, readers::Readers),
+    Sqlite(Mutex<Connection>, sqlite::readers::Readers),
     /// A pool of connections (see [`postgres::conn`]).
     Postgres(Box<postgres::Conns>),
 }
@@ -135,10 +76,6 @@ impl Drop for Store {
             let _ = std::thread::spawn(move || drop(idle)).join();
         }
     }
-}
-
-fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
-    move |e| BackendError::Unavailable(format!("{}: {e}", path.display()))
 }
 
 impl Store {
@@ -156,43 +93,12 @@ impl Store {
     }
 
     fn open_with(path: &Path, create: bool) -> Result<Store, BackendError> {
-        let err = storage(path);
-        if !create && !path.exists() {
-            return Err(BackendError::Unavailable(format!(
-                "{}: no store here; create one with `licensor backend seed -f FIXTURE`",
-                path.display()
-            )));
-        }
-        let mut flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-            | rusqlite::OpenFlags::SQLITE_OPEN_URI
-            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        if create {
-            flags |= rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
-        }
-        let mut conn = Connection::open_with_flags(path, flags).map_err(&err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(&err)?;
-        // Before anything is written (WAL mode included): is this a store
-        // of ours, and one this licensor understands?
-        schema::check_schema(&conn, path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        // WAL with NORMAL survives a crash of any process; only a power loss
-        // can lose the last commits, never corrupt the file.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(&err)?;
-        schema::migrate(&mut conn, path)?;
-        // Checkpoints run on a thread of their own (see `checkpoint`).
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(&err)?;
-        let checkpoints = checkpoint::Checkpoints::start(path)?;
+        let opened = sqlite::open(path, create)?;
         Ok(Store {
-            db: Db::Sqlite(Mutex::new(conn), readers::Readers::new(path)),
+            db: Db::Sqlite(Mutex::new(opened.writer), opened.readers),
             batches: Default::default(),
             location: path.display().to_string(),
-            _checkpoints: Some(checkpoints),
+            _checkpoints: Some(opened.checkpoints),
         })
     }
 
@@ -478,77 +384,6 @@ impl Store {
                 ))),
             },
         }
-    }
-
-    /// Maps a bearer token to its principal; only the hash is stored.
-    pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
-        match self.read_one(|s| s.token(&hash(token)))? {
-            Some((a, role, name)) if a == account => Ok(Principal {
-                actor: format!("token:{name}"),
-                role: stored_role(&role)?,
-            }),
-            _ => Err(BackendError::Unauthorized(
-                "the token is unknown or not for this account".into(),
-            )),
-        }
-    }
-
-    /// Creates a token and returns it; it is shown once and stored hashed.
-    pub fn create_token(
-        &self,
-        account: &str,
-        role: Role,
-        name: &str,
-    ) -> Result<String, BackendError> {
-        let token = format!("lsr_{}", random_hex()?);
-        self.transaction(true, |s| {
-            s.insert_token(&hash(&token), account, role.as_str(), name)
-        })?;
-        Ok(token)
-    }
-
-    /// Signs in with an API token: a new page session for the token's
-    /// account and role, lasting `ttl`. Returns the cookie's value (random;
-    /// only its hash is stored) and the session.
-    pub fn open_session(
-        &self,
-        token: &str,
-        ttl: chrono::Duration,
-    ) -> Result<(String, Session), BackendError> {
-        let unknown = || BackendError::Unauthorized("the token is unknown".into());
-        let (account, role, name) = self
-            .read_one(|s| s.token(&hash(token)))?
-            .ok_or_else(unknown)?;
-        let id = random_hex()?;
-        let now = chrono::Utc::now();
-        let row = rows::SessionRow {
-            account,
-            actor: format!("token:{name}"),
-            role,
-            csrf: random_hex()?,
-            expires_at: (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        };
-        let expired = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        self.transaction(true, |s| {
-            s.delete_sessions(&hash(&id), &expired)?;
-            s.insert_session(&hash(&id), &row)
-        })?;
-        Ok((id, Session::try_from(row)?))
-    }
-
-    /// The live session a cookie names, if any.
-    pub fn session(&self, id: &str) -> Result<Option<Session>, BackendError> {
-        let now = rows::now();
-        self.read_one(|s| s.session(&hash(id)))?
-            .filter(|row| row.expires_at > now)
-            .map(Session::try_from)
-            .transpose()
-    }
-
-    /// Ends a session (sign-out), and every expired one.
-    pub fn close_session(&self, id: &str) -> Result<(), BackendError> {
-        let now = rows::now();
-        self.transaction(true, |s| s.delete_sessions(&hash(id), &now))
     }
 
     /// Forgets idempotency keys older than `age`; they are kept at least that long.

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::Principal;
 use super::audit::{AuditAction, AuditRecord};
-use super::rows::{Observation, Observations, Storage};
+use super::storage::{KeyRow, Observation, Observations, Storage, now};
 use crate::backend::{BackendError, Fixture, Written};
 use crate::domain::{
     Allocation, AllocationWrite, DeletionPolicy, Pool, PoolView, Reason, Refusal, Request,
@@ -139,9 +139,14 @@ fn write_one<S: Storage + ?Sized>(
         written.allocation.clone(),
     );
     if let Some(key) = &w.idempotency_key {
-        let answer = serde_json::to_string(&written).unwrap_or_default();
-        s.remember(account, key, &request_hash, &answer)?;
-        remembered.insert(key.clone(), (request_hash, answer));
+        let row = KeyRow {
+            key: key.clone(),
+            request_hash,
+            answer: serde_json::to_string(&written).unwrap_or_default(),
+            created: now(),
+        };
+        s.remember(account, &row)?;
+        remembered.insert(row.key, (row.request_hash, row.answer));
     }
     Ok(written)
 }
@@ -241,8 +246,8 @@ fn decide_and_write<S: Storage + ?Sized>(
         let record = AuditRecord {
             rehomed: effect.rehomed,
             displaced: effect.displaced,
-            manager: w.managed_by.as_deref(),
-            idempotency_key: w.idempotency_key.as_deref(),
+            manager: w.managed_by.as_deref().map(Into::into),
+            idempotency_key: w.idempotency_key.as_deref().map(Into::into),
             ..AuditRecord::allocation(
                 action,
                 &w.organization,
@@ -298,7 +303,7 @@ pub fn release<S: Storage + ?Sized>(
     pool.revision = revision;
     s.save_pool(account, &pool)?;
     let record = AuditRecord {
-        manager: Some(manager),
+        manager: Some(manager.into()),
         ..AuditRecord::allocation(
             AuditAction::Orphan,
             organization,
@@ -326,7 +331,7 @@ pub fn set_total<S: Storage + ?Sized>(
     pool.revision = s.next_revision(account)?;
     s.save_pool(account, &pool)?;
     let record = AuditRecord {
-        product: Some(product),
+        product: Some(product.into()),
         from,
         to: total,
         ..AuditRecord::new(AuditAction::Total)

@@ -20,6 +20,7 @@ use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
 use super::conn::{Conn, Param, Request};
+use crate::backend::store::audit::AuditRecord;
 use crate::domain::Allocation;
 
 /// Upserts the gathered allocations; the last row of a key wins (a
@@ -42,20 +43,7 @@ const INSERT_AUDIT: &str =
      ORDER BY n";
 
 /// One audit record as it is written: its account, time and actor added.
-pub struct AuditRow {
-    pub account: String,
-    pub time: String,
-    pub actor: String,
-    pub action: &'static str,
-    pub organization: Option<String>,
-    pub product: Option<String>,
-    pub from: i64,
-    pub to: i64,
-    pub rehomed: i64,
-    pub displaced: i64,
-    pub manager: Option<String>,
-    pub idempotency_key: Option<String>,
-}
+pub type AuditRow = (String, String, String, AuditRecord<'static>);
 
 /// Rows of one table gathered in one place of the queue; a row added under
 /// the key of one before it takes that one's place.
@@ -167,17 +155,21 @@ fn allocation_columns(rows: &[(String, Allocation)]) -> Vec<Param> {
 
 fn audit_columns(rows: &[AuditRow]) -> Vec<Param> {
     vec![
-        column(rows, |r| r.account.clone()),
-        column(rows, |r| r.time.clone()),
-        column(rows, |r| r.actor.clone()),
-        column(rows, |r| r.action.to_string()),
-        column(rows, |r| r.organization.clone()),
-        column(rows, |r| r.product.clone()),
-        column(rows, |r| r.from),
-        column(rows, |r| r.to),
-        column(rows, |r| r.rehomed),
-        column(rows, |r| r.displaced),
-        column(rows, |r| r.manager.clone()),
-        column(rows, |r| r.idempotency_key.clone()),
+        column(rows, |(account, ..)| account.clone()),
+        column(rows, |(_, time, ..)| time.clone()),
+        column(rows, |(_, _, actor, _)| actor.clone()),
+        column(rows, |(.., r)| r.action.as_str().to_string()),
+        column(rows, |(.., r)| {
+            r.organization.as_deref().map(str::to_string)
+        }),
+        column(rows, |(.., r)| r.product.as_deref().map(str::to_string)),
+        column(rows, |(.., r)| r.from),
+        column(rows, |(.., r)| r.to),
+        column(rows, |(.., r)| r.rehomed),
+        column(rows, |(.., r)| r.displaced),
+        column(rows, |(.., r)| r.manager.as_deref().map(str::to_string)),
+        column(rows, |(.., r)| {
+            r.idempotency_key.as_deref().map(str::to_string)
+        }),
     ]
 }

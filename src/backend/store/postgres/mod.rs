@@ -51,14 +51,17 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use super::audit::{AuditAction, AuditRecord};
 use std::collections::HashMap;
 
-use super::rows::{AccountRows, Observation, Observations, Result, SessionRow, Storage, now};
+use super::storage::{
+    AccountRows, KeyRow, Observation, Observations, Result, SessionRow, Storage, TokenRow, now,
+    stored_role,
+};
 use crate::backend::{AuditEntry, BackendError};
 use crate::domain::{Allocation, DeletionPolicy, Pool, Snapshot};
 use conn::{Answer, Param, Request, params};
 pub use conn::{Conn, Conns};
 use connect::invalid;
 pub use connect::{connect, describe, opener, pool_size};
-use gather::{AuditRow, Gathered};
+use gather::Gathered;
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
 /// those applied.
@@ -128,8 +131,8 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 "#,
-    super::schema::SESSIONS,
-    super::schema::DELETION_POLICY,
+    super::migrations::SESSIONS,
+    super::migrations::DELETION_POLICY,
 ];
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
@@ -447,6 +450,19 @@ fn snapshot_of(pools: &[Row], organizations: &[Row], allocations: &[Row]) -> Sna
     }
 }
 
+/// A token's columns, in the order [`token_row`] reads them.
+const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at";
+
+fn token_row(r: &Row) -> Result<TokenRow> {
+    Ok(TokenRow {
+        hash: r.get(0),
+        account: r.get(1),
+        role: stored_role(r.get(2))?,
+        name: r.get(3),
+        created: r.get(4),
+    })
+}
+
 fn audit_row(r: &Row) -> Result<AuditEntry> {
     let action: String = r.get(3);
     Ok(AuditEntry {
@@ -718,21 +734,12 @@ impl Storage for Pg<'_> {
     }
 
     fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
-        let owned = |s: Option<&str>| s.map(str::to_string);
-        let row = AuditRow {
-            account: account.to_string(),
-            time: now(),
-            actor: actor.to_string(),
-            action: r.action.as_str(),
-            organization: owned(r.organization),
-            product: owned(r.product),
-            from: r.from,
-            to: r.to,
-            rehomed: r.rehomed,
-            displaced: r.displaced,
-            manager: owned(r.manager),
-            idempotency_key: owned(r.idempotency_key),
-        };
+        let row = (
+            account.to_string(),
+            now(),
+            actor.to_string(),
+            r.clone().into_owned(),
+        );
         let mut conn = self.conn.borrow_mut();
         self.gathered.borrow_mut().insert_audit(&mut conn, row);
         Ok(())
@@ -748,10 +755,10 @@ impl Storage for Pg<'_> {
             .map(|r| (r.get(0), r.get(1))))
     }
 
-    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()> {
+    fn remember(&self, account: &str, k: &KeyRow) -> Result<()> {
         self.later(
             "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
-            params![&account, &key, &request_hash, &answer, &now()],
+            params![&account, &k.key, &k.request_hash, &k.answer, &k.created],
         )
         .map(drop)
     }
@@ -764,44 +771,45 @@ impl Storage for Pg<'_> {
             .collect())
     }
 
-    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
-        Ok(self
-            .rows(
-                "SELECT account, role, name FROM tokens WHERE hash = $1",
-                params![&hash],
-            )?
-            .first()
-            .map(|r| (r.get(0), r.get(1), r.get(2))))
+    fn token(&self, hash: &str) -> Result<Option<TokenRow>> {
+        self.rows(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"),
+            params![&hash],
+        )?
+        .first()
+        .map(token_row)
+        .transpose()
     }
 
-    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()> {
+    fn insert_token(&self, t: &TokenRow) -> Result<()> {
         self.later(
             "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-            params![&hash, &account, &role, &name, &now()],
+            params![&t.hash, &t.account, &t.role.as_str(), &t.name, &t.created],
         )
-        .map(drop)
     }
 
     fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
-        Ok(self
-            .rows(
-                "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = $1",
-                params![&hash],
-            )?
-            .first()
-            .map(|r| SessionRow {
+        self.rows(
+            "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = $1",
+            params![&hash],
+        )?
+        .first()
+        .map(|r| {
+            Ok(SessionRow {
                 account: r.get(0),
                 actor: r.get(1),
-                role: r.get(2),
+                role: stored_role(r.get(2))?,
                 csrf: r.get(3),
                 expires_at: r.get(4),
-            }))
+            })
+        })
+        .transpose()
     }
 
     fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
         self.later(
             "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
-            params![&hash, &s.account, &s.actor, &s.role, &s.csrf, &s.expires_at],
+            params![&hash, &s.account, &s.actor, &s.role.as_str(), &s.csrf, &s.expires_at],
         )
     }
 
@@ -846,7 +854,7 @@ impl Storage for Pg<'_> {
                 params![account],
             ),
             (
-                "SELECT hash, role, name, created_at FROM tokens WHERE account = $1 ORDER BY hash",
+                "SELECT hash, account, role, name, created_at FROM tokens WHERE account = $1 ORDER BY hash",
                 params![account],
             ),
             (
@@ -867,7 +875,6 @@ impl Storage for Pg<'_> {
         ] = <[Vec<Row>; 8]>::try_from(self.consistent(queries)?)
             .map_err(|_| BackendError::Unavailable("the store: answers missing".into()))?;
         let snapshot = snapshot_of(&pools, &organization_ids, &allocations);
-        let four = |r: &Row| (r.get(0), r.get(1), r.get(2), r.get(3));
         Ok(AccountRows {
             id: account.to_string(),
             revision: revision.first().map_or(0, |r| r.get(0)),
@@ -875,8 +882,16 @@ impl Storage for Pg<'_> {
             organizations: organizations.iter().map(|r| (r.get(0), r.get(1))).collect(),
             allocations: snapshot.allocations,
             audit: audit.iter().map(audit_row).collect::<Result<_>>()?,
-            tokens: tokens.iter().map(four).collect(),
-            keys: keys.iter().map(four).collect(),
+            tokens: tokens.iter().map(token_row).collect::<Result<_>>()?,
+            keys: keys
+                .iter()
+                .map(|r| KeyRow {
+                    key: r.get(0),
+                    request_hash: r.get(1),
+                    answer: r.get(2),
+                    created: r.get(3),
+                })
+                .collect(),
         })
     }
 
@@ -892,28 +907,21 @@ impl Storage for Pg<'_> {
             .map(drop)
     }
 
-    fn import(&self, a: &AccountRows) -> Result<()> {
-        let id = a.id.as_str();
+    fn insert_account(&self, account: &str, revision: i64) -> Result<()> {
         self.later(
             "INSERT INTO accounts (id, revision) VALUES ($1, $2)",
-            params![&id, &a.revision],
-        )?;
-        for p in &a.pools {
-            self.insert_pool(id, p)?;
-        }
-        for (org, name) in &a.organizations {
-            self.insert_organization(id, org, name.as_deref())?;
-        }
-        for al in &a.allocations {
-            self.save_allocation(id, al)?;
-        }
-        for e in &a.audit {
+            params![&account, &revision],
+        )
+    }
+
+    fn restore_audit(&self, account: &str, entries: &[AuditEntry]) -> Result<()> {
+        for e in entries {
             self.later(
                 "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
                  OVERRIDING SYSTEM VALUE
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                 params![&e.id,
-                    &id,
+                    &account,
                     &e.time,
                     &e.actor,
                     &e.action.as_str(),
@@ -932,18 +940,6 @@ impl Storage for Pg<'_> {
             "SELECT setval(pg_get_serial_sequence('audit', 'id'), GREATEST((SELECT max(id) FROM audit), 1))",
             params![],
         )?;
-        for (hash, role, name, created) in &a.tokens {
-            self.later(
-                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-                params![hash, &id, role, name, created],
-            )?;
-        }
-        for (key, request_hash, answer, created) in &a.keys {
-            self.later(
-                "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES ($1, $2, $3, $4, $5)",
-                params![&id, key, request_hash, answer, created],
-            )?;
-        }
         Ok(())
     }
 }

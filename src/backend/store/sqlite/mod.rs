@@ -1,165 +1,77 @@
-//! The storage interface the write pipeline runs on: the rows it reads and
-//! writes inside one transaction, and nothing else. A store implements it
-//! with its own SQL; the rules and their order live in
-//! [`super::pipeline`]. Implemented here for SQLite (`rusqlite`), where a
-//! transaction is `BEGIN IMMEDIATE`, so writers are serialized.
+//! The embedded store's SQL: the [`Storage`] rows on one SQLite file
+//! (`rusqlite`), where a write transaction is `BEGIN IMMEDIATE`, so writers
+//! are serialized. Opening a file ([`open`]) checks and migrates its schema
+//! ([`schema`]) and turns on WAL; reads run on connections of their own
+//! ([`readers`]), beside the writer and each other, and checkpoints on a
+//! thread of their own ([`checkpoint`]).
 
-use std::collections::HashMap;
+pub mod checkpoint;
+pub mod readers;
+pub mod schema;
+
+use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::audit::{AuditAction, AuditRecord};
+use super::storage::{
+    AccountRows, KeyRow, Observation, Result, SessionRow, Storage, TokenRow, now, stored_role,
+};
 use crate::backend::{AuditEntry, BackendError};
-use crate::domain::{Allocation, DeletionPolicy, Observed, Pool, Snapshot};
+use crate::domain::{Allocation, DeletionPolicy, Pool, Role, Snapshot};
 
-/// The result of a storage call; its errors are `Unavailable`.
-pub type Result<T> = std::result::Result<T, BackendError>;
-
-/// Everything one account holds, row for row: what `backend copy` moves
-/// between stores (tokens stay hashed; audit ids, versions, revisions and
-/// the sequence are kept, so nothing handed out before can repeat).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountRows {
-    pub id: String,
-    /// The account's sequence.
-    pub revision: i64,
-    pub pools: Vec<Pool>,
-    /// Id and display name.
-    pub organizations: Vec<(String, Option<String>)>,
-    pub allocations: Vec<Allocation>,
-    pub audit: Vec<AuditEntry>,
-    /// Hash, role, name, created.
-    pub tokens: Vec<(String, String, String, String)>,
-    /// Key, request hash, answer, created.
-    pub keys: Vec<(String, String, String, String)>,
+/// An open store file: the writer's connection, the readers' and the
+/// checkpoints' thread.
+pub struct Opened {
+    pub writer: Connection,
+    pub readers: readers::Readers,
+    pub checkpoints: checkpoint::Checkpoints,
 }
 
-/// The rows of one account, inside one transaction.
-pub trait Storage {
-    fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>>;
-    fn organization_exists(&self, account: &str, organization: &str) -> Result<bool>;
-    fn allocation(
-        &self,
-        account: &str,
-        organization: &str,
-        product: &str,
-    ) -> Result<Option<Allocation>>;
-    /// The next value of the account's sequence: every version and pool
-    /// revision is one, so none ever repeats in the account.
-    fn next_revision(&self, account: &str) -> Result<i64>;
-    /// Writes a pool's total, dedicated, shared-in-use and revision.
-    fn save_pool(&self, account: &str, pool: &Pool) -> Result<()>;
-    /// Inserts or replaces an allocation.
-    fn save_allocation(&self, account: &str, allocation: &Allocation) -> Result<()>;
-    fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()>;
-    fn insert_organization(&self, account: &str, id: &str, name: Option<&str>) -> Result<()>;
-    fn insert_pool(&self, account: &str, pool: &Pool) -> Result<()>;
-    /// Empties an account (its pools, organizations, allocations), creating
-    /// it if new; its sequence, tokens, audit log and keys stay.
-    fn clear_account(&self, account: &str) -> Result<()>;
-    fn insert_audit(&self, account: &str, actor: &str, record: &AuditRecord<'_>) -> Result<()>;
-    /// The request hash and stored answer of an idempotency key.
-    fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>>;
-    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()>;
-
-    // Reads and housekeeping.
-
-    /// Account ids, sorted.
-    fn accounts(&self) -> Result<Vec<String>>;
-    /// The account, role and name of a token, by its hash.
-    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>>;
-    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()>;
-    /// A page session, by the hash of its cookie.
-    fn session(&self, hash: &str) -> Result<Option<SessionRow>>;
-    fn insert_session(&self, hash: &str, session: &SessionRow) -> Result<()>;
-    /// Ends the session `hash`, and every session that expired before
-    /// `expired_before` (RFC 3339).
-    fn delete_sessions(&self, hash: &str, expired_before: &str) -> Result<()>;
-    /// Forgets idempotency keys created before `cutoff` (RFC 3339).
-    fn expire_keys(&self, cutoff: &str) -> Result<usize>;
-    /// Pools, organizations and allocations of one account, sorted.
-    fn snapshot(&self, account: &str) -> Result<Snapshot>;
-    /// What one allocation is decided on: its product's pool, whether its
-    /// organization exists, and the allocation. In a write transaction a
-    /// store that locks rows locks the pool row first, which serializes the
-    /// writers of one product.
-    fn observation(&self, account: &str, organization: &str, product: &str) -> Result<Observation> {
-        Ok(Observation {
-            pool: self.pool(account, product)?,
-            organization_exists: self.organization_exists(account, organization)?,
-            allocation: self.allocation(account, organization, product)?,
-        })
-    }
-    /// What a batch of writes is decided on, read together: an
-    /// observation for each (organization, product) and the stored answers
-    /// of the keys that are in use. A store that locks rows locks the pool
-    /// rows first, in the order of their names.
-    fn observations(
-        &self,
-        account: &str,
-        wanted: &[(&str, &str)],
-        keys: &[&str],
-    ) -> Result<Observations> {
-        let mut remembered = HashMap::new();
-        for key in keys {
-            if let Some(answer) = self.remembered(account, key)? {
-                remembered.insert(key.to_string(), answer);
-            }
-        }
-        let seen = wanted
-            .iter()
-            .map(|(organization, product)| self.observation(account, organization, product))
-            .collect::<Result<_>>()?;
-        Ok(Observations { seen, remembered })
-    }
-    /// The part of the account one allocation is decided on, as a snapshot.
-    fn observe(&self, account: &str, organization: &str, product: &str) -> Result<Snapshot> {
-        let seen = self.observation(account, organization, product)?;
-        Ok(Snapshot {
-            pools: seen.pool.into_iter().collect(),
-            organizations: seen
-                .organization_exists
-                .then(|| organization.to_string())
-                .into_iter()
-                .collect(),
-            allocations: seen.allocation.into_iter().collect(),
-        })
-    }
-    /// The audit log of one account, oldest first.
-    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>>;
-
-    /// Every row of one account.
-    fn export(&self, account: &str) -> Result<AccountRows>;
-    /// Writes an exported account into a store that does not hold it.
-    fn import(&self, rows: &AccountRows) -> Result<()>;
-    /// Removes an account and everything it holds.
-    fn drop_account(&self, account: &str) -> Result<()>;
+fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
+    move |e| BackendError::Unavailable(format!("{}: {e}", path.display()))
 }
 
-/// What a batch of writes is decided on ([`Storage::observations`]).
-pub struct Observations {
-    /// One per (organization, product) asked for, in order.
-    pub seen: Vec<Observation>,
-    /// Request hash and answer of each key asked for that is stored.
-    pub remembered: HashMap<String, (String, String)>,
-}
-
-/// What one request is decided on, read inside its transaction: the
-/// product's pool, whether the organization exists, and the allocation.
-pub struct Observation {
-    pub pool: Option<Pool>,
-    pub organization_exists: bool,
-    pub allocation: Option<Allocation>,
-}
-
-impl Observation {
-    pub fn seen(&self) -> Observed<'_> {
-        Observed {
-            pool: self.pool.as_ref(),
-            organization_exists: self.organization_exists,
-            allocation: self.allocation.as_ref(),
-        }
+/// Opens (with `create`, creating if needed) and migrates the file at
+/// `path`; a file that is not a licensor store, or is newer, is refused
+/// before anything is written to it.
+pub fn open(path: &Path, create: bool) -> std::result::Result<Opened, BackendError> {
+    let err = storage(path);
+    if !create && !path.exists() {
+        return Err(BackendError::Unavailable(format!(
+            "{}: no store here; create one with `licensor backend seed -f FIXTURE`",
+            path.display()
+        )));
     }
+    let mut flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut conn = Connection::open_with_flags(path, flags).map_err(&err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(&err)?;
+    // Before anything is written (WAL mode included): is this a store
+    // of ours, and one this licensor understands?
+    schema::check_schema(&conn, path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(&err)?;
+    // WAL with NORMAL survives a crash of any process; only a power loss
+    // can lose the last commits, never corrupt the file.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(&err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(&err)?;
+    schema::migrate(&mut conn, path)?;
+    // Checkpoints run on a thread of their own (see `checkpoint`).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(&err)?;
+    Ok(Opened {
+        checkpoints: checkpoint::Checkpoints::start(path)?,
+        readers: readers::Readers::new(path),
+        writer: conn,
+    })
 }
 
 fn failed(e: rusqlite::Error) -> BackendError {
@@ -197,21 +109,25 @@ fn policy(stored: &str) -> DeletionPolicy {
     DeletionPolicy::parse(stored).unwrap_or_default()
 }
 
-/// Now, as stored in the audit log and the key table.
-/// A page session as stored (see `Store::open_session`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRow {
-    pub account: String,
-    pub actor: String,
-    pub role: String,
-    /// The secret every form of the session carries.
-    pub csrf: String,
-    /// RFC 3339, UTC.
-    pub expires_at: String,
+/// A token's columns, in the order [`token_row`] reads them.
+const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow {
+        hash: r.get(0)?,
+        account: r.get(1)?,
+        role: r.get(2)?,
+        name: r.get(3)?,
+        created: r.get(4)?,
+    })
 }
 
-pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// A role as the store keeps it: its name; anything else is a damaged
+/// store (see [`stored_role`]).
+impl rusqlite::types::FromSql for Role {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Role> {
+        stored_role(v.as_str()?).map_err(|e| rusqlite::types::FromSqlError::Other(e.into()))
+    }
 }
 
 /// SQLite: a `Transaction` derefs to its `Connection`, so the write
@@ -359,14 +275,14 @@ impl Storage for Connection {
                 now(),
                 actor,
                 r.action.as_str(),
-                r.organization,
-                r.product,
+                r.organization.as_deref(),
+                r.product.as_deref(),
                 r.from,
                 r.to,
                 r.rehomed,
                 r.displaced,
-                r.manager,
-                r.idempotency_key
+                r.manager.as_deref(),
+                r.idempotency_key.as_deref()
             ])
         })
         .map(drop)
@@ -384,11 +300,11 @@ impl Storage for Connection {
         .map_err(failed)
     }
 
-    fn remember(&self, account: &str, key: &str, request_hash: &str, answer: &str) -> Result<()> {
+    fn remember(&self, account: &str, k: &KeyRow) -> Result<()> {
         self.prepare_cached(
             "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
-        .and_then(|mut s| s.execute(params![account, key, request_hash, answer, now()]))
+        .and_then(|mut s| s.execute(params![account, k.key, k.request_hash, k.answer, k.created]))
         .map(drop)
         .map_err(failed)
     }
@@ -399,19 +315,18 @@ impl Storage for Connection {
             .map_err(failed)
     }
 
-    fn token(&self, hash: &str) -> Result<Option<(String, String, String)>> {
-        self.prepare_cached("SELECT account, role, name FROM tokens WHERE hash = ?1")
-            .and_then(|mut s| {
-                s.query_row([hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()
-            })
-            .map_err(failed)
+    fn token(&self, hash: &str) -> Result<Option<TokenRow>> {
+        self.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+        ))
+        .and_then(|mut s| s.query_row([hash], token_row).optional())
+        .map_err(failed)
     }
 
-    fn insert_token(&self, hash: &str, account: &str, role: &str, name: &str) -> Result<()> {
+    fn insert_token(&self, t: &TokenRow) -> Result<()> {
         self.execute(
             "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash, account, role, name, now()],
+            params![t.hash, t.account, t.role.as_str(), t.name, t.created],
         )
         .map(drop)
         .map_err(failed)
@@ -439,7 +354,7 @@ impl Storage for Connection {
     fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
         self.execute(
             "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hash, s.account, s.actor, s.role, s.csrf, s.expires_at],
+            params![hash, s.account, s.actor, s.role.as_str(), s.csrf, s.expires_at],
         )
         .map(drop)
         .map_err(failed)
@@ -575,21 +490,23 @@ impl Storage for Connection {
             })
             .map_err(failed)?;
         let tokens = self
-            .prepare(
-                "SELECT hash, role, name, created_at FROM tokens WHERE account = ?1 ORDER BY hash",
-            )
-            .and_then(|mut s| {
-                s.query_map([account], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?
-                .collect()
-            })
+            .prepare(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE account = ?1 ORDER BY hash"
+            ))
+            .and_then(|mut s| s.query_map([account], token_row)?.collect())
             .map_err(failed)?;
         let keys = self
             .prepare("SELECT key, request_hash, response, created_at FROM idempotency WHERE account = ?1 ORDER BY key")
             .and_then(|mut s| {
-                s.query_map([account], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect()
+                s.query_map([account], |r| {
+                    Ok(KeyRow {
+                        key: r.get(0)?,
+                        request_hash: r.get(1)?,
+                        answer: r.get(2)?,
+                        created: r.get(3)?,
+                    })
+                })?
+                .collect()
             })
             .map_err(failed)?;
         Ok(AccountRows {
@@ -604,41 +521,21 @@ impl Storage for Connection {
         })
     }
 
-    fn import(&self, a: &AccountRows) -> Result<()> {
-        let id = a.id.as_str();
+    fn insert_account(&self, account: &str, revision: i64) -> Result<()> {
         self.execute(
             "INSERT INTO accounts (id, revision) VALUES (?1, ?2)",
-            params![id, a.revision],
+            params![account, revision],
         )
-        .map_err(failed)?;
-        for p in &a.pools {
-            self.insert_pool(id, p)?;
-        }
-        for (org, name) in &a.organizations {
-            self.insert_organization(id, org, name.as_deref())?;
-        }
-        for al in &a.allocations {
-            self.save_allocation(id, al)?;
-        }
-        for e in &a.audit {
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn restore_audit(&self, account: &str, entries: &[AuditEntry]) -> Result<()> {
+        for e in entries {
             self.execute(
                 "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![e.id, id, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key],
-            )
-            .map_err(failed)?;
-        }
-        for (hash, role, name, created) in &a.tokens {
-            self.execute(
-                "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![hash, id, role, name, created],
-            )
-            .map_err(failed)?;
-        }
-        for (key, request_hash, answer, created) in &a.keys {
-            self.execute(
-                "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, key, request_hash, answer, created],
+                params![e.id, account, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key],
             )
             .map_err(failed)?;
         }

@@ -8,11 +8,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::storage;
 use crate::backend::BackendError;
-
-fn storage(path: &Path) -> impl Fn(rusqlite::Error) -> BackendError + '_ {
-    move |e| BackendError::Unavailable(format!("{}: {e}", path.display()))
-}
+use crate::backend::store::migrations as shared;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
 pub const MIGRATIONS: &[&str] = &[
@@ -94,29 +92,9 @@ UPDATE products SET revision =
     // Sign-in sessions of the License Management page: the cookie names a
     // row by its hash, so any process on the store serves it and sign-out
     // ends it everywhere.
-    SESSIONS,
-    DELETION_POLICY,
+    shared::SESSIONS,
+    shared::DELETION_POLICY,
 ];
-
-/// A managed allocation's deletion policy, kept with its owner so that
-/// `--prune` orphans what the operator would orphan; the same on both
-/// stores. Existing allocations keep Revoke, what they were written with.
-pub const DELETION_POLICY: &str = r#"
-ALTER TABLE allocations ADD COLUMN deletion_policy TEXT NOT NULL DEFAULT 'Revoke'
-    CHECK (deletion_policy IN ('Revoke', 'Orphan'));
-"#;
-
-/// The sessions table, the same on both stores.
-pub const SESSIONS: &str = r#"
-CREATE TABLE sessions (
-    hash TEXT PRIMARY KEY,
-    account TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    role TEXT NOT NULL,
-    csrf TEXT NOT NULL,
-    expires_at TEXT NOT NULL
-);
-"#;
 
 /// Refuses, before anything is written, a file that is not a licensor store
 /// (another application's tables) or whose schema is newer than this

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::pool::Bounded;
 use crate::backend::BackendError;
+use crate::backend::store::pool::Bounded;
 
 /// Reads at once, at most: past the cores a machine has, more only wait.
 pub const MAX_READERS: usize = 4;
