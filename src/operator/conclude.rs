@@ -3,8 +3,8 @@
 //! events are built from. The driver (`reconcile`) does the I/O around it.
 
 use super::status::{Applied, Pass, Seen, Verdict};
-use crate::backend::Written;
-use crate::domain::{Action, PoolView, Reason, Snapshot};
+use crate::backend::{BackendError, Written};
+use crate::domain::{Action, PoolView, Reason, ReasonClass, Snapshot};
 use crate::plan::{Change, Desired, Outcome};
 
 /// A pass over `wanted` that has not seen the backend (yet).
@@ -20,6 +20,42 @@ pub fn unseen(generation: Option<i64>, wanted: &Desired, deleting: bool, verdict
         pool: None,
         diff: String::new(),
     }
+}
+
+/// A pass the backend answered with an error instead of a decision. What
+/// the backend failed (unreachable, slow, garbage, a write gone stale) is
+/// retried: `BackendUnavailable`, naming the backend at `location`. A
+/// refusal it gave is reported with its reason, and credentials it refused
+/// are `Forbidden` until a person fixes the token.
+pub fn unanswered(
+    generation: Option<i64>,
+    wanted: &Desired,
+    deleting: bool,
+    error: BackendError,
+    location: &str,
+) -> Pass {
+    let reason = error.reason().unwrap_or(Reason::BackendUnavailable);
+    let verdict = match (reason.class(), error) {
+        (ReasonClass::Backend, e) => Verdict::Retrying {
+            reason,
+            message: format!("backend {location}: {e}"),
+        },
+        (_, BackendError::Refused(r)) => Verdict::Refused {
+            reason,
+            message: r.message,
+        },
+        (_, BackendError::Unauthorized(m)) => Verdict::Refused {
+            reason,
+            message: format!(
+                "the backend refused the operator's credentials: {m}; check the token"
+            ),
+        },
+        (_, e) => Verdict::Refused {
+            reason,
+            message: e.to_string(),
+        },
+    };
+    unseen(generation, wanted, deleting, verdict)
 }
 
 /// After bringing the backend to the spec: `None` when the write was not
@@ -204,7 +240,7 @@ pub fn allocation_in(snapshot: &Snapshot, wanted: &Desired) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Allocation, Pool, Role};
+    use crate::domain::{Allocation, Pool, Refusal, Role};
     use crate::plan::{Options, plan, plan_removal};
     use crate::resource::Hold;
 
@@ -314,6 +350,46 @@ mod tests {
                 hold: Hold::Observe,
                 in_sync: true
             }
+        );
+    }
+
+    #[test]
+    fn an_error_is_retried_a_refusal_reported_and_refused_credentials_are_forbidden() {
+        let w = wanted(10, None);
+        let verdict = |e: BackendError| unanswered(Some(1), &w, false, e, "sqlite:l.db").verdict;
+        for e in [
+            BackendError::Unavailable("connection refused".into()),
+            BackendError::Stale {
+                expected: 1,
+                actual: 2,
+            },
+            BackendError::KeyReused("k".into()),
+            BackendError::Refused(Refusal::new(Reason::BackendUnavailable, "down")),
+        ] {
+            assert!(
+                matches!(verdict(e.clone()), Verdict::Retrying { reason: Reason::BackendUnavailable, ref message } if message.starts_with("backend sqlite:l.db: ")),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            verdict(BackendError::Refused(Refusal::new(
+                Reason::UnknownProduct,
+                "no TestOps"
+            ))),
+            Verdict::Refused {
+                reason: Reason::UnknownProduct,
+                message: "no TestOps".into()
+            }
+        );
+        let Verdict::Refused { reason, message } =
+            verdict(BackendError::Unauthorized("bad token".into()))
+        else {
+            panic!("refused credentials are not retried");
+        };
+        assert_eq!(reason, Reason::Forbidden);
+        assert!(
+            message.contains("bad token") && message.ends_with("check the token"),
+            "{message}"
         );
     }
 

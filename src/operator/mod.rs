@@ -11,6 +11,7 @@
 //! finalizer to new objects at admission, on every replica.
 
 pub mod admission;
+pub mod backoff;
 pub mod conclude;
 pub mod events;
 pub mod finalizer;
@@ -22,6 +23,7 @@ pub mod reconcile;
 pub mod resync;
 pub mod snapshot;
 pub mod status;
+pub mod waiting;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -323,7 +325,7 @@ async fn control(
     gauges.objects_from(Some(reader.clone()));
     let pools = pools::Pools::new(
         client,
-        ctx.snapshot.clone(),
+        ctx.followers.snapshot.clone(),
         config.settings.instance.clone(),
         config.settings.resync,
         moved,
@@ -370,12 +372,12 @@ async fn wake_on_growth(ctx: Arc<Context>, poll: Duration) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        if !ctx.anyone_waiting() {
+        if !ctx.waiting.anyone() {
             continue;
         }
-        match ctx.snapshot.refresh().await {
+        match ctx.followers.snapshot.refresh().await {
             Ok(pools) => {
-                for product in ctx.wake_if_grown(&pools) {
+                for product in ctx.waiting.wake_if_grown(&pools) {
                     tracing::debug!(%product, "the pool grew outside the operator: waking what waits for it");
                 }
             }

@@ -9,14 +9,15 @@
 //! Requeue policy: a pass that ends in sync, held or refused waits for a
 //! change, or for the resync walker ([`super::resync`]) to ask for it again
 //! within the period (refusals do not loop); a pass the backend could not
-//! serve comes back with per-object exponential backoff, reset on success. An
-//! `InsufficientPool` or `Conflict` refusal also registers the object under its
-//! product, and a pass that frees seats of that product or gives up an
-//! allocation of it (a revoke, an orphaning release) wakes those objects at
-//! once.
+//! serve comes back with per-object exponential backoff ([`super::backoff`]),
+//! reset on success. An `InsufficientPool` or `Conflict` refusal also
+//! registers the object under its product ([`super::waiting`]), and a pass
+//! that frees seats of that product or gives up an allocation of it (a
+//! revoke, an orphaning release) wakes those objects at once. What the
+//! backend answered is concluded in [`super::conclude`], pure; this file
+//! does the I/O around it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
@@ -27,12 +28,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::backoff::Backoff;
 use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
 use super::finalizer;
 use super::metrics::{AddedBy, Metrics, PassResult, Read};
-use super::snapshot;
+use super::snapshot::{self, Followers};
 use super::status::{self, Hold, Pass, Verdict};
+use super::waiting::Waiters;
 use crate::apply::apply_one;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
@@ -52,17 +55,6 @@ pub enum Error {
     Kubernetes(#[from] kube::Error),
 }
 
-/// Objects stalled on `InsufficientPool` or `Conflict` for one product, and
-/// how many times its seats were freed or an allocation of it given up.
-#[derive(Default)]
-struct Waiting {
-    objects: HashSet<ObjectRef<DedicatedLicense>>,
-    frees: u64,
-    /// The fewest free seats a waiting object saw when it stalled: a read
-    /// of the account that finds more wakes them (seats freed outside).
-    free_seen: Option<i64>,
-}
-
 /// Settings of the reconciler.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -75,22 +67,20 @@ pub struct Settings {
     pub backoff_cap: Duration,
 }
 
-/// What every pass shares.
+/// What every pass shares: the clients, and one part per mechanism.
 pub struct Context {
     pub client: Client,
     pub backend: Arc<dyn Backend>,
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    /// Consecutive backend failures per object (`namespace/name`).
-    failures: Mutex<HashMap<String, u32>>,
-    /// Objects stalled on `InsufficientPool`, per product.
-    waiting: Mutex<HashMap<String, Waiting>>,
-    wake: UnboundedSender<ObjectRef<DedicatedLicense>>,
-    /// Told when a pass wrote to the backend (the LicensePools follow).
-    pub pools_moved: Arc<tokio::sync::Notify>,
-    /// The account as last read whole (see [`snapshot`]).
-    pub snapshot: Arc<snapshot::Shared>,
+    /// Consecutive failures per object.
+    backoff: Backoff,
+    /// Objects stalled for want of free seats, and their wake-ups.
+    pub waiting: Waiters,
+    /// Told of every write of this operator's (the shared read of the
+    /// account, the LicensePools).
+    pub followers: Followers,
 }
 
 impl Context {
@@ -115,122 +105,15 @@ impl Context {
             backend,
             events,
             metrics,
+            backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             settings,
-            failures: Mutex::default(),
-            waiting: Mutex::default(),
-            wake,
-            pools_moved,
-            snapshot,
+            waiting: Waiters::new(wake),
+            followers: Followers {
+                snapshot,
+                pools_moved,
+            },
         }
     }
-
-    /// The delay before retrying `key` after its next failure.
-    fn backoff(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        let delay = backoff(&self.settings, *n);
-        *n = n.saturating_add(1);
-        delay
-    }
-
-    fn succeeded(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-
-    /// Remembers (or forgets) that `dl` waits for free seats of its product.
-    /// How many times seats of `product` were freed so far; read before a
-    /// pass observes the backend.
-    fn frees_so_far(&self, product: &str) -> u64 {
-        let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(product).map_or(0, |w| w.frees)
-    }
-
-    /// Remembers (or forgets) that `dl` waits for free seats of its product.
-    /// If seats were freed since the pass observed (`frees` is what
-    /// [`Self::frees_so_far`] said then), it is woken at once instead.
-    fn wait_for_seats(&self, dl: &DedicatedLicense, waiting: Option<(u64, Option<i64>)>) {
-        let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.entry(dl.spec.product.clone()).or_default();
-        let r = ObjectRef::from_obj(dl);
-        match waiting {
-            Some((frees, _)) if frees != w.frees => {
-                // The receiver lives as long as the controller.
-                let _ = self.wake.send(r);
-            }
-            Some((_, free)) => {
-                w.objects.insert(r);
-                w.free_seen = match (w.free_seen, free) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            None => {
-                w.objects.remove(&r);
-            }
-        }
-    }
-
-    /// A write of this operator's: the shared read of the account takes
-    /// it, and the LicensePools show it shortly.
-    async fn recorded(&self, organization: &str, product: &str, written: Option<&Written>) {
-        if let Some(w) = written {
-            self.snapshot.record(organization, product, w).await;
-        }
-        self.pools_moved.notify_one();
-    }
-
-    /// Whether any object waits for free seats (stalled on InsufficientPool).
-    pub fn anyone_waiting(&self) -> bool {
-        let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().any(|w| !w.objects.is_empty())
-    }
-
-    /// Wakes what waits for a product whose pool, as just read, has more
-    /// free seats than its waiting objects saw when they stalled: seats
-    /// freed outside this operator (a raised total, released seats, a
-    /// lowered allocation). Returns the products woken.
-    pub fn wake_if_grown(&self, pools: &[(String, i64)]) -> Vec<String> {
-        let grown: Vec<String> = {
-            let map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            pools
-                .iter()
-                .filter(|(product, free)| {
-                    map.get(product).is_some_and(|w| {
-                        !w.objects.is_empty() && w.free_seen.is_some_and(|seen| *free > seen)
-                    })
-                })
-                .map(|(product, _)| product.clone())
-                .collect()
-        };
-        for product in &grown {
-            self.seats_freed(product);
-        }
-        grown
-    }
-
-    /// Seats of `product` were freed, or an allocation of it given up
-    /// (by this operator, or outside it as the shared read of the account
-    /// found): re-queue everything waiting for that.
-    pub fn seats_freed(&self, product: &str) {
-        let mut map = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.entry(product.to_string()).or_default();
-        w.frees += 1;
-        w.free_seen = None;
-        for r in std::mem::take(&mut w.objects) {
-            let _ = self.wake.send(r);
-        }
-    }
-}
-
-/// Base delay doubled per earlier failure, capped.
-pub fn backoff(settings: &Settings, failures: u32) -> Duration {
-    settings
-        .backoff_base
-        .saturating_mul(2u32.saturating_pow(failures.min(31)))
-        .min(settings.backoff_cap)
 }
 
 /// The controller's entry point for one object.
@@ -288,7 +171,7 @@ impl Ended {
 /// Requeue after a failed pass (the Kubernetes API refused a write).
 pub fn error_policy(dl: Arc<DedicatedLicense>, error: &Error, ctx: Arc<Context>) -> Requeue {
     let key = key(&dl);
-    let delay = ctx.backoff(&key);
+    let delay = ctx.backoff.failed(&key);
     tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
     Ended::Failed(delay).requeue(&ctx)
 }
@@ -328,40 +211,80 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
         return Ok(ended.requeue(ctx));
     }
-    let frees_before = ctx.frees_so_far(&wanted.product);
-    ctx.metrics.backend_read(Read::Allocation);
-    let snapshot = match ctx
-        .backend
-        .observe(&wanted.organization, &wanted.product)
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return unavailable(dl, ctx, e, false).await,
+    let frees_before = ctx.waiting.frees_so_far(&wanted.product);
+    let c = match converge(ctx, &wanted, Goal::Spec).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
+        Err(e) => return unanswered(dl, ctx, &wanted, e, false).await,
     };
-    let drift = conclude::allocation_in(&snapshot, &wanted).is_some_and(|dedicated| {
-        status::drifted(dl.status.as_ref(), dl.meta().generation, dedicated)
-    });
-    let Some(mut change) = plan_one(&wanted, &snapshot, ctx).await else {
-        return Ok(Requeue::requeue(ctx.settings.resync));
-    };
-    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
-    if change.outcome == Outcome::Applied {
-        ctx.recorded(&wanted.organization, &wanted.product, written.as_ref())
-            .await;
-    }
     let generation = dl.meta().generation;
+    let drift = conclude::allocation_in(&c.snapshot, &wanted)
+        .is_some_and(|dedicated| status::drifted(dl.status.as_ref(), generation, dedicated));
     let Some(pass) = conclude::ensured(
         generation,
         &wanted,
-        &snapshot,
+        &c.snapshot,
         drift,
-        &change,
-        written.as_ref(),
+        &c.change,
+        c.written.as_ref(),
     ) else {
-        return failed(dl, ctx, &change, false).await;
+        return not_decided(dl, ctx, &wanted, &c.change, false).await;
     };
     write_status_and_events(dl, ctx, &pass).await?;
     Ok(count_and_wake(dl, ctx, &pass, frees_before).requeue(ctx))
+}
+
+/// Where a pass brings the backend.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// What the spec asks.
+    Spec,
+    /// The deletion policy's revoke.
+    Removal,
+}
+
+/// What a pass saw and did: the backend as observed, the change planned on
+/// it (its outcome set by the write), and what the write returned.
+struct Converged {
+    snapshot: Snapshot,
+    change: Change,
+    written: Option<Written>,
+}
+
+/// Observe -> plan -> apply -> record, the one sequence every pass runs
+/// against the backend: it reads only this object's pool, organization and
+/// allocation, plans with the CLI's planner, applies when the plan says so,
+/// and tells the followers of an applied write. `None`: the planner had
+/// nothing to say about the object. An error: the backend could not be
+/// read.
+async fn converge(
+    ctx: &Context,
+    wanted: &Desired,
+    goal: Goal,
+) -> Result<Option<Converged>, BackendError> {
+    ctx.metrics.backend_read(Read::Allocation);
+    let snapshot = ctx
+        .backend
+        .observe(&wanted.organization, &wanted.product)
+        .await?;
+    let mut change = match goal {
+        Goal::Spec => match plan_one(wanted, &snapshot, ctx).await {
+            Some(change) => change,
+            None => return Ok(None),
+        },
+        Goal::Removal => plan_removal(wanted, &snapshot, Role::AccountAdmin),
+    };
+    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    if change.outcome == Outcome::Applied {
+        ctx.followers
+            .wrote(&wanted.organization, &wanted.product, written.as_ref())
+            .await;
+    }
+    Ok(Some(Converged {
+        snapshot,
+        change,
+        written,
+    }))
 }
 
 /// An object whose status is Ready for its generation is checked against
@@ -377,6 +300,7 @@ async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired)
     let previous = dl.status.as_ref()?;
     let generation = dl.meta().generation;
     let snapshot = ctx
+        .followers
         .snapshot
         .observe(&wanted.organization, &wanted.product)
         .await
@@ -431,13 +355,16 @@ async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Optio
 
 /// After the status is written: wake-ups, metrics, and how the pass ended.
 fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_before: u64) -> Ended {
-    ctx.succeeded(&key(dl));
+    ctx.backoff.succeeded(&key(dl));
     ctx.metrics.backend_answered();
-    let waits = conclude::waits_for_the_pool(pass);
-    let free_seen = pass.pool.as_ref().map(|p| p.free);
-    ctx.wait_for_seats(dl, waits.then_some((frees_before, free_seen)));
+    if conclude::waits_for_the_pool(pass) {
+        let free_seen = pass.pool.as_ref().map(|p| p.free);
+        ctx.waiting.wait(dl, frees_before, free_seen);
+    } else {
+        ctx.waiting.forget(dl);
+    }
     if conclude::freed_seats(pass) {
-        ctx.seats_freed(&pass.product);
+        ctx.waiting.seats_freed(&pass.product);
     }
     if let Some(p) = &pass.pool {
         ctx.metrics.pool(p);
@@ -459,7 +386,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     }
     let wanted = desired(dl, ctx);
     let generation = dl.meta().generation;
-    ctx.wait_for_seats(dl, None);
+    ctx.waiting.forget(dl);
     match wanted.hold {
         Some(Hold::Observe) => return remove_finalizer(dl, ctx).await,
         Some(Hold::Paused) => {
@@ -476,41 +403,37 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     if dl.spec.deletion_policy == DeletionPolicy::Orphan {
         return orphan(dl, ctx, &wanted).await;
     }
-
-    ctx.metrics.backend_read(Read::Allocation);
-    let snapshot = match ctx
-        .backend
-        .observe(&wanted.organization, &wanted.product)
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return unavailable(dl, ctx, e, true).await,
+    let c = match converge(ctx, &wanted, Goal::Removal).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
+        Err(e) => return unanswered(dl, ctx, &wanted, e, true).await,
     };
-    let mut change = plan_removal(&wanted, &snapshot, Role::AccountAdmin);
-    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
-    if change.outcome == Outcome::Applied {
-        ctx.recorded(&wanted.organization, &wanted.product, written.as_ref())
-            .await;
-    }
-    match conclude::removed(generation, &wanted, &snapshot, &change, written.as_ref()) {
+    let removal = conclude::removed(
+        generation,
+        &wanted,
+        &c.snapshot,
+        &c.change,
+        c.written.as_ref(),
+    );
+    match removal {
         Removal::Revoked(pass) => {
             let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
             ctx.events.publish(dl, &notes);
-            ctx.seats_freed(&wanted.product);
+            ctx.waiting.seats_freed(&wanted.product);
             if let Some(p) = &pass.pool {
                 ctx.metrics.pool(p);
             }
             remove_finalizer(dl, ctx).await
         }
         Removal::NothingToRevoke => {
-            tracing::info!(object = %key(dl), "{}", change.message);
+            tracing::info!(object = %key(dl), "{}", c.change.message);
             remove_finalizer(dl, ctx).await
         }
         Removal::Waits(pass) => {
             write_status_and_events(dl, ctx, &pass).await?;
             Ok(Requeue::requeue(ctx.settings.resync))
         }
-        Removal::NotDecided => failed(dl, ctx, &change, true).await,
+        Removal::NotDecided => not_decided(dl, ctx, &wanted, &c.change, true).await,
     }
 }
 
@@ -531,12 +454,11 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
                 ),
             };
             ctx.events.publish(dl, &[note]);
-            ctx.snapshot
+            ctx.followers
                 .released(&wanted.organization, &wanted.product)
                 .await;
-            ctx.pools_moved.notify_one();
             // An object refused with Conflict over it may now adopt it.
-            ctx.seats_freed(&wanted.product);
+            ctx.waiting.seats_freed(&wanted.product);
             remove_finalizer(dl, ctx).await
         }
         // Someone else manages it, or it cannot exist (a typo in the
@@ -549,66 +471,56 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
         {
             remove_finalizer(dl, ctx).await
         }
-        Err(e) => unavailable(dl, ctx, e, true).await,
+        Err(e) => unanswered(dl, ctx, wanted, e, true).await,
     }
 }
 
 /// A write that the backend did not decide (unavailable, stale).
-async fn failed(
+async fn not_decided(
     dl: &DedicatedLicense,
     ctx: &Context,
+    wanted: &Desired,
     change: &Change,
     deleting: bool,
 ) -> Result<Requeue, Error> {
     if change.reason == Some(Reason::BackendUnavailable) {
         let e = BackendError::Unavailable(change.message.clone());
-        return unavailable(dl, ctx, e, deleting).await;
+        return unanswered(dl, ctx, wanted, e, deleting).await;
     }
     // Someone wrote the allocation between our read and our write: plan again.
-    let delay = ctx.backoff(&key(dl));
+    let delay = ctx.backoff.failed(&key(dl));
     tracing::info!(object = %key(dl), reason = %change.message, retry_in = ?delay, "write went stale");
     Ok(Ended::Retrying(delay).requeue(ctx))
 }
 
-/// The backend could not serve the pass: say so and back off.
-async fn unavailable(
+/// The backend answered the pass with an error ([`conclude::unanswered`]):
+/// say so, and back off when it is the backend's to retry.
+async fn unanswered(
     dl: &DedicatedLicense,
     ctx: &Context,
+    wanted: &Desired,
     e: BackendError,
     deleting: bool,
 ) -> Result<Requeue, Error> {
-    let wanted = desired(dl, ctx);
-    let verdict = match e {
-        BackendError::Refused(r) => Verdict::Refused {
-            reason: r.reason,
-            message: r.message,
-        },
-        BackendError::Unauthorized(m) => Verdict::Refused {
-            reason: Reason::Forbidden,
-            message: format!(
-                "the backend refused the operator's credentials: {m}; check the token"
-            ),
-        },
-        other => Verdict::Retrying {
-            reason: Reason::BackendUnavailable,
-            message: format!("backend {}: {other}", ctx.backend.location()),
-        },
+    let location = ctx.backend.location();
+    let pass = conclude::unanswered(dl.meta().generation, wanted, deleting, e, &location);
+    let (Verdict::Refused { reason, message } | Verdict::Retrying { reason, message }) =
+        &pass.verdict
+    else {
+        unreachable!("an unanswered pass is refused or retried");
     };
-    let retry = matches!(verdict, Verdict::Retrying { .. });
-    match &verdict {
-        Verdict::Retrying { message, .. } => ctx.metrics.backend_failed(message),
-        _ => ctx.metrics.backend_answered(),
+    let retry = matches!(pass.verdict, Verdict::Retrying { .. });
+    if retry {
+        ctx.metrics.backend_failed(message);
+    } else {
+        ctx.metrics.backend_answered();
     }
-    if let Verdict::Refused { reason, message } | Verdict::Retrying { reason, message } = &verdict {
-        tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
-    }
-    let pass = conclude::unseen(dl.meta().generation, &wanted, deleting, verdict);
+    tracing::warn!(object = %key(dl), reason = reason.as_str(), deleting, "{message}");
+    let reason = *reason;
     write_status_and_events(dl, ctx, &pass).await?;
-    if let Verdict::Refused { reason, .. } | Verdict::Retrying { reason, .. } = pass.verdict {
-        ctx.metrics.error(reason);
-    }
+    ctx.metrics.error(reason);
     let ended = if retry {
-        Ended::Retrying(ctx.backoff(&key(dl)))
+        Ended::Retrying(ctx.backoff.failed(&key(dl)))
     } else {
         Ended::Refused
     };
@@ -653,7 +565,7 @@ async fn remove_finalizer(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeu
     if let Some(patch) = finalizer::remove(dl.finalizers()) {
         patch_finalizers(dl, ctx, patch).await?;
     }
-    ctx.succeeded(&key(dl));
+    ctx.backoff.succeeded(&key(dl));
     Ok(Ended::Released.requeue(ctx))
 }
 
@@ -677,12 +589,107 @@ async fn patch_finalizers(
     Ok(())
 }
 
+/// The driver against a recorded API server: every request a pass makes is
+/// answered and kept, so a test asserts the calls, in order, and what the
+/// store holds after. The backend is a real SQLite store, or one that is
+/// down. The end-to-end tests run the same passes on a real API server.
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::local::StoreBackend;
+    use crate::backend::store::{Principal, Store};
+    use crate::backend::{AuditEntry, Fixture};
+    use crate::domain::{AllocationWrite, PoolView, SeatChange};
+    use kube::client::Body;
+    use kube::runtime::events::Reporter;
+    use serde_json::Value;
+    use std::sync::Mutex;
 
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
+    /// One request the pass made.
+    #[derive(Debug, Clone)]
+    struct Call {
+        method: String,
+        /// The path below the object's collection (`qa`, `qa/status`).
+        path: String,
+        content_type: String,
+        body: Value,
+    }
+
+    /// A client whose requests go to a recorded server answering `object`
+    /// for every call on it (events are answered and not kept).
+    fn recorded(object: &DedicatedLicense) -> (Client, Arc<Mutex<Vec<Call>>>) {
+        const BASE: &str = "/apis/licensor.dev/v1alpha1/namespaces/team/dedicatedlicenses/";
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let kept = calls.clone();
+        let answer = serde_json::to_vec(object).unwrap();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                let path = parts.uri.path();
+                let reply = match path.strip_prefix(BASE) {
+                    Some(rest) => {
+                        kept.lock().unwrap().push(Call {
+                            method: parts.method.to_string(),
+                            path: rest.to_string(),
+                            content_type: parts
+                                .headers
+                                .get(http::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string(),
+                            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                        });
+                        answer.clone()
+                    }
+                    None => bytes.to_vec(),
+                };
+                respond.send_response(
+                    http::Response::builder()
+                        .status(200)
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(reply))
+                        .unwrap(),
+                );
+            }
+        });
+        (Client::new(service, "default"), calls)
+    }
+
+    fn object(count: i64) -> DedicatedLicense {
+        let spec = serde_json::from_value(
+            json!({"organization": "qa-team", "product": "TestOps", "count": count}),
+        )
+        .unwrap();
+        let mut dl = DedicatedLicense::new("qa", spec);
+        dl.metadata.namespace = Some("team".into());
+        dl.metadata.uid = Some("0b7e".into());
+        dl.metadata.generation = Some(1);
+        dl
+    }
+
+    /// 20 TestOps seats; qa-team holds none yet.
+    fn store() -> (tempfile::TempDir, Arc<StoreBackend>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("l.db")).unwrap();
+        let fixture: Fixture = serde_yaml::from_str(
+            "{account: acme, products: [{name: TestOps, total: 20}], organizations: [{id: qa-team}, {id: dev-team}]}",
+        )
+        .unwrap();
+        store.seed(&Principal::local(), &fixture).unwrap();
+        (dir, Arc::new(StoreBackend::new(store, Some("acme"), None)))
+    }
+
+    fn context(client: Client, backend: Arc<dyn Backend>) -> Arc<Context> {
+        let events = Publisher::start(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: None,
+            },
+        );
         let settings = Settings {
             instance: "default".into(),
             resync: Duration::from_secs(300),
@@ -690,8 +697,176 @@ mod tests {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
         };
-        let delays: Vec<u64> = (0..9).map(|n| backoff(&settings, n).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(backoff(&settings, u32::MAX), Duration::from_secs(60));
+        let (wake, _) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new(Context::new(
+            client,
+            backend,
+            events,
+            Arc::new(Metrics::new()),
+            settings,
+            wake,
+            Arc::default(),
+        ))
+    }
+
+    fn calls(recorded: &Mutex<Vec<Call>>) -> Vec<(String, String, String)> {
+        let calls = recorded.lock().unwrap();
+        calls
+            .iter()
+            .map(|c| (c.method.clone(), c.path.clone(), c.content_type.clone()))
+            .collect()
+    }
+
+    fn call(method: &str, path: &str, content_type: &str) -> (String, String, String) {
+        (method.into(), path.into(), content_type.into())
+    }
+
+    /// The Ready condition of the status a call wrote.
+    fn ready(c: &Call) -> &Value {
+        c.body["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .unwrap_or_else(|| panic!("no Ready condition in {}", c.body))
+    }
+
+    const JSON_PATCH: &str = "application/json-patch+json";
+    const APPLY: &str = "application/apply-patch+yaml";
+
+    #[tokio::test]
+    async fn a_new_object_gets_its_finalizer_then_its_seats_then_its_status() {
+        let (_dir, backend) = store();
+        let dl = object(5);
+        let (client, recorded) = recorded(&dl);
+        let ctx = context(client, backend.clone());
+        let requeue = reconcile(Arc::new(dl), ctx).await.unwrap();
+        assert_eq!(requeue, Requeue::await_change());
+        assert_eq!(
+            calls(&recorded),
+            [
+                call("PATCH", "qa", JSON_PATCH),
+                call("PATCH", "qa/status", APPLY)
+            ]
+        );
+        let written = recorded.lock().unwrap().clone();
+        assert_eq!(
+            written[0].body,
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                   {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
+            "the finalizer patch fails rather than clobber a list changed meanwhile"
+        );
+        assert_eq!(written[1].body["status"]["observedGeneration"], 1);
+        assert_eq!(ready(&written[1])["status"], "True");
+        let allocation = &backend.snapshot().await.unwrap().allocations[0];
+        assert_eq!(
+            (allocation.dedicated, allocation.managed_by.as_deref()),
+            (5, Some("default/team/qa"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_raise_past_the_pool_is_stalled_and_waits_for_seats() {
+        let (_dir, backend) = store();
+        let mut dl = object(25);
+        dl.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let (client, recorded) = recorded(&dl);
+        let ctx = context(client, backend.clone());
+        let requeue = reconcile(Arc::new(dl), ctx.clone()).await.unwrap();
+        assert_eq!(requeue, Requeue::await_change(), "refusals do not loop");
+        assert_eq!(calls(&recorded), [call("PATCH", "qa/status", APPLY)]);
+        let status = recorded.lock().unwrap()[0].clone();
+        assert_eq!(ready(&status)["status"], "False");
+        assert_eq!(ready(&status)["reason"], "InsufficientPool");
+        assert!(ctx.waiting.anyone(), "woken when seats of TestOps free up");
+        assert!(backend.snapshot().await.unwrap().allocations.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_revokes_its_seats_before_its_finalizer_goes() {
+        let (_dir, backend) = store();
+        let mut dl = object(5);
+        dl.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let (client, recorded) = recorded(&dl);
+        let ctx = context(client, backend.clone());
+        reconcile(Arc::new(dl.clone()), ctx.clone()).await.unwrap();
+        assert_eq!(backend.snapshot().await.unwrap().allocations.len(), 1);
+        recorded.lock().unwrap().clear();
+        dl.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        let requeue = reconcile(Arc::new(dl), ctx).await.unwrap();
+        assert_eq!(requeue, Requeue::await_change());
+        assert_eq!(calls(&recorded), [call("PATCH", "qa", JSON_PATCH)]);
+        assert_eq!(
+            recorded.lock().unwrap()[0].body,
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}])
+        );
+        assert!(backend.snapshot().await.unwrap().allocations.is_empty());
+    }
+
+    /// A backend that is down: every call fails as unreachable.
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl Backend for Down {
+        fn location(&self) -> String {
+            "https://licenses.invalid".into()
+        }
+        async fn snapshot(&self) -> Result<Snapshot, BackendError> {
+            Err(BackendError::Unavailable("connection refused".into()))
+        }
+        async fn write(&self, _: &AllocationWrite) -> Result<Written, BackendError> {
+            unreachable!("nothing is written to a backend that was not read")
+        }
+        async fn release(&self, _: &str, _: &str, _: &str) -> Result<(), BackendError> {
+            Err(BackendError::Unavailable("connection refused".into()))
+        }
+        async fn set_total(&self, _: &str, _: i64) -> Result<PoolView, BackendError> {
+            unreachable!()
+        }
+        async fn seats(&self, _: &str, _: &str, _: SeatChange) -> Result<(), BackendError> {
+            unreachable!()
+        }
+        async fn seed(&self, _: &Fixture) -> Result<(), BackendError> {
+            unreachable!()
+        }
+        async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_is_down_is_reported_and_retried_with_backoff() {
+        let mut dl = object(5);
+        dl.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let (client, recorded) = recorded(&dl);
+        let ctx = context(client, Arc::new(Down));
+        let dl = Arc::new(dl);
+        let first = reconcile(dl.clone(), ctx.clone()).await.unwrap();
+        let second = reconcile(dl.clone(), ctx.clone()).await.unwrap();
+        assert_eq!(
+            (first, second),
+            (
+                Requeue::requeue(Duration::from_secs(1)),
+                Requeue::requeue(Duration::from_secs(2))
+            ),
+            "backs off per object"
+        );
+        let status = recorded.lock().unwrap()[0].clone();
+        assert_eq!(ready(&status)["reason"], "BackendUnavailable");
+        assert_eq!(
+            ready(&status)["message"],
+            "backend https://licenses.invalid: backend unavailable: connection refused; retrying with backoff"
+        );
+        // Deleting while the backend is down keeps the finalizer: the
+        // revoke is not lost.
+        recorded.lock().unwrap().clear();
+        let mut deleted = (*dl).clone();
+        deleted.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        let third = reconcile(Arc::new(deleted), ctx).await.unwrap();
+        assert_eq!(third, Requeue::requeue(Duration::from_secs(4)));
+        assert_eq!(calls(&recorded), [call("PATCH", "qa/status", APPLY)]);
     }
 }

@@ -64,6 +64,30 @@ impl Account {
     }
 }
 
+/// What follows this operator's writes: the shared read of the account
+/// takes each write at once, and the LicensePools are told the pools moved.
+pub struct Followers {
+    pub snapshot: Arc<Shared>,
+    pub pools_moved: Arc<tokio::sync::Notify>,
+}
+
+impl Followers {
+    /// A write of this operator's was applied (`written`, when the backend
+    /// answered what it wrote).
+    pub async fn wrote(&self, organization: &str, product: &str, written: Option<&Written>) {
+        if let Some(w) = written {
+            self.snapshot.record(organization, product, w).await;
+        }
+        self.pools_moved.notify_one();
+    }
+
+    /// This operator gave up managing an allocation (deletionPolicy Orphan).
+    pub async fn released(&self, organization: &str, product: &str) {
+        self.snapshot.released(organization, product).await;
+        self.pools_moved.notify_one();
+    }
+}
+
 /// One shared read of the account.
 pub struct Shared {
     backend: Arc<dyn Backend>,
