@@ -6,9 +6,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-/// Adds `/healthz` ("ok": the process answers) to `router`.
+/// Where the process says it answers.
+pub const HEALTHZ: &str = "/healthz";
+
+/// Adds [`HEALTHZ`] ("ok": the process answers) to `router`.
 pub fn with_healthz<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
-    router.route("/healthz", get(|| async { "ok\n" }))
+    router.route(HEALTHZ, get(|| async { "ok\n" }))
 }
 
 /// A `/metrics` answer: `text`, an encoded registry, as OpenMetrics.

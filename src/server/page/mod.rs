@@ -37,16 +37,27 @@ const SESSION_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(8);
 /// Audit entries per page.
 pub const AUDIT_PAGE: usize = 50;
 
+/// The page's route templates.
+pub mod path {
+    pub const HOME: &str = "/";
+    pub const STYLESHEET: &str = "/page.css";
+    pub const SIGN_IN: &str = "/sign-in";
+    pub const SIGN_OUT: &str = "/sign-out";
+    pub const CONFIRM_REVOKE: &str = "/revoke";
+    pub const EDIT: &str = "/allocations/edit";
+    pub const REVOKE: &str = "/allocations/revoke";
+}
+
 /// The page's routes.
 pub fn routes(shared: Shared) -> Router<Shared> {
     Router::new()
-        .route("/", get(home))
-        .route("/page.css", get(stylesheet))
-        .route("/sign-in", post(sign_in))
-        .route("/sign-out", post(sign_out))
-        .route("/revoke", get(confirm_revoke))
-        .route("/allocations/edit", post(edit))
-        .route("/allocations/revoke", post(revoke))
+        .route(path::HOME, get(home))
+        .route(path::STYLESHEET, get(stylesheet))
+        .route(path::SIGN_IN, post(sign_in))
+        .route(path::SIGN_OUT, post(sign_out))
+        .route(path::CONFIRM_REVOKE, get(confirm_revoke))
+        .route(path::EDIT, post(edit))
+        .route(path::REVOKE, post(revoke))
         .layer(middleware::map_response(secure_headers))
         .with_state(shared)
 }
