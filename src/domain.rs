@@ -12,6 +12,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod tenants;
+
 /// Largest dedicated count one allocation may hold.
 pub const MAX_COUNT: i64 = 1_000_000;
 /// Largest product total an account may hold.

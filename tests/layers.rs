@@ -30,7 +30,9 @@ const IMPURE: &[&str] = &[
 /// Files (a file, or every file under a folder) and what they must not name.
 const RULES: &[(&str, &[&str])] = &[
     ("src/domain.rs", IMPURE),
+    ("src/domain", IMPURE),
     ("src/domain.rs", &["crate::plan"]),
+    ("src/domain", &["crate::plan"]),
     ("src/plan.rs", IMPURE),
     (
         "src/api",
