@@ -80,6 +80,7 @@ fn license(i: usize) -> DedicatedLicense {
         DedicatedLicenseSpec {
             organization: format!("org-{i:05}"),
             product: PRODUCTS[i % PRODUCTS.len()].into(),
+            account_ref: None,
             count: 3,
             allow_user_displacement: false,
             deletion_policy: Default::default(),

@@ -211,10 +211,11 @@ fn main() {
     let t = Instant::now();
     let snapshot = rt.block_on(backend.snapshot()).unwrap();
     let observe = t.elapsed();
+    let directory = loaded.directory();
     let desired: Vec<_> = loaded
         .manifests
         .iter()
-        .map(|m| desired(m, "default"))
+        .map(|m| desired(m, "default", &directory))
         .collect();
     let t = Instant::now();
     let opts = Options {

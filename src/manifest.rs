@@ -9,8 +9,11 @@
 //! missing or wrong `apiVersion` is an error, never a skip (with `--prune`
 //! a skipped manifest would revoke its allocation). Unknown fields, wrong
 //! types, counts outside 0..=1000000 and two manifests for one
-//! organization+product are errors. Loading is pure apart from reading the
-//! files.
+//! organization+product of one account are errors. `LicenseAccount` and
+//! `Namespace` documents are read too: their tenants and labels decide
+//! which namespace may ask for what ([`Loaded::directory`]), as they do in
+//! the cluster; malformed tenants and two accounts of one name are errors.
+//! Loading is pure apart from reading the files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,7 +22,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::domain::{check_count, check_identifier};
+use crate::licenseaccount::{Directory, LicenseAccount};
 use crate::resource::{API_VERSION, DedicatedLicenseSpec, GROUP, KIND};
+
+/// The kind of the account documents read beside the manifests.
+const ACCOUNT_KIND: &str = "LicenseAccount";
 
 /// Where a document starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +79,10 @@ pub enum ManifestError {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub manifests: Vec<Manifest>,
+    /// `LicenseAccount` documents, where each starts.
+    pub accounts: Vec<(Source, LicenseAccount)>,
+    /// The labels of each `Namespace` document, by name.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Documents skipped on purpose, for the user to see.
     pub notes: Vec<String>,
     pub errors: Vec<ManifestError>,
@@ -99,6 +110,21 @@ struct Metadata {
     namespace: Option<String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+}
+
+impl Loaded {
+    /// The accounts and Namespaces the documents declare: what the tenant
+    /// rule reads for each manifest's namespace.
+    pub fn directory(&self) -> Directory {
+        Directory {
+            accounts: self
+                .accounts
+                .iter()
+                .map(|(_, a)| (a.metadata.name.clone().unwrap_or_default(), a.clone()))
+                .collect(),
+            namespaces: self.namespaces.clone(),
+        }
+    }
 }
 
 /// Loads every path; see the module contract.
@@ -251,6 +277,28 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             continue;
         }
         let group = api_version.split('/').next().unwrap_or("");
+        if (api_version, kind) == ("v1", "Namespace") {
+            match read_namespace(&value) {
+                Ok((name, labels)) => {
+                    loaded.namespaces.insert(name, labels);
+                }
+                Err(message) => loaded.errors.push(ManifestError::Invalid {
+                    at: at(line_of(&doc, "metadata").unwrap_or(first_line)),
+                    message,
+                }),
+            }
+            continue;
+        }
+        if (group, kind) == (GROUP, ACCOUNT_KIND) {
+            match read_account(&doc, api_version) {
+                Ok(account) => loaded.accounts.push((at(first_line), account)),
+                Err((line, message)) => loaded.errors.push(ManifestError::Invalid {
+                    at: at(line.unwrap_or(first_line)),
+                    message,
+                }),
+            }
+            continue;
+        }
         if kind != KIND && group != GROUP {
             let shown = if kind.is_empty() { "no kind" } else { kind };
             loaded.notes.push(format!(
@@ -343,6 +391,56 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
     }
 }
 
+/// A Namespace document's name and labels.
+fn read_namespace(value: &serde_yaml::Value) -> Result<(String, BTreeMap<String, String>), String> {
+    let metadata = value.get("metadata");
+    let name = metadata
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .filter(|n| is_dns_label(n, 63) && !n.contains('.'))
+        .ok_or("a Namespace needs metadata.name, a DNS label")?;
+    let labels = match metadata.and_then(|m| m.get("labels")) {
+        None => BTreeMap::new(),
+        Some(labels) => serde_yaml::from_value(labels.clone())
+            .map_err(|e| format!("Namespace {name}: metadata.labels: {e}"))?,
+    };
+    Ok((name.to_string(), labels))
+}
+
+/// A `LicenseAccount` document, checked as the API server and the operator
+/// check it; a fault with its document line, when known.
+fn read_account(doc: &str, api_version: &str) -> Result<LicenseAccount, (Option<usize>, String)> {
+    if api_version != API_VERSION {
+        return Err((
+            line_of(doc, "apiVersion"),
+            format!("apiVersion {api_version} is not served for {ACCOUNT_KIND}; use {API_VERSION}"),
+        ));
+    }
+    let account: LicenseAccount = serde_yaml::from_str(doc).map_err(|e| {
+        let message = e.to_string();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_string();
+        (e.location().map(|l| l.line()), message)
+    })?;
+    let name = account.metadata.name.clone().unwrap_or_default();
+    if !is_dns_label(&name, 253) {
+        return Err((
+            line_of(doc, "metadata"),
+            format!(
+                "metadata.name {name:?} must be a lowercase DNS name (a-z, 0-9, '-', '.'), at most 253 characters"
+            ),
+        ));
+    }
+    account
+        .tenants()
+        .check()
+        .map_err(|fault| (line_of(doc, "tenants"), format!("spec.{fault}")))?;
+    Ok(account)
+}
+
 /// The document line (1-based) of the first `key:`.
 fn line_of(doc: &str, key: &str) -> Option<usize> {
     doc.lines()
@@ -364,16 +462,33 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 }
 
 fn check_duplicates(loaded: &mut Loaded) {
-    let mut by_target: HashMap<(String, String), Source> = HashMap::new();
+    let mut accounts: HashMap<String, Source> = HashMap::new();
+    for (at, account) in &loaded.accounts {
+        let name = account.metadata.name.clone().unwrap_or_default();
+        if let Some(first) = accounts.get(&name) {
+            loaded.errors.push(ManifestError::Duplicate {
+                at: at.clone(),
+                first: first.clone(),
+                key: format!("{ACCOUNT_KIND} {name}"),
+            });
+        } else {
+            accounts.insert(name, at.clone());
+        }
+    }
+    let mut by_target: HashMap<(String, String, String), Source> = HashMap::new();
     let mut by_name: HashMap<String, Source> = HashMap::new();
     let mut keep = Vec::with_capacity(loaded.manifests.len());
     for m in std::mem::take(&mut loaded.manifests) {
-        let target = (m.spec.organization.clone(), m.spec.product.clone());
+        let target = (
+            m.spec.account().to_string(),
+            m.spec.organization.clone(),
+            m.spec.product.clone(),
+        );
         if let Some(first) = by_target.get(&target) {
             loaded.errors.push(ManifestError::Duplicate {
                 at: m.source.clone(),
                 first: first.clone(),
-                key: format!("organization {} product {}", target.0, target.1),
+                key: format!("organization {} product {}", target.1, target.2),
             });
             continue;
         }

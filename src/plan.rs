@@ -53,6 +53,11 @@ pub struct Desired {
     pub deletion_policy: DeletionPolicy,
     /// Why this resource must not be written (Observe, paused), if so.
     pub hold: Option<Hold>,
+    /// Why its namespace may not ask for this at all, decided before the
+    /// plan by the account's tenants (R1): `Forbidden`, or `UnknownAccount`
+    /// for an account that is not there. Planned as a refusal, never
+    /// written; it still names its allocation, so a prune leaves it alone.
+    pub denied: Option<Refusal>,
     /// What makes this resource's intent unique over time besides its spec
     /// (the operator: the object's UID and generation; empty for manifests).
     /// Part of every idempotency key the plan derives.
@@ -273,6 +278,8 @@ struct Step {
     current: Option<Allocation>,
     action: Action,
     hold: Option<Hold>,
+    /// Boxed: rare, and a step is planned 100,000 times at once.
+    denied: Option<Box<Refusal>>,
 }
 
 impl Step {
@@ -297,7 +304,9 @@ impl Step {
             idempotency_key: None,
         };
         write.idempotency_key = keyed.then(|| write.intent_key(&d.scope, basis));
-        Step::new(d.resource, write, current, d.hold)
+        let mut step = Step::new(d.resource, write, current, d.hold);
+        step.denied = d.denied.map(Box::new);
+        step
     }
 
     /// An allocation of this instance that no resource names any more:
@@ -341,6 +350,7 @@ impl Step {
             current,
             action,
             hold,
+            denied: None,
         }
     }
 
@@ -375,12 +385,17 @@ impl Step {
         }
     }
 
-    fn decide(self, ledger: &mut Ledger, role: Role, keep_write: bool) -> Change {
+    fn decide(mut self, ledger: &mut Ledger, role: Role, keep_write: bool) -> Change {
         let mut change = Change {
             to: self.write.target.count(),
             action: self.action,
             ..self.decide_nothing()
         };
+        if let Some(refusal) = self.denied.take() {
+            change.diff = self.diff(None);
+            refuse(&mut change, *refusal);
+            return change;
+        }
         if let Some(hold) = self.hold {
             change.message = format!("not written: {}", hold.describe());
             change.diff = self.diff(None);
@@ -694,6 +709,7 @@ mod tests {
             managed_by: format!("default/licenses/{name}"),
             deletion_policy: Default::default(),
             hold: None,
+            denied: None,
             scope: String::new(),
         }
     }

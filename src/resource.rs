@@ -13,6 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::MAX_COUNT;
+use crate::domain::tenants::Ask;
+use crate::licenseaccount::{DEFAULT_ACCOUNT, Directory};
 use crate::plan::Desired;
 
 /// API group of every licensor resource.
@@ -56,6 +58,7 @@ pub const DEFAULT_INSTANCE: &str = "default";
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.accountRef) == has(oldSelf.accountRef) && (!has(self.accountRef) || self.accountRef == oldSelf.accountRef)").message("accountRef is immutable; create another DedicatedLicense for another account"))]
 pub struct DedicatedLicenseSpec {
     /// Organization id in the license account that receives the licenses:
     /// 1 to 253 characters, no control characters, no space at either end.
@@ -71,6 +74,17 @@ pub struct DedicatedLicenseSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("product is immutable; create another DedicatedLicense for another product"))]
     #[schemars(length(min = 1, max = 253), pattern(crate::domain::IDENTIFIER_PATTERN))]
     pub product: String,
+
+    /// The LicenseAccount whose licenses these are: its backend, and its
+    /// tenants (which namespaces may manage which organizations). Absent:
+    /// default, the operator's own account unless a LicenseAccount named
+    /// default says otherwise. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub account_ref: Option<String>,
 
     /// Desired number of dedicated licenses, 0 to 1000000. Raising takes
     /// seats from the account pool's free seats; lowering may not go below
@@ -189,10 +203,17 @@ pub struct Failure {
 pub use crate::plan::Hold;
 
 impl DedicatedLicenseSpec {
+    /// The LicenseAccount this object names.
+    pub fn account(&self) -> &str {
+        self.account_ref.as_deref().unwrap_or(DEFAULT_ACCOUNT)
+    }
+
     /// What a resource with this spec asks for, as the planner sees it: the
     /// one place a manifest (the CLI), an object (the operator) and an
     /// admission request become a [`Desired`]. `scope` is what else makes
-    /// the intent unique over time (empty for manifests).
+    /// the intent unique over time (empty for manifests). Whether its
+    /// namespace may ask for it at all is decided here too, from the
+    /// accounts and Namespaces of `directory` (DESIGN §9).
     pub fn desired(
         &self,
         instance: &str,
@@ -200,8 +221,15 @@ impl DedicatedLicenseSpec {
         name: &str,
         annotations: &std::collections::BTreeMap<String, String>,
         scope: String,
+        directory: &Directory,
     ) -> Desired {
+        let ask = Ask {
+            organization: &self.organization,
+            product: &self.product,
+            count: self.count,
+        };
         Desired {
+            denied: directory.allow(self.account(), namespace, ask).err(),
             resource: format!("{namespace}/{name}"),
             organization: self.organization.clone(),
             product: self.product.clone(),

@@ -243,9 +243,11 @@ fn an_empty_directory_is_an_error() {
             .contains("directory holds no .yaml or .yml files"),
         "{run:?}"
     );
+    // Namespaces are read (their labels select tenants); a ConfigMap is
+    // another kind.
     let only_other_kinds = acct.write(
-        "other/ns.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        "other/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
     );
     let run = acct.run(&["plan", "-f", only_other_kinds.to_str().unwrap()]);
     assert_eq!(run.code, 1);

@@ -570,6 +570,149 @@ fn a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed(kind: Kind) {
     assert_eq!(creates, 3, "three intents, three creates");
 }
 
+/// The repository's own LicenseAccount and Namespace documents decide, as
+/// the cluster would, which namespace may ask for what: a pull request
+/// shows the refusal (Forbidden, UnknownAccount) and apply writes nothing
+/// for it, while the allowed manifests are written.
+fn tenants_in_the_repository_refuse_what_the_cluster_would(kind: Kind) {
+    let acct = Account::seeded_on(
+        kind,
+        "
+account: acme
+products:
+  - {name: TestOps, total: 200}
+  - {name: Studio, total: 20}
+organizations:
+  - id: qa-team
+  - id: qa-perf
+  - id: dev-team
+",
+    );
+    acct.write(
+        "repo/accounts.yaml",
+        "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: default}
+spec:
+  tenants:
+    - namespaces: [qa]
+      organizations: [qa-*]
+      maxCount: 10
+    - namespaceSelector: {matchLabels: {team: dev}}
+      organizations: [dev-team]
+---
+apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: beta}
+spec:
+  backend: {url: 'https://licenses.example.com'}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: dev-ns, labels: {team: dev}}
+",
+    );
+    let doc = |name: &str, namespace: &str, org: &str, count: i64, extra: &str| {
+        format!(
+            "---\napiVersion: licensor.dev/v1alpha1\nkind: DedicatedLicense\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{organization: {org}, product: TestOps, count: {count}{extra}}}\n"
+        )
+    };
+    let manifests = [
+        doc("qa", "qa", "qa-team", 5, ""),
+        doc("steal", "qa", "dev-team", 1, "").replace("TestOps", "Studio"),
+        doc("big", "qa", "qa-perf", 11, ""),
+        doc("dev", "dev-ns", "dev-team", 7, ""),
+        doc("typo", "qa", "qa-perf", 1, ", accountRef: gamma"),
+        doc("other", "qa", "qa-team", 1, ", accountRef: beta"),
+    ]
+    .concat();
+    acct.write("repo/licenses.yaml", &manifests);
+    let repo = acct.path("repo");
+    let run = acct.run(&["apply", "-f", repo.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let out = run.json();
+    let by_resource = |resource: &str| {
+        out["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["resource"] == resource)
+            .cloned()
+    };
+    for (resource, outcome) in [("qa/qa", "applied"), ("dev-ns/dev", "applied")] {
+        assert_eq!(by_resource(resource).unwrap()["outcome"], outcome, "{out}");
+    }
+    for (resource, reason, fragment) in [
+        (
+            "qa/steal",
+            "Forbidden",
+            "namespace qa may not manage 1 Studio licenses for organization dev-team on account default: its tenant entries allow organizations qa-*; count up to 10",
+        ),
+        ("qa/big", "Forbidden", "count up to 10"),
+        (
+            "qa/typo",
+            "UnknownAccount",
+            "there is no LicenseAccount gamma",
+        ),
+    ] {
+        let change = by_resource(resource).unwrap();
+        assert_eq!(
+            (change["outcome"].as_str(), change["reason"].as_str()),
+            (Some("refused"), Some(reason)),
+            "{change}"
+        );
+        assert!(
+            change["message"].as_str().unwrap().contains(fragment),
+            "{change}"
+        );
+    }
+    assert!(
+        by_resource("qa/other").is_none(),
+        "beta's manifest is beta's run"
+    );
+    assert!(
+        run.stderr
+            .contains("qa/other is for LicenseAccount beta, planned with --account-ref beta"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 0)));
+    assert_eq!(acct.allocation("dev-team", "TestOps"), Some((7, 0)));
+    assert_eq!(
+        acct.allocation("qa-perf", "TestOps"),
+        None,
+        "nothing written for a refusal"
+    );
+}
+
+/// A LicenseAccount whose tenants cannot be read is an error with its file
+/// and line, and nothing is planned or written.
+fn malformed_tenants_are_an_error_with_file_and_line(kind: Kind) {
+    let acct = Account::seeded_on(kind, DOCUMENTED);
+    acct.write(
+        "repo/accounts.yaml",
+        "apiVersion: licensor.dev/v1alpha1\nkind: LicenseAccount\nmetadata: {name: default}\nspec:\n  tenants:\n    - namespaces: [qa]\n      organizations: ['qa-?']\n",
+    );
+    acct.license("qa", "qa-team", "TestOps", 6, "");
+    let run = acct.run(&[
+        "apply",
+        "-f",
+        acct.path("repo").to_str().unwrap(),
+        "-f",
+        acct.path("manifests").to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains(
+            "accounts.yaml:5: spec.tenants[0]: organization pattern \"qa-?\" is not a glob"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((5, 4)));
+}
+
 // Each case on every backend: `embedded::<case>`, `http::<case>` and
 // `postgres::<case>`.
 on_every_store!(
@@ -587,4 +730,6 @@ on_every_store!(
     prune_orphans_what_the_operator_would_orphan,
     seats_claims_respect_the_dedicated_count,
     a_new_intent_after_a_prune_or_a_reseed_is_written_not_replayed,
+    tenants_in_the_repository_refuse_what_the_cluster_would,
+    malformed_tenants_are_an_error_with_file_and_line,
 );

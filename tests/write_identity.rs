@@ -54,6 +54,7 @@ fn desired(org: usize, count: i64) -> Desired {
         managed_by: format!("default/licenses/{}", ORGS[org]),
         deletion_policy: Default::default(),
         hold: None,
+        denied: None,
         scope: String::new(),
     }
 }

@@ -19,14 +19,25 @@ pub enum Kind {
     DedicatedLicense,
     /// LicensePool (cluster-scoped, status only): one product's pool.
     LicensePool,
+    /// LicenseAccount (cluster-scoped): an account's backend, credentials
+    /// and tenants.
+    LicenseAccount,
 }
 
 pub fn run(args: &CrdArgs) -> u8 {
     let yaml = match args.kind {
-        Kind::All => crate::resource::crd_yaml()
-            .and_then(|d| Ok(format!("{d}---\n{}", crate::licensepool::crd_yaml()?))),
+        Kind::All => [
+            crate::resource::crd_yaml,
+            crate::licensepool::crd_yaml,
+            crate::licenseaccount::crd_yaml,
+        ]
+        .iter()
+        .map(|crd| crd())
+        .collect::<Result<Vec<_>, _>>()
+        .map(|docs| docs.join("---\n")),
         Kind::DedicatedLicense => crate::resource::crd_yaml(),
         Kind::LicensePool => crate::licensepool::crd_yaml(),
+        Kind::LicenseAccount => crate::licenseaccount::crd_yaml(),
     };
     match yaml {
         Ok(yaml) => {

@@ -21,6 +21,7 @@ use crate::backend::http::{HttpBackend, Retry};
 use crate::backend::local::StoreBackend;
 use crate::backend::{Backend, redact};
 use crate::domain::Snapshot;
+use crate::licenseaccount::Directory;
 use crate::manifest::{self, Manifest};
 use crate::plan::Desired;
 
@@ -399,7 +400,7 @@ pub async fn observe(g: &Global) -> Result<(Box<dyn Backend>, Snapshot), String>
 }
 
 /// Loads manifests, printing notes and errors; `None` when invalid.
-pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
+pub fn load_manifests(files: &Files) -> Option<(Vec<Manifest>, Directory)> {
     let loaded = manifest::load(&files.paths);
     for note in &loaded.notes {
         eprintln!("note: {note}");
@@ -408,7 +409,8 @@ pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
         eprintln!("error: {e}");
     }
     if loaded.errors.is_empty() {
-        Some(loaded.manifests)
+        let directory = loaded.directory();
+        Some((loaded.manifests, directory))
     } else {
         eprintln!(
             "{} error{} in the manifests; nothing was changed",
@@ -419,14 +421,16 @@ pub fn load_manifests(files: &Files) -> Option<Vec<Manifest>> {
     }
 }
 
-/// What a manifest asks for, as the planner sees it.
-pub fn desired(m: &Manifest, instance: &str) -> Desired {
+/// What a manifest asks for, as the planner sees it, and whether its
+/// namespace may ask for it, by the accounts and Namespaces of `directory`.
+pub fn desired(m: &Manifest, instance: &str, directory: &Directory) -> Desired {
     m.spec.desired(
         instance,
         &m.namespace,
         &m.name,
         &m.annotations,
         String::new(),
+        directory,
     )
 }
 

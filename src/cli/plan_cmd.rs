@@ -17,6 +17,10 @@ pub struct PlanArgs {
     /// manifest said deletionPolicy: Orphan.
     #[arg(long)]
     pub prune: bool,
+    /// The LicenseAccount the backend is: manifests naming another account
+    /// that the inputs declare are left to that account's run, with a note.
+    #[arg(long, default_value = crate::licenseaccount::DEFAULT_ACCOUNT, value_name = "NAME")]
+    pub account_ref: String,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: Format,
@@ -25,19 +29,34 @@ pub struct PlanArgs {
 /// Loads, observes and plans; prints the error and returns `None` on failure.
 async fn prepare(
     g: &Global,
-    files: &Files,
-    prune: bool,
+    args: &PlanArgs,
     mode: Mode,
 ) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
+    let (manifests, directory) = load_manifests(&args.files)?;
     // What the manifests ask for, and nothing more of them, is held while
-    // the account is read and planned.
-    let desired: Vec<_> = load_manifests(files)?
+    // the account is read and planned. A manifest of another account the
+    // inputs declare is that account's; one naming an account that is not
+    // there is planned, and refused for it.
+    let desired: Vec<_> = manifests
         .iter()
-        .map(|m| desired(m, &g.instance))
+        .filter(|m| {
+            let account = m.spec.account();
+            let elsewhere = account != args.account_ref && directory.accounts.contains_key(account);
+            if elsewhere {
+                eprintln!(
+                    "note: {}: {} is for LicenseAccount {account}, planned with --account-ref {account}",
+                    m.source,
+                    m.resource()
+                );
+            }
+            !elsewhere
+        })
+        .map(|m| desired(m, &g.instance, &directory))
         .collect();
+    drop(manifests);
     let (backend, snapshot) = observe(g).await.map_err(|e| eprintln!("error: {e}")).ok()?;
     let opts = Options {
-        prune,
+        prune: args.prune,
         instance: g.instance.clone(),
         // The backend enforces R1 on every write; the plan assumes the
         // caller may write so that it shows the changes themselves.
@@ -48,7 +67,7 @@ async fn prepare(
 }
 
 pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((plan, backend)) = prepare(g, &args.files, args.prune, Mode::Plan).await else {
+    let Some((plan, backend)) = prepare(g, args, Mode::Plan).await else {
         return FAILED;
     };
     render::print_plan(&plan, args.output, Mode::Plan, &backend.location());
@@ -62,7 +81,7 @@ pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
 }
 
 pub async fn apply(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((mut plan, backend)) = prepare(g, &args.files, args.prune, Mode::Apply).await else {
+    let Some((mut plan, backend)) = prepare(g, args, Mode::Apply).await else {
         return FAILED;
     };
     if let Err(e) = execute(&mut plan, backend.as_ref()).await {

@@ -12,7 +12,7 @@ pub struct ValidateArgs {
 
 pub fn run(args: &ValidateArgs) -> u8 {
     match load_manifests(&args.files) {
-        Some(manifests) => {
+        Some((manifests, _)) => {
             println!(
                 "{} DedicatedLicense manifest{} valid",
                 manifests.len(),

@@ -31,17 +31,20 @@ pub struct Tenant {
     pub namespace_selector: Option<Selector>,
     /// Organizations these namespaces may manage: exact ids, or globs where
     /// `*` stands for any run of characters (`qa-*`). Required, not empty.
+    #[schemars(length(min = 1))]
     pub organizations: Vec<String>,
     /// Products they may manage; absent: every product.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub products: Option<Vec<String>>,
-    /// The largest `spec.count` one object may ask for; absent: no ceiling
-    /// but the pool's.
+    /// The largest spec.count one object may ask for, 0 to 1000000;
+    /// absent: no ceiling but the pool's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub max_count: Option<i64>,
 }
 
-/// A label selector, as Kubernetes writes one.
+/// A label selector, as Kubernetes writes one: every label of matchLabels
+/// and every requirement of matchExpressions must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
@@ -51,7 +54,7 @@ pub struct Selector {
     pub match_expressions: Vec<Requirement>,
 }
 
-/// One requirement of a [`Selector`].
+/// One requirement of a label selector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Requirement {
@@ -61,7 +64,8 @@ pub struct Requirement {
     pub values: Vec<String>,
 }
 
-/// How a [`Requirement`] compares a label.
+/// How a requirement compares a label: In, NotIn (with values), Exists,
+/// DoesNotExist (without).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Operator {
     In,
@@ -207,8 +211,9 @@ impl Tenant {
                 ));
             }
             if !literal.is_empty() {
-                check_identifier("organization", &literal)
-                    .map_err(|r| format!("{entry}: organization pattern {pattern:?}: {}", r.message))?;
+                check_identifier("organization", &literal).map_err(|r| {
+                    format!("{entry}: organization pattern {pattern:?}: {}", r.message)
+                })?;
             }
         }
         for product in self.products.iter().flatten() {
@@ -217,16 +222,26 @@ impl Tenant {
         if let Some(max) = self.max_count
             && !(0..=MAX_COUNT).contains(&max)
         {
-            return Err(format!("{entry}: maxCount {max} is outside 0..={MAX_COUNT}"));
+            return Err(format!(
+                "{entry}: maxCount {max} is outside 0..={MAX_COUNT}"
+            ));
         }
-        for r in self.namespace_selector.iter().flat_map(|s| &s.match_expressions) {
+        for r in self
+            .namespace_selector
+            .iter()
+            .flat_map(|s| &s.match_expressions)
+        {
             let needs_values = matches!(r.operator, Operator::In | Operator::NotIn);
             if needs_values == r.values.is_empty() {
                 return Err(format!(
                     "{entry}: namespaceSelector {:?} {:?} {}",
                     r.key,
                     r.operator,
-                    if needs_values { "needs values" } else { "takes no values" }
+                    if needs_values {
+                        "needs values"
+                    } else {
+                        "takes no values"
+                    }
                 ));
             }
         }
@@ -278,10 +293,7 @@ impl Tenants<'_> {
             )
         } else {
             let allowed: Vec<String> = mine.iter().map(|t| t.describe()).collect();
-            format!(
-                "{asked}: its tenant entries allow {}",
-                allowed.join(" | ")
-            )
+            format!("{asked}: its tenant entries allow {}", allowed.join(" | "))
         };
         Err(Refusal::new(Reason::Forbidden, message))
     }
@@ -418,16 +430,31 @@ mod tests {
     #[test]
     fn malformed_entries_are_named() {
         for (yaml, fault) in [
-            ("[{namespaces: [qa], organizations: []}]", "organizations is empty"),
+            (
+                "[{namespaces: [qa], organizations: []}]",
+                "organizations is empty",
+            ),
             ("[{organizations: [qa]}]", "names no namespace"),
-            ("[{namespaces: [qa], organizations: ['qa-?']}]", "is not a glob"),
-            ("[{namespaces: [qa], organizations: ['qa-**']}]", "is not a glob"),
-            ("[{namespaces: [qa], organizations: [qa], maxCount: -1}]", "maxCount -1"),
+            (
+                "[{namespaces: [qa], organizations: ['qa-?']}]",
+                "is not a glob",
+            ),
+            (
+                "[{namespaces: [qa], organizations: ['qa-**']}]",
+                "is not a glob",
+            ),
+            (
+                "[{namespaces: [qa], organizations: [qa], maxCount: -1}]",
+                "maxCount -1",
+            ),
             (
                 "[{namespaceSelector: {matchExpressions: [{key: team, operator: In}]}, organizations: [qa]}]",
                 "needs values",
             ),
-            ("[{namespaces: [qa], organizations: ['qa *']}]", "organization pattern"),
+            (
+                "[{namespaces: [qa], organizations: ['qa *']}]",
+                "organization pattern",
+            ),
         ] {
             let entries: Vec<Tenant> = serde_yaml::from_str(yaml).unwrap();
             let err = Tenants {
@@ -436,7 +463,10 @@ mod tests {
             }
             .check()
             .unwrap_err();
-            assert!(err.contains(fault) && err.starts_with("tenants[0]"), "{yaml}: {err}");
+            assert!(
+                err.contains(fault) && err.starts_with("tenants[0]"),
+                "{yaml}: {err}"
+            );
         }
         let good = tenants();
         assert_eq!(

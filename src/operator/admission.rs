@@ -130,6 +130,7 @@ impl Validator {
                 &name,
                 &Default::default(),
                 String::new(),
+                &Default::default(),
             )
         };
         match tokio::time::timeout(self.timeout, self.judge(&desired)).await {

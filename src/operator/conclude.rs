@@ -296,6 +296,7 @@ mod tests {
             managed_by: "default/licenses/qa".into(),
             deletion_policy: Default::default(),
             hold,
+            denied: None,
             scope: "uid/1".into(),
         }
     }

@@ -10,6 +10,7 @@
 //! restarts it as a standby. [`webhook`], when configured, adds the cleanup
 //! finalizer to new objects at admission, on every replica.
 
+pub mod accounts;
 pub mod admission;
 pub mod backoff;
 pub mod conclude;

@@ -28,6 +28,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::accounts::Accounts;
 use super::backoff::Backoff;
 use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
@@ -81,6 +82,8 @@ pub struct Context {
     /// Told of every write of this operator's (the shared read of the
     /// account, the LicensePools).
     pub followers: Followers,
+    /// The cluster's accounts and Namespaces, for the tenant rule.
+    pub accounts: Arc<Accounts>,
 }
 
 impl Context {
@@ -112,7 +115,13 @@ impl Context {
                 snapshot,
                 pools_moved,
             },
+            accounts: Arc::default(),
         }
+    }
+
+    /// The accounts and Namespaces the tenant rule reads now.
+    fn directory(&self) -> Arc<crate::licenseaccount::Directory> {
+        self.accounts.directory()
     }
 }
 
@@ -198,6 +207,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         &dl.name_any(),
         dl.annotations(),
         scope,
+        &ctx.directory(),
     )
 }
 
