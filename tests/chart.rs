@@ -469,6 +469,10 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
             true,
         ),
         (&["update", "licensepools.licensor.dev"][..], false),
+        (&["watch", "licenseaccounts.licensor.dev"][..], true),
+        (&["list", "namespaces"][..], true),
+        (&["update", "licenseaccounts.licensor.dev"][..], false),
+        (&["patch", "namespaces"][..], false),
         (
             &["create", "events.events.k8s.io", "-n", "licenses"][..],
             true,

@@ -1722,3 +1722,110 @@ fn the_operator_starts_while_postgres_is_down_and_converges_when_it_is_up() {
     let metrics = operator.get("/metrics").expect("metrics");
     assert!(metrics.contains("licensor_backend_up 1\n"), "{metrics}");
 }
+
+/// Tenants on the real control plane: a namespace by name and one by
+/// label, the webhook denying what they forbid (a ceiling included), the
+/// operator stalling what gets past it with nothing written, a tenant
+/// change turning a Ready object forbidden without a write, and its
+/// deletion changing no count.
+#[test]
+fn tenants_decide_which_namespace_manages_which_organization() {
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "qa"]);
+    cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: dev, labels: {team: dev}}\n");
+    let account = Account::seeded(ACCOUNT);
+    let certs = cp.dir.path().join("webhook-certs");
+    let ca = webhook_certificate(&certs);
+    let port = free_port();
+    let listen = format!("--webhook-listen=127.0.0.1:{port}");
+    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
+    let flags = ["--leader-elect=false", listen.as_str(), cert_dir.as_str()];
+    let operator = Operator::start(&cp, "tenants", &account.backend, &flags);
+    cp.register_validating_webhook(port, &ca);
+    let tenants = |qa_organizations: &str| {
+        cp.apply(&format!(
+            "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {{name: default}}
+spec:
+  tenants:
+    - namespaces: [qa]
+      organizations: [{qa_organizations}]
+      maxCount: 10
+    - namespaceSelector: {{matchLabels: {{team: dev}}}}
+      organizations: [dev-*]
+"
+        ))
+    };
+    tenants("qa-team");
+    let dl = |name: &str, namespace: &str, org: &str, product: &str, count: i64| {
+        format!(
+            "apiVersion: licensor.dev/v1alpha1\nkind: DedicatedLicense\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{organization: {org}, product: {product}, count: {count}}}\n"
+        )
+    };
+    let apply = |yaml: &str| cp.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+    let steal = dl("steal", "qa", "dev-team", "Studio", 1);
+    wait_for("the webhook reading the tenants", SOON, || {
+        let r = cp.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&steal));
+        (r.code != 0 && r.stderr.contains("Forbidden")).then_some(())
+    });
+    let ready = |namespace: &str, name: &str, reason: &str| {
+        wait_for(&format!("{namespace}/{name} {reason}"), SOON, || {
+            let o = cp.json(&["get", "dl", name, "-n", namespace]);
+            let c = condition(&o, "Ready")?;
+            (o["status"]["observedGeneration"] == o["metadata"]["generation"]
+                && c["reason"] == reason)
+                .then_some(o)
+        })
+    };
+
+    // Allowed by name and by label: written.
+    assert_eq!(apply(&dl("qa", "qa", "qa-team", "TestOps", 6)).code, 0);
+    assert_eq!(apply(&dl("dev", "dev", "dev-team", "Studio", 9)).code, 0);
+    ready("qa", "qa", "Reconciled");
+    ready("dev", "dev", "Reconciled");
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((6, 4)));
+    assert_eq!(account.allocation("dev-team", "Studio"), Some((9, 0)));
+
+    // Another team's organization, and a count over the ceiling: denied,
+    // naming the namespace, the organization, the account and what is
+    // allowed; nothing is created.
+    let r = apply(&steal);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("licensor: Forbidden: namespace qa may not manage 1 Studio licenses for organization dev-team on account default: its tenant entries allow organizations qa-team; count up to 10"),
+        "{r:?}"
+    );
+    let r = apply(&dl("qa", "qa", "qa-team", "TestOps", 11));
+    assert!(r.code != 0 && r.stderr.contains("count up to 10"), "{r:?}");
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((6, 4)));
+
+    // With the webhook out of the way, the operator refuses it: Stalled,
+    // Forbidden, nothing written.
+    cp.ok(&["delete", "validatingwebhookconfiguration", "licensor"]);
+    assert_eq!(apply(&steal).code, 0);
+    let o = ready("qa", "steal", "Forbidden");
+    assert_eq!(condition(&o, "Stalled").unwrap()["status"], "True");
+    assert_eq!(account.allocation("dev-team", "Studio"), Some((9, 0)));
+
+    // The tenants change: qa's object turns Forbidden, and no count moves.
+    tenants("other-*");
+    let o = ready("qa", "qa", "Forbidden");
+    says(&o, "its tenant entries allow organizations other-*");
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((6, 4)));
+    // Deleting it gives up ownership; the count stays.
+    cp.ok(&["delete", "dl", "qa", "-n", "qa", "--timeout=30s"]);
+    let qa = account.status()["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["organization"] == "qa-team" && a["product"] == "TestOps")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (qa["dedicated"].as_i64(), qa["managedBy"].as_str()),
+        (Some(6), None),
+        "{qa}"
+    );
+    drop(operator);
+}

@@ -80,11 +80,19 @@ impl Accounts {
             ),
         )
         .default_backoff()
-        .map(|_| ());
+        .map(|event| logged(event, "Namespaces"));
         let mut events = std::pin::pin!(futures::stream::select(account_events, namespace_events));
         while events.next().await.is_some() {
             self.set(picture(&accounts, &namespaces));
         }
+    }
+}
+
+/// A watch that fails (no LicenseAccount CRD installed, no permission) is
+/// retried with backoff; what it last listed stays, and it says why.
+fn logged<T>(event: Result<T, watcher::Error>, what: &str) {
+    if let Err(e) = event {
+        tracing::warn!("watching {what} for the tenant rule: {e}; retrying");
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Validator {
     pub timeout: Duration,
     /// Counts the reads of the whole account (for the closest names).
     pub metrics: Arc<Metrics>,
+    /// The cluster's accounts and Namespaces, for the tenant rule.
+    pub accounts: Arc<super::accounts::Accounts>,
 }
 
 /// What admission found: denial (if any) and warnings.
@@ -62,9 +64,10 @@ pub struct Findings {
     pub warnings: Vec<String>,
 }
 
-/// Reasons that can never succeed as written: the object must change.
+/// Reasons that can never succeed as written: the object must change (or
+/// its namespace may not ask for it at all).
 fn never_succeeds(reason: Reason) -> bool {
-    reason.class() == ReasonClass::AsWritten
+    matches!(reason.class(), ReasonClass::AsWritten | ReasonClass::Access)
 }
 
 /// Reasons that depend on the moment: seats free up, users leave.
@@ -130,7 +133,7 @@ impl Validator {
                 &name,
                 &Default::default(),
                 String::new(),
-                &Default::default(),
+                &self.accounts.directory(),
             )
         };
         match tokio::time::timeout(self.timeout, self.judge(&desired)).await {
@@ -144,6 +147,10 @@ impl Validator {
     /// allocation (the whole account when a name is unknown, for the
     /// closest names), as the operator's pass does.
     async fn judge(&self, desired: &Desired) -> Result<Findings, crate::backend::BackendError> {
+        // Who may ask is decided here, without the backend.
+        if let Some(refusal) = &desired.denied {
+            return Ok(self.finding(refusal.reason, &refusal.message));
+        }
         let snapshot = self
             .backend
             .observe(&desired.organization, &desired.product)
@@ -158,14 +165,10 @@ impl Validator {
         .await;
         let mut findings = Findings::default();
         for change in &planned.changes {
-            let Some(reason) = change.reason else {
-                continue;
-            };
-            let message = format!("licensor: {reason}: {}", change.message);
-            if never_succeeds(reason) && self.mode == Mode::Deny {
-                findings.deny = Some(message);
-            } else if never_succeeds(reason) || depends_on_the_moment(reason) {
-                findings.warnings.push(message);
+            if let Some(reason) = change.reason {
+                let found = self.finding(reason, &change.message);
+                findings.deny = found.deny.or(findings.deny);
+                findings.warnings.extend(found.warnings);
             }
         }
         if let Some(pool) = planned
@@ -180,6 +183,30 @@ impl Validator {
             ));
         }
         Ok(findings)
+    }
+}
+
+impl Validator {
+    /// What a refusal for `reason` is at admission: a denial (a warning in
+    /// [`Mode::Warn`]) when it can never succeed as written, a warning when
+    /// it depends on the moment.
+    fn finding(&self, reason: Reason, message: &str) -> Findings {
+        let message = format!("licensor: {reason}: {message}");
+        match (never_succeeds(reason), self.mode) {
+            (true, Mode::Deny) => Findings {
+                deny: Some(message),
+                warnings: Vec::new(),
+            },
+            (true, Mode::Warn) => Findings {
+                deny: None,
+                warnings: vec![message],
+            },
+            (false, _) if depends_on_the_moment(reason) => Findings {
+                deny: None,
+                warnings: vec![message],
+            },
+            (false, _) => Findings::default(),
+        }
     }
 }
 
@@ -216,6 +243,7 @@ mod tests {
             mode: Mode::Deny,
             timeout: Duration::from_millis(500),
             metrics: Arc::default(),
+            accounts: Arc::default(),
         }
     }
 
@@ -283,6 +311,60 @@ mod tests {
                 .await,
             Findings::default()
         );
+    }
+
+    #[tokio::test]
+    async fn what_the_tenants_forbid_is_denied_without_the_backend_and_warned_in_warn_mode() {
+        let account: crate::licenseaccount::LicenseAccount = serde_yaml::from_str(
+            "{apiVersion: licensor.dev/v1alpha1, kind: LicenseAccount, metadata: {name: default},
+              spec: {tenants: [{namespaceSelector: {matchLabels: {team: qa}}, organizations: [qa-team], maxCount: 4}]}}",
+        )
+        .unwrap();
+        let accounts = Arc::new(crate::operator::accounts::Accounts::default());
+        accounts.set(crate::licenseaccount::Directory {
+            accounts: [("default".to_string(), account)].into(),
+            namespaces: [(
+                "licenses".to_string(),
+                [("team".to_string(), "qa".to_string())].into(),
+            )]
+            .into(),
+        });
+        let v = Validator {
+            accounts,
+            ..validator()
+        };
+        // Over the ceiling: denied, and the backend (down) was not asked.
+        let response = v
+            .review(&request("CREATE", object(5, json!({})), None))
+            .await;
+        assert!(!response.allowed);
+        assert_eq!(
+            response.result.message,
+            "licensor: Forbidden: namespace licenses may not manage 5 TestOps licenses for organization qa-team on account default: its tenant entries allow organizations qa-team; count up to 4"
+        );
+        assert!(response.warnings.is_none(), "no check was skipped");
+        // An account that is not there.
+        let elsewhere = object(
+            3,
+            json!({"spec": {"organization": "qa-team", "product": "TestOps", "count": 3, "accountRef": "nope"}}),
+        );
+        let response = v.review(&request("CREATE", elsewhere, None)).await;
+        assert!(
+            response
+                .result
+                .message
+                .starts_with("licensor: UnknownAccount: there is no LicenseAccount nope")
+        );
+        // Warn mode admits it and says why.
+        let v = Validator {
+            mode: Mode::Warn,
+            ..v
+        };
+        let response = v
+            .review(&request("CREATE", object(5, json!({})), None))
+            .await;
+        assert!(response.allowed);
+        assert_eq!(response.warnings.unwrap_or_default().len(), 1);
     }
 
     #[tokio::test]

@@ -135,6 +135,9 @@ const ADMISSION_TIMEOUT: Duration = Duration::from_millis(1500);
 pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error> {
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
+    // Every replica keeps the accounts: the webhook answers on each.
+    let accounts = Arc::new(accounts::Accounts::default());
+    let _accounts = AbortOnDrop(tokio::spawn(accounts.clone().keep(client.clone())));
     let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = config
@@ -153,6 +156,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
                 mode: config.admission,
                 timeout: ADMISSION_TIMEOUT,
                 metrics: metrics.clone(),
+                accounts: accounts.clone(),
             };
             Some(webhook::serve(w, metrics.clone(), validator, stopped(stop_rx.clone())).await?)
         }
@@ -187,6 +191,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
         &config,
         client.clone(),
         backend,
+        accounts,
         metrics,
         readiness,
         stop_rx,
@@ -211,6 +216,7 @@ async fn lead_and_run(
     config: &Config,
     client: Client,
     backend: Arc<dyn Backend>,
+    accounts: Arc<accounts::Accounts>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
@@ -218,7 +224,7 @@ async fn lead_and_run(
     let Some(election) = &config.election else {
         readiness.leading();
         metrics.leader.set(1);
-        return control(config, client, backend, metrics, stopped(stop)).await;
+        return control(config, client, backend, accounts, metrics, stopped(stop)).await;
     };
     let params = LeaseParams::new(
         election.identity.clone(),
@@ -256,7 +262,7 @@ async fn lead_and_run(
             }
         }
     };
-    control(config, client, backend, metrics.clone(), end).await?;
+    control(config, client, backend, accounts, metrics.clone(), end).await?;
     metrics.leader.set(0);
     if *stop.borrow() {
         // Hand the lease back so a standby takes over at once.
@@ -273,6 +279,7 @@ async fn control(
     config: &Config,
     client: Client,
     backend: Arc<dyn Backend>,
+    accounts: Arc<accounts::Accounts>,
     metrics: Arc<Metrics>,
     end: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
@@ -289,15 +296,18 @@ async fn control(
     // The account's pools as LicensePool objects, kept while this replica
     // leads (the task ends with this function).
     let moved = Arc::new(tokio::sync::Notify::new());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        backend,
-        events,
-        metrics.clone(),
-        config.settings.clone(),
-        wake_tx.clone(),
-        moved.clone(),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            backend,
+            events,
+            metrics.clone(),
+            config.settings.clone(),
+            wake_tx.clone(),
+            moved.clone(),
+        )
+        .with_accounts(accounts.clone()),
+    );
     let growth = AbortOnDrop(tokio::spawn(wake_on_growth(
         ctx.clone(),
         config.settings.pool_poll,
@@ -345,9 +355,15 @@ async fn control(
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
         );
 
+    // A change of the accounts or of a Namespace's labels passes every
+    // object again: a pass decides what the tenant rule now says.
+    let tenancy = futures::stream::unfold(accounts.changed(), |mut rx| async move {
+        rx.changed().await.ok().map(|()| ((), rx))
+    });
     Controller::for_stream(objects, reader)
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .reconcile_on(wakes)
+        .reconcile_all_on(tenancy)
         .graceful_shutdown_on(end)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

@@ -40,6 +40,7 @@ use super::waiting::Waiters;
 use crate::apply::apply_one;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
+use crate::licenseaccount::{DEFAULT_ACCOUNT, Directory};
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
     API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, needs_finalizer,
@@ -119,6 +120,12 @@ impl Context {
         }
     }
 
+    /// The context reading `accounts` for the tenant rule (none otherwise:
+    /// every object on `default`, with no tenants).
+    pub fn with_accounts(self, accounts: Arc<Accounts>) -> Context {
+        Context { accounts, ..self }
+    }
+
     /// The accounts and Namespaces the tenant rule reads now.
     fn directory(&self) -> Arc<crate::licenseaccount::Directory> {
         self.accounts.directory()
@@ -193,8 +200,47 @@ fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
     Api::namespaced(ctx.client.clone(), &dl.namespace().unwrap_or_default())
 }
 
-/// What the object asks for, as the planner sees it.
+/// What the object asks for, as the planner sees it, and whether its
+/// namespace may ask for it (the tenant rule) from this operator's backend.
 fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
+    let directory = ctx.directory();
+    let mut wanted = asked(dl, ctx, &directory);
+    if wanted.denied.is_none() {
+        wanted.denied = served(&dl.spec, &directory).err();
+    }
+    wanted
+}
+
+/// This operator writes the account `default` on its own backend. An object
+/// of another account, or of a LicenseAccount `default` that names another
+/// backend, is refused here, never written to the wrong store.
+fn served(
+    spec: &crate::resource::DedicatedLicenseSpec,
+    directory: &Directory,
+) -> Result<(), crate::domain::Refusal> {
+    let account = spec.account();
+    let elsewhere = match directory.accounts.get(account) {
+        _ if account != DEFAULT_ACCOUNT => true,
+        Some(a) => a.spec.backend.is_some(),
+        None => false,
+    };
+    if !elsewhere {
+        return Ok(());
+    }
+    Err(crate::domain::Refusal::new(
+        Reason::UnknownAccount,
+        format!(
+            "this operator serves the account default on its own --backend only; LicenseAccount {account} {} is not served here, and nothing was written",
+            if account == DEFAULT_ACCOUNT {
+                "names a backend of its own, so it"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
+fn asked(dl: &DedicatedLicense, ctx: &Context, directory: &Directory) -> Desired {
     // A deleted and re-created object of the same name is a new intent.
     let scope = format!(
         "{}/{}",
@@ -207,7 +253,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
         &dl.name_any(),
         dl.annotations(),
         scope,
-        &ctx.directory(),
+        directory,
     )
 }
 
@@ -218,6 +264,9 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         ctx.metrics.finalizer_added(AddedBy::Operator);
     }
     let wanted = desired(dl, ctx);
+    if let Some(refusal) = wanted.denied.clone() {
+        return denied(dl, ctx, &wanted, refusal).await;
+    }
     if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
         return Ok(ended.requeue(ctx));
     }
@@ -410,6 +459,14 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         }
         None => {}
     }
+    match wanted.denied.as_ref().map(|r| r.reason) {
+        // No longer this namespace's to manage: ownership is given up and
+        // no count changes.
+        Some(Reason::Forbidden) => return orphan(dl, ctx, &wanted).await,
+        // Never written here: nothing to give back.
+        Some(_) => return remove_finalizer(dl, ctx).await,
+        None => {}
+    }
     if dl.spec.deletion_policy == DeletionPolicy::Orphan {
         return orphan(dl, ctx, &wanted).await;
     }
@@ -483,6 +540,27 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
         }
         Err(e) => unanswered(dl, ctx, wanted, e, true).await,
     }
+}
+
+/// An object its namespace may not ask for (the tenant rule), or of an
+/// account this operator does not serve: Stalled with the reason, and no
+/// backend call at all (a tenant change never writes by itself).
+async fn denied(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    wanted: &Desired,
+    refusal: crate::domain::Refusal,
+) -> Result<Requeue, Error> {
+    ctx.waiting.forget(dl);
+    let verdict = Verdict::Refused {
+        reason: refusal.reason,
+        message: refusal.message,
+    };
+    let pass = conclude::unseen(dl.meta().generation, wanted, false, verdict);
+    write_status_and_events(dl, ctx, &pass).await?;
+    ctx.backoff.succeeded(&key(dl));
+    ctx.metrics.error(refusal.reason);
+    Ok(Ended::Refused.requeue(ctx))
 }
 
 /// A write that the backend did not decide (unavailable, stale).
@@ -812,6 +890,76 @@ mod tests {
                    {"op": "remove", "path": "/metadata/finalizers/0"}])
         );
         assert!(backend.snapshot().await.unwrap().allocations.is_empty());
+    }
+
+    /// Accounts whose `default` lets namespace `team` manage only `other-*`.
+    fn qa_elsewhere() -> Arc<Accounts> {
+        let account: crate::licenseaccount::LicenseAccount = serde_yaml::from_str(
+            "{apiVersion: licensor.dev/v1alpha1, kind: LicenseAccount, metadata: {name: default},
+              spec: {tenants: [{namespaces: [team], organizations: ['other-*']}]}}",
+        )
+        .unwrap();
+        let accounts = Arc::new(Accounts::default());
+        accounts.set(Directory {
+            accounts: [("default".to_string(), account)].into(),
+            namespaces: Default::default(),
+        });
+        accounts
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_object_is_stalled_and_nothing_is_read_or_written() {
+        let (_dir, backend) = store();
+        let mut dl = object(5);
+        dl.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let (client, recorded) = recorded(&dl);
+        let ctx = Arc::new(
+            Arc::into_inner(context(client, backend.clone()))
+                .unwrap()
+                .with_accounts(qa_elsewhere()),
+        );
+        let requeue = reconcile(Arc::new(dl), ctx).await.unwrap();
+        assert_eq!(requeue, Requeue::await_change());
+        assert_eq!(calls(&recorded), [call("PATCH", "qa/status", APPLY)]);
+        let status = recorded.lock().unwrap()[0].clone();
+        assert_eq!(ready(&status)["reason"], "Forbidden");
+        assert_eq!(
+            ready(&status)["message"],
+            "namespace team may not manage 5 TestOps licenses for organization qa-team on account default: its tenant entries allow organizations other-*"
+        );
+        assert!(backend.snapshot().await.unwrap().allocations.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deleting_an_object_that_became_forbidden_gives_up_ownership_and_keeps_the_count() {
+        let (_dir, backend) = store();
+        let mut dl = object(5);
+        dl.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let (client, recorded) = recorded(&dl);
+        let ctx = context(client.clone(), backend.clone());
+        reconcile(Arc::new(dl.clone()), ctx).await.unwrap();
+        // The tenants change: the object is no longer its namespace's.
+        let ctx = Arc::new(
+            Arc::into_inner(context(client, backend.clone()))
+                .unwrap()
+                .with_accounts(qa_elsewhere()),
+        );
+        recorded.lock().unwrap().clear();
+        dl.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        reconcile(Arc::new(dl), ctx).await.unwrap();
+        assert_eq!(
+            calls(&recorded),
+            [call("PATCH", "qa", JSON_PATCH)],
+            "the finalizer goes"
+        );
+        let allocation = &backend.snapshot().await.unwrap().allocations[0];
+        assert_eq!(
+            (allocation.dedicated, allocation.managed_by.as_deref()),
+            (5, None),
+            "the count stays; ownership is given up"
+        );
     }
 
     /// A backend that is down: every call fails as unreachable.
