@@ -1829,3 +1829,87 @@ spec:
     );
     drop(operator);
 }
+
+/// Two accounts on two backends served by one operator: `default` on its
+/// own embedded store, `beta` on a `licensor serve` over HTTP with its token
+/// in a Secret of the operator's namespace. Each object's count lands in
+/// its own backend; a wrong token stalls beta (its objects and its
+/// LicenseAccount) while default keeps working; the right token, rotated in
+/// through the Secret, is used without a restart.
+#[test]
+fn two_accounts_on_two_backends_with_a_token_rotated_through_its_secret() {
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    cp.ok(&["create", "namespace", "licensor-system"]);
+    let own = Account::seeded(ACCOUNT);
+    let (beta, port, token_file) = remote_account(
+        "account: beta-co\nproducts: [{name: TestOps, total: 50}]\norganizations: [{id: beta-qa}]\n",
+    );
+    let good = std::fs::read_to_string(&token_file).unwrap();
+    let secret = |token: &str| {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(token);
+        cp.apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: beta-token, namespace: licensor-system}}\ndata: {{token: {token}}}\n"
+        ));
+    };
+    secret("lsr_not-a-token");
+    cp.apply(&format!(
+        "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {{name: beta}}
+spec:
+  backend:
+    url: http://127.0.0.1:{port}
+    account: beta-co
+    credentialsSecretRef: {{name: beta-token, key: token}}
+"
+    ));
+    let operator = Operator::start(
+        &cp,
+        "accounts",
+        &own.backend,
+        &["--leader-elect=false", "--lease-namespace=licensor-system"],
+    );
+    let account_ready = |status: &str, reason: &str| {
+        wait_for(&format!("LicenseAccount beta Ready={status} {reason}"), SOON, || {
+            let o = cp.json(&["get", "licenseaccount", "beta"]);
+            let c = condition(&o, "Ready")?;
+            (c["status"] == status && c["reason"] == reason).then_some(o)
+        })
+    };
+    let object_ready = |name: &str, reason: &str| {
+        wait_for(&format!("{name} {reason}"), SOON, || {
+            let o = cp.json(&["get", "dl", name, "-n", "licenses"]);
+            let c = condition(&o, "Ready")?;
+            (o["status"]["observedGeneration"] == o["metadata"]["generation"]
+                && c["reason"] == reason)
+                .then_some(o)
+        })
+    };
+
+    // A wrong token: beta is stalled, and so is its object; default works.
+    let o = account_ready("False", "Forbidden");
+    says(&o, "check the Secret");
+    cp.apply(&license_yaml("a", "qa-team", "TestOps", 6, ""));
+    cp.apply(&license_yaml("b", "beta-qa", "TestOps", 3, "  accountRef: beta\n"));
+    object_ready("a", "Reconciled");
+    let b = object_ready("b", "Forbidden");
+    says(&b, "check the token");
+    assert_eq!(own.allocation("qa-team", "TestOps"), Some((6, 4)));
+    assert_eq!(beta.allocation("beta-qa", "TestOps"), None);
+
+    // The right token through the Secret, no restart: beta connects and
+    // its object's count lands in its own backend, not in default's.
+    secret(&good);
+    let o = account_ready("True", "Connected");
+    assert_eq!(o["status"]["products"], serde_json::json!(["TestOps"]));
+    object_ready("b", "Reconciled");
+    assert_eq!(beta.allocation("beta-qa", "TestOps"), Some((3, 0)));
+    assert_eq!(own.allocation("beta-qa", "TestOps"), None);
+    assert!(
+        operator.logs().matches("the account's backend client was made anew").count() >= 2,
+        "{}",
+        tail(&operator.logs())
+    );
+}

@@ -138,6 +138,28 @@ impl HttpBackend {
         retry: Retry,
         ca: Option<&std::path::Path>,
     ) -> Result<HttpBackend, BackendError> {
+        let pem = ca
+            .map(|path| {
+                std::fs::read(path)
+                    .map(|pem| (path.display().to_string(), pem))
+                    .map_err(|e| {
+                        BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
+                    })
+            })
+            .transpose()?;
+        HttpBackend::trusting_pem(url, account, token, timeout, retry, pem)
+    }
+
+    /// [`HttpBackend::trusting`] with the CA certificates given as PEM,
+    /// named (a file, a Secret key) for messages.
+    pub fn trusting_pem(
+        url: &str,
+        account: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        retry: Retry,
+        ca: Option<(String, Vec<u8>)>,
+    ) -> Result<HttpBackend, BackendError> {
         let shown = super::redact(url);
         let base = Url::parse(url)
             .map_err(|e| BackendError::Unavailable(format!("backend URL {shown:?}: {e}")))?;
@@ -155,17 +177,12 @@ impl HttpBackend {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let mut builder = reqwest::Client::builder();
-        if let Some(path) = ca {
-            let pem = std::fs::read(path).map_err(|e| {
-                BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
-            })?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
-            })?;
+        if let Some((name, pem)) = ca {
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| BackendError::Unavailable(format!("backend CA {name}: {e}")))?;
             if certificates.is_empty() {
                 return Err(BackendError::Unavailable(format!(
-                    "backend CA {}: no certificate in it",
-                    path.display()
+                    "backend CA {name}: no certificate in it"
                 )));
             }
             for c in certificates {

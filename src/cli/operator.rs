@@ -45,7 +45,8 @@ pub struct OperatorArgs {
     /// Name of the Lease.
     #[arg(long, default_value = "licensor-operator")]
     pub lease_name: String,
-    /// Namespace of the Lease (the operator's own namespace in a cluster).
+    /// The operator's own namespace: its Lease, and the Secrets that
+    /// LicenseAccounts name.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
     /// How long a lease holds without renewal; a standby takes over after it.
@@ -104,6 +105,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
     let lease_secs = args.lease_duration.as_secs();
     let config = Config {
         namespace: args.namespace.clone(),
+        own_namespace: args.lease_namespace.clone(),
         settings: Settings {
             instance: g.instance.clone(),
             resync: args.resync,

@@ -12,6 +12,7 @@
 
 pub mod accounts;
 pub mod admission;
+pub mod backends;
 pub mod backoff;
 pub mod conclude;
 pub mod events;
@@ -84,6 +85,9 @@ pub struct Election {
 pub struct Config {
     /// Watch one namespace, or all of them.
     pub namespace: Option<String>,
+    /// The operator's own namespace: where the Secrets that LicenseAccounts
+    /// name are read.
+    pub own_namespace: String,
     pub settings: Settings,
     /// Passes that may run at once.
     pub concurrency: u16,
@@ -308,6 +312,12 @@ async fn control(
         )
         .with_accounts(accounts.clone()),
     );
+    // Each LicenseAccount's client and status, kept while this replica leads.
+    let keeping = AbortOnDrop(tokio::spawn(ctx.backends.clone().keep(
+        client.clone(),
+        config.own_namespace.clone(),
+        accounts.clone(),
+    )));
     let growth = AbortOnDrop(tokio::spawn(wake_on_growth(
         ctx.clone(),
         config.settings.pool_poll,
@@ -336,7 +346,7 @@ async fn control(
     gauges.objects_from(Some(reader.clone()));
     let pools = pools::Pools::new(
         client,
-        ctx.followers.snapshot.clone(),
+        ctx.backends.own().snapshot.clone(),
         config.settings.instance.clone(),
         config.settings.resync,
         moved,
@@ -357,9 +367,13 @@ async fn control(
 
     // A change of the accounts or of a Namespace's labels passes every
     // object again: a pass decides what the tenant rule now says.
-    let tenancy = futures::stream::unfold(accounts.changed(), |mut rx| async move {
-        rx.changed().await.ok().map(|()| ((), rx))
-    });
+    let changes = |rx: watch::Receiver<u64>| {
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok().map(|()| ((), rx))
+        })
+    };
+    let tenancy =
+        futures::stream::select(changes(accounts.changed()), changes(ctx.backends.changed()));
     Controller::for_stream(objects, reader)
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .reconcile_on(wakes)
@@ -373,6 +387,7 @@ async fn control(
         })
         .await;
     drop(walker);
+    drop(keeping);
     drop(growth);
     drop(pools);
     gauges.objects_from(None);
@@ -392,7 +407,7 @@ async fn wake_on_growth(ctx: Arc<Context>, poll: Duration) {
         if !ctx.waiting.anyone() {
             continue;
         }
-        match ctx.followers.snapshot.refresh().await {
+        match ctx.backends.own().snapshot.refresh().await {
             Ok(pools) => {
                 for product in ctx.waiting.wake_if_grown(&pools) {
                     tracing::debug!(%product, "the pool grew outside the operator: waking what waits for it");

@@ -29,6 +29,7 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::accounts::Accounts;
+use super::backends::{Backends, Served};
 use super::backoff::Backoff;
 use super::conclude::{self, Removal};
 use super::events::{self, EventReason, Note, Publisher};
@@ -40,7 +41,7 @@ use super::waiting::Waiters;
 use crate::apply::apply_one;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Reason, Role, Snapshot};
-use crate::licenseaccount::{DEFAULT_ACCOUNT, Directory};
+use crate::licenseaccount::Directory;
 use crate::plan::{Change, Desired, Options, Outcome, plan, plan_removal};
 use crate::resource::{
     API_VERSION, DedicatedLicense, DeletionPolicy, FINALIZER, KIND, needs_finalizer,
@@ -72,7 +73,8 @@ pub struct Settings {
 /// What every pass shares: the clients, and one part per mechanism.
 pub struct Context {
     pub client: Client,
-    pub backend: Arc<dyn Backend>,
+    /// Each account's backend (the operator's own for `default`).
+    pub backends: Arc<Backends>,
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
@@ -99,23 +101,20 @@ impl Context {
     ) -> Context {
         // Read at most twice a resync period, whatever the number of
         // objects (and, while objects wait for seats, every pool poll).
-        let snapshot = Arc::new(snapshot::Shared::new(
-            backend.clone(),
-            metrics.clone(),
-            settings.resync / 2,
-        ));
+        let ttl = settings.resync / 2;
+        let own = Arc::new(Served {
+            snapshot: Arc::new(snapshot::Shared::new(backend.clone(), metrics.clone(), ttl)),
+            backend,
+        });
         Context {
             client,
-            backend,
+            backends: Arc::new(Backends::new(own, metrics.clone(), ttl)),
             events,
             metrics,
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             settings,
             waiting: Waiters::new(wake),
-            followers: Followers {
-                snapshot,
-                pools_moved,
-            },
+            followers: Followers { pools_moved },
             accounts: Arc::default(),
         }
     }
@@ -201,46 +200,8 @@ fn api(dl: &DedicatedLicense, ctx: &Context) -> Api<DedicatedLicense> {
 }
 
 /// What the object asks for, as the planner sees it, and whether its
-/// namespace may ask for it (the tenant rule) from this operator's backend.
-fn desired(dl: &DedicatedLicense, ctx: &Context) -> Desired {
-    let directory = ctx.directory();
-    let mut wanted = asked(dl, ctx, &directory);
-    if wanted.denied.is_none() {
-        wanted.denied = served(&dl.spec, &directory).err();
-    }
-    wanted
-}
-
-/// This operator writes the account `default` on its own backend. An object
-/// of another account, or of a LicenseAccount `default` that names another
-/// backend, is refused here, never written to the wrong store.
-fn served(
-    spec: &crate::resource::DedicatedLicenseSpec,
-    directory: &Directory,
-) -> Result<(), crate::domain::Refusal> {
-    let account = spec.account();
-    let elsewhere = match directory.accounts.get(account) {
-        _ if account != DEFAULT_ACCOUNT => true,
-        Some(a) => a.spec.backend.is_some(),
-        None => false,
-    };
-    if !elsewhere {
-        return Ok(());
-    }
-    Err(crate::domain::Refusal::new(
-        Reason::UnknownAccount,
-        format!(
-            "this operator serves the account default on its own --backend only; LicenseAccount {account} {} is not served here, and nothing was written",
-            if account == DEFAULT_ACCOUNT {
-                "names a backend of its own, so it"
-            } else {
-                ""
-            }
-        ),
-    ))
-}
-
-fn asked(dl: &DedicatedLicense, ctx: &Context, directory: &Directory) -> Desired {
+/// namespace may ask for it (the tenant rule).
+fn desired(dl: &DedicatedLicense, ctx: &Context, directory: &Directory) -> Desired {
     // A deleted and re-created object of the same name is a new intent.
     let scope = format!(
         "{}/{}",
@@ -263,18 +224,23 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         add_finalizer(dl, ctx).await?;
         ctx.metrics.finalizer_added(AddedBy::Operator);
     }
-    let wanted = desired(dl, ctx);
+    let directory = ctx.directory();
+    let wanted = desired(dl, ctx, &directory);
     if let Some(refusal) = wanted.denied.clone() {
         return denied(dl, ctx, &wanted, refusal).await;
     }
-    if let Some(ended) = checked_quietly(dl, ctx, &wanted).await {
+    let served = match ctx.backends.of(dl.spec.account(), &directory) {
+        Ok(served) => served,
+        Err(refusal) => return denied(dl, ctx, &wanted, refusal).await,
+    };
+    if let Some(ended) = checked_quietly(dl, ctx, &served, &wanted).await {
         return Ok(ended.requeue(ctx));
     }
     let frees_before = ctx.waiting.frees_so_far(&wanted.product);
-    let c = match converge(ctx, &wanted, Goal::Spec).await {
+    let c = match converge(ctx, &served, &wanted, Goal::Spec).await {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
-        Err(e) => return unanswered(dl, ctx, &wanted, e, false).await,
+        Err(e) => return unanswered(dl, ctx, &served, &wanted, e, false).await,
     };
     let generation = dl.meta().generation;
     let drift = conclude::allocation_in(&c.snapshot, &wanted)
@@ -287,7 +253,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         &c.change,
         c.written.as_ref(),
     ) else {
-        return not_decided(dl, ctx, &wanted, &c.change, false).await;
+        return not_decided(dl, ctx, &served, &wanted, &c.change, false).await;
     };
     write_status_and_events(dl, ctx, &pass).await?;
     Ok(count_and_wake(dl, ctx, &pass, frees_before).requeue(ctx))
@@ -318,25 +284,31 @@ struct Converged {
 /// read.
 async fn converge(
     ctx: &Context,
+    served: &Served,
     wanted: &Desired,
     goal: Goal,
 ) -> Result<Option<Converged>, BackendError> {
     ctx.metrics.backend_read(Read::Allocation);
-    let snapshot = ctx
+    let snapshot = served
         .backend
         .observe(&wanted.organization, &wanted.product)
         .await?;
     let mut change = match goal {
-        Goal::Spec => match plan_one(wanted, &snapshot, ctx).await {
+        Goal::Spec => match plan_one(wanted, &snapshot, ctx, served).await {
             Some(change) => change,
             None => return Ok(None),
         },
         Goal::Removal => plan_removal(wanted, &snapshot, Role::AccountAdmin),
     };
-    let written = apply_one(&mut change, ctx.backend.as_ref()).await;
+    let written = apply_one(&mut change, served.backend.as_ref()).await;
     if change.outcome == Outcome::Applied {
         ctx.followers
-            .wrote(&wanted.organization, &wanted.product, written.as_ref())
+            .wrote(
+                served,
+                &wanted.organization,
+                &wanted.product,
+                written.as_ref(),
+            )
             .await;
     }
     Ok(Some(Converged {
@@ -352,14 +324,18 @@ async fn converge(
 /// backend call of its own. Anything else (drift, a refusal, a status that
 /// would change, a snapshot that cannot be read) takes the full pass, which
 /// reads its own allocation again.
-async fn checked_quietly(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Option<Ended> {
+async fn checked_quietly(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    served: &Served,
+    wanted: &Desired,
+) -> Option<Ended> {
     if !ready_for_its_generation(dl) {
         return None;
     }
     let previous = dl.status.as_ref()?;
     let generation = dl.meta().generation;
-    let snapshot = ctx
-        .followers
+    let snapshot = served
         .snapshot
         .observe(&wanted.organization, &wanted.product)
         .await
@@ -399,11 +375,16 @@ pub fn ready_for_its_generation(dl: &DedicatedLicense) -> bool {
 /// The change that brings the backend to `wanted`, from the planner. A pass
 /// reads only its own pool; a name the account does not have is rare, so
 /// only then is the whole account read, for the closest names.
-async fn plan_one(wanted: &Desired, snapshot: &Snapshot, ctx: &Context) -> Option<Change> {
+async fn plan_one(
+    wanted: &Desired,
+    snapshot: &Snapshot,
+    ctx: &Context,
+    served: &Served,
+) -> Option<Change> {
     super::plan_one(
         wanted,
         snapshot,
-        ctx.backend.as_ref(),
+        served.backend.as_ref(),
         &ctx.settings.instance,
         &ctx.metrics,
     )
@@ -443,7 +424,8 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
     if !dl.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Requeue::await_change());
     }
-    let wanted = desired(dl, ctx);
+    let directory = ctx.directory();
+    let wanted = desired(dl, ctx, &directory);
     let generation = dl.meta().generation;
     ctx.waiting.forget(dl);
     match wanted.hold {
@@ -459,21 +441,32 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         }
         None => {}
     }
+    let served = match ctx.backends.of(dl.spec.account(), &directory) {
+        Ok(served) => served,
+        // Its account is gone: nothing of it can be reached, and nothing
+        // is revoked.
+        Err(r) if r.reason == Reason::UnknownAccount => return remove_finalizer(dl, ctx).await,
+        // Its backend is not connected (yet): the revoke waits for it.
+        Err(r) => {
+            let e = BackendError::Unavailable(r.message);
+            return unanswered(dl, ctx, ctx.backends.own(), &wanted, e, true).await;
+        }
+    };
     match wanted.denied.as_ref().map(|r| r.reason) {
         // No longer this namespace's to manage: ownership is given up and
         // no count changes.
-        Some(Reason::Forbidden) => return orphan(dl, ctx, &wanted).await,
+        Some(Reason::Forbidden) => return orphan(dl, ctx, &served, &wanted).await,
         // Never written here: nothing to give back.
         Some(_) => return remove_finalizer(dl, ctx).await,
         None => {}
     }
     if dl.spec.deletion_policy == DeletionPolicy::Orphan {
-        return orphan(dl, ctx, &wanted).await;
+        return orphan(dl, ctx, &served, &wanted).await;
     }
-    let c = match converge(ctx, &wanted, Goal::Removal).await {
+    let c = match converge(ctx, &served, &wanted, Goal::Removal).await {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
-        Err(e) => return unanswered(dl, ctx, &wanted, e, true).await,
+        Err(e) => return unanswered(dl, ctx, &served, &wanted, e, true).await,
     };
     let removal = conclude::removed(
         generation,
@@ -500,13 +493,18 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
             write_status_and_events(dl, ctx, &pass).await?;
             Ok(Requeue::requeue(ctx.settings.resync))
         }
-        Removal::NotDecided => not_decided(dl, ctx, &wanted, &c.change, true).await,
+        Removal::NotDecided => not_decided(dl, ctx, &served, &wanted, &c.change, true).await,
     }
 }
 
 /// `deletionPolicy: Orphan`: gives up the ownership and leaves the seats.
-async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Result<Requeue, Error> {
-    match ctx
+async fn orphan(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    served: &Served,
+    wanted: &Desired,
+) -> Result<Requeue, Error> {
+    match served
         .backend
         .release(&wanted.organization, &wanted.product, &wanted.managed_by)
         .await
@@ -522,7 +520,7 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
             };
             ctx.events.publish(dl, &[note]);
             ctx.followers
-                .released(&wanted.organization, &wanted.product)
+                .released(served, &wanted.organization, &wanted.product)
                 .await;
             // An object refused with Conflict over it may now adopt it.
             ctx.waiting.seats_freed(&wanted.product);
@@ -538,7 +536,7 @@ async fn orphan(dl: &DedicatedLicense, ctx: &Context, wanted: &Desired) -> Resul
         {
             remove_finalizer(dl, ctx).await
         }
-        Err(e) => unanswered(dl, ctx, wanted, e, true).await,
+        Err(e) => unanswered(dl, ctx, served, wanted, e, true).await,
     }
 }
 
@@ -567,13 +565,14 @@ async fn denied(
 async fn not_decided(
     dl: &DedicatedLicense,
     ctx: &Context,
+    served: &Served,
     wanted: &Desired,
     change: &Change,
     deleting: bool,
 ) -> Result<Requeue, Error> {
     if change.reason == Some(Reason::BackendUnavailable) {
         let e = BackendError::Unavailable(change.message.clone());
-        return unanswered(dl, ctx, wanted, e, deleting).await;
+        return unanswered(dl, ctx, served, wanted, e, deleting).await;
     }
     // Someone wrote the allocation between our read and our write: plan again.
     let delay = ctx.backoff.failed(&key(dl));
@@ -586,11 +585,12 @@ async fn not_decided(
 async fn unanswered(
     dl: &DedicatedLicense,
     ctx: &Context,
+    served: &Served,
     wanted: &Desired,
     e: BackendError,
     deleting: bool,
 ) -> Result<Requeue, Error> {
-    let location = ctx.backend.location();
+    let location = served.backend.location();
     let pass = conclude::unanswered(dl.meta().generation, wanted, deleting, e, &location);
     let (Verdict::Refused { reason, message } | Verdict::Retrying { reason, message }) =
         &pass.verdict

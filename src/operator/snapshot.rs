@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::backends::Served;
 use super::metrics::Metrics;
 use crate::backend::{Backend, BackendError, Written};
 use crate::domain::{Allocation, Pool, Snapshot};
@@ -65,25 +66,31 @@ impl Account {
 }
 
 /// What follows this operator's writes: the shared read of the account
-/// takes each write at once, and the LicensePools are told the pools moved.
+/// written to takes each write at once, and the LicensePools are told the
+/// pools moved.
 pub struct Followers {
-    pub snapshot: Arc<Shared>,
     pub pools_moved: Arc<tokio::sync::Notify>,
 }
 
 impl Followers {
-    /// A write of this operator's was applied (`written`, when the backend
-    /// answered what it wrote).
-    pub async fn wrote(&self, organization: &str, product: &str, written: Option<&Written>) {
+    /// A write of this operator's was applied on `served` (`written`, when
+    /// the backend answered what it wrote).
+    pub async fn wrote(
+        &self,
+        served: &Served,
+        organization: &str,
+        product: &str,
+        written: Option<&Written>,
+    ) {
         if let Some(w) = written {
-            self.snapshot.record(organization, product, w).await;
+            served.snapshot.record(organization, product, w).await;
         }
         self.pools_moved.notify_one();
     }
 
-    /// This operator gave up managing an allocation (deletionPolicy Orphan).
-    pub async fn released(&self, organization: &str, product: &str) {
-        self.snapshot.released(organization, product).await;
+    /// This operator gave up managing an allocation on `served`.
+    pub async fn released(&self, served: &Served, organization: &str, product: &str) {
+        served.snapshot.released(organization, product).await;
         self.pools_moved.notify_one();
     }
 }
