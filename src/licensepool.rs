@@ -15,6 +15,8 @@ use crate::resource::DEFAULT_INSTANCE;
 
 /// Label naming the operator instance that keeps a `LicensePool`.
 pub const INSTANCE_LABEL: &str = "licensor.dev/instance";
+/// Label naming the LicenseAccount a `LicensePool` is a pool of.
+pub const ACCOUNT_LABEL: &str = "licensor.dev/account";
 
 /// One product's pool of the license account, kept by the operator.
 /// Status only: nothing in it is for people to set.
@@ -43,6 +45,9 @@ pub struct LicensePoolSpec {}
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LicensePoolStatus {
+    /// The LicenseAccount whose pool this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// The product's exact name in the account.
     pub product: String,
     /// Seats the account holds of the product.
@@ -68,7 +73,7 @@ pub struct LicensePoolStatus {
 impl LicensePoolStatus {
     /// The same content, whenever each was observed.
     pub fn same_figures(&self, other: &LicensePoolStatus) -> bool {
-        self.product == other.product
+        (&self.account, &self.product) == (&other.account, &other.product)
             && self.figures() == other.figures()
             && self.allocations == other.allocations
     }
@@ -136,6 +141,18 @@ pub fn name_for(instance: &str, product: &str) -> String {
     name.trim_end_matches('-').to_string()
 }
 
+/// The object name of `account`'s pool of `product`: as [`name_for`] for
+/// the account `default`, prefixed `<account>-` for the others.
+pub fn name_in(account: &str, instance: &str, product: &str) -> String {
+    let name = name_for(instance, product);
+    if account == crate::licenseaccount::DEFAULT_ACCOUNT {
+        return name;
+    }
+    let mut name = format!("{account}-{name}");
+    name.truncate(253);
+    name.trim_end_matches('-').to_string()
+}
+
 /// The LicensePool of one pool, as an operator of `instance` shows it: its
 /// name and status (without `observedTime`), from the account's
 /// allocations (of any product; those of `pool`'s are kept).
@@ -157,6 +174,7 @@ pub fn status<'a>(
         .collect();
     allocations.sort_by(|a, b| a.organization.cmp(&b.organization));
     let status = LicensePoolStatus {
+        account: None,
         product: pool.product.clone(),
         total: view.total,
         dedicated: view.dedicated,

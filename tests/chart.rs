@@ -175,10 +175,15 @@ fn every_deployment_is_locked_down() {
                 // release's namespace (those the accounts name).
                 if resources.contains("secrets") {
                     assert_eq!(d["kind"], "Role", "{name}: {rule}");
-                    assert_eq!(d["metadata"]["namespace"], "licensor-system", "{name}: {rule}");
+                    assert_eq!(
+                        d["metadata"]["namespace"], "licensor-system",
+                        "{name}: {rule}"
+                    );
                     assert_eq!(rule["verbs"], serde_json::json!(["get"]), "{name}: {rule}");
                     assert!(
-                        rule["resourceNames"].as_array().is_some_and(|n| !n.is_empty()),
+                        rule["resourceNames"]
+                            .as_array()
+                            .is_some_and(|n| !n.is_empty()),
                         "{name}: {rule}"
                     );
                 }

@@ -382,8 +382,8 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
 
     let metrics = c.operator.get("/metrics").expect("/metrics");
     for line in [
-        "licensor_pool_free{product=\"Studio\"} 2",
-        "licensor_allocation_dedicated{namespace=\"licenses\",name=\"dev\",organization=\"dev-team\",product=\"Studio\"} 3",
+        "licensor_pool_free{account=\"default\",product=\"Studio\"} 2",
+        "licensor_allocation_dedicated{namespace=\"licenses\",name=\"dev\",account=\"default\",organization=\"dev-team\",product=\"Studio\"} 3",
         "licensor_reconcile_errors_total{reason=\"UnknownOrganization\"}",
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
@@ -1872,11 +1872,15 @@ spec:
         &["--leader-elect=false", "--lease-namespace=licensor-system"],
     );
     let account_ready = |status: &str, reason: &str| {
-        wait_for(&format!("LicenseAccount beta Ready={status} {reason}"), SOON, || {
-            let o = cp.json(&["get", "licenseaccount", "beta"]);
-            let c = condition(&o, "Ready")?;
-            (c["status"] == status && c["reason"] == reason).then_some(o)
-        })
+        wait_for(
+            &format!("LicenseAccount beta Ready={status} {reason}"),
+            SOON,
+            || {
+                let o = cp.json(&["get", "licenseaccount", "beta"]);
+                let c = condition(&o, "Ready")?;
+                (c["status"] == status && c["reason"] == reason).then_some(o)
+            },
+        )
     };
     let object_ready = |name: &str, reason: &str| {
         wait_for(&format!("{name} {reason}"), SOON, || {
@@ -1892,7 +1896,13 @@ spec:
     let o = account_ready("False", "Forbidden");
     says(&o, "check the Secret");
     cp.apply(&license_yaml("a", "qa-team", "TestOps", 6, ""));
-    cp.apply(&license_yaml("b", "beta-qa", "TestOps", 3, "  accountRef: beta\n"));
+    cp.apply(&license_yaml(
+        "b",
+        "beta-qa",
+        "TestOps",
+        3,
+        "  accountRef: beta\n",
+    ));
     object_ready("a", "Reconciled");
     let b = object_ready("b", "Forbidden");
     says(&b, "check the token");
@@ -1908,7 +1918,11 @@ spec:
     assert_eq!(beta.allocation("beta-qa", "TestOps"), Some((3, 0)));
     assert_eq!(own.allocation("beta-qa", "TestOps"), None);
     assert!(
-        operator.logs().matches("the account's backend client was made anew").count() >= 2,
+        operator
+            .logs()
+            .matches("the account's backend client was made anew")
+            .count()
+            >= 2,
         "{}",
         tail(&operator.logs())
     );

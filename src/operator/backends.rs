@@ -96,6 +96,18 @@ impl Backends {
         self.changed.subscribe()
     }
 
+    /// Every account with a backend of its own that is connected, and
+    /// `default` on the operator's own: what the LicensePools show.
+    pub fn served(&self) -> Vec<(String, Arc<Served>)> {
+        let others = self.others.read().unwrap_or_else(|p| p.into_inner());
+        let mut served = vec![(DEFAULT_ACCOUNT.to_string(), self.own.clone())];
+        served.extend(others.iter().filter_map(|(name, c)| {
+            let s = c.served.as_ref().ok()?;
+            (name != DEFAULT_ACCOUNT).then(|| (name.clone(), s.clone()))
+        }));
+        served
+    }
+
     /// The backend `account` is served on, by the accounts of `directory`.
     pub fn of(&self, account: &str, directory: &Directory) -> Result<Arc<Served>, Refusal> {
         let Some(found) = directory.accounts.get(account) else {

@@ -103,6 +103,8 @@ pub struct ByLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProductLabels {
+    /// The LicenseAccount whose pool it is.
+    pub account: String,
     pub product: String,
 }
 
@@ -110,6 +112,7 @@ pub struct ProductLabels {
 pub struct ObjectLabels {
     pub namespace: String,
     pub name: String,
+    pub account: String,
     pub organization: String,
     pub product: String,
 }
@@ -157,6 +160,7 @@ impl Collector for Objects {
                 let labels = ObjectLabels {
                     namespace: dl.namespace().unwrap_or_default(),
                     name: dl.name_any(),
+                    account: dl.spec.account().to_string(),
                     organization: dl.spec.organization.clone(),
                     product: dl.spec.product.clone(),
                 };
@@ -338,8 +342,10 @@ impl Metrics {
         self.errors.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    pub fn pool(&self, p: &PoolView) {
+    /// The figures of `account`'s pool `p`.
+    pub fn pool(&self, account: &str, p: &PoolView) {
         let l = ProductLabels {
+            account: account.to_string(),
             product: p.product.clone(),
         };
         self.pool_total.get_or_create(&l).set(p.total);
@@ -460,7 +466,7 @@ mod tests {
         writer.apply_watcher_event(&Event::Apply(object("new", "")));
         let line = |name: &str| {
             format!(
-                "licensor_allocation_{name}{{namespace=\"licenses\",name=\"dev\",organization=\"dev-team\",product=\"Studio\"}}"
+                "licensor_allocation_{name}{{namespace=\"licenses\",name=\"dev\",account=\"default\",organization=\"dev-team\",product=\"Studio\"}}"
             )
         };
         assert!(!metrics.encode().contains("licensor_allocation_desired{"));

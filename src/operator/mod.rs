@@ -346,7 +346,7 @@ async fn control(
     gauges.objects_from(Some(reader.clone()));
     let pools = pools::Pools::new(
         client,
-        ctx.backends.own().snapshot.clone(),
+        ctx.backends.clone(),
         config.settings.instance.clone(),
         config.settings.resync,
         moved,

@@ -21,10 +21,10 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
+use super::backends::Backends;
 use super::metrics::Metrics;
-use super::snapshot;
 use crate::licensepool::{
-    INSTANCE_LABEL, LicensePool, LicensePoolSpec, LicensePoolStatus, name_for,
+    ACCOUNT_LABEL, INSTANCE_LABEL, LicensePool, LicensePoolSpec, LicensePoolStatus, name_in,
 };
 
 /// How long after a write the pools are read again, at least: writes that
@@ -35,7 +35,8 @@ const SETTLE: Duration = Duration::from_secs(1);
 pub struct Pools {
     pub client: Client,
     pub api: Api<LicensePool>,
-    pub snapshot: Arc<snapshot::Shared>,
+    /// Every account's backend and shared read.
+    pub backends: Arc<Backends>,
     pub instance: String,
     pub resync: Duration,
     /// Notified by passes that wrote to the backend.
@@ -46,7 +47,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(
         client: Client,
-        snapshot: Arc<snapshot::Shared>,
+        backends: Arc<Backends>,
         instance: String,
         resync: Duration,
         moved: Arc<Notify>,
@@ -55,7 +56,7 @@ impl Pools {
         Pools {
             api: Api::all(client.clone()),
             client,
-            snapshot,
+            backends,
             instance,
             resync,
             moved,
@@ -107,28 +108,74 @@ impl Pools {
     /// different, and dropped before the next (a product's status holds all
     /// its allocations).
     pub async fn sync(&self) -> Result<usize, String> {
-        let products = self.snapshot.products().await.map_err(|e| e.to_string())?;
         let selector = format!("{INSTANCE_LABEL}={}", self.instance);
-        let existing: Vec<String> = self
+        let existing: Vec<(String, Option<String>)> = self
             .api
             .list_metadata(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| e.to_string())?
             .items
             .iter()
-            .map(|p| p.name_any())
+            .map(|p| (p.name_any(), p.labels().get(ACCOUNT_LABEL).cloned()))
             .collect();
         let mut writes = 0;
+        let mut kept: Vec<String> = Vec::new();
+        // An account whose backend cannot be read keeps its objects as they
+        // are, and never holds up the others.
+        let mut unread: Vec<String> = Vec::new();
+        for (account, served) in self.backends.served() {
+            match self
+                .sync_account(&account, &served.snapshot, &existing, &mut kept)
+                .await
+            {
+                Ok(n) => writes += n,
+                Err(e) => {
+                    tracing::warn!(%account, "license pools of the account not synced: {e}");
+                    unread.push(account);
+                }
+            }
+        }
+        let account_of = |label: &Option<String>| {
+            label
+                .clone()
+                .unwrap_or_else(|| crate::licenseaccount::DEFAULT_ACCOUNT.to_string())
+        };
+        for (gone, label) in existing.iter().filter(|(name, _)| !kept.contains(name)) {
+            if unread.contains(&account_of(label)) {
+                continue;
+            }
+            self.api
+                .delete(gone, &DeleteParams::default())
+                .await
+                .map_err(|e| format!("delete licensepool/{gone}: {e}"))?;
+            writes += 1;
+        }
+        self.metrics.pool_writes.inc_by(writes as u64);
+        Ok(writes)
+    }
+
+    /// Syncs one account's pools; adds their names to `kept`.
+    async fn sync_account(
+        &self,
+        account: &str,
+        snapshot: &super::snapshot::Shared,
+        existing: &[(String, Option<String>)],
+        kept: &mut Vec<String>,
+    ) -> Result<usize, String> {
+        let products = snapshot.products().await.map_err(|e| e.to_string())?;
+        let mut writes = 0;
         for product in &products {
-            let Some((name, mut status)) = self
-                .snapshot
+            let Some((_, mut status)) = snapshot
                 .pool(&self.instance, product)
                 .await
                 .map_err(|e| e.to_string())?
             else {
                 continue;
             };
-            if existing.contains(&name) {
+            let name = name_in(account, &self.instance, product);
+            kept.push(name.clone());
+            status.account = Some(account.to_string());
+            if existing.iter().any(|(n, _)| *n == name) {
                 let current = self
                     .api
                     .get_status(&name)
@@ -139,9 +186,9 @@ impl Pools {
                 }
             } else {
                 let mut object = LicensePool::new(&name, LicensePoolSpec {});
-                object
-                    .labels_mut()
-                    .insert(INSTANCE_LABEL.into(), self.instance.clone());
+                let labels = object.labels_mut();
+                labels.insert(INSTANCE_LABEL.into(), self.instance.clone());
+                labels.insert(ACCOUNT_LABEL.into(), account.to_string());
                 match self.api.create(&PostParams::default(), &object).await {
                     Ok(_) => writes += 1,
                     // Someone else's object of that name (another
@@ -163,18 +210,6 @@ impl Pools {
                 .map_err(|e| format!("status of licensepool/{name}: {e}"))?;
             writes += 1;
         }
-        let kept: Vec<String> = products
-            .iter()
-            .map(|p| name_for(&self.instance, p))
-            .collect();
-        for gone in existing.iter().filter(|name| !kept.contains(name)) {
-            self.api
-                .delete(gone, &DeleteParams::default())
-                .await
-                .map_err(|e| format!("delete licensepool/{gone}: {e}"))?;
-            writes += 1;
-        }
-        self.metrics.pool_writes.inc_by(writes as u64);
         Ok(writes)
     }
 

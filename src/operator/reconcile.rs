@@ -407,7 +407,7 @@ fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_befor
         ctx.waiting.seats_freed(&pass.product);
     }
     if let Some(p) = &pass.pool {
-        ctx.metrics.pool(p);
+        ctx.metrics.pool(dl.spec.account(), p);
     }
     tracing::debug!(object = %key(dl), verdict = ?pass.verdict, "reconciled");
     match pass.verdict {
@@ -481,7 +481,7 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
             ctx.events.publish(dl, &notes);
             ctx.waiting.seats_freed(&wanted.product);
             if let Some(p) = &pass.pool {
-                ctx.metrics.pool(p);
+                ctx.metrics.pool(dl.spec.account(), p);
             }
             remove_finalizer(dl, ctx).await
         }
