@@ -335,6 +335,18 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         "--namespace",
         "licensor-system",
         "--create-namespace",
+        // A second account whose token is in a Secret: the operator may read
+        // that one, by name, and no other.
+        "--set",
+        "accounts[0].name=default",
+        "--set",
+        "accounts[1].name=beta",
+        "--set",
+        "accounts[1].backend.url=https://licenses.beta.example",
+        "--set",
+        "accounts[1].backend.credentialsSecretRef.name=beta-licensor",
+        "--set",
+        "accounts[1].backend.credentialsSecretRef.key=token",
     ]);
     assert_eq!(r.code, 0, "helm install: {r:?}");
     assert!(
@@ -520,6 +532,13 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         ),
         (&["list", "secrets", "-A"][..], false),
         (&["get", "secrets", "-n", "licensor-system"][..], false),
+        (&["get", "secrets/beta-licensor", "-n", "licensor-system"][..], true),
+        (&["get", "secrets/licensor-webhook-tls", "-n", "licensor-system"][..], false),
+        (&["get", "secrets/beta-licensor", "-n", "default"][..], false),
+        (&["list", "secrets", "-n", "licensor-system"][..], false),
+        (&["watch", "licenseaccounts.licensor.dev"][..], true),
+        (&["patch", "licenseaccounts.licensor.dev", "--subresource=status"][..], true),
+        (&["delete", "licenseaccounts.licensor.dev"][..], false),
         (&["delete", "namespaces"][..], false),
         (
             &[

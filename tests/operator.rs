@@ -1927,3 +1927,54 @@ spec:
         tail(&operator.logs())
     );
 }
+
+/// Accounts that are wrong never hold up the others: malformed tenants
+/// stall their account (Invalid) and its objects (Forbidden, nothing
+/// written), while another account works; an account deleted under its
+/// objects stalls them with UnknownAccount, and nothing is revoked, not
+/// even when they are deleted.
+#[test]
+fn a_malformed_or_deleted_account_stalls_its_objects_and_revokes_nothing() {
+    let c = Cluster::start(ACCOUNT, &["--leader-elect=false"]);
+    c.cp.apply(
+        "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: default}
+spec:
+  tenants:
+    - namespaces: [licenses]
+      organizations: ['qa-?']
+---
+apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: beta}
+spec: {}
+",
+    );
+    let account = |name: &str, reason: &str| {
+        wait_for(&format!("LicenseAccount {name} {reason}"), SOON, || {
+            let o = c.cp.json(&["get", "licenseaccount", name]);
+            (condition(&o, "Ready")?["reason"] == reason).then_some(o)
+        })
+    };
+    let o = account("default", "Invalid");
+    says(&o, "is not a glob");
+    account("beta", "Connected");
+    c.license("a", "qa-team", "TestOps", 7, "");
+    c.license("b", "web-team", "TestOps", 2, "  accountRef: beta\n");
+    let a = c.wait("a", "False", "Forbidden");
+    says(&a, "LicenseAccount default has malformed tenants");
+    c.wait("b", "True", "Reconciled");
+    assert_eq!(c.account.allocation("qa-team", "TestOps"), Some((5, 4)));
+    assert_eq!(c.account.allocation("web-team", "TestOps"), Some((2, 0)));
+
+    c.cp.ok(&["delete", "licenseaccount", "beta"]);
+    let b = c.wait("b", "False", "UnknownAccount");
+    says(&b, "there is no LicenseAccount beta");
+    c.cp.ok(&["delete", "dl", "b", "-n", "licenses", "--timeout=30s"]);
+    assert_eq!(
+        c.account.allocation("web-team", "TestOps"),
+        Some((2, 0)),
+        "nothing is revoked for an account that is gone"
+    );
+}
