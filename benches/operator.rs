@@ -31,7 +31,8 @@
 //!    created, so every pair works on an account of the same order.
 //!
 //! Run with `make bench-operator` (or `cargo bench --bench operator`).
-//! `N`, `BIG`, `CONCURRENCY`, `WEBHOOK` and `RUNS` change the run;
+//! `N`, `BIG`, `CONCURRENCY`, `WEBHOOK`, `RUNS` and `TENANTS` (1: the
+//! account has tenants, a name, a selector and globs) change the run;
 //! `IMAGE_BIN` (set by `make bench-operator`) names the static binary the
 //! image ships, whose memory after the restart of 3. is measured too.
 
@@ -493,9 +494,28 @@ async fn main() {
     let big = env("BIG", 10_000).max(2 * n);
     let concurrency = env("CONCURRENCY", 16);
     let webhook = env("WEBHOOK", 1) != 0;
+    let tenants = env("TENANTS", 0) != 0;
     let cp = ControlPlane::start();
     for ns in ["floor", "bench", "elsewhere"] {
         cp.ok(&["create", "namespace", ns]);
+    }
+    if tenants {
+        // One account with tenants, as a shared cluster has it: every pass
+        // and every admission review decides the tenant rule (a label
+        // selector and a glob) before anything else.
+        cp.apply(
+            "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: default}
+spec:
+  tenants:
+    - namespaces: [elsewhere]
+      organizations: [sample, 'org-*']
+    - namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: Exists}]}
+      organizations: ['org-*']
+      maxCount: 1000
+",
+        );
     }
     let client = client(&cp).await;
     let runs = env("RUNS", 5).max(1);

@@ -43,6 +43,9 @@ impl Hold {
 pub struct Desired {
     /// `namespace/name`.
     pub resource: String,
+    /// The LicenseAccount whose licenses these are (for status, events and
+    /// metrics; a plan is of one account's backend).
+    pub account: String,
     pub organization: String,
     pub product: String,
     pub count: i64,
@@ -702,6 +705,7 @@ mod tests {
     fn want(name: &str, org: &str, count: i64) -> Desired {
         Desired {
             resource: format!("licenses/{name}"),
+            account: "default".into(),
             organization: org.into(),
             product: "TestOps".into(),
             count,

@@ -127,6 +127,10 @@ pub struct DedicatedLicenseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
+    /// The LicenseAccount whose licenses these are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+
     /// Ready, Reconciling and Stalled, following kstatus.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -231,6 +235,7 @@ impl DedicatedLicenseSpec {
         Desired {
             denied: directory.allow(self.account(), namespace, ask).err(),
             resource: format!("{namespace}/{name}"),
+            account: self.account().to_string(),
             organization: self.organization.clone(),
             product: self.product.clone(),
             count: self.count,

@@ -532,12 +532,33 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
         ),
         (&["list", "secrets", "-A"][..], false),
         (&["get", "secrets", "-n", "licensor-system"][..], false),
-        (&["get", "secrets/beta-licensor", "-n", "licensor-system"][..], true),
-        (&["get", "secrets/licensor-webhook-tls", "-n", "licensor-system"][..], false),
-        (&["get", "secrets/beta-licensor", "-n", "default"][..], false),
+        (
+            &["get", "secrets/beta-licensor", "-n", "licensor-system"][..],
+            true,
+        ),
+        (
+            &[
+                "get",
+                "secrets/licensor-webhook-tls",
+                "-n",
+                "licensor-system",
+            ][..],
+            false,
+        ),
+        (
+            &["get", "secrets/beta-licensor", "-n", "default"][..],
+            false,
+        ),
         (&["list", "secrets", "-n", "licensor-system"][..], false),
         (&["watch", "licenseaccounts.licensor.dev"][..], true),
-        (&["patch", "licenseaccounts.licensor.dev", "--subresource=status"][..], true),
+        (
+            &[
+                "patch",
+                "licenseaccounts.licensor.dev",
+                "--subresource=status",
+            ][..],
+            true,
+        ),
         (&["delete", "licenseaccounts.licensor.dev"][..], false),
         (&["delete", "namespaces"][..], false),
         (

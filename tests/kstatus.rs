@@ -82,6 +82,7 @@ fn ready(object: &Value) -> bool {
 fn pass(verdict: Verdict, seen: Seen, deleting: bool) -> Pass {
     Pass {
         generation: Some(2),
+        account: "default".into(),
         organization: "qa-team".into(),
         product: "TestOps".into(),
         count: 10,

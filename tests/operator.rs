@@ -1914,8 +1914,25 @@ spec:
     secret(&good);
     let o = account_ready("True", "Connected");
     assert_eq!(o["status"]["products"], serde_json::json!(["TestOps"]));
-    object_ready("b", "Reconciled");
+    let b = object_ready("b", "Reconciled");
+    assert_eq!(b["status"]["account"], "beta");
     assert_eq!(beta.allocation("beta-qa", "TestOps"), Some((3, 0)));
+    // Events of beta's objects name the account.
+    wait_for("an event naming the account", SOON, || {
+        let list = cp.json(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            "licenses",
+            "--field-selector",
+            "regarding.name=b,reason=Allocated",
+        ]);
+        list["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["note"].as_str().is_some_and(|n| n.starts_with("account beta: ")))
+            .then_some(())
+    });
     assert_eq!(own.allocation("beta-qa", "TestOps"), None);
     assert!(
         operator

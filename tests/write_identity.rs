@@ -47,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
 fn desired(org: usize, count: i64) -> Desired {
     Desired {
         resource: format!("licenses/{}", ORGS[org]),
+        account: "default".into(),
         organization: ORGS[org].into(),
         product: "TestOps".into(),
         count,

@@ -11,6 +11,7 @@ use crate::plan::{Change, Desired, Outcome};
 pub fn unseen(generation: Option<i64>, wanted: &Desired, deleting: bool, verdict: Verdict) -> Pass {
     Pass {
         generation,
+        account: wanted.account.clone(),
         organization: wanted.organization.clone(),
         product: wanted.product.clone(),
         count: wanted.count,
@@ -289,6 +290,7 @@ mod tests {
     fn wanted(count: i64, hold: Option<Hold>) -> Desired {
         Desired {
             resource: "licenses/qa".into(),
+            account: "default".into(),
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count,

@@ -218,6 +218,12 @@ impl Publisher {
     /// Queues notes about an object.
     pub fn publish(&self, dl: &DedicatedLicense, notes: &[Note]) {
         let reference = dl.object_ref(&());
+        // An account other than the operator's own is named in each note.
+        let account = dl.spec.account();
+        let named = |message: &str| match account {
+            crate::licenseaccount::DEFAULT_ACCOUNT => message.to_string(),
+            _ => format!("account {account}: {message}"),
+        };
         for n in notes {
             let event = Event {
                 type_: if n.warning {
@@ -226,7 +232,7 @@ impl Publisher {
                     EventType::Normal
                 },
                 reason: n.reason.to_string(),
-                note: Some(truncate(&n.message, 1000)),
+                note: Some(truncate(&named(&n.message), 1000)),
                 action: "Reconcile".into(),
                 secondary: None,
             };
@@ -262,6 +268,7 @@ mod tests {
     fn pass(verdict: Verdict) -> Pass {
         Pass {
             generation: Some(1),
+            account: "default".into(),
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count: 10,

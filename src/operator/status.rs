@@ -95,6 +95,8 @@ pub enum Seen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pass {
     pub generation: Option<i64>,
+    /// The LicenseAccount of the object.
+    pub account: String,
     pub organization: String,
     pub product: String,
     pub count: i64,
@@ -192,6 +194,7 @@ pub fn build(
 
     DedicatedLicenseStatus {
         observed_generation: pass.generation,
+        account: Some(pass.account.clone()),
         conditions,
         allocated,
         in_use,
@@ -358,6 +361,7 @@ mod tests {
     fn pass(verdict: Verdict, seen: Seen) -> Pass {
         Pass {
             generation: Some(2),
+            account: "default".into(),
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count: 10,
