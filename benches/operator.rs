@@ -438,11 +438,21 @@ async fn converge(
     let rss = peak_rss_mib(operator.pid());
     let cpu = cpu_seconds(operator.pid());
     let metrics = operator.get("/metrics").unwrap_or_default();
-    assert_eq!(
-        creates(account) - creates_before,
-        n,
-        "every object allocated exactly once"
-    );
+    let created = creates(account) - creates_before;
+    if created != n {
+        let audit = account.audit();
+        let mut by_org: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for e in audit.iter().filter(|e| e["action"] == "create") {
+            by_org
+                .entry(e["organization"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .push(format!("{} by {}", e["time"], e["actor"]));
+        }
+        by_org.retain(|_, v| v.len() > 1);
+        panic!(
+            "every object allocated exactly once: {created} creates for {n} objects; twice: {by_org:?}"
+        );
+    }
     // With the operator running: N more objects, from the first create to
     // the last Ready (the second floor's clock).
     let watch = tokio::spawn(wait_ready(api.clone(), 2 * n));

@@ -1930,7 +1930,11 @@ spec:
         list["items"]
             .as_array()?
             .iter()
-            .any(|e| e["note"].as_str().is_some_and(|n| n.starts_with("account beta: ")))
+            .any(|e| {
+                e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("account beta: "))
+            })
             .then_some(())
     });
     assert_eq!(own.allocation("beta-qa", "TestOps"), None);
@@ -1994,4 +1998,86 @@ spec: {}
         Some((2, 0)),
         "nothing is revoked for an account that is gone"
     );
+}
+
+/// An account on a PostgreSQL store of its own (the real server, TLS
+/// verified against the CA from a Secret, the password from another): it
+/// is Stalled, naming the Secret, until its Secrets are there, then
+/// connects, and its object's count lands in that database.
+#[test]
+fn an_account_on_postgres_connects_once_its_secrets_are_there() {
+    let c = Cluster::start(
+        ACCOUNT,
+        &["--leader-elect=false", "--lease-namespace=licensor-system"],
+    );
+    c.cp.ok(&["create", "namespace", "licensor-system"]);
+    let gamma = Account::seeded_on(
+        Kind::Postgres,
+        "account: gamma-co\nproducts: [{name: TestOps, total: 30}]\norganizations: [{id: gamma-qa}]\n",
+    );
+    // The URL as a LicenseAccount names it: no password, and the CA from a
+    // Secret rather than a file of this machine.
+    let mut url = reqwest::Url::parse(&gamma.backend).unwrap();
+    let ca_file = url
+        .query_pairs()
+        .find(|(k, _)| k == "sslrootcert")
+        .map(|(_, v)| v.to_string())
+        .unwrap();
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "sslrootcert")
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    url.query_pairs_mut().clear().extend_pairs(kept);
+    c.cp.apply(&format!(
+        "apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {{name: gamma}}
+spec:
+  backend:
+    url: '{url}'
+    account: gamma-co
+    credentialsSecretRef: {{name: gamma-pg, key: password}}
+    caSecretRef: {{name: gamma-ca, key: ca.crt}}
+"
+    ));
+    let account = |reason: &str| {
+        wait_for(&format!("LicenseAccount gamma {reason}"), SOON, || {
+            let o = c.cp.json(&["get", "licenseaccount", "gamma"]);
+            (condition(&o, "Ready")?["reason"] == reason).then_some(o)
+        })
+    };
+    let o = account("BackendUnavailable");
+    says(&o, "Secret licensor-system/gamma-pg is not there");
+    let password = gamma
+        .env
+        .iter()
+        .find(|(k, _)| k == "PGPASSWORD")
+        .unwrap()
+        .1
+        .clone();
+    c.cp.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "gamma-pg",
+        "-n",
+        "licensor-system",
+        &format!("--from-literal=password={password}"),
+    ]);
+    c.cp.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "gamma-ca",
+        "-n",
+        "licensor-system",
+        &format!("--from-file=ca.crt={ca_file}"),
+    ]);
+    let o = account("Connected");
+    assert_eq!(o["status"]["products"], serde_json::json!(["TestOps"]));
+    c.license("g", "gamma-qa", "TestOps", 4, "  accountRef: gamma\n");
+    c.wait("g", "True", "Reconciled");
+    assert_eq!(gamma.allocation("gamma-qa", "TestOps"), Some((4, 0)));
+    assert_eq!(c.account.allocation("gamma-qa", "TestOps"), None);
 }
