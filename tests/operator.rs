@@ -1785,6 +1785,21 @@ spec:
     ready("qa", "qa", "Reconciled");
     ready("dev", "dev", "Reconciled");
     assert_eq!(account.allocation("qa-team", "TestOps"), Some((6, 4)));
+    // An object's account is fixed: moving it is refused by the schema.
+    let r = cp.kubectl(&[
+        "patch",
+        "dl",
+        "qa",
+        "-n",
+        "qa",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"accountRef": "beta"}}"#,
+    ]);
+    assert!(
+        r.code != 0 && r.stderr.contains("accountRef is immutable"),
+        "{r:?}"
+    );
     assert_eq!(account.allocation("dev-team", "Studio"), Some((9, 0)));
 
     // Another team's organization, and a count over the ceiling: denied,
@@ -1970,6 +1985,12 @@ apiVersion: licensor.dev/v1alpha1
 kind: LicenseAccount
 metadata: {name: beta}
 spec: {}
+---
+apiVersion: licensor.dev/v1alpha1
+kind: LicenseAccount
+metadata: {name: down}
+spec:
+  backend: {url: 'http://127.0.0.1:9', account: nobody}
 ",
     );
     let account = |name: &str, reason: &str| {
@@ -1981,6 +2002,8 @@ spec: {}
     let o = account("default", "Invalid");
     says(&o, "is not a glob");
     account("beta", "Connected");
+    let o = account("down", "BackendUnavailable");
+    says(&o, "backend http://127.0.0.1:9");
     c.license("a", "qa-team", "TestOps", 7, "");
     c.license("b", "web-team", "TestOps", 2, "  accountRef: beta\n");
     let a = c.wait("a", "False", "Forbidden");

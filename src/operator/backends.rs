@@ -146,11 +146,13 @@ impl Backends {
                 changed = changes.changed() => if changed.is_err() { return },
             }
             let directory = accounts.directory();
-            for account in directory.accounts.values() {
+            // Each account on its own: a slow backend holds up no other.
+            let checks = directory.accounts.values().map(|account| async {
                 let name = account.name_any();
                 let health = self.connect(&name, account, &secrets, &namespace).await;
                 write_status(&statuses, account, health).await;
-            }
+            });
+            futures::future::join_all(checks).await;
             self.forget_all_but(&directory);
         }
     }
