@@ -247,16 +247,9 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
             .map_or(1, |p| p + 1);
         let yaml_error = |e: serde_yaml::Error| {
-            let line = e.location().map_or(first_line, |l| l.line());
-            // serde_yaml appends "at line N column M" relative to the document.
-            let message = e.to_string();
-            let message = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_string();
+            let (line, message) = yaml_fault(&e);
             ManifestError::Invalid {
-                at: at(line),
+                at: at(line.unwrap_or(first_line)),
                 message,
             }
         };
@@ -391,6 +384,18 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
     }
 }
 
+/// A YAML error's document line, when known, and its message without the
+/// "at line N column M" serde_yaml appends (the line is given separately).
+fn yaml_fault(e: &serde_yaml::Error) -> (Option<usize>, String) {
+    let message = e.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_string();
+    (e.location().map(|l| l.line()), message)
+}
+
 /// A Namespace document's name and labels.
 fn read_namespace(value: &serde_yaml::Value) -> Result<(String, BTreeMap<String, String>), String> {
     let metadata = value.get("metadata");
@@ -416,15 +421,7 @@ fn read_account(doc: &str, api_version: &str) -> Result<LicenseAccount, (Option<
             format!("apiVersion {api_version} is not served for {ACCOUNT_KIND}; use {API_VERSION}"),
         ));
     }
-    let account: LicenseAccount = serde_yaml::from_str(doc).map_err(|e| {
-        let message = e.to_string();
-        let message = message
-            .split(" at line ")
-            .next()
-            .unwrap_or(&message)
-            .to_string();
-        (e.location().map(|l| l.line()), message)
-    })?;
+    let account: LicenseAccount = serde_yaml::from_str(doc).map_err(|e| yaml_fault(&e))?;
     let name = account.metadata.name.clone().unwrap_or_default();
     if !is_dns_label(&name, 253) {
         return Err((

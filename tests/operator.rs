@@ -951,18 +951,43 @@ fn a_standby_takes_over_and_nothing_is_applied_twice(kind: Kind) {
 
 /// An account behind `licensor serve` (the remote backend): the account,
 /// the server's port, and a file holding an admin token for `--token-file`.
+/// Where an operator serves the admission webhooks: a free port, a
+/// certificate from a CA of its own, and the flags that say so.
+struct Webhooks {
+    port: u16,
+    ca: String,
+    certs: std::path::PathBuf,
+    flags: [String; 2],
+}
+
+impl Webhooks {
+    fn new(cp: &ControlPlane) -> Webhooks {
+        let certs = cp.dir.path().join("webhook-certs");
+        let ca = webhook_certificate(&certs);
+        let port = free_port();
+        let flags = [
+            format!("--webhook-listen=127.0.0.1:{port}"),
+            format!("--webhook-cert-dir={}", certs.display()),
+        ];
+        Webhooks {
+            port,
+            ca,
+            certs,
+            flags,
+        }
+    }
+
+    /// `flags` and the webhooks' own.
+    fn with<'a>(&'a self, flags: &[&'a str]) -> Vec<&'a str> {
+        [flags, &[self.flags[0].as_str(), self.flags[1].as_str()]].concat()
+    }
+}
+
 fn remote_account(fixture: &str) -> (Account, u16, std::path::PathBuf) {
     let account = Account::seeded_on(Kind::Http, fixture);
     let port: u16 = account.backend.rsplit(':').next().unwrap().parse().unwrap();
     let token = account.path("token");
-    let admin = account
-        .env
-        .iter()
-        .find(|(k, _)| k == "LICENSOR_TOKEN")
-        .unwrap()
-        .1
-        .clone();
-    std::fs::write(&token, admin).unwrap();
+    std::fs::write(&token, account.var("LICENSOR_TOKEN")).unwrap();
     (account, port, token)
 }
 
@@ -1033,14 +1058,11 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
     let account = Account::seeded(fixture);
-    let certs = cp.dir.path().join("webhook-certs");
-    let ca = webhook_certificate(&certs);
-    let port = free_port();
-    let listen = format!("--webhook-listen=127.0.0.1:{port}");
-    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
-    let flags = ["--leader-elect=false", listen.as_str(), cert_dir.as_str()];
+    let webhooks = Webhooks::new(&cp);
+    let (port, ca, certs) = (webhooks.port, &webhooks.ca, &webhooks.certs);
+    let flags = webhooks.with(&["--leader-elect=false"]);
     let mut operator = Operator::start(&cp, "webhook", &account.backend, &flags);
-    cp.register_webhook(port, &ca);
+    cp.register_webhook(port, ca);
     let create = |yaml: &str| -> Value {
         let r = cp.kubectl_stdin(&["create", "-f", "-", "-o", "json"], Some(yaml));
         assert_eq!(r.code, 0, "kubectl create: {r:?}");
@@ -1178,7 +1200,7 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
 
     // A renewed certificate from a new CA, trusted by the API server from
     // now on, is served without a restart.
-    let ca = webhook_certificate(&certs);
+    let ca = webhook_certificate(certs);
     cp.register_webhook(port, &ca);
     let deadline = Instant::now() + SOON;
     while !(dry_run() && operator.logs().contains("certificate reloaded")) {
@@ -1228,23 +1250,18 @@ organizations:
     let cp = ControlPlane::start();
     cp.ok(&["create", "namespace", "licenses"]);
     let (mut account, backend_port, token) = remote_account(fixture);
-    let certs = cp.dir.path().join("webhook-certs");
-    let ca = webhook_certificate(&certs);
-    let port = free_port();
-    let listen = format!("--webhook-listen=127.0.0.1:{port}");
-    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
     let token_flag = format!("--token-file={}", token.display());
-    let flags = [
+    let webhooks = Webhooks::new(&cp);
+    let (port, ca) = (webhooks.port, &webhooks.ca);
+    let flags = webhooks.with(&[
         "--leader-elect=false",
         "--account=acme",
         token_flag.as_str(),
         "--backend-timeout=300ms",
-        listen.as_str(),
-        cert_dir.as_str(),
-    ];
+    ]);
     let mut operator = Operator::start(&cp, "admission", &account.backend, &flags);
-    cp.register_webhook(port, &ca);
-    cp.register_validating_webhook(port, &ca);
+    cp.register_webhook(port, ca);
+    cp.register_validating_webhook(port, ca);
     let apply = |yaml: &str, extra: &[&str]| {
         cp.kubectl_stdin(&[&["apply", "-f", "-"][..], extra].concat(), Some(yaml))
     };
@@ -1734,14 +1751,10 @@ fn tenants_decide_which_namespace_manages_which_organization() {
     cp.ok(&["create", "namespace", "qa"]);
     cp.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: dev, labels: {team: dev}}\n");
     let account = Account::seeded(ACCOUNT);
-    let certs = cp.dir.path().join("webhook-certs");
-    let ca = webhook_certificate(&certs);
-    let port = free_port();
-    let listen = format!("--webhook-listen=127.0.0.1:{port}");
-    let cert_dir = format!("--webhook-cert-dir={}", certs.display());
-    let flags = ["--leader-elect=false", listen.as_str(), cert_dir.as_str()];
+    let webhooks = Webhooks::new(&cp);
+    let flags = webhooks.with(&["--leader-elect=false"]);
     let operator = Operator::start(&cp, "tenants", &account.backend, &flags);
-    cp.register_validating_webhook(port, &ca);
+    cp.register_validating_webhook(webhooks.port, &webhooks.ca);
     let tenants = |qa_organizations: &str| {
         cp.apply(&format!(
             "apiVersion: licensor.dev/v1alpha1
@@ -2072,13 +2085,7 @@ spec:
     };
     let o = account("BackendUnavailable");
     says(&o, "Secret licensor-system/gamma-pg is not there");
-    let password = gamma
-        .env
-        .iter()
-        .find(|(k, _)| k == "PGPASSWORD")
-        .unwrap()
-        .1
-        .clone();
+    let password = gamma.var("PGPASSWORD").to_string();
     c.cp.ok(&[
         "create",
         "secret",

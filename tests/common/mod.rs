@@ -265,6 +265,15 @@ impl Account {
         run.stdout.trim().to_string()
     }
 
+    /// The value of `name` in the environment of every run.
+    pub fn var(&self, name: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} in the account's environment"))
+    }
+
     /// Acts with `token` from now on.
     pub fn set_token(&mut self, token: &str) {
         self.env.retain(|(k, _)| k != "LICENSOR_TOKEN");
