@@ -160,7 +160,10 @@ impl Directory {
     }
 }
 
-/// The CRD as the YAML committed in `crds/`.
+/// The CRD as the YAML committed in `crds/`: a new account reads as not
+/// yet observed until the operator checked it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&LicenseAccount::crd())
+    serde_yaml::to_string(&crate::resource::unobserved_by_default(
+        LicenseAccount::crd(),
+    ))
 }

@@ -273,13 +273,18 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd())
 }
 
-/// The CRD: what the derive writes, and one default more. An object's
-/// status defaults to `{observedGeneration: 0}`, so an object the operator
-/// has not looked at yet reads `InProgress` to kstatus (generation 1 not yet
-/// observed) and Progressing to the Argo CD check, never `Current` before
-/// anything was decided.
+/// The CRD: what the derive writes, and one default more (see
+/// [`unobserved_by_default`]).
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = DedicatedLicense::crd();
+    unobserved_by_default(DedicatedLicense::crd())
+}
+
+/// An object's status defaults to `{observedGeneration: 0}`, so an object
+/// the operator has not looked at yet reads `InProgress` to kstatus
+/// (generation 1 not yet observed) and Progressing to the Argo CD check,
+/// never `Current` before anything was decided. For every resource whose
+/// status the operator decides.
+pub fn unobserved_by_default(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     for version in &mut crd.spec.versions {
         let status = version
             .schema

@@ -287,3 +287,47 @@ fn a_license_pool_reads_current() {
     });
     assert_eq!(kstatus(&[pool])[0].0, "Current");
 }
+
+/// A LicenseAccount reads InProgress until the operator checked it, then
+/// Current when its backend answers and Failed (stalled) when its
+/// credentials are refused, to kstatus and to `kubectl wait`; the statuses
+/// are the operator's own.
+#[test]
+fn a_license_account_reads_in_progress_then_current_or_failed() {
+    use licensor::operator::backends::status;
+    let now = Timestamp::from_second(1_800_000_000).unwrap();
+    let account = |status: Value| {
+        json!({
+            "apiVersion": "licensor.dev/v1alpha1", "kind": "LicenseAccount",
+            "metadata": {"name": "beta", "generation": 1},
+            "spec": {}, "status": status,
+        })
+    };
+    let connected = status(
+        &Default::default(),
+        Some(1),
+        Ok(vec!["TestOps".into()]),
+        now,
+    );
+    let refused = status(
+        &connected,
+        Some(1),
+        Err((
+            Reason::Forbidden,
+            "the backend refused the credentials; check the Secret".into(),
+        )),
+        now,
+    );
+    let objects = [
+        // What the schema's default leaves on a new account.
+        account(json!({"observedGeneration": 0})),
+        account(serde_json::to_value(&connected).unwrap()),
+        account(serde_json::to_value(&refused).unwrap()),
+    ];
+    let verdicts: Vec<String> = kstatus(&objects).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(verdicts, ["InProgress", "Current", "Failed"]);
+    assert_eq!(
+        objects.iter().map(ready).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+}
