@@ -56,6 +56,14 @@ pub struct Served {
     pub snapshot: Arc<snapshot::Shared>,
 }
 
+impl Served {
+    /// Which backend this is, for as long as it is used: accounts served
+    /// on one backend share its pools.
+    pub fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+}
+
 /// The client of one account that names a backend of its own.
 struct Connected {
     /// Of the backend spec and the credentials it was made with.

@@ -407,9 +407,10 @@ async fn wake_on_growth(ctx: Arc<Context>, poll: Duration) {
         if !ctx.waiting.anyone() {
             continue;
         }
-        match ctx.backends.own().snapshot.refresh().await {
+        let own = ctx.backends.own();
+        match own.snapshot.refresh().await {
             Ok(pools) => {
-                for product in ctx.waiting.wake_if_grown(&pools) {
+                for product in ctx.waiting.wake_if_grown(own.id(), &pools) {
                     tracing::debug!(%product, "the pool grew outside the operator: waking what waits for it");
                 }
             }

@@ -236,7 +236,8 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     if let Some(ended) = checked_quietly(dl, ctx, &served, &wanted).await {
         return Ok(ended.requeue(ctx));
     }
-    let frees_before = ctx.waiting.frees_so_far(&wanted.product);
+    let pool = (served.id(), wanted.product.clone());
+    let frees_before = ctx.waiting.frees_so_far(&pool);
     let c = match converge(ctx, &served, &wanted, Goal::Spec).await {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
@@ -256,7 +257,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         return not_decided(dl, ctx, &served, &wanted, &c.change, false).await;
     };
     write_status_and_events(dl, ctx, &pass).await?;
-    Ok(count_and_wake(dl, ctx, &pass, frees_before).requeue(ctx))
+    Ok(count_and_wake(dl, ctx, &served, &pass, frees_before).requeue(ctx))
 }
 
 /// Where a pass brings the backend.
@@ -357,7 +358,7 @@ async fn checked_quietly(
         return None;
     }
     ctx.metrics.quiet_check();
-    Some(count_and_wake(dl, ctx, &pass, 0))
+    Some(count_and_wake(dl, ctx, served, &pass, 0))
 }
 
 /// The object's status says Ready for the generation it has now.
@@ -394,17 +395,24 @@ async fn plan_one(
 }
 
 /// After the status is written: wake-ups, metrics, and how the pass ended.
-fn count_and_wake(dl: &DedicatedLicense, ctx: &Context, pass: &Pass, frees_before: u64) -> Ended {
+fn count_and_wake(
+    dl: &DedicatedLicense,
+    ctx: &Context,
+    served: &Served,
+    pass: &Pass,
+    frees_before: u64,
+) -> Ended {
+    let pool = (served.id(), pass.product.clone());
     ctx.backoff.succeeded(&key(dl));
     ctx.metrics.backend_answered();
     if conclude::waits_for_the_pool(pass) {
         let free_seen = pass.pool.as_ref().map(|p| p.free);
-        ctx.waiting.wait(dl, frees_before, free_seen);
+        ctx.waiting.wait(dl, pool.clone(), frees_before, free_seen);
     } else {
         ctx.waiting.forget(dl);
     }
     if conclude::freed_seats(pass) {
-        ctx.waiting.seats_freed(&pass.product);
+        ctx.waiting.seats_freed(&pool);
     }
     if let Some(p) = &pass.pool {
         ctx.metrics.pool(dl.spec.account(), p);
@@ -479,7 +487,8 @@ async fn finalize(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error
         Removal::Revoked(pass) => {
             let notes = events::for_pass(dl.status.as_ref(), &Default::default(), &pass);
             ctx.events.publish(dl, &notes);
-            ctx.waiting.seats_freed(&wanted.product);
+            ctx.waiting
+                .seats_freed(&(served.id(), wanted.product.clone()));
             if let Some(p) = &pass.pool {
                 ctx.metrics.pool(dl.spec.account(), p);
             }
@@ -523,7 +532,8 @@ async fn orphan(
                 .released(served, &wanted.organization, &wanted.product)
                 .await;
             // An object refused with Conflict over it may now adopt it.
-            ctx.waiting.seats_freed(&wanted.product);
+            ctx.waiting
+                .seats_freed(&(served.id(), wanted.product.clone()));
             remove_finalizer(dl, ctx).await
         }
         // Someone else manages it, or it cannot exist (a typo in the
