@@ -123,6 +123,23 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// The refusal for an object naming `account`, which is not there.
+    pub fn unknown(&self, account: &str) -> Refusal {
+        let known: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+        Refusal::new(
+            Reason::UnknownAccount,
+            format!(
+                "there is no LicenseAccount {account}{} (accounts: {}); check spec.accountRef",
+                did_you_mean(account, known.iter().copied()),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+    }
+
     /// Whether an object in `namespace` that names `account` may ask for
     /// `ask`: `UnknownAccount` when the account is not there (`default`
     /// always is: the operator's own, with no tenants, unless a
@@ -130,22 +147,10 @@ impl Directory {
     /// tenants do not allow it or cannot be read.
     pub fn allow(&self, account: &str, namespace: &str, ask: Ask<'_>) -> Result<(), Refusal> {
         let Some(found) = self.accounts.get(account) else {
-            if account == DEFAULT_ACCOUNT {
-                return Ok(());
-            }
-            let known: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
-            return Err(Refusal::new(
-                Reason::UnknownAccount,
-                format!(
-                    "there is no LicenseAccount {account}{} (accounts: {}); check spec.accountRef",
-                    did_you_mean(account, known.iter().copied()),
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+            return match account {
+                DEFAULT_ACCOUNT => Ok(()),
+                _ => Err(self.unknown(account)),
+            };
         };
         let tenants = found.tenants();
         tenants.check().map_err(|fault| {

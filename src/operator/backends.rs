@@ -54,13 +54,24 @@ const MANAGER: &str = "licensor-operator";
 pub struct Served {
     pub backend: Arc<dyn Backend>,
     pub snapshot: Arc<snapshot::Shared>,
+    /// Drawn once per client, never again in this process.
+    id: usize,
 }
 
 impl Served {
-    /// Which backend this is, for as long as it is used: accounts served
-    /// on one backend share its pools.
+    pub fn new(backend: Arc<dyn Backend>, snapshot: Arc<snapshot::Shared>) -> Served {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        Served {
+            backend,
+            snapshot,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Which client this is: accounts served on one backend share its
+    /// pools, and a client made anew is never taken for the one before.
     pub fn id(&self) -> usize {
-        std::ptr::from_ref(self) as usize
+        self.id
     }
 }
 
@@ -119,13 +130,9 @@ impl Backends {
     /// The backend `account` is served on, by the accounts of `directory`.
     pub fn of(&self, account: &str, directory: &Directory) -> Result<Arc<Served>, Refusal> {
         let Some(found) = directory.accounts.get(account) else {
-            return if account == DEFAULT_ACCOUNT {
-                Ok(self.own.clone())
-            } else {
-                Err(Refusal::new(
-                    Reason::UnknownAccount,
-                    format!("there is no LicenseAccount {account}; nothing was written"),
-                ))
+            return match account {
+                DEFAULT_ACCOUNT => Ok(self.own.clone()),
+                _ => Err(directory.unknown(account)),
             };
         };
         if found.spec.backend.is_none() {
@@ -272,7 +279,7 @@ impl Backends {
             self.metrics.clone(),
             self.ttl,
         ));
-        Ok(Arc::new(Served { backend, snapshot }))
+        Ok(Arc::new(Served::new(backend, snapshot)))
     }
 
     /// Drops the clients of accounts that are gone (their objects stall
@@ -400,8 +407,18 @@ fn postgres_url(
             .map_err(|()| invalid("the backend URL cannot carry a password"))?;
     }
     if let Some((_, pem)) = ca {
-        let path = std::env::temp_dir().join(format!("licensor-ca-{name}.pem"));
-        std::fs::write(&path, pem).map_err(|e| invalid(&format!("writing the CA: {e}")))?;
+        // A new file of the operator's own, never one someone else placed.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let unique = crate::backend::store::random_hex().map_err(|e| invalid(&e.to_string()))?;
+        let path = std::env::temp_dir().join(format!("licensor-ca-{name}-{unique}.pem"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&pem))
+            .map_err(|e| invalid(&format!("writing the CA: {e}")))?;
         parsed
             .query_pairs_mut()
             .append_pair("sslrootcert", &path.display().to_string());

@@ -102,10 +102,10 @@ impl Context {
         // Read at most twice a resync period, whatever the number of
         // objects (and, while objects wait for seats, every pool poll).
         let ttl = settings.resync / 2;
-        let own = Arc::new(Served {
-            snapshot: Arc::new(snapshot::Shared::new(backend.clone(), metrics.clone(), ttl)),
-            backend,
-        });
+        let own = Arc::new(Served::new(
+            backend.clone(),
+            Arc::new(snapshot::Shared::new(backend, metrics.clone(), ttl)),
+        ));
         Context {
             client,
             backends: Arc::new(Backends::new(own, metrics.clone(), ttl)),
