@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # A static (musl) licensor binary in an empty image, run as a non-root user.
-#   docker build -t licensor/licensor:0.1.0 .
+#   docker build -t ghcr.io/licensor-dev/licensor:0.1.0 .
+# `make image` writes the same image (build/oci-image.py reads this file's last
+# stage) with no container engine, to target/image/licensor.oci.tar.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/* \

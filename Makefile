@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test deps test-static check bench bench-operator bench-platform crd
+.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -23,13 +23,15 @@ demo:
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
 ## kstatus (sigs.k8s.io/cli-utils) built the same way, the contract tools
 ## in a pinned Python virtualenv, and the page in Debian's headless Chromium
-## with axe-core (pinned, from npm). Installs what it
-## needs first (deps).
-test: deps test-static
+## with axe-core (pinned, from npm), and the chart installed on a real node
+## (kubelet and kube-proxy from the same modules, Debian's containerd and
+## runc) from `make image`'s image. Installs what it needs first (deps).
+test: deps test-static image
 	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
 	  kstatus=$$(tests/kstatus/build.sh) && axe=$$(tests/page/axe.sh) && \
 	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
-	  LICENSOR_TEST_AXE="$$axe" $(CARGO) test --locked
+	  LICENSOR_TEST_AXE="$$axe" LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
+	  $(CARGO) test --locked
 
 ## What the checks and tests need beyond Rust, Go and Python: rustfmt and
 ## clippy, the musl target and musl-gcc, the Python venv module (Debian
@@ -43,6 +45,21 @@ MUSL := x86_64-unknown-linux-musl
 test-static: deps
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
 	tests/static-binary.sh $(TARGET_DIR)/$(MUSL)/release/licensor
+
+## The OCI image the Dockerfile describes, built with no container engine:
+## the static binary in an OCI image layout, one tar that `ctr images import`,
+## `skopeo copy oci-archive:` and `podman load` read (docs/install.md).
+IMAGE ?= ghcr.io/licensor-dev/licensor
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE_LABELS = --name $(IMAGE) --version $(VERSION) \
+	  --revision $$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --source https://github.com/licensor-dev/licensor \
+	  --licenses $$(sed -n 's/^license = "\(.*\)"/\1/p' Cargo.toml)
+EPOCH = $$(git log -1 --format=%ct 2>/dev/null || echo 0)
+image: test-static
+	SOURCE_DATE_EPOCH=$(EPOCH) build/oci-image.py --dockerfile Dockerfile \
+	  --out $(TARGET_DIR)/image/licensor.oci.tar $(IMAGE_LABELS) \
+	  linux/amd64=$(TARGET_DIR)/$(MUSL)/release/licensor
 
 ## Formatting and lints (the committed CRD is checked by a test).
 check: deps

@@ -3,7 +3,8 @@
 # Go and Python 3, on a fresh Debian machine: rustfmt and clippy, the musl
 # target and musl-gcc for the static binary, the Python virtualenv module
 # for the contract tools, Debian's PostgreSQL server, and Debian's Chromium
-# with chromedriver for the page tests. Debian packages need root (or sudo); what
+# with chromedriver for the page tests, and containerd, runc, the CNI
+# plugins and iptables for the test node. Debian packages need root (or sudo); what
 # is already there is left alone, so a second run does nothing.
 set -euo pipefail
 
@@ -26,6 +27,12 @@ command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 # The documentation's walkthroughs (tests/readme.rs) wait for a server with it.
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+# The test node (tests/node): Debian's containerd, runc and CNI plugins, and
+# iptables for kube-proxy's Service rules.
+command -v containerd >/dev/null 2>&1 || packages+=(containerd)
+command -v runc >/dev/null 2>&1 || packages+=(runc)
+[ -x /usr/lib/cni/bridge ] || packages+=(containernetworking-plugins)
+command -v iptables >/dev/null 2>&1 || packages+=(iptables)
 probe=$(mktemp -d)
 python3 -m venv "$probe/v" >/dev/null 2>&1 || packages+=(python3-venv)
 rm -rf "$probe"

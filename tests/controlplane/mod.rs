@@ -16,6 +16,44 @@ pub struct ControlPlane {
     children: Vec<Child>,
 }
 
+/// Where the API server listens, and what follows from it.
+pub enum Serving {
+    /// On 127.0.0.1, for processes on this machine: the operator run as a
+    /// local process, no nodes, no service accounts' tokens.
+    Loopback,
+    /// On the host's address on a node's pod network (tests/node), so pods
+    /// reach it through the `kubernetes` Service; pods get service account
+    /// tokens, the kubelet is authorized as a node, and the API server
+    /// calls webhooks and kubelets at their pods' and node's addresses.
+    Node { address: std::net::Ipv4Addr },
+}
+
+impl Serving {
+    fn address(&self) -> String {
+        match self {
+            Serving::Loopback => "127.0.0.1".into(),
+            Serving::Node { address } => address.to_string(),
+        }
+    }
+
+    fn flags(&self) -> &'static [&'static str] {
+        match self {
+            Serving::Loopback => &[
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+            ],
+            Serving::Node { .. } => &[
+                "--authorization-mode=Node,RBAC",
+                "--service-cluster-ip-range=10.96.0.0/24",
+                "--enable-aggregator-routing=true",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--allow-privileged=false",
+            ],
+        }
+    }
+}
+
 /// What one kubectl run did.
 #[derive(Debug)]
 pub struct Kubectl {
@@ -101,10 +139,16 @@ impl ControlPlane {
     /// etcd or the API server does: a process that exits while starting is
     /// started again on new ports (three tries).
     pub fn start_without_crds() -> ControlPlane {
+        ControlPlane::start_serving(&Serving::Loopback)
+    }
+
+    /// A control plane for `serving`, started again on new ports when a
+    /// process exits while starting (three tries).
+    pub fn start_serving(serving: &Serving) -> ControlPlane {
         let mut tries = 0;
         loop {
             tries += 1;
-            match ControlPlane::launch() {
+            match ControlPlane::launch(serving) {
                 Ok(cp) => return cp,
                 Err(why) if tries < 3 => eprintln!("control plane: starting again: {why}"),
                 Err(why) => panic!("the control plane did not start in {tries} tries: {why}"),
@@ -112,7 +156,7 @@ impl ControlPlane {
         }
     }
 
-    fn launch() -> Result<ControlPlane, String> {
+    fn launch(serving: &Serving) -> Result<ControlPlane, String> {
         let bin = assets();
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -121,7 +165,8 @@ impl ControlPlane {
         std::fs::write(d.join("sa.pub"), key.public_key_pem()).expect("write public key");
         std::fs::write(
             d.join("tokens.csv"),
-            "licensor-admin-token,admin,admin,system:masters\n",
+            "licensor-admin-token,admin,admin,system:masters\n\
+             licensor-node-token,system:node:node,node,system:nodes\n",
         )
         .expect("write tokens");
 
@@ -141,22 +186,22 @@ impl ControlPlane {
             &d.join("etcd.log"),
         );
         let sa = d.join("sa.key").display().to_string();
+        let address = serving.address();
+        let mut flags = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
+            format!("--secure-port={secure}"),
+            format!("--cert-dir={}", d.join("certs").display()),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", d.join("sa.pub").display()),
+            format!("--service-account-signing-key-file={sa}"),
+            format!("--token-auth-file={}", d.join("tokens.csv").display()),
+        ];
+        flags.extend(serving.flags().iter().map(|f| f.to_string()));
         let apiserver = spawn(
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={secure}"),
-                format!("--cert-dir={}", d.join("certs").display()),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", d.join("sa.pub").display()),
-                format!("--service-account-signing-key-file={sa}"),
-                format!("--token-auth-file={}", d.join("tokens.csv").display()),
-                "--authorization-mode=RBAC".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
-            ],
+            &flags,
             &d.join("apiserver.log"),
         );
         let kubeconfig = d.join("kubeconfig");
@@ -165,7 +210,7 @@ impl ControlPlane {
             format!(
                 "apiVersion: v1
 kind: Config
-clusters: [{{name: test, cluster: {{server: \"https://127.0.0.1:{secure}\", insecure-skip-tls-verify: true}}}}]
+clusters: [{{name: test, cluster: {{server: \"https://{address}:{secure}\", insecure-skip-tls-verify: true}}}}]
 users: [{{name: admin, user: {{token: licensor-admin-token}}}}]
 contexts: [{{name: test, context: {{cluster: test, user: admin, namespace: default}}}}]
 current-context: test

@@ -1,0 +1,344 @@
+//! The chart on a real node: `make image`'s image imported into containerd,
+//! `helm install` with the chart's defaults, the pod's containers Ready by
+//! their own probes, the examples Ready through the pod, the webhooks
+//! answered through their Service, the commands NOTES prints run as printed,
+//! the platform API through `kubectl port-forward`, and `helm uninstall`
+//! leaving the claim. Needs root and the node's parts (tests/node/mod.rs).
+
+mod common;
+mod controlplane;
+mod node;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::license_yaml;
+use controlplane::wait_for;
+use node::Node;
+
+const SOON: Duration = Duration::from_secs(120);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `make image`'s archive (LICENSOR_TEST_IMAGE names another).
+fn image() -> PathBuf {
+    let path = std::env::var_os("LICENSOR_TEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/image/licensor.oci.tar"));
+    assert!(
+        path.exists(),
+        "{}: no image; `make image` builds it",
+        path.display()
+    );
+    path
+}
+
+/// A directory with a `kubectl` that talks to this cluster, for running
+/// the commands NOTES prints exactly as printed.
+fn kubectl_on_path(node: &Node) -> String {
+    let bin = node.dir.path().join("path");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("kubectl");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} --kubeconfig {} \"$@\"\n",
+            node.cp.bin.join("kubectl").display(),
+            node.cp.kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Runs one line of NOTES with bash in `dir`; its stdout, or the node's
+/// account of its pods.
+fn run_as_printed(node: &Node, line: &str, path: &str, dir: &Path) -> String {
+    let out = Command::new("bash")
+        .args(["-c", line])
+        .env("PATH", path)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{line}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        node.diagnose()
+    );
+    eprintln!(
+        "$ {line}\n{}",
+        String::from_utf8_lossy(&out.stdout).trim_end()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_chart_installs_and_runs_on_a_real_node() {
+    let node = Node::start();
+    node.import(&image());
+    let cp = &node.cp;
+    let volume = node.persistent_volume("licensor-data", "1Gi");
+
+    // The chart's defaults: the embedded store on a claim, the image the
+    // chart names (imported above, so never pulled).
+    let chart = repo().join("charts/licensor");
+    let install = cp.helm(&[
+        "install",
+        "licensor",
+        chart.to_str().unwrap(),
+        "-n",
+        "licensor",
+        "--create-namespace",
+    ]);
+    assert_eq!(install.code, 0, "{install:?}");
+    let notes = install.stdout;
+
+    let path = kubectl_on_path(&node);
+    let printed: Vec<&str> = notes
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("kubectl -n licensor"))
+        .collect();
+    let step = |what: &str| -> &str {
+        printed
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("NOTES prints no `{what}` command:\n{notes}"))
+    };
+    // 1. Wait for the operator, as printed.
+    run_as_printed(
+        &node,
+        &format!("timeout 180 {}", step("rollout status")),
+        &path,
+        repo(),
+    );
+    let pod = cp.json(&[
+        "get",
+        "pods",
+        "-n",
+        "licensor",
+        "-l",
+        "app.kubernetes.io/instance=licensor",
+    ]);
+    let pod = &pod["items"][0];
+    let statuses = pod["status"]["containerStatuses"].as_array().unwrap();
+    for c in statuses {
+        assert_eq!(c["ready"], true, "container not Ready: {c}");
+        eprintln!(
+            "pod {} container {} Ready (image {})",
+            pod["metadata"]["name"], c["name"], c["image"]
+        );
+    }
+    let mut names: Vec<&str> = statuses
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["operator", "platform"], "{pod}");
+    let logs = cp.ok(&[
+        "logs",
+        "-n",
+        "licensor",
+        "deploy/licensor",
+        "-c",
+        "operator",
+    ]);
+    eprintln!("the operator's log, from inside the pod:\n{logs}");
+    assert!(logs.contains("\"leading\""), "{logs}");
+    assert!(logs.contains("sqlite:/data/licensor.db"), "{logs}");
+
+    // 2. Seed the store, as printed, from the examples' directory.
+    let seeded = run_as_printed(&node, step("backend seed"), &path, &repo().join("examples"));
+    assert!(seeded.contains("seeded account acme"), "{seeded}");
+    // The store is on the volume the test provided, owned by the pod's user.
+    let db = volume.join("licensor.db");
+    assert!(db.exists(), "no store on the volume: {}", volume.display());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&db).unwrap().uid(), 65532);
+
+    // 3. The examples become Ready through the pod.
+    cp.ok(&[
+        "apply",
+        "-f",
+        repo().join("examples/licenses").to_str().unwrap(),
+    ]);
+    let r = cp.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "dl",
+        "--all",
+        "-n",
+        "licenses",
+        "--timeout=120s",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", cp.ok(&["get", "dl", "-A"]));
+    eprintln!("{}", cp.ok(&["get", "dl", "-A"]));
+
+    // The webhooks, through their Service: a denial and a warning, as
+    // kubectl shows them.
+    let apply = |yaml: &str| cp.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+    let r = apply(&license_yaml("ghost", "nope", "TestOps", 1, ""));
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("denied the request") && r.stderr.contains("UnknownOrganization"),
+        "{r:?}"
+    );
+    let r = apply(&license_yaml("big", "mobile-team", "Studio", 500, ""));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("Warning: licensor: InsufficientPool"),
+        "{r:?}"
+    );
+    let o = cp.json(&["get", "dl", "big", "-n", "licenses"]);
+    assert!(
+        o["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "licensor.dev/cleanup")),
+        "the mutating webhook added no finalizer: {o}"
+    );
+
+    // 4. A token for CI, as printed, then the platform API through a port
+    // forward to the pod's platform container.
+    let token = run_as_printed(&node, step("token create"), &path, repo());
+    let token = token
+        .split_whitespace()
+        .find(|w| w.len() > 20)
+        .unwrap_or_else(|| panic!("no token printed: {token}"))
+        .to_string();
+    let port = common::free_port();
+    let mut forward = Command::new(node.cp.bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&node.cp.kubeconfig)
+        .args([
+            "port-forward",
+            "-n",
+            "licensor",
+            "svc/licensor-platform",
+            &format!("{port}:80"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pools = wait_for("the platform API through port-forward", SOON, || {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "5", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(format!("http://127.0.0.1:{port}/v1/accounts/acme"))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let account: serde_json::Value = serde_json::from_str(&pools).unwrap();
+    eprintln!("GET /v1/accounts/acme through port-forward: {account}");
+    assert!(pools.contains("qa-team"), "{pools}");
+
+    // Uninstalled: the claim, and the store on it, stay.
+    let r = cp.helm(&["uninstall", "licensor", "-n", "licensor", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let claim = cp.json(&["get", "pvc", "licensor", "-n", "licensor"]);
+    assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
+    assert!(db.exists());
+}
+
+/// One member of the image archive, read with tar.
+fn member(archive: &Path, name: &str) -> serde_json::Value {
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(archive)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn blob(archive: &Path, digest: &serde_json::Value) -> serde_json::Value {
+    let digest = digest.as_str().unwrap().strip_prefix("sha256:").unwrap();
+    member(archive, &format!("blobs/sha256/{digest}"))
+}
+
+#[test]
+fn the_image_is_the_one_the_dockerfile_describes() {
+    let archive = image();
+    // The Dockerfile's last stage, read here on its own.
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let stage = dockerfile.rsplit("\nFROM ").next().unwrap();
+    let say = |keyword: &str| -> Vec<String> {
+        stage
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{keyword} ")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(stage.starts_with("scratch"), "{stage}");
+
+    let index = member(&archive, "index.json");
+    let nested = blob(&archive, &index["manifests"][0]["digest"]);
+    assert_eq!(
+        index["manifests"][0]["annotations"]["io.containerd.image.name"],
+        "ghcr.io/licensor-dev/licensor:0.1.0",
+        "the name the chart's default values pull"
+    );
+    let manifests = nested["manifests"].as_array().unwrap();
+    assert!(!manifests.is_empty());
+    for m in manifests {
+        let manifest = blob(&archive, &m["digest"]);
+        let config = blob(&archive, &manifest["config"]["digest"]);
+        let c = &config["config"];
+        assert_eq!(c["User"], say("USER")[0], "{config}");
+        let ports: Vec<String> = say("EXPOSE").iter().map(|p| format!("{p}/tcp")).collect();
+        let exposed: Vec<String> = c["ExposedPorts"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(exposed, ports);
+        let exec = |k: &str| serde_json::from_str::<serde_json::Value>(&say(k)[0]).unwrap();
+        assert_eq!(c["Entrypoint"], exec("ENTRYPOINT"));
+        assert_eq!(c["Cmd"], exec("CMD"));
+        for label in ["source", "version", "revision", "licenses"] {
+            let value = &c["Labels"][format!("org.opencontainers.image.{label}")];
+            assert!(
+                value.as_str().is_some_and(|v| !v.is_empty()),
+                "{label}: {config}"
+            );
+        }
+        assert_eq!(
+            c["Labels"]["org.opencontainers.image.version"],
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(
+            c["Labels"]["org.opencontainers.image.licenses"],
+            env!("CARGO_PKG_LICENSE")
+        );
+        assert_eq!(config["os"], "linux");
+        assert_eq!(m["platform"]["architecture"], config["architecture"]);
+        assert_eq!(
+            manifest["layers"].as_array().unwrap().len(),
+            1,
+            "one layer: the binary"
+        );
+    }
+}
