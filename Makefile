@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image
+.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image static
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -42,8 +42,9 @@ deps:
 ## The static (musl) binary the Dockerfile ships builds and works (deps
 ## installs the musl target and musl-gcc).
 MUSL := x86_64-unknown-linux-musl
-test-static: deps
+static: deps
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
+test-static: static
 	tests/static-binary.sh $(TARGET_DIR)/$(MUSL)/release/licensor
 
 ## The OCI image the Dockerfile describes, built with no container engine:
@@ -56,7 +57,7 @@ IMAGE_LABELS = --name $(IMAGE) --version $(VERSION) \
 	  --source https://github.com/licensor-dev/licensor \
 	  --licenses $$(sed -n 's/^license = "\(.*\)"/\1/p' Cargo.toml)
 EPOCH = $$(git log -1 --format=%ct 2>/dev/null || echo 0)
-image: test-static
+image: static
 	SOURCE_DATE_EPOCH=$(EPOCH) build/oci-image.py --dockerfile Dockerfile \
 	  --out $(TARGET_DIR)/image/licensor.oci.tar $(IMAGE_LABELS) \
 	  linux/amd64=$(TARGET_DIR)/$(MUSL)/release/licensor
@@ -78,8 +79,7 @@ bench:
 
 ## The operator benchmark on a real control plane (1,000 objects to Ready
 ## against a plain-client floor; peak memory with 1,000 and 10,000 objects).
-bench-operator: deps
-	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
+bench-operator: static
 	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" \
 	  IMAGE_BIN=$(abspath $(TARGET_DIR))/$(MUSL)/release/licensor $(CARGO) bench --locked --bench operator
 

@@ -45,6 +45,7 @@ impl Api {
             Some(&self.admin),
             Duration::from_secs(5),
             licensor::backend::http::Retry::default(),
+            None,
         )
         .unwrap()
     }

@@ -115,50 +115,38 @@ impl Gate {
     }
 }
 
+/// CA certificates (PEM) to trust beside the system's, for an `https://`
+/// platform whose certificate a private CA signed; named (a file, a Secret
+/// key) for messages.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Ca {
+    pub name: String,
+    pub pem: Vec<u8>,
+}
+
+impl Ca {
+    /// The certificates in the file at `path`.
+    pub fn read(path: &std::path::Path) -> Result<Ca, BackendError> {
+        let name = path.display().to_string();
+        std::fs::read(path)
+            .map(|pem| Ca {
+                name: name.clone(),
+                pem,
+            })
+            .map_err(|e| BackendError::Unavailable(format!("backend CA {name}: {e}")))
+    }
+}
+
 impl HttpBackend {
     /// A client for `account` at `url` (`http(s)://host:port`), authenticated
-    /// with `token`, each try limited to `timeout`.
+    /// with `token`, each try limited to `timeout`, trusting `ca` too.
     pub fn new(
         url: &str,
         account: &str,
         token: Option<&str>,
         timeout: Duration,
         retry: Retry,
-    ) -> Result<HttpBackend, BackendError> {
-        HttpBackend::trusting(url, account, token, timeout, retry, None)
-    }
-
-    /// The same, trusting also the CA certificates (PEM) in `ca` for an
-    /// `https://` platform whose certificate a private CA signed.
-    pub fn trusting(
-        url: &str,
-        account: &str,
-        token: Option<&str>,
-        timeout: Duration,
-        retry: Retry,
-        ca: Option<&std::path::Path>,
-    ) -> Result<HttpBackend, BackendError> {
-        let pem = ca
-            .map(|path| {
-                std::fs::read(path)
-                    .map(|pem| (path.display().to_string(), pem))
-                    .map_err(|e| {
-                        BackendError::Unavailable(format!("backend CA {}: {e}", path.display()))
-                    })
-            })
-            .transpose()?;
-        HttpBackend::trusting_pem(url, account, token, timeout, retry, pem)
-    }
-
-    /// [`HttpBackend::trusting`] with the CA certificates given as PEM,
-    /// named (a file, a Secret key) for messages.
-    pub fn trusting_pem(
-        url: &str,
-        account: &str,
-        token: Option<&str>,
-        timeout: Duration,
-        retry: Retry,
-        ca: Option<(String, Vec<u8>)>,
+        ca: Option<Ca>,
     ) -> Result<HttpBackend, BackendError> {
         let shown = super::redact(url);
         let base = Url::parse(url)
@@ -177,7 +165,7 @@ impl HttpBackend {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let mut builder = reqwest::Client::builder();
-        if let Some((name, pem)) = ca {
+        if let Some(Ca { name, pem }) = ca {
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| BackendError::Unavailable(format!("backend CA {name}: {e}")))?;
             if certificates.is_empty() {

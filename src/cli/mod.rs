@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::backend::http::{HttpBackend, Retry};
+use crate::backend::http::{Ca, HttpBackend, Retry};
 use crate::backend::local::StoreBackend;
 use crate::backend::{Backend, redact};
 use crate::domain::Snapshot;
@@ -373,16 +373,20 @@ pub fn open_backend(g: &Global, open: Open) -> Result<Box<dyn Backend>, String> 
                     redact(url)
                 )
             })?;
-            let backend = HttpBackend::trusting(
-                url,
-                account,
-                token.as_deref(),
-                g.backend_timeout,
-                Retry::default(),
-                g.backend_ca.as_deref(),
-            )
-            .map_err(|e| e.to_string())?
-            .with_rate(g.backend_rate);
+            let ca = g.backend_ca.as_deref().map(Ca::read).transpose();
+            let backend = ca
+                .and_then(|ca| {
+                    HttpBackend::new(
+                        url,
+                        account,
+                        token.as_deref(),
+                        g.backend_timeout,
+                        Retry::default(),
+                        ca,
+                    )
+                })
+                .map_err(|e| e.to_string())?
+                .with_rate(g.backend_rate);
             Ok(Box::new(backend))
         }
         None => Err(format!(

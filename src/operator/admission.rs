@@ -235,6 +235,7 @@ mod tests {
             None,
             Duration::from_millis(200),
             Retry::default(),
+            None,
         )
         .unwrap();
         Validator {

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use super::accounts::Accounts;
 use super::metrics::Metrics;
 use super::snapshot;
-use crate::backend::http::{HttpBackend, Retry};
+use crate::backend::http::{Ca, HttpBackend, Retry};
 use crate::backend::local::StoreBackend;
 use crate::backend::{Backend, BackendError};
 use crate::domain::{Reason, Refusal};
@@ -237,7 +237,7 @@ impl Backends {
         name: &str,
         spec: &AccountBackend,
         token: Option<String>,
-        ca: Option<(String, Vec<u8>)>,
+        ca: Option<Ca>,
     ) -> Result<Arc<Served>, Refusal> {
         let unavailable = |m: String| {
             Refusal::new(
@@ -254,7 +254,7 @@ impl Backends {
                     ),
                 )
             })?;
-            let http = HttpBackend::trusting_pem(
+            let http = HttpBackend::new(
                 &spec.url,
                 account,
                 token.as_deref(),
@@ -301,7 +301,7 @@ impl Backends {
 }
 
 /// An account's token (or password) and CA (named for messages, PEM).
-type Credentials = (Option<String>, Option<(String, Vec<u8>)>);
+type Credentials = (Option<String>, Option<Ca>);
 
 /// Whether an account's backend answers, and with which products; or the
 /// reason and message why not.
@@ -343,10 +343,10 @@ async fn read_credentials(
         None => None,
     };
     let ca = match &spec.ca_secret_ref {
-        Some(r) => Some((
-            format!("Secret {namespace}/{} key {}", r.name, r.key),
-            read_key(secrets, r, namespace).await?,
-        )),
+        Some(r) => Some(Ca {
+            name: format!("Secret {namespace}/{} key {}", r.name, r.key),
+            pem: read_key(secrets, r, namespace).await?,
+        }),
         None => None,
     };
     Ok((token, ca))
@@ -392,7 +392,7 @@ fn postgres_url(
     name: &str,
     url: &str,
     password: Option<&str>,
-    ca: Option<(String, Vec<u8>)>,
+    ca: Option<Ca>,
 ) -> Result<String, Refusal> {
     let invalid = |m: &str| Refusal::new(Reason::Invalid, format!("LicenseAccount {name}: {m}"));
     let mut parsed = reqwest::Url::parse(url).map_err(|e| invalid(&format!("backend URL: {e}")))?;
@@ -406,7 +406,7 @@ fn postgres_url(
             .set_password(Some(password))
             .map_err(|()| invalid("the backend URL cannot carry a password"))?;
     }
-    if let Some((_, pem)) = ca {
+    if let Some(Ca { pem, .. }) = ca {
         // A new file of the operator's own, never one someone else placed.
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
