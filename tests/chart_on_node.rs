@@ -246,12 +246,181 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     eprintln!("GET /v1/accounts/acme through port-forward: {account}");
     assert!(pools.contains("qa-team"), "{pools}");
 
+    upgrade_to_postgres_and_lose_the_leader(&node);
+
     // Uninstalled: the claim, and the store on it, stay.
     let r = cp.helm(&["uninstall", "licensor", "-n", "licensor", "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
     let claim = cp.json(&["get", "pvc", "licensor", "-n", "licensor"]);
     assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
     assert!(db.exists());
+}
+
+/// The local binary on `backend`, asserting success; its stdout.
+fn licensor(backend: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
+        .arg("--backend")
+        .arg(backend)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "licensor {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Who holds the operator's Lease (the chart names it after the release).
+fn leader(node: &Node) -> String {
+    let lease = node
+        .cp
+        .json(&["get", "lease", "licensor", "-n", "licensor"]);
+    lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `helm upgrade` of the running release to two replicas on PostgreSQL
+/// (the chart README's way: the URL and the CA from Secrets), the database
+/// reached from the pods at the host's address on the pod network. Then
+/// the leader's pod is deleted: the standby takes the Lease, every object
+/// is still there, and a change made after it reaches the database.
+fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
+    let cp = &node.cp;
+    let (pg, reached) = common::postgres::server_on(node::GATEWAY);
+    let db = pg.database();
+    let here = pg.url_with_password(&db);
+    licensor(
+        &here,
+        &[
+            "backend",
+            "seed",
+            "-f",
+            repo().join("examples/account.yaml").to_str().unwrap(),
+        ],
+    );
+    let in_pod = format!(
+        "{}/{db}?sslmode=verify-full&sslrootcert=/etc/licensor/postgres-ca/ca.crt",
+        reached.replacen("licensor@", &format!("licensor:{}@", pg.password()), 1)
+    );
+    cp.ok(&[
+        "-n",
+        "licensor",
+        "create",
+        "secret",
+        "generic",
+        "licensor-postgres",
+        &format!("--from-literal=url={in_pod}"),
+    ]);
+    cp.ok(&[
+        "-n",
+        "licensor",
+        "create",
+        "secret",
+        "generic",
+        "licensor-postgres-ca",
+        &format!("--from-file=ca.crt={}", pg.ca().display()),
+    ]);
+    let objects = |cp: &controlplane::ControlPlane| {
+        let mut names: Vec<String> = cp
+            .ok(&[
+                "get",
+                "dl",
+                "-A",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    };
+    let before = objects(cp);
+    let chart = repo().join("charts/licensor");
+    let start = std::time::Instant::now();
+    let r = cp.helm(&[
+        "upgrade",
+        "licensor",
+        chart.to_str().unwrap(),
+        "-n",
+        "licensor",
+        "--set",
+        "backend.kind=postgres",
+        "--set",
+        "backend.postgres.urlSecret.name=licensor-postgres",
+        "--set",
+        "backend.postgres.caSecret=licensor-postgres-ca",
+        "--set",
+        "replicaCount=2",
+        // A new leader checks the objects whose status says Ready over half
+        // a resync period (src/operator/resync.rs): 15 s here, not 150 s.
+        "--set",
+        "resync=30s",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = cp.kubectl(&[
+        "-n",
+        "licensor",
+        "rollout",
+        "status",
+        "deployment/licensor",
+        "--timeout=180s",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", node.diagnose());
+
+    // The objects are written into the database by the new pods.
+    let managed = |dedicated_of_qa: i64| -> Option<()> {
+        let status: serde_json::Value =
+            serde_json::from_str(&licensor(&here, &["status", "-o", "json"])).ok()?;
+        let allocations = status["allocations"].as_array()?;
+        let managed = allocations
+            .iter()
+            .filter(|a| {
+                a["managedBy"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("default/licenses/"))
+            })
+            .count();
+        let qa = allocations
+            .iter()
+            .find(|a| a["organization"] == "qa-team" && a["product"] == "TestOps")?;
+        (managed == 4 && qa["dedicated"] == dedicated_of_qa).then_some(())
+    };
+    eprintln!("rolled out on PostgreSQL after {:?}", start.elapsed());
+    node.wait_for("the examples written to PostgreSQL", SOON, || managed(10));
+    eprintln!("the examples in PostgreSQL after {:?}", start.elapsed());
+    let first = node.wait_for("a leader", SOON, || {
+        Some(leader(node)).filter(|l| !l.is_empty())
+    });
+    eprintln!("leader on PostgreSQL: {first}");
+    cp.ok(&["delete", "pod", "-n", "licensor", &first, "--wait=false"]);
+    let second = node.wait_for("the standby leading", SOON, || {
+        Some(leader(node)).filter(|l| !l.is_empty() && *l != first)
+    });
+    eprintln!(
+        "after the leader's pod was deleted, {second} leads ({:?})",
+        start.elapsed()
+    );
+    assert_eq!(objects(cp), before, "an object was lost");
+    cp.ok(&[
+        "patch",
+        "dl",
+        "qa-team-testops",
+        "-n",
+        "licenses",
+        "--type=merge",
+        "-p",
+        "{\"spec\":{\"count\":12}}",
+    ]);
+    node.wait_for("the change written by the new leader", SOON, || managed(12));
+    node.wait_for("the new leader's log saying so", SOON, || {
+        let r = cp.kubectl(&["logs", "-n", "licensor", &second, "-c", "operator"]);
+        r.stdout.contains("\"leading\"").then_some(())
+    });
 }
 
 /// One member of the image archive, read with tar.

@@ -26,6 +26,8 @@ pub struct Server {
 struct Own {
     dir: tempfile::TempDir,
     port: u16,
+    /// An address it listens on beside 127.0.0.1.
+    also: Option<std::net::Ipv4Addr>,
     command: Vec<String>,
 }
 
@@ -40,6 +42,13 @@ impl Server {
         let mut url = reqwest::Url::parse(&self.url(database)).expect("a postgres URL");
         let _ = url.set_password(Some(&self.password));
         url.to_string()
+    }
+
+    /// The CA file that signed the server's certificate (a server this
+    /// harness started).
+    pub fn ca(&self) -> PathBuf {
+        let own = self.own.as_ref().expect("a server this harness started");
+        own.dir.path().join("ca.crt")
     }
 
     pub fn password(&self) -> &str {
@@ -106,13 +115,35 @@ impl Server {
     }
 }
 
+static SERVER: OnceLock<Server> = OnceLock::new();
+
 /// The server shared by this test process, started on first use.
 pub fn server() -> &'static Server {
-    static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var("LICENSOR_TEST_POSTGRES") {
         Ok(url) => external(&url),
-        Err(_) => start(),
+        Err(_) => start(None),
     })
+}
+
+/// The shared server, started here listening also on `address` (an
+/// address of the host on a test node's pod network, tests/node), with a
+/// certificate for it and password logins from its /24, so that pods reach
+/// it; the URL that names it there. Call it before anything else of this
+/// process uses the server.
+pub fn server_on(address: std::net::Ipv4Addr) -> (&'static Server, String) {
+    let server = SERVER.get_or_init(|| start(Some(address)));
+    let own = server
+        .own
+        .as_ref()
+        .expect("a server this harness started (not LICENSOR_TEST_POSTGRES)");
+    assert!(
+        own.also == Some(address),
+        "the shared server started before it was asked to listen on {address}"
+    );
+    (
+        server,
+        format!("postgres://licensor@{address}:{}", own.port),
+    )
 }
 
 fn external(url: &str) -> Server {
@@ -168,7 +199,7 @@ fn as_server_user(program: &Path) -> Command {
     }
 }
 
-fn start() -> Server {
+fn start(also: Option<std::net::Ipv4Addr>) -> Server {
     let bin = binaries();
     let dir = tempfile::Builder::new()
         .prefix("licensor-pg")
@@ -179,12 +210,17 @@ fn start() -> Server {
     let password = format!("pw{}", std::process::id());
     std::fs::write(d.join("pw"), &password).unwrap();
 
-    // A CA, and a server certificate it signs for 127.0.0.1 and localhost.
+    // A CA, and a server certificate it signs for 127.0.0.1 and localhost
+    // (and the other address).
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+    let names = ["localhost".to_string(), "127.0.0.1".to_string()]
+        .into_iter()
+        .chain(also.map(|a| a.to_string()))
+        .collect::<Vec<_>>();
+    let leaf = rcgen::CertificateParams::new(names)
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
@@ -213,6 +249,16 @@ fn start() -> Server {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(data.join("server.crt"), leaf.pem()).unwrap();
+    if let Some(address) = also {
+        let hba = data.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).unwrap();
+        let octets = address.octets();
+        rules.push_str(&format!(
+            "hostssl all all {}.{}.{}.0/24 scram-sha-256\n",
+            octets[0], octets[1], octets[2]
+        ));
+        std::fs::write(&hba, rules).unwrap();
+    }
     std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
     if is_root() {
         Command::new("chown")
@@ -241,7 +287,10 @@ fn start() -> Server {
             "-k".into(),
             d.display().to_string(),
             "-c".into(),
-            "listen_addresses=127.0.0.1".into(),
+            format!(
+                "listen_addresses=127.0.0.1{}",
+                also.map(|a| format!(",{a}")).unwrap_or_default()
+            ),
             "-c".into(),
             "ssl=on".into(),
             "-c".into(),
@@ -262,6 +311,7 @@ fn start() -> Server {
         own: Some(Own {
             dir,
             port,
+            also,
             command: server_cmd,
         }),
     };

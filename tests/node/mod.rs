@@ -382,6 +382,27 @@ localStorageCapacityIsolation: false
         archive
     }
 
+    /// [`wait_for`], failing with the node's account of its pods.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(answer) = probe() {
+                return answer;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.diagnose()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// The pods as `kubectl describe` tells them and the kubelet's last
     /// lines: what a failure's message needs.
     pub fn diagnose(&self) -> String {
