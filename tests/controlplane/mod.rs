@@ -36,6 +36,18 @@ impl Serving {
         }
     }
 
+    /// The API server's token file: the tests' admin, and a node's
+    /// kubelet (`licensor-node-token`, node `node`) where there is one.
+    fn tokens(&self) -> &'static str {
+        match self {
+            Serving::Loopback => "licensor-admin-token,admin,admin,system:masters\n",
+            Serving::Node { .. } => {
+                "licensor-admin-token,admin,admin,system:masters\n\
+                 licensor-node-token,system:node:node,node,system:nodes\n"
+            }
+        }
+    }
+
     fn flags(&self) -> &'static [&'static str] {
         match self {
             Serving::Loopback => &[
@@ -163,12 +175,7 @@ impl ControlPlane {
         let key = rcgen::KeyPair::generate().expect("service account key");
         std::fs::write(d.join("sa.key"), key.serialize_pem()).expect("write key");
         std::fs::write(d.join("sa.pub"), key.public_key_pem()).expect("write public key");
-        std::fs::write(
-            d.join("tokens.csv"),
-            "licensor-admin-token,admin,admin,system:masters\n\
-             licensor-node-token,system:node:node,node,system:nodes\n",
-        )
-        .expect("write tokens");
+        std::fs::write(d.join("tokens.csv"), serving.tokens()).expect("write tokens");
 
         let (client, peer, secure) = (free_port(), free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client}");
