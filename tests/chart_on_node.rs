@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::license_yaml;
+use common::{Account, license_yaml};
 use controlplane::wait_for;
 use node::Node;
 
@@ -256,22 +256,6 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     assert!(db.exists());
 }
 
-/// The local binary on `backend`, asserting success; its stdout.
-fn licensor(backend: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
-        .arg("--backend")
-        .arg(backend)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "licensor {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Who holds the operator's Lease (the chart names it after the release).
 fn leader(node: &Node) -> String {
     let lease = node
@@ -290,18 +274,12 @@ fn leader(node: &Node) -> String {
 /// is still there, and a change made after it reaches the database.
 fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
     let cp = &node.cp;
+    // The shared server, listening where pods reach it; the example account
+    // seeded in a database of its own.
     let (pg, reached) = common::postgres::server_on(node::GATEWAY);
-    let db = pg.database();
-    let here = pg.url_with_password(&db);
-    licensor(
-        &here,
-        &[
-            "backend",
-            "seed",
-            "-f",
-            repo().join("examples/account.yaml").to_str().unwrap(),
-        ],
-    );
+    let fixture = std::fs::read_to_string(repo().join("examples/account.yaml")).unwrap();
+    let acct = Account::seeded_on(common::kind::postgres, &fixture);
+    let db = reqwest::Url::parse(acct.store()).unwrap().path()[1..].to_string();
     let in_pod = format!(
         "{}/{db}?sslmode=verify-full&sslrootcert=/etc/licensor/postgres-ca/ca.crt",
         reached.replacen("licensor@", &format!("licensor:{}@", pg.password()), 1)
@@ -374,8 +352,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
 
     // The objects are written into the database by the new pods.
     let managed = |dedicated_of_qa: i64| -> Option<()> {
-        let status: serde_json::Value =
-            serde_json::from_str(&licensor(&here, &["status", "-o", "json"])).ok()?;
+        let status = acct.run(&["status", "-o", "json"]).json();
         let allocations = status["allocations"].as_array()?;
         let managed = allocations
             .iter()
