@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image static
+.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image static dist
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -26,12 +26,12 @@ demo:
 ## with axe-core (pinned, from npm), and the chart installed on a real node
 ## (kubelet and kube-proxy from the same modules, Debian's containerd and
 ## runc) from `make image`'s image. Installs what it needs first (deps).
-test: deps test-static image
+test: deps test-static image dist
 	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
-	  kstatus=$$(tests/kstatus/build.sh) && axe=$$(tests/page/axe.sh) && \
+	  kstatus=$$(tests/go-tool.sh tests/kstatus) && axe=$$(tests/page/axe.sh) && \
 	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
 	  LICENSOR_TEST_AXE="$$axe" LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
-	  $(CARGO) test --locked
+	  LICENSOR_TEST_DIST=$(abspath $(DIST)) $(CARGO) test --locked
 
 ## What the checks and tests need beyond Rust, Go and Python: rustfmt and
 ## clippy, the musl target and musl-gcc, the Python venv module (Debian
@@ -42,14 +42,16 @@ deps:
 ## The static (musl) binary the Dockerfile ships builds and works (deps
 ## installs the musl target and musl-gcc).
 MUSL := x86_64-unknown-linux-musl
-static: deps
+static:
+	tests/setup.sh static
 	$(CARGO) build --locked --release --target $(MUSL) --bin licensor
 test-static: static
 	tests/static-binary.sh $(TARGET_DIR)/$(MUSL)/release/licensor
 
 ## The OCI image the Dockerfile describes, built with no container engine:
 ## the static binary in an OCI image layout, one tar that `ctr images import`,
-## `skopeo copy oci-archive:` and `podman load` read (docs/install.md).
+## `skopeo copy oci-archive:` and `podman load` read (README, "Install in a
+## cluster").
 IMAGE ?= ghcr.io/licensor-dev/licensor
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_LABELS = --name $(IMAGE) --version $(VERSION) \
@@ -57,10 +59,35 @@ IMAGE_LABELS = --name $(IMAGE) --version $(VERSION) \
 	  --source https://github.com/licensor-dev/licensor \
 	  --licenses $$(sed -n 's/^license = "\(.*\)"/\1/p' Cargo.toml)
 EPOCH = $$(git log -1 --format=%ct 2>/dev/null || echo 0)
+OCI_IMAGE = SOURCE_DATE_EPOCH=$(EPOCH) build/oci-image.py --dockerfile Dockerfile $(IMAGE_LABELS)
 image: static
-	SOURCE_DATE_EPOCH=$(EPOCH) build/oci-image.py --dockerfile Dockerfile \
-	  --out $(TARGET_DIR)/image/licensor.oci.tar $(IMAGE_LABELS) \
+	$(OCI_IMAGE) --out $(TARGET_DIR)/image/licensor.oci.tar \
 	  linux/amd64=$(TARGET_DIR)/$(MUSL)/release/licensor
+
+## A release in target/dist/: for x86_64 and aarch64 Linux a static binary
+## in licensor-VERSION-TARGET.tar.gz and its CycloneDX SBOM
+## (licensor-VERSION-TARGET.cdx.json), the image for both platforms as one
+## index (licensor.oci.tar), and SHA256SUMS over all of them. aarch64 is
+## built with zig as its C toolchain; build/tools.sh installs zig,
+## cargo-zigbuild and cargo-cyclonedx once. .github/workflows/release.yml
+## runs this on a tag and publishes the result.
+ARM := aarch64-unknown-linux-musl
+DIST := $(TARGET_DIR)/dist
+dist: static
+	tools=$$(build/tools.sh) && export PATH="$$tools/bin:$$PATH" && \
+	  $(CARGO) zigbuild --locked --release --target $(ARM) --bin licensor && \
+	  rm -rf $(DIST) && mkdir -p $(DIST) && \
+	  for target in $(MUSL) $(ARM); do \
+	    SOURCE_DATE_EPOCH=$(EPOCH) build/tarball.sh $(DIST)/licensor-$(VERSION)-$$target \
+	      $(TARGET_DIR)/$$target/release/licensor LICENSE README.md && \
+	    $(CARGO) cyclonedx --format json --spec-version 1.5 --target $$target \
+	      --override-filename licensor-$(VERSION)-$$target.cdx && \
+	    mv licensor-$(VERSION)-$$target.cdx.json $(DIST)/ || exit 1; \
+	  done
+	$(OCI_IMAGE) --out $(DIST)/licensor.oci.tar \
+	  linux/amd64=$(TARGET_DIR)/$(MUSL)/release/licensor \
+	  linux/arm64=$(TARGET_DIR)/$(ARM)/release/licensor
+	cd $(DIST) && sha256sum licensor-* licensor.oci.tar > SHA256SUMS
 
 ## Formatting and lints (the committed CRD is checked by a test).
 check: deps

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::chart_readme::{self, Install};
 use common::{Account, license_yaml};
 use controlplane::{ControlPlane, Operator, free_port, helm, wait_for};
 use serde::Deserialize;
@@ -375,8 +376,9 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
     ] {
         assert!(r.stdout.contains(hint), "NOTES.txt: {}", r.stdout);
     }
-    // What NOTES says to type works on the shipped image: a static binary
-    // at /licensor and no tar (so no `kubectl cp`); the fixture on stdin.
+    // What NOTES says to type suits the shipped image: a static binary at
+    // /licensor and no tar (so no `kubectl cp`); the fixture on stdin. The
+    // install test on a real node runs it (tests/chart_on_node.rs).
     let seed = r
         .stdout
         .lines()
@@ -388,26 +390,6 @@ fn install_run_as_the_service_account_upgrade_and_uninstall() {
             "kubectl -n licensor-system exec -i deploy/licensor -c operator -- /licensor "
         ) && seed.ends_with(" < account.yaml"),
         "{seed}"
-    );
-    let inside = seed
-        .split_once(" -- /licensor ")
-        .unwrap()
-        .1
-        .trim_end_matches(" < account.yaml");
-    let volume = tempfile::tempdir().unwrap();
-    let args: Vec<String> = inside
-        .split_whitespace()
-        .map(|a| a.replace("/data/", &format!("{}/", volume.path().display())))
-        .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_licensor"))
-        .args(&args)
-        .stdin(std::fs::File::open(here("examples/account.yaml")).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success()
-            && String::from_utf8_lossy(&out.stdout).contains("seeded account acme"),
-        "{seed}: {out:?}"
     );
     for object in [
         "deployment/licensor",
@@ -976,174 +958,15 @@ fn the_default_install_serves_the_plan_the_operator_then_applies() {
     assert_eq!(code, 0, "plan after the operator applied: {after}{err}");
 }
 
-/// The install the chart README's blocks are for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Install {
-    Embedded,
-    Postgres,
-    Remote,
-}
-
-/// The commands of the `sh` blocks of `markdown` (continuation lines
-/// joined), each with its line and the install its block is for: a block
-/// that names `backend.kind=postgres` or `backend.kind=remote` is that
-/// install's, any other the default's.
-fn readme_commands(markdown: &str) -> Vec<(usize, Install, String)> {
-    let mut commands = Vec::new();
-    let mut block: Option<Vec<(usize, String)>> = None;
-    for (n, line) in markdown.lines().enumerate() {
-        match &mut block {
-            None if line.trim_end() == "```sh" => block = Some(Vec::new()),
-            None => {}
-            Some(lines) if line.trim_end() == "```" => {
-                let text: String = lines.iter().map(|(_, l)| format!("{l}\n")).collect();
-                let install = if text.contains("backend.kind=postgres") {
-                    Install::Postgres
-                } else if text.contains("backend.kind=remote") {
-                    Install::Remote
-                } else {
-                    Install::Embedded
-                };
-                let mut joined: Option<(usize, String)> = None;
-                for (at, l) in lines.drain(..) {
-                    let (start, mut command) = joined.take().unwrap_or((at, String::new()));
-                    command.push_str(&l);
-                    match command.strip_suffix('\\') {
-                        Some(open) => joined = Some((start, format!("{open} "))),
-                        None => commands.push((start, install, command)),
-                    }
-                }
-                block = None;
-            }
-            Some(lines) => lines.push((n + 1, line.to_string())),
-        }
-    }
-    commands
-}
-
-/// What stands in for a pod here (no kubelet runs): `kubectl exec ... --
-/// /licensor ARGS` runs `licensor ARGS` with the pod's `/data` volume in
-/// `$VOLUME`, and `kubectl port-forward` (always sent to the background)
-/// serves that volume with `licensor serve` on the forwarded local port,
-/// as the chart's `platform` container serves it behind the Service.
-const POD_SHIM: &str = r#"
-kubectl() {
-  local i
-  for ((i = 1; i <= $#; i++)); do
-    case "${!i}" in
-      exec)
-        shift "$i"
-        while [ "$#" -gt 0 ] && [ "$1" != -- ]; do shift; done
-        shift
-        [ "$1" = /licensor ] || { echo "not in the image: $1" >&2; return 127; }
-        shift
-        licensor "${@//\/data\//$VOLUME/}"
-        return;;
-      port-forward)
-        [ "$BASHPID" != "$$" ] || { echo "port-forward in the foreground" >&2; return 1; }
-        local to="${@: -1}"
-        exec licensor --backend "sqlite:$VOLUME/licensor.db" serve --listen "127.0.0.1:${to%%:*}";;
-    esac
-  done
-  command kubectl "$@"
-}
-"#;
-
-/// The chart README's `sh` blocks run as written: each install it offers
-/// on a fresh control plane, with that install's blocks in the README's
-/// order in one shell, from a directory holding what the README assumes the
-/// reader has (`account.yaml`, `ca.crt`, `ci.token`, `licenses/`), and what
-/// needs a pod done as the pod would do it ([`POD_SHIM`]). Every command
-/// exits 0, except `licensor plan`, which exits 2 (changes to make).
+/// The chart README's PostgreSQL and remote installs, run as written
+/// (`common::chart_readme`), each on a fresh control plane; the embedded
+/// install runs on a real node (tests/chart_on_node.rs).
 #[test]
 fn the_chart_readme_runs_on_the_control_plane() {
-    let page = "charts/licensor/README.md";
-    let commands = readme_commands(&std::fs::read_to_string(here(page)).unwrap());
-    for install in [Install::Embedded, Install::Postgres, Install::Remote] {
-        let mine: Vec<&(usize, Install, String)> =
-            commands.iter().filter(|(_, i, _)| *i == install).collect();
-        assert!(
-            mine.iter().any(|(_, _, c)| c.starts_with("helm install")),
-            "{page}: no helm install for {install:?}"
-        );
+    for install in [Install::Postgres, Install::Remote] {
         let cp = ControlPlane::start_without_crds();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for (name, target) in [
-            ("charts", here("charts")),
-            ("account.yaml", here("examples/account.yaml")),
-            ("licenses", here("examples/licenses")),
-        ] {
-            std::os::unix::fs::symlink(target, d.join(name)).unwrap();
-        }
-        let ca = rcgen::generate_simple_self_signed(vec!["db.example".into()]).unwrap();
-        std::fs::write(d.join("ca.crt"), ca.cert.pem()).unwrap();
-        if install == Install::Remote {
-            std::fs::write(d.join("ci.token"), "lsr_a_token_from_the_platform\n").unwrap();
-        }
-        std::fs::create_dir(d.join("pod-data")).unwrap();
-        let mut script = POD_SHIM.to_string();
-        for (line, _, command) in &mine {
-            script.push_str(&format!("{command}\necho \"@@ {line} $?\"\n"));
-        }
-        script.push_str("kill $(jobs -p) 2>/dev/null; wait\n");
-        let path = format!(
-            "{}:{}:{}:{}",
-            Path::new(env!("CARGO_BIN_EXE_licensor"))
-                .parent()
-                .unwrap()
-                .display(),
-            cp.bin.display(),
-            helm().parent().unwrap().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(&script)
-            .current_dir(d)
-            .env("PATH", path)
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .env("VOLUME", d.join("pod-data"))
-            .env("HELM_CACHE_HOME", cp.dir.path().join("helm/cache"))
-            .env("HELM_CONFIG_HOME", cp.dir.path().join("helm/config"))
-            .env("HELM_DATA_HOME", cp.dir.path().join("helm/data"))
-            .env_remove("LICENSOR_BACKEND")
-            .env_remove("LICENSOR_TOKEN")
-            .output()
-            .unwrap();
-        let printed = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let codes: Vec<(usize, i32)> = printed
-            .lines()
-            .filter_map(|l| {
-                let (line, code) = l.strip_prefix("@@ ")?.split_once(' ')?;
-                Some((line.parse().ok()?, code.parse().ok()?))
-            })
-            .collect();
-        assert_eq!(
-            codes.len(),
-            mine.len(),
-            "{install:?}: not every command ran:\n{printed}"
-        );
-        for ((line, code), (_, _, command)) in codes.iter().zip(&mine) {
-            let expected = if command.contains("licensor plan") {
-                2
-            } else {
-                0
-            };
-            assert_eq!(
-                *code, expected,
-                "{page}:{line}: `{command}` exited {code}:\n{printed}"
-            );
-        }
-        if install == Install::Embedded {
-            assert!(
-                printed.contains("Plan against http://127.0.0.1:8081 (account acme): 4 to change"),
-                "the plan through the forwarded platform API:\n{printed}"
-            );
-        }
+        let dir = chart_readme::reader_dir(install);
+        let shell = cp.shell(dir.path());
+        chart_readme::run(install, shell, String::new);
     }
 }

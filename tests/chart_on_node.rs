@@ -1,9 +1,13 @@
-//! The chart on a real node: `make image`'s image imported into containerd,
-//! `helm install` with the chart's defaults, the pod's containers Ready by
-//! their own probes, the examples Ready through the pod, the webhooks
-//! answered through their Service, the commands NOTES prints run as printed,
-//! the platform API through `kubectl port-forward`, and `helm uninstall`
-//! leaving the claim. Needs root and the node's parts (tests/node/mod.rs).
+//! The chart on a real node: `make image`'s image imported into containerd;
+//! the chart README's embedded install run as written (`helm install` with
+//! the chart's defaults, the rollout, seeding through `kubectl exec`, a
+//! token from the platform container, a plan through `kubectl
+//! port-forward`); the pod's containers Ready by their own probes; the
+//! commands NOTES prints run as printed; the examples Ready through the
+//! pod; the webhooks answered through their Service; `helm upgrade` to two
+//! replicas on PostgreSQL with the leader's pod deleted; and `helm
+//! uninstall` leaving the claim. Needs root and the node's parts
+//! (tests/node/mod.rs).
 
 mod common;
 mod controlplane;
@@ -13,11 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::chart_readme::{self, Install};
 use common::{Account, license_yaml};
 use controlplane::wait_for;
 use node::Node;
 
 const SOON: Duration = Duration::from_secs(120);
+/// The namespace the chart README installs into.
+const NS: &str = "licensor-system";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,40 +43,10 @@ fn image() -> PathBuf {
     path
 }
 
-/// A directory with a `kubectl` that talks to this cluster, for running
-/// the commands NOTES prints exactly as printed.
-fn kubectl_on_path(node: &Node) -> String {
-    let bin = node.dir.path().join("path");
-    std::fs::create_dir_all(&bin).unwrap();
-    let script = bin.join("kubectl");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nexec {} --kubeconfig {} \"$@\"\n",
-            node.cp.bin.join("kubectl").display(),
-            node.cp.kubeconfig.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
-/// Runs one line of NOTES with bash in `dir`; its stdout, or the node's
-/// account of its pods.
-fn run_as_printed(node: &Node, line: &str, path: &str, dir: &Path) -> String {
-    let out = Command::new("bash")
-        .args(["-c", line])
-        .env("PATH", path)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+/// Runs one line NOTES printed, as printed, with bash in `dir`; its
+/// stdout, or the node's account of its pods.
+fn run_as_printed(node: &Node, line: &str, dir: &Path) -> String {
+    let out = node.cp.shell(dir).args(["-c", line]).output().unwrap();
     assert!(
         out.status.success(),
         "{line}: {}\n{}\n{}",
@@ -91,25 +68,28 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     let cp = &node.cp;
     let volume = node.persistent_volume("licensor-data", "1Gi");
 
-    // The chart's defaults: the embedded store on a claim, the image the
-    // chart names (imported above, so never pulled).
-    let chart = repo().join("charts/licensor");
-    let install = cp.helm(&[
-        "install",
-        "licensor",
-        chart.to_str().unwrap(),
-        "-n",
-        "licensor",
-        "--create-namespace",
-    ]);
-    assert_eq!(install.code, 0, "{install:?}");
-    let notes = install.stdout;
+    // The chart README's embedded install, as written: `helm install` with
+    // the defaults (the embedded store on a claim, the image the chart
+    // names, imported above, so never pulled), the rollout, the account
+    // seeded through the operator's container, a Viewer token from the
+    // platform container, and a plan through `kubectl port-forward`.
+    let reader = chart_readme::reader_dir(Install::Embedded);
+    let notes = chart_readme::run(Install::Embedded, cp.shell(reader.path()), || {
+        node.diagnose()
+    });
+    eprintln!("{notes}");
+    assert!(
+        notes.contains("Plan against http://127.0.0.1:8081 (account acme): 4 to change"),
+        "the plan through the forwarded platform API:\n{notes}"
+    );
+    let token = std::fs::read_to_string(reader.path().join("ci.token")).unwrap();
+    assert!(token.starts_with("lsr_"), "ci.token: {token}");
 
-    let path = kubectl_on_path(&node);
+    // Then what NOTES (printed by that `helm install`) says to do.
     let printed: Vec<&str> = notes
         .lines()
         .map(str::trim)
-        .filter(|l| l.starts_with("kubectl -n licensor"))
+        .filter(|l| l.starts_with("kubectl -n licensor-system"))
         .collect();
     let step = |what: &str| -> &str {
         printed
@@ -121,14 +101,13 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     run_as_printed(
         &node,
         &format!("timeout 180 {}", step("rollout status")),
-        &path,
         repo(),
     );
     let pod = cp.json(&[
         "get",
         "pods",
         "-n",
-        "licensor",
+        NS,
         "-l",
         "app.kubernetes.io/instance=licensor",
     ]);
@@ -147,20 +126,13 @@ fn the_chart_installs_and_runs_on_a_real_node() {
         .collect();
     names.sort();
     assert_eq!(names, ["operator", "platform"], "{pod}");
-    let logs = cp.ok(&[
-        "logs",
-        "-n",
-        "licensor",
-        "deploy/licensor",
-        "-c",
-        "operator",
-    ]);
+    let logs = cp.ok(&["logs", "-n", NS, "deploy/licensor", "-c", "operator"]);
     eprintln!("the operator's log, from inside the pod:\n{logs}");
     assert!(logs.contains("\"leading\""), "{logs}");
     assert!(logs.contains("sqlite:/data/licensor.db"), "{logs}");
 
     // 2. Seed the store, as printed, from the examples' directory.
-    let seeded = run_as_printed(&node, step("backend seed"), &path, &repo().join("examples"));
+    let seeded = run_as_printed(&node, step("backend seed"), &repo().join("examples"));
     assert!(seeded.contains("seeded account acme"), "{seeded}");
     // The store is on the volume the test provided, owned by the pod's user.
     let db = volume.join("licensor.db");
@@ -211,7 +183,7 @@ fn the_chart_installs_and_runs_on_a_real_node() {
 
     // 4. A token for CI, as printed, then the platform API through a port
     // forward to the pod's platform container.
-    let token = run_as_printed(&node, step("token create"), &path, repo());
+    let token = run_as_printed(&node, step("token create"), repo());
     let token = token.trim().to_string();
     assert!(token.starts_with("lsr_"), "not a token: {token}");
     let port = common::free_port();
@@ -221,7 +193,7 @@ fn the_chart_installs_and_runs_on_a_real_node() {
         .args([
             "port-forward",
             "-n",
-            "licensor",
+            NS,
             "svc/licensor-platform",
             &format!("{port}:80"),
         ])
@@ -249,18 +221,16 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     upgrade_to_postgres_and_lose_the_leader(&node);
 
     // Uninstalled: the claim, and the store on it, stay.
-    let r = cp.helm(&["uninstall", "licensor", "-n", "licensor", "--wait"]);
+    let r = cp.helm(&["uninstall", "licensor", "-n", NS, "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let claim = cp.json(&["get", "pvc", "licensor", "-n", "licensor"]);
+    let claim = cp.json(&["get", "pvc", "licensor", "-n", NS]);
     assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
     assert!(db.exists());
 }
 
 /// Who holds the operator's Lease (the chart names it after the release).
 fn leader(node: &Node) -> String {
-    let lease = node
-        .cp
-        .json(&["get", "lease", "licensor", "-n", "licensor"]);
+    let lease = node.cp.json(&["get", "lease", "licensor", "-n", NS]);
     lease["spec"]["holderIdentity"]
         .as_str()
         .unwrap_or_default()
@@ -286,7 +256,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
     );
     cp.ok(&[
         "-n",
-        "licensor",
+        NS,
         "create",
         "secret",
         "generic",
@@ -295,7 +265,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
     ]);
     cp.ok(&[
         "-n",
-        "licensor",
+        NS,
         "create",
         "secret",
         "generic",
@@ -325,7 +295,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
         "licensor",
         chart.to_str().unwrap(),
         "-n",
-        "licensor",
+        NS,
         "--set",
         "backend.kind=postgres",
         "--set",
@@ -342,7 +312,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
     assert_eq!(r.code, 0, "{r:?}");
     let r = cp.kubectl(&[
         "-n",
-        "licensor",
+        NS,
         "rollout",
         "status",
         "deployment/licensor",
@@ -374,7 +344,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
         Some(leader(node)).filter(|l| !l.is_empty())
     });
     eprintln!("leader on PostgreSQL: {first}");
-    cp.ok(&["delete", "pod", "-n", "licensor", &first, "--wait=false"]);
+    cp.ok(&["delete", "pod", "-n", NS, &first, "--wait=false"]);
     let second = node.wait_for("the standby leading", SOON, || {
         Some(leader(node)).filter(|l| !l.is_empty() && *l != first)
     });
@@ -395,105 +365,7 @@ fn upgrade_to_postgres_and_lose_the_leader(node: &Node) {
     ]);
     node.wait_for("the change written by the new leader", SOON, || managed(12));
     node.wait_for("the new leader's log saying so", SOON, || {
-        let r = cp.kubectl(&["logs", "-n", "licensor", &second, "-c", "operator"]);
+        let r = cp.kubectl(&["logs", "-n", NS, &second, "-c", "operator"]);
         r.stdout.contains("\"leading\"").then_some(())
     });
-}
-
-/// One member of the image archive, read with tar.
-fn member(archive: &Path, name: &str) -> serde_json::Value {
-    let out = Command::new("tar")
-        .arg("-xOf")
-        .arg(archive)
-        .arg(name)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn blob(archive: &Path, digest: &serde_json::Value) -> serde_json::Value {
-    let digest = digest.as_str().unwrap().strip_prefix("sha256:").unwrap();
-    member(archive, &format!("blobs/sha256/{digest}"))
-}
-
-#[test]
-fn the_image_is_the_one_the_dockerfile_describes() {
-    let archive = image();
-    // The Dockerfile's last stage, read here on its own.
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
-    let stage = dockerfile.rsplit("\nFROM ").next().unwrap();
-    let say = |keyword: &str| -> Vec<String> {
-        stage
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("{keyword} ")))
-            .map(str::to_string)
-            .collect()
-    };
-    assert!(stage.starts_with("scratch"), "{stage}");
-
-    // Named as the chart's defaults name the image they run.
-    let read = |path: &str| -> serde_json::Value {
-        serde_yaml::from_str(&std::fs::read_to_string(repo().join(path)).unwrap()).unwrap()
-    };
-    let (values, chart) = (
-        read("charts/licensor/values.yaml"),
-        read("charts/licensor/Chart.yaml"),
-    );
-    let pulled = format!(
-        "{}:{}",
-        values["image"]["repository"].as_str().unwrap(),
-        chart["appVersion"].as_str().unwrap()
-    );
-    let index = member(&archive, "index.json");
-    let nested = blob(&archive, &index["manifests"][0]["digest"]);
-    assert_eq!(
-        index["manifests"][0]["annotations"]["io.containerd.image.name"],
-        pulled.as_str()
-    );
-    let manifests = nested["manifests"].as_array().unwrap();
-    assert!(!manifests.is_empty());
-    for m in manifests {
-        let manifest = blob(&archive, &m["digest"]);
-        let config = blob(&archive, &manifest["config"]["digest"]);
-        let c = &config["config"];
-        assert_eq!(c["User"], say("USER")[0], "{config}");
-        let ports: Vec<String> = say("EXPOSE").iter().map(|p| format!("{p}/tcp")).collect();
-        let exposed: Vec<String> = c["ExposedPorts"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(exposed, ports);
-        let exec = |k: &str| serde_json::from_str::<serde_json::Value>(&say(k)[0]).unwrap();
-        assert_eq!(c["Entrypoint"], exec("ENTRYPOINT"));
-        assert_eq!(c["Cmd"], exec("CMD"));
-        for label in ["source", "version", "revision", "licenses"] {
-            let value = &c["Labels"][format!("org.opencontainers.image.{label}")];
-            assert!(
-                value.as_str().is_some_and(|v| !v.is_empty()),
-                "{label}: {config}"
-            );
-        }
-        assert_eq!(
-            c["Labels"]["org.opencontainers.image.version"],
-            env!("CARGO_PKG_VERSION")
-        );
-        assert_eq!(
-            c["Labels"]["org.opencontainers.image.licenses"],
-            env!("CARGO_PKG_LICENSE")
-        );
-        assert_eq!(config["os"], "linux");
-        assert_eq!(m["platform"]["architecture"], config["architecture"]);
-        assert_eq!(
-            manifest["layers"].as_array().unwrap().len(),
-            1,
-            "one layer: the binary"
-        );
-    }
 }

@@ -1,7 +1,7 @@
 //! How outside tools read the operator's statuses, for an object in every
 //! state: kstatus itself (`sigs.k8s.io/cli-utils`' `status.Compute`, as
 //! Flux health checks and kpt use it; a Go program built from pinned
-//! modules by `tests/kstatus/build.sh`), the Argo CD health check
+//! modules by `tests/go-tool.sh tests/kstatus`), the Argo CD health check
 //! (`examples/gitops/argocd-health.lua` in Lua 5.1, as Argo CD runs it),
 //! and `kubectl wait --for=condition=Ready` (which waits for that
 //! condition's status to be True). The statuses are the operator's own,
@@ -24,12 +24,10 @@ fn judge() -> String {
     if let Ok(path) = std::env::var("LICENSOR_TEST_KSTATUS") {
         return path;
     }
-    let out = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/kstatus/build.sh"
-    ))
-    .output()
-    .expect("run tests/kstatus/build.sh");
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/go-tool.sh"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kstatus"))
+        .output()
+        .expect("run tests/go-tool.sh");
     assert!(
         out.status.success(),
         "building the kstatus judge: {}",

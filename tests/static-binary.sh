@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks the static (musl) binary the Dockerfile ships: it is statically
 # linked, runs with no libraries around it, and does a real job on the
-# embedded store.
+# embedded store. LICENSOR_RUN_WITH names what runs a binary built for
+# another machine (qemu-aarch64 for the aarch64 release binary).
+#   static-binary.sh BINARY
 set -euo pipefail
 bin=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,8 +15,10 @@ esac
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
+emulator=()
+[ -z "${LICENSOR_RUN_WITH:-}" ] || emulator=("$(command -v "$LICENSOR_RUN_WITH")")
 # An empty environment, as in the scratch image.
-run() { env -i "$bin" --backend "sqlite:$work/licensor.db" "$@"; }
+run() { env -i "${emulator[@]}" "$bin" --backend "sqlite:$work/licensor.db" "$@"; }
 run --version
 run backend seed -f "$here/examples/account.yaml" >/dev/null
 set +e

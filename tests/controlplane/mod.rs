@@ -296,13 +296,11 @@ current-context: test
 
     /// Runs helm (built beside kubectl) against this control plane.
     pub fn helm(&self, args: &[&str]) -> Kubectl {
-        let out = Command::new(helm())
+        let out = self
+            .helm_homes(&mut Command::new(helm()))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
-            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
-            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
             .output()
             .expect("run helm");
         Kubectl {
@@ -310,6 +308,38 @@ current-context: test
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Helm's own directories for this control plane, so no test reads or
+    /// writes the machine's.
+    fn helm_homes<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        command
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
+    }
+
+    /// A bash, in `dir`, whose `licensor`, `kubectl` and `helm` are this
+    /// build's and talk to this control plane, for running documented
+    /// commands as a reader types them.
+    pub fn shell(&self, dir: &Path) -> Command {
+        let path = format!(
+            "{}:{}:{}:{}",
+            Path::new(env!("CARGO_BIN_EXE_licensor"))
+                .parent()
+                .unwrap()
+                .display(),
+            self.bin.display(),
+            helm().parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut shell = Command::new("bash");
+        self.helm_homes(&mut shell)
+            .current_dir(dir)
+            .env("PATH", path)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null());
+        shell
     }
 
     /// Runs kubectl and asserts success.

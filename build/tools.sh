@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs, once, the tools `make dist` needs beyond Rust and Python, into a
+# cache keyed by the pins below, and prints the directory whose bin/ goes on
+# PATH:
+#   zig (PyPI's ziglang), the C compiler and linker for aarch64 musl, for
+#     SQLite and ring's C and assembly;
+#   cargo-zigbuild, which builds a Rust target with zig as its C toolchain;
+#   cargo-cyclonedx, which writes the CycloneDX SBOM from Cargo's own graph.
+# Also adds the aarch64 musl target to the Rust toolchain.
+set -euo pipefail
+ZIG=0.17.1
+ZIGBUILD=0.24.1
+CYCLONEDX=0.5.9
+TARGET=aarch64-unknown-linux-musl
+
+key=$( (cat "$0"; echo "$ZIG $ZIGBUILD $CYCLONEDX") | sha256sum | cut -c1-16)
+out=${XDG_CACHE_HOME:-$HOME/.cache}/licensor/build-tools/$key
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+  rustup target add "$TARGET" >&2
+fi
+if [ -e "$out/.complete" ]; then
+  echo "$out"
+  exit 0
+fi
+echo "installing the release tools into $out (first run only)" >&2
+# A virtualenv records its own path, so it is built where it will live; a
+# half-built one (no .complete) is started again.
+rm -rf "$out"
+mkdir -p "$out/bin"
+python3 -m venv "$out/venv" >&2
+"$out/venv/bin/pip" install --quiet --disable-pip-version-check --no-input "ziglang==$ZIG" >&2
+printf '#!/bin/sh\nexec "%s" -m ziglang "$@"\n' "$out/venv/bin/python" > "$out/bin/zig"
+chmod +x "$out/bin/zig"
+# Both at once, each in a root of its own (one root's record is not shared).
+crate() {
+  cargo install --quiet --locked --root "$out/$1" --version "$2" "$1" >&2
+  ln -s "../$1/bin/$1" "$out/bin/$1"
+}
+crate cargo-zigbuild "$ZIGBUILD" &
+zigbuild=$!
+crate cargo-cyclonedx "$CYCLONEDX"
+wait "$zigbuild"
+[ "$("$out/bin/zig" version)" = "$ZIG" ] || { echo "tools.sh: zig did not install" >&2; exit 1; }
+touch "$out/.complete"
+echo "$out"
