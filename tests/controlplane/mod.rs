@@ -24,7 +24,8 @@ pub enum Serving {
     /// On the host's address on a node's pod network (tests/node), so pods
     /// reach it through the `kubernetes` Service; pods get service account
     /// tokens, the kubelet is authorized as a node, and the API server
-    /// calls webhooks and kubelets at their pods' and node's addresses.
+    /// calls webhooks at their Service's ClusterIP (kube-proxy's rules take
+    /// it to the pod) and kubelets at the node's address.
     Node { address: std::net::Ipv4Addr },
 }
 
@@ -58,7 +59,6 @@ impl Serving {
             Serving::Node { .. } => &[
                 "--authorization-mode=Node,RBAC",
                 "--service-cluster-ip-range=10.96.0.0/24",
-                "--enable-aggregator-routing=true",
                 "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=false",
             ],
