@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Account, DOCUMENTED, license_yaml, only_change};
+use common::{Account, DOCUMENTED, Kind, license_yaml, only_change};
 
 #[test]
 fn plan_exit_codes_are_0_unchanged_2_changes_1_refused() {
@@ -887,5 +887,106 @@ fn every_output_format_offered_is_the_one_printed() {
         let run = acct.run(args);
         assert_eq!(run.code, 0, "{run:?}");
         run.json();
+    }
+}
+
+/// `licensor token create | list | revoke` on both databases: a name is
+/// unique in its account (a second create is refused and writes nothing),
+/// `--expires` is shown, `list` never prints a token or a hash, and a
+/// revoke of a name that is gone says so; each exits 0 or 1.
+#[test]
+fn tokens_are_created_once_listed_and_revoked() {
+    for kind in [Kind::Embedded, Kind::Postgres] {
+        let acct = Account::seeded_on(kind, DOCUMENTED);
+        let token = |args: &[&str]| acct.run_local(&[&["token"][..], args].concat());
+        let none = token(&["list"]);
+        assert_eq!(
+            (none.code, none.stdout.as_str()),
+            (
+                0,
+                "account acme has no tokens; `licensor token create --role Viewer --name NAME` makes one\n"
+            ),
+            "{kind:?}: {none:?}"
+        );
+        let ci = token(&["create", "--role", "Viewer", "--name", "ci"]);
+        assert_eq!(ci.code, 0, "{ci:?}");
+        let secret = ci.stdout.trim();
+        assert!(secret.starts_with("lsr_") && secret.len() == 52, "{secret}");
+        let alice = token(&[
+            "create",
+            "--role",
+            "AccountAdmin",
+            "--name",
+            "alice",
+            "--expires",
+            "90d",
+        ]);
+        assert_eq!(alice.code, 0, "{alice:?}");
+
+        let before = acct.rows();
+        let again = token(&["create", "--role", "AccountAdmin", "--name", "ci"]);
+        assert_eq!(again.code, 1, "{again:?}");
+        assert_eq!(
+            again.stderr,
+            "error: a token named \"ci\" exists in account acme; revoke it first or choose another name\n"
+        );
+        let bad = token(&[
+            "create",
+            "--role",
+            "Viewer",
+            "--name",
+            "x",
+            "--expires",
+            "soon",
+        ]);
+        assert_eq!(bad.code, 1, "{bad:?}");
+        assert!(bad.stderr.contains("--expires"), "{bad:?}");
+        assert_eq!(acct.rows(), before, "a refused create wrote");
+
+        let list = token(&["list"]);
+        assert_eq!(list.code, 0, "{list:?}");
+        let lines: Vec<Vec<&str>> = list
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            ["NAME", "ROLE", "CREATED", "EXPIRES", "LAST", "USED"]
+        );
+        assert_eq!((lines[1][0], lines[1][1]), ("alice", "AccountAdmin"));
+        assert!(
+            lines[1][3].starts_with('2') && lines[1][4] == "never",
+            "{list:?}"
+        );
+        assert_eq!(
+            (lines[2][0], lines[2][1], lines[2][3]),
+            ("ci", "Viewer", "never")
+        );
+        assert_eq!(lines.len(), 3, "{list:?}");
+        let json = token(&["list", "-o", "json"]);
+        assert_eq!(json.code, 0, "{json:?}");
+        let listed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+        assert_eq!(listed[1]["name"], "ci");
+        assert_eq!(listed[1]["lastUsed"], serde_json::Value::Null);
+        for out in [&list.stdout, &json.stdout] {
+            assert!(!out.contains("lsr_") && !out.contains("hash"), "{out}");
+        }
+
+        let revoke = token(&["revoke", "--name", "ci"]);
+        assert_eq!(revoke.code, 0, "{revoke:?}");
+        let gone = token(&["revoke", "--name", "ci"]);
+        assert_eq!(gone.code, 1, "{gone:?}");
+        assert_eq!(
+            gone.stderr,
+            "error: no token named \"ci\" in account acme; `licensor token list` shows them\n"
+        );
+        let names: Vec<String> = token(&["list"])
+            .stdout
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["alice"], "{kind:?}");
     }
 }

@@ -764,19 +764,25 @@ async fn managed_allocations_and_forms_without_csrf_are_refused(store: Kind) {
     c.close().await.unwrap();
 }
 
-/// A session lives in the store: one replica signs in, another serves the
-/// page to that cookie, and a sign-out at either ends it at both.
-#[tokio::test]
-async fn sessions_are_the_stores_not_a_replicas() {
-    let account = Account::seeded_on(Kind::Postgres, FIXTURE);
-    let served = served(Kind::Postgres, account, 2);
-    let admin = served.account.token("AccountAdmin", "alice");
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    // The sign-in form's secret, from its cookie and its hidden field.
-    let form = http.get(&served.urls[0]).send().await.unwrap();
+/// The value of the first hidden `csrf` field of a page.
+fn csrf_field(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no csrf field: {html}"))
+        .to_string()
+}
+
+/// Signs in at `url` with `token` as a browser does (the sign-in form's
+/// cookie and hidden field, then the form, with the browser's session
+/// cookie if it holds one); the new session cookie (`licensor_session=...`).
+async fn sign_in_over_http(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    holding: Option<&str>,
+) -> String {
+    let form = http.get(url).send().await.unwrap();
     let sign_in_cookie = form.headers()["set-cookie"]
         .to_str()
         .unwrap()
@@ -784,22 +790,20 @@ async fn sessions_are_the_stores_not_a_replicas() {
         .next()
         .unwrap()
         .to_string();
-    let html = form.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = csrf_field(&form.text().await.unwrap());
+    let cookies = match holding {
+        Some(session) => format!("{sign_in_cookie}; {session}"),
+        None => sign_in_cookie,
+    };
     let signed_in = http
-        .post(format!("{}/sign-in", served.urls[0]))
-        .header("cookie", &sign_in_cookie)
-        .form(&[("token", admin.as_str()), ("csrf", csrf.as_str())])
+        .post(format!("{url}/sign-in"))
+        .header("cookie", cookies)
+        .form(&[("token", token), ("csrf", csrf.as_str())])
         .send()
         .await
         .unwrap();
     assert_eq!(signed_in.status(), 303);
-    let session = signed_in
+    signed_in
         .headers()
         .get_all("set-cookie")
         .iter()
@@ -809,28 +813,40 @@ async fn sessions_are_the_stores_not_a_replicas() {
         .split(';')
         .next()
         .unwrap()
-        .to_string();
-    let page = |url: String| {
-        let (http, session) = (http.clone(), session.clone());
-        async move {
-            http.get(url)
-                .header("cookie", session)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        }
-    };
-    let other = page(served.urls[1].clone()).await;
-    assert!(other.contains("<h1>Account acme</h1>"), "{other}");
-    let csrf = other
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
+        .to_string()
+}
+
+/// The page at `url` as the browser holding `session` sees it.
+async fn page_of(http: &reqwest::Client, url: &str, session: &str) -> String {
+    http.get(url)
+        .header("cookie", session)
+        .send()
+        .await
         .unwrap()
-        .to_string();
+        .text()
+        .await
+        .unwrap()
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A session lives in the store: one replica signs in, another serves the
+/// page to that cookie, and a sign-out at either ends it at both.
+#[tokio::test]
+async fn sessions_are_the_stores_not_a_replicas() {
+    let account = Account::seeded_on(Kind::Postgres, FIXTURE);
+    let served = served(Kind::Postgres, account, 2);
+    let admin = served.account.token("AccountAdmin", "alice");
+    let http = no_redirects();
+    let session = sign_in_over_http(&http, &served.urls[0], &admin, None).await;
+    let other = page_of(&http, &served.urls[1], &session).await;
+    assert!(other.contains("<h1>Account acme</h1>"), "{other}");
+    let csrf = csrf_field(&other);
     let out = http
         .post(format!("{}/sign-out", served.urls[1]))
         .header("cookie", &session)
@@ -840,8 +856,112 @@ async fn sessions_are_the_stores_not_a_replicas() {
         .unwrap();
     assert_eq!(out.status(), 303);
     for url in &served.urls {
-        let after = page(url.clone()).await;
+        let after = page_of(&http, url, &session).await;
         assert!(after.contains("<h1>Sign in</h1>"), "{url}: {after}");
+    }
+}
+
+/// A token revoked with `licensor token revoke` is refused by both
+/// replicas at their next request, on the API and the page: its page
+/// sessions end, and another token's do not. An expired token is refused
+/// the same way. Signing in again ends the browser's previous session.
+#[tokio::test]
+async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
+    let account = Account::seeded_on(Kind::Postgres, FIXTURE);
+    let served = served(Kind::Postgres, account, 2);
+    let laptop = served.account.token("AccountAdmin", "laptop");
+    let other = served.account.token("Viewer", "dashboard");
+    let http = no_redirects();
+    let api = async |url: &str, token: &str| {
+        http.get(format!("{url}/v1/accounts/acme"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    };
+    let lost = sign_in_over_http(&http, &served.urls[0], &laptop, None).await;
+    let kept = sign_in_over_http(&http, &served.urls[1], &other, None).await;
+    for url in &served.urls {
+        assert_eq!(api(url, &laptop).await.status(), 200);
+        assert!(
+            page_of(&http, url, &lost)
+                .await
+                .contains("<h1>Account acme</h1>")
+        );
+    }
+
+    let run = served
+        .account
+        .run_local(&["token", "revoke", "--name", "laptop"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.stdout,
+        "revoked token \"laptop\" of account acme: refused from now on, its page sessions ended\n"
+    );
+    for url in &served.urls {
+        let answer = api(url, &laptop).await;
+        assert_eq!(answer.status(), 401, "{url}");
+        let page = page_of(&http, url, &lost).await;
+        assert!(page.contains("<h1>Sign in</h1>"), "{url}: {page}");
+        assert!(
+            page_of(&http, url, &kept)
+                .await
+                .contains("<h1>Account acme</h1>")
+        );
+    }
+    // The edit form of the ended session is refused, and nothing is written.
+    let before = served.account.rows();
+    let post = http
+        .post(format!("{}/allocations/edit", served.urls[1]))
+        .header("cookie", &lost)
+        .form(&[
+            ("csrf", "0"),
+            ("organization", "qa-team"),
+            ("product", "TestOps"),
+            ("count", "9"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(post.status().is_client_error(), "{}", post.status());
+    assert_eq!(served.account.rows(), before);
+
+    // Expired: refused at once on both.
+    let run = served.account.run_local(&[
+        "token",
+        "create",
+        "--role",
+        "Viewer",
+        "--name",
+        "brief",
+        "--expires",
+        "2s",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let brief = run.stdout.trim().to_string();
+    assert_eq!(api(&served.urls[0], &brief).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    for url in &served.urls {
+        let answer = api(url, &brief).await;
+        assert_eq!(answer.status(), 401);
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("the token expired at"), "{body}");
+    }
+
+    // Signing in again ends the browser's previous session.
+    let again = sign_in_over_http(&http, &served.urls[0], &other, Some(&kept)).await;
+    assert_ne!(again, kept);
+    for url in &served.urls {
+        assert!(
+            page_of(&http, url, &kept)
+                .await
+                .contains("<h1>Sign in</h1>")
+        );
+        assert!(
+            page_of(&http, url, &again)
+                .await
+                .contains("<h1>Account acme</h1>")
+        );
     }
 }
 

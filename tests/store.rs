@@ -17,6 +17,7 @@ on_every_store!(
     idempotency_keys_are_kept_a_day_then_forgotten,
     observing_one_allocation_reads_its_pool_organization_and_row,
     snapshots_read_one_moment_while_another_handle_writes,
+    tokens_expire_are_revoked_and_end_their_sessions,
 );
 
 fn seeded(kind: Kind) -> (Place, Store) {
@@ -292,7 +293,10 @@ fn a_store_from_before_deletion_policies_migrates_with_revoke() {
     use licensor::domain::DeletionPolicy;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
-    let before = MIGRATIONS.len() - 1;
+    let before = MIGRATIONS
+        .iter()
+        .position(|m| *m == licensor::backend::store::migrations::DELETION_POLICY)
+        .unwrap();
     {
         let c = rusqlite::Connection::open(&path).unwrap();
         for sql in &MIGRATIONS[..before] {
@@ -343,9 +347,11 @@ fn a_store_from_before_deletion_policies_migrates_with_revoke() {
 fn a_stored_role_this_licensor_does_not_know_is_a_damaged_store() {
     use licensor::domain::Role;
     let (place, store) = seeded(Kind::Embedded);
-    let token = store.create_token("acme", Role::Viewer, "ci").unwrap();
+    let token = store
+        .create_token("acme", Role::Viewer, "ci", None, "local")
+        .unwrap();
     let (cookie, _) = store
-        .open_session(&token, chrono::TimeDelta::hours(1))
+        .open_session(&token, chrono::TimeDelta::hours(1), None)
         .unwrap();
     assert_eq!(
         store.authenticate("acme", &token).unwrap().role,
@@ -363,4 +369,124 @@ fn a_stored_role_this_licensor_does_not_know_is_a_damaged_store() {
             "{err:?}"
         );
     }
+}
+
+/// Tokens with a lifecycle (DESIGN §10): a name unique in its account, an
+/// expiry, the last use noted; revoking or expiring one refuses it at once
+/// and ends the page sessions opened with it; signing in again ends the
+/// browser's previous session; each step audited, naming the token.
+fn tokens_expire_are_revoked_and_end_their_sessions(kind: Kind) {
+    use licensor::api::AuditAction;
+    use licensor::backend::store::TokenError;
+    use licensor::domain::Role;
+    use std::time::Duration;
+    let (_place, store) = seeded(kind);
+    let hour = chrono::TimeDelta::hours(1);
+    let audit_before = store.audit("acme").unwrap().len();
+    let ci = store
+        .create_token("acme", Role::Viewer, "ci", None, "local")
+        .unwrap();
+    let admin = store
+        .create_token(
+            "acme",
+            Role::AccountAdmin,
+            "alice",
+            Some(Duration::from_secs(3600)),
+            "local",
+        )
+        .unwrap();
+    let brief = store
+        .create_token(
+            "acme",
+            Role::Viewer,
+            "brief",
+            Some(Duration::from_millis(700)),
+            "local",
+        )
+        .unwrap();
+
+    // A name is unique in its account; the refused create writes nothing.
+    let listed = store.list_tokens("acme").unwrap();
+    let err = store
+        .create_token("acme", Role::AccountAdmin, "ci", None, "local")
+        .unwrap_err();
+    assert!(matches!(err, TokenError::NameTaken { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("a token named \"ci\" exists in account acme"),
+        "{err}"
+    );
+    assert_eq!(store.list_tokens("acme").unwrap(), listed);
+    let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["alice", "brief", "ci"]);
+    assert!(listed[0].expires.is_some() && listed[2].expires.is_none());
+    assert!(listed.iter().all(|t| t.last_used.is_none()));
+
+    // Used: the last use is noted, once.
+    assert_eq!(store.authenticate("acme", &ci).unwrap().actor, "token:ci");
+    assert!(store.authenticate("other", &ci).is_err(), "another account");
+    let used = store.list_tokens("acme").unwrap();
+    assert!(
+        used.iter()
+            .find(|t| t.name == "ci")
+            .unwrap()
+            .last_used
+            .is_some()
+    );
+
+    // Signing in again ends the browser's previous session.
+    let (first, _) = store.open_session(&admin, hour, None).unwrap();
+    let (second, _) = store.open_session(&admin, hour, Some(&first)).unwrap();
+    assert!(store.session(&first).unwrap().is_none());
+    assert!(store.session(&second).unwrap().is_some());
+
+    // Revoked: refused at once, its sessions end, a second revoke is told.
+    let (viewer, _) = store.open_session(&ci, hour, None).unwrap();
+    assert!(store.session(&viewer).unwrap().is_some());
+    store.revoke_token("acme", "ci", "local").unwrap();
+    let err = store.authenticate("acme", &ci).unwrap_err();
+    assert!(matches!(err, BackendError::Unauthorized(_)), "{err:?}");
+    assert!(store.session(&viewer).unwrap().is_none());
+    assert!(store.open_session(&ci, hour, None).is_err());
+    let err = store.revoke_token("acme", "ci", "local").unwrap_err();
+    assert!(matches!(err, TokenError::NoSuchToken { .. }), "{err:?}");
+    assert!(
+        store.session(&second).unwrap().is_some(),
+        "another token's session"
+    );
+
+    // Expired: refused at once, its session ends, then removed and audited.
+    let (brief_session, _) = store.open_session(&brief, hour, None).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let err = store.authenticate("acme", &brief).unwrap_err();
+    assert!(err.to_string().contains("the token expired at"), "{err}");
+    assert!(store.session(&brief_session).unwrap().is_none());
+    let names: Vec<String> = store
+        .list_tokens("acme")
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["alice"]);
+    assert_eq!(store.expire_tokens().unwrap(), 0, "removed once");
+
+    let audit = store.audit("acme").unwrap();
+    let tokens: Vec<(AuditAction, &str, Option<&str>)> = audit[audit_before..]
+        .iter()
+        .map(|e| (e.action, e.actor.as_str(), e.subject.as_deref()))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            (AuditAction::TokenCreate, "local", Some("ci (Viewer)")),
+            (
+                AuditAction::TokenCreate,
+                "local",
+                Some("alice (AccountAdmin)")
+            ),
+            (AuditAction::TokenCreate, "local", Some("brief (Viewer)")),
+            (AuditAction::TokenRevoke, "local", Some("ci (Viewer)")),
+            (AuditAction::TokenExpire, "licensor", Some("brief (Viewer)")),
+        ]
+    );
 }

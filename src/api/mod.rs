@@ -62,6 +62,10 @@ pub struct AuditEntry {
     pub displaced: i64,
     pub manager: Option<String>,
     pub idempotency_key: Option<String>,
+    /// What a token record is about: the token's name and role
+    /// (`ci (Viewer)`); absent on allocation and pool records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// What an audited change did.
@@ -84,10 +88,19 @@ pub enum AuditAction {
     Total,
     /// The account replaced by a fixture.
     Seed,
+    /// An API token created.
+    #[serde(rename = "token-create")]
+    TokenCreate,
+    /// An API token revoked; its sessions end.
+    #[serde(rename = "token-revoke")]
+    TokenRevoke,
+    /// An API token past its expiry, removed.
+    #[serde(rename = "token-expire")]
+    TokenExpire,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 10] = [
+    pub const ALL: [AuditAction; 13] = [
         AuditAction::Create,
         AuditAction::Increase,
         AuditAction::Decrease,
@@ -98,6 +111,9 @@ impl AuditAction {
         AuditAction::Release,
         AuditAction::Total,
         AuditAction::Seed,
+        AuditAction::TokenCreate,
+        AuditAction::TokenRevoke,
+        AuditAction::TokenExpire,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +128,9 @@ impl AuditAction {
             AuditAction::Release => "release",
             AuditAction::Total => "total",
             AuditAction::Seed => "seed",
+            AuditAction::TokenCreate => "token-create",
+            AuditAction::TokenRevoke => "token-revoke",
+            AuditAction::TokenExpire => "token-expire",
         }
     }
 

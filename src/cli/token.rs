@@ -1,9 +1,14 @@
-//! `licensor token create`: API tokens of a store (the embedded file or
-//! PostgreSQL), stored hashed.
+//! `licensor token create | list | revoke`: API tokens of a store (the
+//! embedded file or PostgreSQL), stored hashed, each with a name unique in
+//! its account and an optional expiry (DESIGN §10). Creating, revoking and
+//! expiring are audited; the actor is `local` (whoever can open the store).
+
+use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{FAILED, Global, OK, Open, open_store};
+use super::{FAILED, Format, Global, OK, Open, open_store};
+use crate::backend::store::{Principal, Store, TokenInfo};
 use crate::domain::Role;
 
 #[derive(Subcommand, Debug)]
@@ -14,31 +19,51 @@ pub enum TokenCommand {
         /// (reads only).
         #[arg(long, value_parser = role)]
         role: Role,
-        /// A name for the audit log (who holds the token).
+        /// Who holds the token: unique in the account, shown in the audit
+        /// log and by `token list`, and what `token revoke` takes.
+        #[arg(long)]
+        name: String,
+        /// How long the token works (90d, 12h, 30m); without it, until
+        /// revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// The account's tokens: name, role, created, expires, last used
+    /// (never a token or its hash).
+    List {
+        /// text (a table) or json.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Revoke a token: refused from its next request on, on the API and the
+    /// page, and its page sessions end.
+    Revoke {
         #[arg(long)]
         name: String,
     },
 }
 
 pub fn run(g: &Global, command: TokenCommand) -> u8 {
-    let TokenCommand::Create { role, name } = command;
+    // Only `create` makes a store; the others read one that exists.
+    let open = match command {
+        TokenCommand::Create { .. } => Open::Create,
+        _ => Open::Existing,
+    };
     // Store calls block (PostgreSQL's on a runtime of its own): off this one.
     let result = std::thread::scope(|s| {
         s.spawn(|| {
-            let store = open_store(g, Open::Create)?;
+            let store = open_store(g, open)?;
             let account = store
                 .resolve_account(g.account.as_deref())
                 .map_err(|e| e.to_string())?;
-            store
-                .create_token(&account, role, &name)
-                .map_err(|e| e.to_string())
+            act(&store, &account, command)
         })
         .join()
-        .unwrap_or_else(|_| Err("the token could not be created".into()))
+        .unwrap_or_else(|_| Err("the token command failed".into()))
     });
     match result {
-        Ok(token) => {
-            println!("{token}");
+        Ok(out) => {
+            print!("{out}");
             OK
         }
         Err(e) => {
@@ -46,6 +71,92 @@ pub fn run(g: &Global, command: TokenCommand) -> u8 {
             FAILED
         }
     }
+}
+
+/// Does one token command; what it prints.
+fn act(store: &Store, account: &str, command: TokenCommand) -> Result<String, String> {
+    let actor = Principal::local().actor;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    match command {
+        TokenCommand::Create {
+            role,
+            name,
+            expires,
+        } => {
+            store.expire_tokens().map_err(|x| e(&x))?;
+            let token = store
+                .create_token(account, role, &name, expires, &actor)
+                .map_err(|x| e(&x))?;
+            Ok(format!("{token}\n"))
+        }
+        TokenCommand::List { format } => {
+            let tokens = store.list_tokens(account).map_err(|x| e(&x))?;
+            Ok(match format {
+                Format::Json => {
+                    let mut out = serde_json::to_string_pretty(&tokens).map_err(|x| e(&x))?;
+                    out.push('\n');
+                    out
+                }
+                Format::Text | Format::Markdown => table(account, &tokens),
+            })
+        }
+        TokenCommand::Revoke { name } => {
+            store
+                .revoke_token(account, &name, &actor)
+                .map_err(|x| e(&x))?;
+            Ok(format!(
+                "revoked token {name:?} of account {account}: refused from now on, its page sessions ended\n"
+            ))
+        }
+    }
+}
+
+/// The tokens as a table, or a line saying there are none.
+fn table(account: &str, tokens: &[TokenInfo]) -> String {
+    if tokens.is_empty() {
+        return format!(
+            "account {account} has no tokens; `licensor token create --role Viewer --name NAME` makes one\n"
+        );
+    }
+    let rows: Vec<[String; 5]> = tokens
+        .iter()
+        .map(|t| {
+            [
+                t.name.clone(),
+                t.role.as_str().to_string(),
+                t.created.clone(),
+                t.expires.clone().unwrap_or_else(|| "never".into()),
+                t.last_used.clone().unwrap_or_else(|| "never".into()),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"];
+    let width: Vec<usize> = (0..5)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: [&str; 5]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 4 {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        l.push('\n');
+        l
+    };
+    let mut out = line(header);
+    for r in &rows {
+        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+    }
+    out
 }
 
 /// `--role`: a role as the store and the API spell it.

@@ -1,38 +1,23 @@
 //! Access to the API: the bearer token of a request is checked for the
 //! account in its path (401), and any method but GET and HEAD needs the
-//! Account Admin role (403), before anything else the route does. A
-//! checked token is remembered for [`TOKEN_CACHE`], by its hash; tokens are
-//! never logged, echoed or stored in clear.
+//! Account Admin role (403), before anything else the route does. The
+//! token is checked in the store on every request, so a revoked or expired
+//! one is refused by every server on the store at once; tokens are never
+//! logged, echoed or stored in clear.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use axum::RequestExt;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 
 use super::Shared;
 use crate::api::{Problem, ProblemType};
 use crate::backend::BackendError;
 use crate::backend::store::{Principal, off_thread};
 use crate::domain::require_admin;
-
-/// How long an authenticated token is remembered before it is checked again.
-const TOKEN_CACHE: Duration = Duration::from_secs(10);
-
-/// Tokens checked lately: sha256(token) -> (account, caller, when checked).
-#[derive(Default)]
-pub struct Tokens(Mutex<HashMap<String, (String, Principal, Instant)>>);
-
-impl Tokens {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Principal, Instant)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// The bearer token of a request; the scheme name is case-insensitive
 /// (RFC 9110 §11.1).
@@ -53,26 +38,13 @@ pub async fn authorize(
         |m: &str| Problem::new(StatusCode::UNAUTHORIZED, ProblemType::Unauthorized, m);
     let token = bearer(headers)
         .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
-    let key = hex::encode(Sha256::digest(token.as_bytes()));
-    if let Some((a, who, at)) = s.tokens.lock().get(&key)
-        && a == account
-        && at.elapsed() < TOKEN_CACHE
-    {
-        return Ok(who.clone());
-    }
     let (store, token, acc) = (s.store.clone(), token.to_string(), account.to_string());
-    let who = off_thread(move || store.authenticate(&acc, &token))
+    off_thread(move || store.authenticate(&acc, &token))
         .await
         .map_err(|e| match e {
-            BackendError::Unauthorized(_) => {
-                unauthorized("the token is unknown or not for this account")
-            }
+            BackendError::Unauthorized(why) => unauthorized(&why),
             other => Problem::from(other),
-        })?;
-    s.tokens
-        .lock()
-        .insert(key, (account.to_string(), who.clone(), Instant::now()));
-    Ok(who)
+        })
 }
 
 /// Checks the caller before anything else a route does: a valid token for

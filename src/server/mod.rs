@@ -60,7 +60,6 @@ const IDEMPOTENCY_KEYS: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 #[derive(Clone)]
 pub struct Shared {
     store: Arc<Store>,
-    tokens: Arc<access::Tokens>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<metrics::Metrics>,
     /// Served over TLS (`--tls-cert`): the page's cookies are `Secure`.
@@ -115,7 +114,6 @@ pub const ROUTES: [&str; 20] = [
 pub fn app(store: Arc<Store>, config: &Config) -> Router {
     let shared = Shared {
         store,
-        tokens: Arc::default(),
         limiter: config
             .rate_limit
             .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n)))),
@@ -200,6 +198,7 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(address = %listener.local_addr()?, store = %store.location(), "serving the license platform API");
     tokio::spawn(expire_keys(store.clone()));
+    tokio::spawn(expire_tokens(store.clone()));
     let app = app(store, &config);
     if let Some((cert, key)) = &config.tls {
         let files = crate::tls::CertificateFiles::load(cert, key)
@@ -231,6 +230,21 @@ async fn expire_keys(store: Arc<Store>) {
                 tracing::info!(expired = n, "forgot idempotency keys older than 24 hours")
             }
             Err(e) => tracing::warn!("expiring idempotency keys: {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Removes and audits the tokens past their expiry, every minute (an
+/// expired token is refused before that, at once).
+async fn expire_tokens(store: Arc<Store>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        let s = store.clone();
+        match off_thread(move || s.expire_tokens()).await {
+            Ok(n) if n > 0 => tracing::info!(expired = n, "removed expired tokens"),
+            Err(e) => tracing::warn!("expiring tokens: {e}"),
             _ => {}
         }
     }

@@ -4,6 +4,7 @@
 //! this licensor does not know is a damaged store, never some role.
 
 use super::Store;
+use super::audit::{AuditAction, AuditRecord};
 use super::pipeline::hash;
 use super::storage::{SessionRow, TokenRow, now};
 use crate::backend::BackendError;
@@ -58,27 +59,107 @@ impl From<SessionRow> for Session {
     }
 }
 
-impl Store {
-    /// Maps a bearer token to its principal; only the hash is stored.
-    pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
-        match self.read_one(|s| s.token(&hash(token)))? {
-            Some(t) if t.account == account => Ok(Principal {
-                actor: format!("token:{}", t.name),
-                role: t.role,
-            }),
-            _ => Err(BackendError::Unauthorized(
-                "the token is unknown or not for this account".into(),
-            )),
+/// Why a token could not be created or revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "a token named {name:?} exists in account {account}; revoke it first or choose another name"
+    )]
+    NameTaken { name: String, account: String },
+    #[error("no token named {name:?} in account {account}; `licensor token list` shows them")]
+    NoSuchToken { name: String, account: String },
+    #[error("a token's name is 1 to 100 printable characters, not {0:?}")]
+    BadName(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A token as `token list` shows it: never the token or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+    pub expires: Option<String>,
+    pub last_used: Option<String>,
+}
+
+impl From<TokenRow> for TokenInfo {
+    fn from(t: TokenRow) -> TokenInfo {
+        TokenInfo {
+            name: t.name,
+            role: t.role,
+            created: t.created,
+            expires: t.expires,
+            last_used: t.last_used,
         }
     }
+}
 
-    /// Creates a token and returns it; it is shown once and stored hashed.
+/// The actor of what licensor does on its own (a token's expiry).
+const LICENSOR: &str = "licensor";
+
+/// How long a token's last use stands before it is noted again.
+const TOUCH_EVERY: chrono::Duration = chrono::Duration::minutes(1);
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Store {
+    /// Maps a bearer token to its principal: a token of `account` that has
+    /// not expired (only hashes are stored). Its use is noted, at most once
+    /// a minute.
+    pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
+        let (h, now) = (hash(token), chrono::Utc::now());
+        let t = self
+            .read_one(|s| s.token(&h))?
+            .filter(|t| t.account == account)
+            .ok_or_else(|| {
+                BackendError::Unauthorized("the token is unknown or not for this account".into())
+            })?;
+        if t.expired(&rfc3339(now)) {
+            return Err(BackendError::Unauthorized(format!(
+                "the token expired at {}",
+                t.expires.unwrap_or_default()
+            )));
+        }
+        if t.last_used.as_deref() < Some(rfc3339(now - TOUCH_EVERY).as_str()) {
+            // Best effort: a busy store does not turn a read away.
+            if let Err(e) = self.transaction(true, |s| s.touch_token(&h, &rfc3339(now))) {
+                tracing::debug!(error = %e, "noting a token's use");
+            }
+        }
+        Ok(Principal {
+            actor: format!("token:{}", t.name),
+            role: t.role,
+        })
+    }
+
+    /// Creates a token named `name` (unique in the account), valid for
+    /// `expires` if given, and audits it as done by `actor`. Returns the
+    /// token: it is shown once and stored hashed.
     pub fn create_token(
         &self,
         account: &str,
         role: Role,
         name: &str,
-    ) -> Result<String, BackendError> {
+        expires: Option<std::time::Duration>,
+        actor: &str,
+    ) -> Result<String, TokenError> {
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+            return Err(TokenError::BadName(name.to_string()));
+        }
+        let expires = match expires {
+            Some(d) => Some(
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                    .ok_or_else(|| TokenError::BadName(format!("an expiry {d:?} away")))?,
+            ),
+            None => None,
+        };
         let token = format!("lsr_{}", random_hex()?);
         let row = TokenRow {
             hash: hash(&token),
@@ -86,45 +167,121 @@ impl Store {
             role,
             name: name.to_string(),
             created: now(),
+            expires: expires.map(rfc3339),
+            last_used: None,
         };
-        self.transaction(true, |s| s.insert_token(&row))?;
+        let created = self.transaction_then(|s| {
+            if s.tokens(account)?.iter().any(|t| t.name == name) {
+                return Ok((false, false));
+            }
+            s.insert_token(&row)?;
+            s.insert_audit(
+                account,
+                actor,
+                &AuditRecord::token(AuditAction::TokenCreate, name, role),
+            )?;
+            Ok((true, true))
+        })?;
+        if !created {
+            return Err(TokenError::NameTaken {
+                name: name.to_string(),
+                account: account.to_string(),
+            });
+        }
         Ok(token)
     }
 
+    /// The tokens of an account, by name, once the expired ones are gone.
+    pub fn list_tokens(&self, account: &str) -> Result<Vec<TokenInfo>, BackendError> {
+        self.expire_tokens()?;
+        Ok(self
+            .read_one(|s| s.tokens(account))?
+            .into_iter()
+            .map(TokenInfo::from)
+            .collect())
+    }
+
+    /// Revokes the token named `name`: it is refused from now on, and the
+    /// page sessions opened with it end. Audited as done by `actor`.
+    pub fn revoke_token(&self, account: &str, name: &str, actor: &str) -> Result<(), TokenError> {
+        let revoked = self.transaction_then(|s| {
+            let Some(t) = s.tokens(account)?.into_iter().find(|t| t.name == name) else {
+                return Ok((false, false));
+            };
+            s.delete_token(&t.hash)?;
+            s.insert_audit(
+                account,
+                actor,
+                &AuditRecord::token(AuditAction::TokenRevoke, name, t.role),
+            )?;
+            Ok((true, true))
+        })?;
+        if !revoked {
+            return Err(TokenError::NoSuchToken {
+                name: name.to_string(),
+                account: account.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every token past its expiry, in every account, each with an
+    /// audit record (the server does this every minute; `token` commands
+    /// first). An expired token is refused before this, at once.
+    pub fn expire_tokens(&self) -> Result<usize, BackendError> {
+        let now = now();
+        self.transaction(true, |s| {
+            let expired = s.expired_tokens(&now)?;
+            for t in &expired {
+                s.delete_token(&t.hash)?;
+                s.insert_audit(
+                    &t.account,
+                    LICENSOR,
+                    &AuditRecord::token(AuditAction::TokenExpire, &t.name, t.role),
+                )?;
+            }
+            Ok(expired.len())
+        })
+    }
+
     /// Signs in with an API token: a new page session for the token's
-    /// account and role, lasting `ttl`. Returns the cookie's value (random;
-    /// only its hash is stored) and the session.
+    /// account and role, lasting `ttl`, which ends with the token. The
+    /// session `previous` (the browser's, if any) ends. Returns the
+    /// cookie's value (random; only its hash is stored) and the session.
     pub fn open_session(
         &self,
         token: &str,
         ttl: chrono::Duration,
+        previous: Option<&str>,
     ) -> Result<(String, Session), BackendError> {
         let unknown = || BackendError::Unauthorized("the token is unknown".into());
+        let now = chrono::Utc::now();
         let t = self
             .read_one(|s| s.token(&hash(token)))?
+            .filter(|t| !t.expired(&rfc3339(now)))
             .ok_or_else(unknown)?;
         let id = random_hex()?;
-        let now = chrono::Utc::now();
         let row = SessionRow {
             account: t.account,
             actor: format!("token:{}", t.name),
             role: t.role,
             csrf: random_hex()?,
-            expires_at: (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            expires_at: rfc3339(now + ttl),
+            token: t.hash,
         };
-        let expired = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         self.transaction(true, |s| {
-            s.delete_sessions(&hash(&id), &expired)?;
+            s.delete_sessions(&hash(previous.unwrap_or_default()), &rfc3339(now))?;
             s.insert_session(&hash(&id), &row)
         })?;
         Ok((id, Session::from(row)))
     }
 
-    /// The live session a cookie names, if any.
+    /// The live session a cookie names, if any: not expired, and its token
+    /// neither revoked nor expired.
     pub fn session(&self, id: &str) -> Result<Option<Session>, BackendError> {
         let now = now();
         Ok(self
-            .read_one(|s| s.session(&hash(id)))?
+            .read_one(|s| s.session(&hash(id), &now))?
             .filter(|row| row.expires_at > now)
             .map(Session::from))
     }

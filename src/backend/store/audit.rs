@@ -24,6 +24,8 @@ pub struct AuditRecord<'a> {
     pub displaced: i64,
     pub manager: Option<Cow<'a, str>>,
     pub idempotency_key: Option<Cow<'a, str>>,
+    /// A token record's token: its name and role.
+    pub subject: Option<Cow<'a, str>>,
 }
 
 impl<'a> AuditRecord<'a> {
@@ -39,6 +41,15 @@ impl<'a> AuditRecord<'a> {
             displaced: 0,
             manager: None,
             idempotency_key: None,
+            subject: None,
+        }
+    }
+
+    /// A token created, revoked or expired: `subject` names it and its role.
+    pub fn token(action: AuditAction, name: &str, role: crate::domain::Role) -> Self {
+        AuditRecord {
+            subject: Some(Cow::Owned(format!("{name} ({})", role.as_str()))),
+            ..AuditRecord::new(action)
         }
     }
 
@@ -66,6 +77,7 @@ impl<'a> AuditRecord<'a> {
             product: own(self.product),
             manager: own(self.manager),
             idempotency_key: own(self.idempotency_key),
+            subject: own(self.subject),
             ..self
         }
     }

@@ -20,3 +20,22 @@ CREATE TABLE sessions (
     expires_at TEXT NOT NULL
 );
 "#;
+
+/// Tokens with a lifecycle (DESIGN §10): an expiry, when each was last
+/// used, and a name unique in its account (a name used twice before gets
+/// its hash's first 8 digits added, the oldest-by-hash keeping it). A
+/// session names the token it was opened with, so a revoked or expired
+/// token ends it; sessions from before name none and end. Token records of
+/// the audit log name their token in `subject`.
+pub const TOKEN_LIFECYCLE: &str = r#"
+ALTER TABLE tokens ADD COLUMN expires_at TEXT;
+ALTER TABLE tokens ADD COLUMN last_used TEXT;
+UPDATE tokens SET name = name || '-' || substr(hash, 1, 8)
+    WHERE EXISTS (SELECT 1 FROM tokens t
+                  WHERE t.account = tokens.account AND t.name = tokens.name AND t.hash < tokens.hash);
+CREATE UNIQUE INDEX tokens_name ON tokens(account, name);
+DELETE FROM sessions;
+ALTER TABLE sessions ADD COLUMN token TEXT NOT NULL DEFAULT '';
+CREATE INDEX sessions_token ON sessions(token);
+ALTER TABLE audit ADD COLUMN subject TEXT;
+"#;

@@ -20,7 +20,7 @@
 mod access;
 pub mod audit;
 mod batch;
-mod migrations;
+pub mod migrations;
 pub mod pipeline;
 mod pool;
 pub mod postgres;
@@ -34,7 +34,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::{AuditEntry, BackendError, Fixture, Written};
 use crate::domain::{AllocationWrite, Pool, Reason, Refusal, SeatChange, Snapshot, did_you_mean};
-pub use access::{Principal, Session, random_hex};
+pub use access::{Principal, Session, TokenError, TokenInfo, random_hex};
 use storage::Storage;
 
 /// A license store and its transaction functions.

@@ -39,6 +39,17 @@ pub struct TokenRow {
     pub name: String,
     /// RFC 3339, UTC.
     pub created: String,
+    /// When it stops working (RFC 3339, UTC); `None`: never.
+    pub expires: Option<String>,
+    /// When it was last used (RFC 3339, UTC; noted at most once a minute).
+    pub last_used: Option<String>,
+}
+
+impl TokenRow {
+    /// Whether the token has expired at `now` (RFC 3339, UTC).
+    pub fn expired(&self, now: &str) -> bool {
+        self.expires.as_deref().is_some_and(|e| e <= now)
+    }
 }
 
 /// An idempotency key and the answer remembered for it.
@@ -85,9 +96,18 @@ pub trait Storage {
     fn accounts(&self) -> Result<Vec<String>>;
     /// A token, by its hash.
     fn token(&self, hash: &str) -> Result<Option<TokenRow>>;
+    /// The tokens of one account, by name.
+    fn tokens(&self, account: &str) -> Result<Vec<TokenRow>>;
+    /// Every token that has expired at `now` (RFC 3339), in any account.
+    fn expired_tokens(&self, now: &str) -> Result<Vec<TokenRow>>;
     fn insert_token(&self, token: &TokenRow) -> Result<()>;
-    /// A page session, by the hash of its cookie.
-    fn session(&self, hash: &str) -> Result<Option<SessionRow>>;
+    /// Removes a token and ends the sessions opened with it.
+    fn delete_token(&self, hash: &str) -> Result<()>;
+    /// Notes that a token was used at `now`.
+    fn touch_token(&self, hash: &str, now: &str) -> Result<()>;
+    /// A page session, by the hash of its cookie, while the token it was
+    /// opened with exists and has not expired at `now`.
+    fn session(&self, hash: &str, now: &str) -> Result<Option<SessionRow>>;
     fn insert_session(&self, hash: &str, session: &SessionRow) -> Result<()>;
     /// Ends the session `hash`, and every session that expired before
     /// `expired_before` (RFC 3339).
@@ -217,6 +237,8 @@ pub struct SessionRow {
     pub csrf: String,
     /// RFC 3339, UTC.
     pub expires_at: String,
+    /// The hash of the token it was opened with.
+    pub token: String,
 }
 
 /// Now, as stored in the audit log, the key and token tables and sessions.

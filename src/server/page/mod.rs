@@ -243,7 +243,13 @@ async fn sign_in(
         return sign_in_page(&s, jar, &headers, Some(forbidden_form()));
     }
     let token = form.token.trim().to_string();
-    match store(&s, move |st| st.open_session(&token, SESSION_TTL)).await {
+    // Signing in ends the browser's previous session.
+    let previous = jar.get(SESSION).map(|c| c.value().to_string());
+    match store(&s, move |st| {
+        st.open_session(&token, SESSION_TTL, previous.as_deref())
+    })
+    .await
+    {
         Ok((id, _)) => {
             let jar = jar
                 .remove(Cookie::build(SIGN_IN).path("/"))

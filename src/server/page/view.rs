@@ -297,13 +297,17 @@ pub fn account(
                                 tr data-id=(e.id) {
                                     td { time datetime=(e.time) { (e.time.get(..19).unwrap_or(&e.time).replace('T', " ")) } }
                                     td { (e.actor) }
-                                    td { (format!("{:?}", e.action).to_lowercase()) }
+                                    td { (e.action.as_str()) }
                                     td { (e.organization.as_deref().unwrap_or("")) }
                                     td { (e.product.as_deref().unwrap_or("")) }
                                     td {
-                                        (e.from) " → " (e.to)
-                                        @if e.rehomed > 0 { ", " (e.rehomed) " rehomed" }
-                                        @if e.displaced > 0 { ", " (e.displaced) " displaced" }
+                                        @if let Some(token) = &e.subject {
+                                            "token " (token)
+                                        } @else {
+                                            (e.from) " → " (e.to)
+                                            @if e.rehomed > 0 { ", " (e.rehomed) " rehomed" }
+                                            @if e.displaced > 0 { ", " (e.displaced) " displaced" }
+                                        }
                                     }
                                 }
                             }

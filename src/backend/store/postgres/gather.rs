@@ -35,11 +35,12 @@ const SAVE_ALLOCATIONS: &str =
 
 /// Inserts the gathered audit records, numbered in the order given.
 const INSERT_AUDIT: &str =
-    "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
-     SELECT a, t, w, x, o, p, f, c, r, d, m, k
+    "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
+     SELECT a, t, w, x, o, p, f, c, r, d, m, k, s
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[])
-          WITH ORDINALITY AS u(a, t, w, x, o, p, f, c, r, d, m, k, n)
+                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[],
+                 $13::text[])
+          WITH ORDINALITY AS u(a, t, w, x, o, p, f, c, r, d, m, k, s, n)
      ORDER BY n";
 
 /// One audit record as it is written: its account, time and actor added.
@@ -171,5 +172,6 @@ fn audit_columns(rows: &[AuditRow]) -> Vec<Param> {
         column(rows, |(.., r)| {
             r.idempotency_key.as_deref().map(str::to_string)
         }),
+        column(rows, |(.., r)| r.subject.as_deref().map(str::to_string)),
     ]
 }

@@ -133,6 +133,7 @@ CREATE TABLE tokens (
 "#,
     super::migrations::SESSIONS,
     super::migrations::DELETION_POLICY,
+    super::migrations::TOKEN_LIFECYCLE,
 ];
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
@@ -421,7 +422,7 @@ const RESERVE_REVISIONS: &str =
 const REMEMBERED_ANY: &str =
     "SELECT key, request_hash, response FROM idempotency WHERE account = $1 AND key = ANY($2)";
 const AUDIT: &str = "SELECT id, time, actor, action, organization, product, from_count, to_count,
-            rehomed, displaced, manager, idempotency_key
+            rehomed, displaced, manager, idempotency_key, subject
      FROM audit WHERE account = $1 ORDER BY id";
 
 /// The pools, organization ids and allocations of an account, sorted.
@@ -451,7 +452,10 @@ fn snapshot_of(pools: &[Row], organizations: &[Row], allocations: &[Row]) -> Sna
 }
 
 /// A token's columns, in the order [`token_row`] reads them.
-const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at";
+const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at, expires_at, last_used";
+/// The tokens of an account, by name.
+const TOKENS: &str = "SELECT hash, account, role, name, created_at, expires_at, last_used
+     FROM tokens WHERE account = $1 ORDER BY name";
 
 fn token_row(r: &Row) -> Result<TokenRow> {
     Ok(TokenRow {
@@ -460,6 +464,8 @@ fn token_row(r: &Row) -> Result<TokenRow> {
         role: stored_role(r.get(2))?,
         name: r.get(3),
         created: r.get(4),
+        expires: r.get(5),
+        last_used: r.get(6),
     })
 }
 
@@ -479,6 +485,7 @@ fn audit_row(r: &Row) -> Result<AuditEntry> {
         displaced: r.get(9),
         manager: r.get(10),
         idempotency_key: r.get(11),
+        subject: r.get(12),
     })
 }
 
@@ -781,17 +788,59 @@ impl Storage for Pg<'_> {
         .transpose()
     }
 
+    fn tokens(&self, account: &str) -> Result<Vec<TokenRow>> {
+        self.rows(TOKENS, params![&account])?
+            .iter()
+            .map(token_row)
+            .collect()
+    }
+
+    fn expired_tokens(&self, now: &str) -> Result<Vec<TokenRow>> {
+        self.rows(
+            &format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE expires_at <= $1 ORDER BY account, name"
+            ),
+            params![&now],
+        )?
+        .iter()
+        .map(token_row)
+        .collect()
+    }
+
     fn insert_token(&self, t: &TokenRow) -> Result<()> {
         self.later(
-            "INSERT INTO tokens (hash, account, role, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-            params![&t.hash, &t.account, &t.role.as_str(), &t.name, &t.created],
+            "INSERT INTO tokens (hash, account, role, name, created_at, expires_at, last_used)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            params![
+                &t.hash,
+                &t.account,
+                &t.role.as_str(),
+                &t.name,
+                &t.created,
+                &t.expires,
+                &t.last_used
+            ],
         )
     }
 
-    fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
+    fn delete_token(&self, hash: &str) -> Result<()> {
+        self.later("DELETE FROM sessions WHERE token = $1", params![&hash])?;
+        self.later("DELETE FROM tokens WHERE hash = $1", params![&hash])
+    }
+
+    fn touch_token(&self, hash: &str, now: &str) -> Result<()> {
+        self.later(
+            "UPDATE tokens SET last_used = $2 WHERE hash = $1",
+            params![&hash, &now],
+        )
+    }
+
+    fn session(&self, hash: &str, now: &str) -> Result<Option<SessionRow>> {
         self.rows(
-            "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = $1",
-            params![&hash],
+            "SELECT s.account, s.actor, s.role, s.csrf, s.expires_at, s.token
+             FROM sessions s JOIN tokens t ON t.hash = s.token
+             WHERE s.hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
+            params![&hash, &now],
         )?
         .first()
         .map(|r| {
@@ -801,6 +850,7 @@ impl Storage for Pg<'_> {
                 role: stored_role(r.get(2))?,
                 csrf: r.get(3),
                 expires_at: r.get(4),
+                token: r.get(5),
             })
         })
         .transpose()
@@ -808,8 +858,8 @@ impl Storage for Pg<'_> {
 
     fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
         self.later(
-            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
-            params![&hash, &s.account, &s.actor, &s.role.as_str(), &s.csrf, &s.expires_at],
+            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at, token) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            params![&hash, &s.account, &s.actor, &s.role.as_str(), &s.csrf, &s.expires_at, &s.token],
         )
     }
 
@@ -853,10 +903,7 @@ impl Storage for Pg<'_> {
                 "SELECT id, name FROM organizations WHERE account = $1 ORDER BY id",
                 params![account],
             ),
-            (
-                "SELECT hash, account, role, name, created_at FROM tokens WHERE account = $1 ORDER BY hash",
-                params![account],
-            ),
+            (TOKENS, params![account]),
             (
                 "SELECT key, request_hash, response, created_at FROM idempotency WHERE account = $1 ORDER BY key",
                 params![account],
@@ -917,9 +964,9 @@ impl Storage for Pg<'_> {
     fn restore_audit(&self, account: &str, entries: &[AuditEntry]) -> Result<()> {
         for e in entries {
             self.later(
-                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
+                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
                  OVERRIDING SYSTEM VALUE
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 params![&e.id,
                     &account,
                     &e.time,
@@ -932,7 +979,8 @@ impl Storage for Pg<'_> {
                     &e.rehomed,
                     &e.displaced,
                     &e.manager,
-                    &e.idempotency_key],
+                    &e.idempotency_key,
+                    &e.subject],
             )?;
         }
         // Later audit rows are numbered after the copied ones.

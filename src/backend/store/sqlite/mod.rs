@@ -110,7 +110,7 @@ fn policy(stored: &str) -> DeletionPolicy {
 }
 
 /// A token's columns, in the order [`token_row`] reads them.
-const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at";
+const TOKEN_COLUMNS: &str = "hash, account, role, name, created_at, expires_at, last_used";
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
     Ok(TokenRow {
@@ -119,6 +119,8 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
         role: r.get(2)?,
         name: r.get(3)?,
         created: r.get(4)?,
+        expires: r.get(5)?,
+        last_used: r.get(6)?,
     })
 }
 
@@ -266,8 +268,8 @@ impl Storage for Connection {
 
     fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
         self.prepare_cached(
-            "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -282,7 +284,8 @@ impl Storage for Connection {
                 r.rehomed,
                 r.displaced,
                 r.manager.as_deref(),
-                r.idempotency_key.as_deref()
+                r.idempotency_key.as_deref(),
+                r.subject.as_deref()
             ])
         })
         .map(drop)
@@ -323,27 +326,71 @@ impl Storage for Connection {
         .map_err(failed)
     }
 
+    fn tokens(&self, account: &str) -> Result<Vec<TokenRow>> {
+        self.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE account = ?1 ORDER BY name"
+        ))
+        .and_then(|mut s| s.query_map([account], token_row)?.collect())
+        .map_err(failed)
+    }
+
+    fn expired_tokens(&self, now: &str) -> Result<Vec<TokenRow>> {
+        self.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE expires_at <= ?1 ORDER BY account, name"
+        ))
+        .and_then(|mut s| s.query_map([now], token_row)?.collect())
+        .map_err(failed)
+    }
+
     fn insert_token(&self, t: &TokenRow) -> Result<()> {
         self.execute(
-            "INSERT INTO tokens (hash, account, role, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![t.hash, t.account, t.role.as_str(), t.name, t.created],
+            "INSERT INTO tokens (hash, account, role, name, created_at, expires_at, last_used)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                t.hash,
+                t.account,
+                t.role.as_str(),
+                t.name,
+                t.created,
+                t.expires,
+                t.last_used
+            ],
         )
         .map(drop)
         .map_err(failed)
     }
 
-    fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
+    fn delete_token(&self, hash: &str) -> Result<()> {
+        self.execute("DELETE FROM sessions WHERE token = ?1", [hash])
+            .and_then(|_| self.execute("DELETE FROM tokens WHERE hash = ?1", [hash]))
+            .map(drop)
+            .map_err(failed)
+    }
+
+    fn touch_token(&self, hash: &str, now: &str) -> Result<()> {
+        self.execute(
+            "UPDATE tokens SET last_used = ?2 WHERE hash = ?1",
+            [hash, now],
+        )
+        .map(drop)
+        .map_err(failed)
+    }
+
+    fn session(&self, hash: &str, now: &str) -> Result<Option<SessionRow>> {
         self.prepare_cached(
-            "SELECT account, actor, role, csrf, expires_at FROM sessions WHERE hash = ?1",
+            "SELECT s.account, s.actor, s.role, s.csrf, s.expires_at, s.token
+             FROM sessions s JOIN tokens t ON t.hash = s.token
+             WHERE s.hash = ?1 AND (t.expires_at IS NULL OR t.expires_at > ?2)",
         )
         .and_then(|mut s| {
-            s.query_row([hash], |r| {
+            s.query_row([hash, now], |r| {
                 Ok(SessionRow {
                     account: r.get(0)?,
                     actor: r.get(1)?,
                     role: r.get(2)?,
                     csrf: r.get(3)?,
                     expires_at: r.get(4)?,
+                    token: r.get(5)?,
                 })
             })
             .optional()
@@ -353,8 +400,8 @@ impl Storage for Connection {
 
     fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
         self.execute(
-            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hash, s.account, s.actor, s.role.as_str(), s.csrf, s.expires_at],
+            "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at, token) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![hash, s.account, s.actor, s.role.as_str(), s.csrf, s.expires_at, s.token],
         )
         .map(drop)
         .map_err(failed)
@@ -441,7 +488,7 @@ impl Storage for Connection {
     fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>> {
         self.prepare_cached(
             "SELECT id, time, actor, action, organization, product, from_count, to_count,
-                    rehomed, displaced, manager, idempotency_key
+                    rehomed, displaced, manager, idempotency_key, subject
              FROM audit WHERE account = ?1 ORDER BY id",
         )
         .and_then(|mut s| {
@@ -466,6 +513,7 @@ impl Storage for Connection {
                     displaced: r.get(9)?,
                     manager: r.get(10)?,
                     idempotency_key: r.get(11)?,
+                    subject: r.get(12)?,
                 })
             })?
             .collect()
@@ -489,12 +537,7 @@ impl Storage for Connection {
                     .collect()
             })
             .map_err(failed)?;
-        let tokens = self
-            .prepare(&format!(
-                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE account = ?1 ORDER BY hash"
-            ))
-            .and_then(|mut s| s.query_map([account], token_row)?.collect())
-            .map_err(failed)?;
+        let tokens = self.tokens(account)?;
         let keys = self
             .prepare("SELECT key, request_hash, response, created_at FROM idempotency WHERE account = ?1 ORDER BY key")
             .and_then(|mut s| {
@@ -533,9 +576,9 @@ impl Storage for Connection {
     fn restore_audit(&self, account: &str, entries: &[AuditEntry]) -> Result<()> {
         for e in entries {
             self.execute(
-                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![e.id, account, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key],
+                "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![e.id, account, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key, e.subject],
             )
             .map_err(failed)?;
         }

@@ -94,6 +94,7 @@ UPDATE products SET revision =
     // ends it everywhere.
     shared::SESSIONS,
     shared::DELETION_POLICY,
+    shared::TOKEN_LIFECYCLE,
 ];
 
 /// Refuses, before anything is written, a file that is not a licensor store
