@@ -965,6 +965,124 @@ async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
     }
 }
 
+/// Login CSRF and cross-origin writes: a page on another port of this host
+/// (another origin) that plants the sign-in cookie and field, or posts a
+/// form with a session's cookie and secret, or calls the API with a token,
+/// is refused (403), and nothing is written; the same requests from the
+/// page's own origin, or from a client that is no browser, go through.
+#[tokio::test]
+async fn requests_from_another_origin_are_refused_and_write_nothing() {
+    let served = seeded(Kind::Embedded, FIXTURE);
+    let (url, account) = (served.url().to_string(), &served.account);
+    let admin = account.token("AccountAdmin", "alice");
+    let http = no_redirects();
+    let evil = format!("http://127.0.0.1:{}", common::free_port());
+
+    // The sign-in form's cookie and field, as an attacker would plant them.
+    let form = http.get(&url).send().await.unwrap();
+    let planted = form.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let csrf = csrf_field(&form.text().await.unwrap());
+    let sign_in = |headers: Vec<(&'static str, String)>| {
+        let mut request = http
+            .post(format!("{url}/sign-in"))
+            .header("cookie", &planted)
+            .form(&[("token", admin.as_str()), ("csrf", csrf.as_str())]);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        request.send()
+    };
+    for headers in [
+        vec![("origin", evil.clone())],
+        vec![("origin", "null".to_string())],
+        vec![("sec-fetch-site", "same-site".to_string())],
+        vec![
+            ("sec-fetch-site", "cross-site".to_string()),
+            ("origin", url.clone()),
+        ],
+    ] {
+        let answer = sign_in(headers.clone()).await.unwrap();
+        assert_eq!(answer.status(), 403, "{headers:?}");
+        assert!(
+            !answer
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .any(|c| c.to_str().unwrap().starts_with("licensor_session=")),
+            "{headers:?}: a session was opened"
+        );
+        let page = answer.text().await.unwrap();
+        assert!(page.contains("came from another origin"), "{page}");
+    }
+    let own = sign_in(vec![
+        ("origin", url.clone()),
+        ("sec-fetch-site", "same-origin".to_string()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(own.status(), 303, "the page's own origin signs in");
+    let session = own
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|c| c.starts_with("licensor_session="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    // The session's own form secret, posted from another origin.
+    let secret = csrf_field(&page_of(&http, &url, &session).await);
+    let edit = [
+        ("csrf", secret.as_str()),
+        ("organization", "qa-team"),
+        ("product", "TestOps"),
+        ("count", "9"),
+    ];
+    let before_edit = account.rows();
+    let answer = http
+        .post(format!("{url}/allocations/edit"))
+        .header("cookie", &session)
+        .header("origin", &evil)
+        .form(&edit)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    assert_eq!(account.rows(), before_edit, "a cross-origin form wrote");
+
+    // The API's writes: a browser on another origin is refused; a client
+    // that is no browser (no Origin, no Sec-Fetch-Site) is not.
+    let put = |origin: Option<&str>| {
+        let mut request = http
+            .put(format!(
+                "{url}/v1/accounts/acme/organizations/qa-team/allocations/TestOps"
+            ))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"dedicated": 7}));
+        if let Some(o) = origin {
+            request = request.header("origin", o);
+        }
+        request.send()
+    };
+    for origin in [evil.as_str(), "null"] {
+        let answer = put(Some(origin)).await.unwrap();
+        assert_eq!(answer.status(), 403, "{origin}");
+        let problem: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(problem["reason"], "Forbidden", "{problem}");
+    }
+    assert_eq!(account.rows(), before_edit, "a cross-origin API call wrote");
+    assert_eq!(put(None).await.unwrap().status(), 200);
+    assert_eq!(put(Some(url.as_str())).await.unwrap().status(), 200);
+}
+
 // Each case on every store `licensor serve` runs on: `embedded::<case>`
 // and `postgres::<case>`.
 on_every_store!(

@@ -70,3 +70,54 @@ pub async fn authenticate(State(s): State<Shared>, mut request: Request, next: N
     request.extensions_mut().insert(who);
     next.run(request).await
 }
+
+/// Why a state-changing request comes from another origin, if it does. A
+/// browser says where a request comes from: `Sec-Fetch-Site` (the page's
+/// own forms are `same-origin`), or in an older browser only `Origin`. A request that says neither is
+/// no browser's, so no cookie rode along on its own. The own origin is the
+/// scheme (https over TLS or behind a proxy saying `X-Forwarded-Proto:
+/// https`) and the host the request names (`X-Forwarded-Host` behind a
+/// proxy, else `Host`).
+pub fn cross_origin(headers: &HeaderMap, tls: bool) -> Option<String> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
+    // Sec-Fetch-Site, where the browser sends it, is the browser's own
+    // word, which no page can set.
+    if let Some(site) = text("sec-fetch-site") {
+        return (site != "same-origin" && site != "none")
+            .then(|| format!("Sec-Fetch-Site: {site}"));
+    }
+    let origin = text("origin")?;
+    let https = tls || text("x-forwarded-proto") == Some("https");
+    let host = text("x-forwarded-host").or(text("host")).unwrap_or("");
+    let own = format!("{}://{host}", if https { "https" } else { "http" });
+    (origin != own).then(|| format!("Origin: {origin}, this server is {own}"))
+}
+
+/// Refuses (403) a request that would change something when a browser
+/// sent it from another origin: a page on another site, or on another port
+/// of this host, cannot post the page's forms or call the API's writes,
+/// with or without a cookie or token it planted. Logged, never the body.
+pub async fn same_origin(State(s): State<Shared>, request: Request, next: Next) -> Response {
+    if matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) {
+        return next.run(request).await;
+    }
+    let Some(why) = cross_origin(request.headers(), s.tls) else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path().to_string();
+    tracing::warn!(%path, %why, "refused a request from another origin");
+    let problem = Problem::refusal(&crate::domain::Refusal::new(
+        crate::domain::Reason::Forbidden,
+        format!(
+            "refused: this request came from another origin ({why}); use the page itself, or call the API without a browser"
+        ),
+    ));
+    if path.starts_with("/v1/") {
+        problem.into_response()
+    } else {
+        super::page::problem_page(problem, None)
+    }
+}

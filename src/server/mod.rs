@@ -177,6 +177,10 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
                 "no such route; see /openapi.json",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            access::same_origin,
+        ))
         .layer(middleware::from_fn(problem::errors_as_problems))
         .layer(middleware::from_fn_with_state(
             shared.clone(),

@@ -75,9 +75,12 @@ async fn secure_headers(mut response: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Same-origin: nothing leaves for other sites, and the page's own
+    // posts carry their true Origin (under no-referrer a browser sends
+    // `Origin: null`, which the origin check refuses).
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
@@ -133,7 +136,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 }
 
 /// A problem shown as a page (with the API's status, reason and words).
-fn problem_page(problem: Problem, session: Option<&Session>) -> Response {
+pub(super) fn problem_page(problem: Problem, session: Option<&Session>) -> Response {
     let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::BAD_REQUEST);
     (status, view::problem(&problem, session)).into_response()
 }
