@@ -783,13 +783,7 @@ async fn sign_in_over_http(
     holding: Option<&str>,
 ) -> String {
     let form = http.get(url).send().await.unwrap();
-    let sign_in_cookie = form.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let sign_in_cookie = set_cookie(&form, "licensor_sign_in=").expect("the sign-in form's cookie");
     let csrf = csrf_field(&form.text().await.unwrap());
     let cookies = match holding {
         Some(session) => format!("{sign_in_cookie}; {session}"),
@@ -803,17 +797,19 @@ async fn sign_in_over_http(
         .await
         .unwrap();
     assert_eq!(signed_in.status(), 303);
-    signed_in
+    set_cookie(&signed_in, "licensor_session=").expect("a session cookie")
+}
+
+/// The cookie an answer sets whose `name=` begins it, as a request sends
+/// it back (`name=value`).
+fn set_cookie(answer: &reqwest::Response, name: &str) -> Option<String> {
+    answer
         .headers()
         .get_all("set-cookie")
         .iter()
         .map(|v| v.to_str().unwrap())
-        .find(|c| c.starts_with("licensor_session="))
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string()
+        .find(|c| c.starts_with(name))
+        .map(|c| c.split(';').next().unwrap().to_string())
 }
 
 /// The page at `url` as the browser holding `session` sees it.
@@ -980,13 +976,7 @@ async fn requests_from_another_origin_are_refused_and_write_nothing() {
 
     // The sign-in form's cookie and field, as an attacker would plant them.
     let form = http.get(&url).send().await.unwrap();
-    let planted = form.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let planted = set_cookie(&form, "licensor_sign_in=").expect("the sign-in form's cookie");
     let csrf = csrf_field(&form.text().await.unwrap());
     let sign_in = |headers: Vec<(&'static str, String)>| {
         let mut request = http
@@ -1010,11 +1000,7 @@ async fn requests_from_another_origin_are_refused_and_write_nothing() {
         let answer = sign_in(headers.clone()).await.unwrap();
         assert_eq!(answer.status(), 403, "{headers:?}");
         assert!(
-            !answer
-                .headers()
-                .get_all("set-cookie")
-                .iter()
-                .any(|c| c.to_str().unwrap().starts_with("licensor_session=")),
+            set_cookie(&answer, "licensor_session=").is_none(),
             "{headers:?}: a session was opened"
         );
         let page = answer.text().await.unwrap();
@@ -1027,17 +1013,7 @@ async fn requests_from_another_origin_are_refused_and_write_nothing() {
     .await
     .unwrap();
     assert_eq!(own.status(), 303, "the page's own origin signs in");
-    let session = own
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|c| c.starts_with("licensor_session="))
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let session = set_cookie(&own, "licensor_session=").expect("a session cookie");
     // The session's own form secret, posted from another origin.
     let secret = csrf_field(&page_of(&http, &url, &session).await);
     let edit = [
