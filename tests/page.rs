@@ -14,6 +14,9 @@ use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
+use common::browser::{
+    csrf_field, no_redirects, page_of, set_cookie, sign_in_attempt, sign_in_over_http,
+};
 use common::{Account, Kind};
 
 /// The example account with one allocation managed from Git.
@@ -764,73 +767,6 @@ async fn managed_allocations_and_forms_without_csrf_are_refused(store: Kind) {
     c.close().await.unwrap();
 }
 
-/// The value of the first hidden `csrf` field of a page.
-fn csrf_field(html: &str) -> String {
-    html.split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or_else(|| panic!("no csrf field: {html}"))
-        .to_string()
-}
-
-/// Signs in at `url` with `token` as a browser does (the sign-in form's
-/// cookie and hidden field, then the form, with the browser's session
-/// cookie if it holds one); the new session cookie (`licensor_session=...`).
-async fn sign_in_over_http(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    holding: Option<&str>,
-) -> String {
-    let form = http.get(url).send().await.unwrap();
-    let sign_in_cookie = set_cookie(&form, "licensor_sign_in=").expect("the sign-in form's cookie");
-    let csrf = csrf_field(&form.text().await.unwrap());
-    let cookies = match holding {
-        Some(session) => format!("{sign_in_cookie}; {session}"),
-        None => sign_in_cookie,
-    };
-    let signed_in = http
-        .post(format!("{url}/sign-in"))
-        .header("cookie", cookies)
-        .form(&[("token", token), ("csrf", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signed_in.status(), 303);
-    set_cookie(&signed_in, "licensor_session=").expect("a session cookie")
-}
-
-/// The cookie an answer sets whose `name=` begins it, as a request sends
-/// it back (`name=value`).
-fn set_cookie(answer: &reqwest::Response, name: &str) -> Option<String> {
-    answer
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|c| c.starts_with(name))
-        .map(|c| c.split(';').next().unwrap().to_string())
-}
-
-/// The page at `url` as the browser holding `session` sees it.
-async fn page_of(http: &reqwest::Client, url: &str, session: &str) -> String {
-    http.get(url)
-        .header("cookie", session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
 /// A session lives in the store: one replica signs in, another serves the
 /// page to that cookie, and a sign-out at either ends it at both.
 #[tokio::test]
@@ -1057,6 +993,72 @@ async fn requests_from_another_origin_are_refused_and_write_nothing() {
     assert_eq!(account.rows(), before_edit, "a cross-origin API call wrote");
     assert_eq!(put(None).await.unwrap().status(), 200);
     assert_eq!(put(Some(url.as_str())).await.unwrap().status(), 200);
+}
+
+/// Failed sign-ins are logged (never the token) and counted; past ten a
+/// minute from one address, that address is answered 429 with
+/// Retry-After, even with a good token, while another address signs in.
+#[tokio::test]
+async fn failed_sign_ins_are_logged_counted_and_throttled_per_address() {
+    let served = seeded(Kind::Embedded, FIXTURE);
+    let (url, account) = (served.url().to_string(), &served.account);
+    let admin = account.token("AccountAdmin", "alice");
+    let from = |address: &str| {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(address.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let (here, elsewhere) = (from("127.0.0.1"), from("127.0.0.2"));
+    let attempt =
+        async |http: &reqwest::Client, token: &str| sign_in_attempt(http, &url, token, None).await;
+    for i in 0..10 {
+        let wrong = format!("lsr_wrong_guess_{i}");
+        let answer = attempt(&here, &wrong).await;
+        assert_eq!(answer.status(), 401, "attempt {i}");
+    }
+    let answer = attempt(&here, &admin).await;
+    assert_eq!(answer.status(), 429, "the eleventh, with a good token");
+    let wait: u64 = answer.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After: {wait}");
+    let page = answer.text().await.unwrap();
+    assert!(
+        page.contains("too many failed sign-ins from this address"),
+        "{page}"
+    );
+    assert_eq!(
+        attempt(&elsewhere, &admin).await.status(),
+        303,
+        "another address"
+    );
+
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("licensor_http_sign_in_failures_total 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("licensor_http_sign_ins_throttled_total 1"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(account.path("serve.log")).unwrap();
+    let failures = log.lines().filter(|l| l.contains("sign-in failed")).count();
+    assert_eq!(failures, 10, "{log}");
+    assert!(
+        log.contains("127.0.0.1") && log.contains("too many failures"),
+        "{log}"
+    );
+    assert!(!log.contains("lsr_"), "a token in the log:\n{log}");
 }
 
 // Each case on every store `licensor serve` runs on: `embedded::<case>`

@@ -1382,3 +1382,73 @@ async fn the_backend_rate_paces_every_call_of_the_client() {
         "every pools read was made"
     );
 }
+
+/// `licensor serve --account A` serves account A only: a token of another
+/// account in the same store is 401 on the API and at the page's sign-in,
+/// while without `--account` the same token works for its own account.
+#[tokio::test]
+async fn serve_with_an_account_serves_that_account_only() {
+    let mut acct = Account::seeded(DOCUMENTED);
+    let other = acct.write(
+        "other.yaml",
+        "account: other\nproducts:\n  - {name: TestOps, total: 10}\norganizations:\n  - id: ops\n",
+    );
+    let run = acct.run_local(&["backend", "seed", "-f", other.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let token = |account: &str, name: &str| {
+        let run = acct.run_local(&[
+            "--account",
+            account,
+            "token",
+            "create",
+            "--role",
+            "Viewer",
+            "--name",
+            name,
+        ]);
+        assert_eq!(run.code, 0, "{run:?}");
+        run.stdout.trim().to_string()
+    };
+    let (theirs, ours) = (token("other", "theirs"), token("acme", "ours"));
+    let http = Client::new();
+    let get = async |port: u16, account: &str, token: &str| {
+        let r = http
+            .get(format!("http://127.0.0.1:{port}/v1/accounts/{account}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+
+    let open = acct.serve(&[]);
+    assert_eq!(get(open, "other", &theirs).await.0, StatusCode::OK);
+
+    let bound = acct.serve(&["--account", "acme"]);
+    let (status, body) = get(bound, "other", &theirs).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        body.contains("this server serves account acme only"),
+        "{body}"
+    );
+    assert_eq!(
+        get(bound, "acme", &theirs).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(get(bound, "acme", &ours).await.0, StatusCode::OK);
+
+    // At sign-in: the page answers with the same words and opens no session.
+    let browser = common::browser::no_redirects();
+    let page = format!("http://127.0.0.1:{bound}");
+    let answer = common::browser::sign_in_attempt(&browser, &page, &theirs, None).await;
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        common::browser::set_cookie(&answer, "licensor_session="),
+        None
+    );
+    let html = answer.text().await.unwrap();
+    assert!(
+        html.contains("this server serves account acme only"),
+        "{html}"
+    );
+}

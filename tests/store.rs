@@ -351,7 +351,7 @@ fn a_stored_role_this_licensor_does_not_know_is_a_damaged_store() {
         .create_token("acme", Role::Viewer, "ci", None, "local")
         .unwrap();
     let (cookie, _) = store
-        .open_session(&token, chrono::TimeDelta::hours(1), None)
+        .open_session(&token, chrono::TimeDelta::hours(1), None, None)
         .unwrap();
     assert_eq!(
         store.authenticate("acme", &token).unwrap().role,
@@ -435,19 +435,21 @@ fn tokens_expire_are_revoked_and_end_their_sessions(kind: Kind) {
     );
 
     // Signing in again ends the browser's previous session.
-    let (first, _) = store.open_session(&admin, hour, None).unwrap();
-    let (second, _) = store.open_session(&admin, hour, Some(&first)).unwrap();
+    let (first, _) = store.open_session(&admin, hour, None, None).unwrap();
+    let (second, _) = store
+        .open_session(&admin, hour, Some(&first), None)
+        .unwrap();
     assert!(store.session(&first).unwrap().is_none());
     assert!(store.session(&second).unwrap().is_some());
 
     // Revoked: refused at once, its sessions end, a second revoke is told.
-    let (viewer, _) = store.open_session(&ci, hour, None).unwrap();
+    let (viewer, _) = store.open_session(&ci, hour, None, None).unwrap();
     assert!(store.session(&viewer).unwrap().is_some());
     store.revoke_token("acme", "ci", "local").unwrap();
     let err = store.authenticate("acme", &ci).unwrap_err();
     assert!(matches!(err, BackendError::Unauthorized(_)), "{err:?}");
     assert!(store.session(&viewer).unwrap().is_none());
-    assert!(store.open_session(&ci, hour, None).is_err());
+    assert!(store.open_session(&ci, hour, None, None).is_err());
     let err = store.revoke_token("acme", "ci", "local").unwrap_err();
     assert!(matches!(err, TokenError::NoSuchToken { .. }), "{err:?}");
     assert!(
@@ -456,7 +458,7 @@ fn tokens_expire_are_revoked_and_end_their_sessions(kind: Kind) {
     );
 
     // Expired: refused at once, its session ends, then removed and audited.
-    let (brief_session, _) = store.open_session(&brief, hour, None).unwrap();
+    let (brief_session, _) = store.open_session(&brief, hour, None, None).unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let err = store.authenticate("acme", &brief).unwrap_err();
     assert!(err.to_string().contains("the token expired at"), "{err}");

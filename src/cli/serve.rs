@@ -53,6 +53,7 @@ pub async fn run(g: &Global, args: &ServeArgs) -> u8 {
         max_body: args.max_body,
         timeout: args.timeout,
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+        account: g.account.clone(),
     };
     match server::run(store, config).await {
         Ok(()) => OK,

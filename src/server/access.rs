@@ -38,6 +38,13 @@ pub async fn authorize(
         |m: &str| Problem::new(StatusCode::UNAUTHORIZED, ProblemType::Unauthorized, m);
     let token = bearer(headers)
         .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
+    if let Some(only) = &s.account
+        && **only != *account
+    {
+        return Err(unauthorized(&format!(
+            "this server serves account {only} only"
+        )));
+    }
     let (store, token, acc) = (s.store.clone(), token.to_string(), account.to_string());
     off_thread(move || store.authenticate(&acc, &token))
         .await

@@ -88,6 +88,10 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Histogram,
+    /// Sign-ins refused for their token (unknown, revoked, expired, another
+    /// account's), and sign-ins answered 429 for too many of those.
+    pub sign_in_failures: Counter,
+    pub sign_ins_throttled: Counter,
 }
 
 impl Metrics {
@@ -107,10 +111,24 @@ impl Metrics {
             "Time to answer a request",
             duration.clone(),
         );
+        let sign_in_failures = Counter::default();
+        registry.register(
+            "sign_in_failures",
+            "Sign-ins refused for their token",
+            sign_in_failures.clone(),
+        );
+        let sign_ins_throttled = Counter::default();
+        registry.register(
+            "sign_ins_throttled",
+            "Sign-ins answered 429: too many failures from one address",
+            sign_ins_throttled.clone(),
+        );
         Metrics {
             registry,
             requests,
             duration,
+            sign_in_failures,
+            sign_ins_throttled,
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Config {
     pub timeout: Duration,
     /// Certificate chain and key files: serve HTTPS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Serve this account only (`--account`): another account's token is
+    /// 401 on the API and at sign-in.
+    pub account: Option<String>,
 }
 
 /// How long idempotency keys are kept.
@@ -60,10 +63,14 @@ const IDEMPOTENCY_KEYS: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 #[derive(Clone)]
 pub struct Shared {
     store: Arc<Store>,
+    /// Failed sign-ins per client address.
+    sign_ins: Arc<limits::SignInThrottle>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<metrics::Metrics>,
     /// Served over TLS (`--tls-cert`): the page's cookies are `Secure`.
     tls: bool,
+    /// The one account served, if `--account` named one.
+    account: Option<Arc<str>>,
 }
 
 /// The route templates the server answers on, each written once: the
@@ -114,11 +121,13 @@ pub const ROUTES: [&str; 20] = [
 pub fn app(store: Arc<Store>, config: &Config) -> Router {
     let shared = Shared {
         store,
+        sign_ins: Arc::default(),
         limiter: config
             .rate_limit
             .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n)))),
         metrics: Arc::new(metrics::Metrics::new()),
         tls: config.tls.is_some(),
+        account: config.account.as_deref().map(Arc::from),
     };
     // The caller is checked on each route's own methods (route_layer), so a
     // method a route does not have is a 405 with Allow, before any token:
@@ -208,19 +217,28 @@ pub async fn run(store: Arc<Store>, config: Config) -> std::io::Result<()> {
         let files = crate::tls::CertificateFiles::load(cert, key)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let tls = crate::tls::server_config(files).map_err(std::io::Error::other)?;
-        let listener = crate::tls::TlsListener::start(listener, tls);
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown())
-            .await;
+        // Tapped for nothing but the peer's address (ConnectInfo), which
+        // axum gives tapped listeners.
+        let listener =
+            axum::serve::ListenerExt::tap_io(crate::tls::TlsListener::start(listener, tls), |_| {});
+        return axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown())
+        .await;
     }
     // Answers go out as soon as they are written (no Nagle delay behind a
     // client's delayed acknowledgement).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await
 }
 
 /// Forgets idempotency keys older than [`IDEMPOTENCY_KEYS`], every hour.

@@ -2,6 +2,7 @@
 //! `licensor` binary, as a user would.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod chart_readme;
 pub mod postgres;
 

@@ -245,21 +245,31 @@ impl Store {
     }
 
     /// Signs in with an API token: a new page session for the token's
-    /// account and role, lasting `ttl`, which ends with the token. The
-    /// session `previous` (the browser's, if any) ends. Returns the
-    /// cookie's value (random; only its hash is stored) and the session.
+    /// account and role (which must be `only`, when given), lasting `ttl`,
+    /// which ends with the token. The session `previous` (the browser's, if
+    /// any) ends. Returns the cookie's value (random; only its hash is
+    /// stored) and the session.
     pub fn open_session(
         &self,
         token: &str,
         ttl: chrono::Duration,
         previous: Option<&str>,
+        only: Option<&str>,
     ) -> Result<(String, Session), BackendError> {
-        let unknown = || BackendError::Unauthorized("the token is unknown".into());
+        let unknown =
+            || BackendError::Unauthorized("the token is unknown, revoked or expired".into());
         let now = chrono::Utc::now();
         let t = self
             .read_one(|s| s.token(&hash(token)))?
             .filter(|t| !t.expired(&rfc3339(now)))
             .ok_or_else(unknown)?;
+        if let Some(only) = only
+            && t.account != only
+        {
+            return Err(BackendError::Unauthorized(format!(
+                "this server serves account {only} only"
+            )));
+        }
         let id = random_hex()?;
         let row = SessionRow {
             account: t.account,

@@ -13,11 +13,11 @@
 
 mod view;
 
-use axum::Form;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Form};
 use axum::{Router, middleware};
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use serde::Deserialize;
@@ -237,6 +237,7 @@ struct SignIn {
 
 async fn sign_in(
     State(s): State<Shared>,
+    client: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     jar: CookieJar,
     Form(form): Form<SignIn>,
@@ -245,11 +246,35 @@ async fn sign_in(
     if !expected.is_some_and(|e| same_secret(&e, &form.csrf)) {
         return sign_in_page(&s, jar, &headers, Some(forbidden_form()));
     }
+    // Too many failed sign-ins from this address: 429 until the oldest is
+    // a minute old, before the token is looked at.
+    let client = client.map(|Extension(ConnectInfo(a))| a.ip());
+    let now = std::time::Instant::now();
+    if let Some(ip) = client
+        && let Some(wait) = s.sign_ins.wait(ip, now)
+    {
+        s.metrics.sign_ins_throttled.inc();
+        tracing::warn!(client = %ip, "sign-in refused: too many failures from this address");
+        let seconds = wait.as_secs().max(1);
+        let problem = Problem {
+            retry_after: Some(seconds),
+            ..Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ProblemType::RateLimited,
+                format!("too many failed sign-ins from this address; try again in {seconds} s"),
+            )
+        };
+        let mut page = sign_in_page(&s, jar, &headers, Some(problem));
+        page.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return page;
+    }
     let token = form.token.trim().to_string();
     // Signing in ends the browser's previous session.
     let previous = jar.get(SESSION).map(|c| c.value().to_string());
+    let only = s.account.clone();
     match store(&s, move |st| {
-        st.open_session(&token, SESSION_TTL, previous.as_deref())
+        st.open_session(&token, SESSION_TTL, previous.as_deref(), only.as_deref())
     })
     .await
     {
@@ -259,7 +284,17 @@ async fn sign_in(
                 .add(cookie(&s, SESSION, id, &headers));
             (jar, Redirect::to("/")).into_response()
         }
-        Err(p) => sign_in_page(&s, jar, &headers, Some(p)),
+        Err(p) => {
+            if p.status == StatusCode::UNAUTHORIZED.as_u16() {
+                s.metrics.sign_in_failures.inc();
+                if let Some(ip) = client {
+                    s.sign_ins.failed(ip, now);
+                }
+                let client = client.map_or("unknown".into(), |ip| ip.to_string());
+                tracing::warn!(%client, "sign-in failed: the token is unknown, revoked or expired");
+            }
+            sign_in_page(&s, jar, &headers, Some(p))
+        }
     }
 }
 
