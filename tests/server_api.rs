@@ -1316,7 +1316,8 @@ fn https_with_a_private_ca() {
     );
 }
 
-/// The Set-Cookie headers of `GET /` over HTTPS on `port`, trusting `ca`.
+/// The Set-Cookie headers of `GET /` over HTTPS on `port`, trusting `ca`,
+/// after checking the answer says to come back over TLS only (HSTS).
 fn set_cookies_over_tls(port: u16, ca: reqwest::Certificate) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1329,6 +1330,10 @@ fn set_cookies_over_tls(port: u16, ca: reqwest::Certificate) -> String {
             .send()
             .await
             .unwrap();
+        assert_eq!(
+            answer.headers()["strict-transport-security"],
+            "max-age=31536000"
+        );
         answer
             .headers()
             .get_all("set-cookie")
@@ -1451,4 +1456,58 @@ async fn serve_with_an_account_serves_that_account_only() {
         html.contains("this server serves account acme only"),
         "{html}"
     );
+}
+
+/// Every kind of answer says how it may be kept and read: `no-store` (but
+/// the stylesheet, cached an hour), `nosniff`, a content security policy,
+/// and over plain HTTP no HSTS (over TLS: `https_with_a_private_ca`).
+#[tokio::test]
+async fn every_kind_of_answer_carries_its_security_headers() {
+    let api = Api::start(DOCUMENTED);
+    let root = api.acct.backend.clone();
+    let http = Client::new();
+    let viewer = api.acct.token("Viewer", "reader");
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        (
+            "an authenticated read",
+            http.get(api.url("")).bearer_auth(&api.admin),
+            200,
+        ),
+        ("a 401 problem", http.get(api.url("")), 401),
+        (
+            "a 403 problem",
+            http.put(api.url("/organizations/qa-team/allocations/TestOps"))
+                .bearer_auth(&viewer)
+                .json(&json!({"dedicated": 6})),
+            403,
+        ),
+        (
+            "a 404 for an unknown page path",
+            http.get(format!("{root}/nope")),
+            404,
+        ),
+        ("a 405", http.patch(format!("{root}/sign-in")), 405),
+        ("the page", http.get(format!("{root}/")), 200),
+        ("health", http.get(format!("{root}/healthz")), 200),
+        (
+            "the OpenAPI document",
+            http.get(format!("{root}/openapi.json")),
+            200,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), status, "{what}");
+        let h = answer.headers();
+        assert_eq!(h["cache-control"], "no-store", "{what}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{what}");
+        assert!(h.contains_key("content-security-policy"), "{what}");
+        assert!(
+            !h.contains_key("strict-transport-security"),
+            "{what}: plain HTTP"
+        );
+    }
+    let css = http.get(format!("{root}/page.css")).send().await.unwrap();
+    assert_eq!(css.headers()["cache-control"], "max-age=3600");
+    assert_eq!(css.headers()["x-content-type-options"], "nosniff");
 }

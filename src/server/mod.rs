@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post, put};
@@ -190,6 +190,10 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
             shared.clone(),
             access::same_origin,
         ))
+        .layer(middleware::map_response_with_state(
+            shared.clone(),
+            every_answer,
+        ))
         .layer(middleware::from_fn(problem::errors_as_problems))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -204,6 +208,30 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
                 .timeout(config.timeout),
         )
         .with_state(shared)
+}
+
+/// What every answer says about itself, unless its route said otherwise:
+/// not to be stored by caches (account data, tokens' effects, problems),
+/// not to be sniffed as another type, to load nothing and be framed
+/// nowhere (the page sets its own policy), and over TLS, to be reached
+/// over TLS only (HSTS).
+async fn every_answer(State(s): State<Shared>, mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    h.entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(
+            "default-src 'none'; frame-ancestors 'none'",
+        ));
+    if s.tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    response
 }
 
 /// Serves until SIGTERM or ctrl-c, then finishes requests in flight.
