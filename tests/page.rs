@@ -270,16 +270,34 @@ async fn session_of(c: &Client) -> (String, String) {
     (cookie.value().to_string(), csrf)
 }
 
-/// A POST a page did not send: a form body with the given cookie.
+/// A POST a page did not send: a form body with the given cookie. A form
+/// answers with a redirect to the account (post/redirect/get), which is
+/// followed with the cookie it set, so the body is what the account then
+/// shows; the status is the form's own.
 async fn forged(url: &str, cookie: &str, form: &[(&str, &str)]) -> (u16, String) {
-    let r = reqwest::Client::new()
+    let http = no_redirects();
+    let session = format!("licensor_session={cookie}");
+    let r = http
         .post(url)
-        .header("cookie", format!("licensor_session={cookie}"))
+        .header("cookie", &session)
         .form(form)
         .send()
         .await
         .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
+    let status = r.status().as_u16();
+    if status != 303 {
+        return (status, r.text().await.unwrap());
+    }
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let flash = set_cookie(&r, "licensor_flash=").unwrap_or_default();
+    let base = url.split("/allocations").next().unwrap();
+    let page = http
+        .get(format!("{base}{location}"))
+        .header("cookie", format!("{session}; {flash}"))
+        .send()
+        .await
+        .unwrap();
+    (status, page.text().await.unwrap())
 }
 
 /// The figures of every pool and row of the table, as the page shows them,
@@ -521,7 +539,9 @@ async fn edit_and_revoke_through_the_page_land_in_the_store(store: Kind) {
         let (org, product, c) = (org.to_string(), product.to_string(), c.clone());
         async move {
             let input = c
-                .find(Locator::Id(&format!("count-{org}-{product}")))
+                .find(Locator::Css(&format!(
+                    "tr[data-organization='{org}'][data-product='{product}'] input[name=dedicated]"
+                )))
                 .await
                 .unwrap();
             input.clear().await.unwrap();
@@ -607,7 +627,7 @@ async fn edit_and_revoke_through_the_page_land_in_the_store(store: Kind) {
         ("version", version.as_str()),
     ];
     let (status, body) = forged(&format!("{url}/allocations/revoke"), &cookie, &form).await;
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 303, "{body}");
     assert!(body.contains("WouldDisplaceUsers"), "{body}");
     assert_eq!(account.rows(), before);
     c.find(Locator::Id("displace"))
@@ -746,13 +766,14 @@ async fn managed_allocations_and_forms_without_csrf_are_refused(store: Kind) {
         forged(&format!("{url}{path}"), &cookie, &fields).await
     };
     let (status, body) = post("/allocations/edit", &form(&csrf)).await;
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 303, "{body}");
     assert!(
         body.contains("Conflict") && body.contains("default/licenses/platform"),
         "{body}"
     );
     let (status, body) = post("/allocations/revoke", &form(&csrf)).await;
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 303, "{body}");
+    assert!(body.contains("Conflict"), "{body}");
 
     // Without the CSRF secret, or with another one: refused before anything.
     let (status, body) = post("/allocations/edit", &form(&csrf)[1..]).await;
@@ -1061,6 +1082,263 @@ async fn failed_sign_ins_are_logged_counted_and_throttled_per_address() {
     assert!(!log.contains("lsr_"), "a token in the log:\n{log}");
 }
 
+/// axe-core's violations of any impact on the current page.
+async fn violations(c: &Client) -> Vec<String> {
+    c.execute(axe(), vec![]).await.expect("load axe-core");
+    let result = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, {resultTypes: ['violations']})
+                .then(r => done(r.violations.map(v => v.id + ' (' + v.impact + ') at ' +
+                    v.nodes.map(n => n.target.join(' ')).join(', '))))
+                .catch(e => done(['axe failed: ' + e]));",
+            vec![],
+        )
+        .await
+        .expect("run axe-core");
+    serde_json::from_value(result).unwrap()
+}
+
+/// Where the browser is, as a path.
+async fn at(c: &Client) -> String {
+    c.current_url().await.unwrap().path().to_string()
+}
+
+/// The count box of one row, typed into and submitted with its Edit button.
+async fn type_count(c: &Client, org: &str, product: &str, typed: &str) {
+    let row = format!("tr[data-organization='{org}'][data-product='{product}']");
+    let input = c
+        .find(Locator::Css(&format!("{row} input[name=dedicated]")))
+        .await
+        .unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(typed).await.unwrap();
+    click(c, &format!("{row} form.edit button")).await;
+}
+
+/// No page element shares an id, and every id a label or an ARIA
+/// attribute names exists, once.
+async fn ids_are_sound(c: &Client) {
+    let broken = c
+        .execute(
+            "const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
+             const dup = ids.filter((id, i) => ids.indexOf(id) !== i);
+             const refs = [...document.querySelectorAll('[for],[aria-labelledby],[aria-describedby]')]
+               .flatMap(e => [e.getAttribute('for'), e.getAttribute('aria-labelledby'),
+                              e.getAttribute('aria-describedby')])
+               .filter(v => v).flatMap(v => v.split(' '))
+               .filter(id => document.querySelectorAll('[id=\"' + CSS.escape(id) + '\"]').length !== 1);
+             return dup.concat(refs);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(broken, json!([]), "duplicate or dangling ids");
+}
+
+/// The page as a person uses it (issue findings): every form redirects to
+/// the account (a reload never posts again); a count that is no number is
+/// told in the page's words and stays in its box; 0 goes through the Revoke
+/// confirmation, which takes focus; a form's address loaded by itself and a
+/// bad page number show the account; "Give licenses" creates an allocation
+/// the page did not offer before, and Edit never creates one; hostile names
+/// make sound ids and stay isolated; on a phone the organizations table
+/// does not scroll sideways; axe-core finds nothing at either size.
+async fn the_page_works_as_a_person_uses_it(store: Kind) {
+    let hostile = "
+account: acme
+products:
+  - {name: TestOps, total: 200}
+  - {name: Studio, total: 50}
+  - {name: Lab, total: 10}
+  - {name: Edge, total: 5}
+  - {name: Mobile Suite, total: 40}
+organizations:
+  - id: qa-team
+    allocations:
+      - {product: TestOps, dedicated: 5, inUse: 4}
+  - id: a
+    allocations:
+      - {product: Lab, dedicated: 1, inUse: 0}
+  - id: a-b
+    allocations:
+      - {product: Mobile Suite, dedicated: 2, inUse: 1}
+  - id: \"x\\u202Ey\"
+    allocations:
+      - {product: Edge, dedicated: 1, inUse: 1}
+  - id: dev-team
+";
+    let (served, _admin, c) = signed_in(store, hostile, "AccountAdmin", "alice").await;
+    let (account, url) = (&served.account, served.url().to_string());
+    ids_are_sound(&c).await;
+    for (w, h) in [(1280, 900), (390, 844)] {
+        c.set_window_size(w, h).await.unwrap();
+        c.refresh().await.unwrap();
+        assert_eq!(violations(&c).await, Vec::<String>::new(), "admin at {w}px");
+    }
+    // On a phone, each row a card: nothing scrolls sideways.
+    let overflow = c
+        .execute(
+            "const t = document.querySelector('#allocations');
+             return t.scrollWidth - t.parentElement.clientWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the table overflows by {overflow}px at 390px"
+    );
+    c.set_window_size(1280, 900).await.unwrap();
+    // The right-to-left override in a name stays inside its own box.
+    let isolated = c
+        .execute(
+            "return [...document.querySelectorAll('th[scope=row] bdi')].some(b => b.textContent.includes('\\u202E'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(isolated, json!(true));
+
+    // An edit, then a reload: the address is the account's, and nothing is
+    // posted again.
+    type_count(&c, "qa-team", "TestOps", "8").await;
+    assert_eq!(at(&c).await, "/");
+    assert_eq!(text(&c, ".done").await, "qa-team TestOps: 5 → 8");
+    let audit = account.audit().len();
+    c.refresh().await.unwrap();
+    assert_eq!(account.audit().len(), audit, "a reload posted again");
+    assert_eq!(count(&c, ".done").await, 0, "the outcome is shown once");
+
+    // No number: the page's words, what was typed kept in its box.
+    let before = account.rows();
+    type_count(&c, "qa-team", "TestOps", "1e3").await;
+    assert_eq!(at(&c).await, "/");
+    let problem = text(&c, ".problem").await;
+    assert!(
+        problem.contains("the count is a whole number from 0 to 1,000,000; “1e3” is not"),
+        "{problem}"
+    );
+    let typed = c
+        .find(Locator::Css(
+            "tr[data-organization='qa-team'][data-product='TestOps'] input[name=dedicated]",
+        ))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap();
+    assert_eq!(typed.as_deref(), Some("1e3"));
+    assert_eq!(account.rows(), before);
+    assert_eq!(violations(&c).await, Vec::<String>::new(), "an error");
+    // Below the seats in use: its reason once, not twice.
+    type_count(&c, "qa-team", "TestOps", "2").await;
+    let problem = text(&c, ".problem").await;
+    assert!(
+        problem.contains("BelowInUse") && !problem.contains("(BelowInUse)"),
+        "{problem}"
+    );
+
+    // 0 goes through the Revoke confirmation, which has the focus.
+    type_count(&c, "qa-team", "TestOps", "0").await;
+    assert_eq!(at(&c).await, "/revoke");
+    let focused = c
+        .active_element()
+        .await
+        .unwrap()
+        .attr("role")
+        .await
+        .unwrap();
+    assert_eq!(focused.as_deref(), Some("alertdialog"));
+    assert_eq!(
+        violations(&c).await,
+        Vec::<String>::new(),
+        "the confirmation"
+    );
+    assert_eq!(account.allocation("qa-team", "TestOps"), Some((8, 4)));
+
+    // A form's address by itself, and a page number that is none.
+    for path in [
+        "/allocations/edit",
+        "/allocations/revoke",
+        "/allocations/give",
+        "/?page=abc",
+    ] {
+        c.goto(&format!("{url}{path}")).await.unwrap();
+        assert_eq!(text(&c, "h1").await, "Account acme", "{path}");
+    }
+
+    // Give licenses: to an organization holding none of a product.
+    c.find(Locator::Id("give-organization"))
+        .await
+        .unwrap()
+        .select_by_value("dev-team")
+        .await
+        .unwrap();
+    c.find(Locator::Id("give-product"))
+        .await
+        .unwrap()
+        .select_by_value("Studio")
+        .await
+        .unwrap();
+    let count_box = c.find(Locator::Id("give-count")).await.unwrap();
+    count_box.clear().await.unwrap();
+    count_box.send_keys("3").await.unwrap();
+    click(&c, "form.give button").await;
+    assert_eq!(text(&c, ".done").await, "dev-team Studio: 0 → 3");
+    assert_eq!(account.allocation("dev-team", "Studio"), Some((3, 0)));
+    assert_eq!(account.audit().last().unwrap()["action"], "create");
+
+    // Edit never creates, and Give never changes what exists.
+    let (cookie, csrf) = session_of(&c).await;
+    let before = account.rows();
+    let (status, page) = forged(
+        &format!("{url}/allocations/edit"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("organization", "dev-team"),
+            ("product", "Lab"),
+            ("dedicated", "2"),
+            ("version", "0"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(
+        page.contains("dev-team holds no Lab licenses to edit"),
+        "{page}"
+    );
+    let (_, page) = forged(
+        &format!("{url}/allocations/give"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("organization", "qa-team"),
+            ("product", "TestOps"),
+            ("dedicated", "9"),
+        ],
+    )
+    .await;
+    assert!(
+        page.contains("qa-team already holds TestOps licenses"),
+        "{page}"
+    );
+    assert_eq!(account.rows(), before);
+
+    // The seed in the audit log, and the icon.
+    c.goto(&format!("{url}/?page=9")).await.unwrap();
+    assert!(
+        text(&c, "#audit-log")
+            .await
+            .contains("account loaded from a fixture")
+    );
+    let icon = reqwest::get(format!("{url}/favicon.svg")).await.unwrap();
+    assert_eq!(icon.headers()["content-type"], "image/svg+xml");
+    assert_eq!(count(&c, "link[rel=icon][href='/favicon.svg']").await, 1);
+    c.close().await.unwrap();
+}
+
 // Each case on every store `licensor serve` runs on: `embedded::<case>`
 // and `postgres::<case>`.
 on_every_store!(
@@ -1069,4 +1347,5 @@ on_every_store!(
     a_viewer_sees_no_controls_and_a_forged_post_is_refused,
     edit_and_revoke_through_the_page_land_in_the_store,
     managed_allocations_and_forms_without_csrf_are_refused,
+    the_page_works_as_a_person_uses_it,
 );

@@ -30,6 +30,8 @@ use crate::domain::{AllocationWrite, Role, Target, check_count, require_admin};
 
 /// The session cookie.
 const SESSION: &str = "licensor_session";
+/// What the last form did, carried across its redirect to the account.
+const FLASH: &str = "licensor_flash";
 /// The sign-in form's double-submit CSRF cookie.
 const SIGN_IN: &str = "licensor_sign_in";
 /// How long a session lasts.
@@ -46,6 +48,8 @@ pub mod path {
     pub const CONFIRM_REVOKE: &str = "/revoke";
     pub const EDIT: &str = "/allocations/edit";
     pub const REVOKE: &str = "/allocations/revoke";
+    pub const GIVE: &str = "/allocations/give";
+    pub const FAVICON: &str = "/favicon.svg";
 }
 
 /// The page's routes.
@@ -53,11 +57,16 @@ pub fn routes(shared: Shared) -> Router<Shared> {
     Router::new()
         .route(path::HOME, get(home))
         .route(path::STYLESHEET, get(stylesheet))
-        .route(path::SIGN_IN, post(sign_in))
-        .route(path::SIGN_OUT, post(sign_out))
+        .route(path::FAVICON, get(favicon))
+        // A form's address loaded by itself (a reload, a bookmark) shows
+        // the account: every form answers with a redirect (PRG).
+        .route(path::SIGN_IN, post(sign_in).get(to_home))
+        .route(path::SIGN_OUT, post(sign_out).get(to_home))
         .route(path::CONFIRM_REVOKE, get(confirm_revoke))
-        .route(path::EDIT, post(edit))
-        .route(path::REVOKE, post(revoke))
+        .route(path::EDIT, post(edit).get(to_home))
+        .route(path::REVOKE, post(revoke).get(to_home))
+        .route(path::GIVE, post(give).get(to_home))
+        .layer(middleware::map_response(errors_as_pages))
         .layer(middleware::map_response(secure_headers))
         .with_state(shared)
 }
@@ -164,8 +173,13 @@ pub struct AuditQuery {
     pub organization: String,
     #[serde(default)]
     pub product: String,
-    #[serde(default)]
+    /// A page number; anything else reads as the first page.
+    #[serde(default, deserialize_with = "lenient_page")]
     pub page: Option<usize>,
+}
+
+fn lenient_page<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    Ok(String::deserialize(d)?.trim().parse().ok())
 }
 
 /// The account page, or the sign-in form.
@@ -176,7 +190,14 @@ async fn home(
     jar: CookieJar,
 ) -> Response {
     match session(&s, &jar).await {
-        Ok(Some(session)) => account_page(&s, &session, &query, None).await,
+        Ok(Some(session)) => {
+            // What the form before the redirect did, shown once.
+            let outcome = jar
+                .get(FLASH)
+                .and_then(|c| view::Outcome::from_cookie(c.value()));
+            let jar = jar.remove(Cookie::build(FLASH).path("/"));
+            (jar, account_page(&s, &session, &query, outcome).await).into_response()
+        }
         Ok(None) => sign_in_page(&s, jar, &headers, None),
         Err(p) => problem_page(p, None),
     }
@@ -217,14 +238,7 @@ async fn account_page(
         Ok(r) => r,
         Err(p) => return problem_page(p, Some(session)),
     };
-    let status = match &outcome {
-        Some(view::Outcome::Refused(p)) => {
-            StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST)
-        }
-        _ => StatusCode::OK,
-    };
-    let page = view::account(session, &snapshot, &audit, query, outcome.as_ref());
-    (status, page).into_response()
+    view::account(session, &snapshot, &audit, query, outcome.as_ref()).into_response()
 }
 
 #[derive(Deserialize)]
@@ -351,37 +365,111 @@ async fn admin_form(s: &Shared, jar: &CookieJar, csrf: &str) -> Result<Session, 
 }
 
 #[derive(Deserialize)]
-struct EditForm {
+struct CountForm {
     /// Missing reads as empty, and is refused as a mismatch (403).
     #[serde(default)]
     csrf: String,
     organization: String,
     product: String,
-    dedicated: i64,
-    /// The allocation's version the form was shown with.
-    version: i64,
+    /// As typed: read here, so a wrong one is told in the page's words.
+    dedicated: String,
+    /// Edit's: the allocation's version the form was shown with.
+    #[serde(default)]
+    version: Option<i64>,
 }
 
-async fn edit(State(s): State<Shared>, jar: CookieJar, Form(form): Form<EditForm>) -> Response {
-    let session = match admin_form(&s, &jar, &form.csrf).await {
+/// A count as typed in a form: a whole number from 0 to the limit.
+fn typed_count(typed: &str) -> Result<i64, crate::domain::Refusal> {
+    let count = typed.trim().parse::<i64>().map_err(|_| {
+        crate::domain::Refusal::new(
+            crate::domain::Reason::Invalid,
+            format!(
+                "the count is a whole number from 0 to {}; “{}” is not",
+                view::thousands(crate::domain::MAX_COUNT),
+                typed.trim()
+            ),
+        )
+    })?;
+    check_count(count)?;
+    Ok(count)
+}
+
+/// Edit changes the count of an allocation the organization holds (0 goes
+/// through the Revoke confirmation); it never creates one.
+async fn edit(State(s): State<Shared>, jar: CookieJar, Form(form): Form<CountForm>) -> Response {
+    counted(&s, jar, form, false).await
+}
+
+/// Give gives an organization licenses of a product it holds none of: a
+/// new, unmanaged allocation (Account Admin only); it never changes one.
+async fn give(State(s): State<Shared>, jar: CookieJar, Form(form): Form<CountForm>) -> Response {
+    counted(&s, jar, form, true).await
+}
+
+/// Edit's and Give's write: the count checked, then written as the
+/// session's caller with no manager.
+async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Response {
+    let session = match admin_form(s, &jar, &form.csrf).await {
         Ok(session) => session,
         Err(page) => return page,
     };
-    if let Err(refusal) = check_count(form.dedicated) {
-        let outcome = view::Outcome::Refused(Problem::refusal(&refusal));
-        return account_page(&s, &session, &AuditQuery::default(), Some(outcome)).await;
+    let typed = view::Typed {
+        organization: form.organization.clone(),
+        product: form.product.clone(),
+        count: form.dedicated.clone(),
+    };
+    let count = match typed_count(&form.dedicated) {
+        Ok(count) => count,
+        Err(refusal) => {
+            let p = Problem::refusal(&refusal);
+            return back(s, jar, view::Outcome::Refused(p, Some(typed)));
+        }
+    };
+    // Give creates only; Edit needs the version of one that exists.
+    let expected = match (give, form.version) {
+        (true, _) => 0,
+        (false, Some(version)) if version > 0 => version,
+        (false, _) => {
+            let p = Problem::new(
+                StatusCode::NOT_FOUND,
+                ProblemType::NotFound,
+                format!(
+                    "{} holds no {} licenses to edit; give them with “Give licenses”",
+                    form.organization, form.product
+                ),
+            );
+            return back(s, jar, view::Outcome::Refused(p, None));
+        }
+    };
+    if count == 0 && give {
+        let refusal = crate::domain::Refusal::new(
+            crate::domain::Reason::Invalid,
+            "give at least 1 license; 0 gives nothing".to_string(),
+        );
+        return back(
+            s,
+            jar,
+            view::Outcome::Refused(Problem::refusal(&refusal), Some(typed)),
+        );
+    }
+    if count == 0 {
+        let q = view::query(&[
+            ("organization", &form.organization),
+            ("product", &form.product),
+        ]);
+        return Redirect::to(&format!("{}?{q}", path::CONFIRM_REVOKE)).into_response();
     }
     let write = AllocationWrite {
         organization: form.organization,
         product: form.product,
-        target: Target::Count(form.dedicated),
+        target: Target::Count(count),
         managed_by: None,
         allow_user_displacement: false,
         deletion_policy: Default::default(),
-        expected_version: Some(form.version),
+        expected_version: Some(expected),
         idempotency_key: None,
     };
-    written(&s, &session, write).await
+    written(s, jar, &session, write, Some(typed)).await
 }
 
 #[derive(Deserialize)]
@@ -471,18 +559,87 @@ async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<Revoke
         expected_version: Some(form.version),
         idempotency_key: None,
     };
-    written(&s, &session, write).await
+    written(&s, jar, &session, write, None).await
 }
 
-/// Writes as the session's caller and shows the account with the outcome.
-async fn written(s: &Shared, session: &Session, write: AllocationWrite) -> Response {
+/// Writes as the session's caller, then back to the account with the
+/// outcome (post/redirect/get): a reload shows the account, never posts
+/// again. A refusal keeps what was typed.
+async fn written(
+    s: &Shared,
+    jar: CookieJar,
+    session: &Session,
+    write: AllocationWrite,
+    typed: Option<view::Typed>,
+) -> Response {
     let (account, who) = (session.account.clone(), session.who.clone());
     let what = (write.organization.clone(), write.product.clone());
+    let creating = write.expected_version == Some(0);
     let outcome = match store(s, move |st| st.write(&account, &who, &write, false)).await {
         Ok(w) => view::Outcome::Written(what.0, what.1, w),
-        Err(p) => view::Outcome::Refused(p),
+        Err(p) => view::Outcome::Refused(view::in_page_words(p, &what, creating), typed),
     };
-    account_page(s, session, &AuditQuery::default(), Some(outcome)).await
+    back(s, jar, outcome)
+}
+
+/// To the account, with `outcome` to show there once.
+fn back(s: &Shared, jar: CookieJar, outcome: view::Outcome) -> Response {
+    let flash = Cookie::build((FLASH, outcome.to_cookie()))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(s.tls)
+        .build();
+    (jar.add(flash), Redirect::to("/#outcome")).into_response()
+}
+
+/// A form's address loaded by itself: the account.
+async fn to_home() -> Redirect {
+    Redirect::to(path::HOME)
+}
+
+/// The page's icon: a key, drawn here, loaded from this server.
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        include_str!("favicon.svg"),
+    )
+        .into_response()
+}
+
+/// An error the page's own handlers did not write (a form that cannot be
+/// read, a body too large, a method a path does not have) as a page in
+/// the page's words, not the API's JSON.
+async fn errors_as_pages(response: Response) -> Response {
+    let status = response.status();
+    let html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if html || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let detail = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "what was sent is far too long (a licensor token is 52 characters); go back and try again"
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this address does not answer that; go back to the account"
+        }
+        s if s.is_client_error() => {
+            "the form could not be read; go back to the account and try again"
+        }
+        _ => "the server failed; try again shortly",
+    };
+    let title = status.canonical_reason().unwrap_or("Error");
+    let problem = Problem {
+        title: title.to_string(),
+        ..Problem::new(status, ProblemType::Malformed, detail)
+    };
+    problem_page(problem, None)
 }
 
 /// The role's name as the page shows it.

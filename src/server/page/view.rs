@@ -2,18 +2,102 @@
 //! text; the bars repeat it for the eye, with the same words for a screen
 //! reader.
 
+use base64::Engine;
 use maud::{DOCTYPE, Markup, html};
+use serde::{Deserialize, Serialize};
 
 use super::{AUDIT_PAGE, AuditQuery, role_name};
-use crate::api::{AuditEntry, Problem, Written};
+use crate::api::{AuditAction, AuditEntry, Problem, Written};
 use crate::backend::store::Session;
-use crate::domain::{Allocation, MAX_COUNT, PoolView, Role, Snapshot};
+use crate::domain::{Allocation, MAX_COUNT, PoolView, Reason, Role, Snapshot};
 
-/// What a form just did, shown above the account.
+/// What a form just did, shown above the account after the form's
+/// redirect (carried in a cookie of its own, shown once).
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Outcome {
     /// Organization, product, and what the store wrote.
     Written(String, String, Written),
-    Refused(Problem),
+    /// Why not, and what was typed, to show again in its box.
+    Refused(Problem, Option<Typed>),
+}
+
+/// A count as it was typed into one allocation's box.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Typed {
+    pub organization: String,
+    pub product: String,
+    pub count: String,
+}
+
+impl Outcome {
+    pub fn to_cookie(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// The outcome a cookie carries; `None` for anything else.
+    pub fn from_cookie(value: &str) -> Option<Outcome> {
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .ok()?;
+        serde_json::from_slice(&json).ok()
+    }
+
+    fn typed_for(&self, a: &Allocation) -> Option<&str> {
+        match self {
+            Outcome::Refused(_, Some(t))
+                if t.organization == a.organization && t.product == a.product =>
+            {
+                Some(&t.count)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A refusal of a form in the page's words where the API's name a field
+/// the page does not have.
+pub fn in_page_words(
+    mut p: Problem,
+    (organization, product): &(String, String),
+    creating: bool,
+) -> Problem {
+    match p.reason {
+        Some(Reason::WouldDisplaceUsers) => {
+            p.detail = format!(
+                "{} — revoke it with ← Revoke, which asks before displacing anyone",
+                p.detail
+                    .split("; set allowUserDisplacement")
+                    .next()
+                    .unwrap_or(&p.detail)
+            );
+        }
+        _ if creating && p.expected_version == Some(0) => {
+            p.detail = format!(
+                "{organization} already holds {product} licenses; change them with Edit in its row"
+            );
+        }
+        _ => {}
+    }
+    p
+}
+
+/// 1000000 as 1,000,000.
+pub fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("−{out}") } else { out }
+}
+
+/// `n` and the word for one or many.
+fn count_of(n: i64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn layout(title: &str, session: Option<&Session>, main: Markup) -> Markup {
@@ -24,6 +108,7 @@ fn layout(title: &str, session: Option<&Session>, main: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · licensor" }
+                link rel="icon" type="image/svg+xml" href="/favicon.svg";
                 link rel="stylesheet" href="/page.css";
             }
             body {
@@ -32,7 +117,7 @@ fn layout(title: &str, session: Option<&Session>, main: Markup) -> Markup {
                     p.brand { "licensor · License Management" }
                     @if let Some(s) = session {
                         div.who {
-                            span { "Account " strong { (s.account) } " · " (s.who.actor) " (" (role_name(s.who.role)) ")" }
+                            span { "Account " strong { bdi { (s.account) } } " · " bdi { (s.who.actor) } " (" (role_name(s.who.role)) ")" }
                             form method="post" action="/sign-out" {
                                 input type="hidden" name="csrf" value=(s.csrf);
                                 button type="submit" { "Sign out" }
@@ -71,7 +156,7 @@ fn problem_box(p: &Problem) -> Markup {
         div.problem role="alert" {
             p {
                 strong { (p.title) }
-                @if let Some(reason) = &p.reason { " (" code.reason { (reason) } ")" }
+                @if let Some(reason) = p.reason.filter(|r| r.to_string() != p.title) { " (" code.reason { (reason) } ")" }
             }
             p.detail { (p.detail) }
         }
@@ -97,15 +182,15 @@ fn licenses(n: i64) -> &'static str {
 
 fn outcome_box(o: &Outcome) -> Markup {
     match o {
-        Outcome::Refused(p) => problem_box(p),
+        Outcome::Refused(p, _) => problem_box(p),
         Outcome::Written(organization, product, w) => {
             let e = &w.effect;
             html! {
                 div.done role="status" {
                     p {
-                        strong { (organization) " " (product) ": " (e.from) " → " (e.to) }
+                        strong { bdi { (organization) } " " bdi { (product) } ": " (e.from) " → " (e.to) }
                         @if e.rehomed > 0 { "; " (e.rehomed) " in-use " (licenses(e.rehomed)) " moved to the account pool" }
-                        @if e.displaced > 0 { "; " (e.displaced) " users displaced" }
+                        @if e.displaced > 0 { "; " (count_of(e.displaced, "user", "users")) " displaced" }
                         @if e.is_noop() { " (nothing to change)" }
                     }
                 }
@@ -122,7 +207,8 @@ fn manager(a: &Allocation) -> String {
     }
 }
 
-fn pool(p: &PoolView) -> Markup {
+/// One pool's card; `i` makes its ids (names never do).
+fn pool(i: usize, p: &PoolView) -> Markup {
     let used = p.dedicated + p.shared_in_use;
     let over = p.over_committed();
     let scale = p.total.max(used).max(1) as f64;
@@ -132,7 +218,7 @@ fn pool(p: &PoolView) -> Markup {
         p.product,
         p.dedicated,
         p.shared_in_use,
-        p.free_seats(),
+        p.free,
         p.total,
         if over > 0 {
             format!(", over-committed by {over}")
@@ -141,8 +227,8 @@ fn pool(p: &PoolView) -> Markup {
         }
     );
     html! {
-        section.pool data-product=(p.product) aria-labelledby=(format!("pool-{}", p.product)) {
-            h3 #(format!("pool-{}", p.product)) { (p.product) }
+        section.pool data-product=(p.product) aria-labelledby=(format!("pool-{i}")) {
+            h3 #(format!("pool-{i}")) { bdi { (p.product) } }
             svg.bar role="img" aria-label=(summary) viewBox="0 0 100 6" preserveAspectRatio="none" {
                 rect.dedicated x="0" y="0" height="6" width=(pct(p.dedicated)) {}
                 rect.shared x=(pct(p.dedicated)) y="0" height="6" width=(pct(p.shared_in_use)) {}
@@ -163,28 +249,31 @@ fn pool(p: &PoolView) -> Markup {
     }
 }
 
-fn allocation_row(a: &Allocation, session: &Session) -> Markup {
+/// One allocation's row; `i` makes its ids (names never do), and `typed`
+/// is what was typed into its box when a change was refused.
+fn allocation_row(i: usize, a: &Allocation, session: &Session, typed: Option<&str>) -> Markup {
     let admin = session.who.role == Role::AccountAdmin;
-    let id = format!("{}-{}", a.organization, a.product);
+    let id = format!("count-{i}");
+    let shown = typed.map_or_else(|| a.dedicated.to_string(), str::to_string);
     html! {
         tr data-organization=(a.organization) data-product=(a.product) {
-            th scope="row" { (a.organization) }
-            td { (a.product) }
-            td.number data-field="dedicated" { (a.dedicated) }
-            td.number data-field="inUse" { (a.in_use) }
-            td data-field="managedBy" {
+            th scope="row" data-label="Organization" { bdi { (a.organization) } }
+            td data-label="Product" { bdi { (a.product) } }
+            td.number data-field="dedicated" data-label="Dedicated" { (a.dedicated) }
+            td.number data-field="inUse" data-label="In use" { (a.in_use) }
+            td data-field="managedBy" data-label="Managed by" {
                 @if a.managed_by.is_some() { (manager(a)) br; small { "changed in Git" } } @else { "unmanaged" }
             }
             @if admin {
-                td.actions {
+                td.actions data-label="Actions" {
                     @if a.managed_by.is_none() {
                         form.edit method="post" action="/allocations/edit" {
                             input type="hidden" name="csrf" value=(session.csrf);
                             input type="hidden" name="organization" value=(a.organization);
                             input type="hidden" name="product" value=(a.product);
                             input type="hidden" name="version" value=(a.version);
-                            label.visually-hidden for=(format!("count-{id}")) { "Dedicated " (a.product) " licenses for " (a.organization) }
-                            input #(format!("count-{id}")) type="number" name="dedicated" min="0" max=(MAX_COUNT) value=(a.dedicated) required;
+                            label.visually-hidden for=(id) { "Dedicated " (a.product) " licenses for " (a.organization) }
+                            input #(id) type="number" name="dedicated" min="0" max=(MAX_COUNT) value=(shown) required;
                             button type="submit" aria-label=(format!("Edit {} {}", a.organization, a.product)) { "✎ Edit" }
                         }
                         a.revoke href=(format!("/revoke?{}", query(&[("organization", &a.organization), ("product", &a.product)])))
@@ -198,7 +287,7 @@ fn allocation_row(a: &Allocation, session: &Session) -> Markup {
     }
 }
 
-fn query(pairs: &[(&str, &str)]) -> String {
+pub fn query(pairs: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(pairs).unwrap_or_default()
 }
 
@@ -242,12 +331,12 @@ pub fn account(
             @if let Some(o) = outcome { (outcome_box(o)) }
             section #pools aria-labelledby="pools-title" {
                 h2 #pools-title { "Pools" }
-                div.pools { @for p in &pools { (pool(p)) } }
+                div.pools { @for (i, p) in pools.iter().enumerate() { (pool(i, p)) } }
             }
             section #organizations aria-labelledby="organizations-title" {
                 h2 #organizations-title { "Organizations" }
                 @if !admin { p.hint { "Signed in as a Viewer: nothing can be changed here." } }
-                div.scroll {
+                div.scroll role="region" tabindex="0" aria-label="Dedicated licenses table" {
                     table #allocations {
                         caption.visually-hidden { "Dedicated licenses by organization and product" }
                         thead { tr {
@@ -258,9 +347,14 @@ pub fn account(
                             th scope="col" { "Managed by" }
                             @if admin { th scope="col" { "Actions" } }
                         } }
-                        tbody { @for a in &snapshot.allocations { (allocation_row(a, session)) } }
+                        tbody {
+                            @for (i, a) in snapshot.allocations.iter().enumerate() {
+                                (allocation_row(i, a, session, outcome.and_then(|o| o.typed_for(a))))
+                            }
+                        }
                     }
                 }
+                @if admin { (give_form(session, snapshot, outcome)) }
             }
             section #audit aria-labelledby="audit-title" {
                 h2 #audit-title { "Audit log" }
@@ -281,7 +375,7 @@ pub fn account(
                     }
                     button type="submit" { "Filter" }
                 }
-                div.scroll {
+                div.scroll role="region" tabindex="0" aria-label="Audit log table" {
                     table #audit-log {
                         caption.visually-hidden { "Changes, newest first" }
                         thead { tr {
@@ -296,13 +390,15 @@ pub fn account(
                             @for e in shown {
                                 tr data-id=(e.id) {
                                     td { time datetime=(e.time) { (e.time.get(..19).unwrap_or(&e.time).replace('T', " ")) } }
-                                    td { (e.actor) }
+                                    td { bdi { (e.actor) } }
                                     td { (e.action.as_str()) }
-                                    td { (e.organization.as_deref().unwrap_or("")) }
-                                    td { (e.product.as_deref().unwrap_or("")) }
+                                    td { bdi { (e.organization.as_deref().unwrap_or("")) } }
+                                    td { bdi { (e.product.as_deref().unwrap_or("")) } }
                                     td {
                                         @if let Some(token) = &e.subject {
-                                            "token " (token)
+                                            "token " bdi { (token) }
+                                        } @else if e.action == AuditAction::Seed {
+                                            "account loaded from a fixture"
                                         } @else {
                                             (e.from) " → " (e.to)
                                             @if e.rehomed > 0 { ", " (e.rehomed) " rehomed" }
@@ -336,11 +432,11 @@ pub fn confirm_revoke(
     html! {
         (layout(&format!("Revoke {organization} {product}"), Some(session), html! {
             h1 { "Revoke " (organization) "'s " (product) " licenses?" }
-            div.confirm role="alertdialog" aria-labelledby="confirm-title" aria-describedby="confirm-numbers" {
+            div.confirm role="alertdialog" aria-labelledby="confirm-title" aria-describedby="confirm-numbers" tabindex="-1" autofocus {
                 h2 #confirm-title { "Revoke " (e.from) " " (product) " " (licenses(e.from)) " of " (organization) }
                 ul #confirm-numbers {
                     li data-figure="rehomed" { (e.rehomed) " in-use " (licenses(e.rehomed)) " move to the account pool" }
-                    li data-figure="displaced" { (e.displaced) " users would be displaced (left without a license)" }
+                    li data-figure="displaced" { (count_of(e.displaced, "user", "users")) " would be displaced (left without a license)" }
                 }
                 form method="post" action="/allocations/revoke" {
                     input type="hidden" name="csrf" value=(session.csrf);
@@ -350,7 +446,7 @@ pub fn confirm_revoke(
                     @if e.displaced > 0 {
                         p {
                             input #displace type="checkbox" name="displace" value="yes" required;
-                            label for="displace" { "Displace " (e.displaced) " users" }
+                            label for="displace" { "Displace " (count_of(e.displaced, "user", "users")) }
                         }
                     }
                     button.danger type="submit" { "Revoke" }
@@ -359,5 +455,53 @@ pub fn confirm_revoke(
                 }
             }
         }))
+    }
+}
+
+/// "Give licenses": an organization that holds none of a product gets some
+/// (a new, unmanaged allocation). Offers only the pairs it does not hold.
+fn give_form(session: &Session, snapshot: &Snapshot, outcome: Option<&Outcome>) -> Markup {
+    let holds = |o: &str, p: &str| {
+        snapshot
+            .allocations
+            .iter()
+            .any(|a| a.organization == o && a.product == p)
+    };
+    let open: Vec<(&String, &String)> = snapshot
+        .organizations
+        .iter()
+        .flat_map(|o| snapshot.pools.iter().map(move |p| (o, &p.product)))
+        .filter(|(o, p)| !holds(o, p))
+        .collect();
+    let typed = match outcome {
+        Some(Outcome::Refused(_, Some(t))) if !holds(&t.organization, &t.product) => Some(t),
+        _ => None,
+    };
+    html! {
+        @if !open.is_empty() {
+            form.give method="post" action="/allocations/give" aria-labelledby="give-title" {
+                h3 #give-title { "Give licenses" }
+                p.hint { "To an organization that holds none of a product; it is not managed from Git." }
+                input type="hidden" name="csrf" value=(session.csrf);
+                label for="give-organization" { "Organization" }
+                select #give-organization name="organization" required {
+                    @for o in &snapshot.organizations {
+                        @if open.iter().any(|(x, _)| *x == o) {
+                            option value=(o) selected[typed.is_some_and(|t| t.organization == *o)] { (o) }
+                        }
+                    }
+                }
+                label for="give-product" { "Product" }
+                select #give-product name="product" required {
+                    @for p in &snapshot.pools {
+                        option value=(p.product) selected[typed.is_some_and(|t| t.product == p.product)] { (p.product) }
+                    }
+                }
+                label for="give-count" { "Licenses" }
+                input #give-count type="number" name="dedicated" min="1" max=(MAX_COUNT)
+                    value=(typed.map_or("1", |t| t.count.as_str())) required;
+                button type="submit" { "Give" }
+            }
+        }
     }
 }
