@@ -629,6 +629,11 @@ async fn edit_and_revoke_through_the_page_land_in_the_store(store: Kind) {
     let (status, body) = forged(&format!("{url}/allocations/revoke"), &cookie, &form).await;
     assert_eq!(status, 303, "{body}");
     assert!(body.contains("WouldDisplaceUsers"), "{body}");
+    // In the page's words: the page has no allowUserDisplacement field.
+    assert!(
+        !body.contains("allowUserDisplacement") && body.contains("which asks before displacing"),
+        "{body}"
+    );
     assert_eq!(account.rows(), before);
     c.find(Locator::Id("displace"))
         .await
@@ -1339,6 +1344,112 @@ organizations:
     c.close().await.unwrap();
 }
 
+/// axe-core finds nothing, of any impact, at a desktop and a phone size.
+async fn no_violations_at_both_sizes(c: &Client, state: &str) {
+    for (w, h) in [(1280, 900), (390, 844)] {
+        c.set_window_size(w, h).await.unwrap();
+        c.refresh().await.unwrap();
+        assert_eq!(
+            violations(c).await,
+            Vec::<String>::new(),
+            "{state} at {w}px"
+        );
+    }
+    c.set_window_size(1280, 900).await.unwrap();
+    c.refresh().await.unwrap();
+}
+
+/// Every state the page has, on a big account (40 organizations over 5
+/// products, one pool over-committed), passes axe-core at 1280 and 390
+/// pixels: signed out, a Viewer, an Account Admin, an error, a
+/// confirmation. At 1280 the five pools' labels stay on one line each.
+async fn every_state_passes_axe_on_a_big_account_at_both_sizes(store: Kind) {
+    let products = ["TestOps", "Studio", "Lab", "Edge", "Mobile Suite"];
+    let mut fixture = String::from("account: acme\nproducts:\n");
+    for (i, p) in products.iter().enumerate() {
+        fixture.push_str(&format!("  - {{name: {p}, total: {}}}\n", 1000 * (i + 1)));
+    }
+    fixture.push_str("organizations:\n");
+    for o in 0..40 {
+        fixture.push_str(&format!("  - id: team-{o:02}\n    allocations:\n"));
+        for (i, p) in products
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (o + i) % 2 == 0)
+        {
+            fixture.push_str(&format!(
+                "      - {{product: {p}, dedicated: {}, inUse: {}}}\n",
+                3 + i,
+                i
+            ));
+        }
+    }
+    let served = seeded(store, &fixture);
+    let account = &served.account;
+    // Lower a total below what is handed out: over-committed.
+    let run = account.run(&["backend", "total", "--product", "Lab", "--total", "5"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let url = served.url().to_string();
+    let c = browser(account.dir.path()).await;
+    c.goto(&url).await.unwrap();
+    no_violations_at_both_sizes(&c, "signed out").await;
+
+    let viewer = account.token("Viewer", "victor");
+    sign_in(&c, &url, &viewer).await;
+    no_violations_at_both_sizes(&c, "a Viewer").await;
+    click(&c, "form[action='/sign-out'] button").await;
+
+    let admin = account.token("AccountAdmin", "alice");
+    sign_in(&c, &url, &admin).await;
+    assert_eq!(count(&c, "#allocations tbody tr").await, 100);
+    assert_eq!(count(&c, ".over-committed").await, 1);
+    let lab = c
+        .find(Locator::Css("section.pool[data-product=Lab] svg"))
+        .await
+        .unwrap()
+        .attr("aria-label")
+        .await
+        .unwrap()
+        .unwrap();
+    let free = text(&c, "section.pool[data-product=Lab] dd[data-figure=free]").await;
+    assert!(
+        lab.contains(&format!("{free} free of 5")),
+        "the bar says {lab}, the figure {free}"
+    );
+    let wrapped = c
+        .execute(
+            "return [...document.querySelectorAll('.figures dt')]
+                .filter(dt => dt.getClientRects().length !== 1 || dt.getBoundingClientRect().height > 30)
+                .map(dt => dt.textContent);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrapped, json!([]), "labels wrapped at 1280px");
+    no_violations_at_both_sizes(&c, "an Account Admin").await;
+
+    type_count(&c, "team-00", "TestOps", "999999").await;
+    assert_eq!(count(&c, ".problem").await, 1);
+    // The error is shown once; check this page, not a reload.
+    for (w, h) in [(1280, 900), (390, 844)] {
+        c.set_window_size(w, h).await.unwrap();
+        assert_eq!(
+            violations(&c).await,
+            Vec::<String>::new(),
+            "an error at {w}px"
+        );
+    }
+    c.set_window_size(1280, 900).await.unwrap();
+
+    c.goto(&format!(
+        "{url}/revoke?organization=team-00&product=TestOps"
+    ))
+    .await
+    .unwrap();
+    no_violations_at_both_sizes(&c, "a confirmation").await;
+    c.close().await.unwrap();
+}
+
 // Each case on every store `licensor serve` runs on: `embedded::<case>`
 // and `postgres::<case>`.
 on_every_store!(
@@ -1348,4 +1459,5 @@ on_every_store!(
     edit_and_revoke_through_the_page_land_in_the_store,
     managed_allocations_and_forms_without_csrf_are_refused,
     the_page_works_as_a_person_uses_it,
+    every_state_passes_axe_on_a_big_account_at_both_sizes,
 );
