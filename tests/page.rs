@@ -1450,6 +1450,64 @@ async fn every_state_passes_axe_on_a_big_account_at_both_sizes(store: Kind) {
     c.close().await.unwrap();
 }
 
+/// What a browser can send that no form of the page would: a token far too
+/// long, a form missing its fields, a form's address by GET. Each answer
+/// is a page in the page's words (or the account), never the API's JSON.
+#[tokio::test]
+async fn what_no_form_sends_is_answered_with_a_page() {
+    let served = seeded(Kind::Embedded, FIXTURE);
+    let url = served.url().to_string();
+    let http = no_redirects();
+    let form = http.get(&url).send().await.unwrap();
+    let cookie = set_cookie(&form, "licensor_sign_in=").unwrap();
+    let csrf = csrf_field(&form.text().await.unwrap());
+    let long = "x".repeat(70 * 1024);
+    let answer = http
+        .post(format!("{url}/sign-in"))
+        .header("cookie", &cookie)
+        .form(&[("token", long.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 413);
+    assert!(
+        answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = answer.text().await.unwrap();
+    assert!(page.contains("far too long"), "{page}");
+
+    let answer = http
+        .post(format!("{url}/allocations/edit"))
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_client_error(), "{}", answer.status());
+    assert!(
+        answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = answer.text().await.unwrap();
+    assert!(page.contains("the form could not be read"), "{page}");
+
+    for path in [
+        "/allocations/edit",
+        "/allocations/revoke",
+        "/allocations/give",
+        "/sign-in",
+        "/sign-out",
+    ] {
+        let answer = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 303, "{path}");
+        assert_eq!(answer.headers()["location"], "/", "{path}");
+    }
+}
+
 // Each case on every store `licensor serve` runs on: `embedded::<case>`
 // and `postgres::<case>`.
 on_every_store!(
