@@ -4,8 +4,10 @@
 # PATH:
 #   zig (PyPI's ziglang), the C compiler and linker for aarch64 musl, for
 #     SQLite and ring's C and assembly;
-#   cargo-zigbuild, which builds a Rust target with zig as its C toolchain;
-#   cargo-cyclonedx, which writes the CycloneDX SBOM from Cargo's own graph.
+#   cargo-zigbuild (its PyPI wheel), which builds a Rust target with zig as
+#     its C toolchain;
+#   cargo-cyclonedx (crates.io), which writes the CycloneDX SBOM from
+#     Cargo's own graph.
 # Also adds the aarch64 musl target to the Rust toolchain.
 set -euo pipefail
 ZIG=0.17.1
@@ -28,18 +30,17 @@ echo "installing the release tools into $out (first run only)" >&2
 rm -rf "$out"
 mkdir -p "$out/bin"
 python3 -m venv "$out/venv" >&2
-"$out/venv/bin/pip" install --quiet --disable-pip-version-check --no-input "ziglang==$ZIG" >&2
+# zig and cargo-zigbuild come built, as wheels; cargo-cyclonedx is built
+# from crates.io meanwhile.
+cargo install --quiet --locked --root "$out/cyclonedx" --version "$CYCLONEDX" cargo-cyclonedx >&2 &
+cyclonedx=$!
+"$out/venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
+  "ziglang==$ZIG" "cargo-zigbuild==$ZIGBUILD" >&2
 printf '#!/bin/sh\nexec "%s" -m ziglang "$@"\n' "$out/venv/bin/python" > "$out/bin/zig"
 chmod +x "$out/bin/zig"
-# Both at once, each in a root of its own (one root's record is not shared).
-crate() {
-  cargo install --quiet --locked --root "$out/$1" --version "$2" "$1" >&2
-  ln -s "../$1/bin/$1" "$out/bin/$1"
-}
-crate cargo-zigbuild "$ZIGBUILD" &
-zigbuild=$!
-crate cargo-cyclonedx "$CYCLONEDX"
-wait "$zigbuild"
+ln -s ../venv/bin/cargo-zigbuild "$out/bin/cargo-zigbuild"
+wait "$cyclonedx"
+ln -s ../cyclonedx/bin/cargo-cyclonedx "$out/bin/cargo-cyclonedx"
 [ "$("$out/bin/zig" version)" = "$ZIG" ] || { echo "tools.sh: zig did not install" >&2; exit 1; }
 touch "$out/.complete"
 echo "$out"
