@@ -182,7 +182,17 @@ fn the_chart_installs_and_runs_on_a_real_node() {
     );
 
     // 4. A token for CI, as printed, then the platform API through a port
-    // forward to the pod's platform container.
+    // forward to the pod's platform container. The README's steps above
+    // made a token named `ci` already: names are unique, so it is revoked
+    // first, in the pod, as the refusal says to.
+    let revoke = step("token create")
+        .split(" token create")
+        .next()
+        .unwrap()
+        .to_string()
+        + " token revoke --name ci";
+    let revoked = run_as_printed(&node, &revoke, repo());
+    assert!(revoked.contains("revoked token \"ci\""), "{revoked}");
     let token = run_as_printed(&node, step("token create"), repo());
     let token = token.trim().to_string();
     assert!(token.starts_with("lsr_"), "not a token: {token}");
