@@ -1210,6 +1210,15 @@ organizations:
     type_count(&c, "qa-team", "TestOps", "8").await;
     assert_eq!(at(&c).await, "/");
     assert_eq!(text(&c, ".done").await, "qa-team TestOps: 5 → 8");
+    // The outcome is shown once: this page, at both sizes, not a reload.
+    for (w, h) in [(390, 844), (1280, 900)] {
+        c.set_window_size(w, h).await.unwrap();
+        assert_eq!(
+            violations(&c).await,
+            Vec::<String>::new(),
+            "an edit at {w}px"
+        );
+    }
     let audit = account.audit().len();
     c.refresh().await.unwrap();
     assert_eq!(account.audit().len(), audit, "a reload posted again");

@@ -65,7 +65,7 @@ use gather::Gathered;
 
 /// Schema migrations, applied in order; `licensor_schema.version` counts
 /// those applied.
-const MIGRATIONS: &[&str] = &[
+pub const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
