@@ -7,9 +7,11 @@
 //! random id whose hash names the session row, never the token, so any
 //! replica serves it and sign-out ends it everywhere. Every form carries the
 //! session's CSRF secret (the sign-in form a double-submit cookie's), checked
-//! before anything else a POST does. Edit and Revoke write with no manager,
-//! so the rules refuse them on a managed allocation (`Conflict`): nothing on
-//! the page can take an allocation away from its manager.
+//! before anything else a POST does. Edit, Give and Revoke write with no
+//! manager, so the rules refuse them on a managed allocation (`Conflict`):
+//! nothing on the page can take an allocation away from its manager. Every
+//! form answers with a redirect to the account (post/redirect/get), which
+//! shows what the form did once, from a cookie of its own.
 
 mod view;
 
