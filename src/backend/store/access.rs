@@ -6,7 +6,7 @@
 use super::Store;
 use super::audit::{AuditAction, AuditRecord};
 use super::pipeline::hash;
-use super::storage::{SessionRow, TokenRow, now};
+use super::storage::{SessionRow, TokenRow, now, rfc3339};
 use crate::backend::BackendError;
 use crate::domain::Role;
 
@@ -102,10 +102,6 @@ const LICENSOR: &str = "licensor";
 
 /// How long a token's last use stands before it is noted again.
 const TOUCH_EVERY: chrono::Duration = chrono::Duration::minutes(1);
-
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 impl Store {
     /// Maps a bearer token to its principal: a token of `account` that has

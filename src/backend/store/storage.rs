@@ -243,7 +243,13 @@ pub struct SessionRow {
 
 /// Now, as stored in the audit log, the key and token tables and sessions.
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    rfc3339(chrono::Utc::now())
+}
+
+/// A time as the store keeps it: RFC 3339, UTC, milliseconds, so that
+/// stored times compare as text.
+pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A role as the store keeps it; anything else is a damaged store, never

@@ -398,19 +398,35 @@ fn typed_count(typed: &str) -> Result<i64, crate::domain::Refusal> {
 
 /// Edit changes the count of an allocation the organization holds (0 goes
 /// through the Revoke confirmation); it never creates one.
-async fn edit(State(s): State<Shared>, jar: CookieJar, Form(form): Form<CountForm>) -> Response {
-    counted(&s, jar, form, false).await
+async fn edit(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    Form(form): Form<CountForm>,
+) -> Response {
+    counted(&s, &headers, jar, form, false).await
 }
 
 /// Give gives an organization licenses of a product it holds none of: a
 /// new, unmanaged allocation (Account Admin only); it never changes one.
-async fn give(State(s): State<Shared>, jar: CookieJar, Form(form): Form<CountForm>) -> Response {
-    counted(&s, jar, form, true).await
+async fn give(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    Form(form): Form<CountForm>,
+) -> Response {
+    counted(&s, &headers, jar, form, true).await
 }
 
 /// Edit's and Give's write: the count checked, then written as the
 /// session's caller with no manager.
-async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Response {
+async fn counted(
+    s: &Shared,
+    headers: &HeaderMap,
+    jar: CookieJar,
+    form: CountForm,
+    give: bool,
+) -> Response {
     let session = match admin_form(s, &jar, &form.csrf).await {
         Ok(session) => session,
         Err(page) => return page,
@@ -424,7 +440,7 @@ async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Res
         Ok(count) => count,
         Err(refusal) => {
             let p = Problem::refusal(&refusal);
-            return back(s, jar, view::Outcome::Refused(p, Some(typed)));
+            return back(s, headers, jar, view::Outcome::Refused(p, Some(typed)));
         }
     };
     // Give creates only; Edit needs the version of one that exists.
@@ -440,7 +456,7 @@ async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Res
                     form.organization, form.product
                 ),
             );
-            return back(s, jar, view::Outcome::Refused(p, None));
+            return back(s, headers, jar, view::Outcome::Refused(p, None));
         }
     };
     if count == 0 && give {
@@ -450,6 +466,7 @@ async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Res
         );
         return back(
             s,
+            headers,
             jar,
             view::Outcome::Refused(Problem::refusal(&refusal), Some(typed)),
         );
@@ -471,7 +488,7 @@ async fn counted(s: &Shared, jar: CookieJar, form: CountForm, give: bool) -> Res
         expected_version: Some(expected),
         idempotency_key: None,
     };
-    written(s, jar, &session, write, Some(typed)).await
+    written(s, headers, jar, &session, write, Some(typed)).await
 }
 
 #[derive(Deserialize)]
@@ -546,7 +563,12 @@ struct RevokeForm {
     displace: Option<String>,
 }
 
-async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<RevokeForm>) -> Response {
+async fn revoke(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    Form(form): Form<RevokeForm>,
+) -> Response {
     let session = match admin_form(&s, &jar, &form.csrf).await {
         Ok(session) => session,
         Err(page) => return page,
@@ -561,7 +583,7 @@ async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<Revoke
         expected_version: Some(form.version),
         idempotency_key: None,
     };
-    written(&s, jar, &session, write, None).await
+    written(&s, &headers, jar, &session, write, None).await
 }
 
 /// Writes as the session's caller, then back to the account with the
@@ -569,6 +591,7 @@ async fn revoke(State(s): State<Shared>, jar: CookieJar, Form(form): Form<Revoke
 /// again. A refusal keeps what was typed.
 async fn written(
     s: &Shared,
+    headers: &HeaderMap,
     jar: CookieJar,
     session: &Session,
     write: AllocationWrite,
@@ -581,17 +604,12 @@ async fn written(
         Ok(w) => view::Outcome::Written(what.0, what.1, w),
         Err(p) => view::Outcome::Refused(view::in_page_words(p, &what, creating), typed),
     };
-    back(s, jar, outcome)
+    back(s, headers, jar, outcome)
 }
 
 /// To the account, with `outcome` to show there once.
-fn back(s: &Shared, jar: CookieJar, outcome: view::Outcome) -> Response {
-    let flash = Cookie::build((FLASH, outcome.to_cookie()))
-        .path("/")
-        .http_only(true)
-        .same_site(SameSite::Strict)
-        .secure(s.tls)
-        .build();
+fn back(s: &Shared, headers: &HeaderMap, jar: CookieJar, outcome: view::Outcome) -> Response {
+    let flash = cookie(s, FLASH, outcome.to_cookie(), headers);
     (jar.add(flash), Redirect::to("/#outcome")).into_response()
 }
 
