@@ -9,7 +9,8 @@
 //! `pgbench`'s simple-update script at the same client count.
 //!
 //! Run with `make bench-platform` (or `cargo bench --bench platform`);
-//! `WRITES`, `READS`, `PG_WRITES` and `CLIENTS` change the sizes.
+//! `WRITES`, `READS`, `PG_WRITES` and `CLIENTS` change the sizes
+//! (`PG_WRITES=0` skips PostgreSQL).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -120,7 +121,10 @@ async fn main() {
     let audit = account.audit().len();
     println!("  audit entries after the run: {audit}");
 
-    postgres(env("PG_WRITES", 20_000), clients).await;
+    match env("PG_WRITES", 20_000) {
+        0 => println!("PostgreSQL: skipped (PG_WRITES=0)"),
+        writes => postgres(writes, clients).await,
+    }
 }
 
 /// Writes through `licensor serve` replicas on one PostgreSQL database,

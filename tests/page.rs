@@ -819,14 +819,17 @@ async fn sessions_are_the_stores_not_a_replicas() {
     }
 }
 
-/// A token revoked with `licensor token revoke` is refused by both
-/// replicas at their next request, on the API and the page: its page
-/// sessions end, and another token's do not. An expired token is refused
-/// the same way. Signing in again ends the browser's previous session.
-#[tokio::test]
-async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
-    let account = Account::seeded_on(Kind::Postgres, FIXTURE);
-    let served = served(Kind::Postgres, account, 2);
+/// A token revoked with `licensor token revoke` (another process) is
+/// refused by every replica at its next request, on the API and the page,
+/// though each has just let it in (on SQLite, from the tokens it found good
+/// since the file last changed): its page sessions end, and another
+/// token's do not. An expired token is refused the same way. Signing in
+/// again ends the browser's previous session.
+async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once(store: Kind) {
+    let served = match store {
+        Kind::Postgres => served(store, Account::seeded_on(store, FIXTURE), 2),
+        _ => seeded(store, FIXTURE),
+    };
     let laptop = served.account.token("AccountAdmin", "laptop");
     let other = served.account.token("Viewer", "dashboard");
     let http = no_redirects();
@@ -838,9 +841,14 @@ async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
             .unwrap()
     };
     let lost = sign_in_over_http(&http, &served.urls[0], &laptop, None).await;
-    let kept = sign_in_over_http(&http, &served.urls[1], &other, None).await;
+    let last = served.urls.last().unwrap();
+    let kept = sign_in_over_http(&http, last, &other, None).await;
     for url in &served.urls {
-        assert_eq!(api(url, &laptop).await.status(), 200);
+        // Three times: the first notes the token's use, the third finds it
+        // among the tokens checked since.
+        for _ in 0..3 {
+            assert_eq!(api(url, &laptop).await.status(), 200);
+        }
         assert!(
             page_of(&http, url, &lost)
                 .await
@@ -870,7 +878,7 @@ async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
     // The edit form of the ended session is refused, and nothing is written.
     let before = served.account.rows();
     let post = http
-        .post(format!("{}/allocations/edit", served.urls[1]))
+        .post(format!("{last}/allocations/edit"))
         .header("cookie", &lost)
         .form(&[
             ("csrf", "0"),
@@ -897,7 +905,9 @@ async fn a_revoked_or_expired_token_stops_working_on_every_replica_at_once() {
     ]);
     assert_eq!(run.code, 0, "{run:?}");
     let brief = run.stdout.trim().to_string();
-    assert_eq!(api(&served.urls[0], &brief).await.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(api(&served.urls[0], &brief).await.status(), 200);
+    }
     tokio::time::sleep(Duration::from_millis(2300)).await;
     for url in &served.urls {
         let answer = api(url, &brief).await;
@@ -1527,4 +1537,5 @@ on_every_store!(
     managed_allocations_and_forms_without_csrf_are_refused,
     the_page_works_as_a_person_uses_it,
     every_state_passes_axe_on_a_big_account_at_both_sizes,
+    a_revoked_or_expired_token_stops_working_on_every_replica_at_once,
 );

@@ -18,6 +18,7 @@ on_every_store!(
     observing_one_allocation_reads_its_pool_organization_and_row,
     snapshots_read_one_moment_while_another_handle_writes,
     tokens_expire_are_revoked_and_end_their_sessions,
+    a_token_found_good_is_read_again_once_the_store_changes,
 );
 
 fn seeded(kind: Kind) -> (Place, Store) {
@@ -491,4 +492,48 @@ fn tokens_expire_are_revoked_and_end_their_sessions(kind: Kind) {
             (AuditAction::TokenExpire, "licensor", Some("brief (Viewer)")),
         ]
     );
+}
+
+/// A server checks a request's token without reading the store while the
+/// store has not changed since it found the token good (SQLite says when a
+/// file changed, by any process; PostgreSQL cannot, so there it is read
+/// every time). Any commit, here another handle's write or revoke, sends
+/// the next check to the store, so a revoked token is refused at once; a
+/// token found good is still only good for its own account.
+fn a_token_found_good_is_read_again_once_the_store_changes(kind: Kind) {
+    use licensor::domain::Role;
+    let (place, server) = seeded(kind);
+    let token = server
+        .create_token("acme", Role::Viewer, "ci", None, "local")
+        .unwrap();
+    let actor = |checked: Result<(Principal, bool), BackendError>| checked.unwrap().0.actor;
+    // The first check finds its use due to be noted; once noted, the token
+    // is found good (and, on SQLite, kept as such).
+    let (who, due) = server.check_token("acme", &token).unwrap();
+    assert!(due && who.actor == "token:ci");
+    server.note_token_use(&token);
+    for _ in 0..3 {
+        assert_eq!(
+            server.check_token("acme", &token).unwrap(),
+            (who.clone(), false)
+        );
+    }
+    let err = server.check_token("other", &token).unwrap_err();
+    assert!(matches!(err, BackendError::Unauthorized(_)), "{err:?}");
+    assert!(server.check_token("acme", "lsr_unknown").is_err());
+
+    // Another process writes something else: still good.
+    let elsewhere = place.open_existing();
+    elsewhere
+        .create_token("acme", Role::Viewer, "dashboard", None, "local")
+        .unwrap();
+    assert_eq!(actor(server.check_token("acme", &token)), "token:ci");
+    assert_eq!(actor(server.check_token("acme", &token)), "token:ci");
+
+    // Revoked by another process: refused at the next check, and after.
+    elsewhere.revoke_token("acme", "ci", "local").unwrap();
+    for _ in 0..2 {
+        let err = server.check_token("acme", &token).unwrap_err();
+        assert!(matches!(err, BackendError::Unauthorized(_)), "{err:?}");
+    }
 }

@@ -1,22 +1,23 @@
 //! Access to the API: the bearer token of a request is checked for the
 //! account in its path (401), and any method but GET and HEAD needs the
 //! Account Admin role (403), before anything else the route does. The
-//! token is checked in the store on every request, so a revoked or expired
-//! one is refused by every server on the store at once; tokens are never
-//! logged, echoed or stored in clear.
+//! token is checked in the store on every request (or, on SQLite, found
+//! checked since the store last changed), so a revoked or expired one is
+//! refused by every server on the store at once; tokens are never logged,
+//! echoed or stored in clear.
 
 use std::collections::HashMap;
 
 use axum::RequestExt;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::Shared;
-use crate::api::{Problem, ProblemType};
+use crate::api::Problem;
 use crate::backend::BackendError;
-use crate::backend::store::{Principal, off_thread};
+use crate::backend::store::Principal;
 use crate::domain::require_admin;
 
 /// The bearer token of a request; the scheme name is case-insensitive
@@ -34,8 +35,7 @@ pub async fn authorize(
     headers: &HeaderMap,
     account: &str,
 ) -> Result<Principal, Problem> {
-    let unauthorized =
-        |m: &str| Problem::new(StatusCode::UNAUTHORIZED, ProblemType::Unauthorized, m);
+    let unauthorized = |m: &str| Problem::from(BackendError::Unauthorized(m.to_string()));
     let token = bearer(headers)
         .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
     if let Some(only) = &s.account
@@ -45,13 +45,18 @@ pub async fn authorize(
             "this server serves account {only} only"
         )));
     }
-    let (store, token, acc) = (s.store.clone(), token.to_string(), account.to_string());
-    off_thread(move || store.authenticate(&acc, &token))
-        .await
-        .map_err(|e| match e {
-            BackendError::Unauthorized(why) => unauthorized(&why),
-            other => Problem::from(other),
-        })
+    let (token, acc) = (token.to_string(), account.to_string());
+    let (who, due) = super::routes::read(s, {
+        let token = token.clone();
+        move |st| st.check_token(&acc, &token)
+    })
+    .await?;
+    if due {
+        // Noted on a thread of the store's while the request goes on.
+        let store = s.store.clone();
+        tokio::task::spawn_blocking(move || store.note_token_use(&token));
+    }
+    Ok(who)
 }
 
 /// Checks the caller before anything else a route does: a valid token for

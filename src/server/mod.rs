@@ -59,9 +59,19 @@ pub struct Config {
 /// How long idempotency keys are kept.
 const IDEMPOTENCY_KEYS: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
-/// What every request shares.
+/// What every request shares: one reference, cloned by each layer a
+/// request passes.
 #[derive(Clone)]
-pub struct Shared {
+pub struct Shared(Arc<Sharing>);
+
+impl std::ops::Deref for Shared {
+    type Target = Sharing;
+    fn deref(&self) -> &Sharing {
+        &self.0
+    }
+}
+
+pub struct Sharing {
     store: Arc<Store>,
     /// Failed sign-ins per client address.
     sign_ins: Arc<limits::SignInThrottle>,
@@ -119,7 +129,7 @@ pub const ROUTES: [&str; 20] = [
 
 /// The application: every route, the limits and the middleware.
 pub fn app(store: Arc<Store>, config: &Config) -> Router {
-    let shared = Shared {
+    let shared = Shared(Arc::new(Sharing {
         store,
         sign_ins: Arc::default(),
         limiter: config
@@ -128,7 +138,7 @@ pub fn app(store: Arc<Store>, config: &Config) -> Router {
         metrics: Arc::new(metrics::Metrics::new()),
         tls: config.tls.is_some(),
         account: config.account.as_deref().map(Arc::from),
-    };
+    }));
     // The caller is checked on each route's own methods (route_layer), so a
     // method a route does not have is a 405 with Allow, before any token:
     // the methods are public in /openapi.json anyway.

@@ -19,7 +19,7 @@ use crate::api::{
     AccountState, NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation,
     Release, Seats, TotalBody,
 };
-use crate::backend::store::{Principal, Store, off_thread};
+use crate::backend::store::{Principal, Store, in_place, off_thread};
 use crate::backend::{AuditEntry, BackendError, Written};
 use crate::domain::{
     Allocation, AllocationWrite, Refusal, Target, check_count, check_identifier,
@@ -191,13 +191,29 @@ fn named(value: &str, unknown: fn(&str) -> Refusal) -> Result<(), Refusal> {
     })
 }
 
-/// Runs a store call off the async threads (the page's handlers too).
+/// Runs a store call for a request (the page's handlers too) off the async
+/// threads, so that the request's deadline can answer while it waits.
 pub(super) async fn store<T: Send + 'static>(
     s: &Shared,
     f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, Problem> {
     let store = s.store.clone();
     off_thread(move || f(&store)).await.map_err(Problem::from)
+}
+
+/// [`store`] for a call that only reads: on a store whose reads never wait
+/// for a writer (SQLite's, in WAL mode), in place (see [`in_place`]).
+pub(super) async fn read<T: Send + 'static>(
+    s: &Shared,
+    f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, Problem> {
+    let store = s.store.clone();
+    let read = if store.reads_never_wait() {
+        in_place(move || f(&store)).await
+    } else {
+        off_thread(move || f(&store)).await
+    };
+    read.map_err(Problem::from)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -366,7 +382,7 @@ pub async fn get_account(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let snapshot = store(&s, move |st| st.snapshot(&account)).await?;
+    let snapshot = read(&s, move |st| st.snapshot(&account)).await?;
     Ok(Json(AccountState {
         products: snapshot.pools.iter().map(Product::from).collect(),
         organizations: snapshot
@@ -385,7 +401,7 @@ pub async fn list_products(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let pools = store(&s, move |st| st.snapshot(&account)).await?.pools;
+    let pools = read(&s, move |st| st.snapshot(&account)).await?.pools;
     Ok(Json(pools.iter().map(Product::from).collect::<Vec<_>>()).into_response())
 }
 
@@ -411,7 +427,7 @@ pub async fn list_organizations(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let orgs = store(&s, move |st| st.snapshot(&account))
+    let orgs = read(&s, move |st| st.snapshot(&account))
         .await?
         .organizations;
     Ok(Json(
@@ -446,9 +462,7 @@ pub async fn list_allocations(
     Segments(AccountPath { account }): Segments<AccountPath>,
     Params(filter): Params<ProductFilter>,
 ) -> Result<Response, Problem> {
-    let mut allocations = store(&s, move |st| st.snapshot(&account))
-        .await?
-        .allocations;
+    let mut allocations = read(&s, move |st| st.snapshot(&account)).await?.allocations;
     if let Some(p) = filter.product {
         allocations.retain(|a| a.product == p);
     }
@@ -468,7 +482,7 @@ pub async fn get_allocation(
     }): Segments<AllocationPath>,
 ) -> Result<Response, Problem> {
     let (o, p) = (organization.clone(), product.clone());
-    let seen = store(&s, move |st| st.observe(&account, &o, &p)).await?;
+    let seen = read(&s, move |st| st.observe(&account, &o, &p)).await?;
     if seen.pools.is_empty() {
         return Err(Problem::refusal(&unknown_product(&product)));
     }
@@ -613,6 +627,6 @@ pub async fn audit(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let entries = store(&s, move |st| st.audit(&account)).await?;
+    let entries = read(&s, move |st| st.audit(&account)).await?;
     Ok(Json(entries).into_response())
 }

@@ -103,34 +103,95 @@ const LICENSOR: &str = "licensor";
 /// How long a token's last use stands before it is noted again.
 const TOUCH_EVERY: chrono::Duration = chrono::Duration::minutes(1);
 
+/// Tokens found good, as their rows were read, while the store has not
+/// changed since: a request whose token is here needs no read of the
+/// store. Anything committed to the store, by any process (a revoke, an
+/// expiry, a write), empties it, so a revoked token is refused at once;
+/// on a store that cannot say when it changed (PostgreSQL) it stays empty.
+#[derive(Default)]
+pub(super) struct Checked(std::sync::Mutex<CheckedTokens>);
+
+#[derive(Default)]
+struct CheckedTokens {
+    /// The store's data version the rows were read at (or after).
+    version: Option<i64>,
+    rows: std::collections::HashMap<String, TokenRow>,
+}
+
+/// Tokens held at most; past that the next one empties it (tokens in use
+/// at once are few; unknown tokens are never held).
+const CHECKED_AT_MOST: usize = 1024;
+
+impl Checked {
+    /// `f` of the token hashed `hash`, if it was found good at the store's
+    /// data version `version` (the store has not changed since).
+    fn get<T>(&self, version: i64, hash: &str, f: impl FnOnce(&TokenRow) -> T) -> Option<T> {
+        let mut checked = self.0.lock().ok()?;
+        if checked.version != Some(version) {
+            checked.rows.clear();
+            checked.version = None;
+            return None;
+        }
+        checked.rows.get(hash).map(f)
+    }
+
+    fn put(&self, version: i64, hash: String, row: TokenRow) {
+        let Ok(mut checked) = self.0.lock() else {
+            return;
+        };
+        if checked.version != Some(version) || checked.rows.len() >= CHECKED_AT_MOST {
+            checked.rows.clear();
+            checked.version = Some(version);
+        }
+        checked.rows.insert(hash, row);
+    }
+}
+
 impl Store {
     /// Maps a bearer token to its principal: a token of `account` that has
     /// not expired (only hashes are stored). Its use is noted, at most once
     /// a minute.
     pub fn authenticate(&self, account: &str, token: &str) -> Result<Principal, BackendError> {
+        let (who, due) = self.check_token(account, token)?;
+        if due {
+            self.note_token_use(token);
+        }
+        Ok(who)
+    }
+
+    /// Checks a bearer token as [`Store::authenticate`] does, and says
+    /// whether its use is due to be noted ([`Store::note_token_use`]), which
+    /// a server does without keeping the request waiting. Reads the store
+    /// unless the token was found good since the store last changed.
+    pub fn check_token(
+        &self,
+        account: &str,
+        token: &str,
+    ) -> Result<(Principal, bool), BackendError> {
         let (h, now) = (hash(token), chrono::Utc::now());
-        let t = self
-            .read_one(|s| s.token(&h))?
-            .filter(|t| t.account == account)
-            .ok_or_else(|| {
-                BackendError::Unauthorized("the token is unknown or not for this account".into())
-            })?;
-        if t.expired(&rfc3339(now)) {
-            return Err(BackendError::Unauthorized(format!(
-                "the token expired at {}",
-                t.expires.unwrap_or_default()
-            )));
+        // Taken before the read, so a commit after it is a change to it.
+        let version = self.data_version();
+        if let Some(checked) = version.and_then(|v| {
+            self.checked
+                .get(v, &h, |row| admit(Some(row), account, now))
+        }) {
+            return checked;
         }
-        if t.last_used.as_deref() < Some(rfc3339(now - TOUCH_EVERY).as_str()) {
-            // Best effort: a busy store does not turn a read away.
-            if let Err(e) = self.transaction(true, |s| s.touch_token(&h, &rfc3339(now))) {
-                tracing::debug!(error = %e, "noting a token's use");
-            }
+        let row = self.read_one(|s| s.token(&h))?;
+        let (who, due) = admit(row.as_ref(), account, now)?;
+        if let (Some(version), Some(row), false) = (version, row, due) {
+            self.checked.put(version, h, row);
         }
-        Ok(Principal {
-            actor: format!("token:{}", t.name),
-            role: t.role,
-        })
+        Ok((who, due))
+    }
+
+    /// Notes that a token is in use now. Best effort: a busy store does not
+    /// turn a request away.
+    pub fn note_token_use(&self, token: &str) {
+        let (h, now) = (hash(token), rfc3339(chrono::Utc::now()));
+        if let Err(e) = self.transaction(true, |s| s.touch_token(&h, &now)) {
+            tracing::debug!(error = %e, "noting a token's use");
+        }
     }
 
     /// Creates a token named `name` (unique in the account), valid for
@@ -297,4 +358,28 @@ impl Store {
         let now = now();
         self.transaction(true, |s| s.delete_sessions(&hash(id), &now))
     }
+}
+
+/// Whether the token `row` (if any) lets its bearer act on `account` at
+/// `now`, as whom, and whether its use is due to be noted.
+fn admit(
+    row: Option<&TokenRow>,
+    account: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Principal, bool), BackendError> {
+    let t = row.filter(|t| t.account == account).ok_or_else(|| {
+        BackendError::Unauthorized("the token is unknown or not for this account".into())
+    })?;
+    if t.expired(&rfc3339(now)) {
+        return Err(BackendError::Unauthorized(format!(
+            "the token expired at {}",
+            t.expires.as_deref().unwrap_or_default()
+        )));
+    }
+    let stale = t.last_used.as_deref() < Some(rfc3339(now - TOUCH_EVERY).as_str());
+    let who = Principal {
+        actor: format!("token:{}", t.name),
+        role: t.role,
+    };
+    Ok((who, stale))
 }

@@ -20,6 +20,8 @@ pub const MAX_READERS: usize = 4;
 pub struct Readers {
     path: PathBuf,
     pool: Bounded<Connection>,
+    /// A connection of its own for [`Readers::data_version`].
+    probe: std::sync::Mutex<Option<Connection>>,
 }
 
 impl Readers {
@@ -27,7 +29,28 @@ impl Readers {
         Readers {
             path: path.to_path_buf(),
             pool: Bounded::new(MAX_READERS, None),
+            probe: Default::default(),
         }
+    }
+
+    /// A number that changes whenever a transaction is committed to the
+    /// file by any connection, in this process or another, since the last
+    /// call (SQLite's `PRAGMA data_version` on one connection kept for it:
+    /// it reads the WAL's shared index, no page). `None` when it cannot be
+    /// read, which callers take as "changed".
+    pub fn data_version(&self) -> Option<i64> {
+        let mut probe = self.probe.lock().ok()?;
+        if probe.is_none() {
+            *probe = Some(self.open().ok()?);
+        }
+        let conn = probe.as_ref()?;
+        let version = conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut pragma| pragma.query_row([], |row| row.get(0)));
+        if version.is_err() {
+            *probe = None;
+        }
+        version.ok()
     }
 
     /// Runs `f` on a read connection.
