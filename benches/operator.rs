@@ -83,6 +83,8 @@ fn license(i: usize) -> DedicatedLicense {
             product: PRODUCTS[i % PRODUCTS.len()].into(),
             account_ref: None,
             count: 3,
+            until: None,
+            then_count: None,
             allow_user_displacement: false,
             deletion_policy: Default::default(),
             management_policy: Default::default(),

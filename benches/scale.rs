@@ -239,6 +239,7 @@ fn main() {
         instance: "default".into(),
         role: Role::AccountAdmin,
         keep_writes: true,
+        now: chrono::Utc::now(),
     };
     let mut p = plan(desired, snapshot, &opts);
     let planning = t.elapsed();

@@ -12,7 +12,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod expiry;
 pub mod tenants;
+
+pub use expiry::{Ending, Expiry};
 
 /// Largest dedicated count one allocation may hold.
 pub const MAX_COUNT: i64 = 1_000_000;

@@ -351,11 +351,19 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
             ));
         }
         let spec = document.spec;
-        if let Err(r) = check_count(spec.count) {
-            // The domain's words, with the field as the manifest spells it.
+        for (field, count) in [("count", Some(spec.count)), ("thenCount", spec.then_count)] {
+            if let Some(Err(r)) = count.map(check_count) {
+                // The domain's words, with the field as the manifest spells it.
+                problems.push((
+                    line_of(&doc, field).unwrap_or(first_line),
+                    format!("spec.{}", r.message.replacen("count", field, 1)),
+                ));
+            }
+        }
+        if spec.then_count.is_some() && spec.until.is_none() {
             problems.push((
-                line_of(&doc, "count").unwrap_or(first_line),
-                format!("spec.{}", r.message),
+                line_of(&doc, "thenCount").unwrap_or(first_line),
+                "spec.thenCount needs spec.until: the moment the count becomes thenCount".into(),
             ));
         }
         for (field, value) in [

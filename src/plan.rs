@@ -14,7 +14,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ledger, Observed,
+    Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ending, Expiry, Ledger,
+    Observed,
     PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Snapshot, Target, decide_release,
     did_you_mean, managed_resource,
 };
@@ -49,6 +50,9 @@ pub struct Desired {
     pub organization: String,
     pub product: String,
     pub count: i64,
+    /// When `count` ends and what it becomes then (`spec.until`,
+    /// `spec.thenCount`): the count planned is the one at [`Options::now`].
+    pub expiry: Option<Expiry>,
     pub allow_user_displacement: bool,
     /// `<instance>/<namespace>/<name>`.
     pub managed_by: String,
@@ -94,6 +98,10 @@ pub struct Change {
     pub rehomed: i64,
     pub displaced: i64,
     pub diff: String,
+    /// When the count of a temporary allocation ends, and whether it had
+    /// at the moment planned for (boxed, as rare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Box<Ending>>,
     /// The write apply sends, for planned changes (boxed: a change is no
     /// larger than the step it is decided from, see [`plan`]).
     #[serde(skip)]
@@ -111,18 +119,22 @@ pub struct Options {
     /// Keep each planned change's write for apply to send. A preview keeps
     /// none: for 100,000 changes that is a third of the plan's memory.
     pub keep_writes: bool,
+    /// The moment planned for: a temporary allocation asks for its
+    /// `thenCount` from its `until` on (`plan --at` previews another).
+    pub now: chrono::DateTime<chrono::Utc>,
 }
 
 impl Options {
     /// One resource of `instance`'s, planned as its manager would write it
     /// (the backend enforces R1 on the write itself): what the operator's
-    /// pass and admission plan.
-    pub fn one(instance: &str) -> Options {
+    /// pass and admission plan, at `now`.
+    pub fn one(instance: &str, now: chrono::DateTime<chrono::Utc>) -> Options {
         Options {
             prune: false,
             instance: instance.to_string(),
             role: Role::AccountAdmin,
             keep_writes: true,
+            now,
         }
     }
 }
@@ -130,6 +142,8 @@ impl Options {
 /// The planned changes, in apply order, and the pools before and after.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
+    /// The moment it was planned for.
+    pub at: chrono::DateTime<chrono::Utc>,
     pub changes: Vec<Change>,
     /// Projected pools after the plan (after apply: as observed).
     pub pools: Vec<PoolView>,
@@ -172,8 +186,11 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
     let mut steps: Vec<Step> = desired
         .into_iter()
         .map(|d| {
-            let target = Target::Count(d.count);
-            Step::from_desired(d, target, &ledger, opts.keep_writes)
+            let target = Target::Count(Expiry::count_at(d.expiry.as_ref(), d.count, opts.now));
+            let ending = d.expiry.map(|e| Box::new(e.at(opts.now)));
+            let mut step = Step::from_desired(d, target, &ledger, opts.keep_writes);
+            step.expiry = ending;
+            step
         })
         .collect();
     if opts.prune {
@@ -216,6 +233,7 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
         .map(|step| step.decide(&mut ledger, opts.role, opts.keep_writes))
         .collect();
     Plan {
+        at: opts.now,
         changes,
         pools: ledger.pools.values().map(PoolView::from).collect(),
         pools_before,
@@ -283,6 +301,7 @@ struct Step {
     hold: Option<Hold>,
     /// Boxed: rare, and a step is planned 100,000 times at once.
     denied: Option<Box<Refusal>>,
+    expiry: Option<Box<Ending>>,
 }
 
 impl Step {
@@ -354,6 +373,7 @@ impl Step {
             action,
             hold,
             denied: None,
+            expiry: None,
         }
     }
 
@@ -384,6 +404,7 @@ impl Step {
             rehomed: 0,
             displaced: 0,
             diff: String::new(),
+            expiry: self.expiry.clone(),
             write: None,
         }
     }
@@ -520,7 +541,16 @@ impl Step {
 pub fn refuse(change: &mut Change, refusal: Refusal) {
     change.outcome = Outcome::Refused;
     change.reason = Some(refusal.reason);
-    change.message = refusal.message;
+    change.message = match change.expiry.as_deref() {
+        // Said, so that no one takes the count refused for the spec's count.
+        Some(e) if e.passed => format!(
+            "at its expiry ({}, then {}): {}",
+            e.expiry().until_text(),
+            e.then_count,
+            refusal.message
+        ),
+        _ => refusal.message,
+    };
 }
 
 /// An allocation as a plan's diff shows it: five lines, `key: value`,
@@ -709,6 +739,7 @@ mod tests {
             organization: org.into(),
             product: "TestOps".into(),
             count,
+            expiry: None,
             allow_user_displacement: false,
             managed_by: format!("default/licenses/{name}"),
             deletion_policy: Default::default(),
@@ -719,7 +750,7 @@ mod tests {
     }
 
     fn opts() -> Options {
-        Options::one("default")
+        Options::one("default", chrono::Utc::now())
     }
 
     #[test]

@@ -53,12 +53,14 @@ pub const DEFAULT_INSTANCE: &str = "default";
     printcolumn = r#"{"name": "Desired", "type": "integer", "jsonPath": ".spec.count"}"#,
     printcolumn = r#"{"name": "Allocated", "type": "integer", "jsonPath": ".status.allocated"}"#,
     printcolumn = r#"{"name": "In-Use", "type": "integer", "jsonPath": ".status.inUse"}"#,
+    printcolumn = r#"{"name": "Expires", "type": "string", "jsonPath": ".status.expiresAt"}"#,
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.accountRef) == has(oldSelf.accountRef) && (!has(self.accountRef) || self.accountRef == oldSelf.accountRef)").message("accountRef is immutable; create another DedicatedLicense for another account"))]
+#[x_kube(validation = Rule::new("!has(self.thenCount) || has(self.until)").message("thenCount needs until: the moment the count becomes thenCount"))]
 pub struct DedicatedLicenseSpec {
     /// Organization id in the license account that receives the licenses:
     /// 1 to 253 characters, no control characters, no space at either end.
@@ -91,6 +93,21 @@ pub struct DedicatedLicenseSpec {
     /// the seats in use; 0 revokes all of them, in-use seats included.
     #[schemars(range(min = 0, max = 1_000_000))]
     pub count: i64,
+
+    /// When count ends, for licenses given for a while (contractors, a
+    /// pilot, seats lent for a release): an RFC 3339 time such as
+    /// 2027-01-31T18:00:00Z. From then on the desired count is thenCount,
+    /// with the rules of any change: a thenCount below the seats in use is
+    /// refused (BelowInUse) and reported. The operator acts at that moment.
+    /// Absent: count stands until it is changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+
+    /// The desired count from until on, 0 to 1000000. Absent: 0, which
+    /// revokes the licenses. Needs until.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub then_count: Option<i64>,
 
     /// Consent to a revoke that would leave users without a license, which
     /// only happens when the account pool is over-committed.
@@ -134,6 +151,10 @@ pub struct DedicatedLicenseStatus {
     /// Ready, Reconciling and Stalled, following kstatus.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+
+    /// When the count ends (spec.until), for a temporary allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 
     /// Dedicated licenses the backend holds for this organization now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +228,14 @@ pub struct Failure {
 pub use crate::plan::Hold;
 
 impl DedicatedLicenseSpec {
+    /// When its count ends and what it becomes then, if it does.
+    pub fn expiry(&self) -> Option<crate::domain::Expiry> {
+        self.until.map(|until| crate::domain::Expiry {
+            until,
+            then_count: self.then_count.unwrap_or(0),
+        })
+    }
+
     /// The LicenseAccount this object names.
     pub fn account(&self) -> &str {
         self.account_ref.as_deref().unwrap_or(DEFAULT_ACCOUNT)
@@ -239,6 +268,7 @@ impl DedicatedLicenseSpec {
             organization: self.organization.clone(),
             product: self.product.clone(),
             count: self.count,
+            expiry: self.expiry(),
             allow_user_displacement: self.allow_user_displacement,
             managed_by: managed_by(instance, namespace, name),
             deletion_policy: self.deletion_policy,

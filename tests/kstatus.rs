@@ -84,6 +84,8 @@ fn pass(verdict: Verdict, seen: Seen, deleting: bool) -> Pass {
         organization: "qa-team".into(),
         product: "TestOps".into(),
         count: 10,
+        expiry: None,
+        expired: false,
         deleting,
         verdict,
         seen,

@@ -51,6 +51,7 @@ fn desired(org: usize, count: i64) -> Desired {
         organization: ORGS[org].into(),
         product: "TestOps".into(),
         count,
+        expiry: None,
         allow_user_displacement: true,
         managed_by: format!("default/licenses/{}", ORGS[org]),
         deletion_policy: Default::default(),
@@ -84,6 +85,7 @@ fn planned(store: &Store, op: &Op) -> Option<AllocationWrite> {
                 instance: "default".into(),
                 role: Role::AccountAdmin,
                 keep_writes: true,
+                now: chrono::Utc::now(),
             };
             plan(vec![desired(*org, *count)], snapshot.clone(), &opts)
                 .changes

@@ -120,7 +120,7 @@ pub enum Command {
     /// Check manifests offline: schema and the rules that need no backend.
     Validate(validate::ValidateArgs),
     /// Show what apply would change (exit 0 no change, 2 changes, 1 error or refusal).
-    Plan(plan_cmd::PlanArgs),
+    Plan(plan_cmd::PreviewArgs),
     /// Apply manifests; each resource independently, frees before claims.
     Apply(plan_cmd::PlanArgs),
     /// Show pools and allocations.

@@ -77,6 +77,10 @@ pub struct OperatorArgs {
     /// manager's allocation): deny it, or admit it with a warning.
     #[arg(long, value_enum, default_value = "deny", env = "LICENSOR_ADMISSION")]
     pub admission: crate::operator::admission::Mode,
+    /// The admission webhook warns when a DedicatedLicense's until has
+    /// passed, or comes sooner than this.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, env = "LICENSOR_EXPIRY_WARNING")]
+    pub expiry_warning: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "LICENSOR_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -129,6 +133,7 @@ pub async fn run(g: &Global, args: &OperatorArgs) -> u8 {
             .map(|(listen, cert_dir)| Webhook { listen, cert_dir }),
         local_webhooks: args.local_webhooks,
         admission: args.admission,
+        expiry_warning: args.expiry_warning,
     };
     tracing::info!(
         backend = %crate::backend::redact(&g.backend),

@@ -26,11 +26,24 @@ pub struct PlanArgs {
     pub output: Format,
 }
 
+/// `licensor plan`: [`PlanArgs`] and the moment to plan for.
+#[derive(Args, Debug)]
+pub struct PreviewArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Plan for another moment (RFC 3339, for example
+    /// 2027-01-31T18:00:00Z): temporary allocations whose until has come by
+    /// then are planned at their thenCount. Default: now.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Loads, observes and plans; prints the error and returns `None` on failure.
 async fn prepare(
     g: &Global,
     args: &PlanArgs,
     mode: Mode,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Option<(Plan, Box<dyn crate::backend::Backend>)> {
     let (manifests, directory) = load_manifests(&args.files)?;
     // What the manifests ask for, and nothing more of them, is held while
@@ -62,12 +75,15 @@ async fn prepare(
         // caller may write so that it shows the changes themselves.
         role: Role::AccountAdmin,
         keep_writes: mode == Mode::Apply,
+        now,
     };
     Some((make_plan(desired, snapshot, &opts), backend))
 }
 
-pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((plan, backend)) = prepare(g, args, Mode::Plan).await else {
+pub async fn plan(g: &Global, preview: &PreviewArgs) -> u8 {
+    let args = &preview.plan;
+    let now = preview.at.unwrap_or_else(chrono::Utc::now);
+    let Some((plan, backend)) = prepare(g, args, Mode::Plan, now).await else {
         return FAILED;
     };
     render::print_plan(&plan, args.output, Mode::Plan, &backend.location());
@@ -81,7 +97,7 @@ pub async fn plan(g: &Global, args: &PlanArgs) -> u8 {
 }
 
 pub async fn apply(g: &Global, args: &PlanArgs) -> u8 {
-    let Some((mut plan, backend)) = prepare(g, args, Mode::Apply).await else {
+    let Some((mut plan, backend)) = prepare(g, args, Mode::Apply, chrono::Utc::now()).await else {
         return FAILED;
     };
     if let Err(e) = execute(&mut plan, backend.as_ref()).await {

@@ -103,11 +103,17 @@ fn outcome_str(o: Outcome) -> &'static str {
     }
 }
 
-/// Changes worth showing one by one: everything but quiet in-sync ones.
+/// Changes worth showing one by one: everything but quiet in-sync ones
+/// (a temporary allocation in sync is shown: when it ends is news).
 fn shown(plan: &Plan) -> impl Iterator<Item = &Change> {
-    plan.changes
-        .iter()
-        .filter(|c| c.outcome != Outcome::Unchanged || !c.diff.is_empty())
+    plan.changes.iter().filter(|c| {
+        c.outcome != Outcome::Unchanged || !c.diff.is_empty() || c.expiry.is_some()
+    })
+}
+
+/// When a temporary allocation's count ends, in words, as of the plan.
+fn ending(c: &Change, plan: &Plan) -> Option<String> {
+    c.expiry.as_ref().map(|e| e.expiry().describe(plan.at))
 }
 
 pub fn text(out: &mut impl io::Write, plan: &Plan, mode: Mode, location: &str) -> io::Result<()> {
@@ -131,6 +137,9 @@ pub fn text(out: &mut impl io::Write, plan: &Plan, mode: Mode, location: &str) -
             c.reason.map(|r| format!(" {r}")).unwrap_or_default()
         )?;
         writeln!(out, "    {}", c.message)?;
+        if let Some(ending) = ending(c, plan) {
+            writeln!(out, "    {ending}")?;
+        }
         for line in c.diff.lines() {
             writeln!(out, "    {line}")?;
         }
@@ -212,7 +221,10 @@ pub fn markdown(out: &mut impl io::Write, plan: &Plan, mode: Mode) -> io::Result
                 c.action.as_str(),
                 outcome_str(c.outcome),
                 c.reason.map(|r| format!("`{r}`")).unwrap_or_default(),
-                cell(&c.message)
+                match ending(c, plan) {
+                    Some(ending) => format!("{}<br>⏳ {ending}", cell(&c.message)),
+                    None => cell(&c.message),
+                }
             )?;
         }
         writeln!(out)?;

@@ -51,6 +51,8 @@ pub struct Validator {
     pub mode: Mode,
     /// Longest wait for the backend before the check is skipped.
     pub timeout: Duration,
+    /// Warn of a `spec.until` sooner than this, or past.
+    pub expiry_warning: Duration,
     /// Counts the reads of the whole account (for the closest names).
     pub metrics: Arc<Metrics>,
     /// The cluster's accounts and Namespaces, for the tenant rule.
@@ -136,11 +138,15 @@ impl Validator {
                 &self.accounts.directory(),
             )
         };
-        match tokio::time::timeout(self.timeout, self.judge(&desired)).await {
+        let mut findings = match tokio::time::timeout(self.timeout, self.judge(&desired)).await {
             Ok(Ok(findings)) => findings,
             Ok(Err(e)) => skipped(&e.to_string()),
             Err(_) => skipped(&format!("no answer within {:?}", self.timeout)),
-        }
+        };
+        findings
+            .warnings
+            .extend(expiry_warning(&spec, self.expiry_warning, chrono::Utc::now()));
+        findings
     }
 
     /// Plans the one object on a read of its pool, organization and
@@ -210,6 +216,29 @@ impl Validator {
     }
 }
 
+/// A warning for a `spec.until` that has passed (the count is thenCount
+/// from the start) or comes within `margin` of `now`.
+fn expiry_warning(spec: &DedicatedLicenseSpec, margin: Duration, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    let e = spec.expiry()?;
+    let until = e.until_text();
+    let then = e.then_count;
+    if e.passed(now) {
+        return Some(format!(
+            "licensor: until {until} has passed: this object asks for thenCount {then}, not count {}",
+            spec.count
+        ));
+    }
+    let left = e.until - now;
+    (left.to_std().is_ok_and(|left| left < margin)).then(|| {
+        format!(
+            "licensor: until {until} is in {}, sooner than {}: count {} becomes {then} then",
+            crate::domain::expiry::span(left),
+            humantime::format_duration(margin),
+            spec.count
+        )
+    })
+}
+
 /// Allowed, with a warning that the backend was not consulted.
 fn skipped(why: &str) -> Findings {
     Findings {
@@ -243,6 +272,7 @@ mod tests {
             instance: "default".into(),
             mode: Mode::Deny,
             timeout: Duration::from_millis(500),
+            expiry_warning: Duration::from_secs(3600),
             metrics: Arc::default(),
             accounts: Arc::default(),
         }

@@ -15,6 +15,8 @@ pub fn unseen(generation: Option<i64>, wanted: &Desired, deleting: bool, verdict
         organization: wanted.organization.clone(),
         product: wanted.product.clone(),
         count: wanted.count,
+        expiry: wanted.expiry,
+        expired: false,
         deleting,
         verdict,
         seen: Seen::Unknown,
@@ -90,7 +92,7 @@ pub fn ensured(
             let verdict = match wanted.hold {
                 Some(hold) => Verdict::Held {
                     hold,
-                    in_sync: in_sync(&before, wanted.count),
+                    in_sync: in_sync(&before, change.to),
                 },
                 None => Verdict::InSync,
             };
@@ -101,6 +103,9 @@ pub fn ensured(
         seen,
         pool,
         diff: change.diff.clone(),
+        // The count asked for now: a temporary allocation's may have ended.
+        count: change.to,
+        expired: change.expiry.as_ref().is_some_and(|e| e.passed),
         ..unseen(generation, wanted, false, verdict)
     })
 }
@@ -294,6 +299,7 @@ mod tests {
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count,
+            expiry: None,
             allow_user_displacement: false,
             managed_by: "default/licenses/qa".into(),
             deletion_policy: Default::default(),
@@ -309,6 +315,7 @@ mod tests {
             instance: "default".into(),
             role: Role::AccountAdmin,
             keep_writes: true,
+            now: chrono::Utc::now(),
         };
         plan(vec![wanted.clone()], snapshot(), &opts)
             .changes

@@ -39,6 +39,8 @@ pub enum EventReason {
     Decreased,
     Revoked,
     Orphaned,
+    /// A temporary allocation reached its thenCount at its until.
+    Expired,
     /// A refusal or `BackendUnavailable`, named as the rules name it.
     Rule(Reason),
 }
@@ -53,6 +55,7 @@ impl EventReason {
             EventReason::Decreased => "Decreased",
             EventReason::Revoked => "Revoked",
             EventReason::Orphaned => "Orphaned",
+            EventReason::Expired => "Expired",
             EventReason::Rule(r) => r.as_str(),
         }
     }
@@ -79,6 +82,41 @@ impl std::fmt::Display for EventReason {
 
 /// The events a pass deserves, given the status before and after it.
 pub fn for_pass(
+    previous: Option<&DedicatedLicenseStatus>,
+    next: &DedicatedLicenseStatus,
+    pass: &Pass,
+) -> Vec<Note> {
+    let normal = |reason, message: &str| Note {
+        warning: false,
+        reason,
+        message: message.to_string(),
+    };
+    let mut notes = Vec::new();
+    // Once: the pass that finds the allocation at its thenCount after the
+    // until, where the status before had another count (the write, or a
+    // pass after a restart that came between the write and its status).
+    if let Some(e) = pass.expiry.filter(|_| pass.expired)
+        && matches!(pass.verdict, Verdict::Applied(_) | Verdict::InSync)
+        && next.allocated == Some(e.then_count)
+        && previous.and_then(|p| p.allocated) != Some(e.then_count)
+    {
+        notes.push(normal(
+            EventReason::Expired,
+            &format!(
+                "{} for {} became {} at its until, {}",
+                pass.product,
+                pass.organization,
+                e.then_count,
+                e.until_text()
+            ),
+        ));
+    }
+    notes.extend(for_verdict(previous, next, pass));
+    notes
+}
+
+/// The events of what a pass wrote or why it could not.
+fn for_verdict(
     previous: Option<&DedicatedLicenseStatus>,
     next: &DedicatedLicenseStatus,
     pass: &Pass,
@@ -272,6 +310,8 @@ mod tests {
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count: 10,
+            expiry: None,
+            expired: false,
             deleting: false,
             verdict,
             seen: Seen::Absent,

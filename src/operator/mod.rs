@@ -102,6 +102,8 @@ pub struct Config {
     /// What the validating webhook does with a finding that can never
     /// succeed as written.
     pub admission: admission::Mode,
+    /// The webhook warns of an until sooner than this (or past).
+    pub expiry_warning: std::time::Duration,
 }
 
 /// Plans one object on `part`, what the backend holds for its organization
@@ -116,7 +118,7 @@ pub async fn plan_one(
     instance: &str,
     metrics: &Metrics,
 ) -> Plan {
-    let opts = Options::one(instance);
+    let opts = Options::one(instance, chrono::Utc::now());
     let planned = plan(vec![desired.clone()], part.clone(), &opts);
     if !planned.names_unknown() {
         return planned;
@@ -159,6 +161,7 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
                 instance: config.settings.instance.clone(),
                 mode: config.admission,
                 timeout: ADMISSION_TIMEOUT,
+                expiry_warning: config.expiry_warning,
                 metrics: metrics.clone(),
                 accounts: accounts.clone(),
             };

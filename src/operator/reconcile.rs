@@ -175,12 +175,33 @@ impl Ended {
 
     /// Counts the pass and says when it comes back.
     fn requeue(self, ctx: &Context) -> Requeue {
+        self.requeue_by(ctx, None)
+    }
+
+    /// [`Ended::requeue`], and back by `ends` at the latest: a temporary
+    /// allocation's until, which the operator acts at.
+    fn requeue_by(self, ctx: &Context, ends: Option<Duration>) -> Requeue {
         ctx.metrics.result(self.label());
-        match self {
-            Ended::Ok | Ended::Refused | Ended::Released => Requeue::await_change(),
-            Ended::Retrying(after) | Ended::Failed(after) => Requeue::requeue(after),
+        match (self, ends) {
+            (Ended::Released, _) => Requeue::await_change(),
+            (Ended::Ok | Ended::Refused, None) => Requeue::await_change(),
+            (Ended::Ok | Ended::Refused, Some(ends)) => Requeue::requeue(ends),
+            (Ended::Retrying(after) | Ended::Failed(after), ends) => {
+                Requeue::requeue(ends.map_or(after, |ends| ends.min(after)))
+            }
         }
     }
+}
+
+/// How long until a temporary allocation's count ends, when that is
+/// sooner than the resync walker comes back (a later one is timed by a
+/// later pass).
+fn ends_in(wanted: &Desired, resync: Duration) -> Option<Duration> {
+    let until = wanted.expiry?.until;
+    (until - chrono::Utc::now())
+        .to_std()
+        .ok()
+        .filter(|d| *d < resync)
 }
 
 /// Requeue after a failed pass (the Kubernetes API refused a write).
@@ -233,14 +254,15 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         Ok(served) => served,
         Err(refusal) => return denied(dl, ctx, &wanted, refusal).await,
     };
+    let ends = ends_in(&wanted, ctx.settings.resync);
     if let Some(ended) = checked_quietly(dl, ctx, &served, &wanted).await {
-        return Ok(ended.requeue(ctx));
+        return Ok(ended.requeue_by(ctx, ends));
     }
     let pool = (served.id(), wanted.product.clone());
     let frees_before = ctx.waiting.frees_so_far(&pool);
     let c = match converge(ctx, &served, &wanted, Goal::Spec).await {
         Ok(Some(c)) => c,
-        Ok(None) => return Ok(Requeue::requeue(ctx.settings.resync)),
+        Ok(None) => return Ok(Requeue::requeue(ends.unwrap_or(ctx.settings.resync))),
         Err(e) => return unanswered(dl, ctx, &served, &wanted, e, false).await,
     };
     let generation = dl.meta().generation;
@@ -257,7 +279,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
         return not_decided(dl, ctx, &served, &wanted, &c.change, false).await;
     };
     write_status_and_events(dl, ctx, &pass).await?;
-    Ok(count_and_wake(dl, ctx, &served, &pass, frees_before).requeue(ctx))
+    Ok(count_and_wake(dl, ctx, &served, &pass, frees_before).requeue_by(ctx, ends))
 }
 
 /// Where a pass brings the backend.
@@ -344,7 +366,7 @@ async fn checked_quietly(
     let change = plan(
         vec![wanted.clone()],
         snapshot.clone(),
-        &Options::one(&ctx.settings.instance),
+        &Options::one(&ctx.settings.instance, chrono::Utc::now()),
     )
     .changes
     .pop()?;

@@ -99,7 +99,12 @@ pub struct Pass {
     pub account: String,
     pub organization: String,
     pub product: String,
+    /// The count the object asks for at the pass.
     pub count: i64,
+    /// When a temporary allocation's count ends.
+    pub expiry: Option<crate::domain::Expiry>,
+    /// It had ended when the pass planned: `count` is its thenCount.
+    pub expired: bool,
     /// The object is being deleted.
     pub deleting: bool,
     pub verdict: Verdict,
@@ -195,6 +200,7 @@ pub fn build(
     DedicatedLicenseStatus {
         observed_generation: pass.generation,
         account: Some(pass.account.clone()),
+        expires_at: pass.expiry.map(|e| e.until_text()),
         conditions,
         allocated,
         in_use,
@@ -365,6 +371,8 @@ mod tests {
             organization: "qa-team".into(),
             product: "TestOps".into(),
             count: 10,
+            expiry: None,
+            expired: false,
             deleting: false,
             verdict,
             seen,
