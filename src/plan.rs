@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ending, Expiry, Ledger,
-    Observed,
-    PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Snapshot, Target, decide_release,
+    Observed, PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Snapshot, Target, decide_release,
     did_you_mean, managed_resource,
 };
 
@@ -142,7 +141,9 @@ impl Options {
 /// The planned changes, in apply order, and the pools before and after.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
-    /// The moment it was planned for.
+    /// The moment it was planned for (not in the JSON: each change's
+    /// `expiry` says whether it had passed then).
+    #[serde(skip)]
     pub at: chrono::DateTime<chrono::Utc>,
     pub changes: Vec<Change>,
     /// Projected pools after the plan (after apply: as observed).
@@ -963,6 +964,51 @@ allocations:
                     .to_string()
             };
             proptest::prop_assert_eq!(record_diff(before, after, "licenses/a"), general);
+        }
+    }
+
+    proptest::proptest! {
+        /// DESIGN §11: for any until, thenCount and clock, a temporary
+        /// allocation plans as if it had no expiry before its until, and
+        /// as `count: thenCount` from it on (refusals say it was the
+        /// expiry); the change says when it ends either way.
+        #[test]
+        fn an_expiry_plans_the_count_before_until_and_then_count_after(
+            count in 0i64..12,
+            then_count in 0i64..12,
+            until in -100i64..100,
+            clock in -100i64..100,
+            (dedicated, in_use, shared) in (0i64..12, 0i64..12, 0i64..6),
+        ) {
+            let base: chrono::DateTime<chrono::Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
+            let now = base + chrono::TimeDelta::seconds(clock);
+            let expiry = Expiry { until: base + chrono::TimeDelta::seconds(until), then_count };
+            let account = snapshot(&format!("
+pools: [{{product: TestOps, total: 20, dedicated: {dedicated}, sharedInUse: {shared}}}]
+organizations: [a]
+allocations:
+  - {{organization: a, product: TestOps, dedicated: {dedicated}, inUse: {in_use}, managedBy: default/licenses/a, version: 3}}
+"));
+            let opts = Options::one("default", now);
+            let planned = |count: i64, expiry: Option<Expiry>| {
+                let d = Desired { expiry, ..want("a", "a", count) };
+                let mut p = plan(vec![d], account.clone(), &opts);
+                p.changes.pop().unwrap()
+            };
+            let temporary = planned(count, Some(expiry));
+            let ending = temporary.expiry.as_deref().copied();
+            proptest::prop_assert_eq!(ending, Some(expiry.at(now)));
+            let passed = clock >= until;
+            let plain = planned(if passed { then_count } else { count }, None);
+            let prefix = format!("at its expiry ({}, then {then_count}): ", expiry.until_text());
+            let message = match temporary.message.strip_prefix(&prefix) {
+                Some(rest) if passed && temporary.outcome == Outcome::Refused => rest.to_string(),
+                _ => temporary.message.clone(),
+            };
+            proptest::prop_assert_eq!(
+                Change { expiry: None, message, ..temporary },
+                plain
+            );
         }
     }
 

@@ -990,3 +990,146 @@ fn tokens_are_created_once_listed_and_revoked() {
         assert_eq!(names, ["alice"], "{kind:?}");
     }
 }
+
+/// DESIGN §11 from the CLI: a temporary allocation plans its count until
+/// its until and its thenCount from then on; `plan --at` previews a later
+/// moment; every format says when the count ends; a thenCount below the
+/// seats in use is refused at that moment, saying it is the expiry's.
+#[test]
+fn plan_at_previews_a_temporary_allocation_and_every_format_says_when_it_ends() {
+    let acct = Account::seeded(DOCUMENTED);
+    let until = (chrono::Utc::now() + chrono::TimeDelta::days(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let after = (chrono::Utc::now() + chrono::TimeDelta::days(3))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let m = acct.license(
+        "qa",
+        "qa-team",
+        "TestOps",
+        8,
+        &format!("  until: {until}\n  thenCount: 4\n"),
+    );
+    let file = m.to_str().unwrap();
+
+    // Now: 5 -> 8, ending in two days.
+    let run = acct.run(&["plan", "-f", file]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.contains("qa-team TestOps  5 -> 8  increase"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("    expires {until} (in 1d 23h), then 4\n"))
+            || run
+                .stdout
+                .contains(&format!("    expires {until} (in 2d), then 4\n")),
+        "{}",
+        run.stdout
+    );
+    let c = only_change(&acct.plan(&m).json()).clone();
+    assert_eq!((c["from"].as_i64(), c["to"].as_i64()), (Some(5), Some(8)));
+    assert_eq!(
+        c["expiry"],
+        serde_json::json!({"until": until, "thenCount": 4, "passed": false})
+    );
+    let md = acct.run(&["plan", "-f", file, "-o", "markdown"]);
+    assert!(
+        md.stdout.contains(&format!("<br>⏳ expires {until} (in ")),
+        "{}",
+        md.stdout
+    );
+
+    // A day after the until: the thenCount, 5 -> 4.
+    let run = acct.run(&["plan", "-f", file, "--at", &after]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.contains("qa-team TestOps  5 -> 4  decrease"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("    expired {until} (1d ago), then 4\n")),
+        "{}",
+        run.stdout
+    );
+    let json = acct
+        .run(&["plan", "-f", file, "--at", &after, "-o", "json"])
+        .json();
+    let c = only_change(&json);
+    assert_eq!(
+        (c["to"].as_i64(), c["expiry"]["passed"].as_bool()),
+        (Some(4), Some(true))
+    );
+
+    // Applied now, the preview of later lowers 8 to 4; the store is not
+    // touched by a preview.
+    assert_eq!(acct.apply(&m).code, 0);
+    let json = acct
+        .run(&["plan", "-f", file, "--at", &after, "-o", "json"])
+        .json();
+    assert_eq!(only_change(&json)["from"].as_i64(), Some(8));
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((8, 4)));
+    // In sync now, it is still shown: when it ends is news.
+    let run = acct.run(&["plan", "-f", file]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains(&format!("expires {until}")),
+        "{}",
+        run.stdout
+    );
+
+    // A thenCount below the 4 seats in use is refused at the expiry.
+    let low = acct.license(
+        "qa",
+        "qa-team",
+        "TestOps",
+        8,
+        &format!("  until: {until}\n  thenCount: 2\n"),
+    );
+    let run = acct.run(&[
+        "plan",
+        "-f",
+        low.to_str().unwrap(),
+        "--at",
+        &after,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let c = only_change(&run.json()).clone();
+    assert_eq!(c["reason"], "BelowInUse");
+    let message = c["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "at its expiry ({until}, then 2): cannot lower qa-team/TestOps to 2: 4 seats are in use"
+        )),
+        "{message}"
+    );
+    assert_eq!(acct.allocation("qa-team", "TestOps"), Some((8, 4)));
+
+    // A bad --at is a usage error; thenCount needs until and a range.
+    let run = acct.run(&["plan", "-f", file, "--at", "tomorrow"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("--at"), "{}", run.stderr);
+    for (extra, says) in [
+        ("  thenCount: 2\n", "spec.thenCount needs spec.until"),
+        (
+            &*format!("  until: {until}\n  thenCount: 2000000\n"),
+            "spec.thenCount 2000000 is outside 0..=1000000",
+        ),
+        ("  until: next week\n", "until"),
+    ] {
+        let bad = acct.license("qa", "qa-team", "TestOps", 8, extra);
+        let run = acct.run(&["validate", "-f", bad.to_str().unwrap()]);
+        assert_eq!(run.code, 1, "{extra}: {run:?}");
+        assert!(run.stderr.contains(says), "{extra}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("qa.yaml:1"),
+            "file and line: {}",
+            run.stderr
+        );
+    }
+}

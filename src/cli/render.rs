@@ -106,9 +106,9 @@ fn outcome_str(o: Outcome) -> &'static str {
 /// Changes worth showing one by one: everything but quiet in-sync ones
 /// (a temporary allocation in sync is shown: when it ends is news).
 fn shown(plan: &Plan) -> impl Iterator<Item = &Change> {
-    plan.changes.iter().filter(|c| {
-        c.outcome != Outcome::Unchanged || !c.diff.is_empty() || c.expiry.is_some()
-    })
+    plan.changes
+        .iter()
+        .filter(|c| c.outcome != Outcome::Unchanged || !c.diff.is_empty() || c.expiry.is_some())
 }
 
 /// When a temporary allocation's count ends, in words, as of the plan.

@@ -41,7 +41,8 @@ impl Expiry {
 
     /// `until` as plans, status and the page print it (RFC 3339, seconds).
     pub fn until_text(&self) -> String {
-        self.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        self.until
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     }
 
     /// In words, at `now`: `expires <time> (in <duration>), then <n>`, or

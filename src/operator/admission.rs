@@ -143,9 +143,11 @@ impl Validator {
             Ok(Err(e)) => skipped(&e.to_string()),
             Err(_) => skipped(&format!("no answer within {:?}", self.timeout)),
         };
-        findings
-            .warnings
-            .extend(expiry_warning(&spec, self.expiry_warning, chrono::Utc::now()));
+        findings.warnings.extend(expiry_warning(
+            &spec,
+            self.expiry_warning,
+            chrono::Utc::now(),
+        ));
         findings
     }
 
@@ -218,7 +220,11 @@ impl Validator {
 
 /// A warning for a `spec.until` that has passed (the count is thenCount
 /// from the start) or comes within `margin` of `now`.
-fn expiry_warning(spec: &DedicatedLicenseSpec, margin: Duration, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+fn expiry_warning(
+    spec: &DedicatedLicenseSpec,
+    margin: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
     let e = spec.expiry()?;
     let until = e.until_text();
     let then = e.then_count;
