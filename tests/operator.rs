@@ -2111,3 +2111,122 @@ spec:
     assert_eq!(gamma.allocation("gamma-qa", "TestOps"), Some((4, 0)));
     assert_eq!(c.account.allocation("gamma-qa", "TestOps"), None);
 }
+
+/// DESIGN §11 on a real control plane, with the resync at 5 minutes: a
+/// temporary allocation reaches its thenCount within seconds of its until
+/// (a timer, not the resync) with one `Expired` event; one whose until
+/// passes while the operator is down is acted on once by the restarted
+/// operator; one whose thenCount is below the seats in use is Stalled
+/// `BelowInUse` at that moment, with the numbers.
+#[test]
+fn a_temporary_allocation_ends_at_its_until_once_across_a_restart() {
+    let fixture = "account: acme
+products: [{name: TestOps, total: 100}]
+organizations:
+  - id: qa-team
+    allocations:
+      - {product: TestOps, dedicated: 5, inUse: 4}
+  - id: web-team
+  - id: ops-team
+";
+    let mut c = Cluster::start(fixture, &["--leader-elect=false", "--resync=5m"]);
+    let at = |secs| {
+        (chrono::Utc::now() + chrono::TimeDelta::seconds(secs))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let (soon, later) = (at(20), at(40));
+    c.license(
+        "web",
+        "web-team",
+        "TestOps",
+        3,
+        &format!("  until: {soon}\n  thenCount: 1\n"),
+    );
+    c.license(
+        "qa",
+        "qa-team",
+        "TestOps",
+        6,
+        &format!("  until: {soon}\n  thenCount: 2\n"),
+    );
+    c.license(
+        "ops",
+        "ops-team",
+        "TestOps",
+        2,
+        &format!("  until: {later}\n"),
+    );
+    for name in ["web", "qa", "ops"] {
+        let o = c.wait(name, "True", "Reconciled");
+        let until = if name == "ops" { &later } else { &soon };
+        assert_eq!(o["status"]["expiresAt"], until.as_str(), "{name}");
+    }
+    let listed = c.cp.ok(&["get", "dl", "-n", "licenses", "web"]);
+    assert!(
+        listed.contains("EXPIRES") && listed.contains(&soon),
+        "{listed}"
+    );
+    assert_eq!(c.account.allocation("web-team", "TestOps"), Some((3, 0)));
+
+    // At the until: web-team goes to 1 within seconds; qa-team's 2 is
+    // below its 4 users, so it stays at 6 and says why.
+    let until: chrono::DateTime<chrono::Utc> = soon.parse().unwrap();
+    let reached = wait_for("web-team at 1", Duration::from_secs(40), || {
+        (c.account.allocation("web-team", "TestOps") == Some((1, 0))).then(chrono::Utc::now)
+    });
+    let late = (reached - until).num_milliseconds();
+    assert!((0..5000).contains(&late), "acted {late} ms after the until");
+    c.wait_event("web", "Normal", "Expired");
+    let qa = c.wait("qa", "False", "BelowInUse");
+    says(
+        &qa,
+        format!(
+            "at its expiry ({soon}, then 2): cannot lower qa-team/TestOps to 2: 4 seats are in use"
+        ),
+    );
+    assert_eq!(condition(&qa, "Stalled").unwrap()["status"], "True");
+    assert_eq!(c.account.allocation("qa-team", "TestOps"), Some((6, 4)));
+
+    // The operator is down across ops-team's until, and restarted after.
+    c.operator.kill();
+    let until: chrono::DateTime<chrono::Utc> = later.parse().unwrap();
+    while chrono::Utc::now() < until + chrono::TimeDelta::seconds(2) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(c.account.allocation("ops-team", "TestOps"), Some((2, 0)));
+    c.operator = Operator::start(
+        &c.cp,
+        "restarted",
+        &c.account.backend,
+        &["--leader-elect=false", "--resync=5m"],
+    );
+    wait_for("ops-team revoked", SOON, || {
+        (c.account
+            .allocation("ops-team", "TestOps")
+            .is_none_or(|a| a.0 == 0))
+        .then_some(())
+    });
+    c.wait_event("ops", "Normal", "Expired");
+    // Settled: each expiry written once, each told once.
+    std::thread::sleep(Duration::from_secs(3));
+    let expired = |name| {
+        c.events(name)
+            .iter()
+            .filter(|(_, r, _)| r == "Expired")
+            .count()
+    };
+    assert_eq!((expired("web"), expired("ops"), expired("qa")), (1, 1, 0));
+    let audit = c.account.audit();
+    let written = |org: &str| {
+        audit
+            .iter()
+            .filter(|e| e["organization"] == org && e["action"] != "seed")
+            .count()
+    };
+    // web: create, then decrease; ops: create, then revoke; qa: increase.
+    assert_eq!(
+        (written("web-team"), written("ops-team"), written("qa-team")),
+        (2, 2, 1),
+        "{audit:#?}"
+    );
+}
