@@ -135,7 +135,7 @@ pub enum Command {
     /// over a store (the embedded file or PostgreSQL).
     Serve(serve::ServeArgs),
     /// Run the Kubernetes operator that reconciles DedicatedLicense objects.
-    Operator(operator::OperatorArgs),
+    Operator(Box<operator::OperatorArgs>),
     /// Print the CustomResourceDefinitions generated from their Rust types.
     Crd(crd::CrdArgs),
 }
