@@ -26,6 +26,7 @@ fn the_crd_is_enforced_by_a_real_api_server() {
             "DESIRED",
             "ALLOCATED",
             "IN-USE",
+            "EXPIRES",
             "READY",
             "REASON",
             "AGE"
@@ -129,4 +130,32 @@ fn the_crd_is_enforced_by_a_real_api_server() {
         explain.contains("Desired number of dedicated licenses, 0 to 1000000"),
         "{explain}"
     );
+
+    // A temporary allocation: thenCount needs until, in range; until is a
+    // time.
+    for (name, extra, says) in [
+        ("then-alone", "  thenCount: 2\n", "thenCount needs until"),
+        (
+            "then-huge",
+            "  until: 2027-01-31T18:00:00Z\n  thenCount: 2000000\n",
+            "spec.thenCount",
+        ),
+        ("until-words", "  until: next week\n", "spec.until"),
+    ] {
+        let doc = license_yaml(name, "qa-team", "TestOps", 1, extra);
+        let r = cp.kubectl_stdin(&["create", "-f", "-"], Some(&doc));
+        assert_ne!(r.code, 0, "{name} was accepted");
+        assert!(r.stderr.contains(says), "{name}: {r:?}");
+    }
+    let doc = license_yaml(
+        "contractor",
+        "qa-team",
+        "TestOps",
+        1,
+        "  until: 2027-01-31T18:00:00Z\n  thenCount: 0\n",
+    );
+    let r = cp.kubectl_stdin(&["create", "-f", "-"], Some(&doc));
+    assert_eq!(r.code, 0, "{r:?}");
+    let explain = cp.ok(&["explain", "dl.spec.until"]);
+    assert!(explain.contains("When count ends"), "{explain}");
 }
