@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use super::Shared;
 use crate::api::Problem;
 use crate::backend::BackendError;
-use crate::backend::store::Principal;
+use crate::backend::store::{Principal, serves};
 use crate::domain::require_admin;
 
 /// The bearer token of a request; the scheme name is case-insensitive
@@ -38,15 +38,9 @@ pub async fn authorize(
     let unauthorized = |m: &str| Problem::from(BackendError::Unauthorized(m.to_string()));
     let token = bearer(headers)
         .ok_or_else(|| unauthorized("send a bearer token: Authorization: Bearer <token>"))?;
-    if let Some(only) = &s.account
-        && **only != *account
-    {
-        return Err(unauthorized(&format!(
-            "this server serves account {only} only"
-        )));
-    }
+    serves(s.account.as_deref(), account)?;
     let (token, acc) = (token.to_string(), account.to_string());
-    let (who, due) = super::routes::read(s, {
+    let (who, due) = super::routes::point_read(s, {
         let token = token.clone();
         move |st| st.check_token(&acc, &token)
     })

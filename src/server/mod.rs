@@ -74,9 +74,9 @@ impl std::ops::Deref for Shared {
 pub struct Sharing {
     store: Arc<Store>,
     /// Failed sign-ins per client address.
-    sign_ins: Arc<limits::SignInThrottle>,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    metrics: Arc<metrics::Metrics>,
+    sign_ins: limits::SignInThrottle,
+    limiter: Option<DefaultDirectRateLimiter>,
+    metrics: metrics::Metrics,
     /// Served over TLS (`--tls-cert`): the page's cookies are `Secure`.
     tls: bool,
     /// The one account served, if `--account` named one.
@@ -131,11 +131,11 @@ pub const ROUTES: [&str; 20] = [
 pub fn app(store: Arc<Store>, config: &Config) -> Router {
     let shared = Shared(Arc::new(Sharing {
         store,
-        sign_ins: Arc::default(),
+        sign_ins: Default::default(),
         limiter: config
             .rate_limit
-            .map(|n| Arc::new(RateLimiter::direct(Quota::per_second(n)))),
-        metrics: Arc::new(metrics::Metrics::new()),
+            .map(|n| RateLimiter::direct(Quota::per_second(n))),
+        metrics: metrics::Metrics::new(),
         tls: config.tls.is_some(),
         account: config.account.as_deref().map(Arc::from),
     }));

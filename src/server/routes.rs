@@ -201,9 +201,12 @@ pub(super) async fn store<T: Send + 'static>(
     off_thread(move || f(&store)).await.map_err(Problem::from)
 }
 
-/// [`store`] for a call that only reads: on a store whose reads never wait
-/// for a writer (SQLite's, in WAL mode), in place (see [`in_place`]).
-pub(super) async fn read<T: Send + 'static>(
+/// [`store`] for a read of a few rows by key (a token, an allocation): on
+/// a store whose reads never wait for a writer (SQLite's, in WAL mode), in
+/// place (see [`in_place`]). Never for a read that grows with the account
+/// (a snapshot, the audit log): in place, the request's deadline could not
+/// answer while it runs.
+pub(super) async fn point_read<T: Send + 'static>(
     s: &Shared,
     f: impl FnOnce(&Store) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, Problem> {
@@ -382,7 +385,7 @@ pub async fn get_account(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let snapshot = read(&s, move |st| st.snapshot(&account)).await?;
+    let snapshot = store(&s, move |st| st.snapshot(&account)).await?;
     Ok(Json(AccountState {
         products: snapshot.pools.iter().map(Product::from).collect(),
         organizations: snapshot
@@ -401,7 +404,7 @@ pub async fn list_products(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let pools = read(&s, move |st| st.snapshot(&account)).await?.pools;
+    let pools = store(&s, move |st| st.snapshot(&account)).await?.pools;
     Ok(Json(pools.iter().map(Product::from).collect::<Vec<_>>()).into_response())
 }
 
@@ -427,7 +430,7 @@ pub async fn list_organizations(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let orgs = read(&s, move |st| st.snapshot(&account))
+    let orgs = store(&s, move |st| st.snapshot(&account))
         .await?
         .organizations;
     Ok(Json(
@@ -462,7 +465,9 @@ pub async fn list_allocations(
     Segments(AccountPath { account }): Segments<AccountPath>,
     Params(filter): Params<ProductFilter>,
 ) -> Result<Response, Problem> {
-    let mut allocations = read(&s, move |st| st.snapshot(&account)).await?.allocations;
+    let mut allocations = store(&s, move |st| st.snapshot(&account))
+        .await?
+        .allocations;
     if let Some(p) = filter.product {
         allocations.retain(|a| a.product == p);
     }
@@ -482,7 +487,7 @@ pub async fn get_allocation(
     }): Segments<AllocationPath>,
 ) -> Result<Response, Problem> {
     let (o, p) = (organization.clone(), product.clone());
-    let seen = read(&s, move |st| st.observe(&account, &o, &p)).await?;
+    let seen = point_read(&s, move |st| st.observe(&account, &o, &p)).await?;
     if seen.pools.is_empty() {
         return Err(Problem::refusal(&unknown_product(&product)));
     }
@@ -627,6 +632,6 @@ pub async fn audit(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
 ) -> Result<Response, Problem> {
-    let entries = read(&s, move |st| st.audit(&account)).await?;
+    let entries = store(&s, move |st| st.audit(&account)).await?;
     Ok(Json(entries).into_response())
 }

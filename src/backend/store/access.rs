@@ -19,6 +19,14 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The bearer of a token: the audit log names the token, never shows it.
+    fn of_token(name: &str, role: Role) -> Principal {
+        Principal {
+            actor: format!("token:{name}"),
+            role,
+        }
+    }
+
     /// Whoever can open the file can change it anyway, so local access
     /// without a token acts as the Account Admin.
     pub fn local() -> Principal {
@@ -70,6 +78,8 @@ pub enum TokenError {
     NoSuchToken { name: String, account: String },
     #[error("a token's name is 1 to 100 printable characters, not {0:?}")]
     BadName(String),
+    #[error("a token's expiry must be a time this licensor can hold, not {0} away")]
+    BadExpiry(String),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -213,7 +223,9 @@ impl Store {
                 chrono::Duration::from_std(d)
                     .ok()
                     .and_then(|d| chrono::Utc::now().checked_add_signed(d))
-                    .ok_or_else(|| TokenError::BadName(format!("an expiry {d:?} away")))?,
+                    .ok_or_else(|| {
+                        TokenError::BadExpiry(humantime::format_duration(d).to_string())
+                    })?,
             ),
             None => None,
         };
@@ -320,18 +332,13 @@ impl Store {
             .read_one(|s| s.token(&hash(token)))?
             .filter(|t| !t.expired(&rfc3339(now)))
             .ok_or_else(unknown)?;
-        if let Some(only) = only
-            && t.account != only
-        {
-            return Err(BackendError::Unauthorized(format!(
-                "this server serves account {only} only"
-            )));
-        }
+        serves(only, &t.account)?;
         let id = random_hex()?;
+        let who = Principal::of_token(&t.name, t.role);
         let row = SessionRow {
             account: t.account,
-            actor: format!("token:{}", t.name),
-            role: t.role,
+            actor: who.actor,
+            role: who.role,
             csrf: random_hex()?,
             expires_at: rfc3339(now + ttl),
             token: t.hash,
@@ -360,6 +367,17 @@ impl Store {
     }
 }
 
+/// Refuses `account` on a server that serves `only` one account
+/// (`serve --account`): the API and the sign-in say the same.
+pub fn serves(only: Option<&str>, account: &str) -> Result<(), BackendError> {
+    match only {
+        Some(only) if only != account => Err(BackendError::Unauthorized(format!(
+            "this server serves account {only} only"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the token `row` (if any) lets its bearer act on `account` at
 /// `now`, as whom, and whether its use is due to be noted.
 fn admit(
@@ -377,9 +395,5 @@ fn admit(
         )));
     }
     let stale = t.last_used.as_deref() < Some(rfc3339(now - TOUCH_EVERY).as_str());
-    let who = Principal {
-        actor: format!("token:{}", t.name),
-        role: t.role,
-    };
-    Ok((who, stale))
+    Ok((Principal::of_token(&t.name, t.role), stale))
 }

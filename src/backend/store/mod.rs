@@ -34,7 +34,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use super::{AuditEntry, BackendError, Fixture, Written};
 use crate::domain::{AllocationWrite, Pool, Reason, Refusal, SeatChange, Snapshot, did_you_mean};
-pub use access::{Principal, Session, TokenError, TokenInfo, random_hex};
+pub use access::{Principal, Session, TokenError, TokenInfo, random_hex, serves};
 use storage::Storage;
 
 /// A license store and its transaction functions.
@@ -216,8 +216,6 @@ impl Store {
         self.read_with(true, f)
     }
 
-    /// Runs `f`, one statement, outside a transaction: one statement is a
-    /// consistent read by itself (the hot paths: an allocation, a token).
     /// Whether its reads never wait for a writer or a server: SQLite's, in
     /// WAL mode, read a file beside the writer.
     pub fn reads_never_wait(&self) -> bool {
@@ -234,6 +232,8 @@ impl Store {
         }
     }
 
+    /// Runs `f`, one statement, outside a transaction: one statement is a
+    /// consistent read by itself (the hot paths: an allocation, a token).
     fn read_one<T>(
         &self,
         f: impl FnOnce(&dyn Storage) -> Result<T, BackendError>,
