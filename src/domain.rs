@@ -470,12 +470,18 @@ pub struct Observed<'a> {
 
 /// Checks counts a request may carry at all.
 pub fn check_count(count: i64) -> Result<(), Refusal> {
+    check_count_of("count", count)
+}
+
+/// [`check_count`] for a count `field` names (a temporary allocation's
+/// `thenCount`).
+pub fn check_count_of(field: &str, count: i64) -> Result<(), Refusal> {
     if (0..=MAX_COUNT).contains(&count) {
         Ok(())
     } else {
         Err(Refusal::new(
             Reason::Invalid,
-            format!("count {count} is outside 0..={MAX_COUNT}"),
+            format!("{field} {count} is outside 0..={MAX_COUNT}"),
         ))
     }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::{check_count, check_identifier};
+use crate::domain::{check_count_of, check_identifier};
 use crate::licenseaccount::{Directory, LicenseAccount};
 use crate::resource::{API_VERSION, DedicatedLicenseSpec, GROUP, KIND};
 
@@ -352,11 +352,11 @@ fn parse_file(file: &Path, text: &str, loaded: &mut Loaded) {
         }
         let spec = document.spec;
         for (field, count) in [("count", Some(spec.count)), ("thenCount", spec.then_count)] {
-            if let Some(Err(r)) = count.map(check_count) {
+            if let Some(Err(r)) = count.map(|n| check_count_of(field, n)) {
                 // The domain's words, with the field as the manifest spells it.
                 problems.push((
                     line_of(&doc, field).unwrap_or(first_line),
-                    format!("spec.{}", r.message.replacen("count", field, 1)),
+                    format!("spec.{}", r.message),
                 ));
             }
         }

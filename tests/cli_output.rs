@@ -941,6 +941,23 @@ fn tokens_are_created_once_listed_and_revoked() {
         ]);
         assert_eq!(bad.code, 1, "{bad:?}");
         assert!(bad.stderr.contains("--expires"), "{bad:?}");
+        let far = token(&[
+            "create",
+            "--role",
+            "Viewer",
+            "--name",
+            "x",
+            "--expires",
+            "300000years",
+        ]);
+        assert_eq!(
+            (far.code, far.stderr.as_str()),
+            (
+                1,
+                "error: a token's expiry must be a time this licensor can hold, not 300000years away\n"
+            ),
+            "{far:?}"
+        );
         assert_eq!(acct.rows(), before, "a refused create wrote");
 
         let list = token(&["list"]);
@@ -964,6 +981,25 @@ fn tokens_are_created_once_listed_and_revoked() {
             ("ci", "Viewer", "never")
         );
         assert_eq!(lines.len(), 3, "{list:?}");
+        let md = token(&["list", "-o", "markdown"]);
+        assert!(
+            md.stdout
+                .contains("| Name | Role | Created | Expires | Last used |\n|---|")
+                && md.stdout.contains("| ci | Viewer | "),
+            "{md:?}"
+        );
+        // The audit log names each token's record by the token, in every
+        // format.
+        let audit = acct.run_local(&["backend", "audit"]);
+        assert!(
+            audit.stdout.contains(" local token-create token ci (Viewer) 0 -> 0 "),
+            "{audit:?}"
+        );
+        let audit = acct.run_local(&["backend", "audit", "-o", "markdown"]);
+        assert!(
+            audit.stdout.contains("| - | ci (Viewer) |\n"),
+            "{audit:?}"
+        );
         let json = token(&["list", "-o", "json"]);
         assert_eq!(json.code, 0, "{json:?}");
         let listed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();

@@ -8,6 +8,7 @@ use std::io;
 
 use super::Format;
 use crate::backend::AuditEntry;
+use crate::backend::store::TokenInfo;
 use crate::domain::{Action, PoolView, Snapshot};
 use crate::plan::{Change, Outcome, Plan};
 
@@ -368,12 +369,11 @@ pub fn audit_text(entries: &[AuditEntry]) -> String {
     for e in entries {
         let _ = writeln!(
             s,
-            "{} {} {} {}/{} {} -> {} rehomed {} displaced {} manager {} key {}",
+            "{} {} {} {} {} -> {} rehomed {} displaced {} manager {} key {}",
             e.time,
             e.actor,
             e.action,
-            e.organization.as_deref().unwrap_or("-"),
-            e.product.as_deref().unwrap_or("-"),
+            about(e),
             e.from,
             e.to,
             e.rehomed,
@@ -385,20 +385,33 @@ pub fn audit_text(entries: &[AuditEntry]) -> String {
     s
 }
 
+/// What a record is about: its organization and product, or the token a
+/// token's record names.
+fn about(e: &AuditEntry) -> String {
+    match &e.subject {
+        Some(token) => format!("token {token}"),
+        None => format!(
+            "{}/{}",
+            e.organization.as_deref().unwrap_or("-"),
+            e.product.as_deref().unwrap_or("-")
+        ),
+    }
+}
+
 /// `licensor backend audit -o markdown`: the audit log as a table.
 pub fn audit_markdown(entries: &[AuditEntry]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "### licensor audit: {} records\n", entries.len());
     let _ = writeln!(
         s,
-        "| Time | Actor | Action | Organization | Product | From | To | Rehomed | Displaced | Manager |"
+        "| Time | Actor | Action | Organization | Product | From | To | Rehomed | Displaced | Manager | Token |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---:|---:|---:|---:|---|---|");
     let or_dash = |v: Option<&str>| v.map(cell).unwrap_or_else(|| "-".into());
     for e in entries {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             e.time,
             cell(&e.actor),
             e.action,
@@ -408,8 +421,74 @@ pub fn audit_markdown(entries: &[AuditEntry]) -> String {
             e.to,
             e.rehomed,
             e.displaced,
-            or_dash(e.manager.as_deref())
+            or_dash(e.manager.as_deref()),
+            or_dash(e.subject.as_deref())
         );
+    }
+    s
+}
+
+/// The cells of `token list`: name, role, created, expires, last used.
+fn token_cells(t: &TokenInfo) -> [&str; 5] {
+    [
+        &t.name,
+        t.role.as_str(),
+        &t.created,
+        t.expires.as_deref().unwrap_or("never"),
+        t.last_used.as_deref().unwrap_or("never"),
+    ]
+}
+
+/// Said when an account has no tokens, in every format.
+fn no_tokens(account: &str) -> String {
+    format!(
+        "account {account} has no tokens; `licensor token create --role Viewer --name NAME` makes one\n"
+    )
+}
+
+/// `licensor token list`: the tokens as a table (never a token or its
+/// hash), or a line saying there are none.
+pub fn tokens_text(account: &str, tokens: &[TokenInfo]) -> String {
+    if tokens.is_empty() {
+        return no_tokens(account);
+    }
+    let header = ["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"];
+    let width: Vec<usize> = (0..header.len())
+        .map(|i| {
+            tokens
+                .iter()
+                .map(|t| token_cells(t)[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: [&str; 5]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(header);
+    for t in tokens {
+        out.push_str(&line(token_cells(t)));
+    }
+    out
+}
+
+/// `licensor token list -o markdown`: the tokens as a table.
+pub fn tokens_markdown(account: &str, tokens: &[TokenInfo]) -> String {
+    if tokens.is_empty() {
+        return no_tokens(account);
+    }
+    let mut s = format!("### licensor tokens of account {}\n\n", cell(account));
+    let _ = writeln!(s, "| Name | Role | Created | Expires | Last used |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for t in tokens {
+        let cells: Vec<String> = token_cells(t).iter().map(|c| cell(c)).collect();
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
     s
 }

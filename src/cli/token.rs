@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, Open, open_store};
-use crate::backend::store::{Principal, Store, TokenInfo};
+use super::{FAILED, Format, Global, OK, Open, open_store, render};
+use crate::backend::store::{Principal, Store};
 use crate::domain::Role;
 
 #[derive(Subcommand, Debug)]
@@ -97,7 +97,8 @@ fn act(store: &Store, account: &str, command: TokenCommand) -> Result<String, St
                     out.push('\n');
                     out
                 }
-                Format::Text | Format::Markdown => table(account, &tokens),
+                Format::Text => render::tokens_text(account, &tokens),
+                Format::Markdown => render::tokens_markdown(account, &tokens),
             })
         }
         TokenCommand::Revoke { name } => {
@@ -109,54 +110,6 @@ fn act(store: &Store, account: &str, command: TokenCommand) -> Result<String, St
             ))
         }
     }
-}
-
-/// The tokens as a table, or a line saying there are none.
-fn table(account: &str, tokens: &[TokenInfo]) -> String {
-    if tokens.is_empty() {
-        return format!(
-            "account {account} has no tokens; `licensor token create --role Viewer --name NAME` makes one\n"
-        );
-    }
-    let rows: Vec<[String; 5]> = tokens
-        .iter()
-        .map(|t| {
-            [
-                t.name.clone(),
-                t.role.as_str().to_string(),
-                t.created.clone(),
-                t.expires.clone().unwrap_or_else(|| "never".into()),
-                t.last_used.clone().unwrap_or_else(|| "never".into()),
-            ]
-        })
-        .collect();
-    let header = ["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"];
-    let width: Vec<usize> = (0..5)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: [&str; 5]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i == 4 {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<w$}  ", w = width[i]));
-            }
-        }
-        l.push('\n');
-        l
-    };
-    let mut out = line(header);
-    for r in &rows {
-        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
-    }
-    out
 }
 
 /// `--role`: a role as the store and the API spell it.
