@@ -992,14 +992,13 @@ fn tokens_are_created_once_listed_and_revoked() {
         // format.
         let audit = acct.run_local(&["backend", "audit"]);
         assert!(
-            audit.stdout.contains(" local token-create token ci (Viewer) 0 -> 0 "),
+            audit
+                .stdout
+                .contains(" local token-create token ci (Viewer) 0 -> 0 "),
             "{audit:?}"
         );
         let audit = acct.run_local(&["backend", "audit", "-o", "markdown"]);
-        assert!(
-            audit.stdout.contains("| - | ci (Viewer) |\n"),
-            "{audit:?}"
-        );
+        assert!(audit.stdout.contains("| - | ci (Viewer) |\n"), "{audit:?}");
         let json = token(&["list", "-o", "json"]);
         assert_eq!(json.code, 0, "{json:?}");
         let listed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
