@@ -289,6 +289,11 @@ pub struct Allocation {
     /// orphans what the operator would orphan.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// When its count ends and what it becomes then, as its manager said
+    /// when it last wrote (DESIGN §11); only a managed allocation has one,
+    /// since only its manager acts on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Expiry>,
     /// Bumped by every write; the ETag of the HTTP API.
     #[serde(default)]
     pub version: i64,
@@ -380,6 +385,8 @@ pub struct Request<'a> {
     pub allow_user_displacement: bool,
     /// The manager's deletion policy, kept with the allocation it manages.
     pub deletion_policy: DeletionPolicy,
+    /// The manager's expiry, kept with the allocation it manages.
+    pub expiry: Option<Expiry>,
 }
 
 /// The kind of change, as shown in plans and audit entries.
@@ -451,12 +458,22 @@ pub struct Effect {
     /// stay).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub policy_changed: bool,
+    /// Its manager changed the expiry kept with it (the count may stay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expiry_changed: bool,
 }
 
 impl Effect {
     /// Nothing changes in the backend.
     pub fn is_noop(&self) -> bool {
-        self.action == Action::None && !self.adopted && !self.policy_changed
+        self.action == Action::None && !self.adopted && !self.terms_changed()
+    }
+
+    /// Its manager changed only what it keeps with the allocation (the
+    /// deletion policy, the expiry): the allocation is written, no license
+    /// moves.
+    pub fn terms_changed(&self) -> bool {
+        self.policy_changed || self.expiry_changed
     }
 }
 
@@ -466,6 +483,23 @@ pub struct Observed<'a> {
     pub pool: Option<&'a Pool>,
     pub organization_exists: bool,
     pub allocation: Option<&'a Allocation>,
+}
+
+/// A count in a request body: a JSON integer, which JSON Schema also
+/// spells `5.0`. Anything else (a fraction, a string, a number past i64)
+/// is refused.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    let n = <serde_json::Number as Deserialize>::deserialize(d)?;
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        _ => Err(D::Error::custom(format!(
+            "{n} is not a whole number in range"
+        ))),
+    }
 }
 
 /// Checks counts a request may carry at all.
@@ -486,23 +520,41 @@ pub fn check_count_of(field: &str, count: i64) -> Result<(), Refusal> {
     }
 }
 
+/// An expiry is kept for the manager that acts on it, and ends at a count
+/// like any other.
+fn check_expiry(req: &Request<'_>) -> Result<(), Refusal> {
+    let Some(e) = &req.expiry else { return Ok(()) };
+    if req.managed_by.is_none() {
+        return Err(Refusal::new(
+            Reason::Invalid,
+            "an expiry is kept only for a manager, which acts on it at its until; give managedBy",
+        ));
+    }
+    check_count_of("thenCount", e.then_count)
+}
+
 /// Decides one change against what was observed: R1-R8 in one place.
 pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effect, Refusal> {
     require_admin(role, "change allocations")?;
     check_count(req.target.count())?;
+    check_expiry(req)?;
     let pool = seen.pool.ok_or_else(|| unknown_product(req.product))?;
     if !seen.organization_exists {
         return Err(unknown_organization(req.organization));
     }
-    let (from, in_use, owner, policy) = match seen.allocation {
+    let (from, in_use, owner, policy, expiry) = match seen.allocation {
         Some(a) => (
             a.dedicated,
             a.in_use,
             a.managed_by.as_deref(),
             a.deletion_policy,
+            a.expiry,
         ),
-        None => (0, 0, None, DeletionPolicy::Revoke),
+        None => (0, 0, None, DeletionPolicy::Revoke, None),
     };
+    // What a manager keeps with its allocation changes only by that
+    // manager, and not by a removal (which takes the allocation away).
+    let keeps = owner.is_some() && owner == req.managed_by && !matches!(req.target, Target::Remove);
     let adopted = match (owner, req.managed_by) {
         (Some(owner), Some(me)) if owner != me => return Err(conflict(owner)),
         (Some(owner), None) => return Err(conflict(owner)),
@@ -520,10 +572,8 @@ pub fn decide(role: Role, seen: Observed<'_>, req: &Request<'_>) -> Result<Effec
         rehomed: 0,
         displaced: 0,
         adopted: adopted && seen.allocation.is_some(),
-        policy_changed: owner.is_some()
-            && owner == req.managed_by
-            && policy != req.deletion_policy
-            && !matches!(req.target, Target::Remove),
+        policy_changed: keeps && policy != req.deletion_policy,
+        expiry_changed: keeps && expiry != req.expiry,
     };
     if to > from {
         let requested = to - from;
@@ -824,6 +874,11 @@ pub struct AllocationWrite {
     /// The manager's deletion policy, kept with the allocation.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// The manager's expiry, kept with the allocation (absent from the
+    /// JSON when there is none, so the hash of a write from before expiries
+    /// is what it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Expiry>,
     /// Refuse the write if the allocation's version moved (0: must not exist).
     pub expected_version: Option<i64>,
     /// Same key and same write replays the first answer instead of writing again.
@@ -839,6 +894,7 @@ impl AllocationWrite {
             managed_by: self.managed_by.as_deref(),
             allow_user_displacement: self.allow_user_displacement,
             deletion_policy: self.deletion_policy,
+            expiry: self.expiry,
         }
     }
 
@@ -883,6 +939,10 @@ impl AllocationWrite {
         // keys written before the policy was kept).
         if self.deletion_policy != DeletionPolicy::Revoke {
             let _ = write!(text, "\n{}", self.deletion_policy.as_str());
+        }
+        // So is another expiry (none keeps the keys from before expiries).
+        if let Some(e) = &self.expiry {
+            let _ = write!(text, "\nuntil {} then {}", e.until_stored(), e.then_count);
         }
         hex::encode(&text.0.finalize()[..16])
     }
@@ -1064,6 +1124,7 @@ impl Ledger {
                         in_use: 0,
                         managed_by: None,
                         deletion_policy: DeletionPolicy::Revoke,
+                        expiry: None,
                         version: 0,
                     });
                 }
@@ -1075,6 +1136,7 @@ impl Ledger {
                 if req.managed_by.is_some() {
                     entry.managed_by = req.managed_by.map(str::to_string);
                     entry.deletion_policy = req.deletion_policy;
+                    entry.expiry = req.expiry;
                 }
                 if !effect.is_noop() {
                     entry.version += 1;
@@ -1156,6 +1218,7 @@ mod tests {
             managed_by: Some("default/licenses/qa".into()),
             allow_user_displacement: false,
             deletion_policy: DeletionPolicy::Revoke,
+            expiry: None,
             expected_version: Some(3),
             idempotency_key: None,
         };
@@ -1192,6 +1255,7 @@ mod tests {
                 in_use: 4,
                 managed_by: None,
                 deletion_policy: Default::default(),
+                expiry: None,
                 version: 1,
             }],
         )
@@ -1204,6 +1268,7 @@ mod tests {
             target: Target::Count(n),
             managed_by: Some("default/ns/x"),
             deletion_policy: Default::default(),
+            expiry: None,
             allow_user_displacement: false,
         }
     }

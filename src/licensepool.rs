@@ -225,6 +225,7 @@ mod tests {
             in_use: 1,
             managed_by: managed_by.map(String::from),
             deletion_policy: Default::default(),
+            expiry: None,
             version: 1,
         };
         let snapshot = Snapshot {

@@ -323,6 +323,7 @@ impl Step {
             managed_by: Some(d.managed_by),
             allow_user_displacement: d.allow_user_displacement,
             deletion_policy: d.deletion_policy,
+            expiry: d.expiry,
             expected_version: Some(current.as_ref().map_or(0, |a| a.version)),
             idempotency_key: None,
         };
@@ -348,6 +349,7 @@ impl Step {
             managed_by: a.managed_by.clone(),
             allow_user_displacement: false,
             deletion_policy: a.deletion_policy,
+            expiry: a.expiry,
             expected_version: Some(a.version),
             idempotency_key: None,
         };
@@ -447,6 +449,17 @@ impl Step {
                         change.message,
                         was.unwrap_or_default().as_str(),
                         self.write.deletion_policy.as_str()
+                    );
+                }
+                if effect.expiry_changed {
+                    let until = |e: Option<Expiry>| {
+                        e.map_or_else(|| "none".to_string(), |e| e.until_text())
+                    };
+                    change.message = format!(
+                        "{}; expiry {} -> {}, kept with the allocation",
+                        change.message,
+                        until(self.current.as_ref().and_then(|a| a.expiry)),
+                        until(self.write.expiry)
                     );
                 }
                 change.rehomed = effect.rehomed;
@@ -983,23 +996,32 @@ allocations:
             let base: chrono::DateTime<chrono::Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
             let now = base + chrono::TimeDelta::seconds(clock);
             let expiry = Expiry { until: base + chrono::TimeDelta::seconds(until), then_count };
-            let account = snapshot(&format!("
+            // The allocation records what its manager last wrote: the
+            // temporary resource's expiry, or none.
+            let account = |kept: Option<Expiry>| snapshot(&format!("
 pools: [{{product: TestOps, total: 20, dedicated: {dedicated}, sharedInUse: {shared}}}]
 organizations: [a]
 allocations:
-  - {{organization: a, product: TestOps, dedicated: {dedicated}, inUse: {in_use}, managedBy: default/licenses/a, version: 3}}
-"));
+  - {{organization: a, product: TestOps, dedicated: {dedicated}, inUse: {in_use}, managedBy: default/licenses/a, version: 3{}}}
+", kept.map_or(String::new(), |e| format!(", expiry: {{until: '{}', thenCount: {}}}", e.until_stored(), e.then_count))));
             let opts = Options::one("default", now);
             let planned = |count: i64, expiry: Option<Expiry>| {
                 let d = Desired { expiry, ..want("a", "a", count) };
-                let mut p = plan(vec![d], account.clone(), &opts);
-                p.changes.pop().unwrap()
+                let mut p = plan(vec![d], account(expiry), &opts);
+                let mut change = p.changes.pop().unwrap();
+                // The write carries the expiry to keep; the rest of it is
+                // the plain one's.
+                let kept = change.write.as_mut().map(|w| (w.expiry.take(), w.idempotency_key.take()));
+                (change, kept.map(|k| k.0))
             };
-            let temporary = planned(count, Some(expiry));
+            let (temporary, kept) = planned(count, Some(expiry));
+            if let Some(kept) = kept {
+                proptest::prop_assert_eq!(kept, Some(expiry));
+            }
             let ending = temporary.expiry.as_deref().copied();
             proptest::prop_assert_eq!(ending, Some(expiry.at(now)));
             let passed = clock >= until;
-            let plain = planned(if passed { then_count } else { count }, None);
+            let (plain, _) = planned(if passed { then_count } else { count }, None);
             let prefix = format!("at its expiry ({}, then {then_count}): ", expiry.until_text());
             let message = match temporary.message.strip_prefix(&prefix) {
                 Some(rest) if passed && temporary.outcome == Outcome::Refused => rest.to_string(),
@@ -1009,6 +1031,31 @@ allocations:
                 Change { expiry: None, message, ..temporary },
                 plain
             );
+        }
+
+        /// A manager's new expiry is a change even when the count stays:
+        /// the allocation keeps what its manager last said (DESIGN §11).
+        #[test]
+        fn a_new_expiry_is_written_even_when_the_count_stays(count in 1i64..12, then_count in 0i64..12) {
+            let until: chrono::DateTime<chrono::Utc> = "2026-12-08T12:00:00Z".parse().unwrap();
+            let now = until - chrono::TimeDelta::hours(1);
+            let account = snapshot(&format!("
+pools: [{{product: TestOps, total: 20, dedicated: {count}, sharedInUse: 0}}]
+organizations: [a]
+allocations:
+  - {{organization: a, product: TestOps, dedicated: {count}, inUse: 0, managedBy: default/licenses/a, version: 3}}
+"));
+            let expiry = Expiry { until, then_count };
+            let d = Desired { expiry: Some(expiry), ..want("a", "a", count) };
+            let mut p = plan(vec![d], account, &Options::one("default", now));
+            let change = p.changes.pop().unwrap();
+            proptest::prop_assert_eq!(change.outcome, Outcome::Planned);
+            proptest::prop_assert_eq!((change.from, change.to), (count, count));
+            proptest::prop_assert_eq!(
+                change.message,
+                "no count change; expiry none -> 2026-12-08T12:00:00Z, kept with the allocation"
+            );
+            proptest::prop_assert_eq!(change.write.and_then(|w| w.expiry), Some(expiry));
         }
     }
 

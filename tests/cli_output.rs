@@ -1116,6 +1116,66 @@ fn plan_at_previews_a_temporary_allocation_and_every_format_says_when_it_ends() 
         run.stdout
     );
 
+    // The store keeps the expiry with the allocation: status shows it in
+    // every format.
+    let status = acct.run(&["status"]);
+    assert_eq!(status.code, 0, "{status:?}");
+    let row = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("qa-team "))
+        .unwrap_or_default();
+    assert!(
+        status
+            .stdout
+            .contains("IN-USE  MANAGED-BY           EXPIRY\n")
+            && row.contains("default/licenses/qa")
+            && row.contains(&format!("  expires {until} (in "))
+            && row.ends_with("), then 4"),
+        "{}",
+        status.stdout
+    );
+    let json = acct.run(&["status", "-o", "json"]).json();
+    let qa = json["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["organization"] == "qa-team")
+        .unwrap();
+    assert_eq!(
+        qa["expiry"],
+        serde_json::json!({"until": until, "thenCount": 4})
+    );
+    let md = acct.run(&["status", "-o", "markdown"]).stdout;
+    assert!(
+        md.contains("| Managed by | Expiry |\n|---|---|---:|---:|---| --- |\n")
+            && md.contains(&format!("| `default/licenses/qa` | expires {until} (in ")),
+        "{md}"
+    );
+    // A new until alone is a change to write, and says so.
+    let later = (chrono::Utc::now() + chrono::TimeDelta::days(5))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let moved = acct.license(
+        "qa",
+        "qa-team",
+        "TestOps",
+        8,
+        &format!("  until: {later}\n  thenCount: 4\n"),
+    );
+    let run = acct.run(&["plan", "-f", moved.to_str().unwrap()]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "no count change; expiry {until} -> {later}, kept with the allocation"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(acct.apply(&moved).code, 0);
+    let json = acct.run(&["status", "-o", "json"]).json();
+    assert_eq!(json["allocations"][0]["expiry"]["until"], later.as_str());
+    assert_eq!(acct.apply(&m).code, 0);
+
     // A thenCount below the 4 seats in use is refused at the expiry.
     let low = acct.license(
         "qa",

@@ -44,6 +44,17 @@ fn the_crd_is_enforced_by_a_real_api_server() {
         4,
         "category licensor lists them: {names}"
     );
+    // The temporary allocation's example passes the schema and its rules.
+    let temporary = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/temporary");
+    cp.ok(&["apply", "-f", temporary]);
+    let lent = cp.json(&["get", "dl", "mobile-team-studio", "-n", "licenses"]);
+    assert_eq!(
+        (&lent["spec"]["until"], &lent["spec"]["thenCount"]),
+        (
+            &serde_json::json!("2027-03-31T17:00:00Z"),
+            &serde_json::json!(0)
+        )
+    );
 
     let patch = |p: &str| {
         cp.kubectl(&[

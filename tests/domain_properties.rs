@@ -6,7 +6,8 @@ mod common;
 use licensor::backend::store::{Principal, Store};
 use licensor::backend::{BackendError, Fixture};
 use licensor::domain::{
-    AllocationWrite, DeletionPolicy, Ledger, Pool, Request, Role, SeatChange, Snapshot, Target,
+    AllocationWrite, DeletionPolicy, Expiry, Ledger, Pool, Request, Role, SeatChange, Snapshot,
+    Target,
 };
 use proptest::prelude::*;
 
@@ -21,6 +22,7 @@ enum Op {
         manager: usize,
         role: Role,
         policy: DeletionPolicy,
+        expiry: Option<Expiry>,
     },
     Remove {
         org: usize,
@@ -40,13 +42,36 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let role = prop_oneof![9 => Just(Role::AccountAdmin), 1 => Just(Role::Viewer)];
     prop_oneof![
-        6 => (0..4usize, 0..40i64, any::<bool>(), 0..2usize, role, prop_oneof![Just(DeletionPolicy::Revoke), Just(DeletionPolicy::Orphan)])
-            .prop_map(|(org, count, allow, manager, role, policy)| Op::Set { org, count, allow, manager, role, policy }),
+        6 => (0..4usize, 0..40i64, any::<bool>(), 0..2usize, role, prop_oneof![Just(DeletionPolicy::Revoke), Just(DeletionPolicy::Orphan)], expiry())
+            .prop_map(|(org, count, allow, manager, role, policy, expiry)| Op::Set { org, count, allow, manager, role, policy, expiry }),
         1 => (0..4usize, 0..2usize).prop_map(|(org, manager)| Op::Remove { org, manager }),
         1 => (0..80i64).prop_map(Op::Total),
         2 => (0..4usize, 1..10i64).prop_map(|(org, n)| Op::Claim { org, n }),
         1 => (0..4usize, 1..10i64).prop_map(|(org, n)| Op::Release { org, n }),
     ]
+}
+
+/// None mostly; otherwise one of a few moments, some with fractions of a
+/// second (a store must read back the moment it was given), and a
+/// `thenCount` that is sometimes out of range.
+fn expiry() -> impl Strategy<Value = Option<Expiry>> {
+    proptest::option::weighted(
+        0.4,
+        (
+            0..3i64,
+            prop_oneof![Just(0u32), Just(500_000_000), Just(123_456_789)],
+            -1..12i64,
+        )
+            .prop_map(|(day, nanos, then_count)| Expiry {
+                until: chrono::DateTime::from_timestamp(1_800_000_000 + day * 86_400, nanos)
+                    .unwrap(),
+                then_count: if then_count < 0 {
+                    2_000_000
+                } else {
+                    then_count
+                },
+            }),
+    )
 }
 
 fn managers(i: usize) -> &'static str {
@@ -79,6 +104,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
             manager,
             role,
             policy,
+            expiry,
         } => ledger
             .apply(
                 *role,
@@ -89,6 +115,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
                     managed_by: Some(managers(*manager)),
                     allow_user_displacement: *allow,
                     deletion_policy: *policy,
+                    expiry: *expiry,
                 },
             )
             .map(|_| ()),
@@ -102,6 +129,7 @@ fn apply(ledger: &mut Ledger, op: &Op) -> Result<bool, ()> {
                     managed_by: Some(managers(*manager)),
                     allow_user_displacement: true,
                     deletion_policy: DeletionPolicy::Revoke,
+                    expiry: None,
                 },
             )
             .map(|_| ()),
@@ -177,6 +205,7 @@ fn store_agrees_with_the_ledger(
                 manager,
                 role,
                 policy,
+                expiry,
             } => store
                 .write(
                     "acme",
@@ -191,6 +220,7 @@ fn store_agrees_with_the_ledger(
                         managed_by: Some(managers(*manager).into()),
                         allow_user_displacement: *allow,
                         deletion_policy: *policy,
+                        expiry: *expiry,
                         expected_version: None,
                         idempotency_key: None,
                     },
@@ -208,6 +238,7 @@ fn store_agrees_with_the_ledger(
                         managed_by: Some(managers(*manager).into()),
                         allow_user_displacement: true,
                         deletion_policy: DeletionPolicy::Revoke,
+                        expiry: None,
                         expected_version: None,
                         idempotency_key: None,
                     },

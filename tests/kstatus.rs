@@ -102,6 +102,7 @@ fn held(dedicated: i64) -> Seen {
         in_use: 4,
         managed_by: None,
         deletion_policy: Default::default(),
+        expiry: None,
         version: 1,
     })
 }

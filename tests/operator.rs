@@ -1316,6 +1316,46 @@ organizations:
     assert!(r.stderr.contains("InsufficientPool"), "{r:?}");
     assert!(!exists("dry"));
 
+    // An until that has passed, or comes within the margin (1h by
+    // default), is allowed with a warning saying what the object asks for.
+    let temporary = |until: &str| {
+        apply(
+            &license_yaml(
+                "lent",
+                "b",
+                "TestOps",
+                3,
+                &format!("  until: {until}\n  thenCount: 1\n"),
+            ),
+            &["--dry-run=server"],
+        )
+    };
+    let r = temporary("2020-01-01T00:00:00Z");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains(
+            "Warning: licensor: until 2020-01-01T00:00:00Z has passed: this object asks for thenCount 1, not count 3"
+        ),
+        "{r:?}"
+    );
+    let at = |minutes| {
+        (chrono::Utc::now() + chrono::TimeDelta::minutes(minutes))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let soon = at(10);
+    let r = temporary(&soon);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains(&format!("Warning: licensor: until {soon} is in 9m "))
+            && r.stderr.contains("sooner than 1h: count 3 becomes 1 then"),
+        "{r:?}"
+    );
+    let r = temporary(&at(24 * 60));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("Warning"), "{r:?}");
+    assert!(!exists("lent"));
+
     // Another manager's allocation: refused, naming the owner.
     let r = apply(&license_yaml("a", "a", "TestOps", 5, ""), &[]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -2167,6 +2207,27 @@ organizations:
         "{listed}"
     );
     assert_eq!(c.account.allocation("web-team", "TestOps"), Some((3, 0)));
+    // The backend keeps each expiry with its allocation, for the page and
+    // `licensor status`.
+    let status = c.account.status();
+    let kept = |org: &str| {
+        status["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["organization"] == org)
+            .map(|a| a["expiry"].clone())
+    };
+    assert_eq!(
+        kept("web-team"),
+        Some(serde_json::json!({"until": soon, "thenCount": 1})),
+        "{status}"
+    );
+    assert_eq!(
+        kept("ops-team"),
+        Some(serde_json::json!({"until": later, "thenCount": 0})),
+        "{status}"
+    );
 
     // At the until: web-team goes to 1 within seconds; qa-team's 2 is
     // below its 4 users, so it stays at 6 and says why.

@@ -334,12 +334,26 @@ async fn shown(c: &Client) -> Value {
                 .unwrap()
         };
         let managed = cell("managedBy").await;
+        // A temporary allocation's end: the moment its <time> names, and
+        // the count the words say it becomes then.
+        let expiry = match row.find(Locator::Css("td[data-field=expiry] time")).await {
+            Ok(time) => {
+                let words = time.text().await.unwrap();
+                let then = words.rsplit_once(", then ").unwrap().1;
+                json!({
+                    "until": time.attr("datetime").await.unwrap().unwrap(),
+                    "thenCount": then.parse::<i64>().unwrap(),
+                })
+            }
+            Err(_) => Value::Null,
+        };
         allocations.push(json!({
             "organization": row.attr("data-organization").await.unwrap().unwrap(),
             "product": row.attr("data-product").await.unwrap().unwrap(),
             "dedicated": cell("dedicated").await.parse::<i64>().unwrap(),
             "inUse": cell("inUse").await.parse::<i64>().unwrap(),
             "managedBy": managed.lines().next().unwrap().to_string(),
+            "expiry": expiry,
         }));
     }
     json!({"pools": pools, "allocations": allocations})
@@ -359,12 +373,15 @@ fn status_as_shown(account: &Account) -> Value {
     status
 }
 
-/// The example account with the example manifests applied.
+/// The example account with the example manifests applied, the
+/// temporary allocation among them.
 fn example(store: Kind) -> Served {
     let served = seeded(store, include_str!("../examples/account.yaml"));
-    let licenses = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/licenses");
-    let run = served.account.run(&["apply", "-f", licenses]);
-    assert_eq!(run.code, 0, "{run:?}");
+    for dir in ["licenses", "temporary"] {
+        let dir = format!("{}/examples/{dir}", env!("CARGO_MANIFEST_DIR"));
+        let run = served.account.run(&["apply", "-f", &dir]);
+        assert_eq!(run.code, 0, "{run:?}");
+    }
     served
 }
 
@@ -397,6 +414,16 @@ async fn the_page_shows_what_status_shows_and_passes_axe(store: Kind) {
 
     sign_in(&c, &url, &admin).await;
     assert_eq!(shown(&c).await, status_as_shown(account));
+    // The temporary example is shown with its end (status's `expiry`).
+    let ends = text(
+        &c,
+        "tr[data-organization=mobile-team] td[data-field=expiry]",
+    )
+    .await;
+    assert!(
+        ends.starts_with("expires 2027-03-31T17:00:00Z (in ") && ends.ends_with("), then 0"),
+        "{ends}"
+    );
     assert!(
         text(&c, "header .who")
             .await

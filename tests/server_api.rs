@@ -371,6 +371,54 @@ organizations:
     );
 }
 
+/// A manager's expiry is kept with its allocation (DESIGN §11): the API
+/// answers it, a new one alone is a write (a new ETag), and `licensor
+/// status` through the HTTP backend shows it.
+#[tokio::test]
+async fn an_expiry_is_kept_with_its_manager_and_shown_by_status() {
+    let api = Api::start(DOCUMENTED);
+    let expiry = json!({"until": "2027-03-31T17:00:00.250Z", "thenCount": 2});
+    let body = json!({"dedicated": 8, "managedBy": "m", "expiry": expiry});
+    let (s, h, w) = api
+        .send(Method::PUT, QA, Some(&api.admin), Some(body), &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{w}");
+    assert_eq!(w["allocation"]["expiry"], expiry, "{w}");
+    let tag = h["etag"].to_str().unwrap().to_string();
+    let (_, a) = api.admin(Method::GET, QA, None).await;
+    assert_eq!(a["expiry"], expiry, "{a}");
+
+    // The same count with another until: written, with a new version.
+    let moved = json!({"until": "2027-04-30T17:00:00Z", "thenCount": 2});
+    let body = json!({"dedicated": 8, "managedBy": "m", "expiry": moved});
+    let (s, h, w) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(body),
+            &[("if-match", &tag)],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{w}");
+    assert_ne!(h["etag"].to_str().unwrap(), tag);
+    assert_eq!(w["effect"]["expiryChanged"], true, "{w}");
+    let status = api.acct.status();
+    let qa = &status["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["organization"] == "qa-team")
+        .unwrap()
+        .clone();
+    assert_eq!(qa["expiry"], moved, "{status}");
+
+    // Without one, the manager's write clears it.
+    let body = json!({"dedicated": 8, "managedBy": "m"});
+    let (_, w) = api.admin(Method::PUT, QA, Some(body)).await;
+    assert!(w["allocation"].get("expiry").is_none(), "{w}");
+}
+
 #[tokio::test]
 async fn etags_idempotency_keys_and_dry_runs() {
     let api = Api::start(DOCUMENTED);
@@ -676,6 +724,30 @@ async fn garbage_in_gets_a_problem_and_writes_nothing() {
             400,
         ),
         ("application/json", "a bare number", "6".into(), 400),
+        (
+            "application/json",
+            "an expiry that is not a time",
+            r#"{"dedicated": 6, "managedBy": "m", "expiry": {"until": "soon", "thenCount": 0}}"#.into(),
+            400,
+        ),
+        (
+            "application/json",
+            "an expiry with a field it does not have",
+            r#"{"dedicated": 6, "managedBy": "m", "expiry": {"until": "2027-01-01T00:00:00Z", "thenCount": 0, "then": 1}}"#.into(),
+            400,
+        ),
+        (
+            "application/json",
+            "an expiry without a manager to act on it",
+            r#"{"dedicated": 6, "expiry": {"until": "2027-01-01T00:00:00Z", "thenCount": 0}}"#.into(),
+            422,
+        ),
+        (
+            "application/json",
+            "a thenCount out of range",
+            r#"{"dedicated": 6, "managedBy": "m", "expiry": {"until": "2027-01-01T00:00:00Z", "thenCount": -1}}"#.into(),
+            422,
+        ),
     ];
     for (content_type, what, body, status) in cases {
         let r = api
@@ -1093,6 +1165,7 @@ async fn a_retried_write_after_a_lost_answer_is_applied_once() {
         target: Target::Count(9),
         managed_by: Some("default/licenses/qa".into()),
         deletion_policy: Default::default(),
+        expiry: None,
         allow_user_displacement: false,
         expected_version: Some(version),
         idempotency_key: None,

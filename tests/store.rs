@@ -39,6 +39,7 @@ fn raise(to: i64, key: Option<&str>) -> AllocationWrite {
         target: Target::Count(to),
         managed_by: Some("default/licenses/qa".into()),
         deletion_policy: Default::default(),
+        expiry: None,
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: key.map(String::from),
@@ -133,6 +134,7 @@ fn idempotency_keys_are_kept_a_day_then_forgotten(kind: Kind) {
         target: Target::Count(2),
         managed_by: None,
         deletion_policy: Default::default(),
+        expiry: None,
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: Some("k".into()),
@@ -325,6 +327,7 @@ fn a_store_from_before_deletion_policies_migrates_with_revoke() {
     let w = AllocationWrite {
         target: Target::Count(5),
         deletion_policy: DeletionPolicy::Orphan,
+        expiry: None,
         ..raise(5, None)
     };
     let written = store.write("acme", &Principal::local(), &w, false).unwrap();

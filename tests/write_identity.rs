@@ -241,6 +241,7 @@ fn racing_writers_are_decided_one_after_the_other(kind: common::Kind) {
         target: licensor::domain::Target::Count(1),
         managed_by: Some(format!("default/licenses/org-{i}")),
         deletion_policy: Default::default(),
+        expiry: None,
         allow_user_displacement: false,
         expected_version: None,
         idempotency_key: Some(format!("key-{i}")),

@@ -10,27 +10,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Action, Allocation, DeletionPolicy, Effect, MAX_COUNT, MAX_TOTAL, Pool, PoolView, SeatChange,
+    Action, Allocation, DeletionPolicy, Effect, Expiry, MAX_COUNT, MAX_TOTAL, Pool, PoolView,
+    SeatChange, whole_number,
 };
 
 pub use problem::{Problem, ProblemType};
-
-/// A count in a request body: a JSON integer, which JSON Schema also
-/// spells `5.0`. Anything else (a fraction, a string, a number past i64)
-/// is refused.
-fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    use serde::de::Error;
-    let n = serde_json::Number::deserialize(d)?;
-    if let Some(i) = n.as_i64() {
-        return Ok(i);
-    }
-    match n.as_f64() {
-        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
-        _ => Err(D::Error::custom(format!(
-            "{n} is not a whole number in range"
-        ))),
-    }
-}
 
 /// The answer to an accepted allocation write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -269,6 +253,11 @@ pub struct PutAllocation {
     /// kept with the allocation so that a prune elsewhere does the same.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// When the manager will lower the count to `thenCount` (a temporary
+    /// allocation), kept with the allocation so that the page and
+    /// `licensor status` show it; only with `managedBy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Expiry>,
 }
 
 /// `POST .../allocations/{product}/release`.

@@ -460,6 +460,7 @@ impl Backend for HttpBackend {
                     managed_by: w.managed_by.clone(),
                     allow_user_displacement: w.allow_user_displacement,
                     deletion_policy: w.deletion_policy,
+                    expiry: w.expiry,
                 };
                 self.call(Method::PUT, url, Some(&body), headers, Repeat::Safe)
                     .await?

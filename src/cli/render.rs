@@ -6,10 +6,12 @@
 use std::fmt::Write;
 use std::io;
 
+use chrono::{DateTime, Utc};
+
 use super::Format;
 use crate::backend::AuditEntry;
 use crate::backend::store::TokenInfo;
-use crate::domain::{Action, PoolView, Snapshot};
+use crate::domain::{Action, Allocation, PoolView, Snapshot};
 use crate::plan::{Change, Outcome, Plan};
 
 /// Whether the plan is a preview or the record of an apply.
@@ -273,8 +275,15 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
-/// `licensor status` as text.
-pub fn status_text(snapshot: &Snapshot, location: &str) -> String {
+/// A temporary allocation's end as `status` shows it at `now`; `-` for
+/// none.
+fn expiry_cell(a: &Allocation, now: DateTime<Utc>) -> String {
+    a.expiry
+        .map_or_else(|| "-".to_string(), |e| e.describe(now))
+}
+
+/// `licensor status` as text, at `now` (an expiry says how far off it is).
+pub fn status_text(snapshot: &Snapshot, location: &str, now: DateTime<Utc>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Backend {location}\n");
     let _ = writeln!(
@@ -299,27 +308,50 @@ pub fn status_text(snapshot: &Snapshot, location: &str) -> String {
             }
         );
     }
+    // The EXPIRY column is there when some allocation is temporary; the
+    // managers are padded to the longest then.
+    let temporary = snapshot.allocations.iter().any(|a| a.expiry.is_some());
+    let manager = |a: &Allocation| a.managed_by.as_deref().unwrap_or("-").to_string();
+    let width = match temporary {
+        true => snapshot
+            .allocations
+            .iter()
+            .map(|a| manager(a).len())
+            .max()
+            .unwrap_or(0),
+        false => 0,
+    };
+    let expiry = |text: String| match temporary {
+        true => format!("  {text}"),
+        false => String::new(),
+    };
     let _ = writeln!(
         s,
-        "\n{:<24} {:<16} {:>9} {:>7}  MANAGED-BY",
-        "ORGANIZATION", "PRODUCT", "DEDICATED", "IN-USE"
+        "\n{:<24} {:<16} {:>9} {:>7}  {:<width$}{}",
+        "ORGANIZATION",
+        "PRODUCT",
+        "DEDICATED",
+        "IN-USE",
+        "MANAGED-BY",
+        expiry("EXPIRY".into())
     );
     for a in &snapshot.allocations {
         let _ = writeln!(
             s,
-            "{:<24} {:<16} {:>9} {:>7}  {}",
+            "{:<24} {:<16} {:>9} {:>7}  {:<width$}{}",
             a.organization,
             a.product,
             a.dedicated,
             a.in_use,
-            a.managed_by.as_deref().unwrap_or("-")
+            manager(a),
+            expiry(expiry_cell(a, now))
         );
     }
     s
 }
 
 /// `licensor status -o markdown`: the pools and the allocations as tables.
-pub fn status_markdown(snapshot: &Snapshot, location: &str) -> String {
+pub fn status_markdown(snapshot: &Snapshot, location: &str, now: DateTime<Utc>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "### licensor status: {}\n", cell(location));
     let _ = writeln!(s, "| Product | Total | Dedicated | Shared in use | Free |");
@@ -341,15 +373,21 @@ pub fn status_markdown(snapshot: &Snapshot, location: &str) -> String {
             }
         );
     }
+    let temporary = snapshot.allocations.iter().any(|a| a.expiry.is_some());
+    let expiry = |text: String| match temporary {
+        true => format!(" {text} |"),
+        false => String::new(),
+    };
     let _ = writeln!(
         s,
-        "\n| Organization | Product | Dedicated | In use | Managed by |"
+        "\n| Organization | Product | Dedicated | In use | Managed by |{}",
+        expiry("Expiry".into())
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---|");
+    let _ = writeln!(s, "|---|---|---:|---:|---|{}", expiry("---".into()));
     for a in &snapshot.allocations {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |{}",
             cell(&a.organization),
             cell(&a.product),
             a.dedicated,
@@ -357,7 +395,8 @@ pub fn status_markdown(snapshot: &Snapshot, location: &str) -> String {
             a.managed_by
                 .as_deref()
                 .map(|m| format!("`{}`", cell(m)))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            expiry(expiry_cell(a, now))
         );
     }
     s

@@ -21,6 +21,7 @@ pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
             return FAILED;
         }
     };
+    let now = chrono::Utc::now();
     match args.output {
         Format::Json => {
             let pools: Vec<PoolView> = snapshot.pools.iter().map(PoolView::from).collect();
@@ -36,6 +37,8 @@ pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
                         "managedBy": a.managed_by,
                         // What deleting (or pruning) its manager does.
                         "deletionPolicy": a.managed_by.as_ref().map(|_| a.deletion_policy),
+                        // When its manager lowers it to thenCount.
+                        "expiry": a.expiry,
                     })
                 })
                 .collect();
@@ -48,8 +51,8 @@ pub async fn run(g: &Global, args: &StatusArgs) -> u8 {
                 }
             }
         }
-        Format::Markdown => print!("{}", status_markdown(&snapshot, &backend.location())),
-        Format::Text => print!("{}", status_text(&snapshot, &backend.location())),
+        Format::Markdown => print!("{}", status_markdown(&snapshot, &backend.location(), now)),
+        Format::Text => print!("{}", status_text(&snapshot, &backend.location(), now)),
     }
     OK
 }

@@ -7,10 +7,14 @@ use serde::{Deserialize, Serialize};
 
 /// When a temporary allocation ends: from `until` on, the count asked for
 /// is `then_count` (0 by default: a revoke), with R4-R6 as for any change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Expiry {
+    /// RFC 3339; from this moment on the count is `thenCount`.
+    #[schema(value_type = String, format = DateTime)]
     pub until: DateTime<Utc>,
+    #[schema(minimum = 0, maximum = 1_000_000)]
+    #[serde(deserialize_with = "super::whole_number")]
     pub then_count: i64,
 }
 
@@ -37,6 +41,22 @@ impl Expiry {
             then_count: self.then_count,
             passed: self.passed(now),
         }
+    }
+
+    /// `until` as the stores keep it: RFC 3339 with as many fractional
+    /// digits as it has, so that it reads back equal.
+    pub fn until_stored(&self) -> String {
+        self.until
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    }
+
+    /// An expiry as the stores keep it (both columns or neither; the
+    /// columns' CHECK says so).
+    pub fn from_stored(until: Option<&str>, then_count: Option<i64>) -> Option<Expiry> {
+        Some(Expiry {
+            until: DateTime::parse_from_rfc3339(until?).ok()?.to_utc(),
+            then_count: then_count?,
+        })
     }
 
     /// `until` as plans, status and the page print it (RFC 3339, seconds).

@@ -269,6 +269,7 @@ mod tests {
                 in_use: 4,
                 managed_by: Some("default/licenses/qa".into()),
                 deletion_policy: Default::default(),
+                expiry: None,
                 version: 3,
             }],
         }

@@ -42,14 +42,27 @@ pub fn trim(dl: &mut DedicatedLicense) {
     meta.annotations = paused.map(|(k, v)| BTreeMap::from([(k, v)]));
 }
 
-/// Ready for its generation, with its finalizer, and not being deleted:
-/// when listed at start, left to the walker's first round; every other
-/// listed object is queued once the list is in the cache
-/// ([`super::listing`]).
+/// Ready for its generation, with its finalizer, not being deleted and
+/// not awaiting an expiry: when listed at start, left to the walker's first
+/// round; every other listed object is queued once the list is in the
+/// cache ([`super::listing`]).
+///
+/// A temporary allocation that has not reached its `thenCount` is queued:
+/// its pass arms the timer for its `until` (or acts on an `until` that
+/// passed while no operator ran), which the walker's round, spread over half
+/// a period, would reach too late.
 pub fn in_sync_at_start(dl: &DedicatedLicense) -> bool {
     dl.metadata.deletion_timestamp.is_none()
         && !needs_finalizer(&dl.spec, dl.finalizers())
         && ready_for_its_generation(dl)
+        && !awaits_its_expiry(dl)
+}
+
+/// Has an expiry whose `thenCount` its status does not show allocated.
+fn awaits_its_expiry(dl: &DedicatedLicense) -> bool {
+    dl.spec
+        .expiry()
+        .is_some_and(|e| dl.status.as_ref().and_then(|s| s.allocated) != Some(e.then_count))
 }
 
 /// Asks for a pass of every cached object once per `period`, at an even
@@ -170,11 +183,31 @@ status:
         deleting.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
         let mut without_finalizer = ready.clone();
         without_finalizer.metadata.finalizers = None;
-        let mut unseen = ready;
+        let mut unseen = ready.clone();
         unseen.status = None;
         for dl in [changed, deleting, without_finalizer, unseen] {
             assert!(!in_sync_at_start(&dl));
         }
+    }
+
+    /// A temporary allocation waits for the walker only once its status
+    /// shows the thenCount: before that its timer must be armed at start.
+    #[test]
+    fn a_temporary_allocation_short_of_its_then_count_is_queued_at_start() {
+        let mut temporary = object(APPLIED);
+        temporary.spec.until = Some("2026-12-08T00:00:00Z".parse().unwrap());
+        temporary.spec.then_count = Some(1);
+        let allocated = |dl: &mut DedicatedLicense, n| {
+            dl.status.as_mut().unwrap().allocated = Some(n);
+        };
+        allocated(&mut temporary, 3);
+        assert!(!in_sync_at_start(&temporary));
+        allocated(&mut temporary, 1);
+        assert!(in_sync_at_start(&temporary));
+        temporary.spec.then_count = None;
+        assert!(!in_sync_at_start(&temporary));
+        allocated(&mut temporary, 0);
+        assert!(in_sync_at_start(&temporary));
     }
 
     #[test]

@@ -532,6 +532,7 @@ pub async fn put_allocation(
         managed_by: body.managed_by,
         allow_user_displacement: body.allow_user_displacement,
         deletion_policy: body.deletion_policy,
+        expiry: body.expiry,
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
     };
@@ -560,6 +561,7 @@ pub async fn delete_allocation(
         managed_by: params.managed_by,
         allow_user_displacement: params.allow_user_displacement.unwrap_or(false),
         deletion_policy: Default::default(),
+        expiry: None,
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
     };

@@ -39,3 +39,12 @@ ALTER TABLE sessions ADD COLUMN token TEXT NOT NULL DEFAULT '';
 CREATE INDEX sessions_token ON sessions(token);
 ALTER TABLE audit ADD COLUMN subject TEXT;
 "#;
+
+/// A managed allocation's expiry (DESIGN §11), kept with its owner as its
+/// deletion policy is, so that the page and `licensor status` show it beside
+/// the allocation: both columns or neither. Existing allocations have none.
+pub const EXPIRY: &str = r#"
+ALTER TABLE allocations ADD COLUMN expires_at TEXT;
+ALTER TABLE allocations ADD COLUMN then_count BIGINT
+    CHECK ((expires_at IS NULL) = (then_count IS NULL) AND (then_count IS NULL OR then_count BETWEEN 0 AND 1000000));
+"#;

@@ -194,11 +194,11 @@ fn decide_and_write<S: Storage + ?Sized>(
         }
     }
     let mut pool = pool.ok_or_else(|| unknown_product(&w.product))?;
-    // A manager that only changes the deletion policy kept with its
-    // allocation writes the allocation (a new version) but no audit
+    // A manager that only changes what it keeps with its allocation (the
+    // deletion policy, the expiry) writes the allocation (a new version) but no audit
     // record: no license moves.
     let audited = AuditAction::of(effect.action, effect.adopted);
-    if audited.is_none() && !effect.policy_changed {
+    if audited.is_none() && !effect.terms_changed() {
         let view = PoolView::from(&pool);
         return Ok((
             Written {
@@ -235,6 +235,12 @@ fn decide_and_write<S: Storage + ?Sized>(
                     (Some(_), _) => w.deletion_policy,
                     (None, Some(a)) => a.deletion_policy,
                     (None, None) => DeletionPolicy::Revoke,
+                },
+                // So does its expiry; an unmanaged allocation has none,
+                // since no manager would act on it.
+                expiry: match &w.managed_by {
+                    Some(_) => w.expiry,
+                    None => current.as_ref().and_then(|a| a.expiry),
                 },
                 version: revision,
             };
@@ -288,6 +294,7 @@ pub fn release<S: Storage + ?Sized>(
         managed_by: Some(manager),
         allow_user_displacement: false,
         deletion_policy: DeletionPolicy::Revoke,
+        expiry: None,
     };
     if !decide_release(who.role, seen.seen(), &request)? {
         return Ok(());
@@ -298,6 +305,7 @@ pub fn release<S: Storage + ?Sized>(
     let revision = s.next_revision(account)?;
     allocation.managed_by = None;
     allocation.deletion_policy = DeletionPolicy::Revoke;
+    allocation.expiry = None;
     allocation.version = revision;
     s.save_allocation(account, &allocation)?;
     pool.revision = revision;
@@ -421,6 +429,7 @@ pub fn seed<S: Storage + ?Sized>(
                 in_use: a.in_use,
                 managed_by: a.managed_by.clone(),
                 deletion_policy: DeletionPolicy::Revoke,
+                expiry: None,
                 version: s.next_revision(account)?,
             };
             s.save_allocation(account, &allocation)?;

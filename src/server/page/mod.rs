@@ -240,7 +240,15 @@ async fn account_page(
         Ok(r) => r,
         Err(p) => return problem_page(p, Some(session)),
     };
-    view::account(session, &snapshot, &audit, query, outcome.as_ref()).into_response()
+    view::account(
+        session,
+        &snapshot,
+        &audit,
+        query,
+        outcome.as_ref(),
+        chrono::Utc::now(),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -485,6 +493,7 @@ async fn counted(
         managed_by: None,
         allow_user_displacement: false,
         deletion_policy: Default::default(),
+        expiry: None,
         expected_version: Some(expected),
         idempotency_key: None,
     };
@@ -528,6 +537,7 @@ async fn confirm_revoke(
             managed_by: None,
             allow_user_displacement: true,
             deletion_policy: Default::default(),
+            expiry: None,
             expected_version: version,
             idempotency_key: None,
         };
@@ -580,6 +590,7 @@ async fn revoke(
         managed_by: None,
         allow_user_displacement: form.displace.is_some(),
         deletion_policy: Default::default(),
+        expiry: None,
         expected_version: Some(form.version),
         idempotency_key: None,
     };

@@ -3,6 +3,7 @@
 //! reader.
 
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 use serde::{Deserialize, Serialize};
 
@@ -251,7 +252,15 @@ fn pool(i: usize, p: &PoolView) -> Markup {
 
 /// One allocation's row; `i` makes its ids (names never do), and `typed`
 /// is what was typed into its box when a change was refused.
-fn allocation_row(i: usize, a: &Allocation, session: &Session, typed: Option<&str>) -> Markup {
+/// `expiries`: the table has an Expires column (some allocation is
+/// temporary), told as at `now`.
+fn allocation_row(
+    i: usize,
+    a: &Allocation,
+    session: &Session,
+    typed: Option<&str>,
+    expiries: Option<DateTime<Utc>>,
+) -> Markup {
     let admin = session.who.role == Role::AccountAdmin;
     let id = format!("count-{i}");
     let shown = typed.map_or_else(|| a.dedicated.to_string(), str::to_string);
@@ -263,6 +272,13 @@ fn allocation_row(i: usize, a: &Allocation, session: &Session, typed: Option<&st
             td.number data-field="inUse" data-label="In use" { (a.in_use) }
             td data-field="managedBy" data-label="Managed by" {
                 @if a.managed_by.is_some() { (manager(a)) br; small { "changed in Git" } } @else { "unmanaged" }
+            }
+            @if let Some(now) = expiries {
+                td data-field="expiry" data-label="Expires" {
+                    @if let Some(e) = &a.expiry {
+                        time datetime=(e.until_text()) { (e.describe(now)) }
+                    } @else { "-" }
+                }
             }
             @if admin {
                 td.actions data-label="Actions" {
@@ -298,8 +314,15 @@ pub fn account(
     audit: &[AuditEntry],
     q: &AuditQuery,
     outcome: Option<&Outcome>,
+    now: DateTime<Utc>,
 ) -> Markup {
     let admin = session.who.role == Role::AccountAdmin;
+    // Temporary allocations get a column saying when each ends.
+    let expiries = snapshot
+        .allocations
+        .iter()
+        .any(|a| a.expiry.is_some())
+        .then_some(now);
     let pools: Vec<PoolView> = snapshot.pools.iter().map(PoolView::from).collect();
     let matching: Vec<&AuditEntry> = audit
         .iter()
@@ -345,11 +368,12 @@ pub fn account(
                             th scope="col" { "Dedicated" }
                             th scope="col" { "In use" }
                             th scope="col" { "Managed by" }
+                            @if expiries.is_some() { th scope="col" { "Expires" } }
                             @if admin { th scope="col" { "Actions" } }
                         } }
                         tbody {
                             @for (i, a) in snapshot.allocations.iter().enumerate() {
-                                (allocation_row(i, a, session, outcome.and_then(|o| o.typed_for(a))))
+                                (allocation_row(i, a, session, outcome.and_then(|o| o.typed_for(a)), expiries))
                             }
                         }
                     }

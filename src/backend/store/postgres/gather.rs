@@ -21,17 +21,18 @@ use std::hash::Hash;
 
 use super::conn::{Conn, Param, Request};
 use crate::backend::store::audit::AuditRecord;
-use crate::domain::Allocation;
+use crate::domain::{Allocation, Expiry};
 
 /// Upserts the gathered allocations; the last row of a key wins (a
 /// statement may not change one row twice, so a key is gathered once).
 const SAVE_ALLOCATIONS: &str =
-    "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[])
+    "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::bigint[])
      ON CONFLICT (account, organization, product) DO UPDATE SET
        dedicated = excluded.dedicated, in_use = excluded.in_use,
        managed_by = excluded.managed_by, version = excluded.version,
-       deletion_policy = excluded.deletion_policy";
+       deletion_policy = excluded.deletion_policy,
+       expires_at = excluded.expires_at, then_count = excluded.then_count";
 
 /// Inserts the gathered audit records, numbered in the order given.
 const INSERT_AUDIT: &str =
@@ -151,6 +152,8 @@ fn allocation_columns(rows: &[(String, Allocation)]) -> Vec<Param> {
         column(rows, |(_, a)| a.managed_by.clone()),
         column(rows, |(_, a)| a.version),
         column(rows, |(_, a)| a.deletion_policy.as_str().to_string()),
+        column(rows, |(_, a)| a.expiry.as_ref().map(Expiry::until_stored)),
+        column(rows, |(_, a)| a.expiry.map(|e| e.then_count)),
     ]
 }
 

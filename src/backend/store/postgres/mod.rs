@@ -56,7 +56,7 @@ use super::storage::{
     stored_role,
 };
 use crate::backend::{AuditEntry, BackendError};
-use crate::domain::{Allocation, DeletionPolicy, Pool, Snapshot};
+use crate::domain::{Allocation, DeletionPolicy, Expiry, Pool, Snapshot};
 use conn::{Answer, Param, Request, params};
 pub use conn::{Conn, Conns};
 use connect::invalid;
@@ -134,6 +134,7 @@ CREATE TABLE tokens (
     super::migrations::SESSIONS,
     super::migrations::DELETION_POLICY,
     super::migrations::TOKEN_LIFECYCLE,
+    super::migrations::EXPIRY,
 ];
 
 /// The advisory lock migrations run under (an arbitrary constant of ours).
@@ -393,6 +394,7 @@ fn allocation_row(r: &Row) -> Allocation {
         version: r.get(5),
         // The column's CHECK admits only the two spellings.
         deletion_policy: DeletionPolicy::parse(r.get(6)).unwrap_or_default(),
+        expiry: Expiry::from_stored(r.get(7), r.get(8)),
     }
 }
 
@@ -406,14 +408,14 @@ const POOL: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM 
 const POOL_FOR_UPDATE: &str = "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = $1 AND name = $2 FOR UPDATE";
 const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE account = $1 AND id = $2";
 const ALLOCATION: &str =
-    "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations
+    "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations
      WHERE account = $1 AND organization = $2 AND product = $3";
 /// What one write is decided on besides its pool, in one row: the
 /// allocation's columns (null if there is none), then whether the
 /// organization exists.
 const ORGANIZATION_AND_ALLOCATION: &str =
     "SELECT a.organization, a.product, a.dedicated, a.in_use, a.managed_by, a.version,
-            a.deletion_policy, EXISTS (SELECT 1 FROM organizations o WHERE o.account = $1 AND o.id = $2)
+            a.deletion_policy, a.expires_at, a.then_count, EXISTS (SELECT 1 FROM organizations o WHERE o.account = $1 AND o.id = $2)
      FROM (VALUES (1)) AS one
      LEFT JOIN allocations a ON a.account = $1 AND a.organization = $2 AND a.product = $3";
 /// Takes $2 values of the account's sequence; returns the last.
@@ -437,7 +439,7 @@ fn snapshot_queries(account: &str) -> Vec<(&'static str, Vec<Param>)> {
             params![account],
         ),
         (
-            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations WHERE account = $1 ORDER BY organization, product",
+            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations WHERE account = $1 ORDER BY organization, product",
             params![account],
         ),
     ]
@@ -599,7 +601,7 @@ impl Storage for Pg<'_> {
                 let row = row.first();
                 Observation {
                     pool: pools.get(*product).cloned(),
-                    organization_exists: row.is_some_and(|r| r.get(7)),
+                    organization_exists: row.is_some_and(|r| r.get(9)),
                     allocation: row
                         .filter(|r| r.get::<_, Option<String>>(0).is_some())
                         .map(allocation_row),

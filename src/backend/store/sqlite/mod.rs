@@ -18,7 +18,7 @@ use super::storage::{
     AccountRows, KeyRow, Observation, Result, SessionRow, Storage, TokenRow, now, stored_role,
 };
 use crate::backend::{AuditEntry, BackendError};
-use crate::domain::{Allocation, DeletionPolicy, Pool, Role, Snapshot};
+use crate::domain::{Allocation, DeletionPolicy, Expiry, Pool, Role, Snapshot};
 
 /// An open store file: the writer's connection, the readers' and the
 /// checkpoints' thread.
@@ -90,7 +90,7 @@ pub fn pool_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pool> {
 }
 
 /// An allocation from the columns organization, product, dedicated,
-/// in_use, managed_by, version, deletion_policy.
+/// in_use, managed_by, version, deletion_policy, expires_at, then_count.
 pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
     Ok(Allocation {
         organization: r.get(0)?,
@@ -100,6 +100,7 @@ pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
         managed_by: r.get(4)?,
         version: r.get(5)?,
         deletion_policy: policy(&r.get::<_, String>(6)?),
+        expiry: Expiry::from_stored(r.get::<_, Option<String>>(7)?.as_deref(), r.get(8)?),
     })
 }
 
@@ -156,7 +157,7 @@ impl Storage for Connection {
         product: &str,
     ) -> Result<Option<Allocation>> {
         self.prepare_cached(
-            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations
+            "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations
              WHERE account = ?1 AND organization = ?2 AND product = ?3",
         )
         .and_then(|mut s| {
@@ -195,12 +196,13 @@ impl Storage for Connection {
 
     fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
         self.prepare_cached(
-            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (account, organization, product) DO UPDATE SET
                dedicated = excluded.dedicated, in_use = excluded.in_use,
                managed_by = excluded.managed_by, version = excluded.version,
-               deletion_policy = excluded.deletion_policy",
+               deletion_policy = excluded.deletion_policy,
+               expires_at = excluded.expires_at, then_count = excluded.then_count",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -211,7 +213,9 @@ impl Storage for Connection {
                 a.in_use,
                 a.managed_by,
                 a.version,
-                a.deletion_policy.as_str()
+                a.deletion_policy.as_str(),
+                a.expiry.as_ref().map(Expiry::until_stored),
+                a.expiry.map(|e| e.then_count)
             ])
         })
         .map(drop)
@@ -434,7 +438,7 @@ impl Storage for Connection {
             .map_err(failed)?;
         let allocations = self
             .prepare_cached(
-                "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy FROM allocations WHERE account = ?1 ORDER BY organization, product",
+                "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations WHERE account = ?1 ORDER BY organization, product",
             )
             .and_then(|mut s| s.query_map([account], allocation_row)?.collect())
             .map_err(failed)?;
@@ -452,7 +456,8 @@ impl Storage for Connection {
         self.prepare_cached(
             "SELECT p.name, p.total, p.dedicated, p.shared_in_use, p.revision,
                     EXISTS (SELECT 1 FROM organizations o WHERE o.account = ?1 AND o.id = ?2),
-                    a.dedicated, a.in_use, a.managed_by, a.version, a.deletion_policy
+                    a.dedicated, a.in_use, a.managed_by, a.version, a.deletion_policy,
+                    a.expires_at, a.then_count
              FROM (SELECT 1)
              LEFT JOIN products p ON p.account = ?1 AND p.name = ?3
              LEFT JOIN allocations a ON a.account = ?1 AND a.organization = ?2 AND a.product = ?3",
@@ -472,6 +477,10 @@ impl Storage for Connection {
                         managed_by: r.get(8)?,
                         version: r.get(9)?,
                         deletion_policy: policy(&r.get::<_, String>(10)?),
+                        expiry: Expiry::from_stored(
+                            r.get::<_, Option<String>>(11)?.as_deref(),
+                            r.get(12)?,
+                        ),
                     }),
                     None => None,
                 };

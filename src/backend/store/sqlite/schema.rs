@@ -95,6 +95,7 @@ UPDATE products SET revision =
     shared::SESSIONS,
     shared::DELETION_POLICY,
     shared::TOKEN_LIFECYCLE,
+    shared::EXPIRY,
 ];
 
 /// Refuses, before anything is written, a file that is not a licensor store
