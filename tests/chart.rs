@@ -195,7 +195,7 @@ fn every_deployment_is_locked_down() {
 
 #[test]
 fn bad_values_fail_with_a_readable_message() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (
             &["--set", "webhook.certificate.source=secret"],
             "webhook.certificate.source secret needs webhook.certificate.secretName",
@@ -234,6 +234,10 @@ fn bad_values_fail_with_a_readable_message() {
         ),
         (&["--set", "replicas=2"], "replicas"),
         (&["--set", "resync=soon"], "resync"),
+        (
+            &["--set", "webhook.expiryWarning=an hour"],
+            "at '/webhook/expiryWarning'",
+        ),
     ];
     for (set, message) in cases {
         let args = [
