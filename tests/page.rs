@@ -484,6 +484,116 @@ async fn the_page_shows_what_status_shows_and_passes_axe(store: Kind) {
     c.close().await.unwrap();
 }
 
+/// The audit log downloads as CSV, through the API and from the page's
+/// link, streamed a page of records at a time: Python's csv module reads
+/// back the log the API answers as JSON, with a field a spreadsheet would
+/// run (a token named like a formula) written as text.
+async fn the_audit_log_downloads_as_csv_that_python_reads_back(store: Kind) {
+    use licensor::backend::store::Principal;
+    use licensor::domain::SeatChange;
+    let served = seeded(store, FIXTURE);
+    let (account, url) = (&served.account, served.url().to_string());
+    let admin = account.token("AccountAdmin", "alice");
+    account.token("Viewer", "=HYPERLINK(\"x\")");
+    // More records than one page of the download (1,000), written to the
+    // store itself (on PostgreSQL, with its password).
+    let at = match store {
+        Kind::Postgres => account.backend_with_credentials(),
+        _ => account.store().to_string(),
+    };
+    tokio::task::spawn_blocking(move || {
+        let st = licensor::cli::open_store_at(&at, licensor::cli::Open::Existing).unwrap();
+        for n in [1, 2].repeat(300) {
+            for change in [SeatChange::Claim(n), SeatChange::Release(n)] {
+                st.seats(
+                    "acme",
+                    &Principal::local(),
+                    "platform-team",
+                    "TestOps",
+                    change,
+                )
+                .unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let api = format!("{url}/v1/accounts/acme/audit");
+    let get = |query: &'static str| http.get(format!("{api}{query}")).bearer_auth(&admin).send();
+    let json: Vec<Value> = get("").await.unwrap().json().await.unwrap();
+    assert!(json.len() > 1200, "{}", json.len());
+    let response = get("?format=csv").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    assert_eq!(
+        response.headers()["content-disposition"],
+        "attachment; filename=\"acme-audit.csv\""
+    );
+    let csv = response.bytes().await.unwrap();
+
+    // The page's link gives the same file to a signed-in browser.
+    let page = no_redirects();
+    let session = sign_in_over_http(&page, &url, &admin, None).await;
+    let html = page_of(&page, &url, &session).await;
+    assert!(html.contains("href=\"/audit.csv\""), "{html}");
+    let linked = page
+        .get(format!("{url}/audit.csv"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(linked, csv);
+    // And `licensor backend audit -o csv` prints it too.
+    let printed = account.run(&["backend", "audit", "-o", "csv"]);
+    assert_eq!(printed.code, 0, "{printed:?}");
+    assert_eq!(printed.stdout.as_bytes(), &csv[..]);
+    // Signed out, the link answers with the sign-in problem, not the log.
+    let r = page.get(format!("{url}/audit.csv")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let file = account.write("audit.csv", std::str::from_utf8(&csv).unwrap());
+    let read = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import csv, json, sys; print(json.dumps(list(csv.DictReader(open(sys.argv[1], newline='')))))",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(read.status.success(), "{read:?}");
+    let rows: Vec<Value> = serde_json::from_slice(&read.stdout).unwrap();
+    let as_text = |v: &Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) if s.starts_with(['=', '+', '-', '@']) => format!("'{s}"),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let expected: Vec<Value> = json
+        .iter()
+        .map(|e| {
+            let columns = licensor::api::audit_csv::COLUMNS;
+            let row = columns
+                .iter()
+                .map(|c| (c.to_string(), json!(as_text(&e[*c]))));
+            Value::Object(row.collect())
+        })
+        .collect();
+    assert_eq!(rows.len(), expected.len());
+    assert_eq!(rows, expected);
+    assert!(
+        rows.iter()
+            .any(|r| r["subject"] == "'=HYPERLINK(\"x\") (Viewer)"),
+        "the token named like a formula is written as text"
+    );
+}
+
 async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Kind) {
     let served = seeded(store, FIXTURE);
     let account = &served.account;
@@ -1565,4 +1675,5 @@ on_every_store!(
     the_page_works_as_a_person_uses_it,
     every_state_passes_axe_on_a_big_account_at_both_sizes,
     a_revoked_or_expired_token_stops_working_on_every_replica_at_once,
+    the_audit_log_downloads_as_csv_that_python_reads_back,
 );

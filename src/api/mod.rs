@@ -4,6 +4,7 @@
 //! so the two cannot disagree on a field, and the OpenAPI document is
 //! generated from them.
 
+pub mod audit_csv;
 pub mod problem;
 
 use serde::{Deserialize, Serialize};

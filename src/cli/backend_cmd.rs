@@ -5,9 +5,19 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{FAILED, Format, Global, OK, Open, open_backend, open_store_at, render};
+use super::{FAILED, Global, OK, Open, open_backend, open_store_at, render};
+use crate::api::audit_csv;
 use crate::backend::{BackendError, Fixture};
 use crate::domain::SeatChange;
+
+/// `backend audit -o`: the formats of every table, and CSV.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditFormat {
+    Text,
+    Markdown,
+    Json,
+    Csv,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCommand {
@@ -34,9 +44,10 @@ pub enum BackendCommand {
     },
     /// Print the audit log, oldest first.
     Audit {
-        /// Output format.
+        /// Output format (csv: a header row, then one row per record, for
+        /// a spreadsheet).
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
-        output: Format,
+        output: AuditFormat,
     },
     /// Copy accounts whole from one store to another (sqlite:PATH <->
     /// postgres://...): pools, organizations, allocations with their
@@ -123,12 +134,23 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
         BackendCommand::Audit { output } => {
             let entries = backend.audit().await.map_err(err)?;
             match output {
-                Format::Json => {
+                AuditFormat::Json => {
                     let s = serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?;
                     println!("{s}");
                 }
-                Format::Markdown => print!("{}", render::audit_markdown(&entries)),
-                Format::Text => print!("{}", render::audit_text(&entries)),
+                AuditFormat::Markdown => print!("{}", render::audit_markdown(&entries)),
+                AuditFormat::Text => print!("{}", render::audit_text(&entries)),
+                AuditFormat::Csv => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&audit_csv::header())
+                        .and_then(|()| {
+                            entries
+                                .chunks(1000)
+                                .try_for_each(|page| out.write_all(&audit_csv::rows(page)))
+                        })
+                        .map_err(|e| format!("writing the CSV: {e}"))?;
+                }
             }
         }
     }

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -25,6 +26,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::status;
 use crate::domain::{PoolView, Reason};
 use crate::resource::DedicatedLicense;
 
@@ -72,6 +74,8 @@ label_values! {
     PassResult => { PassResult::Ok => "ok", PassResult::Refused => "refused", PassResult::Retrying => "retrying", PassResult::Error => "error" }
     Read => { Read::Account => "account", Read::Allocation => "allocation" }
     AddedBy => { AddedBy::Webhook => "webhook", AddedBy::Operator => "operator" }
+    WebhookName => { WebhookName::Mutate => "mutate", WebhookName::Validate => "validate" }
+    Verdict => { Verdict::Allowed => "allowed", Verdict::Denied => "denied", Verdict::Error => "error" }
 }
 
 impl EncodeLabelValue for Reason {
@@ -106,6 +110,44 @@ pub struct ProductLabels {
     /// The LicenseAccount whose pool it is.
     pub account: String,
     pub product: String,
+}
+
+/// Which admission webhook answered.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum WebhookName {
+    Mutate,
+    Validate,
+}
+
+/// How an admission webhook answered.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted (with warnings or not).
+    Allowed,
+    /// Refused (the validating webhook in Deny mode).
+    Denied,
+    /// A request it could not read: the API server admits without it
+    /// (failurePolicy Ignore), so these are what to alert on.
+    Error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub webhook: WebhookName,
+    pub result: Verdict,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookNameLabels {
+    pub webhook: WebhookName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StalledLabels {
+    #[prometheus(flatten)]
+    pub object: ObjectLabels,
+    /// The Stalled condition's reason (BelowInUse, Conflict, ...).
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,17 +199,44 @@ impl Collector for Objects {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for dl in &objects {
                 let Some(v) = value(dl) else { continue };
-                let labels = ObjectLabels {
-                    namespace: dl.namespace().unwrap_or_default(),
-                    name: dl.name_any(),
-                    account: dl.spec.account().to_string(),
-                    organization: dl.spec.organization.clone(),
-                    product: dl.spec.product.clone(),
+                ConstGauge::new(v).encode(family.encode_family(&ObjectLabels::of(dl))?)?;
+            }
+        }
+        // Only the objects that are stalled: an alert per object and
+        // reason, without a series for every object in sync.
+        let mut family = encoder.encode_descriptor(
+            "object_stalled",
+            "1 for a DedicatedLicense whose Stalled condition is True, with its reason (absent otherwise)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for dl in &objects {
+            let stalled = dl.status.as_ref().and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == status::STALLED && status::Is::True.of(c))
+            });
+            if let Some(c) = stalled {
+                let labels = StalledLabels {
+                    object: ObjectLabels::of(dl),
+                    reason: c.reason.clone(),
                 };
-                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
+    }
+}
+
+impl ObjectLabels {
+    fn of(dl: &DedicatedLicense) -> ObjectLabels {
+        ObjectLabels {
+            namespace: dl.namespace().unwrap_or_default(),
+            name: dl.name_any(),
+            account: dl.spec.account().to_string(),
+            organization: dl.spec.organization.clone(),
+            product: dl.spec.product.clone(),
+        }
     }
 }
 
@@ -196,6 +265,8 @@ pub struct Metrics {
     backend_up: Gauge,
     /// Why the backend is unavailable, since the pass that found it so.
     backend_down: std::sync::Mutex<Option<String>>,
+    webhook_requests: Family<WebhookLabels, Counter>,
+    webhook_duration: Family<WebhookNameLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -227,6 +298,16 @@ impl Metrics {
             .clone()
     }
 
+    /// Counts and times one answer of an admission webhook.
+    pub fn webhook_answered(&self, webhook: WebhookName, result: Verdict, took: Duration) {
+        self.webhook_requests
+            .get_or_create(&WebhookLabels { webhook, result })
+            .inc();
+        self.webhook_duration
+            .get_or_create(&WebhookNameLabels { webhook })
+            .observe(took.as_secs_f64());
+    }
+
     /// Counts a cleanup finalizer added by `by` (webhook or operator).
     pub fn finalizer_added(&self, by: AddedBy) {
         self.finalizers.get_or_create(&ByLabels { by }).inc();
@@ -253,6 +334,10 @@ impl Metrics {
             backend_reads: Family::default(),
             backend_up: Gauge::default(),
             backend_down: std::sync::Mutex::new(None),
+            webhook_requests: Family::default(),
+            webhook_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            }),
         };
         m.backend_up.set(1);
         registry.register(
@@ -314,6 +399,16 @@ impl Metrics {
             "pool_free",
             "Free licenses per product (negative when over-committed)",
             m.pool_free.clone(),
+        );
+        registry.register(
+            "webhook_requests",
+            "Requests to the admission webhooks by webhook (mutate, validate) and result (allowed, denied, error: a request it could not read)",
+            m.webhook_requests.clone(),
+        );
+        registry.register(
+            "webhook_duration_seconds",
+            "Time to answer an admission review, by webhook",
+            m.webhook_duration.clone(),
         );
         registry.register_collector(Box::new(m.objects.clone()));
         registry.register(

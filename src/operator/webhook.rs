@@ -25,7 +25,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use tokio::net::TcpListener;
 
 use super::admission::{self, Validator};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Verdict, WebhookName};
 use crate::resource::{DedicatedLicenseSpec, FINALIZER, needs_finalizer};
 use crate::tls::{self, CertificateFiles, TlsListener};
 
@@ -106,6 +106,46 @@ pub fn review(
     }
 }
 
+/// A review as the API server gets it, with how it answered for
+/// [`measured`]: allowed (warnings or not), denied, or a request it could
+/// not read.
+fn answered(
+    review: AdmissionReview<DynamicObject>,
+) -> (
+    axum::Extension<Verdict>,
+    Json<AdmissionReview<DynamicObject>>,
+) {
+    let verdict = match &review.response {
+        Some(r) if r.allowed => Verdict::Allowed,
+        Some(r) if r.result.reason != "InvalidRequest" => Verdict::Denied,
+        _ => Verdict::Error,
+    };
+    (axum::Extension(verdict), Json(review))
+}
+
+/// Counts and times every request to the webhooks
+/// (`licensor_webhook_requests`, `licensor_webhook_duration_seconds`); a
+/// request answered without a review (a body that is not one) is an error.
+async fn measured(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let webhook = match request.uri().path() {
+        PATH => WebhookName::Mutate,
+        _ => WebhookName::Validate,
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let verdict = response
+        .extensions()
+        .get::<Verdict>()
+        .copied()
+        .unwrap_or(Verdict::Error);
+    metrics.webhook_answered(webhook, verdict, started.elapsed());
+    response
+}
+
 /// Serves the webhook (`/mutate` and `/validate`) until `stop` resolves.
 pub async fn serve(
     webhook: &Webhook,
@@ -127,12 +167,13 @@ pub async fn serve(
         .map_err(|e| Error::Listen(webhook.listen, e))?;
     let listener = TlsListener::start(tcp, config);
     let validator = Arc::new(validator);
+    let mutating = metrics.clone();
     let app = Router::new()
         .route(
             PATH,
             post(
                 move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
-                    Json(review(body, &metrics))
+                    answered(review(body, &mutating))
                 },
             ),
         )
@@ -142,12 +183,13 @@ pub async fn serve(
                 move |Json(body): Json<AdmissionReview<DynamicObject>>| async move {
                     let request: AdmissionRequest<DynamicObject> = match body.try_into() {
                         Ok(r) => r,
-                        Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
+                        Err(e) => return answered(AdmissionResponse::invalid(e).into_review()),
                     };
-                    Json(validator.review(&request).await.into_review())
+                    answered(validator.review(&request).await.into_review())
                 },
             ),
-        );
+        )
+        .layer(axum::middleware::from_fn_with_state(metrics, measured));
     tracing::info!(listen = %webhook.listen, "serving the admission webhook");
     Ok(tokio::spawn(async move {
         axum::serve(listener, app)

@@ -104,7 +104,7 @@ pub mod path {
 }
 
 /// Every route template: the API's, the page's and the endpoints'.
-pub const ROUTES: [&str; 20] = [
+pub const ROUTES: [&str; 23] = [
     path::ACCOUNT,
     path::PRODUCTS,
     path::PRODUCT,
@@ -125,6 +125,9 @@ pub const ROUTES: [&str; 20] = [
     page::path::CONFIRM_REVOKE,
     page::path::EDIT,
     page::path::REVOKE,
+    page::path::GIVE,
+    page::path::FAVICON,
+    page::path::AUDIT_CSV,
 ];
 
 /// The application: every route, the limits and the middleware.

@@ -17,7 +17,7 @@ use utoipa::IntoParams;
 use super::Shared;
 use crate::api::{
     AccountState, NewOrganization, Organization, Problem, ProblemType, Product, PutAllocation,
-    Release, Seats, TotalBody,
+    Release, Seats, TotalBody, audit_csv,
 };
 use crate::backend::store::{Principal, Store, in_place, off_thread};
 use crate::backend::{AuditEntry, BackendError, Written};
@@ -628,12 +628,77 @@ pub async fn seats(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/v1/accounts/{account}/audit", params(AccountPath),
-    responses((status = 200, description = "The audit log, oldest first", body = [AuditEntry])))]
+/// How the audit log is answered.
+#[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    #[default]
+    Json,
+    /// `text/csv`, a header row first (see [`crate::api::audit_csv`]).
+    Csv,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// `json` (the default) or `csv`, for a spreadsheet.
+    #[serde(default)]
+    #[param(inline)]
+    pub format: Option<AuditFormat>,
+}
+
+/// Records a CSV download reads at a time.
+const CSV_PAGE: i64 = 1000;
+
+#[utoipa::path(get, path = "/v1/accounts/{account}/audit", params(AccountPath, AuditParams),
+    responses((status = 200, description = "The audit log, oldest first",
+        content((Vec<AuditEntry> = "application/json"), (String = "text/csv")))))]
 pub async fn audit(
     State(s): State<Shared>,
     Segments(AccountPath { account }): Segments<AccountPath>,
+    Params(params): Params<AuditParams>,
 ) -> Result<Response, Problem> {
-    let entries = store(&s, move |st| st.audit(&account)).await?;
-    Ok(Json(entries).into_response())
+    if params.format.unwrap_or_default() == AuditFormat::Json {
+        let entries = store(&s, move |st| st.audit(&account)).await?;
+        return Ok(Json(entries).into_response());
+    }
+    audit_download(s, account).await
+}
+
+/// The audit log of `account` as a CSV download (the API's `?format=csv`,
+/// the page's link).
+pub(super) async fn audit_download(s: Shared, account: String) -> Result<Response, Problem> {
+    // The first page is read before answering, so a store that is down is
+    // a problem, not a 200 cut short; then a page at a time, never the
+    // whole log at once. Records added while it is read come at its end.
+    let name = format!("attachment; filename=\"{account}-audit.csv\"");
+    let first = {
+        let account = account.clone();
+        store(&s, move |st| st.audit_page(&account, 0, CSV_PAGE)).await?
+    };
+    let head = futures::stream::iter([Ok(audit_csv::header()), Ok(audit_csv::rows(&first))]);
+    let rest = futures::stream::unfold(first.last().map(|e| e.id), move |after| {
+        let (s, account) = (s.clone(), account.clone());
+        async move {
+            let after = after?;
+            match store(&s, move |st| st.audit_page(&account, after, CSV_PAGE)).await {
+                Ok(page) => {
+                    let next = page.last().map(|e| e.id);
+                    (!page.is_empty()).then(|| (Ok(audit_csv::rows(&page)), next))
+                }
+                // Cut short: the client sees the body end early.
+                Err(p) => Some((Err(std::io::Error::other(p.detail)), None)),
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::StreamExt::chain(head, rest));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (header::CONTENT_DISPOSITION, name),
+        ],
+        body,
+    )
+        .into_response())
 }

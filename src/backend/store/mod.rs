@@ -454,7 +454,19 @@ impl Store {
 
     /// The audit log of one account, oldest first.
     pub fn audit(&self, account: &str) -> Result<Vec<AuditEntry>, BackendError> {
-        self.read(|s| s.audit_entries(account))
+        self.audit_page(account, 0, i64::MAX)
+    }
+
+    /// Up to `limit` records of the audit log after the record `after`, for
+    /// a reader that goes through a long log a page at a time (ids only
+    /// grow, so the pages add up to the log).
+    pub fn audit_page(
+        &self,
+        account: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, BackendError> {
+        self.read(|s| s.audit_entries(account, after, limit))
     }
 
     /// Copies one account whole into `to` (`backend copy`), in one

@@ -162,8 +162,9 @@ pub trait Storage {
             allocations: seen.allocation.into_iter().collect(),
         })
     }
-    /// The audit log of one account, oldest first.
-    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>>;
+    /// The audit log of one account, oldest first: at most `limit` records
+    /// after the record `after` (0: from the first).
+    fn audit_entries(&self, account: &str, after: i64, limit: i64) -> Result<Vec<AuditEntry>>;
 
     /// Every row of one account.
     fn export(&self, account: &str) -> Result<AccountRows>;

@@ -52,6 +52,7 @@ pub mod path {
     pub const REVOKE: &str = "/allocations/revoke";
     pub const GIVE: &str = "/allocations/give";
     pub const FAVICON: &str = "/favicon.svg";
+    pub const AUDIT_CSV: &str = "/audit.csv";
 }
 
 /// The page's routes.
@@ -60,6 +61,7 @@ pub fn routes(shared: Shared) -> Router<Shared> {
         .route(path::HOME, get(home))
         .route(path::STYLESHEET, get(stylesheet))
         .route(path::FAVICON, get(favicon))
+        .route(path::AUDIT_CSV, get(audit_csv))
         // A form's address loaded by itself (a reload, a bookmark) shows
         // the account: every form answers with a redirect (PRG).
         .route(path::SIGN_IN, post(sign_in).get(to_home))
@@ -201,6 +203,20 @@ async fn home(
             (jar, account_page(&s, &session, &query, outcome).await).into_response()
         }
         Ok(None) => sign_in_page(&s, jar, &headers, None),
+        Err(p) => problem_page(p, None),
+    }
+}
+
+/// The signed-in account's audit log as a CSV download.
+async fn audit_csv(State(s): State<Shared>, jar: CookieJar) -> Response {
+    match session(&s, &jar).await {
+        Ok(Some(session)) => {
+            let account = session.account.clone();
+            super::routes::audit_download(s, account)
+                .await
+                .unwrap_or_else(|p| problem_page(p, Some(&session)))
+        }
+        Ok(None) => problem_page(signed_out(), None),
         Err(p) => problem_page(p, None),
     }
 }

@@ -399,6 +399,7 @@ pub fn account(
                     }
                     button type="submit" { "Filter" }
                 }
+                p.download { a href="/audit.csv" download { "Download the whole audit log (CSV)" } }
                 div.scroll role="region" tabindex="0" aria-label="Audit log table" {
                     table #audit-log {
                         caption.visually-hidden { "Changes, newest first" }

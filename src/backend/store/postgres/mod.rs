@@ -425,7 +425,7 @@ const REMEMBERED_ANY: &str =
     "SELECT key, request_hash, response FROM idempotency WHERE account = $1 AND key = ANY($2)";
 const AUDIT: &str = "SELECT id, time, actor, action, organization, product, from_count, to_count,
             rehomed, displaced, manager, idempotency_key, subject
-     FROM audit WHERE account = $1 ORDER BY id";
+     FROM audit WHERE account = $1 AND id > $2 ORDER BY id LIMIT $3";
 
 /// The pools, organization ids and allocations of an account, sorted.
 fn snapshot_queries(account: &str) -> Vec<(&'static str, Vec<Param>)> {
@@ -887,8 +887,8 @@ impl Storage for Pg<'_> {
         Ok(snapshot_of(&pools, &organizations, &allocations))
     }
 
-    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>> {
-        self.rows(AUDIT, params![account])?
+    fn audit_entries(&self, account: &str, after: i64, limit: i64) -> Result<Vec<AuditEntry>> {
+        self.rows(AUDIT, params![account, after, limit])?
             .iter()
             .map(audit_row)
             .collect()
@@ -910,7 +910,7 @@ impl Storage for Pg<'_> {
                 "SELECT key, request_hash, response, created_at FROM idempotency WHERE account = $1 ORDER BY key",
                 params![account],
             ),
-            (AUDIT, params![account]),
+            (AUDIT, params![account, 0i64, i64::MAX]),
         ]);
         let [
             pools,

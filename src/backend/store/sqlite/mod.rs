@@ -494,14 +494,14 @@ impl Storage for Connection {
         .map_err(failed)
     }
 
-    fn audit_entries(&self, account: &str) -> Result<Vec<AuditEntry>> {
+    fn audit_entries(&self, account: &str, after: i64, limit: i64) -> Result<Vec<AuditEntry>> {
         self.prepare_cached(
             "SELECT id, time, actor, action, organization, product, from_count, to_count,
                     rehomed, displaced, manager, idempotency_key, subject
-             FROM audit WHERE account = ?1 ORDER BY id",
+             FROM audit WHERE account = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
         )
         .and_then(|mut s| {
-            s.query_map([account], |r| {
+            s.query_map(params![account, after, limit], |r| {
                 let action: String = r.get(3)?;
                 Ok(AuditEntry {
                     id: r.get(0)?,
@@ -567,7 +567,7 @@ impl Storage for Connection {
             pools: snapshot.pools,
             organizations,
             allocations: snapshot.allocations,
-            audit: self.audit_entries(account)?,
+            audit: self.audit_entries(account, 0, i64::MAX)?,
             tokens,
             keys,
         })
