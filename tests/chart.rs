@@ -254,6 +254,105 @@ fn bad_values_fail_with_a_readable_message() {
     }
 }
 
+/// promtool, built from its pinned Go module: `LICENSOR_TEST_PROMTOOL`, or
+/// built now (cached).
+fn promtool() -> PathBuf {
+    if let Ok(path) = std::env::var("LICENSOR_TEST_PROMTOOL") {
+        return path.into();
+    }
+    let out = Command::new(here("tests/go-tool.sh"))
+        .arg(here("tests/prometheus"))
+        .arg("github.com/prometheus/prometheus/cmd/promtool")
+        .output()
+        .expect("run tests/go-tool.sh");
+    assert!(
+        out.status.success(),
+        "building promtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().into()
+}
+
+/// The chart's alerts as Prometheus loads them: `promtool check rules` on
+/// the rendered PrometheusRule's groups, and `promtool test rules` with
+/// tests/chart/alerts.test.yaml, where every alert fires where it should
+/// (with its summary, description and routing labels) and not before its
+/// `for` or on another namespace.
+#[test]
+fn the_alerts_pass_promtool_check_and_their_unit_tests() {
+    let (code, rendered, err) = helm_offline(&[
+        "template",
+        "licensor",
+        CHART,
+        "--namespace",
+        "licensor-system",
+        "--kube-version",
+        KUBE,
+        "--show-only",
+        "templates/prometheusrule.yaml",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.alertLabels.team=platform",
+    ]);
+    assert_eq!(code, 0, "helm template: {err}");
+    let rule: Value = serde_yaml::from_str(&rendered).unwrap();
+    assert_eq!(rule["kind"], "PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    let tests = std::fs::read_to_string(here("tests/chart/alerts.test.yaml")).unwrap();
+    std::fs::write(dir.path().join("alerts.test.yaml"), &tests).unwrap();
+    let promtool = promtool();
+    let run = |args: &[&str]| {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let alerts: Vec<String> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| r["alert"].as_str().unwrap().to_string())
+        .collect();
+    let (ok, text) = run(&["check", "rules", "rules.yaml"]);
+    assert!(ok, "promtool check rules: {text}");
+    assert!(
+        text.contains(&format!("SUCCESS: {} rules found", alerts.len())),
+        "{text}"
+    );
+    let (ok, text) = run(&["test", "rules", "alerts.test.yaml"]);
+    assert!(ok, "promtool test rules: {text}");
+    // Each alert has a case where it fires.
+    let cases: Value = serde_yaml::from_str(&tests).unwrap();
+    for alert in &alerts {
+        let fires = cases["tests"].as_array().unwrap().iter().any(|t| {
+            t["alert_rule_test"].as_array().unwrap().iter().any(|c| {
+                c["alertname"] == alert.as_str()
+                    && c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty())
+            })
+        });
+        assert!(fires, "no case where {alert} fires");
+    }
+    // The tests can fail: an alert that says something else is caught.
+    let changed = tests.replacen("nearly all handed out", "nearly gone", 1);
+    std::fs::write(dir.path().join("alerts.test.yaml"), changed).unwrap();
+    let (ok, text) = run(&["test", "rules", "alerts.test.yaml"]);
+    assert!(!ok && text.contains("LicensePoolNearlyExhausted"), "{text}");
+}
+
 #[test]
 fn the_charts_crds_are_the_generated_ones() {
     let chart = std::fs::read_to_string(here("charts/licensor/crds/licensor.dev.yaml")).unwrap();

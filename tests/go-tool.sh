@@ -8,7 +8,9 @@
 set -euo pipefail
 dir=$(cd "${1:?usage: go-tool.sh DIR [PACKAGE]}" && pwd)
 package=${2:-.}
-name=$(basename "$dir")
+# The binary is named after the package built (a tool of the module), or
+# after the module's directory (a program of our own).
+if [ "$package" = . ]; then name=$(basename "$dir"); else name=$(basename "$package"); fi
 key=$( (cat "$0" "$dir"/go.mod "$dir"/go.sum; echo "$package"; cat "$dir"/*.go 2>/dev/null || true) \
   | sha256sum | cut -c1-16)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/licensor/go-tools

@@ -385,9 +385,17 @@ fn the_documented_scenario_and_every_refusal_show_in_status() {
         "licensor_pool_free{account=\"default\",product=\"Studio\"} 2",
         "licensor_allocation_dedicated{namespace=\"licenses\",name=\"dev\",account=\"default\",organization=\"dev-team\",product=\"Studio\"} 3",
         "licensor_reconcile_errors_total{reason=\"UnknownOrganization\"}",
+        // What the alerts read: each stalled object, with its reason.
+        "licensor_object_stalled{namespace=\"licenses\",name=\"ghost\",account=\"default\",organization=\"ghost-team\",product=\"TestOps\",reason=\"UnknownOrganization\"} 1",
+        "licensor_object_stalled{namespace=\"licenses\",name=\"qa-again\",account=\"default\",organization=\"qa-team\",product=\"TestOps\",reason=\"Conflict\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    let stalled = metrics
+        .lines()
+        .filter(|l| l.starts_with("licensor_object_stalled{"))
+        .count();
+    assert_eq!(stalled, 2, "only the stalled objects: {metrics}");
     assert!(
         c.operator
             .get("/readyz")
@@ -1152,11 +1160,6 @@ organizations: [{id: a}, {id: b}, {id: c}, {id: d}, {id: e}]
         d["metadata"]["finalizers"],
         serde_json::json!(["licensor.dev/cleanup"])
     );
-    eprintln!(
-        "DEBUG d owners {:?} {:#}",
-        finalizer_owners(&d),
-        d["metadata"]["managedFields"]
-    );
 
     // The finalizer does its job: deletion revokes.
     cp.ok(&["delete", "dl", "a", "d", "-n", "licenses", "--timeout=30s"]);
@@ -1284,6 +1287,15 @@ organizations:
         "{r:?}"
     );
     assert!(!exists("ghost"));
+    let metrics = operator.get("/metrics").expect("metrics");
+    for line in [
+        "licensor_webhook_requests_total{webhook=\"validate\",result=\"denied\"} ",
+        "licensor_webhook_requests_total{webhook=\"mutate\",result=\"allowed\"} ",
+        "licensor_webhook_duration_seconds_count{webhook=\"validate\"} ",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    assert!(!metrics.contains("result=\"error\""), "{metrics}");
 
     // Beyond the pool: created, with a warning that has the numbers.
     let r = apply(&license_yaml("big", "b", "TestOps", 30, ""), &[]);
