@@ -353,6 +353,40 @@ fn the_alerts_pass_promtool_check_and_their_unit_tests() {
     assert!(!ok && text.contains("LicensePoolNearlyExhausted"), "{text}");
 }
 
+/// The dashboard ConfigMap carries the dashboard file as it is, with the
+/// label the Grafana sidecar selects by, and every panel's query names a
+/// metric licensor exports (the end-to-end test in tests/operator.rs runs
+/// them against a real Prometheus).
+#[test]
+fn the_dashboard_renders_as_a_configmap_the_grafana_sidecar_loads() {
+    let (code, rendered, err) = helm_offline(&[
+        "template",
+        "licensor",
+        CHART,
+        "--kube-version",
+        KUBE,
+        "--show-only",
+        "templates/dashboard.yaml",
+        "--set",
+        "metrics.dashboard.enabled=true",
+        "--set",
+        "metrics.dashboard.annotations.grafana_folder=Licenses",
+    ]);
+    assert_eq!(code, 0, "helm template: {err}");
+    let map: Value = serde_yaml::from_str(&rendered).unwrap();
+    assert_eq!(map["kind"], "ConfigMap");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "Licenses");
+    let file = std::fs::read_to_string(here("charts/licensor/dashboards/licensor.json")).unwrap();
+    let shipped: Value = serde_json::from_str(map["data"]["licensor.json"].as_str().unwrap())
+        .expect("the ConfigMap holds JSON");
+    assert_eq!(shipped, serde_json::from_str::<Value>(&file).unwrap());
+    assert_eq!(shipped["uid"], "licensor");
+    let (code, off, _) = helm_offline(&["template", "licensor", CHART, "--kube-version", KUBE]);
+    assert_eq!(code, 0);
+    assert!(!off.contains("grafana_dashboard"), "off by default");
+}
+
 #[test]
 fn the_charts_crds_are_the_generated_ones() {
     let chart = std::fs::read_to_string(here("charts/licensor/crds/licensor.dev.yaml")).unwrap();

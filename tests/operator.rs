@@ -2303,3 +2303,193 @@ organizations:
         "{audit:#?}"
     );
 }
+
+/// Prometheus, built from its pinned Go module (`tests/prometheus`):
+/// `LICENSOR_TEST_PROMETHEUS`, or built now (cached).
+fn prometheus() -> String {
+    if let Ok(path) = std::env::var("LICENSOR_TEST_PROMETHEUS") {
+        return path;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(format!("{root}/tests/go-tool.sh"))
+        .arg(format!("{root}/tests/prometheus"))
+        .arg("github.com/prometheus/prometheus/cmd/prometheus")
+        .output()
+        .expect("run tests/go-tool.sh");
+    assert!(
+        out.status.success(),
+        "building prometheus: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The chart's Grafana dashboard against a real Prometheus scraping the
+/// operator (with its webhooks) and `licensor serve`, labelled as the
+/// chart's ServiceMonitor would be: every panel's every query parses and
+/// returns series, with the dashboard's variables set as Grafana would.
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let fixture = "
+account: acme
+products: [{name: TestOps, total: 20}, {name: Studio, total: 10}]
+organizations:
+  - id: a
+    allocations: [{product: TestOps, dedicated: 5, inUse: 4}]
+  - id: b
+";
+    let cp = ControlPlane::start();
+    cp.ok(&["create", "namespace", "licenses"]);
+    let (account, platform_port, token) = remote_account(fixture);
+    let token_flag = format!("--token-file={}", token.display());
+    let webhooks = Webhooks::new(&cp);
+    let flags = webhooks.with(&["--leader-elect=false", "--account=acme", &token_flag]);
+    let operator = Operator::start(&cp, "dashboard", &account.backend, &flags);
+    cp.register_webhook(webhooks.port, &webhooks.ca);
+    cp.register_validating_webhook(webhooks.port, &webhooks.ca);
+    // One object applied, one stalled (more than the pool has): webhooks
+    // called, passes made, the backend read and written.
+    let apply = |yaml: &str| cp.kubectl_stdin(&["apply", "-f", "-"], Some(yaml));
+    wait_for("the webhooks in the admission chain", SOON, || {
+        let r = apply(&license_yaml("a", "a", "TestOps", 6, ""));
+        (r.code == 0 && r.stderr.is_empty()).then_some(())
+    });
+    assert_eq!(apply(&license_yaml("big", "b", "TestOps", 50, "")).code, 0);
+    wait_for("big stalled", SOON, || {
+        operator
+            .get("/metrics")?
+            .contains("reason=\"InsufficientPool\"} 1")
+            .then_some(())
+    });
+
+    // Prometheus scrapes both every second, with the labels a
+    // ServiceMonitor's relabelling gives (namespace, pod).
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: licensor
+    static_configs:
+      - targets: ['127.0.0.1:{}']
+        labels: {{namespace: licensor-system, pod: licensor-0}}
+  - job_name: licensor-platform
+    static_configs:
+      - targets: ['127.0.0.1:{platform_port}']
+        labels: {{namespace: licensor-system, pod: licensor-platform-0}}
+",
+        operator.port
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = Killed(
+        std::process::Command::new(prometheus())
+            .arg(format!(
+                "--config.file={}/prometheus.yml",
+                dir.path().display()
+            ))
+            .arg(format!("--storage.tsdb.path={}/data", dir.path().display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let query = |expr: &str| -> Value {
+        runtime
+            .block_on(async {
+                http.get(format!("http://127.0.0.1:{port}/api/v1/query"))
+                    .query(&[("query", expr)])
+                    .send()
+                    .await?
+                    .json()
+                    .await
+            })
+            .unwrap_or_default()
+    };
+
+    wait_for("prometheus ready", SOON, || {
+        runtime
+            .block_on(http.get(format!("http://127.0.0.1:{port}/-/ready")).send())
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(drop)
+    });
+
+    // The dashboard's queries, with its variables as Grafana sets them.
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../charts/licensor/dashboards/licensor.json")).unwrap();
+    let queries: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap().to_string();
+            p["targets"].as_array().unwrap().iter().map(move |t| {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$namespace", "licensor-system")
+                    .replace("$account", ".+")
+                    .replace("$__rate_interval", "15s");
+                (title.clone(), expr)
+            })
+        })
+        .collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+    // A query that parses but names nothing returns no series: the check
+    // below can fail.
+    assert_eq!(
+        query("licensor_no_such_metric")["data"]["result"],
+        serde_json::json!([])
+    );
+    let started = Instant::now();
+    loop {
+        let empty: Vec<String> = queries
+            .iter()
+            .filter_map(|(title, expr)| {
+                let answer = query(expr);
+                let some = answer["status"] == "success"
+                    && answer["data"]["result"]
+                        .as_array()
+                        .is_some_and(|r| !r.is_empty());
+                (!some).then(|| format!("{title}: {expr}\n  -> {answer}"))
+            })
+            .collect();
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "queries without series after a minute:\n{}",
+            empty.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "{} dashboard queries returned series {:?} after Prometheus started",
+        queries.len(),
+        started.elapsed()
+    );
+    // What the figures say is what the account holds: TestOps has 20, 6
+    // dedicated to a (big's 50 do not fit), 14 free.
+    let free = query(
+        "max by (account, product) (licensor_pool_free{namespace=~\"licensor-system\", account=~\".+\", product=\"TestOps\"})",
+    );
+    assert_eq!(free["data"]["result"][0]["value"][1], "14", "{free}");
+    let stalled =
+        query("sum by (reason) (licensor_object_stalled{namespace=~\"licensor-system\"})");
+    assert_eq!(
+        stalled["data"]["result"][0]["metric"]["reason"], "InsufficientPool",
+        "{stalled}"
+    );
+    drop(account);
+}
