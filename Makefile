@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test deps test-static check bench bench-operator bench-platform crd image static dist
+.PHONY: demo test deps test-static check bench bench-operator bench-platform bench-history crd image static dist
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -110,6 +110,10 @@ bench-operator: static
 	assets=$$(tests/controlplane/build.sh) && KUBEBUILDER_ASSETS="$$assets" \
 	  IMAGE_BIN=$(abspath $(TARGET_DIR))/$(MUSL)/release/licensor $(CARGO) bench --locked --bench operator
 
+## The page's history over 100,000 audit records: time to answer and size
+## for each range (targets 200 ms and 1 MB).
+bench-history:
+	$(CARGO) bench --locked --bench history
+
 ## The platform API load benchmark (writes and reads per second, p50/p99).
-bench-platform:
 	$(CARGO) bench --locked --bench platform

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod cli;
 pub mod domain;
 pub mod endpoints;
+pub mod history;
 pub mod licenseaccount;
 pub mod licensepool;
 pub mod manifest;

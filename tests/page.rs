@@ -594,6 +594,158 @@ async fn the_audit_log_downloads_as_csv_that_python_reads_back(store: Kind) {
     );
 }
 
+/// The history section draws what the audit log recorded: the account
+/// seeded twenty days ago, qa-team raised ten days ago, a seat claimed five
+/// days ago, the total raised two days ago (the records' times set back in
+/// the file). Each pool's chart says so in its summary and its table; an
+/// organization's filter adds its allocations' charts; axe finds nothing;
+/// an account whose log is empty shows an empty state.
+#[tokio::test]
+async fn the_history_draws_what_the_audit_log_recorded() {
+    use licensor::backend::store::Principal;
+    use licensor::domain::{AllocationWrite, SeatChange, Target};
+    let served = seeded(Kind::Embedded, FIXTURE);
+    let (account, url) = (&served.account, served.url().to_string());
+    let admin = account.token("AccountAdmin", "alice");
+    let db = account.db();
+    {
+        let st = licensor::backend::store::Store::open_existing(&db).unwrap();
+        let who = Principal::local();
+        let raise = AllocationWrite {
+            organization: "qa-team".into(),
+            product: "TestOps".into(),
+            target: Target::Count(8),
+            managed_by: None,
+            allow_user_displacement: false,
+            deletion_policy: Default::default(),
+            expiry: None,
+            expected_version: None,
+            idempotency_key: None,
+        };
+        st.write("acme", &who, &raise, false).unwrap();
+        st.seats("acme", &who, "qa-team", "TestOps", SeatChange::Claim(1))
+            .unwrap();
+        st.set_total("acme", &who, "TestOps", 240).unwrap();
+    }
+    let ago = |days: i64| {
+        (chrono::Utc::now() - chrono::TimeDelta::days(days) - chrono::TimeDelta::hours(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let c = rusqlite::Connection::open(&db).unwrap();
+    for (action, days) in [("seed", 20), ("increase", 10), ("claim", 5), ("total", 2)] {
+        let n = c
+            .execute(
+                "UPDATE audit SET time = ?1 WHERE account = 'acme' AND action = ?2",
+                [ago(days), action.to_string()],
+            )
+            .unwrap();
+        assert_eq!(n, 1, "{action}");
+    }
+
+    let c = browser(account.dir.path()).await;
+    sign_in(&c, &url, &admin).await;
+    c.goto(&format!("{url}/?range=30d#history")).await.unwrap();
+    assert_eq!(count(&c, "#history div.history-chart").await, 3);
+    let summary = text(&c, "#history-pool-2-summary").await;
+    let summary = if summary.is_empty() {
+        c.execute(
+            "return document.getElementById('history-pool-2-summary').textContent",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
+    } else {
+        summary
+    };
+    assert_eq!(
+        summary,
+        "TestOps over the last 30 days: total 200 to 240, dedicated 8 to 11, in use 5 to 6, free 192 to 229"
+    );
+    // The table beside it: the seed's day, each change, and today.
+    let rows = c
+        .execute(
+            "return [...document.querySelectorAll('#history div.history-chart')[2].querySelectorAll('tbody tr')]
+                .map(r => [...r.cells].map(c => c.textContent.trim()).slice(1).join(' '))",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        json!([
+            "200 8 5 192",
+            "200 11 5 189",
+            "200 11 6 189",
+            "240 11 6 229",
+            "240 11 6 229"
+        ]),
+    );
+    let current = c
+        .execute(
+            "return document.querySelector('nav.ranges a[aria-current=page]').textContent",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(current, "the last 30 days");
+    assert_eq!(
+        serious_violations(&c).await,
+        Vec::<String>::new(),
+        "the history"
+    );
+    let history = c
+        .find(Locator::Css("#history"))
+        .await
+        .unwrap()
+        .screenshot()
+        .await
+        .unwrap();
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("page");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    std::fs::write(artefacts.join("history.png"), &history).unwrap();
+    assert!(history.starts_with(b"\x89PNG"));
+
+    // An organization's allocations, over 90 days.
+    c.goto(&format!("{url}/?organization=qa-team&range=90d#history"))
+        .await
+        .unwrap();
+    let summary = c
+        .execute(
+            "return document.getElementById('history-allocation-0-summary').textContent",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        summary,
+        "qa-team: TestOps over the last 90 days: dedicated 5 to 8, in use 4 to 5"
+    );
+    assert_eq!(
+        serious_violations(&c).await,
+        Vec::<String>::new(),
+        "an organization's history"
+    );
+
+    // No records at all: an empty state, not an error.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM audit", [])
+        .unwrap();
+    c.goto(&format!("{url}/?range=all")).await.unwrap();
+    assert!(
+        text(&c, "#history p.empty")
+            .await
+            .starts_with("No changes recorded yet"),
+        "{}",
+        c.source().await.unwrap()
+    );
+    assert_eq!(count(&c, "#history div.history-chart").await, 0);
+    c.close().await.unwrap();
+}
+
 async fn a_viewer_sees_no_controls_and_a_forged_post_is_refused(store: Kind) {
     let served = seeded(store, FIXTURE);
     let account = &served.account;

@@ -13,6 +13,7 @@
 //! form answers with a redirect to the account (post/redirect/get), which
 //! shows what the form did once, from a cookie of its own.
 
+mod chart;
 mod view;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -180,6 +181,10 @@ pub struct AuditQuery {
     /// A page number; anything else reads as the first page.
     #[serde(default, deserialize_with = "lenient_page")]
     pub page: Option<usize>,
+    /// The history's range (`30d`, `90d`, `1y`, `all`); anything else
+    /// reads as 30 days.
+    #[serde(default)]
+    pub range: String,
 }
 
 fn lenient_page<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -256,13 +261,18 @@ async fn account_page(
         Ok(r) => r,
         Err(p) => return problem_page(p, Some(session)),
     };
+    let now = chrono::Utc::now();
+    let organization = Some(query.organization.as_str()).filter(|o| !o.is_empty());
+    let range = crate::history::Range::parse(&query.range);
+    let history = crate::history::history(&snapshot, &audit, range, now, organization);
     view::account(
         session,
         &snapshot,
         &audit,
         query,
         outcome.as_ref(),
-        chrono::Utc::now(),
+        now,
+        &history,
     )
     .into_response()
 }

@@ -11,6 +11,7 @@ use super::{AUDIT_PAGE, AuditQuery, role_name};
 use crate::api::{AuditAction, AuditEntry, Problem, Written};
 use crate::backend::store::Session;
 use crate::domain::{Allocation, MAX_COUNT, PoolView, Reason, Role, Snapshot};
+use crate::history::{History, Range};
 
 /// What a form just did, shown above the account after the form's
 /// redirect (carried in a cookie of its own, shown once).
@@ -315,7 +316,9 @@ pub fn account(
     q: &AuditQuery,
     outcome: Option<&Outcome>,
     now: DateTime<Utc>,
+    history: &History,
 ) -> Markup {
+    let range = Range::parse(&q.range);
     let admin = session.who.role == Role::AccountAdmin;
     // Temporary allocations get a column saying when each ends.
     let expiries = snapshot
@@ -380,6 +383,29 @@ pub fn account(
                 }
                 @if admin { (give_form(session, snapshot, outcome)) }
             }
+            section #history aria-labelledby="history-title" {
+                h2 #history-title { "History" }
+                nav.ranges aria-label="History range" {
+                    @for r in Range::ALL {
+                        a href=(format!("/?{}#history", query(&[
+                            ("organization", &q.organization),
+                            ("product", &q.product),
+                            ("range", r.as_str()),
+                        ])))
+                            aria-current=[(r == range).then_some("page")] { (r.words()) }
+                    }
+                }
+                @if audit.is_empty() {
+                    p.empty { "No changes recorded yet: the history fills in as licenses are given, changed and used." }
+                } @else {
+                    p.hint {
+                        (history.changes) " recorded changes over " (range.words())
+                        @if q.organization.is_empty() { "; filter the audit log by an organization below to see its allocations' history too" }
+                        "."
+                    }
+                    (super::chart::history(history, range, &q.organization))
+                }
+            }
             section #audit aria-labelledby="audit-title" {
                 h2 #audit-title { "Audit log" }
                 form.filter method="get" action="/" {
@@ -397,6 +423,7 @@ pub fn account(
                             option value=(p.product) selected[p.product == q.product] { (p.product) }
                         }
                     }
+                    input type="hidden" name="range" value=(range.as_str());
                     button type="submit" { "Filter" }
                 }
                 p.download { a href="/audit.csv" download { "Download the whole audit log (CSV)" } }
