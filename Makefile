@@ -21,7 +21,8 @@ demo:
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
-## kstatus (sigs.k8s.io/cli-utils) built the same way, the contract tools
+## kstatus (sigs.k8s.io/cli-utils), Prometheus and promtool built the same
+## way, the contract tools
 ## in a pinned Python virtualenv, and the page in Debian's headless Chromium
 ## with axe-core (pinned, from npm), and the chart installed on a real node
 ## (kubelet and kube-proxy from the same modules, Debian's containerd and
@@ -29,6 +30,9 @@ demo:
 test: deps test-static image dist
 	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
 	  kstatus=$$(tests/go-tool.sh tests/kstatus) && axe=$$(tests/page/axe.sh) && \
+	  promtool=$$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/promtool) && \
+	  prometheus=$$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/prometheus) && \
+	  LICENSOR_TEST_PROMTOOL="$$promtool" LICENSOR_TEST_PROMETHEUS="$$prometheus" \
 	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
 	  LICENSOR_TEST_AXE="$$axe" LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
 	  LICENSOR_TEST_DIST=$(abspath $(DIST)) $(CARGO) test --locked
