@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::browser::{no_redirects, sign_in_over_http};
 use common::{Account, Kind};
 use licensor::backend::store::{Principal, Store};
-use licensor::domain::{AllocationWrite, SeatChange, Target};
+use licensor::domain::{AllocationWrite, SeatChange};
 use licensor::history::{Range, history};
 
 const ORGS: usize = 20;
@@ -81,17 +81,7 @@ async fn main() {
                 }
                 6..=8 => {
                     let to = [110, 90, 100][step - 6];
-                    let w = AllocationWrite {
-                        organization: org,
-                        product: product.into(),
-                        target: Target::Count(to),
-                        managed_by: None,
-                        allow_user_displacement: false,
-                        deletion_policy: Default::default(),
-                        expiry: None,
-                        expected_version: None,
-                        idempotency_key: None,
-                    };
+                    let w = AllocationWrite::count(&org, product, to);
                     st.write("acme", &who, &w, false).expect("write");
                 }
                 _ => {

@@ -886,6 +886,22 @@ pub struct AllocationWrite {
 }
 
 impl AllocationWrite {
+    /// Sets `organization`'s `product` to `count`, as nobody in particular
+    /// (an unmanaged allocation), unconditionally and without a key.
+    pub fn count(organization: &str, product: &str, count: i64) -> AllocationWrite {
+        AllocationWrite {
+            organization: organization.into(),
+            product: product.into(),
+            target: Target::Count(count),
+            managed_by: None,
+            allow_user_displacement: false,
+            deletion_policy: DeletionPolicy::Revoke,
+            expiry: None,
+            expected_version: None,
+            idempotency_key: None,
+        }
+    }
+
     pub fn request(&self) -> Request<'_> {
         Request {
             organization: &self.organization,

@@ -254,23 +254,32 @@ fn bad_values_fail_with_a_readable_message() {
     }
 }
 
-/// promtool, built from its pinned Go module: `LICENSOR_TEST_PROMTOOL`, or
-/// built now (cached).
+/// promtool, built from its pinned Go module (`tests/prometheus`).
 fn promtool() -> PathBuf {
-    if let Ok(path) = std::env::var("LICENSOR_TEST_PROMTOOL") {
-        return path.into();
+    let tool = "github.com/prometheus/prometheus/cmd/promtool";
+    common::go_tool("LICENSOR_TEST_PROMTOOL", "prometheus", tool).into()
+}
+
+/// The one object `template` renders, in the namespace licensor-system,
+/// with `sets` (`--set` values).
+fn one_template(template: &str, sets: &[&str]) -> Value {
+    let mut args = vec![
+        "template",
+        "licensor",
+        CHART,
+        "--namespace",
+        "licensor-system",
+        "--kube-version",
+        KUBE,
+        "--show-only",
+        template,
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
     }
-    let out = Command::new(here("tests/go-tool.sh"))
-        .arg(here("tests/prometheus"))
-        .arg("github.com/prometheus/prometheus/cmd/promtool")
-        .output()
-        .expect("run tests/go-tool.sh");
-    assert!(
-        out.status.success(),
-        "building promtool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().into()
+    let (code, rendered, err) = helm_offline(&args);
+    assert_eq!(code, 0, "helm template {template}: {err}");
+    serde_yaml::from_str(&rendered).unwrap()
 }
 
 /// The chart's alerts as Prometheus loads them: `promtool check rules` on
@@ -280,23 +289,13 @@ fn promtool() -> PathBuf {
 /// `for` or on another namespace.
 #[test]
 fn the_alerts_pass_promtool_check_and_their_unit_tests() {
-    let (code, rendered, err) = helm_offline(&[
-        "template",
-        "licensor",
-        CHART,
-        "--namespace",
-        "licensor-system",
-        "--kube-version",
-        KUBE,
-        "--show-only",
+    let rule = one_template(
         "templates/prometheusrule.yaml",
-        "--set",
-        "metrics.prometheusRule.enabled=true",
-        "--set",
-        "metrics.prometheusRule.alertLabels.team=platform",
-    ]);
-    assert_eq!(code, 0, "helm template: {err}");
-    let rule: Value = serde_yaml::from_str(&rendered).unwrap();
+        &[
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.alertLabels.team=platform",
+        ],
+    );
     assert_eq!(rule["kind"], "PrometheusRule");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -359,21 +358,13 @@ fn the_alerts_pass_promtool_check_and_their_unit_tests() {
 /// them against a real Prometheus).
 #[test]
 fn the_dashboard_renders_as_a_configmap_the_grafana_sidecar_loads() {
-    let (code, rendered, err) = helm_offline(&[
-        "template",
-        "licensor",
-        CHART,
-        "--kube-version",
-        KUBE,
-        "--show-only",
+    let map = one_template(
         "templates/dashboard.yaml",
-        "--set",
-        "metrics.dashboard.enabled=true",
-        "--set",
-        "metrics.dashboard.annotations.grafana_folder=Licenses",
-    ]);
-    assert_eq!(code, 0, "helm template: {err}");
-    let map: Value = serde_yaml::from_str(&rendered).unwrap();
+        &[
+            "metrics.dashboard.enabled=true",
+            "metrics.dashboard.annotations.grafana_folder=Licenses",
+        ],
+    );
     assert_eq!(map["kind"], "ConfigMap");
     assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
     assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "Licenses");

@@ -22,6 +22,8 @@ fi
 command -v go >/dev/null || { echo "go-tool.sh: Go is needed to build $name" >&2; exit 1; }
 mkdir -p "$cache/$key"
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
-(cd "$dir" && go build -trimpath -ldflags=-s -o "$out.tmp" "$package")
-mv "$out.tmp" "$out"
+# Built under a name of this process's own, then renamed into place: tests
+# that ask for the same tool at once each get a whole binary.
+(cd "$dir" && go build -trimpath -ldflags=-s -o "$out.tmp.$$" "$package")
+mv -f "$out.tmp.$$" "$out"
 echo "$out"

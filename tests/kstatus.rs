@@ -7,6 +7,8 @@
 //! condition's status to be True). The statuses are the operator's own,
 //! built by its pure status builder from the pass each state comes from.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -21,19 +23,7 @@ const ARGO_CD_CHECK: &str = include_str!("../examples/gitops/argocd-health.lua")
 
 /// The kstatus judge: `LICENSOR_TEST_KSTATUS`, or built now.
 fn judge() -> String {
-    if let Ok(path) = std::env::var("LICENSOR_TEST_KSTATUS") {
-        return path;
-    }
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/go-tool.sh"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kstatus"))
-        .output()
-        .expect("run tests/go-tool.sh");
-    assert!(
-        out.status.success(),
-        "building the kstatus judge: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    common::go_tool("LICENSOR_TEST_KSTATUS", "kstatus", ".")
 }
 
 /// kstatus' verdict on each object, with its message.

@@ -2304,24 +2304,10 @@ organizations:
     );
 }
 
-/// Prometheus, built from its pinned Go module (`tests/prometheus`):
-/// `LICENSOR_TEST_PROMETHEUS`, or built now (cached).
+/// Prometheus, built from its pinned Go module (`tests/prometheus`).
 fn prometheus() -> String {
-    if let Ok(path) = std::env::var("LICENSOR_TEST_PROMETHEUS") {
-        return path;
-    }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(format!("{root}/tests/go-tool.sh"))
-        .arg(format!("{root}/tests/prometheus"))
-        .arg("github.com/prometheus/prometheus/cmd/prometheus")
-        .output()
-        .expect("run tests/go-tool.sh");
-    assert!(
-        out.status.success(),
-        "building prometheus: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let tool = "github.com/prometheus/prometheus/cmd/prometheus";
+    common::go_tool("LICENSOR_TEST_PROMETHEUS", "prometheus", tool)
 }
 
 /// The chart's Grafana dashboard against a real Prometheus scraping the

@@ -603,7 +603,7 @@ async fn the_audit_log_downloads_as_csv_that_python_reads_back(store: Kind) {
 #[tokio::test]
 async fn the_history_draws_what_the_audit_log_recorded() {
     use licensor::backend::store::Principal;
-    use licensor::domain::{AllocationWrite, SeatChange, Target};
+    use licensor::domain::{AllocationWrite, SeatChange};
     let served = seeded(Kind::Embedded, FIXTURE);
     let (account, url) = (&served.account, served.url().to_string());
     let admin = account.token("AccountAdmin", "alice");
@@ -611,17 +611,7 @@ async fn the_history_draws_what_the_audit_log_recorded() {
     {
         let st = licensor::backend::store::Store::open_existing(&db).unwrap();
         let who = Principal::local();
-        let raise = AllocationWrite {
-            organization: "qa-team".into(),
-            product: "TestOps".into(),
-            target: Target::Count(8),
-            managed_by: None,
-            allow_user_displacement: false,
-            deletion_policy: Default::default(),
-            expiry: None,
-            expected_version: None,
-            idempotency_key: None,
-        };
+        let raise = AllocationWrite::count("qa-team", "TestOps", 8);
         st.write("acme", &who, &raise, false).unwrap();
         st.seats("acme", &who, "qa-team", "TestOps", SeatChange::Claim(1))
             .unwrap();

@@ -68,6 +68,29 @@ pub mod kind {
     pub const postgres: Kind = Kind::Postgres;
 }
 
+/// A Go program built from a module pinned under `tests/` (`module`, for
+/// example `kstatus` or `prometheus`) by `tests/go-tool.sh`, cached; or
+/// the binary the environment variable `given` names (`make test` builds
+/// them all first). `package` is `.` for a program of ours, or a tool the
+/// module's go.mod names.
+pub fn go_tool(given: &str, module: &str, package: &str) -> String {
+    if let Ok(path) = std::env::var(given) {
+        return path;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{root}/tests/go-tool.sh"))
+        .arg(format!("{root}/tests/{module}"))
+        .arg(package)
+        .output()
+        .expect("run tests/go-tool.sh");
+    assert!(
+        out.status.success(),
+        "building {package} of tests/{module}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Runs each case `fn case(kind: Kind)` once on each store, as the test
 /// `<store>::<case>`: `on_every_store!(a, b)` on the two databases
 /// (`embedded`, `postgres`); `on_every_store!([embedded, http, postgres]
