@@ -826,6 +826,17 @@ async fn garbage_in_gets_a_problem_and_writes_nothing() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // The key's documented pattern has no space in it.
+    let (s, _, p) = api
+        .send(
+            Method::PUT,
+            QA,
+            Some(&api.admin),
+            Some(json!({"dedicated": 5})),
+            &[("idempotency-key", "two words")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{p}");
     // Every error is problem details: unknown routes, a method a route
     // does not answer (with Allow), a query that does not parse.
     let (s, h, p) = api

@@ -551,8 +551,21 @@ impl Backend for HttpBackend {
         .into())
     }
 
-    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
-        Ok(self.get(&["audit"]).await?.unwrap_or_default())
+    async fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>, BackendError> {
+        let mut url = self.url(&["audit"]);
+        url.query_pairs_mut()
+            .append_pair("after", &after.to_string())
+            .append_pair("limit", &limit.to_string());
+        let answer = self
+            .call(
+                Method::GET,
+                url,
+                None::<&()>,
+                HeaderMap::new(),
+                Repeat::Safe,
+            )
+            .await?;
+        Ok(answer.unwrap_or_default())
     }
 }
 

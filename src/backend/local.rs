@@ -139,7 +139,8 @@ impl Backend for StoreBackend {
         .await
     }
 
-    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
-        self.blocking(|s, account, _| s.audit(&account)).await
+    async fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>, BackendError> {
+        self.blocking(move |s, account, _| s.audit_page(&account, after, limit))
+            .await
     }
 }

@@ -270,6 +270,12 @@ pub trait Backend: Send + Sync {
     /// Replaces the account with a fixture.
     async fn seed(&self, fixture: &Fixture) -> Result<(), BackendError>;
 
+    /// Up to `limit` records of the audit log after the record `after` (0:
+    /// from the first), oldest first: a long log read a page at a time.
+    async fn audit_page(&self, after: i64, limit: i64) -> Result<Vec<AuditEntry>, BackendError>;
+
     /// The audit log, oldest first.
-    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError>;
+    async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
+        self.audit_page(0, i64::MAX).await
+    }
 }

@@ -131,6 +131,23 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
                 }
             );
         }
+        BackendCommand::Audit {
+            output: AuditFormat::Csv,
+        } => {
+            // A page at a time, as the server streams its own: never the
+            // whole log in memory.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let written = |r: std::io::Result<()>| r.map_err(|e| format!("writing the CSV: {e}"));
+            written(out.write_all(&audit_csv::header()))?;
+            let mut after = 0;
+            loop {
+                let page = backend.audit_page(after, 1000).await.map_err(err)?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                written(out.write_all(&audit_csv::rows(&page)))?;
+            }
+        }
         BackendCommand::Audit { output } => {
             let entries = backend.audit().await.map_err(err)?;
             match output {
@@ -139,18 +156,8 @@ async fn execute(g: &Global, command: BackendCommand) -> Result<(), String> {
                     println!("{s}");
                 }
                 AuditFormat::Markdown => print!("{}", render::audit_markdown(&entries)),
-                AuditFormat::Text => print!("{}", render::audit_text(&entries)),
-                AuditFormat::Csv => {
-                    use std::io::Write;
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&audit_csv::header())
-                        .and_then(|()| {
-                            entries
-                                .chunks(1000)
-                                .try_for_each(|page| out.write_all(&audit_csv::rows(page)))
-                        })
-                        .map_err(|e| format!("writing the CSV: {e}"))?;
-                }
+                // Text (CSV is streamed above).
+                _ => print!("{}", render::audit_text(&entries)),
             }
         }
     }

@@ -1020,7 +1020,7 @@ mod tests {
         async fn seed(&self, _: &Fixture) -> Result<(), BackendError> {
             unreachable!()
         }
-        async fn audit(&self) -> Result<Vec<AuditEntry>, BackendError> {
+        async fn audit_page(&self, _: i64, _: i64) -> Result<Vec<AuditEntry>, BackendError> {
             unreachable!()
         }
     }

@@ -372,9 +372,12 @@ fn write_headers(headers: &HeaderMap) -> Result<(Option<String>, Condition), Str
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
     match headers.get("idempotency-key") {
         None => Ok(None),
+        // The documented pattern, `^[\x21-\x7e]{1,255}$`: no space inside.
         Some(v) => match v.to_str() {
-            Ok(k) if !k.is_empty() && k.len() <= 255 => Ok(Some(k.to_string())),
-            _ => Err("Idempotency-Key must be 1 to 255 visible characters".into()),
+            Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Some(k.to_string()))
+            }
+            _ => Err("Idempotency-Key must be 1 to 255 visible characters, no spaces".into()),
         },
     }
 }
@@ -646,6 +649,15 @@ pub struct AuditParams {
     #[serde(default)]
     #[param(inline)]
     pub format: Option<AuditFormat>,
+    /// Only the records after this one (its `id`): the next page of a long
+    /// log starts after the last record of the page before.
+    #[serde(default)]
+    #[param(minimum = 0)]
+    pub after: Option<i64>,
+    /// At most this many records.
+    #[serde(default)]
+    #[param(minimum = 1)]
+    pub limit: Option<i64>,
 }
 
 /// Records a CSV download reads at a time.
@@ -659,34 +671,54 @@ pub async fn audit(
     Segments(AccountPath { account }): Segments<AccountPath>,
     Params(params): Params<AuditParams>,
 ) -> Result<Response, Problem> {
+    let after = params.after.unwrap_or(0);
+    let limit = params.limit.unwrap_or(i64::MAX);
+    if after < 0 || limit < 1 {
+        return Err(malformed("after is at least 0 and limit at least 1"));
+    }
     if params.format.unwrap_or_default() == AuditFormat::Json {
-        let entries = store(&s, move |st| st.audit(&account)).await?;
+        let entries = store(&s, move |st| st.audit_page(&account, after, limit)).await?;
         return Ok(Json(entries).into_response());
     }
-    audit_download(s, account).await
+    audit_download(s, account, after, limit).await
 }
 
-/// The audit log of `account` as a CSV download (the API's `?format=csv`,
-/// the page's link).
-pub(super) async fn audit_download(s: Shared, account: String) -> Result<Response, Problem> {
+/// Up to `limit` records of the audit log of `account` after the record
+/// `after`, as a CSV download (the API's `?format=csv`, the page's link).
+pub(super) async fn audit_download(
+    s: Shared,
+    account: String,
+    after: i64,
+    limit: i64,
+) -> Result<Response, Problem> {
     // The first page is read before answering, so a store that is down is
     // a problem, not a 200 cut short; then a page at a time, never the
     // whole log at once. Records added while it is read come at its end.
     let name = format!("attachment; filename=\"{account}-audit.csv\"");
-    let first = {
-        let account = account.clone();
-        store(&s, move |st| st.audit_page(&account, 0, CSV_PAGE)).await?
+    let page = move |s: &Shared, account: &str, after: i64, left: i64| {
+        let account = account.to_string();
+        let s = s.clone();
+        async move {
+            store(&s, move |st| {
+                st.audit_page(&account, after, left.min(CSV_PAGE))
+            })
+            .await
+        }
+    };
+    let first = page(&s, &account, after, limit).await?;
+    // Where the next page starts, and how many records may follow.
+    let next = |read: &[crate::api::AuditEntry], left: i64| {
+        let left = left - read.len() as i64;
+        read.last().filter(|_| left > 0).map(|e| (e.id, left))
     };
     let head = futures::stream::iter([Ok(audit_csv::header()), Ok(audit_csv::rows(&first))]);
-    let rest = futures::stream::unfold(first.last().map(|e| e.id), move |after| {
+    let rest = futures::stream::unfold(next(&first, limit), move |at| {
         let (s, account) = (s.clone(), account.clone());
         async move {
-            let after = after?;
-            match store(&s, move |st| st.audit_page(&account, after, CSV_PAGE)).await {
-                Ok(page) => {
-                    let next = page.last().map(|e| e.id);
-                    (!page.is_empty()).then(|| (Ok(audit_csv::rows(&page)), next))
-                }
+            let (after, left) = at?;
+            match page(&s, &account, after, left).await {
+                Ok(read) if read.is_empty() => None,
+                Ok(read) => Some((Ok(audit_csv::rows(&read)), next(&read, left))),
                 // Cut short: the client sees the body end early.
                 Err(p) => Some((Err(std::io::Error::other(p.detail)), None)),
             }

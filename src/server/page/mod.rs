@@ -217,7 +217,7 @@ async fn audit_csv(State(s): State<Shared>, jar: CookieJar) -> Response {
     match session(&s, &jar).await {
         Ok(Some(session)) => {
             let account = session.account.clone();
-            super::routes::audit_download(s, account)
+            super::routes::audit_download(s, account, 0, i64::MAX)
                 .await
                 .unwrap_or_else(|p| problem_page(p, Some(&session)))
         }
