@@ -246,6 +246,14 @@ const _: () = assert!(
     "a change is decided in its step's slot"
 );
 
+// And a step is built in its resource's slot: collecting the steps from
+// the desired set reuses its buffer (a step larger than what it is built
+// from took a second buffer of 100,000 steps, 34 MB, at the plan's peak).
+const _: () = assert!(
+    size_of::<Step>() <= size_of::<Desired>() && align_of::<Step>() == align_of::<Desired>(),
+    "a step is built in its resource's slot"
+);
+
 /// Puts `items` in the order `order` names (`order[k]` is the index of the
 /// item that goes to `k`; a permutation), in place, one swap per move.
 fn permute<T>(items: &mut [T], mut order: Vec<usize>) {
@@ -297,7 +305,8 @@ pub fn plan_removal(d: &Desired, snapshot: &Snapshot, role: Role) -> Change {
 struct Step {
     resource: String,
     write: AllocationWrite,
-    current: Option<Allocation>,
+    /// Boxed: so that a step fits in its resource's slot.
+    current: Option<Box<Allocation>>,
     action: Action,
     hold: Option<Hold>,
     /// Boxed: rare, and a step is planned 100,000 times at once.
@@ -309,7 +318,9 @@ impl Step {
     /// `keyed`: derive the write's idempotency key (a write that is kept
     /// for apply needs one; a preview's is never sent).
     fn from_desired(d: Desired, target: Target, ledger: &Ledger, keyed: bool) -> Step {
-        let current = ledger.allocation(&d.organization, &d.product).cloned();
+        let current = ledger
+            .allocation(&d.organization, &d.product)
+            .map(|a| Box::new(a.clone()));
         let basis = match &current {
             Some(a) => Basis::Allocation(a.version),
             None => Basis::Absent {
@@ -354,7 +365,7 @@ impl Step {
             idempotency_key: None,
         };
         write.idempotency_key = Some(write.intent_key("", Basis::Allocation(a.version)));
-        let mut step = Step::new(resource.to_string(), write, Some(a.clone()), None);
+        let mut step = Step::new(resource.to_string(), write, Some(Box::new(a.clone())), None);
         if orphan {
             step.action = Action::Orphan;
         }
@@ -364,7 +375,7 @@ impl Step {
     fn new(
         resource: String,
         write: AllocationWrite,
-        current: Option<Allocation>,
+        current: Option<Box<Allocation>>,
         hold: Option<Hold>,
     ) -> Step {
         let from = current.as_ref().map_or(0, |a| a.dedicated);
@@ -498,7 +509,7 @@ impl Step {
         let seen = Observed {
             pool: ledger.pools.get(&self.write.product),
             organization_exists: ledger.organizations.contains(&self.write.organization),
-            allocation: self.current.as_ref(),
+            allocation: self.current.as_deref(),
         };
         match decide_release(role, seen, &self.write.request()) {
             Ok(_) => {
@@ -511,7 +522,7 @@ impl Step {
                     self.write.organization
                 );
                 change.diff = self.current.as_ref().map_or_else(String::new, |a| {
-                    let before = Record::from(a);
+                    let before = Record::from(&**a);
                     let after = Record {
                         managed_by: None,
                         ..before
@@ -544,7 +555,7 @@ impl Step {
             }),
         };
         record_diff(
-            self.current.as_ref().map(Record::from),
+            self.current.as_deref().map(Record::from),
             after,
             &self.resource,
         )
