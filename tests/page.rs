@@ -520,7 +520,7 @@ async fn the_audit_log_downloads_as_csv_that_python_reads_back(store: Kind) {
     .unwrap();
     let http = reqwest::Client::new();
     let api = format!("{url}/v1/accounts/acme/audit");
-    let get = |query: &'static str| http.get(format!("{api}{query}")).bearer_auth(&admin).send();
+    let get = |query: &str| http.get(format!("{api}{query}")).bearer_auth(&admin).send();
     let json: Vec<Value> = get("").await.unwrap().json().await.unwrap();
     assert!(json.len() > 1200, "{}", json.len());
     let response = get("?format=csv").await.unwrap();
@@ -561,20 +561,14 @@ async fn the_audit_log_downloads_as_csv_that_python_reads_back(store: Kind) {
     // A part of the log: the records after one, at most so many, as JSON
     // and as CSV (across a page of the stream); nothing else is a page.
     let after = json[99]["id"].as_i64().unwrap();
-    let part: Vec<Value> = http
-        .get(format!("{api}?after={after}&limit=1100"))
-        .bearer_auth(&admin)
-        .send()
+    let part: Vec<Value> = get(&format!("?after={after}&limit=1100"))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(part, json[100..1200].to_vec());
-    let part_csv = http
-        .get(format!("{api}?format=csv&after={after}&limit=1100"))
-        .bearer_auth(&admin)
-        .send()
+    let part_csv = get(&format!("?format=csv&after={after}&limit=1100"))
         .await
         .unwrap()
         .text()
