@@ -1251,6 +1251,26 @@ mod tests {
             w.intent_key("", Basis::Absent { pool_revision: 12 }),
             key("\n\nqa-team\nTestOps\nabsent in pool revision 12\nremove\ntrue\nOrphan")
         );
+        // An expiry is part of the intent: another until, another key.
+        w.expiry = Some(Expiry {
+            until: "2027-03-31T17:00:00.250Z".parse().unwrap(),
+            then_count: 2,
+        });
+        let expiring = w.intent_key("", Basis::Absent { pool_revision: 12 });
+        assert_eq!(
+            expiring,
+            key(
+                "\n\nqa-team\nTestOps\nabsent in pool revision 12\nremove\ntrue\nOrphan\nuntil 2027-03-31T17:00:00.250Z then 2"
+            )
+        );
+        w.expiry = Some(Expiry {
+            until: "2027-03-31T17:00:00.251Z".parse().unwrap(),
+            then_count: 2,
+        });
+        assert_ne!(
+            w.intent_key("", Basis::Absent { pool_revision: 12 }),
+            expiring
+        );
     }
 
     /// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.

@@ -90,6 +90,8 @@ pub struct AllocationFigures {
 /// history starts (before a seed, or the step has nothing to show).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History {
+    /// The range it covers.
+    pub range: Range,
     /// The end of each step, oldest first; the last is now.
     pub steps: Vec<DateTime<Utc>>,
     pub pools: BTreeMap<String, Vec<Option<PoolFigures>>>,
@@ -293,6 +295,7 @@ pub fn history(
     }
     changes += records.take_while(|e| known && time(e) > start).count();
     History {
+        range,
         steps,
         pools,
         allocations,

@@ -1033,17 +1033,17 @@ fn tokens_are_created_once_listed_and_revoked() {
 #[test]
 fn plan_at_previews_a_temporary_allocation_and_every_format_says_when_it_ends() {
     let acct = Account::seeded(DOCUMENTED);
-    let until = (chrono::Utc::now() + chrono::TimeDelta::days(2))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let after = (chrono::Utc::now() + chrono::TimeDelta::days(3))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let m = acct.license(
-        "qa",
-        "qa-team",
-        "TestOps",
-        8,
-        &format!("  until: {until}\n  thenCount: 4\n"),
-    );
+    let in_days = |days| {
+        (chrono::Utc::now() + chrono::TimeDelta::days(days))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    // qa-team's TestOps: 8 until `until`, then `then`.
+    let temporary = |until: &str, then: i64| {
+        let spec = format!("  until: {until}\n  thenCount: {then}\n");
+        acct.license("qa", "qa-team", "TestOps", 8, &spec)
+    };
+    let (until, after) = (in_days(2), in_days(3));
+    let m = temporary(&until, 4);
     let file = m.to_str().unwrap();
 
     // Now: 5 -> 8, ending in two days.
@@ -1153,15 +1153,8 @@ fn plan_at_previews_a_temporary_allocation_and_every_format_says_when_it_ends() 
         "{md}"
     );
     // A new until alone is a change to write, and says so.
-    let later = (chrono::Utc::now() + chrono::TimeDelta::days(5))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let moved = acct.license(
-        "qa",
-        "qa-team",
-        "TestOps",
-        8,
-        &format!("  until: {later}\n  thenCount: 4\n"),
-    );
+    let later = in_days(5);
+    let moved = temporary(&later, 4);
     let run = acct.run(&["plan", "-f", moved.to_str().unwrap()]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
@@ -1177,13 +1170,7 @@ fn plan_at_previews_a_temporary_allocation_and_every_format_says_when_it_ends() 
     assert_eq!(acct.apply(&m).code, 0);
 
     // A thenCount below the 4 seats in use is refused at the expiry.
-    let low = acct.license(
-        "qa",
-        "qa-team",
-        "TestOps",
-        8,
-        &format!("  until: {until}\n  thenCount: 2\n"),
-    );
+    let low = temporary(&until, 2);
     let run = acct.run(&[
         "plan",
         "-f",

@@ -1296,6 +1296,28 @@ organizations:
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
     assert!(!metrics.contains("result=\"error\""), "{metrics}");
+    // A body that is no AdmissionReview is an error, which the
+    // LicensorWebhookErrors alert counts.
+    let garbage = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+            .post(format!("https://127.0.0.1:{port}/validate"))
+            .json(&serde_json::json!({"kind": "NotAReview"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(garbage.is_client_error(), "{garbage}");
+    let metrics = operator.get("/metrics").expect("metrics");
+    assert!(
+        metrics
+            .contains("licensor_webhook_requests_total{webhook=\"validate\",result=\"error\"} 1\n"),
+        "{metrics}"
+    );
 
     // Beyond the pool: created, with a warning that has the numbers.
     let r = apply(&license_yaml("big", "b", "TestOps", 30, ""), &[]);

@@ -75,7 +75,7 @@ label_values! {
     Read => { Read::Account => "account", Read::Allocation => "allocation" }
     AddedBy => { AddedBy::Webhook => "webhook", AddedBy::Operator => "operator" }
     WebhookName => { WebhookName::Mutate => "mutate", WebhookName::Validate => "validate" }
-    Verdict => { Verdict::Allowed => "allowed", Verdict::Denied => "denied", Verdict::Error => "error" }
+    Review => { Review::Allowed => "allowed", Review::Denied => "denied", Review::Error => "error" }
 }
 
 impl EncodeLabelValue for Reason {
@@ -121,7 +121,7 @@ pub enum WebhookName {
 
 /// How an admission webhook answered.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Review {
     /// Admitted (with warnings or not).
     Allowed,
     /// Refused (the validating webhook in Deny mode).
@@ -134,7 +134,7 @@ pub enum Verdict {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabels {
     pub webhook: WebhookName,
-    pub result: Verdict,
+    pub result: Review,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -299,7 +299,7 @@ impl Metrics {
     }
 
     /// Counts and times one answer of an admission webhook.
-    pub fn webhook_answered(&self, webhook: WebhookName, result: Verdict, took: Duration) {
+    pub fn webhook_answered(&self, webhook: WebhookName, result: Review, took: Duration) {
         self.webhook_requests
             .get_or_create(&WebhookLabels { webhook, result })
             .inc();

@@ -25,7 +25,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use tokio::net::TcpListener;
 
 use super::admission::{self, Validator};
-use super::metrics::{Metrics, Verdict, WebhookName};
+use super::metrics::{Metrics, Review, WebhookName};
 use crate::resource::{DedicatedLicenseSpec, FINALIZER, needs_finalizer};
 use crate::tls::{self, CertificateFiles, TlsListener};
 
@@ -112,15 +112,17 @@ pub fn review(
 fn answered(
     review: AdmissionReview<DynamicObject>,
 ) -> (
-    axum::Extension<Verdict>,
+    axum::Extension<Review>,
     Json<AdmissionReview<DynamicObject>>,
 ) {
-    let verdict = match &review.response {
-        Some(r) if r.allowed => Verdict::Allowed,
-        Some(r) if r.result.reason != "InvalidRequest" => Verdict::Denied,
-        _ => Verdict::Error,
+    let answer = match &review.response {
+        Some(r) if r.allowed => Review::Allowed,
+        // The reason kube's `AdmissionResponse::invalid` gives: a request
+        // that could not be read, not a judgement.
+        Some(r) if r.result.reason != "InvalidRequest" => Review::Denied,
+        _ => Review::Error,
     };
-    (axum::Extension(verdict), Json(review))
+    (axum::Extension(answer), Json(review))
 }
 
 /// Counts and times every request to the webhooks
@@ -137,12 +139,12 @@ async fn measured(
     };
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    let verdict = response
+    let answer = response
         .extensions()
-        .get::<Verdict>()
+        .get::<Review>()
         .copied()
-        .unwrap_or(Verdict::Error);
-    metrics.webhook_answered(webhook, verdict, started.elapsed());
+        .unwrap_or(Review::Error);
+    metrics.webhook_answered(webhook, answer, started.elapsed());
     response
 }
 

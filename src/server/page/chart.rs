@@ -150,7 +150,8 @@ fn summary(title: &str, range: Range, lines: &[Line]) -> String {
 }
 
 /// The pools' charts and, for an organization, its allocations'.
-pub fn history(h: &History, range: Range, organization: &str) -> Markup {
+pub fn history(h: &History, organization: &str) -> Markup {
+    let range = h.range;
     let pool = |values: &[Option<crate::history::PoolFigures>],
                 f: fn(&crate::history::PoolFigures) -> i64| {
         values.iter().map(|v| v.as_ref().map(f)).collect::<Vec<_>>()

@@ -318,7 +318,7 @@ pub fn account(
     now: DateTime<Utc>,
     history: &History,
 ) -> Markup {
-    let range = Range::parse(&q.range);
+    let range = history.range;
     let admin = session.who.role == Role::AccountAdmin;
     // Temporary allocations get a column saying when each ends.
     let expiries = snapshot
@@ -399,11 +399,11 @@ pub fn account(
                     p.empty { "No changes recorded yet: the history fills in as licenses are given, changed and used." }
                 } @else {
                     p.hint {
-                        (history.changes) " recorded changes over " (range.words())
+                        (count_of(history.changes as i64, "recorded change", "recorded changes")) " over " (range.words())
                         @if q.organization.is_empty() { "; filter the audit log by an organization below to see its allocations' history too" }
                         "."
                     }
-                    (super::chart::history(history, range, &q.organization))
+                    (super::chart::history(history, &q.organization))
                 }
             }
             section #audit aria-labelledby="audit-title" {
