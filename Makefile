@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test deps test-static check bench bench-operator bench-platform bench-history crd image static dist
+.PHONY: demo test test-tools test-build test-main test-dist test-release deps test-static check bench bench-operator bench-platform bench-history crd image static dist
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -22,20 +22,44 @@ demo:
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
 ## kstatus (sigs.k8s.io/cli-utils), Prometheus and promtool built the same
-## way, the contract tools
-## in a pinned Python virtualenv, and the page in Debian's headless Chromium
-## with axe-core (pinned, from npm), and the chart installed on a real node
-## (kubelet and kube-proxy from the same modules, Debian's containerd and
-## runc) from `make image`'s image. Installs what it needs first (deps).
-test: deps test-static image dist
-	assets=$$(tests/controlplane/build.sh) && venv=$$(tests/contract/venv.sh) && \
-	  kstatus=$$(tests/go-tool.sh tests/kstatus) && axe=$$(tests/page/axe.sh) && \
-	  promtool=$$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/promtool) && \
-	  prometheus=$$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/prometheus) && \
-	  LICENSOR_TEST_PROMTOOL="$$promtool" LICENSOR_TEST_PROMETHEUS="$$prometheus" \
-	  KUBEBUILDER_ASSETS="$$assets" LICENSOR_TEST_VENV="$$venv" LICENSOR_TEST_KSTATUS="$$kstatus" \
-	  LICENSOR_TEST_AXE="$$axe" LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
+## way, the contract tools in a pinned Python virtualenv, and the page in
+## Debian's headless Chromium with axe-core (pinned, from npm), and the chart
+## installed on a real node (kubelet and kube-proxy from the same modules,
+## Debian's containerd and runc) from `make image`'s image, and a release
+## (`make dist`) checked as a download. Installs what it needs first (deps).
+##
+## Two lanes at once, so that a first run fits two cores: the tools the
+## tests run (tests/tools.sh, mostly Go builds, cached) beside the Rust
+## builds; then the tests beside `make dist` (the tests wait on servers and
+## leave a core mostly idle), and the release's own tests once it is built.
+test: deps
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-main test-release
+
+# What the tests' tools are, as `export` lines for the test runs to source.
+TEST_ENV := $(TARGET_DIR)/test-tools.env
+TEST_RUN = . $(TEST_ENV) && \
+	  LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
 	  LICENSOR_TEST_DIST=$(abspath $(DIST)) $(CARGO) test --locked
+# Every test file but tests/release.rs, which waits for `make dist`.
+TESTS := $(filter-out release,$(basename $(notdir $(wildcard tests/*.rs))))
+
+test-tools:
+	@mkdir -p $(TARGET_DIR)
+	tests/tools.sh > $(TEST_ENV).tmp && mv $(TEST_ENV).tmp $(TEST_ENV)
+
+test-build:
+	$(CARGO) test --locked --no-run
+
+test-main: test-tools test-build test-static image
+	$(TEST_RUN) --lib --bins $(TESTS:%=--test %)
+	$(TEST_RUN) --doc
+
+# `make dist` within `make test`: after what the tests need, beside them.
+test-dist: test-tools test-build image
+	$(MAKE) --no-print-directory dist
+
+test-release: test-dist
+	$(TEST_RUN) --test release
 
 ## What the checks and tests need beyond Rust, Go and Python: rustfmt and
 ## clippy, the musl target and musl-gcc, the Python venv module (Debian
@@ -77,20 +101,27 @@ image: static
 ## runs this on a tag and publishes the result.
 ARM := aarch64-unknown-linux-musl
 DIST := $(TARGET_DIR)/dist
+# aarch64 builds in a target directory of its own, so that it never waits
+# for (or holds up) another cargo command on the main one: within `make
+# test` it builds while the tests run.
+CROSS_DIR := $(TARGET_DIR)/cross
+RELEASE_BINS := $(MUSL)=$(TARGET_DIR)/$(MUSL)/release/licensor \
+	$(ARM)=$(CROSS_DIR)/$(ARM)/release/licensor
 dist: static
 	tools=$$(build/tools.sh) && export PATH="$$tools/bin:$$PATH" && \
-	  $(CARGO) zigbuild --locked --release --target $(ARM) --bin licensor && \
+	  CARGO_TARGET_DIR=$(CROSS_DIR) $(CARGO) zigbuild --locked --release --target $(ARM) --bin licensor && \
 	  rm -rf $(DIST) && mkdir -p $(DIST) && \
-	  for target in $(MUSL) $(ARM); do \
+	  for built in $(RELEASE_BINS); do \
+	    target=$${built%%=*} && \
 	    SOURCE_DATE_EPOCH=$(EPOCH) build/tarball.sh $(DIST)/licensor-$(VERSION)-$$target \
-	      $(TARGET_DIR)/$$target/release/licensor LICENSE README.md && \
+	      $${built#*=} LICENSE README.md && \
 	    $(CARGO) cyclonedx --format json --spec-version 1.5 --target $$target \
 	      --override-filename licensor-$(VERSION)-$$target.cdx && \
 	    mv licensor-$(VERSION)-$$target.cdx.json $(DIST)/ || exit 1; \
 	  done
 	$(OCI_IMAGE) --out $(DIST)/licensor.oci.tar \
 	  linux/amd64=$(TARGET_DIR)/$(MUSL)/release/licensor \
-	  linux/arm64=$(TARGET_DIR)/$(ARM)/release/licensor
+	  linux/arm64=$(CROSS_DIR)/$(ARM)/release/licensor
 	cd $(DIST) && sha256sum licensor-* licensor.oci.tar > SHA256SUMS
 
 ## Formatting and lints (the committed CRD is checked by a test).

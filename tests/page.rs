@@ -50,7 +50,8 @@ fn driver() -> &'static Driver {
     static DRIVER: OnceLock<Driver> = OnceLock::new();
     DRIVER.get_or_init(|| {
         let port = common::free_port();
-        let child = Command::new("chromedriver")
+        let child = common::ends_with_this_process("TERM", "")
+            .arg("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

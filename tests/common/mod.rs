@@ -19,6 +19,21 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A command that ends when this test process does, for a server shared
+/// by every test of the process (a static is never dropped, so nothing
+/// else would stop it): a watchdog shell runs the program and arguments
+/// added to it, sends it `signal` once this process is gone (or stops
+/// watching once the program exits), waits for it, then runs `then`.
+pub fn ends_with_this_process(signal: &str, then: &str) -> Command {
+    let watchdog = format!(
+        "\"$@\" & child=$!; while kill -0 {me} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.5; done; kill -{signal} $child 2>/dev/null; wait $child; {then}",
+        me = std::process::id(),
+    );
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(watchdog).arg("sh");
+    command
+}
+
 /// The documented example: 200 TestOps, qa-team holds 5 with 4 in use.
 pub const DOCUMENTED: &str = "
 account: acme

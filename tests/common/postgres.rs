@@ -324,12 +324,12 @@ impl Server {
     fn launch(&self) {
         let own = self.own.as_ref().expect("a server this harness started");
         let d = own.dir.path();
-        // The server goes when this test process does: a watchdog shell
-        // stops it (fast shutdown) once our process id is gone, and removes
-        // its directory (a static's TempDir is never dropped). A server
-        // stopped by a test while the process lives keeps its directory.
-        let watchdog = format!(
-            "\"$@\" & pg=$!; while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; kill -INT $pg 2>/dev/null; wait $pg; kill -0 {me} 2>/dev/null || rm -rf '{dir}'",
+        // The server goes when this test process does (fast shutdown), and
+        // its directory with it (a static's TempDir is never dropped). A
+        // server stopped by a test while the process lives keeps its
+        // directory.
+        let then = format!(
+            "kill -0 {me} 2>/dev/null || rm -rf '{dir}'",
             me = std::process::id(),
             dir = d.display()
         );
@@ -341,10 +341,7 @@ impl Server {
         // Not waited for: it outlives every test of this process, and ends
         // with it (above).
         #[allow(clippy::zombie_processes)]
-        Command::new("sh")
-            .arg("-c")
-            .arg(watchdog)
-            .arg("sh")
+        super::ends_with_this_process("INT", &then)
             .args(&own.command)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
