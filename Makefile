@@ -21,8 +21,9 @@ demo:
 
 ## Every test: unit, property and end-to-end, including a real kube-apiserver
 ## and etcd built once from pinned Go modules (or taken from KUBEBUILDER_ASSETS),
-## kstatus (sigs.k8s.io/cli-utils), Prometheus and promtool built the same
-## way, the contract tools in a pinned Python virtualenv, and the page in
+## kstatus (sigs.k8s.io/cli-utils) built the same way, Prometheus and
+## promtool from Debian's package (unpacked, not installed), the contract
+## tools in a pinned Python virtualenv, and the page in
 ## Debian's headless Chromium with axe-core (pinned, from npm), and the chart
 ## installed on a real node (kubelet and kube-proxy from the same modules,
 ## Debian's containerd and runc) from `make image`'s image, and a release

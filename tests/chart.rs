@@ -254,10 +254,9 @@ fn bad_values_fail_with_a_readable_message() {
     }
 }
 
-/// promtool, built from its pinned Go module (`tests/prometheus`).
+/// promtool, from Debian's prometheus package.
 fn promtool() -> PathBuf {
-    let tool = "github.com/prometheus/prometheus/cmd/promtool";
-    common::go_tool("LICENSOR_TEST_PROMTOOL", "prometheus", tool).into()
+    common::prometheus_program("LICENSOR_TEST_PROMTOOL", "promtool").into()
 }
 
 /// The one object `template` renders, in the namespace licensor-system,

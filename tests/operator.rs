@@ -2326,10 +2326,9 @@ organizations:
     );
 }
 
-/// Prometheus, built from its pinned Go module (`tests/prometheus`).
+/// Prometheus, from Debian's prometheus package.
 fn prometheus() -> String {
-    let tool = "github.com/prometheus/prometheus/cmd/prometheus";
-    common::go_tool("LICENSOR_TEST_PROMETHEUS", "prometheus", tool)
+    common::prometheus_program("LICENSOR_TEST_PROMETHEUS", "prometheus")
 }
 
 /// The chart's Grafana dashboard against a real Prometheus scraping the

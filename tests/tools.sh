@@ -4,7 +4,8 @@
 # for the test run to source (`make test` writes them to
 # target/test-tools.env):
 #   the control plane and the node's binaries (controlplane/build.sh),
-#   kstatus, helm, actionlint, promtool and Prometheus (Go modules),
+#   kstatus, helm and actionlint (Go modules), promtool and Prometheus
+#     (Debian's package, unpacked),
 #   the contract tools' virtualenv and axe-core (fetched meanwhile, as they
 #   wait on the network more than on the processor).
 # A test run without these variables builds what it needs itself, the same
@@ -24,8 +25,9 @@ say KUBEBUILDER_ASSETS "$(tests/controlplane/build.sh)"
 say LICENSOR_TEST_KSTATUS "$(tests/go-tool.sh tests/kstatus)"
 tests/controlplane/build-helm.sh >/dev/null
 tests/go-tool.sh tests/actionlint github.com/rhysd/actionlint/cmd/actionlint >/dev/null
-say LICENSOR_TEST_PROMTOOL "$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/promtool)"
-say LICENSOR_TEST_PROMETHEUS "$(tests/go-tool.sh tests/prometheus github.com/prometheus/prometheus/cmd/prometheus)"
+prometheus=$(tests/prometheus.sh)
+say LICENSOR_TEST_PROMTOOL "$prometheus/promtool"
+say LICENSOR_TEST_PROMETHEUS "$prometheus/prometheus"
 wait "$venv" || { echo "tools.sh: tests/contract/venv.sh failed" >&2; exit 1; }
 say LICENSOR_TEST_VENV "$(cat "$work/venv")"
 wait "$axe" || { echo "tools.sh: tests/page/axe.sh failed" >&2; exit 1; }

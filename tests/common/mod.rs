@@ -83,8 +83,27 @@ pub mod kind {
     pub const postgres: Kind = Kind::Postgres;
 }
 
+/// `name` (`promtool` or `prometheus`) of Debian's prometheus package,
+/// unpacked once by `tests/prometheus.sh`; or the program the environment
+/// variable `given` names (`make test` sets it).
+pub fn prometheus_program(given: &str, name: &str) -> String {
+    if let Ok(path) = std::env::var(given) {
+        return path;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/prometheus.sh");
+    let out = Command::new(script)
+        .output()
+        .expect("run tests/prometheus.sh");
+    assert!(
+        out.status.success(),
+        "tests/prometheus.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{}/{name}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// A Go program built from a module pinned under `tests/` (`module`, for
-/// example `kstatus` or `prometheus`) by `tests/go-tool.sh`, cached; or
+/// example `kstatus`) by `tests/go-tool.sh`, cached; or
 /// the binary the environment variable `given` names (`make test` builds
 /// them all first). `package` is `.` for a program of ours, or a tool the
 /// module's go.mod names.

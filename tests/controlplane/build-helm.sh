@@ -17,7 +17,9 @@ tmp=$(mktemp -d "$cache/helm.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 release=$(awk '$1 == "helm.sh/helm/v3" {print $2}' "$here/helm/go.mod")
 echo "building helm $release into $out (first run only; a few minutes)" >&2
-export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+# No DWARF: the binaries are stripped (-s) anyway, and not writing it is an
+# eighth less to compile.
+export CGO_ENABLED=0 GOFLAGS="-buildvcs=false -gcflags=all=-dwarf=false"
 (cd "$here/helm" && go build -trimpath -ldflags="-s -X helm.sh/helm/v3/internal/version.version=$release" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
 rm -rf "$out"
 mv "$tmp" "$out"
