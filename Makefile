@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test test-tools test-build test-main test-dist test-release deps test-static check bench bench-operator bench-platform bench-history crd image static dist
+.PHONY: demo test test-tools test-build test-main test-arm test-dist test-release deps test-static check bench bench-operator bench-platform bench-history crd image static dist dist-arm
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -31,8 +31,9 @@ demo:
 ##
 ## Two lanes at once, so that a first run fits two cores: the tools the
 ## tests run (tests/tools.sh, mostly Go builds, cached) beside the Rust
-## builds; then the tests beside `make dist` (the tests wait on servers and
-## leave a core mostly idle), and the release's own tests once it is built.
+## builds; once the tools are built, the aarch64 release build in their
+## lane, beside the x86_64 one and then the tests (which wait on servers
+## and leave a core mostly idle); the release's own tests once it is built.
 test: deps
 	$(MAKE) --no-print-directory -j2 --output-sync=line test-main test-release
 
@@ -55,8 +56,11 @@ test-main: test-tools test-build test-static image
 	$(TEST_RUN) --lib --bins $(TESTS:%=--test %)
 	$(TEST_RUN) --doc
 
-# `make dist` within `make test`: after what the tests need, beside them.
-test-dist: test-tools test-build image
+# `make dist` within `make test`: the aarch64 build once the tools lane is
+# free (beside the x86_64 build, then the tests), the rest once the image is.
+test-arm: test-tools
+	$(MAKE) --no-print-directory dist-arm
+test-dist: test-arm image
 	$(MAKE) --no-print-directory dist
 
 test-release: test-dist
@@ -108,9 +112,15 @@ DIST := $(TARGET_DIR)/dist
 CROSS_DIR := $(TARGET_DIR)/cross
 RELEASE_BINS := $(MUSL)=$(TARGET_DIR)/$(MUSL)/release/licensor \
 	$(ARM)=$(CROSS_DIR)/$(ARM)/release/licensor
-dist: static
-	tools=$$(build/tools.sh) && export PATH="$$tools/bin:$$PATH" && \
-	  CARGO_TARGET_DIR=$(CROSS_DIR) $(CARGO) zigbuild --locked --release --target $(ARM) --bin licensor && \
+# zig, cargo-zigbuild and cargo-cyclonedx, on PATH for the recipes below.
+RELEASE_TOOLS = tools=$$(build/tools.sh) && export PATH="$$tools/bin:$$PATH"
+# The aarch64 binary alone: within `make test` it starts as soon as the
+# tests' tools are built, beside the x86_64 build.
+dist-arm:
+	$(RELEASE_TOOLS) && \
+	  CARGO_TARGET_DIR=$(CROSS_DIR) $(CARGO) zigbuild --locked --release --target $(ARM) --bin licensor
+dist: static dist-arm
+	$(RELEASE_TOOLS) && \
 	  rm -rf $(DIST) && mkdir -p $(DIST) && \
 	  for built in $(RELEASE_BINS); do \
 	    target=$${built%%=*} && \

@@ -31,8 +31,9 @@ rm -rf "$out"
 mkdir -p "$out/bin"
 python3 -m venv "$out/venv" >&2
 # zig and cargo-zigbuild come built, as wheels; cargo-cyclonedx is built
-# from crates.io meanwhile.
-cargo install --quiet --locked --root "$out/cyclonedx" --version "$CYCLONEDX" cargo-cyclonedx >&2 &
+# from crates.io meanwhile, unoptimised: it reads Cargo's metadata in half a
+# second either way, and builds in half the CPU time (90 s instead of 170).
+CARGO_PROFILE_RELEASE_OPT_LEVEL=0 cargo install --quiet --locked --root "$out/cyclonedx" --version "$CYCLONEDX" cargo-cyclonedx >&2 &
 cyclonedx=$!
 "$out/venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
   "ziglang==$ZIG" "cargo-zigbuild==$ZIGBUILD" >&2
