@@ -886,13 +886,19 @@ pub struct AllocationWrite {
 }
 
 impl AllocationWrite {
-    /// Sets `organization`'s `product` to `count`, as nobody in particular
-    /// (an unmanaged allocation), unconditionally and without a key.
-    pub fn count(organization: &str, product: &str, count: i64) -> AllocationWrite {
+    /// Moves `organization`'s `product` to `target`, as nobody in particular
+    /// (an unmanaged allocation, its deletion policy the default, no
+    /// expiry), unconditionally and without a key; a caller sets the rest
+    /// with `..AllocationWrite::new(..)`.
+    pub fn new(
+        organization: impl Into<String>,
+        product: impl Into<String>,
+        target: Target,
+    ) -> AllocationWrite {
         AllocationWrite {
             organization: organization.into(),
             product: product.into(),
-            target: Target::Count(count),
+            target,
             managed_by: None,
             allow_user_displacement: false,
             deletion_policy: DeletionPolicy::Revoke,
@@ -900,6 +906,11 @@ impl AllocationWrite {
             expected_version: None,
             idempotency_key: None,
         }
+    }
+
+    /// Sets `organization`'s `product` to `count`, as [`AllocationWrite::new`].
+    pub fn count(organization: &str, product: &str, count: i64) -> AllocationWrite {
+        AllocationWrite::new(organization, product, Target::Count(count))
     }
 
     pub fn request(&self) -> Request<'_> {
@@ -1228,15 +1239,9 @@ mod tests {
     fn intent_keys_hash_the_documented_text() {
         use sha2::{Digest, Sha256};
         let mut w = AllocationWrite {
-            organization: "qa-team".into(),
-            product: "TestOps".into(),
-            target: Target::Count(7),
             managed_by: Some("default/licenses/qa".into()),
-            allow_user_displacement: false,
-            deletion_policy: DeletionPolicy::Revoke,
-            expiry: None,
             expected_version: Some(3),
-            idempotency_key: None,
+            ..AllocationWrite::count("qa-team", "TestOps", 7)
         };
         let key = |text: &str| hex::encode(&Sha256::digest(text.as_bytes())[..16]);
         assert_eq!(

@@ -255,11 +255,37 @@ fn skipped(why: &str) -> Findings {
     }
 }
 
+/// The uid of the reviews the tests send.
+#[cfg(test)]
+pub(crate) const REVIEW_UID: &str = "705ab4f5-6393-11e8-b7cc-42010a800002";
+
+/// A review of the DedicatedLicense `qa` in the namespace `licenses`, as
+/// the API server sends it for `operation` (CREATE, UPDATE, DELETE), for
+/// the tests of the validator and of the webhook that answers it.
+#[cfg(test)]
+pub(crate) fn review_of(
+    operation: &str,
+    object: serde_json::Value,
+    old: Option<serde_json::Value>,
+) -> kube::core::admission::AdmissionReview<DynamicObject> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": REVIEW_UID,
+            "kind": {"group": "licensor.dev", "version": "v1alpha1", "kind": "DedicatedLicense"},
+            "resource": {"group": "licensor.dev", "version": "v1alpha1", "resource": "dedicatedlicenses"},
+            "name": "qa", "namespace": "licenses", "operation": operation,
+            "userInfo": {"username": "admin"},
+            "object": object, "oldObject": old, "dryRun": false
+        }
+    }))
+    .expect("a review")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::http::{HttpBackend, Retry};
-    use kube::core::admission::AdmissionReview;
     use serde_json::{Value, json};
 
     /// A backend nobody answers at: any call to it ends in "skipped".
@@ -303,19 +329,7 @@ mod tests {
         object: Value,
         old: Option<Value>,
     ) -> AdmissionRequest<DynamicObject> {
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "00000000-0000-0000-0000-000000000001",
-                "kind": {"group": "licensor.dev", "version": "v1alpha1", "kind": "DedicatedLicense"},
-                "resource": {"group": "licensor.dev", "version": "v1alpha1", "resource": "dedicatedlicenses"},
-                "name": "qa", "namespace": "licenses", "operation": operation,
-                "userInfo": {"username": "admin"},
-                "object": object, "oldObject": old, "dryRun": false
-            }
-        }))
-        .unwrap();
-        review.try_into().unwrap()
+        review_of(operation, object, old).try_into().unwrap()
     }
 
     #[tokio::test]

@@ -29,6 +29,17 @@ pub struct Note {
     pub message: String,
 }
 
+impl Note {
+    /// A `Normal` event: what a pass did.
+    fn normal(reason: EventReason, message: &str) -> Note {
+        Note {
+            warning: false,
+            reason,
+            message: message.to_string(),
+        }
+    }
+}
+
 /// An event's `reason`: what was written, or the refusal that stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventReason {
@@ -86,11 +97,6 @@ pub fn for_pass(
     next: &DedicatedLicenseStatus,
     pass: &Pass,
 ) -> Vec<Note> {
-    let normal = |reason, message: &str| Note {
-        warning: false,
-        reason,
-        message: message.to_string(),
-    };
     let mut notes = Vec::new();
     // Once: the pass that finds the allocation at its thenCount after the
     // until, where the status before had another count (the write, or a
@@ -100,7 +106,7 @@ pub fn for_pass(
         && next.allocated == Some(e.then_count)
         && previous.and_then(|p| p.allocated) != Some(e.then_count)
     {
-        notes.push(normal(
+        notes.push(Note::normal(
             EventReason::Expired,
             &format!(
                 "{} for {} became {} at its until, {}",
@@ -121,22 +127,17 @@ fn for_verdict(
     next: &DedicatedLicenseStatus,
     pass: &Pass,
 ) -> Vec<Note> {
-    let normal = |reason, message: &str| Note {
-        warning: false,
-        reason,
-        message: message.to_string(),
-    };
     match &pass.verdict {
         Verdict::Applied(a) => {
             let mut notes = Vec::new();
             if a.adopted {
-                notes.push(normal(
+                notes.push(Note::normal(
                     EventReason::Adopted,
                     "took over the unmanaged allocation",
                 ));
             }
             if let Some(reason) = EventReason::written(a.action, a.drift) {
-                notes.push(normal(reason, &a.message));
+                notes.push(Note::normal(reason, &a.message));
             }
             notes
         }
@@ -300,24 +301,11 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use crate::domain::Reason;
-    use crate::operator::status::{Applied, Seen, build};
+    use crate::operator::status::{Applied, build};
     use k8s_openapi::jiff::Timestamp;
 
     fn pass(verdict: Verdict) -> Pass {
-        Pass {
-            generation: Some(1),
-            account: "default".into(),
-            organization: "qa-team".into(),
-            product: "TestOps".into(),
-            count: 10,
-            expiry: None,
-            expired: false,
-            deleting: false,
-            verdict,
-            seen: Seen::Absent,
-            pool: None,
-            diff: String::new(),
-        }
+        Pass::example(verdict)
     }
 
     fn applied(action: Action, adopted: bool, drift: bool) -> Verdict {

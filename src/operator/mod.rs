@@ -194,16 +194,14 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
         return Err(e.into());
     }
 
-    let result = lead_and_run(
-        &config,
-        client.clone(),
+    let parts = Parts {
+        config: &config,
+        client: client.clone(),
         backend,
         accounts,
         metrics,
-        readiness,
-        stop_rx,
-    )
-    .await;
+    };
+    let result = lead_and_run(parts, readiness, stop_rx).await;
     let _ = stop_tx.send(true);
     if let Some(local) = local {
         local.remove(&client).await;
@@ -219,19 +217,26 @@ pub async fn run(config: Config, backend: Arc<dyn Backend>) -> Result<(), Error>
     result
 }
 
-async fn lead_and_run(
-    config: &Config,
+/// What the controller runs on: the configuration and the clients, set up
+/// once by [`run`] and handed to the controller when this replica leads.
+struct Parts<'a> {
+    config: &'a Config,
     client: Client,
     backend: Arc<dyn Backend>,
     accounts: Arc<accounts::Accounts>,
     metrics: Arc<Metrics>,
+}
+
+async fn lead_and_run(
+    parts: Parts<'_>,
     readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let (config, metrics) = (parts.config, parts.metrics.clone());
     let Some(election) = &config.election else {
         readiness.leading();
         metrics.leader.set(1);
-        return control(config, client, backend, accounts, metrics, stopped(stop)).await;
+        return control(parts, stopped(stop)).await;
     };
     let params = LeaseParams::new(
         election.identity.clone(),
@@ -241,7 +246,7 @@ async fn lead_and_run(
             .as_secs()
             .clamp(1, election.duration.as_secs().max(2) - 1),
     );
-    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
+    let manager = LeaseManagerBuilder::new(parts.client.clone(), &election.lease_name)
         .with_namespace(&election.namespace)
         .with_parameters(params)
         .build()
@@ -269,7 +274,7 @@ async fn lead_and_run(
             }
         }
     };
-    control(config, client, backend, accounts, metrics.clone(), end).await?;
+    control(parts, end).await?;
     metrics.leader.set(0);
     if *stop.borrow() {
         // Hand the lease back so a standby takes over at once.
@@ -283,13 +288,16 @@ async fn lead_and_run(
 
 /// The controller itself, until `end` resolves.
 async fn control(
-    config: &Config,
-    client: Client,
-    backend: Arc<dyn Backend>,
-    accounts: Arc<accounts::Accounts>,
-    metrics: Arc<Metrics>,
+    parts: Parts<'_>,
     end: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
+    let Parts {
+        config,
+        client,
+        backend,
+        accounts,
+        metrics,
+    } = parts;
     let api: Api<DedicatedLicense> = match &config.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),

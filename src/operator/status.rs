@@ -345,6 +345,29 @@ pub fn ready(status: &DedicatedLicenseStatus) -> Option<&Condition> {
 }
 
 #[cfg(test)]
+impl Pass {
+    /// A pass over qa-team's TestOps (count 10, generation 2) that ends in
+    /// `verdict`, having seen no allocation and no pool: what the tests of
+    /// a status and of its events start from.
+    pub(crate) fn example(verdict: Verdict) -> Pass {
+        Pass {
+            generation: Some(2),
+            account: "default".into(),
+            organization: "qa-team".into(),
+            product: "TestOps".into(),
+            count: 10,
+            expiry: None,
+            expired: false,
+            deleting: false,
+            verdict,
+            seen: Seen::Absent,
+            pool: None,
+            diff: String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -366,18 +389,9 @@ mod tests {
 
     fn pass(verdict: Verdict, seen: Seen) -> Pass {
         Pass {
-            generation: Some(2),
-            account: "default".into(),
-            organization: "qa-team".into(),
-            product: "TestOps".into(),
-            count: 10,
-            expiry: None,
-            expired: false,
-            deleting: false,
-            verdict,
             seen,
             pool: Some(pool(185)),
-            diff: String::new(),
+            ..Pass::example(verdict)
         }
     }
 

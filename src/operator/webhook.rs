@@ -273,27 +273,16 @@ mod tests {
 
     #[test]
     fn the_review_answers_with_the_uid_and_allows() {
-        let body: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-                "kind": {"group": "licensor.dev", "version": "v1alpha1", "kind": "DedicatedLicense"},
-                "resource": {"group": "licensor.dev", "version": "v1alpha1", "resource": "dedicatedlicenses"},
-                "name": "qa", "namespace": "default", "operation": "CREATE",
-                "userInfo": {"username": "admin"},
-                "object": {"apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
-                    "metadata": {"name": "qa", "namespace": "default"}, "spec": manage()},
-                "dryRun": false
-            }
-        }))
-        .expect("review");
+        let body = admission::review_of(
+            "CREATE",
+            json!({"apiVersion": "licensor.dev/v1alpha1", "kind": "DedicatedLicense",
+                "metadata": {"name": "qa", "namespace": "licenses"}, "spec": manage()}),
+            None,
+        );
         let metrics = Metrics::new();
         let answer = serde_json::to_value(review(body, &metrics)).expect("json");
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
-        assert_eq!(
-            answer["response"]["uid"],
-            "705ab4f5-6393-11e8-b7cc-42010a800002"
-        );
+        assert_eq!(answer["response"]["uid"], admission::REVIEW_UID);
         assert_eq!(answer["response"]["allowed"], true);
         assert_eq!(answer["response"]["patchType"], "JSONPatch");
     }

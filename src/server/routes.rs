@@ -529,15 +529,13 @@ pub async fn put_allocation(
     let (idempotency_key, condition) = write_headers(&headers).map_err(malformed)?;
     check_count(body.dedicated).map_err(|r| Problem::refusal(&r))?;
     let write = AllocationWrite {
-        organization,
-        product,
-        target: Target::Count(body.dedicated),
         managed_by: body.managed_by,
         allow_user_displacement: body.allow_user_displacement,
         deletion_policy: body.deletion_policy,
         expiry: body.expiry,
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
+        ..AllocationWrite::new(organization, product, Target::Count(body.dedicated))
     };
     written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }
@@ -558,15 +556,11 @@ pub async fn delete_allocation(
 ) -> Result<Response, Problem> {
     let (idempotency_key, condition) = write_headers(&headers).map_err(malformed)?;
     let write = AllocationWrite {
-        organization,
-        product,
-        target: Target::Remove,
         managed_by: params.managed_by,
         allow_user_displacement: params.allow_user_displacement.unwrap_or(false),
-        deletion_policy: Default::default(),
-        expiry: None,
         expected_version: condition.expected_version().ok_or_else(nothing_matches)?,
         idempotency_key,
+        ..AllocationWrite::new(organization, product, Target::Remove)
     };
     written(&s, account, who, write, params.dry_run.unwrap_or(false)).await
 }
@@ -596,19 +590,20 @@ async fn written(
     responses((status = 204, description = "Released (or nothing was managed)")))]
 pub async fn release_allocation(
     State(s): State<Shared>,
-    Segments(AllocationPath {
-        account,
-        organization,
-        product,
-    }): Segments<AllocationPath>,
+    Segments(at): Segments<AllocationPath>,
     Extension(who): Extension<Principal>,
     Body(body): Body<Release>,
 ) -> Result<Response, Problem> {
-    store(&s, move |st| {
-        st.release(&account, &who, &organization, &product, &body.managed_by)
+    no_content(&s, move |st| {
+        st.release(
+            &at.account,
+            &who,
+            &at.organization,
+            &at.product,
+            &body.managed_by,
+        )
     })
-    .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    .await
 }
 
 #[utoipa::path(post, path = "/v1/accounts/{account}/organizations/{organization}/seats/{product}",
@@ -616,18 +611,28 @@ pub async fn release_allocation(
     responses((status = 204, description = "Seats claimed or released")))]
 pub async fn seats(
     State(s): State<Shared>,
-    Segments(AllocationPath {
-        account,
-        organization,
-        product,
-    }): Segments<AllocationPath>,
+    Segments(at): Segments<AllocationPath>,
     Extension(who): Extension<Principal>,
     Body(body): Body<Seats>,
 ) -> Result<Response, Problem> {
-    store(&s, move |st| {
-        st.seats(&account, &who, &organization, &product, body.into())
+    no_content(&s, move |st| {
+        st.seats(
+            &at.account,
+            &who,
+            &at.organization,
+            &at.product,
+            body.into(),
+        )
     })
-    .await?;
+    .await
+}
+
+/// A store call whose answer is 204 No Content.
+async fn no_content(
+    s: &Shared,
+    f: impl FnOnce(&Store) -> Result<(), BackendError> + Send + 'static,
+) -> Result<Response, Problem> {
+    store(s, f).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 
+use super::view::header_row;
 use crate::history::{History, Range};
 
 /// One line of a chart: its CSS class, its name, a value per step.
@@ -73,10 +74,7 @@ pub fn chart(
             div.scroll role="region" tabindex="0" aria-label=(format!("{title}, the figures")) {
                 table {
                     caption.visually-hidden { (title) ", at the end of each day a figure changed" }
-                    thead { tr {
-                        th scope="col" { "Until" }
-                        @for line in lines { th scope="col" { (line.name) } }
-                    } }
+                    (header_row(std::iter::once("Until").chain(lines.iter().map(|l| l.name))))
                     tbody {
                         @for i in changed(lines, steps.len()) {
                             tr {

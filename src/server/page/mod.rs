@@ -68,9 +68,9 @@ pub fn routes(shared: Shared) -> Router<Shared> {
         .route(path::SIGN_IN, post(sign_in).get(to_home))
         .route(path::SIGN_OUT, post(sign_out).get(to_home))
         .route(path::CONFIRM_REVOKE, get(confirm_revoke))
-        .route(path::EDIT, post(edit).get(to_home))
+        .route(path::EDIT, post(counted::<false>).get(to_home))
         .route(path::REVOKE, post(revoke).get(to_home))
-        .route(path::GIVE, post(give).get(to_home))
+        .route(path::GIVE, post(counted::<true>).get(to_home))
         .layer(middleware::map_response(errors_as_pages))
         .layer(middleware::map_response(secure_headers))
         .with_state(shared)
@@ -430,37 +430,19 @@ fn typed_count(typed: &str) -> Result<i64, crate::domain::Refusal> {
     Ok(count)
 }
 
-/// Edit changes the count of an allocation the organization holds (0 goes
-/// through the Revoke confirmation); it never creates one.
-async fn edit(
+/// Edit (`GIVE` false) changes the count of an allocation the organization
+/// holds (0 goes through the Revoke confirmation); it never creates one.
+/// Give (`GIVE` true) gives an organization licenses of a product it holds
+/// none of: a new, unmanaged allocation; it never changes one. Either is
+/// Account Admin only: the count checked, then written as the session's
+/// caller with no manager.
+async fn counted<const GIVE: bool>(
     State(s): State<Shared>,
     headers: HeaderMap,
     jar: CookieJar,
     Form(form): Form<CountForm>,
 ) -> Response {
-    counted(&s, &headers, jar, form, false).await
-}
-
-/// Give gives an organization licenses of a product it holds none of: a
-/// new, unmanaged allocation (Account Admin only); it never changes one.
-async fn give(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    jar: CookieJar,
-    Form(form): Form<CountForm>,
-) -> Response {
-    counted(&s, &headers, jar, form, true).await
-}
-
-/// Edit's and Give's write: the count checked, then written as the
-/// session's caller with no manager.
-async fn counted(
-    s: &Shared,
-    headers: &HeaderMap,
-    jar: CookieJar,
-    form: CountForm,
-    give: bool,
-) -> Response {
+    let (s, headers) = (&s, &headers);
     let session = match admin_form(s, &jar, &form.csrf).await {
         Ok(session) => session,
         Err(page) => return page,
@@ -478,7 +460,7 @@ async fn counted(
         }
     };
     // Give creates only; Edit needs the version of one that exists.
-    let expected = match (give, form.version) {
+    let expected = match (GIVE, form.version) {
         (true, _) => 0,
         (false, Some(version)) if version > 0 => version,
         (false, _) => {
@@ -493,7 +475,7 @@ async fn counted(
             return back(s, headers, jar, view::Outcome::Refused(p, None));
         }
     };
-    if count == 0 && give {
+    if count == 0 && GIVE {
         let refusal = crate::domain::Refusal::new(
             crate::domain::Reason::Invalid,
             "give at least 1 license; 0 gives nothing".to_string(),
@@ -513,15 +495,8 @@ async fn counted(
         return Redirect::to(&format!("{}?{q}", path::CONFIRM_REVOKE)).into_response();
     }
     let write = AllocationWrite {
-        organization: form.organization,
-        product: form.product,
-        target: Target::Count(count),
-        managed_by: None,
-        allow_user_displacement: false,
-        deletion_policy: Default::default(),
-        expiry: None,
         expected_version: Some(expected),
-        idempotency_key: None,
+        ..AllocationWrite::new(form.organization, form.product, Target::Count(count))
     };
     written(s, headers, jar, &session, write, Some(typed)).await
 }
@@ -557,15 +532,9 @@ async fn confirm_revoke(
             .find(|a| a.organization == organization && a.product == product)
             .map(|a| a.version);
         let write = AllocationWrite {
-            organization,
-            product,
-            target: Target::Remove,
-            managed_by: None,
             allow_user_displacement: true,
-            deletion_policy: Default::default(),
-            expiry: None,
             expected_version: version,
-            idempotency_key: None,
+            ..AllocationWrite::new(organization, product, Target::Remove)
         };
         Ok((st.write(&account, &who, &write, true)?, version))
     })
@@ -610,15 +579,9 @@ async fn revoke(
         Err(page) => return page,
     };
     let write = AllocationWrite {
-        organization: form.organization,
-        product: form.product,
-        target: Target::Remove,
-        managed_by: None,
         allow_user_displacement: form.displace.is_some(),
-        deletion_policy: Default::default(),
-        expiry: None,
         expected_version: Some(form.version),
-        idempotency_key: None,
+        ..AllocationWrite::new(form.organization, form.product, Target::Remove)
     };
     written(&s, &headers, jar, &session, write, None).await
 }

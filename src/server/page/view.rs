@@ -97,6 +97,11 @@ pub fn thousands(n: i64) -> String {
     if n < 0 { format!("−{out}") } else { out }
 }
 
+/// A table's header row, a column a name.
+pub(super) fn header_row<'a>(names: impl IntoIterator<Item = &'a str>) -> Markup {
+    html! { thead { tr { @for name in names { th scope="col" { (name) } } } } }
+}
+
 /// `n` and the word for one or many.
 fn count_of(n: i64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -365,15 +370,10 @@ pub fn account(
                 div.scroll role="region" tabindex="0" aria-label="Dedicated licenses table" {
                     table #allocations {
                         caption.visually-hidden { "Dedicated licenses by organization and product" }
-                        thead { tr {
-                            th scope="col" { "Organization" }
-                            th scope="col" { "Product" }
-                            th scope="col" { "Dedicated" }
-                            th scope="col" { "In use" }
-                            th scope="col" { "Managed by" }
-                            @if expiries.is_some() { th scope="col" { "Expires" } }
-                            @if admin { th scope="col" { "Actions" } }
-                        } }
+                        (header_row(["Organization", "Product", "Dedicated", "In use", "Managed by"]
+                            .into_iter()
+                            .chain(expiries.is_some().then_some("Expires"))
+                            .chain(admin.then_some("Actions"))))
                         tbody {
                             @for (i, a) in snapshot.allocations.iter().enumerate() {
                                 (allocation_row(i, a, session, outcome.and_then(|o| o.typed_for(a)), expiries))
@@ -430,14 +430,7 @@ pub fn account(
                 div.scroll role="region" tabindex="0" aria-label="Audit log table" {
                     table #audit-log {
                         caption.visually-hidden { "Changes, newest first" }
-                        thead { tr {
-                            th scope="col" { "Time" }
-                            th scope="col" { "Who" }
-                            th scope="col" { "Action" }
-                            th scope="col" { "Organization" }
-                            th scope="col" { "Product" }
-                            th scope="col" { "Change" }
-                        } }
+                        (header_row(["Time", "Who", "Action", "Organization", "Product", "Change"]))
                         tbody {
                             @for e in shown {
                                 tr data-id=(e.id) {

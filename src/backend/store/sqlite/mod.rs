@@ -11,7 +11,7 @@ pub mod schema;
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Params, Row, params};
 
 use super::audit::{AuditAction, AuditRecord};
 use super::storage::{
@@ -78,6 +78,65 @@ fn failed(e: rusqlite::Error) -> BackendError {
     BackendError::Unavailable(format!("the store: {e}"))
 }
 
+/// The shapes every statement here takes, each with its error mapped. The
+/// write path's statements stay prepared (`_cached`, `row`, `rows`); a
+/// statement run now and then (tokens, sessions, an import) is not kept.
+trait Statements {
+    /// A statement that answers no rows, run once.
+    fn run(&self, sql: &str, params: impl Params) -> Result<()>;
+    /// A statement that answers no rows, kept prepared.
+    fn run_cached(&self, sql: &str, params: impl Params) -> Result<()>;
+    /// The row a statement kept prepared answers, if any.
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>>;
+    /// Every row a statement kept prepared answers.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>>;
+}
+
+impl Statements for Connection {
+    fn run(&self, sql: &str, params: impl Params) -> Result<()> {
+        self.execute(sql, params).map(drop).map_err(failed)
+    }
+
+    fn run_cached(&self, sql: &str, params: impl Params) -> Result<()> {
+        self.prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map(drop)
+            .map_err(failed)
+    }
+
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>> {
+        self.prepare_cached(sql)
+            .and_then(|mut s| s.query_row(params, f).optional())
+            .map_err(failed)
+    }
+
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        self.prepare_cached(sql)
+            .and_then(|mut s| s.query_map(params, f)?.collect())
+            .map_err(failed)
+    }
+}
+
 /// A pool from the columns name, total, dedicated, shared_in_use, revision.
 pub fn pool_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pool> {
     Ok(Pool {
@@ -137,11 +196,11 @@ impl rusqlite::types::FromSql for Role {
 /// pipeline runs on this inside `BEGIN IMMEDIATE`, and reads outside one.
 impl Storage for Connection {
     fn pool(&self, account: &str, product: &str) -> Result<Option<Pool>> {
-        self.prepare_cached(
+        self.row(
             "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 AND name = ?2",
+            [account, product],
+            pool_row,
         )
-        .and_then(|mut s| s.query_row([account, product], pool_row).optional())
-        .map_err(failed)
     }
 
     fn organization_exists(&self, account: &str, organization: &str) -> Result<bool> {
@@ -156,46 +215,40 @@ impl Storage for Connection {
         organization: &str,
         product: &str,
     ) -> Result<Option<Allocation>> {
-        self.prepare_cached(
+        self.row(
             "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations
              WHERE account = ?1 AND organization = ?2 AND product = ?3",
+            [account, organization, product],
+            allocation_row,
         )
-        .and_then(|mut s| {
-            s.query_row([account, organization, product], allocation_row)
-                .optional()
-        })
-        .map_err(failed)
     }
 
     fn next_revision(&self, account: &str) -> Result<i64> {
-        self.prepare_cached(
+        self.row(
             "UPDATE accounts SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
-        )
-        .and_then(|mut s| s.query_row([account], |r| r.get(0)))
-        .map_err(failed)
+            [account],
+            |r| r.get(0),
+        )?
+        .ok_or_else(|| BackendError::Unavailable(format!("the store: no account {account}")))
     }
 
     fn save_pool(&self, account: &str, p: &Pool) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "UPDATE products SET total = ?3, dedicated = ?4, shared_in_use = ?5, revision = ?6
              WHERE account = ?1 AND name = ?2",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+            params![
                 account,
                 p.product,
                 p.total,
                 p.dedicated,
                 p.shared_in_use,
                 p.revision
-            ])
-        })
-        .map(drop)
-        .map_err(failed)
+            ],
+        )
     }
 
     fn save_allocation(&self, account: &str, a: &Allocation) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "INSERT INTO allocations (account, organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (account, organization, product) DO UPDATE SET
@@ -203,9 +256,7 @@ impl Storage for Connection {
                managed_by = excluded.managed_by, version = excluded.version,
                deletion_policy = excluded.deletion_policy,
                expires_at = excluded.expires_at, then_count = excluded.then_count",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+            params![
                 account,
                 a.organization,
                 a.product,
@@ -216,67 +267,54 @@ impl Storage for Connection {
                 a.deletion_policy.as_str(),
                 a.expiry.as_ref().map(Expiry::until_stored),
                 a.expiry.map(|e| e.then_count)
-            ])
-        })
-        .map(drop)
-        .map_err(failed)
+            ],
+        )
     }
 
     fn remove_allocation(&self, account: &str, organization: &str, product: &str) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "DELETE FROM allocations WHERE account = ?1 AND organization = ?2 AND product = ?3",
+            [account, organization, product],
         )
-        .and_then(|mut s| s.execute(params![account, organization, product]))
-        .map(drop)
-        .map_err(failed)
     }
 
     fn insert_organization(&self, account: &str, id: &str, name: Option<&str>) -> Result<()> {
-        self.prepare_cached("INSERT INTO organizations (account, id, name) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![account, id, name]))
-            .map(drop)
-            .map_err(failed)
+        self.run_cached(
+            "INSERT INTO organizations (account, id, name) VALUES (?1, ?2, ?3)",
+            params![account, id, name],
+        )
     }
 
     fn insert_pool(&self, account: &str, p: &Pool) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "INSERT INTO products (account, name, total, shared_in_use, dedicated, revision)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+            params![
                 account,
                 p.product,
                 p.total,
                 p.shared_in_use,
                 p.dedicated,
                 p.revision
-            ])
-        })
-        .map(drop)
-        .map_err(failed)
+            ],
+        )
     }
 
     fn clear_account(&self, account: &str) -> Result<()> {
         for table in ["allocations", "organizations", "products"] {
-            self.execute(
+            self.run(
                 &format!("DELETE FROM {table} WHERE account = ?1"),
                 [account],
-            )
-            .map_err(failed)?;
+            )?;
         }
-        self.execute("INSERT OR IGNORE INTO accounts (id) VALUES (?1)", [account])
-            .map(drop)
-            .map_err(failed)
+        self.run("INSERT OR IGNORE INTO accounts (id) VALUES (?1)", [account])
     }
 
     fn insert_audit(&self, account: &str, actor: &str, r: &AuditRecord<'_>) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "INSERT INTO audit (account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+            params![
                 account,
                 now(),
                 actor,
@@ -290,64 +328,57 @@ impl Storage for Connection {
                 r.manager.as_deref(),
                 r.idempotency_key.as_deref(),
                 r.subject.as_deref()
-            ])
-        })
-        .map(drop)
-        .map_err(failed)
+            ],
+        )
     }
 
     fn remembered(&self, account: &str, key: &str) -> Result<Option<(String, String)>> {
-        self.prepare_cached(
+        self.row(
             "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND key = ?2",
+            [account, key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .and_then(|mut s| {
-            s.query_row([account, key], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
-        .map_err(failed)
     }
 
     fn remember(&self, account: &str, k: &KeyRow) -> Result<()> {
-        self.prepare_cached(
+        self.run_cached(
             "INSERT INTO idempotency (account, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![account, k.key, k.request_hash, k.answer, k.created],
         )
-        .and_then(|mut s| s.execute(params![account, k.key, k.request_hash, k.answer, k.created]))
-        .map(drop)
-        .map_err(failed)
     }
 
     fn accounts(&self) -> Result<Vec<String>> {
-        self.prepare_cached("SELECT id FROM accounts ORDER BY id")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(failed)
+        self.rows("SELECT id FROM accounts ORDER BY id", [], |r| r.get(0))
     }
 
     fn token(&self, hash: &str) -> Result<Option<TokenRow>> {
-        self.prepare_cached(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
-        ))
-        .and_then(|mut s| s.query_row([hash], token_row).optional())
-        .map_err(failed)
+        self.row(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"),
+            [hash],
+            token_row,
+        )
     }
 
     fn tokens(&self, account: &str) -> Result<Vec<TokenRow>> {
-        self.prepare_cached(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE account = ?1 ORDER BY name"
-        ))
-        .and_then(|mut s| s.query_map([account], token_row)?.collect())
-        .map_err(failed)
+        self.rows(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE account = ?1 ORDER BY name"),
+            [account],
+            token_row,
+        )
     }
 
     fn expired_tokens(&self, now: &str) -> Result<Vec<TokenRow>> {
-        self.prepare_cached(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE expires_at <= ?1 ORDER BY account, name"
-        ))
-        .and_then(|mut s| s.query_map([now], token_row)?.collect())
-        .map_err(failed)
+        self.rows(
+            &format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE expires_at <= ?1 ORDER BY account, name"
+            ),
+            [now],
+            token_row,
+        )
     }
 
     fn insert_token(&self, t: &TokenRow) -> Result<()> {
-        self.execute(
+        self.run(
             "INSERT INTO tokens (hash, account, role, name, created_at, expires_at, last_used)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -360,34 +391,27 @@ impl Storage for Connection {
                 t.last_used
             ],
         )
-        .map(drop)
-        .map_err(failed)
     }
 
     fn delete_token(&self, hash: &str) -> Result<()> {
-        self.execute("DELETE FROM sessions WHERE token = ?1", [hash])
-            .and_then(|_| self.execute("DELETE FROM tokens WHERE hash = ?1", [hash]))
-            .map(drop)
-            .map_err(failed)
+        self.run("DELETE FROM sessions WHERE token = ?1", [hash])?;
+        self.run("DELETE FROM tokens WHERE hash = ?1", [hash])
     }
 
     fn touch_token(&self, hash: &str, now: &str) -> Result<()> {
-        self.execute(
+        self.run(
             "UPDATE tokens SET last_used = ?2 WHERE hash = ?1",
             [hash, now],
         )
-        .map(drop)
-        .map_err(failed)
     }
 
     fn session(&self, hash: &str, now: &str) -> Result<Option<SessionRow>> {
-        self.prepare_cached(
+        self.row(
             "SELECT s.account, s.actor, s.role, s.csrf, s.expires_at, s.token
              FROM sessions s JOIN tokens t ON t.hash = s.token
              WHERE s.hash = ?1 AND (t.expires_at IS NULL OR t.expires_at > ?2)",
-        )
-        .and_then(|mut s| {
-            s.query_row([hash, now], |r| {
+            [hash, now],
+            |r| {
                 Ok(SessionRow {
                     account: r.get(0)?,
                     actor: r.get(1)?,
@@ -396,28 +420,22 @@ impl Storage for Connection {
                     expires_at: r.get(4)?,
                     token: r.get(5)?,
                 })
-            })
-            .optional()
-        })
-        .map_err(failed)
+            },
+        )
     }
 
     fn insert_session(&self, hash: &str, s: &SessionRow) -> Result<()> {
-        self.execute(
+        self.run(
             "INSERT INTO sessions (hash, account, actor, role, csrf, expires_at, token) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![hash, s.account, s.actor, s.role.as_str(), s.csrf, s.expires_at, s.token],
         )
-        .map(drop)
-        .map_err(failed)
     }
 
     fn delete_sessions(&self, hash: &str, expired_before: &str) -> Result<()> {
-        self.execute(
+        self.run(
             "DELETE FROM sessions WHERE hash = ?1 OR expires_at < ?2",
             [hash, expired_before],
         )
-        .map(drop)
-        .map_err(failed)
     }
 
     fn expire_keys(&self, cutoff: &str) -> Result<usize> {
@@ -426,26 +444,22 @@ impl Storage for Connection {
     }
 
     fn snapshot(&self, account: &str) -> Result<Snapshot> {
-        let pools = self
-            .prepare_cached(
-                "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 ORDER BY name",
-            )
-            .and_then(|mut s| s.query_map([account], pool_row)?.collect())
-            .map_err(failed)?;
-        let organizations = self
-            .prepare_cached("SELECT id FROM organizations WHERE account = ?1 ORDER BY id")
-            .and_then(|mut s| s.query_map([account], |r| r.get(0))?.collect())
-            .map_err(failed)?;
-        let allocations = self
-            .prepare_cached(
-                "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations WHERE account = ?1 ORDER BY organization, product",
-            )
-            .and_then(|mut s| s.query_map([account], allocation_row)?.collect())
-            .map_err(failed)?;
         Ok(Snapshot {
-            pools,
-            organizations,
-            allocations,
+            pools: self.rows(
+                "SELECT name, total, dedicated, shared_in_use, revision FROM products WHERE account = ?1 ORDER BY name",
+                [account],
+                pool_row,
+            )?,
+            organizations: self.rows(
+                "SELECT id FROM organizations WHERE account = ?1 ORDER BY id",
+                [account],
+                |r| r.get(0),
+            )?,
+            allocations: self.rows(
+                "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations WHERE account = ?1 ORDER BY organization, product",
+                [account],
+                allocation_row,
+            )?,
         })
     }
 
@@ -574,22 +588,19 @@ impl Storage for Connection {
     }
 
     fn insert_account(&self, account: &str, revision: i64) -> Result<()> {
-        self.execute(
+        self.run(
             "INSERT INTO accounts (id, revision) VALUES (?1, ?2)",
             params![account, revision],
         )
-        .map(drop)
-        .map_err(failed)
     }
 
     fn restore_audit(&self, account: &str, entries: &[AuditEntry]) -> Result<()> {
         for e in entries {
-            self.execute(
+            self.run(
                 "INSERT INTO audit (id, account, time, actor, action, organization, product, from_count, to_count, rehomed, displaced, manager, idempotency_key, subject)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![e.id, account, e.time, e.actor, e.action.as_str(), e.organization, e.product, e.from, e.to, e.rehomed, e.displaced, e.manager, e.idempotency_key, e.subject],
-            )
-            .map_err(failed)?;
+            )?;
         }
         Ok(())
     }
@@ -597,14 +608,11 @@ impl Storage for Connection {
     fn drop_account(&self, account: &str) -> Result<()> {
         self.clear_account(account)?;
         for table in ["idempotency", "tokens", "audit"] {
-            self.execute(
+            self.run(
                 &format!("DELETE FROM {table} WHERE account = ?1"),
                 [account],
-            )
-            .map_err(failed)?;
+            )?;
         }
-        self.execute("DELETE FROM accounts WHERE id = ?1", [account])
-            .map(drop)
-            .map_err(failed)
+        self.run("DELETE FROM accounts WHERE id = ?1", [account])
     }
 }
