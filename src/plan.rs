@@ -403,12 +403,19 @@ impl Step {
     }
 
     /// The change as it stands before anything is decided: unchanged.
-    fn decide_nothing(&self) -> Change {
+    fn decide_nothing(self) -> Change {
+        let change = self.unnamed_change();
+        self.named(change, false)
+    }
+
+    /// An unchanged change without its names, which [`Step::named`] moves
+    /// in once it is decided (100,000 changes, no copy of their names).
+    fn unnamed_change(&self) -> Change {
         let from = self.current.as_ref().map_or(0, |a| a.dedicated);
         Change {
-            resource: self.resource.clone(),
-            organization: self.write.organization.clone(),
-            product: self.write.product.clone(),
+            resource: String::new(),
+            organization: String::new(),
+            product: String::new(),
             from,
             to: from,
             action: Action::None,
@@ -423,28 +430,50 @@ impl Step {
         }
     }
 
+    /// `change` with this step's names, and its write when `write` (the
+    /// names are then copied, as the write keeps its own).
+    fn named(self, mut change: Change, write: bool) -> Change {
+        change.resource = self.resource;
+        if write {
+            change.organization = self.write.organization.clone();
+            change.product = self.write.product.clone();
+            change.write = Some(Box::new(self.write));
+        } else {
+            change.organization = self.write.organization;
+            change.product = self.write.product;
+        }
+        change
+    }
+
     fn decide(mut self, ledger: &mut Ledger, role: Role, keep_write: bool) -> Change {
         let mut change = Change {
             to: self.write.target.count(),
             action: self.action,
-            ..self.decide_nothing()
+            ..self.unnamed_change()
         };
+        let write = self.decided(&mut change, ledger, role) && keep_write;
+        self.named(change, write)
+    }
+
+    /// Decides `change` against `ledger`; whether it plans a write.
+    fn decided(&mut self, change: &mut Change, ledger: &mut Ledger, role: Role) -> bool {
         if let Some(refusal) = self.denied.take() {
             change.diff = self.diff(None);
-            refuse(&mut change, *refusal);
-            return change;
+            refuse(change, *refusal);
+            return false;
         }
         if let Some(hold) = self.hold {
             change.message = format!("not written: {}", hold.describe());
             change.diff = self.diff(None);
-            return change;
+            return false;
         }
         if self.action == Action::Orphan {
-            return self.decide_orphan(change, ledger, role, keep_write);
+            return self.decided_orphan(change, ledger, role);
         }
         match ledger.apply(role, &self.write.request()) {
             Ok(effect) if effect.is_noop() => {
                 change.message = "in sync".into();
+                false
             }
             Ok(effect) => {
                 let free_before = ledger
@@ -476,7 +505,7 @@ impl Step {
                 change.rehomed = effect.rehomed;
                 change.displaced = effect.displaced;
                 change.diff = self.diff(Some(&effect));
-                change.write = keep_write.then(|| Box::new(self.write));
+                true
             }
             Err(mut refusal) => {
                 refusal.message.push_str(&match refusal.reason {
@@ -491,21 +520,16 @@ impl Step {
                 });
                 change.outcome = Outcome::Refused;
                 change.diff = self.diff(None);
-                refuse(&mut change, refusal);
+                refuse(change, refusal);
+                false
             }
         }
-        change
     }
 
     /// A prune that releases the allocation's manager and leaves its count
-    /// (`deletionPolicy: Orphan`), decided as the store decides a release.
-    fn decide_orphan(
-        self,
-        mut change: Change,
-        ledger: &Ledger,
-        role: Role,
-        keep_write: bool,
-    ) -> Change {
+    /// (`deletionPolicy: Orphan`), decided as the store decides a release;
+    /// whether it plans a write.
+    fn decided_orphan(&self, change: &mut Change, ledger: &Ledger, role: Role) -> bool {
         let seen = Observed {
             pool: ledger.pools.get(&self.write.product),
             organization_exists: ledger.organizations.contains(&self.write.organization),
@@ -529,14 +553,14 @@ impl Step {
                     };
                     record_diff(Some(before), Some(after), &self.resource)
                 });
-                change.write = keep_write.then(|| Box::new(self.write));
+                true
             }
             Err(refusal) => {
                 change.diff = self.diff(None);
-                refuse(&mut change, refusal);
+                refuse(change, refusal);
+                false
             }
         }
-        change
     }
 
     /// Unified diff from the backend's allocation to the desired one.
