@@ -4,7 +4,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release/licensor
 
-.PHONY: demo test test-tools test-build test-main test-arm test-dist test-release deps test-static check bench bench-operator bench-platform bench-history crd image static dist dist-arm
+.PHONY: demo test test-tools test-build test-main test-node test-arm test-dist test-release deps test-static check bench bench-operator bench-platform bench-history crd image static dist dist-arm
 
 ## Seed the example account into the embedded store (licensor.db) and apply
 ## the example manifests, printing the plan, the outcome, the plan afterwards
@@ -31,19 +31,21 @@ demo:
 ##
 ## Two lanes at once, so that a first run fits two cores: the tools the
 ## tests run (tests/tools.sh, mostly Go builds, cached) beside the Rust
-## builds; once the tools are built, the aarch64 release build in their
-## lane, beside the x86_64 one and then the tests (which wait on servers
-## and leave a core mostly idle); the release's own tests once it is built.
+## builds; once both are built, the tests (which wait on servers and leave
+## a core mostly idle) beside the x86_64 release build and then the aarch64
+## one; the install on a node once the image is built, the release's own
+## tests once `make dist` is.
 test: deps
-	$(MAKE) --no-print-directory -j2 --output-sync=line test-main test-release
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-node test-release
 
 # What the tests' tools are, as `export` lines for the test runs to source.
 TEST_ENV := $(TARGET_DIR)/test-tools.env
 TEST_RUN = . $(TEST_ENV) && \
 	  LICENSOR_TEST_IMAGE=$(abspath $(TARGET_DIR))/image/licensor.oci.tar \
 	  LICENSOR_TEST_DIST=$(abspath $(DIST)) $(CARGO) test --locked
-# Every test file but tests/release.rs, which waits for `make dist`.
-TESTS := $(filter-out release,$(basename $(notdir $(wildcard tests/*.rs))))
+# Every test file but the two that wait for a build: tests/chart_on_node.rs
+# (the image) and tests/release.rs (`make dist`).
+TESTS := $(filter-out release chart_on_node,$(basename $(notdir $(wildcard tests/*.rs))))
 
 test-tools:
 	@mkdir -p $(TARGET_DIR)
@@ -52,13 +54,17 @@ test-tools:
 test-build:
 	$(CARGO) test --locked --no-run
 
-test-main: test-tools test-build test-static image
+test-main: test-tools test-build
 	$(TEST_RUN) --lib --bins $(TESTS:%=--test %)
 	$(TEST_RUN) --doc
 
-# `make dist` within `make test`: the aarch64 build once the tools lane is
-# free (beside the x86_64 build, then the tests), the rest once the image is.
-test-arm: test-tools
+test-node: test-main test-static image
+	$(TEST_RUN) --test chart_on_node
+
+# `make dist` within `make test`: the aarch64 build after the x86_64 one
+# (so that the tests take the lane the tools leave), the rest once the
+# image is built.
+test-arm: test-tools static
 	$(MAKE) --no-print-directory dist-arm
 test-dist: test-arm image
 	$(MAKE) --no-print-directory dist

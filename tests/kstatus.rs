@@ -69,18 +69,9 @@ fn ready(object: &Value) -> bool {
 
 fn pass(verdict: Verdict, seen: Seen, deleting: bool) -> Pass {
     Pass {
-        generation: Some(2),
-        account: "default".into(),
-        organization: "qa-team".into(),
-        product: "TestOps".into(),
-        count: 10,
-        expiry: None,
-        expired: false,
         deleting,
-        verdict,
         seen,
-        pool: None,
-        diff: String::new(),
+        ..Pass::example(verdict)
     }
 }
 

@@ -344,12 +344,12 @@ pub fn ready(status: &DedicatedLicenseStatus) -> Option<&Condition> {
     status.conditions.iter().find(|c| c.type_ == READY)
 }
 
-#[cfg(test)]
 impl Pass {
     /// A pass over qa-team's TestOps (count 10, generation 2) that ends in
     /// `verdict`, having seen no allocation and no pool: what the tests of
-    /// a status and of its events start from.
-    pub(crate) fn example(verdict: Verdict) -> Pass {
+    /// a status, of its events and of kstatus's reading start from.
+    #[doc(hidden)]
+    pub fn example(verdict: Verdict) -> Pass {
         Pass {
             generation: Some(2),
             account: "default".into(),
