@@ -87,19 +87,25 @@ pub mod kind {
 /// unpacked once by `tests/prometheus.sh`; or the program the environment
 /// variable `given` names (`make test` sets it).
 pub fn prometheus_program(given: &str, name: &str) -> String {
-    if let Ok(path) = std::env::var(given) {
-        return path;
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/prometheus.sh");
-    let out = Command::new(script)
+    std::env::var(given).unwrap_or_else(|_| format!("{}/{name}", printed("prometheus.sh", &[])))
+}
+
+/// The one line the script `tests/<script>` prints when run with `args`
+/// (a cached tool's path); a script that fails fails the test with what it
+/// said.
+fn printed(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(&path)
+        .args(args)
         .output()
-        .expect("run tests/prometheus.sh");
+        .unwrap_or_else(|e| panic!("run {path}: {e}"));
     assert!(
         out.status.success(),
-        "tests/prometheus.sh: {}",
+        "tests/{script} {}: {}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
-    format!("{}/{name}", String::from_utf8_lossy(&out.stdout).trim())
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A Go program built from a module pinned under `tests/` (`module`, for
@@ -108,21 +114,10 @@ pub fn prometheus_program(given: &str, name: &str) -> String {
 /// them all first). `package` is `.` for a program of ours, or a tool the
 /// module's go.mod names.
 pub fn go_tool(given: &str, module: &str, package: &str) -> String {
-    if let Ok(path) = std::env::var(given) {
-        return path;
-    }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(format!("{root}/tests/go-tool.sh"))
-        .arg(format!("{root}/tests/{module}"))
-        .arg(package)
-        .output()
-        .expect("run tests/go-tool.sh");
-    assert!(
-        out.status.success(),
-        "building {package} of tests/{module}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    std::env::var(given).unwrap_or_else(|_| {
+        let module = format!("{}/tests/{module}", env!("CARGO_MANIFEST_DIR"));
+        printed("go-tool.sh", &[&module, package])
+    })
 }
 
 /// Runs each case `fn case(kind: Kind)` once on each store, as the test
