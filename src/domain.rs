@@ -1123,11 +1123,17 @@ impl Ledger {
         all.into_iter()
     }
 
+    /// What a store would observe for a request. An allocation's
+    /// organization exists (the stores keep none without it), so the
+    /// organizations are searched only when there is no allocation: in a
+    /// plan of 100,000 resources, each search was a walk over names
+    /// scattered through memory.
     pub fn observe<'a>(&'a self, organization: &str, product: &str) -> Observed<'a> {
+        let allocation = self.allocation(organization, product);
         Observed {
             pool: self.pools.get(product),
-            organization_exists: self.organizations.contains(organization),
-            allocation: self.allocation(organization, product),
+            organization_exists: allocation.is_some() || self.organizations.contains(organization),
+            allocation,
         }
     }
 

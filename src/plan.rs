@@ -181,7 +181,13 @@ impl Plan {
 /// The snapshot is taken, not borrowed: the planner books the changes on it,
 /// and a caller that plans 100,000 manifests holds the account once.
 pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
-    let mut ledger = Ledger::from(snapshot);
+    plan_on(desired, &mut Ledger::from(snapshot), opts)
+}
+
+/// [`plan`] on a ledger the caller holds, which it leaves booked with the
+/// plan's changes: the CLI ends with its plan, and lets the process's end
+/// return the ledger's 100,000 allocations rather than freeing each.
+pub fn plan_on(desired: Vec<Desired>, ledger: &mut Ledger, opts: &Options) -> Plan {
     let pools_before: Vec<PoolView> = ledger.pools.values().map(PoolView::from).collect();
 
     let mut steps: Vec<Step> = desired
@@ -189,7 +195,7 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
         .map(|d| {
             let target = Target::Count(Expiry::count_at(d.expiry.as_ref(), d.count, opts.now));
             let ending = d.expiry.map(|e| Box::new(e.at(opts.now)));
-            let mut step = Step::from_desired(d, target, &ledger, opts.keep_writes);
+            let mut step = Step::from_desired(d, target, ledger, opts.keep_writes);
             step.expiry = ending;
             step
         })
@@ -231,7 +237,7 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
     // so the changes take the steps' memory rather than 100,000 more slots.
     let changes = steps
         .into_iter()
-        .map(|step| step.decide(&mut ledger, opts.role, opts.keep_writes))
+        .map(|step| step.decide(ledger, opts.role, opts.keep_writes))
         .collect();
     Plan {
         at: opts.now,
