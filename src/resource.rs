@@ -262,7 +262,10 @@ impl DedicatedLicenseSpec {
             count: self.count,
         };
         Desired {
-            denied: directory.allow(self.account(), namespace, ask).err(),
+            denied: directory
+                .allow(self.account(), namespace, ask)
+                .err()
+                .map(Box::new),
             resource: format!("{namespace}/{name}"),
             account: self.account().to_string(),
             organization: self.organization.clone(),

@@ -247,7 +247,7 @@ async fn ensure(dl: &DedicatedLicense, ctx: &Context) -> Result<Requeue, Error> 
     }
     let directory = ctx.directory();
     let wanted = desired(dl, ctx, &directory);
-    if let Some(refusal) = wanted.denied.clone() {
+    if let Some(refusal) = wanted.denied.as_deref().cloned() {
         return denied(dl, ctx, &wanted, refusal).await;
     }
     let served = match ctx.backends.of(dl.spec.account(), &directory) {
