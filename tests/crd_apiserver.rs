@@ -5,8 +5,76 @@
 mod common;
 mod controlplane;
 
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
 use common::license_yaml;
-use controlplane::ControlPlane;
+use controlplane::{ControlPlane, processes_in_group};
+
+/// Set for the copy of this test binary that a test kills.
+const KILLED_ROLE: &str = "LICENSOR_TEST_KILLED_ROLE";
+
+/// A test process killed with SIGKILL (a CI job's timeout) drops nothing:
+/// its control plane's etcd and kube-apiserver still end with it.
+#[test]
+fn a_control_plane_ends_with_its_test_process_even_when_that_is_killed() {
+    const NAME: &str = "a_control_plane_ends_with_its_test_process_even_when_that_is_killed";
+    if std::env::var_os(KILLED_ROLE).is_some() {
+        // The copy: start a control plane, say where it runs, wait to be killed.
+        let cp = ControlPlane::start_without_crds();
+        let groups: Vec<String> = cp.process_groups().iter().map(u32::to_string).collect();
+        println!("groups {}", groups.join(" "));
+        std::thread::sleep(Duration::from_secs(120));
+        return;
+    }
+    let mut copy = Killed(
+        Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(KILLED_ROLE, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a copy of this test"),
+    );
+    let said = std::io::BufReader::new(copy.0.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        // After libtest's "test <name> ... ", on the same line.
+        .find_map(|l| l.split_once("groups ").map(|(_, g)| g.to_string()))
+        .expect("the copy names its control plane's process groups");
+    let groups: Vec<u32> = said.split(' ').map(|g| g.parse().expect("a pid")).collect();
+    assert_eq!(groups.len(), 2, "etcd and kube-apiserver: {said}");
+    for &group in &groups {
+        assert!(
+            processes_in_group(group) >= 2,
+            "group {group}: a watchdog and its program"
+        );
+    }
+    drop(copy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while groups.iter().any(|&g| processes_in_group(g) > 0) {
+        assert!(
+            Instant::now() < deadline,
+            "10 s after its test process was killed, the control plane still runs: {:?}",
+            groups
+                .iter()
+                .map(|&g| (g, processes_in_group(g)))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child killed with SIGKILL and reaped when dropped, so that a failed
+/// assertion leaves no copy of the test behind either.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 #[test]
 fn the_crd_is_enforced_by_a_real_api_server() {

@@ -19,9 +19,10 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A command that ends when this test process does, for a server shared
-/// by every test of the process (a static is never dropped, so nothing
-/// else would stop it): a watchdog shell runs the program and arguments
+/// A command that ends when this test process does: a server shared by
+/// every test of the process (a static is never dropped, so nothing else
+/// would stop it), or one a test owns, should the process be killed before
+/// the test drops it. A watchdog shell runs the program and arguments
 /// added to it, sends it `signal` once this process is gone (or stops
 /// watching once the program exits), waits for it, then runs `then`.
 pub fn ends_with_this_process(signal: &str, then: &str) -> Command {

@@ -121,10 +121,17 @@ fn assets() -> PathBuf {
     )
 }
 
+/// Starts `bin` in a process group of its own, under a watchdog that ends
+/// it with this test process, even one killed with no chance to drop it
+/// (a CI job's timeout): the control plane went on holding its ports and
+/// memory. Drop ends the group, watchdog and program at once.
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin)
+    crate::common::ends_with_this_process("KILL", "")
+        .arg(bin)
         .args(args)
+        .process_group(0)
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
@@ -353,10 +360,38 @@ current-context: test
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         for child in self.children.iter_mut().rev() {
-            let _ = child.kill();
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
         }
     }
+}
+
+impl ControlPlane {
+    /// The process groups etcd and the API server run in.
+    pub fn process_groups(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+}
+
+/// How many live processes (not zombies) run in process group `group`,
+/// read from `/proc`.
+pub fn processes_in_group(group: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid pgrp ...: comm may hold spaces.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            fields.first() != Some(&"Z")
+                && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group)
+        })
+        .count()
 }
 
 impl ControlPlane {
