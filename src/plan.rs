@@ -865,6 +865,68 @@ allocations:
   - {organization: b, product: TestOps, dedicated: 5, inUse: 0, managedBy: default/licenses/b, version: 1}
 ";
 
+    const THREE_MANAGERS: &str = "
+pools: [{product: TestOps, total: 40, dedicated: 25, sharedInUse: 0}]
+organizations: [a, b, c]
+allocations:
+  - {organization: a, product: TestOps, dedicated: 15, inUse: 0, managedBy: default/licenses/a, version: 1}
+  - {organization: b, product: TestOps, dedicated: 5, inUse: 0, version: 1}
+  - {organization: c, product: TestOps, dedicated: 5, inUse: 0, managedBy: other/licenses/c, version: 1}
+";
+
+    #[test]
+    fn a_diff_shows_the_manager_an_allocation_has_not_the_one_written() {
+        // A step keeps an allocation's manager only where it is not the
+        // one it writes; each diff must still show the manager it had.
+        let p = plan(
+            vec![want("a", "a", 14), want("b", "b", 5), want("c", "c", 5)],
+            snapshot(THREE_MANAGERS),
+            &opts(),
+        );
+        let diff = |org: &str| {
+            &p.changes
+                .iter()
+                .find(|c| c.organization == org)
+                .unwrap()
+                .diff
+        };
+        assert!(
+            diff("a").contains("\n managedBy: default/licenses/a\n"),
+            "{}",
+            diff("a")
+        );
+        assert!(
+            diff("b").contains("-managedBy: (unmanaged)\n+managedBy: default/licenses/b\n"),
+            "{}",
+            diff("b")
+        );
+        assert!(
+            diff("c").contains("-managedBy: other/licenses/c\n+managedBy: default/licenses/c\n"),
+            "{}",
+            diff("c")
+        );
+        let account = snapshot(THREE_MANAGERS);
+        let removal = |name: &str| plan_removal(&want(name, name, 0), &account, Role::AccountAdmin);
+        assert_eq!(
+            removal("c").message,
+            "nothing to revoke: the allocation is managed by other/licenses/c"
+        );
+        assert_eq!(
+            removal("b").message,
+            "nothing to revoke: the allocation is unmanaged, never this resource's"
+        );
+        let revoked = removal("a");
+        assert_eq!(
+            (revoked.action, revoked.outcome),
+            (Action::Revoke, Outcome::Planned)
+        );
+        assert!(
+            revoked.diff.contains("-managedBy: default/licenses/a\n"),
+            "{}",
+            revoked.diff
+        );
+    }
+
     #[test]
     fn moving_seats_in_a_full_pool_frees_before_it_claims() {
         let p = plan(
