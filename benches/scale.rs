@@ -230,7 +230,7 @@ fn main() {
     let directory = loaded.directory();
     let desired: Vec<_> = loaded
         .manifests
-        .iter()
+        .into_iter()
         .map(|m| desired(m, "default", &directory))
         .collect();
     let t = Instant::now();

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Action, Allocation, AllocationWrite, Basis, DeletionPolicy, Effect, Ending, Expiry, Ledger,
-    PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Snapshot, Target, decide_release,
+    PAUSED_ANNOTATION, PoolView, Reason, Refusal, Role, Slot, Snapshot, Target, decide_release,
     did_you_mean, managed_resource,
 };
 
@@ -345,15 +345,17 @@ struct Step {
     /// Boxed: rare, and a step is planned 100,000 times at once.
     denied: Option<Box<Refusal>>,
     expiry: Option<Box<Ending>>,
+    /// Where its allocation was found, so that deciding it finds it again
+    /// without a second search.
+    slot: Option<Slot>,
 }
 
 impl Step {
     /// `keyed`: derive the write's idempotency key (a write that is kept
     /// for apply needs one; a preview's is never sent).
     fn from_desired(d: Desired, target: Target, ledger: &Ledger, keyed: bool) -> Step {
-        let current = ledger
-            .allocation(&d.organization, &d.product)
-            .map(|a| Box::new(Current::of(a, Some(&d.managed_by))));
+        let found = ledger.find(&d.organization, &d.product);
+        let current = found.map(|(_, a)| Box::new(Current::of(a, Some(&d.managed_by))));
         let basis = match &current {
             Some(a) => Basis::Allocation(a.version),
             None => Basis::Absent {
@@ -374,6 +376,7 @@ impl Step {
         write.idempotency_key = keyed.then(|| write.intent_key(&d.scope, basis));
         let mut step = Step::new(d.resource, write, current, d.hold);
         step.denied = d.denied;
+        step.slot = found.map(|(slot, _)| slot);
         step
     }
 
@@ -422,6 +425,7 @@ impl Step {
             hold,
             denied: None,
             expiry: None,
+            slot: None,
         }
     }
 
@@ -504,7 +508,7 @@ impl Step {
         if self.action == Action::Orphan {
             return self.decided_orphan(change, ledger, role);
         }
-        match ledger.apply(role, &self.write.request()) {
+        match ledger.apply_at(role, &self.write.request(), self.slot) {
             Ok(effect) if effect.is_noop() => {
                 change.message = "in sync".into();
                 false
@@ -678,19 +682,18 @@ impl Record<'_> {
     }
 
     fn write_line(&self, out: &mut String, sign: char, i: usize) {
-        use std::fmt::Write as _;
-        out.push(sign);
-        let _ = match i {
-            0 => write!(out, "organization: {}", self.organization),
-            1 => write!(out, "product: {}", self.product),
-            2 => write!(out, "dedicated: {}", self.dedicated),
-            3 => write!(out, "inUse: {}", self.in_use),
-            _ => write!(
-                out,
-                "managedBy: {}",
-                self.managed_by.unwrap_or("(unmanaged)")
-            ),
+        // Pieces pushed, not formatted: 100,000 diffs of five lines each.
+        let mut number = itoa::Buffer::new();
+        let (key, value) = match i {
+            0 => ("organization: ", self.organization),
+            1 => ("product: ", self.product),
+            2 => ("dedicated: ", number.format(self.dedicated)),
+            3 => ("inUse: ", number.format(self.in_use)),
+            _ => ("managedBy: ", self.managed_by.unwrap_or("(unmanaged)")),
         };
+        out.push(sign);
+        out.push_str(key);
+        out.push_str(value);
         out.push('\n');
     }
 }
@@ -707,26 +710,31 @@ impl Record<'_> {
 /// because a plan of 100,000 changes spent a third of its planning time in
 /// the general algorithm.
 fn record_diff(before: Option<Record<'_>>, after: Option<Record<'_>>, resource: &str) -> String {
-    use std::fmt::Write as _;
     let Some(named) = before.or(after) else {
         return String::new();
     };
     if before == after {
         return String::new();
     }
-    let count = |r: Option<Record<'_>>| r.map_or(0, |_| Record::LINES);
-    let start = |r: Option<Record<'_>>| usize::from(r.is_some());
+    // A record's lines in the hunk header, as `start,count`: none, or all.
+    const _: () = assert!(Record::LINES == 5, "the header below counts five lines");
+    let range = |r: Option<Record<'_>>| if r.is_some() { "1,5" } else { "0,0" };
     let mut out = String::with_capacity(320);
-    let _ = write!(
-        out,
-        "--- backend/{}/{}\n+++ desired/{resource}\n@@ -{},{} +{},{} @@\n",
+    for piece in [
+        "--- backend/",
         named.organization,
+        "/",
         named.product,
-        start(before),
-        count(before),
-        start(after),
-        count(after)
-    );
+        "\n+++ desired/",
+        resource,
+        "\n@@ -",
+        range(before),
+        " +",
+        range(after),
+        " @@\n",
+    ] {
+        out.push_str(piece);
+    }
     match (before, after) {
         (Some(old), Some(new)) => {
             let mut i = 0;
@@ -748,9 +756,11 @@ fn record_diff(before: Option<Record<'_>>, after: Option<Record<'_>>, resource: 
         (None, Some(new)) => (0..Record::LINES).for_each(|i| new.write_line(&mut out, '+', i)),
         (None, None) => {}
     }
-    // Held by a plan of up to 100,000 changes: no room to spare.
-    out.shrink_to_fit();
-    out
+    // Held by a plan of up to 100,000 changes: no room to spare. Copied
+    // rather than shrunk in place: the buffer goes back whole, to be the
+    // next diff's, where a shrink leaves a small remainder behind each
+    // diff for the allocator to gather up later.
+    out.as_str().to_owned()
 }
 
 /// What an accepted change does, in words.
@@ -807,7 +817,9 @@ pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
         Action::Orphan => "releases ownership; the allocation stays".to_string(),
         Action::None => "no count change".to_string(),
     };
-    format!("{body}{adopt}")
+    let mut message = body;
+    message.push_str(adopt);
+    message
 }
 
 #[cfg(test)]

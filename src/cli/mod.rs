@@ -427,7 +427,7 @@ pub fn load_manifests(files: &Files) -> Option<(Vec<Manifest>, Directory)> {
 
 /// What a manifest asks for, as the planner sees it, and whether its
 /// namespace may ask for it, by the accounts and Namespaces of `directory`.
-pub fn desired(m: &Manifest, instance: &str, directory: &Directory) -> Desired {
+pub fn desired(m: Manifest, instance: &str, directory: &Directory) -> Desired {
     m.spec.desired(
         instance,
         &m.namespace,

@@ -59,8 +59,10 @@ async fn prepare(
     // there is planned, and refused for it.
     // Sized once: grown by doubling, each copy of the growing buffer made
     // the allocator tidy up what parsing had freed (a twentieth of a plan).
+    // Each manifest is consumed as its desired is made: its names move in,
+    // and what is left of it goes back at once, to be the next one's.
     let mut asked = Vec::with_capacity(manifests.len());
-    asked.extend(manifests.iter().filter(|m| {
+    asked.extend(manifests.into_iter().filter(|m| {
             let account = m.spec.account();
             let elsewhere = account != args.account_ref && directory.accounts.contains_key(account);
             if elsewhere {
@@ -72,7 +74,6 @@ async fn prepare(
             }
             !elsewhere
         }).map(|m| desired(m, &g.instance, &directory)));
-    drop(manifests);
     let (backend, snapshot) = observe(g).await.map_err(|e| eprintln!("error: {e}")).ok()?;
     let opts = Options {
         prune: args.prune,

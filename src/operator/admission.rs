@@ -129,7 +129,7 @@ impl Validator {
         // the pause ends.
         let desired = Desired {
             hold: None,
-            ..spec.desired(
+            ..spec.clone().desired(
                 &self.instance,
                 &namespace,
                 &name,

@@ -229,7 +229,7 @@ fn desired(dl: &DedicatedLicense, ctx: &Context, directory: &Directory) -> Desir
         dl.meta().uid.as_deref().unwrap_or_default(),
         dl.meta().generation.unwrap_or_default()
     );
-    dl.spec.desired(
+    dl.spec.clone().desired(
         &ctx.settings.instance,
         &dl.namespace().unwrap_or_default(),
         &dl.name_any(),
