@@ -1087,6 +1087,41 @@ impl Allocations {
     }
 }
 
+impl From<Vec<Allocation>> for Allocations {
+    /// The allocations where they are, indexed; a later one of the same
+    /// names replaces an earlier one.
+    fn from(slots: Vec<Allocation>) -> Self {
+        let mut all = Allocations {
+            index: hashbrown::HashTable::with_capacity(slots.len()),
+            slots: Vec::new(),
+            state: Default::default(),
+        };
+        let state = &all.state;
+        for (i, a) in slots.iter().enumerate() {
+            let hash = Self::hash(state, &a.organization, &a.product);
+            let at = Self::at(&slots, &a.organization, &a.product);
+            match all.index.entry(hash, at, |&j| {
+                let b = &slots[j as usize];
+                Self::hash(state, &b.organization, &b.product)
+            }) {
+                hashbrown::hash_table::Entry::Vacant(e) => {
+                    e.insert(position(i));
+                }
+                // Names twice (never from a store): one by one instead.
+                hashbrown::hash_table::Entry::Occupied(_) => {
+                    let mut all = Allocations::with_capacity(slots.len());
+                    for a in slots {
+                        all.insert(a);
+                    }
+                    return all;
+                }
+            }
+        }
+        all.slots = slots;
+        all
+    }
+}
+
 /// Where an allocation sat in a [`Ledger`] when it was found: a hint that
 /// [`Ledger::apply_at`] checks, never trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1121,20 +1156,12 @@ impl Ledger {
         organizations: impl IntoIterator<Item = String>,
         allocations: impl IntoIterator<Item = Allocation>,
     ) -> Self {
-        let allocations = allocations.into_iter();
-        let mut ledger = Ledger {
+        Ledger {
             pools: pools.into_iter().map(|p| (p.product.clone(), p)).collect(),
             organizations: organizations.into_iter().collect(),
-            allocations: Allocations::with_capacity(allocations.size_hint().0),
-        };
-        for a in allocations {
-            ledger.insert(a);
+            // A snapshot's vector becomes the ledger's, not copied.
+            allocations: Allocations::from(allocations.into_iter().collect::<Vec<_>>()),
         }
-        ledger
-    }
-
-    fn insert(&mut self, a: Allocation) {
-        self.allocations.insert(a);
     }
 
     pub fn allocation(&self, organization: &str, product: &str) -> Option<&Allocation> {
@@ -1355,6 +1382,11 @@ mod tests {
             .collect();
         assert_eq!(counts, [("a", 1), ("c", 7), ("d", 4)]);
         assert_eq!(ledger.allocation("b", "TestOps"), None);
+
+        // Names given twice: the later allocation is the one kept.
+        let twice = Ledger::new([], [], [allocation("a", 1), allocation("a", 5)]);
+        let counts: Vec<i64> = twice.allocations().map(|a| a.dedicated).collect();
+        assert_eq!(counts, [5]);
     }
 
     /// The key is the hash of one text, the one keys were derived from
