@@ -771,45 +771,9 @@ pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
     } else {
         ""
     };
-    // The two a plan of 100,000 changes writes most, joined from pieces at
-    // their size rather than formatted.
-    let mut numbers = [itoa::Buffer::new(); 4];
-    let [from, to, moved, free] = &mut numbers;
     let body = match e.action {
-        Action::Create | Action::Increase => {
-            return [
-                e.action.as_str(),
-                " ",
-                from.format(e.from),
-                " -> ",
-                to.format(e.to),
-                ": takes ",
-                moved.format(e.to - e.from),
-                " of ",
-                free.format(free_before),
-                " free ",
-                product,
-                " ",
-                seats(free_before),
-                adopt,
-            ]
-            .concat();
-        }
-        Action::Decrease => {
-            return [
-                "decrease ",
-                from.format(e.from),
-                " -> ",
-                to.format(e.to),
-                ": frees ",
-                moved.format(e.from - e.to),
-                " ",
-                product,
-                " ",
-                seats(e.from - e.to),
-                adopt,
-            ]
-            .concat();
+        Action::Create | Action::Increase | Action::Decrease => {
+            return count_change(e, product, free_before, adopt);
         }
         Action::Revoke => {
             let mut s = format!(
@@ -844,6 +808,39 @@ pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
     let mut message = body;
     message.push_str(adopt);
     message
+}
+
+/// [`describe`] of a change of count: the two messages a plan of 100,000
+/// changes writes most, joined from pieces at their size rather than
+/// formatted.
+fn count_change(e: &Effect, product: &str, free_before: i64, adopt: &str) -> String {
+    let seats = |n: i64| if n == 1 { "seat" } else { "seats" };
+    let claims = e.action != Action::Decrease;
+    let (verb, moved, of) = if claims {
+        ("takes ", e.to - e.from, free_before)
+    } else {
+        ("frees ", e.from - e.to, e.from - e.to)
+    };
+    let mut numbers = [itoa::Buffer::new(); 4];
+    let [from, to, moved_text, free] = &mut numbers;
+    [
+        e.action.as_str(),
+        " ",
+        from.format(e.from),
+        " -> ",
+        to.format(e.to),
+        ": ",
+        verb,
+        moved_text.format(moved),
+        if claims { " of " } else { "" },
+        if claims { free.format(free_before) } else { "" },
+        if claims { " free " } else { " " },
+        product,
+        " ",
+        seats(of),
+        adopt,
+    ]
+    .concat()
 }
 
 #[cfg(test)]
