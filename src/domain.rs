@@ -1003,10 +1003,9 @@ pub struct Ledger {
 /// A ledger's allocations, found by (organization, product) as borrowed
 /// strings. Each allocation is its own key: no second copy of its names
 /// (for 100,000 allocations, 12 MiB). They sit side by side in the order
-/// they came (a snapshot's: by organization), and the table holds only
-/// their positions: 4 bytes a slot rather than an allocation, so a plan's
-/// lookups, made in that same order, read memory front to back instead of
-/// one scattered 18 MB table.
+/// they came (a snapshot's vector is kept, not copied), and the table holds
+/// only their positions: 4 bytes a slot, 0.6 MB for 100,000 rather than an
+/// 18 MB table of allocations.
 #[derive(Clone, Default)]
 struct Allocations {
     slots: Vec<Allocation>,
@@ -1035,10 +1034,14 @@ impl Allocations {
         organization: &'a str,
         product: &'a str,
     ) -> impl Fn(&u32) -> bool + 'a {
-        move |&i| {
-            let a = &slots[i as usize];
-            a.organization == organization && a.product == product
-        }
+        move |&i| Self::holds(slots, i as usize, organization, product)
+    }
+
+    /// Whether the allocation at `i` has these names.
+    fn holds(slots: &[Allocation], i: usize, organization: &str, product: &str) -> bool {
+        slots
+            .get(i)
+            .is_some_and(|a| a.organization == organization && a.product == product)
     }
 
     /// Where the allocation of these names sits.
@@ -1227,14 +1230,12 @@ impl Ledger {
         seen: Option<Slot>,
     ) -> Result<Effect, Refusal> {
         // One search at most, for deciding and for booking.
-        let at =
-            seen.map(|Slot(i)| i as usize)
-                .filter(|&i| {
-                    self.allocations.slots.get(i).is_some_and(|a| {
-                        a.organization == req.organization && a.product == req.product
-                    })
-                })
-                .or_else(|| self.allocations.position(req.organization, req.product));
+        let at = seen
+            .map(|Slot(i)| i as usize)
+            .filter(|&i| {
+                Allocations::holds(&self.allocations.slots, i, req.organization, req.product)
+            })
+            .or_else(|| self.allocations.position(req.organization, req.product));
         let seen = self.observed(req.organization, req.product, at);
         let effect = decide(role, seen, req)?;
         if let Some(pool) = self.pools.get_mut(req.product) {
