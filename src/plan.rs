@@ -189,7 +189,15 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
 /// [`plan`] on a ledger the caller holds, which it leaves booked with the
 /// plan's changes: the CLI ends with its plan, and lets the process's end
 /// return the ledger's 100,000 allocations rather than freeing each.
-pub fn plan_on(desired: Vec<Desired>, ledger: &mut Ledger, opts: &Options) -> Plan {
+///
+/// `desired` may be made as it is planned: from a vector's iterator (of
+/// items that [`builds_in_place`]), the steps and then the changes take
+/// that vector's memory, and no other buffer of 100,000 is touched.
+pub fn plan_on(
+    desired: impl IntoIterator<Item = Desired>,
+    ledger: &mut Ledger,
+    opts: &Options,
+) -> Plan {
     let pools_before: Vec<PoolView> = ledger.pools.values().map(PoolView::from).collect();
 
     let mut steps: Vec<Step> = desired
@@ -253,10 +261,15 @@ const _: () = assert!(
     size_of::<Change>() <= size_of::<Step>() && align_of::<Change>() == align_of::<Step>(),
     "a change is decided in its step's slot"
 );
-// The steps take a buffer of their own (a step is larger than a resource
-// with its refusal boxed): built while the desired set's is still held,
-// but before any diff or message, so below the plan's peak, which comes
-// as the changes are decided in the steps' slots.
+
+/// Whether [`plan_on`] makes its steps in the slots of the `T`s its desired
+/// set is made from, if they come from a vector's iterator: the standard
+/// library collects in place when each new item fits in an old one's slot.
+pub const fn builds_in_place<T>() -> bool {
+    size_of::<Step>() <= size_of::<T>() && align_of::<Step>() == align_of::<T>()
+}
+// From a vector of desired resources (the operator's one or few) the
+// steps take a buffer of their own: a step is larger than a desired.
 
 /// Puts `items` in the order `order` names (`order[k]` is the index of the
 /// item that goes to `k`; a permutation), in place, one swap per move.
@@ -318,10 +331,14 @@ struct Current {
     expiry: Option<Expiry>,
     /// The allocation's manager where it is not the one the step writes.
     other_manager: Option<Option<String>>,
+    /// Where it was found, so that deciding the step finds it again without
+    /// a second search (here rather than in the step: a step fits in the
+    /// slot of the manifest it was made from).
+    slot: Option<Slot>,
 }
 
 impl Current {
-    fn of(a: &Allocation, written: Option<&str>) -> Current {
+    fn of(slot: Option<Slot>, a: &Allocation, written: Option<&str>) -> Current {
         let manager = a.managed_by.as_deref();
         Current {
             dedicated: a.dedicated,
@@ -330,6 +347,7 @@ impl Current {
             deletion_policy: a.deletion_policy,
             expiry: a.expiry,
             other_manager: (manager != written).then(|| manager.map(str::to_string)),
+            slot,
         }
     }
 }
@@ -345,9 +363,6 @@ struct Step {
     /// Boxed: rare, and a step is planned 100,000 times at once.
     denied: Option<Box<Refusal>>,
     expiry: Option<Box<Ending>>,
-    /// Where its allocation was found, so that deciding it finds it again
-    /// without a second search.
-    slot: Option<Slot>,
 }
 
 impl Step {
@@ -355,7 +370,8 @@ impl Step {
     /// for apply needs one; a preview's is never sent).
     fn from_desired(d: Desired, target: Target, ledger: &Ledger, keyed: bool) -> Step {
         let found = ledger.find(&d.organization, &d.product);
-        let current = found.map(|(_, a)| Box::new(Current::of(a, Some(&d.managed_by))));
+        let current =
+            found.map(|(slot, a)| Box::new(Current::of(Some(slot), a, Some(&d.managed_by))));
         let basis = match &current {
             Some(a) => Basis::Allocation(a.version),
             None => Basis::Absent {
@@ -376,7 +392,6 @@ impl Step {
         write.idempotency_key = keyed.then(|| write.intent_key(&d.scope, basis));
         let mut step = Step::new(d.resource, write, current, d.hold);
         step.denied = d.denied;
-        step.slot = found.map(|(slot, _)| slot);
         step
     }
 
@@ -401,7 +416,7 @@ impl Step {
             idempotency_key: None,
         };
         write.idempotency_key = Some(write.intent_key("", Basis::Allocation(a.version)));
-        let current = Current::of(a, write.managed_by.as_deref());
+        let current = Current::of(None, a, write.managed_by.as_deref());
         let mut step = Step::new(resource.to_string(), write, Some(Box::new(current)), None);
         if orphan {
             step.action = Action::Orphan;
@@ -425,7 +440,6 @@ impl Step {
             hold,
             denied: None,
             expiry: None,
-            slot: None,
         }
     }
 
@@ -508,7 +522,8 @@ impl Step {
         if self.action == Action::Orphan {
             return self.decided_orphan(change, ledger, role);
         }
-        match ledger.apply_at(role, &self.write.request(), self.slot) {
+        let slot = self.current.as_ref().and_then(|a| a.slot);
+        match ledger.apply_at(role, &self.write.request(), slot) {
             Ok(effect) if effect.is_noop() => {
                 change.message = "in sync".into();
                 false
