@@ -1006,13 +1006,42 @@ pub struct Ledger {
 /// they came (a snapshot's vector is kept, not copied), and the table holds
 /// only their positions: 4 bytes a slot, 0.6 MB for 100,000 rather than an
 /// 18 MB table of allocations.
-#[derive(Clone, Default)]
 struct Allocations {
     slots: Vec<Allocation>,
     index: hashbrown::HashTable<u32>,
     /// foldhash, seeded per process: a plan hashes two names for each of
     /// 100,000 resources, and SipHash was a tenth of what planning cost.
     state: hashbrown::DefaultHashBuilder,
+    /// Which layout of which allocations this is: drawn anew, unique in the
+    /// process, when the allocations are made or copied and whenever one
+    /// of them moves (a removal). A [`Slot`] found under it is where its
+    /// allocation still is; adding one at the end keeps it.
+    stamp: u64,
+}
+
+/// A stamp no [`Allocations`] of this process had before.
+fn fresh_stamp() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Default for Allocations {
+    fn default() -> Self {
+        Allocations::with_capacity(0)
+    }
+}
+
+impl Clone for Allocations {
+    /// A copy with a stamp of its own: the two may add different
+    /// allocations at the same place.
+    fn clone(&self) -> Self {
+        Allocations {
+            slots: self.slots.clone(),
+            index: self.index.clone(),
+            state: self.state.clone(),
+            stamp: fresh_stamp(),
+        }
+    }
 }
 
 impl Allocations {
@@ -1021,6 +1050,7 @@ impl Allocations {
             slots: Vec::with_capacity(n),
             index: hashbrown::HashTable::with_capacity(n),
             state: Default::default(),
+            stamp: fresh_stamp(),
         }
     }
 
@@ -1087,6 +1117,7 @@ impl Allocations {
             }
         }
         self.slots.swap_remove(i);
+        self.stamp = fresh_stamp();
     }
 }
 
@@ -1096,8 +1127,7 @@ impl From<Vec<Allocation>> for Allocations {
     fn from(slots: Vec<Allocation>) -> Self {
         let mut all = Allocations {
             index: hashbrown::HashTable::with_capacity(slots.len()),
-            slots: Vec::new(),
-            state: Default::default(),
+            ..Allocations::default()
         };
         let state = &all.state;
         for (i, a) in slots.iter().enumerate() {
@@ -1125,10 +1155,15 @@ impl From<Vec<Allocation>> for Allocations {
     }
 }
 
-/// Where an allocation sat in a [`Ledger`] when it was found: a hint that
-/// [`Ledger::apply_at`] checks, never trusted.
+/// Where an allocation sat in a [`Ledger`] when it was found, and under
+/// which stamp of its allocations: [`Ledger::apply_at`] goes straight there
+/// while that ledger still has that stamp (nothing moved since, and it is
+/// the same ledger), and searches otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot(u32);
+pub struct Slot {
+    at: u32,
+    stamp: u64,
+}
 
 /// A position in [`Allocations`]: a ledger holds far fewer than 2^32.
 fn position(i: usize) -> u32 {
@@ -1174,7 +1209,11 @@ impl Ledger {
     /// [`Ledger::allocation`] and where it sits, for [`Ledger::apply_at`].
     pub fn find(&self, organization: &str, product: &str) -> Option<(Slot, &Allocation)> {
         let i = self.allocations.position(organization, product)?;
-        Some((Slot(position(i)), &self.allocations.slots[i]))
+        let slot = Slot {
+            at: position(i),
+            stamp: self.allocations.stamp,
+        };
+        Some((slot, &self.allocations.slots[i]))
     }
 
     fn allocation_mut(&mut self, organization: &str, product: &str) -> Option<&mut Allocation> {
@@ -1220,22 +1259,31 @@ impl Ledger {
         self.apply_at(role, req, None)
     }
 
-    /// [`Ledger::apply`], told where the allocation was found before: the
-    /// slot is checked, and the allocation searched for only when it is no
-    /// longer there (a plan finds each allocation once, when it reads it).
+    /// [`Ledger::apply`], told where the request's allocation was found
+    /// before (by [`Ledger::find`] on these names): the allocation is
+    /// searched for again only if this ledger moved any since, or the slot
+    /// is another ledger's (a plan finds each allocation once, when it
+    /// reads it, and no name is compared a second time).
     pub fn apply_at(
         &mut self,
         role: Role,
         req: &Request<'_>,
         seen: Option<Slot>,
     ) -> Result<Effect, Refusal> {
-        // One search at most, for deciding and for booking.
-        let at = seen
-            .map(|Slot(i)| i as usize)
-            .filter(|&i| {
-                Allocations::holds(&self.allocations.slots, i, req.organization, req.product)
-            })
-            .or_else(|| self.allocations.position(req.organization, req.product));
+        // One search at most, for deciding and for booking; none where the
+        // step found its allocation in this layout. A slot of another
+        // layout may name another allocation now: it is not looked at.
+        let at = match seen {
+            Some(Slot { at, stamp }) if stamp == self.allocations.stamp => {
+                let at = at as usize;
+                debug_assert!(
+                    Allocations::holds(&self.allocations.slots, at, req.organization, req.product),
+                    "a slot found for other names"
+                );
+                Some(at)
+            }
+            _ => self.allocations.position(req.organization, req.product),
+        };
         let seen = self.observed(req.organization, req.product, at);
         let effect = decide(role, seen, req)?;
         if let Some(pool) = self.pools.get_mut(req.product) {
@@ -1337,7 +1385,7 @@ mod tests {
     /// A ledger keeps its allocations side by side and a removal moves the
     /// last into the gap: a slot found before is checked, never trusted.
     #[test]
-    fn a_slot_that_moved_is_searched_for_not_trusted() {
+    fn a_slot_from_before_a_move_or_of_another_ledger_is_searched_for() {
         let allocation = |organization: &str, dedicated: i64| Allocation {
             organization: organization.into(),
             product: "TestOps".into(),
@@ -1355,7 +1403,7 @@ mod tests {
             shared_in_use: 0,
             revision: 0,
         };
-        let orgs = ["a", "b", "c", "d"].map(String::from);
+        let orgs = ["a", "b", "c", "d", "e", "f"].map(String::from);
         let mut ledger = Ledger::new(
             [pool],
             orgs,
@@ -1371,7 +1419,7 @@ mod tests {
         ledger.apply(Role::AccountAdmin, &b.request()).unwrap();
         let d = write("d", Target::Count(4));
         ledger.apply(Role::AccountAdmin, &d.request()).unwrap();
-        assert_eq!(ledger.find("d", "TestOps").unwrap().0, c_was);
+        assert_eq!(ledger.find("d", "TestOps").unwrap().0.at, c_was.at);
 
         let c = write("c", Target::Count(7));
         ledger
@@ -1383,6 +1431,24 @@ mod tests {
             .collect();
         assert_eq!(counts, [("a", 1), ("c", 7), ("d", 4)]);
         assert_eq!(ledger.allocation("b", "TestOps"), None);
+
+        // A copy adds another allocation at the place where the original
+        // adds one: the original's slot for it is not the copy's.
+        let mut copy = ledger.clone();
+        let e = write("e", Target::Count(2));
+        ledger.apply(Role::AccountAdmin, &e.request()).unwrap();
+        let f = write("f", Target::Count(3));
+        copy.apply(Role::AccountAdmin, &f.request()).unwrap();
+        let (e_was, _) = ledger.find("e", "TestOps").unwrap();
+        assert_eq!(copy.find("f", "TestOps").unwrap().0.at, e_was.at);
+        let e = write("e", Target::Count(5));
+        copy.apply_at(Role::AccountAdmin, &e.request(), Some(e_was))
+            .unwrap();
+        let counts: Vec<(&str, i64)> = copy
+            .allocations()
+            .map(|a| (a.organization.as_str(), a.dedicated))
+            .collect();
+        assert_eq!(counts, [("a", 1), ("c", 7), ("d", 4), ("e", 5), ("f", 3)]);
 
         // Names given twice: the later allocation is the one kept.
         let twice = Ledger::new([], [], [allocation("a", 1), allocation("a", 5)]);
