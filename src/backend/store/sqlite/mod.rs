@@ -99,6 +99,16 @@ trait Statements {
         sql: &str,
         params: impl Params,
         f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        self.rows_into(Vec::new(), sql, params, f)
+    }
+    /// [`Statements::rows`], added to `out` (sized by the caller).
+    fn rows_into<T>(
+        &self,
+        out: Vec<T>,
+        sql: &str,
+        params: impl Params,
+        f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Vec<T>>;
 }
 
@@ -125,14 +135,20 @@ impl Statements for Connection {
             .map_err(failed)
     }
 
-    fn rows<T>(
+    fn rows_into<T>(
         &self,
+        mut out: Vec<T>,
         sql: &str,
         params: impl Params,
         f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Vec<T>> {
         self.prepare_cached(sql)
-            .and_then(|mut s| s.query_map(params, f)?.collect())
+            .and_then(|mut s| {
+                for row in s.query_map(params, f)? {
+                    out.push(row?);
+                }
+                Ok(out)
+            })
             .map_err(failed)
     }
 }
@@ -455,7 +471,15 @@ impl Storage for Connection {
                 [account],
                 |r| r.get(0),
             )?,
-            allocations: self.rows(
+            // Sized first (one read, so the count is the rows'): grown by
+            // doubling, a large account's allocations were copied, and
+            // their memory touched, twice over.
+            allocations: self.rows_into(
+                Vec::with_capacity(self.row(
+                    "SELECT count(*) FROM allocations WHERE account = ?1",
+                    [account],
+                    |r| r.get::<_, usize>(0),
+                )?.unwrap_or(0)),
                 "SELECT organization, product, dedicated, in_use, managed_by, version, deletion_policy, expires_at, then_count FROM allocations WHERE account = ?1 ORDER BY organization, product",
                 [account],
                 allocation_row,
