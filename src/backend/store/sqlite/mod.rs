@@ -174,15 +174,17 @@ pub fn allocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Allocation> {
         in_use: r.get(3)?,
         managed_by: r.get(4)?,
         version: r.get(5)?,
-        deletion_policy: policy(&r.get::<_, String>(6)?),
+        deletion_policy: policy(r, 6)?,
         expiry: Expiry::from_stored(r.get::<_, Option<String>>(7)?.as_deref(), r.get(8)?),
     })
 }
 
-/// A stored deletion policy; the column's CHECK admits only the two
+/// The stored deletion policy in column `i`, read where it lies rather than
+/// copied out for each row; the column's CHECK admits only the two
 /// spellings.
-fn policy(stored: &str) -> DeletionPolicy {
-    DeletionPolicy::parse(stored).unwrap_or_default()
+fn policy(r: &Row<'_>, i: usize) -> rusqlite::Result<DeletionPolicy> {
+    let stored = r.get_ref(i)?.as_str().ok();
+    Ok(stored.and_then(DeletionPolicy::parse).unwrap_or_default())
 }
 
 /// A token's columns, in the order [`token_row`] reads them.
@@ -514,7 +516,7 @@ impl Storage for Connection {
                         in_use: r.get(7)?,
                         managed_by: r.get(8)?,
                         version: r.get(9)?,
-                        deletion_policy: policy(&r.get::<_, String>(10)?),
+                        deletion_policy: policy(r, 10)?,
                         expiry: Expiry::from_stored(
                             r.get::<_, Option<String>>(11)?.as_deref(),
                             r.get(12)?,
