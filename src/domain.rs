@@ -1383,7 +1383,8 @@ mod tests {
     }
 
     /// A ledger keeps its allocations side by side and a removal moves the
-    /// last into the gap: a slot found before is checked, never trusted.
+    /// last into the gap: a slot found before a move, or in another ledger,
+    /// is not gone to.
     #[test]
     fn a_slot_from_before_a_move_or_of_another_ledger_is_searched_for() {
         let allocation = |organization: &str, dedicated: i64| Allocation {
