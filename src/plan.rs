@@ -192,7 +192,9 @@ pub fn plan(desired: Vec<Desired>, snapshot: Snapshot, opts: &Options) -> Plan {
 ///
 /// `desired` may be made as it is planned: from a vector's iterator (of
 /// items that [`builds_in_place`]), the steps and then the changes take
-/// that vector's memory, and no other buffer of 100,000 is touched.
+/// that vector's memory, and no other buffer of 100,000 is touched. From a
+/// vector of desired resources (the operator's one or few) the steps take
+/// a buffer of their own: a step is larger than a desired.
 pub fn plan_on(
     desired: impl IntoIterator<Item = Desired>,
     ledger: &mut Ledger,
@@ -268,8 +270,6 @@ const _: () = assert!(
 pub const fn builds_in_place<T>() -> bool {
     size_of::<Step>() <= size_of::<T>() && align_of::<Step>() == align_of::<T>()
 }
-// From a vector of desired resources (the operator's one or few) the
-// steps take a buffer of their own: a step is larger than a desired.
 
 /// Puts `items` in the order `order` names (`order[k]` is the index of the
 /// item that goes to `k`; a permutation), in place, one swap per move.
@@ -593,7 +593,7 @@ impl Step {
                     "orphan: releases ownership (deletionPolicy: Orphan); the {} {} {} stay with {}",
                     change.from,
                     self.write.product,
-                    if change.from == 1 { "seat" } else { "seats" },
+                    seats(change.from),
                     self.write.organization
                 );
                 change.diff = self.current.as_ref().map_or_else(String::new, |a| {
@@ -778,9 +778,13 @@ fn record_diff(before: Option<Record<'_>>, after: Option<Record<'_>>, resource: 
     out.as_str().to_owned()
 }
 
+/// "seat" or "seats", for `n` of them.
+fn seats(n: i64) -> &'static str {
+    if n == 1 { "seat" } else { "seats" }
+}
+
 /// What an accepted change does, in words.
 pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
-    let seats = |n: i64| if n == 1 { "seat" } else { "seats" };
     let adopt = if e.adopted {
         "; adopts the unmanaged allocation"
     } else {
@@ -829,7 +833,6 @@ pub fn describe(e: &Effect, product: &str, free_before: i64) -> String {
 /// changes writes most, joined from pieces at their size rather than
 /// formatted.
 fn count_change(e: &Effect, product: &str, free_before: i64, adopt: &str) -> String {
-    let seats = |n: i64| if n == 1 { "seat" } else { "seats" };
     let claims = e.action != Action::Decrease;
     let (verb, moved, of) = if claims {
         ("takes ", e.to - e.from, free_before)
